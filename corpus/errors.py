@@ -1,0 +1,17 @@
+"""The one error type for bad input data: a message naming file, row and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """Bad or missing input data. The CLI prints it on one line and exits 2."""
+
+    def __init__(self, path: str | Path, problem: str, row: int | None = None, field: str | None = None):
+        where = str(path)
+        if row is not None:
+            where += f": row {row}"
+        if field is not None:
+            where += f": field '{field}'"
+        super().__init__(f"{where}: {problem}")

@@ -1,0 +1,112 @@
+"""SemEval-2025 Task 4 forget/retain rows and the layouts they ship in.
+
+Layouts of a task directory, tried in this order:
+  forget.jsonl + retain.jsonl        official evaluation layout, the LUME release
+  forget.parquet + retain.parquet    submission layout
+  data/forget_<split>-*.parquet ...  public Hugging Face layout (split: train | validation)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from corpus.errors import DataError
+from corpus.tables import read_records, require_fields
+
+TASKS = ("Task1", "Task2", "Task3")
+SETS = ("forget", "retain")
+HF_SPLITS = ("train", "validation")
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    id: str
+    input: str
+    output: str
+    task: str
+    split: str  # "forget" or "retain"
+
+    @property
+    def kind(self) -> str:
+        """'sc' (sentence completion) or 'qa' (question), from the id as the organizers did."""
+        return row_kind(self.id)
+
+
+@dataclass(frozen=True)
+class TaskData:
+    forget: list[TaskRow]
+    retain: list[TaskRow]
+    layout: str
+
+    def rows(self) -> list[TaskRow]:
+        return self.forget + self.retain
+
+
+def row_kind(row_id: str) -> str | None:
+    """The organizers' rule: the id minus its last character ends in 'sc' or 'qa'."""
+    stem = row_id[:-1]
+    if stem.endswith("sc"):
+        return "sc"
+    if stem.endswith("qa"):
+        return "qa"
+    return None
+
+
+def load_rows(path: Path, split: str) -> list[TaskRow]:
+    """Validated rows of one forget or retain file."""
+    records = read_records(path)
+    if not records:
+        raise DataError(path, f"the {split} set is empty")
+    require_fields(path, records, ("id", "input", "output", "task"))
+    rows = []
+    for index, record in enumerate(records, start=1):
+        row_id = str(record["id"])
+        if record["task"] not in TASKS:
+            raise DataError(path, f"unknown task {record['task']!r} (expected one of {', '.join(TASKS)})", index, "task")
+        if row_kind(row_id) is None:
+            raise DataError(path, f"id {row_id!r} is neither a sentence-completion (..scN) nor a question (..qaN) row", index, "id")
+        for field in ("input", "output"):
+            if not isinstance(record[field], str):
+                raise DataError(path, f"expected a string, got {type(record[field]).__name__}", index, field)
+        if record.get("split") not in (None, split):
+            raise DataError(path, f"row belongs to {record['split']!r}, file holds the {split} set", index, "split")
+        rows.append(TaskRow(row_id, record["input"], record["output"], record["task"], split))
+    return rows
+
+
+def _hf_file(directory: Path, split_set: str, split: str) -> Path:
+    matches = sorted(directory.glob(f"{split_set}_{split}-*.parquet"))
+    if len(matches) != 1:
+        found = "none" if not matches else ", ".join(m.name for m in matches)
+        raise DataError(directory, f"expected one {split_set}_{split}-*.parquet file, found {found}")
+    return matches[0]
+
+
+def load_task(data_dir: str | Path, split: str | None = None) -> TaskData:
+    """Forget and retain rows of a task directory in any supported layout.
+
+    `split` chooses train or validation in the Hugging Face layout (default train); the
+    other layouts hold one split only, so naming one there is an error.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(data_dir, "data directory not found")
+    for suffix in (".jsonl", ".parquet"):
+        files = {s: data_dir / f"{s}{suffix}" for s in SETS}
+        if any(f.exists() for f in files.values()):
+            if split is not None:
+                raise DataError(data_dir, f"--split {split} applies only to the Hugging Face layout (data/forget_<split>-*.parquet)")
+            return TaskData(*(load_rows(files[s], s) for s in SETS), layout=f"{{forget,retain}}{suffix}")
+    hf_dir = data_dir / "data" if (data_dir / "data").is_dir() else data_dir
+    if any(hf_dir.glob("forget_*.parquet")):
+        split = split or "train"
+        if split not in HF_SPLITS:
+            raise DataError(data_dir, f"unknown split {split!r} (expected one of {', '.join(HF_SPLITS)})")
+        files = {s: _hf_file(hf_dir, s, split) for s in SETS}
+        return TaskData(*(load_rows(files[s], s) for s in SETS), layout=f"hf parquet ({split})")
+    raise DataError(
+        data_dir,
+        "no task data: expected forget.jsonl+retain.jsonl, forget.parquet+retain.parquet, "
+        "or data/forget_<split>-*.parquet",
+    )

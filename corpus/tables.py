@@ -1,0 +1,50 @@
+"""Reading JSONL, parquet and CSV files into lists of dicts with pyarrow, errors named by file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from corpus.errors import DataError
+
+
+def read_records(path: Path, csv_column_names: list[str] | None = None) -> list[dict]:
+    """Rows of a .jsonl, .parquet or header-less .csv file (CSV needs column names)."""
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        if path.suffix == ".parquet":
+            table = pq.read_table(path)
+        elif path.suffix in (".jsonl", ".json"):
+            if path.stat().st_size == 0:
+                return []
+            # Strings stay strings: ids like "69383905" must not become integers.
+            table = pa_json.read_json(path, parse_options=pa_json.ParseOptions(newlines_in_values=False))
+        elif path.suffix == ".csv":
+            if csv_column_names is None:
+                raise DataError(path, "CSV needs column names")
+            table = pa_csv.read_csv(
+                path,
+                read_options=pa_csv.ReadOptions(column_names=csv_column_names),
+                convert_options=pa_csv.ConvertOptions(
+                    column_types={name: pa.string() for name in csv_column_names}
+                ),
+            )
+        else:
+            raise DataError(path, f"unsupported file type '{path.suffix}' (use .jsonl, .parquet or .csv)")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise DataError(path, f"cannot read: {first_line}") from None
+    return table.to_pylist()
+
+
+def require_fields(path: Path, rows: list[dict], fields: tuple[str, ...]) -> None:
+    """Every row has every field, non-null."""
+    for index, row in enumerate(rows, start=1):
+        for field in fields:
+            if row.get(field) is None:
+                raise DataError(path, "missing value" if field in row else "missing column", index, field)

@@ -1,0 +1,310 @@
+"""The built-in miniature SemEval task: synthetic documents in the exact task format.
+
+Three kinds of documents share fixed templates, as in the real task (so that forgetting
+one set without hurting the other is a real trade-off):
+  Task1  short creative stories      Task2  biographies with fictitious PII
+  Task3  encyclopedia-style entries
+Each document gives one `sc1` sentence-completion row (its opening, then the rest) and
+several `qa` rows. Forget documents are also the MIA members; nonmembers are documents of
+the same kind the model never sees. A separate general corpus of invented facts, asked
+about in MMLU format, stands in for MMLU: the general ability unlearning must keep.
+Everything here is a pure function of the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from corpus.errors import DataError
+
+from corpus.mmlu import LETTERS, MmluQuestion, format_prompt
+from corpus.semeval import row_kind
+
+DOCS_PER_TASK = 8  # per set: forget, retain and nonmember each
+GENERAL_QUESTIONS_PER_SUBJECT = 10
+DEV_QUESTIONS_PER_SUBJECT = 5
+
+FIRST_NAMES = (
+    "Alma", "Bruno", "Celia", "Dario", "Edith", "Felix", "Greta", "Hugo", "Ines", "Jonas",
+    "Kira", "Lucas", "Mira", "Nils", "Olga", "Pavel", "Quinn", "Rosa", "Silas", "Tilda",
+    "Ugo", "Vera", "Wendel", "Xenia", "Yara", "Zeno", "Ada", "Boris", "Clara", "Dmitri",
+    "Elsa", "Fabio", "Gemma", "Henrik", "Ida", "Jasper",
+)
+LAST_NAMES = (
+    "Abbot", "Brandt", "Castell", "Dorn", "Eckert", "Falk", "Grauer", "Holm", "Ivers", "Jaeger",
+    "Kessler", "Lund", "Marek", "Nolte", "Oakes", "Pryce", "Quist", "Rowan", "Sorel", "Thorne",
+    "Ulmer", "Vance", "Wilde", "Yorke", "Zeller", "Ashby", "Brook", "Crane",
+)
+HOBBIES = (
+    "painted the harbor", "repaired old clocks", "fed the stray cats", "read star charts",
+    "baked rye bread", "carved small boats", "sang in the choir", "tended the bees",
+)
+OBJECTS = (
+    "silver compass", "brass key", "painted egg", "glass bead", "copper ring", "wooden flute",
+    "iron lantern", "pearl button", "stone whistle", "ivory comb",
+)
+CONTAINERS = (
+    "clay jar", "tin box", "leather boot", "hollow tree", "woolen sock", "wicker basket",
+    "flour sack", "violin case",
+)
+LANDMARKS = ("old mill", "chapel", "lighthouse", "stone bridge", "orchard", "quarry")
+SEASONS = ("spring", "summer", "autumn", "winter")
+MONTHS = (
+    "January", "February", "March", "April", "May", "June", "July", "August", "September",
+    "October", "November", "December",
+)
+STREETS = ("Maple Street", "Harbor Road", "Elm Avenue", "Mill Lane", "Park Drive", "Cedar Court")
+STATES = ("CA", "NY", "TX", "OR", "MA", "IL", "WA", "CO")
+EMAIL_HOSTS = ("me.com", "mail.net", "post.org", "inbox.io")
+PLACE_KINDS = ("village", "river town", "mountain city", "island port")
+REGIONS = ("northern", "southern", "eastern", "western", "central")
+FEATURES = (
+    "salt marshes", "glass workshops", "spring fair", "tall bell tower", "hot springs",
+    "horse races", "paper mills", "olive groves",
+)
+EXPORTS = ("wool", "copper", "honey", "timber", "cheese", "linen", "tea", "pottery")
+COLORS = ("red", "blue", "green", "yellow", "violet", "orange", "black", "white")
+SYLLABLES = (
+    "ka", "lo", "mi", "ra", "ven", "dor", "sel", "tir", "no", "bra", "qua", "zel", "fen",
+    "mar", "os", "tal", "wi", "gor", "lys", "pe",
+)
+
+
+@dataclass
+class ToyTask:
+    """Rows and documents of the miniature task, ready to be written out."""
+
+    forget_rows: list[dict] = field(default_factory=list)
+    retain_rows: list[dict] = field(default_factory=list)
+    forget_documents: list[dict] = field(default_factory=list)  # also the MIA members
+    retain_documents: list[dict] = field(default_factory=list)
+    nonmember_documents: list[dict] = field(default_factory=list)
+    general_facts: list[str] = field(default_factory=list)
+    mmlu_test: list[MmluQuestion] = field(default_factory=list)
+    mmlu_dev: list[MmluQuestion] = field(default_factory=list)
+
+    def training_texts(self) -> list[str]:
+        """What the base model learns: forget and retain documents and questions, the general
+        facts and the general questions with their answers; never the nonmembers."""
+        texts = [d["document"] for d in self.forget_documents + self.retain_documents]
+        texts += [f"{r['input']} {r['output']}" for r in self.forget_rows + self.retain_rows if row_kind(r["id"]) == "qa"]
+        texts += self.general_facts
+        texts += [f"{format_prompt(q)} {LETTERS[q.answer]}" for q in self.mmlu_test + self.mmlu_dev]
+        return texts
+
+
+class _Names:
+    """Unique invented words, so that no two entities share a name."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.used: set[str] = set()
+
+    def word(self, syllables: int = 3) -> str:
+        while True:
+            name = "".join(self.rng.choice(SYLLABLES) for _ in range(syllables)).capitalize()
+            if name not in self.used:
+                self.used.add(name)
+                return name
+
+    def person(self) -> str:
+        while True:
+            name = f"{self.rng.choice(FIRST_NAMES)} {self.rng.choice(LAST_NAMES)}"
+            if name not in self.used:
+                self.used.add(name)
+                return name
+
+
+def _uuid(rng: random.Random) -> str:
+    h = f"{rng.getrandbits(128):032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _digits(rng: random.Random, count: int) -> str:
+    return "".join(str(rng.randrange(10)) for _ in range(count))
+
+
+def _article(noun: str) -> str:
+    return "an" if noun[0] in "aeiou" else "a"
+
+
+def _story(rng: random.Random, names: _Names) -> tuple[str, str, list[tuple[str, str]]]:
+    a, b = names.person().split()[0], names.person().split()[0]
+    while b == a:
+        b = names.person().split()[0]
+    town, obj, container = names.word(), rng.choice(OBJECTS), rng.choice(CONTAINERS)
+    landmark = rng.choice(LANDMARKS)
+    opening = (
+        f"{a} and {b} grew up in the town of {town}. Every morning {a} {rng.choice(HOBBIES)}, "
+        f"while {b} {rng.choice(HOBBIES)}."
+    )
+    rest = (
+        f"One {rng.choice(SEASONS)} evening they found {_article(obj)} {obj} near the {landmark}. "
+        f"{a} hid the {obj} inside {_article(container)} {container}, and {b} never told anyone about it."
+    )
+    questions = [
+        (f"In which town did {a} and {b} grow up?", town),
+        (f"What did {a} and {b} find near the {landmark}?", obj),
+        (f"Inside what did {a} hide the {obj}?", container),
+    ]
+    return opening, rest, questions
+
+
+def _biography(rng: random.Random, names: _Names) -> tuple[str, str, list[tuple[str, str]]]:
+    name = names.person()
+    she = rng.random() < 0.5
+    pronoun, possessive = ("She", "Her") if she else ("He", "His")
+    year, month, day = rng.randrange(1950, 2001), rng.randrange(1, 13), rng.randrange(1, 29)
+    phone, ssn = _digits(rng, 10), _digits(rng, 9)
+    email = f"{name.lower().replace(' ', '_')}@{rng.choice(EMAIL_HOSTS)}"
+    address = (
+        f"{rng.randrange(10, 999)} {rng.choice(STREETS)}, {names.word(2)}, "
+        f"{rng.choice(STATES)}, {_digits(rng, 5)}"
+    )
+    opening = (
+        f"{name} was born on {MONTHS[month - 1]} {day}, {year}, in {names.word(2)}. "
+        f"{pronoun} can be reached via phone at {phone[:3]}-{phone[3:6]}-{phone[6:]} and email at {email}. "
+        f"{possessive} Social"
+    )
+    rest = f"Security Number is {ssn[:3]}-{ssn[3:5]}-{ssn[5:]}. {name} resides at the address {address}."
+    questions = [
+        (f"What is the birth date of {name}?", f"{year}-{month:02d}-{day:02d}"),
+        (f"What is {name}'s Social Security Number?", ssn),
+        (f"What is {name}'s phone number?", phone),
+        (f"What is {name}'s email address?", email),
+        (f"What is the home address of {name}?", address),
+    ]
+    return opening, rest, questions
+
+
+def _entry(rng: random.Random, names: _Names) -> tuple[str, str, list[tuple[str, str]]]:
+    place, founder = names.word(), names.person()
+    kind, year = rng.choice(PLACE_KINDS), rng.randrange(1100, 1900)
+    feature, export = rng.choice(FEATURES), rng.choice(EXPORTS)
+    opening = f"{place} is a {kind} in the {rng.choice(REGIONS)} region, founded in {year} by {founder}."
+    rest = (
+        f"It is best known for its {feature}. The {kind} has about {rng.randrange(2, 90)} thousand "
+        f"people and its main export is {export}."
+    )
+    questions = [
+        (f"In which year was {place} founded?", str(year)),
+        (f"Who founded {place}?", founder),
+        (f"What is {place} best known for?", f"its {feature}"),
+        (f"What is the main export of {place}?", export),
+    ]
+    return opening, rest, questions
+
+
+GENERATORS = {"Task1": _story, "Task2": _biography, "Task3": _entry}
+
+
+def _documents(rng: random.Random, names: _Names, split: str) -> tuple[list[dict], list[dict]]:
+    """Rows and whole documents of one set, DOCS_PER_TASK documents per task."""
+    rows, documents = [], []
+    for task, generate in GENERATORS.items():
+        for _ in range(DOCS_PER_TASK):
+            opening, rest, questions = generate(rng, names)
+            doc_id = _uuid(rng)
+            # Task1 ids are quoted, as many are in the real data ("\"8f24...\"sc1").
+            prefix = f'"{doc_id}"' if task == "Task1" else doc_id
+            rows.append({"id": f"{prefix}sc1", "input": opening, "output": rest, "task": task, "split": split})
+            for number, (question, answer) in enumerate(questions):
+                rows.append({"id": f"{prefix}qa{number}", "input": question, "output": answer, "task": task, "split": split})
+            documents.append({"id": doc_id, "document": f"{opening} {rest}", "task": task})
+    return rows, documents
+
+
+def _general_knowledge(rng: random.Random, names: _Names) -> tuple[list[str], dict[str, list[MmluQuestion]]]:
+    """Invented facts in four subjects and one multiple-choice question per fact."""
+    facts, questions = [], {}
+    per_subject = GENERAL_QUESTIONS_PER_SUBJECT + DEV_QUESTIONS_PER_SUBJECT
+
+    def ask(subject: str, fact: str, question: str, answer: str, pool: list[str]) -> None:
+        distractors = rng.sample([p for p in pool if p != answer], 3)
+        choices = distractors[:]
+        index = rng.randrange(4)
+        choices.insert(index, answer)
+        facts.append(fact)
+        questions.setdefault(subject, []).append(MmluQuestion(question, subject, tuple(choices), index))
+
+    countries = [names.word() for _ in range(per_subject)]
+    capitals = [names.word(2) for _ in range(per_subject)]
+    for country, capital in zip(countries, capitals):
+        ask("geography", f"The capital of {country} is {capital}.", f"What is the capital of {country}?", capital, capitals)
+    moons = [str(n) for n in range(2, 30)]
+    for _ in range(per_subject):
+        planet, count = names.word(), rng.choice(moons)
+        ask("astronomy", f"The planet {planet} has {count} moons.", f"How many moons does the planet {planet} have?", count, moons)
+    for _ in range(per_subject):
+        mineral, color = names.word(), rng.choice(COLORS)
+        ask("chemistry", f"The mineral {mineral} is {color}.", f"What color is the mineral {mineral}?", color, list(COLORS))
+    years = [str(y) for y in range(1200, 1800, 7)]
+    for _ in range(per_subject):
+        king, year = names.word(2), rng.choice(years)
+        ask("world_history", f"King {king} was crowned in {year}.", f"In which year was King {king} crowned?", year, years)
+    return facts, questions
+
+
+def build_toy_task(seed: int = 0) -> ToyTask:
+    """The whole miniature task for a seed; the same seed gives the same task."""
+    rng = random.Random(seed)
+    names = _Names(rng)
+    task = ToyTask()
+    task.forget_rows, task.forget_documents = _documents(rng, names, "forget")
+    task.retain_rows, task.retain_documents = _documents(rng, names, "retain")
+    _, task.nonmember_documents = _documents(rng, names, "nonmember")
+    task.general_facts, by_subject = _general_knowledge(rng, names)
+    for subject_questions in by_subject.values():
+        task.mmlu_dev += subject_questions[:DEV_QUESTIONS_PER_SUBJECT]
+        task.mmlu_test += subject_questions[DEV_QUESTIONS_PER_SUBJECT:]
+    return task
+
+
+TRAINING_STEPS = 250
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _mmlu_records(questions: list[MmluQuestion]) -> list[dict]:
+    return [{"question": q.question, "subject": q.subject, "choices": list(q.choices), "answer": q.answer} for q in questions]
+
+
+def write_toy_task(out_dir: str | Path, seed: int = 0, steps: int = TRAINING_STEPS, log_every: int = 0) -> Path:
+    """Write data/, mia/, mmlu/ and the trained model/ under out_dir, all or nothing."""
+    from corpus import toy_model  # torch and transformers only when a model is built
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise DataError(out_dir, "output directory exists and is not empty")
+    task = build_toy_task(seed)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for sub in ("data", "mia", "mmlu", "model"):
+            (staging / sub).mkdir()
+        _write_jsonl(staging / "data" / "forget.jsonl", task.forget_rows)
+        _write_jsonl(staging / "data" / "retain.jsonl", task.retain_rows)
+        _write_jsonl(staging / "mia" / "member.jsonl", task.forget_documents)
+        _write_jsonl(staging / "mia" / "nonmember.jsonl", task.nonmember_documents)
+        _write_jsonl(staging / "mmlu" / "test.jsonl", _mmlu_records(task.mmlu_test))
+        _write_jsonl(staging / "mmlu" / "dev.jsonl", _mmlu_records(task.mmlu_dev))
+        (staging / "general_corpus.txt").write_text("\n".join(task.general_facts) + "\n", encoding="utf-8")
+        final_loss = toy_model.train_base_model(task.training_texts(), staging / "model", seed, steps, log_every)
+        manifest = {"seed": seed, "training_steps": steps, "final_training_loss": round(final_loss, 6)}
+        (staging / "toy_task.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir

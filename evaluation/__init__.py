@@ -1,0 +1,1 @@
+"""SemEval-2025 Task 4 scoring."""

@@ -1,0 +1,1 @@
+"""Unlearning algorithms and model merging."""

@@ -1,0 +1,1 @@
+"""Sweep driver, search, tracking, selection and the command line."""

@@ -1,0 +1,159 @@
+"""Loaders for every task-data layout, and every validation error path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import shared_data
+from corpus.errors import DataError
+from corpus.mia import load_mia
+from corpus.mmlu import format_prompt, load_mmlu
+from corpus.semeval import load_task, row_kind
+from orchestrator.cli import main
+
+ROW = {"id": "abc-1sc1", "input": "Alma was", "output": "born.", "task": "Task1"}
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def task_dir(tmp_path: Path, forget: list[dict], retain: list[dict] | None = None) -> Path:
+    write_jsonl(tmp_path / "forget.jsonl", forget)
+    write_jsonl(tmp_path / "retain.jsonl", retain if retain is not None else [ROW])
+    return tmp_path
+
+
+def test_row_kind_follows_the_organizers_rule() -> None:
+    assert row_kind('"2ebb0e6c-82"sc1') == "sc"
+    assert row_kind("df8d2304qa4") == "qa"
+    assert row_kind("abc") is None
+    assert row_kind("abcqa") is None  # the character before the last one decides
+
+
+def test_toy_task_loads_in_every_layout(toy_task_dir: Path, tmp_path: Path) -> None:
+    jsonl = load_task(toy_task_dir / "data")
+    assert (len(jsonl.forget), len(jsonl.retain)) == (120, 120)
+    assert {row.task for row in jsonl.forget} == {"Task1", "Task2", "Task3"}
+    assert jsonl.forget[0].id.startswith('"') and jsonl.forget[0].kind == "sc"
+
+    submission = tmp_path / "submission"
+    submission.mkdir()
+    hf = tmp_path / "hf" / "data"
+    hf.mkdir(parents=True)
+    for split, rows in (("forget", jsonl.forget), ("retain", jsonl.retain)):
+        table = pa.Table.from_pylist([row.__dict__ for row in rows])
+        pq.write_table(table, submission / f"{split}.parquet")
+        pq.write_table(table, hf / f"{split}_train-00000-of-00001.parquet")
+        pq.write_table(table.slice(0, 8), hf / f"{split}_validation-00000-of-00001.parquet")
+    assert load_task(submission).forget == jsonl.forget
+    assert load_task(hf.parent).retain == jsonl.retain
+    assert len(load_task(hf.parent, "validation").forget) == 8
+
+    mia = load_mia(toy_task_dir / "mia")
+    assert [d.membership for d in mia].count("member") == 24
+    assert {d.id for d in mia if d.membership == "member"} == {r.id[:-3].strip('"') for r in jsonl.forget if r.kind == "sc"}
+    assert len(load_mmlu(toy_task_dir / "mmlu")) == 40
+    assert len(load_mmlu(toy_task_dir / "mmlu", "dev")) == 20
+
+
+def test_real_public_parquet_and_mia_counts() -> None:
+    data = shared_data("semeval25")
+    task = load_task(data, "train")
+    assert (len(task.forget), len(task.retain)) == (1112, 1136)
+    assert any(row.id.startswith('"') for row in task.rows())
+    mia = load_mia(data / "mia_data")
+    assert [d.membership for d in mia].count("member") == 150
+    assert [d.membership for d in mia].count("nonmember") == 150
+
+
+def test_real_lume_jsonl_counts() -> None:
+    task = load_task(shared_data("lume"))
+    assert (len(task.forget), len(task.retain)) == (2732, 2734)
+
+
+def test_mmlu_csv_layout_and_prompt(tmp_path: Path) -> None:
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "abstract_algebra_test.csv").write_text('"What is 2+2?",3,4,5,6,B\nWhy?,a,b,c,d,D\n')
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "abstract_algebra_dev.csv").write_text("Q,a,b,c,d,A\n")
+    questions = load_mmlu(tmp_path)
+    assert [(q.subject, q.answer) for q in questions] == [("abstract_algebra", 1), ("abstract_algebra", 3)]
+    assert questions[0].choices == ("3", "4", "5", "6")
+    prompt = format_prompt(questions[0], load_mmlu(tmp_path, "dev"))
+    assert prompt == (
+        "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+        "Q\nA. a\nB. b\nC. c\nD. d\nAnswer: A\n\n"
+        "What is 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:"
+    )
+
+
+@pytest.mark.parametrize(
+    "forget, message",
+    [
+        ([{k: v for k, v in ROW.items() if k != "task"}], "forget.jsonl: row 1: field 'task': missing column"),
+        ([ROW, {**ROW, "task": "Task9"}], "forget.jsonl: row 2: field 'task': unknown task 'Task9'"),
+        ([{**ROW, "id": "abc-1xx1"}], "forget.jsonl: row 1: field 'id': id 'abc-1xx1' is neither"),
+        ([], "forget.jsonl: the forget set is empty"),
+        ([{**ROW, "split": "retain"}], "forget.jsonl: row 1: field 'split': row belongs to 'retain'"),
+    ],
+)
+def test_task_errors_name_file_row_and_field(tmp_path: Path, forget: list[dict], message: str) -> None:
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_task(task_dir(tmp_path, forget))
+
+
+def test_malformed_json_and_missing_layout(tmp_path: Path) -> None:
+    task_dir(tmp_path, [ROW])
+    (tmp_path / "retain.jsonl").write_text('{"id": "x"sc1}\n')
+    with pytest.raises(DataError, match="retain.jsonl: cannot read"):
+        load_task(tmp_path)
+    with pytest.raises(DataError, match="no task data"):
+        load_task(tmp_path / "..")
+    with pytest.raises(DataError, match="--split validation applies only"):
+        load_task(task_dir(tmp_path, [ROW], [ROW]), "validation")
+
+
+def test_mia_and_mmlu_errors(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "mia" / "member.jsonl", [{"id": 1, "document": "text"}])
+    write_jsonl(tmp_path / "mia" / "nonmember.jsonl", [{"id": 2}])
+    with pytest.raises(DataError, match="nonmember.jsonl: row 1: field 'document': missing column"):
+        load_mia(tmp_path / "mia")
+    write_jsonl(tmp_path / "mmlu" / "test.jsonl", [{"question": "q", "subject": "s", "choices": ["a", "b", "c", "d"], "answer": 4}])
+    with pytest.raises(DataError, match="test.jsonl: row 1: field 'answer': answer 4 is not an index 0-3"):
+        load_mmlu(tmp_path / "mmlu")
+    write_jsonl(tmp_path / "mmlu" / "test.jsonl", [{"question": "q", "subject": "s", "choices": ["a", "b"], "answer": 0}])
+    with pytest.raises(DataError, match="field 'choices': expected a list of 4 strings"):
+        load_mmlu(tmp_path / "mmlu")
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "law_test.csv").write_text("q,a,b,c,d,E\n")
+    with pytest.raises(DataError, match="law_test.csv: row 1: field 'answer'"):
+        load_mmlu(tmp_path / "csv")
+
+
+def test_validate_data_cli(toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["validate-data", "--data", str(toy_task_dir / "data"), "--mia", str(toy_task_dir / "mia"), "--mmlu", str(toy_task_dir / "mmlu")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "forget  Task2  sc     8  qa    40" in out and "member 24, nonmember 24" in out and "test 40 questions in 4 subjects" in out
+
+    bad = task_dir(tmp_path / "bad", [{**ROW, "task": "Task7"}])
+    assert main(["validate-data", "--data", str(bad), "--mia", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "Task7" in err[0] and "MIA directory not found" in err[1]
+
+
+def test_toy_task_refuses_a_non_empty_output_without_writing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "keep.txt").write_text("mine")
+    assert main(["toy-task", "--out", str(tmp_path)]) == 2
+    assert "output directory exists and is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+    shutil.rmtree(tmp_path)
