@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections import Counter
 from pathlib import Path
@@ -57,6 +58,68 @@ def _toy_task(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from corpus.toy_task import write_toy_task
+    from evaluation.evaluator import EvalSets, evaluate_checkpoint
+
+    task = Path("toy_task")
+    if not (task / "toy_task.json").exists():
+        print("building the miniature task in ./toy_task (about 2 minutes on 2 cores)", flush=True)
+        write_toy_task(task, log_every=50)
+    sets = EvalSets.load(task / "data", mia=task / "mia", mmlu=task / "mmlu")
+    out = Path("eval_out") / "base"
+    scores = evaluate_checkpoint(task / "model", sets, out)
+    print(f"base model scores (records in ./{out}):")
+    print_scores(scores)
+    return 0
+
+
+def _threshold(args: argparse.Namespace) -> float | None:
+    from evaluation.scoring import MmluThreshold
+
+    if args.mmlu_threshold is None:
+        return None
+    try:
+        return MmluThreshold.parse(args.mmlu_threshold).absolute(args.base_mmlu)
+    except ValueError as error:
+        raise UsageError(f"--mmlu-threshold: {error}") from None
+
+
+def print_scores(scores: dict) -> None:
+    """The headline numbers of a scores.json, one per line."""
+    def show(value: float | None) -> str:
+        return "null" if value is None else f"{value:.4f}"
+
+    for key in ("final_score", "task_aggregate", "mia_auc", "mia_score", "mmlu_accuracy", "forget_mean", "retain_mean"):
+        print(f"  {key:<15} {show(scores[key])}")
+    print(f"  {'eligible':<15} {scores['eligible']}" + (f" (MMLU threshold {scores['mmlu_threshold']:.4f})" if scores["mmlu_threshold"] is not None else ""))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from evaluation.evaluator import EvalSets, evaluate_checkpoint
+
+    threshold = _threshold(args)
+    sets = EvalSets.load(args.data, args.split, args.mia, args.mmlu, args.mmlu_shots)
+    scores = evaluate_checkpoint(args.model, sets, args.out, args.batch_size, args.max_new_tokens, threshold)
+    print(f"scores of {args.model} (records in {args.out}):")
+    print_scores(scores)
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from evaluation.evaluator import rescore
+
+    scores = rescore(args.results, _threshold(args))
+    print(f"rescored {args.results}/scores.json from its records:")
+    print_scores(scores)
+    return 0
+
+
+def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mmlu-threshold", help="minimum MMLU to rank: absolute (0.371) or relative to the base model (0.75x)")
+    parser.add_argument("--base-mmlu", type=float, help="the base model's MMLU, for a relative threshold")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unlearn-sweep", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -72,11 +135,33 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--out", required=True, type=Path)
     toy.add_argument("--seed", type=int, default=0)
     toy.set_defaults(run=_toy_task)
+
+    demo = commands.add_parser("demo", help="the built-in miniature task end to end, in the current directory")
+    demo.set_defaults(run=_demo)
+
+    evaluate = commands.add_parser("evaluate", help="score a checkpoint as SemEval-2025 Task 4 did")
+    evaluate.add_argument("--model", required=True, type=Path, help="local Hugging Face checkpoint")
+    evaluate.add_argument("--data", required=True, type=Path)
+    evaluate.add_argument("--split", help="train or validation (Hugging Face parquet layout only)")
+    evaluate.add_argument("--mia", type=Path, help="member/nonmember directory (without it, no final score)")
+    evaluate.add_argument("--mmlu", type=Path, help="MMLU-format directory (without it, no final score)")
+    evaluate.add_argument("--mmlu-shots", type=int, default=0, help="few-shot examples per question from the dev split")
+    evaluate.add_argument("--out", required=True, type=Path, help="where records and scores.json go")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--max-new-tokens", type=int, default=256)
+    _add_threshold_options(evaluate)
+    evaluate.set_defaults(run=_evaluate)
+
+    score = commands.add_parser("score", help="recompute scores.json from the records in a results directory")
+    score.add_argument("results", type=Path)
+    _add_threshold_options(score)
+    score.set_defaults(run=_score)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(format="unlearn-sweep: %(levelname)s: %(message)s", level=logging.WARNING)
     try:
         return args.run(args)
     except (DataError, UsageError) as error:
