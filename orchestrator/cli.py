@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from corpus.errors import DataError
+from methods.registry import ParamError
 
 
 class UsageError(ValueError):
@@ -71,6 +72,27 @@ def _demo(args: argparse.Namespace) -> int:
     scores = evaluate_checkpoint(task / "model", sets, out)
     print(f"base model scores (records in ./{out}):")
     print_scores(scores)
+    return 0
+
+
+def _unlearn(args: argparse.Namespace) -> int:
+    from corpus.semeval import load_task
+    from methods.registry import parse_assignments, run_method
+
+    task = load_task(args.data, args.split)
+    out = run_method(args.method, args.model, task, args.out, parse_assignments(args.set))
+    print(f"{args.method}: wrote {out}")
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from methods.registry import get_method, method_names
+
+    for name in method_names():
+        fields = dataclasses.fields(get_method(name).Params)
+        print(f"{name}: " + ", ".join(f"{f.name}={f.default!r}" for f in fields))
     return 0
 
 
@@ -139,6 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the built-in miniature task end to end, in the current directory")
     demo.set_defaults(run=_demo)
 
+    unlearn = commands.add_parser("unlearn", help="apply one unlearning method to a checkpoint")
+    unlearn.add_argument("--method", required=True, help="registered method name (see unlearn-sweep methods)")
+    unlearn.add_argument("--model", required=True, type=Path, help="local Hugging Face checkpoint to start from")
+    unlearn.add_argument("--data", required=True, type=Path)
+    unlearn.add_argument("--split", help="train or validation (Hugging Face parquet layout only)")
+    unlearn.add_argument("--out", required=True, type=Path)
+    unlearn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter (repeatable)")
+    unlearn.set_defaults(run=_unlearn)
+
+    listing = commands.add_parser("methods", help="list the registered methods and their hyperparameters")
+    listing.set_defaults(run=_methods)
+
     evaluate = commands.add_parser("evaluate", help="score a checkpoint as SemEval-2025 Task 4 did")
     evaluate.add_argument("--model", required=True, type=Path, help="local Hugging Face checkpoint")
     evaluate.add_argument("--data", required=True, type=Path)
@@ -162,9 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="unlearn-sweep: %(levelname)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its optional CPU kernels are not needed
     try:
         return args.run(args)
-    except (DataError, UsageError) as error:
+    except (DataError, UsageError, ParamError) as error:
         print(f"unlearn-sweep: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,61 @@
+"""Gradient ascent on the forget set, optionally followed by fine-tuning on the retain set
+(GIL-IIMAS: "GA then fine-tune"), optionally ascending on entity tokens only (names, dates,
+numbers, emails, addresses from a deterministic extractor) instead of whole outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from methods.entities import entity_spans
+from methods.registry import register
+from methods.training import LossMethod, Step, TrainingParams, collate, encode_rows, mean_nll
+
+
+@dataclass
+class GradAscentParams(TrainingParams):
+    finetune_epochs: int = 0
+    entity_only: bool = False
+
+
+def encode_entities(tokenizer, rows, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Like encode_rows, but labels only on output tokens that overlap an entity."""
+    encoded = []
+    for row in rows:
+        prompt = tokenizer(row.input)["input_ids"]
+        answer_text = " " + row.output
+        answer = tokenizer(answer_text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = entity_spans(answer_text)
+        labels = [
+            token if any(start < span_end and end > span_start for span_start, span_end in spans) else -100
+            for token, (start, end) in zip(answer["input_ids"], answer["offset_mapping"])
+        ]
+        encoded.append(((prompt + answer["input_ids"])[:max_length], ([-100] * len(prompt) + labels)[:max_length]))
+    return encoded
+
+
+@register
+class GradAscent(LossMethod):
+    name = "grad_ascent"
+    Params = GradAscentParams
+
+    def encode(self, tokenizer, task, params: GradAscentParams):
+        if not params.entity_only:
+            return super().encode(tokenizer, task, params)
+        return encode_entities(tokenizer, task.forget, params.max_length), encode_rows(tokenizer, task.retain, params.max_length)
+
+    def epochs(self, params: GradAscentParams) -> int:
+        return params.epochs + params.finetune_epochs
+
+    def steps(self, forget, retain, epoch, params: GradAscentParams, rng, pad_id, device):
+        if epoch <= params.epochs:
+            for step in super().steps(forget, [], epoch, params, rng, pad_id, device):
+                yield Step(step.forget, None, "ascent")
+            return
+        order = rng.sample(range(len(retain)), len(retain))
+        for start in range(0, len(order), params.batch_size):
+            yield Step(None, collate([retain[i] for i in order[start : start + params.batch_size]], pad_id, device), "finetune")
+
+    def loss(self, model, step: Step, reference, params) -> torch.Tensor:
+        return -mean_nll(model, step.forget) if step.phase == "ascent" else mean_nll(model, step.retain)

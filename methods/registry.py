@@ -1,0 +1,138 @@
+"""The method protocol and the registry by name.
+
+A method is one module under methods/ that defines a subclass of `Method` with a `name`
+and a `Params` dataclass of typed, defaulted hyperparameters, decorated with `@register`.
+Hyperparameters arrive as strings (CLI `--set key=value`) or values (a sweep trial) and are
+checked against `Params`: an unknown key or a value of the wrong type is an error that
+lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar, get_type_hints
+
+from corpus.semeval import TaskData
+
+# Called after every epoch with (epoch, model, tokenizer); returning False stops training.
+EpochCallback = Callable[[int, Any, Any], "bool | None"]
+
+
+class ParamError(ValueError):
+    """An unknown method or hyperparameter, or a value of the wrong type."""
+
+
+class Method:
+    """One unlearning algorithm: turns a base checkpoint and the task data into a new one."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type]
+
+    def run(self, model_dir: Path, task: TaskData, out_dir: Path, params: Any,
+            on_epoch: EpochCallback | None = None) -> Path:
+        raise NotImplementedError
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    """Import every module of the package once, so that each registers its method."""
+    import methods
+
+    for module in pkgutil.iter_modules(methods.__path__):
+        importlib.import_module(f"methods.{module.name}")
+
+
+def get_method(name: str) -> Method:
+    _load_all()
+    if name not in METHODS:
+        raise ParamError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name]()
+
+
+def method_names() -> list[str]:
+    _load_all()
+    return sorted(METHODS)
+
+
+def _convert(key: str, value: Any, kind: type) -> Any:
+    """A CLI string or a sweep value as the field's type (int, float, bool or str)."""
+    if isinstance(value, str) and kind is not str:
+        text = value.strip().lower()
+        if kind is bool:
+            if text in ("true", "false", "1", "0", "yes", "no"):
+                return text in ("true", "1", "yes")
+        else:
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
+        return value
+    raise ParamError(f"{key}={value!r}: expected {kind.__name__}")
+
+
+def build_params(method: Method, values: dict[str, Any]) -> Any:
+    """The method's Params from a mapping of overrides, checked by name and type."""
+    fields = {f.name: f for f in dataclasses.fields(method.Params)}
+    hints = get_type_hints(method.Params)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ParamError(f"unknown hyperparameter(s) {', '.join(unknown)} for method {method.name!r}; valid: {', '.join(sorted(fields))}")
+    converted = {key: _convert(key, value, hints[key]) for key, value in values.items()}
+    params = method.Params(**converted)
+    check = getattr(params, "check", None)
+    if check:
+        check()
+    return params
+
+
+def parse_assignments(assignments: list[str]) -> dict[str, str]:
+    """['lr=1e-4', 'epochs=2'] -> {'lr': '1e-4', 'epochs': '2'}."""
+    values = {}
+    for assignment in assignments:
+        key, separator, value = assignment.partition("=")
+        if not separator or not key.strip():
+            raise ParamError(f"--set {assignment!r}: expected key=value")
+        values[key.strip()] = value
+    return values
+
+
+def run_method(name: str, model_dir: str | Path, task: TaskData, out_dir: str | Path,
+               overrides: dict[str, Any], on_epoch: EpochCallback | None = None) -> Path:
+    """Apply a method by name; the checkpoint and its unlearn_config.json appear in out_dir
+    only when the method has finished (nothing half-written)."""
+    import json
+    import shutil
+    import tempfile
+
+    method = get_method(name)
+    params = build_params(method, overrides)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ParamError(f"{out_dir}: output directory exists and is not empty")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        method.run(Path(model_dir), task, staging, params, on_epoch)
+        config = {"method": name, "base_model": str(model_dir), "params": dataclasses.asdict(params)}
+        (staging / "unlearn_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,150 @@
+"""Every unlearning method on the toy task, the registry's checks, and merging."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from corpus.semeval import load_task
+from evaluation.inference import answer_nll, load_model
+from methods.entities import entity_spans
+from methods.merge import merge_checkpoints, merge_deltas
+from methods.registry import ParamError, build_params, get_method, method_names, run_method
+from orchestrator.cli import main
+
+
+@pytest.fixture(scope="module")
+def task(toy_task_dir: Path):
+    return load_task(toy_task_dir / "data")
+
+
+def mean_answer_nll(model_dir: Path, rows) -> float:
+    model, tokenizer = load_model(model_dir)
+    values = answer_nll(model, tokenizer, [r.input for r in rows], [r.output for r in rows], batch_size=64)
+    return sum(values) / len(values)
+
+
+@pytest.fixture(scope="module")
+def base_nll(toy_task_dir: Path, task) -> tuple[float, float]:
+    return mean_answer_nll(toy_task_dir / "model", task.forget), mean_answer_nll(toy_task_dir / "model", task.retain)
+
+
+@pytest.mark.parametrize(
+    "name, settings, keeps_retain",
+    [
+        ("grad_ascent", {}, False),
+        ("grad_ascent", {"entity_only": True, "finetune_epochs": 1}, False),
+        ("grad_diff", {}, True),
+        ("kl_min", {}, False),
+        ("npo", {"beta": 0.1, "retain_ce_weight": 5.0, "retain_kl_weight": 5.0}, True),
+        ("sugd", {"chunks": 2, "epochs": 1}, True),
+        ("task_vector", {"scale": 1.0, "learning_rate": 3e-4}, False),
+    ],
+)
+def test_method_forgets(name, settings, keeps_retain, toy_task_dir: Path, task, base_nll, tmp_path: Path) -> None:
+    epochs_seen = []
+    out = run_method(name, toy_task_dir / "model", task, tmp_path / "out", {"learning_rate": 1e-4, **settings},
+                     on_epoch=lambda epoch, model, tokenizer: epochs_seen.append(epoch))
+    assert epochs_seen == list(range(1, len(epochs_seen) + 1)) and epochs_seen
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    assert json.loads((out / "unlearn_config.json").read_text())["method"] == name
+    forget, retain = mean_answer_nll(out, task.forget), mean_answer_nll(out, task.retain)
+    forget_before, retain_before = base_nll
+    assert forget > forget_before + 0.02, (forget_before, forget)
+    if keeps_retain:
+        # The retain loss moves far less than the forget loss.
+        assert retain - retain_before < 0.5 * (forget - forget_before), (retain_before, retain, forget_before, forget)
+
+
+def test_lora_and_last_k_layers(toy_task_dir: Path, task, tmp_path: Path) -> None:
+    lora = run_method("grad_diff", toy_task_dir / "model", task, tmp_path / "lora",
+                      {"adapter": "lora", "learning_rate": 1e-3, "epochs": 1})
+    assert (lora / "model.safetensors").exists() and not (lora / "adapter_config.json").exists()
+    last = run_method("grad_ascent", toy_task_dir / "model", task, tmp_path / "last", {"adapter": "last_k", "last_k_layers": 1, "epochs": 1})
+    base, changed = load_file(toy_task_dir / "model" / "model.safetensors"), load_file(last / "model.safetensors")
+    assert torch.equal(base["model.layers.0.mlp.up_proj.weight"], changed["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(base["model.layers.3.mlp.up_proj.weight"], changed["model.layers.3.mlp.up_proj.weight"])
+
+
+def test_registry_checks_names_and_types() -> None:
+    assert {"grad_ascent", "grad_diff", "kl_min", "npo", "sugd", "task_vector", "merge"} <= set(method_names())
+    npo = get_method("npo")
+    params = build_params(npo, {"beta": "0.5", "epochs": "3", "bf16": "false"})
+    assert (params.beta, params.epochs, params.bf16) == (0.5, 3, False)
+    with pytest.raises(ParamError, match="unknown method 'nope'; valid methods: .*grad_ascent"):
+        get_method("nope")
+    with pytest.raises(ParamError, match="unknown hyperparameter.*bta.*valid: .*beta"):
+        build_params(npo, {"bta": "1"})
+    with pytest.raises(ParamError, match="epochs='two': expected int"):
+        build_params(npo, {"epochs": "two"})
+    with pytest.raises(ParamError, match="bf16='maybe': expected bool"):
+        build_params(npo, {"bf16": "maybe"})
+    with pytest.raises(ParamError, match="adapter='prefix'"):
+        build_params(npo, {"adapter": "prefix"})
+
+
+def test_unlearn_cli_errors_write_nothing(toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["unlearn", "--model", str(toy_task_dir / "model"), "--data", str(toy_task_dir / "data"), "--out", str(tmp_path / "o")]
+    assert main(args + ["--method", "npo", "--set", "beta=x"]) == 2
+    assert "beta='x': expected float" in capsys.readouterr().err
+    assert main(args + ["--method", "npo", "--set", "beta"]) == 2
+    assert "expected key=value" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_entity_extractor() -> None:
+    text = " Security Number is 914-13-1456. Hugo Marek resides at 72 Park Drive, Oslo, NY, 63457. Email hugo_m@mail.net."
+    found = [text[a:b] for a, b in entity_spans(text)]
+    for entity in ("914-13-1456", "Hugo Marek", "72", "Park Drive", "Oslo", "63457", "hugo_m@mail.net"):
+        assert entity in found
+    assert entity_spans("The end of it.") == []
+
+
+def test_merges_match_their_definitions() -> None:
+    deltas = [torch.tensor([1.0, -2.0, 3.0, 0.5]), torch.tensor([-1.0, 1.0, 2.0, -4.0])]
+    weights = torch.tensor([1.0, 1.0])
+    # TIES at density 0.5: trim to [0,-2,3,0] and [0,0,2,-4]; elected signs (+,-,+,-); disjoint mean.
+    assert torch.allclose(merge_deltas(deltas, weights, "ties", 0.5), torch.tensor([0.0, -2.0, 2.5, -4.0]))
+    assert torch.allclose(merge_deltas(deltas, torch.tensor([0.5, 0.25]), "linear", 1.0), torch.tensor([0.25, -0.75, 2.0, -0.75]))
+    # Magnitude prune keeps each tensor's top half, then sums with weights.
+    assert torch.allclose(merge_deltas(deltas, weights, "magnitude_prune", 0.5), torch.tensor([0.0, -2.0, 5.0, -4.0]))
+    # DARE at density 1 drops nothing: DARE-TIES equals TIES without trimming.
+    assert torch.allclose(merge_deltas(deltas, weights, "dare_ties", 1.0), merge_deltas(deltas, weights, "ties", 1.0))
+
+
+def test_full_model_merge(toy_task_dir: Path, task, tmp_path: Path) -> None:
+    base = toy_task_dir / "model"
+    same = merge_checkpoints(base, [base, base], tmp_path / "same", "ties", 1.0, [1.0, 1.0])
+    original, merged = load_file(base / "model.safetensors"), load_file(same / "model.safetensors")
+    assert all(torch.equal(original[name], merged[name]) for name in original)
+
+    a = run_method("grad_ascent", base, task, tmp_path / "a", {"epochs": 1})
+    b = run_method("grad_diff", base, task, tmp_path / "b", {"epochs": 1})
+    sharded = merge_checkpoints(base, [a, b], tmp_path / "sharded", "linear", 1.0, [0.5, 0.5], shard_bytes=200_000)
+    assert (sharded / "model.safetensors.index.json").exists()
+    state_a, state_b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    reloaded = AutoModelForCausalLM.from_pretrained(sharded).state_dict()
+    name = "model.layers.2.self_attn.q_proj.weight"
+    assert torch.allclose(reloaded[name], (state_a[name] + state_b[name]) / 2, atol=1e-6)
+
+    out = run_method("merge", base, task, tmp_path / "ties", {"models": f"{a},{b}", "density": 0.5})
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    with pytest.raises(ParamError, match="at least two"):
+        run_method("merge", base, task, tmp_path / "x", {"models": str(a)})
+
+
+def test_lora_adapter_merge(toy_task_dir: Path, task, tmp_path: Path) -> None:
+    base = toy_task_dir / "model"
+    adapters = [
+        run_method("npo", base, task, tmp_path / name, {"adapter": "lora", "merge_adapter": False, "epochs": 1, "learning_rate": lr})
+        for name, lr in (("over", 3e-3), ("under", 3e-4))
+    ]
+    assert all((a / "adapter_config.json").exists() for a in adapters)
+    out = run_method("merge", base, task, tmp_path / "merged", {"models": ",".join(map(str, adapters)), "combination": "ties"})
+    merged = load_file(out / "model.safetensors")
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], load_file(base / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"])
