@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import random
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,11 +161,21 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
     return reference
 
 
-def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path, merge_adapter: bool = True) -> Path:
-    """A Hugging Face checkpoint (safetensors + tokenizer); LoRA merged in unless asked not to."""
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path,
+                    merge_adapter: bool = True, base_dir: Path | None = None) -> Path:
+    """A Hugging Face checkpoint (safetensors + tokenizer); LoRA merged in unless asked not to.
+    A QLoRA adapter is merged into the full-precision base from base_dir, not into 4-bit weights."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "peft_config") and merge_adapter:
-        model = copy.deepcopy(model).merge_and_unload()
+        if getattr(model.config, "quantization_config", None) is not None:
+            from peft import PeftModel
+
+            with tempfile.TemporaryDirectory() as adapter_dir:
+                model.save_pretrained(adapter_dir)
+                full = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+                model = PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()
+        else:
+            model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -198,7 +209,7 @@ class LossMethod(Method):
 
     def run(self, model_dir: Path, task: TaskData, out_dir: Path, params: Any, on_epoch: EpochCallback | None = None) -> Path:
         model, tokenizer = self.train(model_dir, task, params, on_epoch)
-        return save_checkpoint(model, tokenizer, out_dir, params.merge_adapter)
+        return save_checkpoint(model, tokenizer, out_dir, params.merge_adapter, model_dir)
 
     def train(self, model_dir: Path, task: TaskData, params: Any, on_epoch: EpochCallback | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         torch.manual_seed(params.seed)

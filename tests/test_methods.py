@@ -65,6 +65,10 @@ def test_lora_and_last_k_layers(toy_task_dir: Path, task, tmp_path: Path) -> Non
     lora = run_method("grad_diff", toy_task_dir / "model", task, tmp_path / "lora",
                       {"adapter": "lora", "learning_rate": 1e-3, "epochs": 1})
     assert (lora / "model.safetensors").exists() and not (lora / "adapter_config.json").exists()
+    qlora = run_method("grad_diff", toy_task_dir / "model", task, tmp_path / "qlora",
+                       {"adapter": "qlora", "learning_rate": 1e-3, "epochs": 1})
+    assert "quantization_config" not in json.loads((qlora / "config.json").read_text())
+    assert load_file(qlora / "model.safetensors")["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
     last = run_method("grad_ascent", toy_task_dir / "model", task, tmp_path / "last", {"adapter": "last_k", "last_k_layers": 1, "epochs": 1})
     base, changed = load_file(toy_task_dir / "model" / "model.safetensors"), load_file(last / "model.safetensors")
     assert torch.equal(base["model.layers.0.mlp.up_proj.weight"], changed["model.layers.0.mlp.up_proj.weight"])
