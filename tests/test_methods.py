@@ -121,6 +121,18 @@ def test_merges_match_their_definitions() -> None:
     assert torch.allclose(merge_deltas(deltas, weights, "dare_ties", 1.0), merge_deltas(deltas, weights, "ties", 1.0))
 
 
+def test_fast_trim_matches_peft() -> None:
+    from peft.utils import merge_utils
+
+    generator = torch.Generator().manual_seed(0)
+    deltas = [torch.randn(64, 48, generator=generator) for _ in range(3)]
+    weights = torch.tensor([0.7, 1.0, 0.4])
+    for density in (0.2, 0.5, 1.0):
+        assert torch.allclose(merge_deltas(deltas, weights, "ties", density), merge_utils.ties(deltas, weights, density), atol=1e-6)
+        assert torch.allclose(merge_deltas(deltas, weights, "magnitude_prune", density),
+                              merge_utils.magnitude_prune(deltas, weights, density), atol=1e-6)
+
+
 def test_full_model_merge(toy_task_dir: Path, task, tmp_path: Path) -> None:
     base = toy_task_dir / "model"
     same = merge_checkpoints(base, [base, base], tmp_path / "same", "ties", 1.0, [1.0, 1.0])

@@ -1,0 +1,67 @@
+"""Every method once, at hand-picked settings in the spirit of the systems that used it
+(scaled to the toy task), scored by the full evaluator: the hand-tuned baseline a sweep
+must beat.
+
+    python benchmarks/methods_toy.py [--task DIR] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from corpus.semeval import load_task
+from corpus.toy_task import write_toy_task
+from evaluation.evaluator import EvalSets, evaluate_checkpoint
+from methods.registry import run_method
+
+# (row label, method, hyperparameters); "merge" rows name the rows they merge.
+RUNS = [
+    ("grad_ascent (GA then fine-tune, GIL-IIMAS)", "grad_ascent", {"learning_rate": 1e-4, "epochs": 1, "finetune_epochs": 1}),
+    ("grad_ascent on entities only", "grad_ascent", {"learning_rate": 1e-4, "epochs": 2, "entity_only": True}),
+    ("grad_diff (organizer baseline)", "grad_diff", {"learning_rate": 1e-4, "epochs": 2}),
+    ("kl_min (organizer baseline)", "kl_min", {"learning_rate": 1e-4, "epochs": 2}),
+    ("npo, over-forgetting (ZJUKLAB NPO+GDR+KLR)", "npo", {"learning_rate": 2e-4, "epochs": 2, "beta": 0.1}),
+    ("npo, under-forgetting", "npo", {"learning_rate": 5e-5, "epochs": 2, "beta": 0.1}),
+    ("sugd (AILS-NTUA)", "sugd", {"learning_rate": 1e-4, "epochs": 2, "chunks": 4, "positive_ratio": 2.0}),
+    ("task_vector", "task_vector", {"learning_rate": 3e-4, "epochs": 2, "scale": 1.0}),
+    ("merge: TIES of the two npo models (ZJUKLAB)", "merge", {"combination": "ties", "density": 0.5}),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", type=Path, default=Path("toy_task"), help="toy task directory (built if missing)")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/methods_toy"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    if not (args.task / "model").exists():
+        write_toy_task(args.task)
+    shutil.rmtree(args.out, ignore_errors=True)
+    task = load_task(args.task / "data")
+    sets = EvalSets.load(args.task / "data", mia=args.task / "mia", mmlu=args.task / "mmlu")
+    base = args.task / "model"
+    rows = [("base model", evaluate_checkpoint(base, sets), 0.0)]
+    npo_models = []
+    for number, (label, method, settings) in enumerate(RUNS):
+        if method == "merge":
+            settings = {**settings, "models": ",".join(map(str, npo_models))}
+        start = time.perf_counter()
+        out = run_method(method, base, task, args.out / f"{number}_{method}", settings)
+        seconds = time.perf_counter() - start
+        if method == "npo":
+            npo_models.append(out)
+        rows.append((label, evaluate_checkpoint(out, sets), seconds))
+    print(f"| method | forget mean | retain mean | task agg | MIA AUC | MIA score | MMLU | final | train s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for label, s, seconds in rows:
+        print(f"| {label} | {s['forget_mean']:.3f} | {s['retain_mean']:.3f} | {s['task_aggregate']:.3f} | {s['mia_auc']:.3f} "
+              f"| {s['mia_score']:.3f} | {s['mmlu_accuracy']:.3f} | {s['final_score']:.3f} | {seconds:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
