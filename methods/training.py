@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from corpus.semeval import TaskData, TaskRow
 from evaluation.inference import pick_device
+from methods.optimization import make_stepper
 from methods.registry import EpochCallback, Method, ParamError
 
 ADAPTERS = ("full", "lora", "qlora", "last_k")
@@ -43,6 +44,8 @@ class TrainingParams:
     lora_targets: str = "all-linear"
     last_k_layers: int = 1
     merge_adapter: bool = True  # save LoRA merged into the weights, or as an adapter
+    zero_stage: int = -1  # DeepSpeed ZeRO stage 0-3; -1 trains with plain torch
+    zero_offload: bool = False  # DeepSpeed: optimizer state in CPU memory
 
     def check(self) -> None:
         if self.adapter not in ADAPTERS:
@@ -50,6 +53,10 @@ class TrainingParams:
         for name in ("epochs", "batch_size", "gradient_accumulation", "max_length", "lora_rank", "last_k_layers"):
             if getattr(self, name) < 1:
                 raise ParamError(f"{name}={getattr(self, name)}: must be at least 1")
+        if self.zero_stage not in (-1, 0, 1, 2, 3):
+            raise ParamError(f"zero_stage={self.zero_stage}: expected -1 (no DeepSpeed) or 0-3")
+        if self.zero_stage >= 0 and self.adapter == "qlora":
+            raise ParamError("adapter='qlora' does not train under DeepSpeed here; use zero_stage=-1")
         if not self.learning_rate > 0:
             raise ParamError(f"learning_rate={self.learning_rate}: must be positive")
 
@@ -217,21 +224,17 @@ class LossMethod(Method):
         model, tokenizer = load_for_training(model_dir, params)
         reference = frozen_copy(model) if self.uses_reference else None
         forget, retain = self.encode(tokenizer, task, params)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=0.0)
+        device = model.device
+        stepper = make_stepper(model, params)
         for epoch in range(1, self.epochs(params) + 1):
-            model.train()
-            steps = list(self.steps(forget, retain, epoch, params, rng, tokenizer.pad_token_id, model.device))
+            stepper.model.train()
+            steps = list(self.steps(forget, retain, epoch, params, rng, tokenizer.pad_token_id, device))
             for index, step in enumerate(steps, start=1):
-                loss = self.loss(model, step, reference, params)
+                loss = self.loss(stepper.model, step, reference, params)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{self.name}: loss became {loss.item()} in epoch {epoch}")
-                (loss / params.gradient_accumulation).backward()
-                if index % params.gradient_accumulation == 0 or index == len(steps):
-                    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            model.eval()
-            if on_epoch is not None and on_epoch(epoch, model, tokenizer) is False:
+                stepper.micro_step(loss, index % params.gradient_accumulation == 0 or index == len(steps))
+            stepper.model.eval()
+            if on_epoch is not None and on_epoch(epoch, stepper.consolidated(), tokenizer) is False:
                 break
-        return model, tokenizer
+        return stepper.consolidated(), tokenizer

@@ -69,6 +69,8 @@ def test_lora_and_last_k_layers(toy_task_dir: Path, task, tmp_path: Path) -> Non
                        {"adapter": "qlora", "learning_rate": 1e-3, "epochs": 1})
     assert "quantization_config" not in json.loads((qlora / "config.json").read_text())
     assert load_file(qlora / "model.safetensors")["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
+    bf16 = run_method("grad_diff", toy_task_dir / "model", task, tmp_path / "bf16", {"bf16": True, "epochs": 1, "gradient_accumulation": 2})
+    assert load_file(bf16 / "model.safetensors")["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
     last = run_method("grad_ascent", toy_task_dir / "model", task, tmp_path / "last", {"adapter": "last_k", "last_k_layers": 1, "epochs": 1})
     base, changed = load_file(toy_task_dir / "model" / "model.safetensors"), load_file(last / "model.safetensors")
     assert torch.equal(base["model.layers.0.mlp.up_proj.weight"], changed["model.layers.0.mlp.up_proj.weight"])
@@ -164,3 +166,13 @@ def test_lora_adapter_merge(toy_task_dir: Path, task, tmp_path: Path) -> None:
     out = run_method("merge", base, task, tmp_path / "merged", {"models": ",".join(map(str, adapters)), "combination": "ties"})
     merged = load_file(out / "model.safetensors")
     assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], load_file(base / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"])
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_matches_plain_torch(stage: int, toy_task_dir: Path, task, tmp_path: Path) -> None:
+    settings = {"epochs": 1, "learning_rate": 1e-4}
+    plain = run_method("npo", toy_task_dir / "model", task, tmp_path / "plain", settings)
+    zero = run_method("npo", toy_task_dir / "model", task, tmp_path / "zero", {**settings, "zero_stage": stage})
+    expected, actual = load_file(plain / "model.safetensors"), load_file(zero / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    assert all(torch.allclose(expected[name], actual[name], atol=1e-5) for name in expected)
