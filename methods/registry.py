@@ -32,8 +32,10 @@ class Method:
     name: ClassVar[str]
     Params: ClassVar[type]
 
-    def run(self, model_dir: Path, task: TaskData, out_dir: Path, params: Any,
-            on_epoch: EpochCallback | None = None) -> Path:
+    def run(self, model_dir: Path, task: TaskData, out_dir: Path | None, params: Any,
+            on_epoch: EpochCallback | None = None) -> Path | None:
+        """Train, calling on_epoch after each epoch; save to out_dir unless it is None (a
+        sweep trial keeps only the checkpoints its hook saves)."""
         raise NotImplementedError
 
 

@@ -38,8 +38,8 @@ class TaskVector(LossMethod):
     def loss(self, model, step: Step, reference, params) -> torch.Tensor:
         return mean_nll(model, step.forget)  # descent: learn the forget set harder
 
-    def run(self, model_dir: Path, task: TaskData, out_dir: Path, params: TaskVectorParams,
-            on_epoch: EpochCallback | None = None) -> Path:
+    def run(self, model_dir: Path, task: TaskData, out_dir: Path | None, params: TaskVectorParams,
+            on_epoch: EpochCallback | None = None) -> Path | None:
         from transformers import AutoModelForCausalLM
 
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if params.bf16 else torch.float32)
@@ -51,4 +51,6 @@ class TaskVector(LossMethod):
             return on_epoch(epoch, negate(base, full_weights(copy.deepcopy(model)), params.scale).to(model.device), tokenizer)
 
         model, tokenizer = self.train(model_dir, task, params, report_negated if on_epoch else None)
+        if out_dir is None:
+            return None
         return save_checkpoint(negate(base, full_weights(model).cpu(), params.scale), tokenizer, out_dir)

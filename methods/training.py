@@ -214,9 +214,9 @@ class LossMethod(Method):
             retain_batch = collate([retain[i] for i in retain_order[start : start + params.batch_size]], pad_id, device) if retain else None
             yield Step(forget_batch, retain_batch)
 
-    def run(self, model_dir: Path, task: TaskData, out_dir: Path, params: Any, on_epoch: EpochCallback | None = None) -> Path:
+    def run(self, model_dir: Path, task: TaskData, out_dir: Path | None, params: Any, on_epoch: EpochCallback | None = None) -> Path | None:
         model, tokenizer = self.train(model_dir, task, params, on_epoch)
-        return save_checkpoint(model, tokenizer, out_dir, params.merge_adapter, model_dir)
+        return save_checkpoint(model, tokenizer, out_dir, params.merge_adapter, model_dir) if out_dir else None
 
     def train(self, model_dir: Path, task: TaskData, params: Any, on_epoch: EpochCallback | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         torch.manual_seed(params.seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections import Counter
@@ -59,20 +60,104 @@ def _toy_task(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_EXPERIMENT = "unlearn-sweep-demo"
+
+
 def _demo(args: argparse.Namespace) -> int:
+    """The toy task end to end in the current directory: build, sweep, report."""
+    import time
+
     from corpus.toy_task import write_toy_task
-    from evaluation.evaluator import EvalSets, evaluate_checkpoint
+    from orchestrator.config import config_from_dict
+    from orchestrator.sweep import run_sweep
 
     task = Path("toy_task")
     if not (task / "toy_task.json").exists():
         print("building the miniature task in ./toy_task (about 2 minutes on 2 cores)", flush=True)
         write_toy_task(task, log_every=50)
-    sets = EvalSets.load(task / "data", mia=task / "mia", mmlu=task / "mmlu")
-    out = Path("eval_out") / "base"
-    scores = evaluate_checkpoint(task / "model", sets, out)
-    print(f"base model scores (records in ./{out}):")
-    print_scores(scores)
+    raw = {
+        "name": time.strftime("demo-%Y%m%d-%H%M%S"),
+        "model": "toy_task/model", "data": "toy_task/data", "mia": "toy_task/mia", "mmlu": "toy_task/mmlu",
+        "mmlu_threshold": "0.75x",
+        "methods": ["grad_diff", "npo", "sugd", "task_vector", "merge"],
+        "trials": args.trials, "seed": args.seed,
+        "mlflow": {"tracking_uri": "sqlite:///mlflow.db", "experiment": DEMO_EXPERIMENT},
+        "storage_path": "sweeps",
+    }
+    config = config_from_dict(raw, Path("demo"), Path.cwd())
+    print(f"sweeping {', '.join(config.methods)} with {config.trials} trials on the toy task", flush=True)
+    _report(run_sweep(config), config)
     return 0
+
+
+def _report(summary, config) -> None:
+    failed = sum(row["status"] == "failed" for row in summary.rows)
+    print(f"\n{len(summary.rows)} trials ({failed} failed); MMLU threshold "
+          + ("none" if summary.mmlu_threshold is None else f"{summary.mmlu_threshold:.4f}"))
+    _print_table([row for row in summary.rows if row["status"] == "finished"][:10])
+    if summary.champion:
+        champion = summary.champion
+        print(f"\nchampion: trial {champion['trial_id']} ({champion['method']}), final score {champion['final_score']:.4f}")
+        print(f"  checkpoint: {champion['checkpoint']}")
+        print(f"  registered as model {config.experiment!r} version {champion['model_version']}")
+        print(f"  export it:  unlearn-sweep export {config.experiment} --out submission --tracking-uri {config.tracking_uri}")
+    else:
+        print("\nno trial reached the MMLU threshold: no champion")
+    print(f"browse the trials: unlearn-sweep ui --tracking-uri {config.tracking_uri}   (http://127.0.0.1:5000)")
+
+
+def _print_table(rows: list[dict]) -> None:
+    print(f"{'rank':<5}{'trial':<11}{'method':<13}{'final':>7}{'task agg':>9}{'MIA':>7}{'MMLU':>7}  eligible")
+    for rank, row in enumerate(rows, start=1):
+        def show(name: str) -> str:
+            return "-" if row.get(name) is None else f"{row[name]:.3f}"
+
+        print(f"{rank:<5}{row['trial_id']:<11}{row['method']:<13}{show('final_score'):>7}{show('task_aggregate'):>9}"
+              f"{show('mia_score'):>7}{show('mmlu_accuracy'):>7}  {row['eligible']}")
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.sweep import run_sweep
+
+    config = load_config(args.config)
+    _report(run_sweep(config, args.resume), config)
+    return 0
+
+
+def _best(args: argparse.Namespace) -> int:
+    from orchestrator.selection import SelectionError, leaderboard
+
+    entries = leaderboard(args.experiment, args.tracking_uri, args.top)
+    if not entries:
+        raise SelectionError(args.tracking_uri, f"experiment {args.experiment!r} has no eligible finished trial")
+    best = entries[0]
+    print(f"best eligible trial of {args.experiment!r}: {best.trial_id} ({best.method}), epoch {int(best.scores['epoch'])}")
+    for name, value in best.scores.items():
+        if name != "epoch" and value is not None:
+            print(f"  {name:<15} {value:.4f}")
+    print("  hyperparameters: " + ", ".join(f"{k}={v}" for k, v in sorted(best.params.items())))
+    print(f"  checkpoint: {best.checkpoint}")
+    print()
+    _print_table([{"trial_id": e.trial_id, "method": e.method, "eligible": True, **e.scores} for e in entries])
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from orchestrator.selection import export_champion
+
+    out = export_champion(args.experiment, args.tracking_uri, args.out)
+    scores = json.loads((out / "scores.json").read_text())
+    print(f"exported the champion of {args.experiment!r} to {out} (final score {scores['final_score']:.4f})")
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    import os
+
+    command = ["mlflow", "ui", "--backend-store-uri", args.tracking_uri, "--host", "127.0.0.1", "--port", str(args.port)]
+    print(" ".join(command), flush=True)
+    os.execvp(command[0], command)
 
 
 def _unlearn(args: argparse.Namespace) -> int:
@@ -159,7 +244,31 @@ def build_parser() -> argparse.ArgumentParser:
     toy.set_defaults(run=_toy_task)
 
     demo = commands.add_parser("demo", help="the built-in miniature task end to end, in the current directory")
+    demo.add_argument("--trials", type=int, default=24)
+    demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+
+    sweep = commands.add_parser("sweep", help="run (or --resume) a sweep from its YAML config")
+    sweep.add_argument("config", type=Path)
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    sweep.set_defaults(run=_sweep)
+
+    best = commands.add_parser("best", help="the best eligible trial and the leaderboard of an experiment")
+    best.add_argument("experiment")
+    best.add_argument("--top", type=int, default=10)
+    best.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    best.set_defaults(run=_best)
+
+    export = commands.add_parser("export", help="write an experiment's champion checkpoint as a submission")
+    export.add_argument("experiment")
+    export.add_argument("--out", required=True, type=Path)
+    export.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    export.set_defaults(run=_export)
+
+    ui = commands.add_parser("ui", help="the MLflow UI on 127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    ui.set_defaults(run=_ui)
 
     unlearn = commands.add_parser("unlearn", help="apply one unlearning method to a checkpoint")
     unlearn.add_argument("--method", required=True, help="registered method name (see unlearn-sweep methods)")

@@ -1,0 +1,190 @@
+"""The sweep config: one YAML file, validated whole before anything starts.
+
+    name: toy-demo                  # MLflow experiment and registered model name
+    model: toy_task/model           # local Hugging Face checkpoint (the base model)
+    data: toy_task/data             # task directory, any supported layout
+    split: null                     # train | validation, Hugging Face parquet layout only
+    mia: toy_task/mia
+    mmlu: toy_task/mmlu
+    mmlu_shots: 0
+    mmlu_threshold: 0.75x           # absolute (0.371) or relative to the base model (0.75x)
+    methods: [grad_diff, npo]       # searched as a choice when more than one
+    search_space_overrides:         # per method, entries replacing search_spaces/<method>.yaml's
+      npo: {beta: {uniform: [0.05, 0.3]}}
+    trials: 16
+    max_concurrent_trials: null     # default: what the cluster's resources allow
+    resources_per_trial: {cpu: 1, gpu: 0}
+    seed: 0
+    asha: {grace_period: 1, reduction_factor: 2}
+    eval: {batch_size: 32, max_new_tokens: 256}
+    mlflow: {tracking_uri: sqlite:///mlflow.db, experiment: null}   # experiment defaults to name
+    ray_address: local              # or auto, on a cluster
+    storage_path: sweeps            # shared storage (NFS, S3) on a multi-node cluster
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from corpus.errors import DataError
+from evaluation.scoring import MmluThreshold
+
+
+class ConfigError(DataError):
+    """A bad sweep config value: names the file and the field."""
+
+
+@dataclass
+class SweepConfig:
+    name: str
+    model: Path
+    data: Path
+    mia: Path
+    mmlu: Path
+    methods: list[str]
+    split: str | None = None
+    mmlu_shots: int = 0
+    mmlu_threshold: MmluThreshold | None = None
+    search_space_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    trials: int = 8
+    max_concurrent_trials: int | None = None
+    resources_per_trial: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+    seed: int = 0
+    asha: dict[str, int] = field(default_factory=lambda: {"grace_period": 1, "reduction_factor": 2})
+    eval: dict[str, int] = field(default_factory=lambda: {"batch_size": 32, "max_new_tokens": 256})
+    mlflow: dict[str, str | None] = field(default_factory=lambda: {"tracking_uri": "sqlite:///mlflow.db", "experiment": None})
+    ray_address: str = "local"
+    storage_path: str = "sweeps"  # absolute local path or a URI (s3://, gs://)
+    source: Path = Path("<memory>")
+
+    @property
+    def experiment(self) -> str:
+        return self.mlflow.get("experiment") or self.name
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow.get("tracking_uri") or "sqlite:///mlflow.db"
+
+
+_KNOWN = {
+    "name", "model", "data", "split", "mia", "mmlu", "mmlu_shots", "mmlu_threshold", "methods",
+    "search_space_overrides", "trials", "max_concurrent_trials", "resources_per_trial", "seed",
+    "asha", "eval", "mlflow", "ray_address", "storage_path",
+}
+
+
+def _expect(path: Path, key: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise ConfigError(path, f"expected {what}, got {value!r}", field=key)
+    return value
+
+
+def _positive_ints(path: Path, key: str, mapping: Any, allowed: set[str]) -> dict[str, int]:
+    _expect(path, key, mapping, dict, "a mapping")
+    for name, value in mapping.items():
+        if name not in allowed:
+            raise ConfigError(path, f"unknown key {name!r} (valid: {', '.join(sorted(allowed))})", field=key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(path, f"{name} must be a positive integer, got {value!r}", field=key)
+    return mapping
+
+
+def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> SweepConfig:
+    """Validate a parsed config; relative paths are taken from base_dir (the file's folder)."""
+    from methods.registry import ParamError, get_method
+
+    base_dir = base_dir or path.parent
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "expected a mapping of config keys")
+    unknown = sorted(set(raw) - _KNOWN)
+    if unknown:
+        raise ConfigError(path, f"unknown key(s) {', '.join(unknown)} (valid: {', '.join(sorted(_KNOWN))})")
+    for key in ("name", "model", "data", "mia", "mmlu", "methods"):
+        if raw.get(key) in (None, "", []):
+            raise ConfigError(path, "required", field=key)
+    name = _expect(path, "name", raw["name"], str, "a name")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ConfigError(path, "use letters, digits, '.', '_' and '-'", field="name")
+    paths = {}
+    for key in ("model", "data", "mia", "mmlu"):
+        paths[key] = (base_dir / _expect(path, key, raw[key], str, "a path")).resolve()
+        if not paths[key].exists():
+            raise ConfigError(path, f"{paths[key]} does not exist", field=key)
+    methods = raw["methods"] if isinstance(raw["methods"], list) else [raw["methods"]]
+    for method in methods:
+        try:
+            get_method(_expect(path, "methods", method, str, "method names"))
+        except ParamError as error:
+            raise ConfigError(path, str(error), field="methods") from None
+    overrides = _expect(path, "search_space_overrides", raw.get("search_space_overrides") or {}, dict, "a mapping of method to parameters")
+    for method, space in overrides.items():
+        if method not in methods:
+            raise ConfigError(path, f"method {method!r} is not among methods {methods}", field="search_space_overrides")
+        _expect(path, f"search_space_overrides.{method}", space, dict, "a mapping of parameters")
+    threshold = raw.get("mmlu_threshold")
+    if threshold is not None:
+        try:
+            threshold = MmluThreshold.parse(str(threshold))
+        except ValueError as error:
+            raise ConfigError(path, str(error), field="mmlu_threshold") from None
+    resources = _expect(path, "resources_per_trial", raw.get("resources_per_trial") or {"cpu": 1, "gpu": 0}, dict, "a mapping")
+    for key, value in resources.items():
+        if key not in ("cpu", "gpu", "workers"):
+            raise ConfigError(path, f"unknown resource {key!r} (valid: cpu, gpu, workers)", field="resources_per_trial")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(path, f"{key} must be a non-negative number, got {value!r}", field="resources_per_trial")
+    if resources.get("cpu", 1) <= 0:
+        raise ConfigError(path, "cpu must be positive", field="resources_per_trial")
+    trials = _expect(path, "trials", raw.get("trials", 8), int, "a positive integer")
+    if trials < 1:
+        raise ConfigError(path, "expected a positive integer", field="trials")
+    concurrent = raw.get("max_concurrent_trials")
+    if concurrent is not None and (_expect(path, "max_concurrent_trials", concurrent, int, "a positive integer") < 1):
+        raise ConfigError(path, "expected a positive integer", field="max_concurrent_trials")
+    mlflow = _expect(path, "mlflow", raw.get("mlflow") or {}, dict, "a mapping")
+    if set(mlflow) - {"tracking_uri", "experiment"}:
+        raise ConfigError(path, "valid keys: tracking_uri, experiment", field="mlflow")
+    storage = _expect(path, "storage_path", raw.get("storage_path", "sweeps"), str, "a path or URI")
+    return SweepConfig(
+        name=name, model=paths["model"], data=paths["data"], mia=paths["mia"], mmlu=paths["mmlu"],
+        methods=methods,
+        split=raw.get("split"),
+        mmlu_shots=_expect(path, "mmlu_shots", raw.get("mmlu_shots", 0), int, "an integer"),
+        mmlu_threshold=threshold,
+        search_space_overrides=overrides,
+        trials=trials,
+        max_concurrent_trials=concurrent,
+        resources_per_trial={"cpu": 1, "gpu": 0, **resources},
+        seed=_expect(path, "seed", raw.get("seed", 0), int, "an integer"),
+        asha=_positive_ints(path, "asha", raw.get("asha") or {"grace_period": 1, "reduction_factor": 2}, {"grace_period", "reduction_factor"}),
+        eval=_positive_ints(path, "eval", {"batch_size": 32, "max_new_tokens": 256, **(raw.get("eval") or {})}, {"batch_size", "max_new_tokens"}),
+        mlflow={"experiment": None, **mlflow, "tracking_uri": absolute_tracking_uri(mlflow.get("tracking_uri") or "sqlite:///mlflow.db")},
+        ray_address=_expect(path, "ray_address", raw.get("ray_address", "local"), str, "local, auto or an address"),
+        storage_path=storage if "://" in storage else str((base_dir / storage).resolve()),
+        source=path,
+    )
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """A relative SQLite path made absolute from the working directory, so that trials
+    (which run in their own folders) write to the same store as the driver."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def load_config(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(path, "config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(path, f"invalid YAML: {str(error).splitlines()[0]}") from None
+    return config_from_dict(raw, path)

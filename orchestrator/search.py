@@ -1,0 +1,146 @@
+"""Search spaces (data in search_spaces/<method>.yaml) and the Optuna searcher that also
+hands the MMLU constraint to Optuna.
+
+A search space maps each hyperparameter of the method to a constant or a distribution:
+    learning_rate: {log_uniform: [1.0e-5, 1.0e-3]}
+    epochs: {int: [1, 3]}
+    beta: {uniform: [0.05, 0.5]}
+    adapter: {choice: [full, lora]}
+    lora_rank: {choice: [4, 8], if: {adapter: lora}}    # sampled only when the condition holds
+    batch_size: 16                                      # constant
+The merge method's space names a `source_method`, `sources` (names of the models to train
+and merge, each a space of overrides for the source method) and its own parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from ray.tune.search.optuna import OptunaSearch
+
+from orchestrator.config import ConfigError, SweepConfig
+
+SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
+DISTRIBUTIONS = ("log_uniform", "uniform", "int", "log_int", "choice")
+MMLU_CONSTRAINT = "mmlu_threshold"
+
+
+def load_space(method: str, overrides: dict[str, Any] | None = None, spaces_dir: Path = SPACES_DIR) -> dict[str, Any]:
+    """The method's space with overrides applied, checked against the method's parameters."""
+    path = spaces_dir / f"{method}.yaml"
+    if not path.is_file():
+        raise ConfigError(path, f"no search space for method {method!r}")
+    try:
+        space = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(path, f"invalid YAML: {str(error).splitlines()[0]}") from None
+    space = {**space, **(overrides or {})}
+    valid = _param_names(method)
+    if method == "merge":
+        source = space.pop("source_method", None)
+        sources = space.pop("sources", None)
+        if source is None or not isinstance(sources, dict) or len(sources) < 2:
+            raise ConfigError(path, "merge needs source_method and at least two named sources", field="sources")
+        base = load_space(source, None, spaces_dir)["params"]
+        checked = {name: _check(path, {**base, **(entries or {})}, _param_names(source), f"sources.{name}") for name, entries in sources.items()}
+        valid.discard("models")
+        return {"source_method": source, "sources": checked, "params": _check(path, space, valid, "")}
+    return {"params": _check(path, space, valid, "")}
+
+
+def _param_names(method: str) -> set[str]:
+    from methods.registry import get_method
+
+    return {f.name for f in dataclasses.fields(get_method(method).Params)}
+
+
+def _check(path: Path, space: dict[str, Any], valid: set[str], prefix: str) -> dict[str, Any]:
+    for name, spec in space.items():
+        where = f"{prefix}.{name}" if prefix else name
+        if name not in valid:
+            raise ConfigError(path, f"not a hyperparameter of this method (valid: {', '.join(sorted(valid))})", field=where)
+        if not isinstance(spec, dict):
+            continue
+        kinds = [key for key in spec if key in DISTRIBUTIONS]
+        if len(kinds) != 1 or set(spec) - set(DISTRIBUTIONS) - {"if"}:
+            raise ConfigError(path, f"expected one of {', '.join(DISTRIBUTIONS)} (and optionally 'if')", field=where)
+        values = spec[kinds[0]]
+        if kinds[0] == "choice":
+            if not isinstance(values, list) or not values:
+                raise ConfigError(path, "choice needs a non-empty list", field=where)
+        elif not (isinstance(values, list) and len(values) == 2 and all(isinstance(v, (int, float)) for v in values) and values[0] <= values[1]):
+            raise ConfigError(path, f"{kinds[0]} needs [low, high] with low <= high", field=where)
+        elif kinds[0].startswith("log") and values[0] <= 0:
+            raise ConfigError(path, "a log scale needs low > 0", field=where)
+        condition = spec.get("if")
+        if condition is not None and (not isinstance(condition, dict) or set(condition) - set(space)):
+            raise ConfigError(path, "'if' must map other parameters of this space to values", field=where)
+    return space
+
+
+def _sample(trial: optuna.Trial, space: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Constants as they are, distributions sampled in order, conditions on earlier values."""
+    values: dict[str, Any] = {}
+    for name, spec in space.items():
+        if not isinstance(spec, dict):
+            values[name] = spec
+            continue
+        condition = spec.get("if") or {}
+        if any(values.get(key) not in (wanted if isinstance(wanted, list) else [wanted]) for key, wanted in condition.items()):
+            continue
+        key = f"{prefix}/{name}"
+        if "choice" in spec:
+            values[name] = trial.suggest_categorical(key, spec["choice"])
+        elif "int" in spec or "log_int" in spec:
+            low, high = spec.get("int") or spec["log_int"]
+            values[name] = trial.suggest_int(key, int(low), int(high), log="log_int" in spec)
+        else:
+            low, high = spec.get("uniform") or spec["log_uniform"]
+            values[name] = trial.suggest_float(key, float(low), float(high), log="log_uniform" in spec)
+    return values
+
+
+class DefineByRun:
+    """The Optuna define-by-run function: the method (a choice when there are several), then
+    its parameters. Returns the trial's whole configuration as constants, so that the Tune
+    config holds exactly what the trial runs with. A class, not a closure: Tune pickles the
+    searcher to resume it."""
+
+    def __init__(self, spaces: dict[str, dict[str, Any]]):
+        self.spaces = spaces
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        methods = sorted(self.spaces)
+        method = trial.suggest_categorical("method", methods) if len(methods) > 1 else methods[0]
+        space = self.spaces[method]
+        setup: dict[str, Any] = {"method": method, "params": _sample(trial, space["params"], method)}
+        if "sources" in space:
+            setup["source_method"] = space["source_method"]
+            setup["sources"] = {name: _sample(trial, entries, f"{method}/{name}") for name, entries in space["sources"].items()}
+        return {"setup": setup}
+
+
+class ConstrainedOptunaSearch(OptunaSearch):
+    """OptunaSearch that sets the MMLU constraint on the Optuna trial before it is told its
+    result (Ray's OptunaSearch drops constraints). The trial reports `mmlu_slack` =
+    threshold - MMLU (<= 0 is feasible) only from a final MMLU measurement; a trial that
+    ends without one (failed, or stopped early) is recorded as infeasible."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        trial = self._ot_trials.get(trial_id)
+        if trial is not None and trial_id not in self._completed_trials:
+            slack = (result or {}).get("mmlu_slack")
+            final = bool((result or {}).get("final_measurement"))
+            trial.set_constraint(MMLU_CONSTRAINT, slack if final and slack is not None and math.isfinite(slack) else 1.0)
+        super().on_trial_complete(trial_id, result, error)
+
+
+def make_searcher(config: SweepConfig) -> ConstrainedOptunaSearch:
+    spaces = {method: load_space(method, config.search_space_overrides.get(method)) for method in config.methods}
+    sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=max(2, min(10, config.trials // 3)))
+    return ConstrainedOptunaSearch(space=DefineByRun(spaces), metric="final_score", mode="max", sampler=sampler, seed=config.seed)

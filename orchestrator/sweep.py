@@ -1,0 +1,173 @@
+"""The sweep driver: Ray Tune runs the trials, Optuna (TPE, MMLU-constrained) proposes
+them, ASHA stops weak ones early, MLflow records everything; afterwards the best eligible
+checkpoint becomes the registered champion. Thin glue over search, trial and tracking."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from evaluation.evaluator import EvalSets, evaluate_checkpoint
+from orchestrator import plots, tracking
+from orchestrator.config import ConfigError, SweepConfig
+from orchestrator.search import make_searcher
+from orchestrator.trial import run_trial
+
+log = logging.getLogger(__name__)
+METRIC, MODE = "final_score", "max"
+
+
+@dataclass
+class SweepSummary:
+    experiment: str
+    parent_run_id: str
+    mmlu_threshold: float | None
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per trial, best first
+    champion: dict[str, Any] | None = None
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _start_ray(config: SweepConfig) -> None:
+    if ray.is_initialized():
+        return
+    if config.ray_address == "local":
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=config.ray_address, log_to_driver=False)
+
+
+def _max_concurrent(config: SweepConfig) -> int:
+    """What the cluster holds: the scarcest resource decides (fractional GPUs pack)."""
+    if config.max_concurrent_trials:
+        return config.max_concurrent_trials
+    total = ray.cluster_resources()
+    limits = [math.floor(total.get("CPU", 1) / config.resources_per_trial["cpu"])]
+    if config.resources_per_trial.get("gpu"):
+        limits.append(math.floor(total.get("GPU", 0) / config.resources_per_trial["gpu"] + 1e-9))
+    return max(1, min(limits))
+
+
+def _parent_run(mlflow, experiment: str, config: SweepConfig, resume: bool) -> tuple[str, float | None]:
+    """The sweep's parent run (found again on resume) and the absolute MMLU threshold."""
+    runs = mlflow.search_runs([experiment], filter_string=f"tags.sweep = '{config.name}' and tags.role = 'sweep'")
+    if resume:
+        if not runs:
+            raise ConfigError(config.source, f"no sweep {config.name!r} in MLflow experiment {config.experiment!r} to resume", field="name")
+        threshold = runs[0].data.params.get("mmlu_threshold_absolute")
+        return runs[0].info.run_id, None if threshold in (None, "None") else float(threshold)
+    run = mlflow.create_run(experiment, run_name=config.name, tags={"sweep": config.name, "role": "sweep"})
+    run_id = run.info.run_id
+    threshold = None
+    if config.mmlu_threshold is not None:
+        base_mmlu = None
+        if config.mmlu_threshold.relative:
+            log.warning("evaluating the base model once for the relative MMLU threshold")
+            sets = EvalSets.load(config.data, config.split, config.mia, config.mmlu, config.mmlu_shots)
+            base = evaluate_checkpoint(config.model, sets, batch_size=config.eval["batch_size"], max_new_tokens=config.eval["max_new_tokens"])
+            base_mmlu = base["mmlu_accuracy"]
+            for name in tracking.SCORE_METRICS:
+                mlflow.log_metric(run_id, f"base_{name}", base[name])
+        threshold = config.mmlu_threshold.absolute(base_mmlu)
+    for key, value in {"methods": ",".join(config.methods), "trials": config.trials, "model": config.model,
+                       "mmlu_threshold": config.mmlu_threshold, "mmlu_threshold_absolute": threshold, "seed": config.seed}.items():
+        mlflow.log_param(run_id, key, str(value))
+    if config.source.is_file():
+        mlflow.log_artifact(run_id, str(config.source))
+    return run_id, threshold
+
+
+def run_sweep(config: SweepConfig, resume: bool = False) -> SweepSummary:
+    """Run (or resume) the sweep to the end and pick the champion."""
+    experiment_path = f"{config.storage_path.rstrip('/')}/{config.name}"
+    if not resume and tune.Tuner.can_restore(experiment_path):
+        raise ConfigError(config.source, f"a sweep named {config.name!r} already exists in {config.storage_path}; resume it with --resume or choose another name", field="name")
+    if resume and not tune.Tuner.can_restore(experiment_path):
+        raise ConfigError(config.source, f"no sweep {config.name!r} in {config.storage_path} to resume", field="name")
+    mlflow = tracking.client(config.tracking_uri)
+    experiment = tracking.experiment_id(mlflow, config.experiment)
+    parent_run_id, threshold = _parent_run(mlflow, experiment, config, resume)
+    _start_ray(config)
+    settings = {
+        "model": str(config.model), "data": str(config.data), "split": config.split, "mia": str(config.mia),
+        "mmlu": str(config.mmlu), "mmlu_shots": config.mmlu_shots, "mmlu_threshold": threshold,
+        "batch_size": config.eval["batch_size"], "max_new_tokens": config.eval["max_new_tokens"],
+        "tracking_uri": config.tracking_uri, "experiment_id": experiment, "parent_run_id": parent_run_id,
+        "threads": max(1, int(config.resources_per_trial["cpu"])),
+    }
+    resources = {"cpu": config.resources_per_trial["cpu"], "gpu": config.resources_per_trial.get("gpu", 0)}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), resources)
+    if resume:
+        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=make_searcher(config), num_samples=config.trials,
+                trial_dirname_creator=_trial_dirname,
+                scheduler=ASHAScheduler(metric=METRIC, mode=MODE, grace_period=config.asha["grace_period"], reduction_factor=config.asha["reduction_factor"], max_t=100),
+                max_concurrent_trials=_max_concurrent(config),
+            ),
+            run_config=tune.RunConfig(
+                name=config.name, storage_path=config.storage_path, verbose=1,
+                failure_config=tune.FailureConfig(max_failures=0),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
+            ),
+        )
+    grid = tuner.fit()
+    summary = SweepSummary(config.experiment, parent_run_id, threshold, rows=_rows(grid, mlflow, experiment, parent_run_id))
+    _finish(config, summary, mlflow, experiment_path)
+    return summary
+
+
+def _rows(grid, mlflow, experiment: str, parent_run_id: str) -> list[dict[str, Any]]:
+    """Per trial: its best eligible checkpoint's scores if it has one, else its last report."""
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        setup = (result.config or {}).get("setup", {})
+        checkpoint = result.get_best_checkpoint(METRIC, MODE) if result.best_checkpoints else None
+        scores = json.loads((Path(checkpoint.path) / "scores.json").read_text()) if checkpoint else metrics
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        rows.append({
+            "trial_id": trial_id, "method": setup.get("method"), "params": setup.get("params", {}),
+            "status": "failed" if result.error else "finished", "eligible": checkpoint is not None,
+            "epochs": metrics.get("training_iteration", 0), "checkpoint": checkpoint.path if checkpoint else None,
+            **{name: scores.get(name) for name in tracking.SCORE_METRICS},
+        })
+        if checkpoint:
+            for run in mlflow.search_runs([experiment], filter_string=f"tags.trial_id = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'"):
+                mlflow.set_tag(run.info.run_id, "checkpoint", checkpoint.path)
+    return sorted(rows, key=lambda r: (r["eligible"], r["final_score"] if r["final_score"] is not None else -1), reverse=True)
+
+
+def _finish(config: SweepConfig, summary: SweepSummary, mlflow, experiment_path: str) -> None:
+    """Champion registration, plots and the leaderboard on the parent run."""
+    best = summary.rows[0] if summary.rows and summary.rows[0]["eligible"] else None
+    if best:
+        runs = mlflow.search_runs([mlflow.get_run(summary.parent_run_id).info.experiment_id],
+                                  filter_string=f"tags.trial_id = '{best['trial_id']}' and tags.`mlflow.parentRunId` = '{summary.parent_run_id}'")
+        version = tracking.register_champion(mlflow, config.experiment, runs[0].info.run_id, Path(best["checkpoint"]))
+        summary.champion = {**best, "run_id": runs[0].info.run_id, "model_version": version}
+        mlflow.log_metric(summary.parent_run_id, "best_final_score", best["final_score"])
+    finished = [r for r in summary.rows if r["status"] == "finished" and r["final_score"] is not None]
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        (folder / "leaderboard.json").write_text(json.dumps(summary.rows, indent=2, default=str) + "\n")
+        plots.score_vs_mmlu(finished, summary.mmlu_threshold, folder / "final_score_vs_mmlu.png")
+        searcher = make_searcher(config)
+        searcher.restore_from_dir(experiment_path)
+        plots.optuna_plots(searcher._ot_study, folder)  # OptunaSearch has no public accessor
+        mlflow.log_artifacts(summary.parent_run_id, str(folder), "sweep")
+    tracking.end_parent(mlflow, summary.parent_run_id)

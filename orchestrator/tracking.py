@@ -1,0 +1,100 @@
+"""MLflow bookkeeping: a parent run per sweep, a child run per trial (found again by its
+trial id on resume, never duplicated), the champion as a registered model version."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+# Metrics logged per epoch, from scores.json.
+SCORE_METRICS = ("final_score", "task_aggregate", "mia_auc", "mia_score", "mmlu_accuracy", "forget_mean", "retain_mean")
+
+
+def client(tracking_uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def experiment_id(mlflow: MlflowClient, name: str) -> str:
+    """Created on the driver before trials start: parallel trials would race to create it."""
+    experiment = mlflow.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else mlflow.create_experiment(name)
+
+
+def flat_params(setup: dict[str, Any]) -> dict[str, str]:
+    """{'method': 'npo', 'params': {'beta': 0.1}} -> {'method': 'npo', 'beta': '0.1'}; merge
+    sources as 'over.learning_rate'."""
+    flat = {"method": setup["method"], **{k: str(v) for k, v in setup["params"].items()}}
+    if "sources" in setup:
+        flat["source_method"] = setup["source_method"]
+        for name, params in setup["sources"].items():
+            flat.update({f"{name}.{k}": str(v) for k, v in params.items()})
+    return flat
+
+
+def trial_run(mlflow: MlflowClient, experiment: str, parent_run_id: str, trial_id: str, setup: dict[str, Any]) -> str:
+    """The trial's child run: the existing one if this trial ran before (resume), else new."""
+    existing = mlflow.search_runs([experiment], filter_string=f"tags.trial_id = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    if existing:
+        run_id = existing[0].info.run_id
+        mlflow.update_run(run_id, status="RUNNING")
+        return run_id
+    run = mlflow.create_run(experiment, run_name=f"{setup['method']}-{trial_id}", tags={
+        "mlflow.parentRunId": parent_run_id, "trial_id": trial_id, "method": setup["method"], "status": "running"})
+    for key, value in flat_params(setup).items():
+        mlflow.log_param(run.info.run_id, key, value)
+    return run.info.run_id
+
+
+def log_scores(mlflow: MlflowClient, run_id: str, epoch: int, scores: dict[str, Any]) -> None:
+    for name in SCORE_METRICS:
+        if scores.get(name) is not None:
+            mlflow.log_metric(run_id, name, float(scores[name]), step=epoch)
+    for split, tasks in scores["per_task"].items():
+        for task, metrics in tasks.items():
+            for metric, value in metrics.items():
+                mlflow.log_metric(run_id, f"{split}.{task}.{metric}", float(value), step=epoch)
+
+
+def log_best(mlflow: MlflowClient, run_id: str, epoch: int, metrics: dict[str, Any]) -> None:
+    """The trial's best eligible epoch so far, as best_* metrics (their latest value is the
+    trial's best): what `unlearn-sweep best` ranks by."""
+    for name in SCORE_METRICS:
+        mlflow.log_metric(run_id, f"best_{name}", float(metrics[name]), step=epoch)
+    mlflow.log_metric(run_id, "best_epoch", epoch, step=epoch)
+
+
+def finish_trial(mlflow: MlflowClient, run_id: str, status: str, eligible: bool) -> None:
+    """Tags: status (finished | failed) and eligible (some epoch reached the MMLU threshold)."""
+    mlflow.set_tag(run_id, "status", status)
+    mlflow.set_tag(run_id, "eligible", str(eligible).lower())
+    mlflow.set_terminated(run_id, "FINISHED" if status == "finished" else "FAILED")
+
+
+def register_champion(mlflow: MlflowClient, name: str, run_id: str, checkpoint_dir: Path) -> str:
+    """Log a sweep's best checkpoint under its trial's run and register it as a model
+    version; the alias 'champion' moves to it unless the current champion (from an earlier
+    sweep in the experiment) scored higher. Returns the new version."""
+    mlflow.log_artifacts(run_id, str(checkpoint_dir), "checkpoint")
+    score = json.loads((checkpoint_dir / "scores.json").read_text())["final_score"]
+    try:
+        mlflow.get_registered_model(name)
+    except MlflowException:
+        mlflow.create_registered_model(name)
+    source = f"{mlflow.get_run(run_id).info.artifact_uri}/checkpoint"
+    version = mlflow.create_model_version(name, source, run_id=run_id, tags={"final_score": str(score)})
+    try:
+        current = float(mlflow.get_model_version_by_alias(name, "champion").tags.get("final_score", "-inf"))
+    except MlflowException:
+        current = float("-inf")
+    if score >= current:
+        mlflow.set_registered_model_alias(name, "champion", version.version)
+    return version.version
+
+
+def end_parent(mlflow: MlflowClient, run_id: str, failed: bool = False) -> None:
+    mlflow.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED))
