@@ -1,0 +1,183 @@
+"""The sweep: config and search-space validation, the constraint reaching Optuna, and real
+small sweeps on local Ray (MLflow runs, a failing trial, export round trip, resume)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import ray
+import yaml
+
+from evaluation.evaluator import EvalSets, evaluate_checkpoint
+from orchestrator import tracking
+from orchestrator.cli import main
+from orchestrator.config import ConfigError, load_config
+from orchestrator.search import MMLU_CONSTRAINT, load_space, make_searcher
+from orchestrator.selection import export_champion, leaderboard
+from orchestrator.sweep import run_sweep
+
+
+def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
+    raw = {
+        "name": "s1", "model": str(toy_task_dir / "model"), "data": str(toy_task_dir / "data"),
+        "mia": str(toy_task_dir / "mia"), "mmlu": str(toy_task_dir / "mmlu"),
+        "methods": ["grad_diff"], "trials": 2, "seed": 0,
+        "search_space_overrides": {"grad_diff": {"epochs": {"int": [1, 2]}, "learning_rate": {"log_uniform": [5e-5, 3e-4]}}},
+        "mlflow": {"tracking_uri": f"sqlite:///{folder}/mlflow.db"},
+        "storage_path": str(folder / "runs"),
+        **overrides,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"name": None}, "field 'name': required"),
+        ({"colour": "red"}, "unknown key(s) colour"),
+        ({"methods": ["nope"]}, "field 'methods': unknown method 'nope'"),
+        ({"mmlu_threshold": "2x"}, "field 'mmlu_threshold'"),
+        ({"trials": 0}, "field 'trials'"),
+        ({"resources_per_trial": {"cpu": 1, "tpu": 1}}, "unknown resource 'tpu'"),
+        ({"search_space_overrides": {"npo": {}}}, "method 'npo' is not among methods"),
+        ({"data": "/nonexistent"}, "field 'data': /nonexistent does not exist"),
+    ],
+)
+def test_config_errors_name_the_file_and_field(change, message, toy_task_dir: Path, tmp_path: Path) -> None:
+    path = write_config(tmp_path, toy_task_dir, **change)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value).startswith(str(path)) and message in str(error.value)
+
+
+def test_search_space_errors_and_conditions(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="field 'betta': not a hyperparameter"):
+        load_space("npo", {"betta": 0.1})
+    with pytest.raises(ConfigError, match="field 'beta': log_uniform needs"):
+        load_space("npo", {"beta": {"log_uniform": [1.0]}})
+    (tmp_path / "npo.yaml").write_text("beta: {log_uniform: [0.0, 1.0]}\n")
+    with pytest.raises(ConfigError, match="npo.yaml: field 'beta': a log scale needs low > 0"):
+        load_space("npo", spaces_dir=tmp_path)
+    space = load_space("npo", {"adapter": "full"})
+    study = optuna.create_study()
+    from orchestrator.search import DefineByRun
+
+    setup = DefineByRun({"npo": space})(study.ask())["setup"]
+    assert setup["params"]["adapter"] == "full" and "lora_rank" not in setup["params"]
+    merge = load_space("merge")
+    assert set(merge["sources"]) == {"over", "under"} and merge["source_method"] == "npo"
+
+
+def test_searcher_hands_the_mmlu_constraint_to_optuna(toy_task_dir: Path, tmp_path: Path) -> None:
+    searcher = make_searcher(load_config(write_config(tmp_path, toy_task_dir)))
+    for trial_id in ("a", "b", "c", "d"):
+        assert searcher.suggest(trial_id)["setup"]["method"] == "grad_diff"
+    searcher.on_trial_complete("a", {"final_score": 0.6, "mmlu_slack": -0.1, "final_measurement": True})
+    searcher.on_trial_complete("b", {"final_score": 0.9, "mmlu_slack": 0.2, "final_measurement": True})
+    searcher.on_trial_complete("c", {"final_score": 0.7, "mmlu_slack": -0.3})  # no final MMLU: unknown
+    searcher.on_trial_complete("d", None, error=True)
+    trials = searcher._ot_study.trials
+    assert [t.constraints[MMLU_CONSTRAINT] for t in trials] == [-0.1, 0.2, 1.0, 1.0]
+    assert trials[3].state == optuna.trial.TrialState.FAIL
+    feasible = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.constraints[MMLU_CONSTRAINT] <= 0]
+    assert [t.value for t in feasible] == [0.6]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_small_sweep_end_to_end(local_ray, toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    overrides = {
+        "grad_diff": {"epochs": {"int": [1, 2]}, "learning_rate": {"log_uniform": [1e-4, 4e-4]}},
+        "grad_ascent": {"learning_rate": 1.0e6, "epochs": 1},  # diverges to NaN: a deliberately failing trial
+    }
+    config = load_config(write_config(tmp_path, toy_task_dir, methods=["grad_diff", "grad_ascent"], trials=5,
+                                      mmlu_threshold=0.99, search_space_overrides=overrides))
+    summary = run_sweep(config)
+    statuses = {row["trial_id"]: row["status"] for row in summary.rows}
+    assert len(statuses) == 5
+    failed = [row for row in summary.rows if row["status"] == "failed"]
+    assert failed and all(row["method"] == "grad_ascent" for row in failed)
+    assert summary.mmlu_threshold == 0.99
+
+    # The best is eligible, and no infeasible trial ranks above a feasible one.
+    eligible_flags = [row["eligible"] for row in summary.rows]
+    assert eligible_flags == sorted(eligible_flags, reverse=True)
+    champion = summary.champion
+    assert champion and champion["mmlu_accuracy"] >= 0.99
+
+    mlflow = tracking.client(config.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(config.experiment).experiment_id
+    children = mlflow.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}'")
+    assert sorted(run.data.tags["trial_id"] for run in children) == sorted(statuses)
+    for run in children:
+        assert run.data.tags["status"] == statuses[run.data.tags["trial_id"]]
+        assert run.data.tags["method"] in ("grad_diff", "grad_ascent")
+        if run.data.tags["status"] == "finished":
+            history = mlflow.get_metric_history(run.info.run_id, "final_score")
+            assert [m.step for m in history] == list(range(1, len(history) + 1))
+            assert {"task_aggregate", "mia_auc", "mia_score", "mmlu_accuracy", "forget_mean", "retain_mean"} <= set(run.data.metrics)
+    artifacts = {a.path for a in mlflow.list_artifacts(summary.parent_run_id, "sweep")}
+    assert {"sweep/final_score_vs_mmlu.png", "sweep/leaderboard.json", "sweep/optimization_history.png"} <= artifacts
+
+    # The constraint reached Optuna for every trial.
+    searcher = make_searcher(config)
+    searcher.restore_from_dir(f"{config.storage_path}/{config.name}")
+    assert all(MMLU_CONSTRAINT in t.constraints for t in searcher._ot_study.trials if t.state != optuna.trial.TrialState.RUNNING)
+
+    # best / export / re-evaluate reproduce the logged score.
+    assert leaderboard(config.experiment, config.tracking_uri)[0].scores["final_score"] == pytest.approx(champion["final_score"])
+    assert main(["best", config.experiment, "--tracking-uri", config.tracking_uri]) == 0
+    assert champion["trial_id"] in capsys.readouterr().out
+    exported = export_champion(config.experiment, config.tracking_uri, tmp_path / "submission")
+    assert (exported / "model.safetensors").exists() and (exported / "trial_config.json").exists()
+    sets = EvalSets.load(config.data, mia=config.mia, mmlu=config.mmlu)
+    assert evaluate_checkpoint(exported, sets)["final_score"] == pytest.approx(champion["final_score"], abs=1e-9)
+
+    with pytest.raises(ConfigError, match="already exists"):
+        run_sweep(config)
+
+
+def test_interrupted_sweep_resumes_without_duplicates(toy_task_dir: Path, tmp_path: Path) -> None:
+    path = write_config(tmp_path, toy_task_dir, name="resumed", trials=4, max_concurrent_trials=1)
+    config = load_config(path)
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "sweep", str(path)], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    mlflow = tracking.client(config.tracking_uri)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            experiment = mlflow.get_experiment_by_name(config.experiment)
+            if experiment and mlflow.search_runs([experiment.experiment_id], filter_string="tags.status = 'finished'"):
+                break
+            assert driver.poll() is None, "the sweep ended before it could be interrupted"
+            time.sleep(1)
+        else:
+            pytest.fail("no trial finished in time")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
+        driver.wait()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = run_sweep(config, resume=True)
+    finally:
+        ray.shutdown()
+    assert len(summary.rows) == 4 and all(row["status"] == "finished" for row in summary.rows)
+    children = mlflow.search_runs([mlflow.get_experiment_by_name(config.experiment).experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}'")
+    trial_ids = [run.data.tags["trial_id"] for run in children]
+    assert sorted(trial_ids) == sorted(row["trial_id"] for row in summary.rows)
