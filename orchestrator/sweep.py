@@ -118,6 +118,7 @@ def run_sweep(config: SweepConfig, resume: bool = False) -> SweepSummary:
                 trial_dirname_creator=_trial_dirname,
                 scheduler=ASHAScheduler(metric=METRIC, mode=MODE, grace_period=config.asha["grace_period"], reduction_factor=config.asha["reduction_factor"], max_t=100),
                 max_concurrent_trials=_max_concurrent(config),
+                reuse_actors=True,  # a fresh worker per trial would re-import torch & co (~6 s) each time
             ),
             run_config=tune.RunConfig(
                 name=config.name, storage_path=config.storage_path, verbose=1,

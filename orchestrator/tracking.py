@@ -4,10 +4,11 @@ trial id on resume, never duplicated), the champion as a registered model versio
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -36,42 +37,45 @@ def flat_params(setup: dict[str, Any]) -> dict[str, str]:
     return flat
 
 
-def trial_run(mlflow: MlflowClient, experiment: str, parent_run_id: str, trial_id: str, setup: dict[str, Any]) -> str:
-    """The trial's child run: the existing one if this trial ran before (resume), else new."""
+def trial_run(mlflow: MlflowClient, experiment: str, parent_run_id: str, trial_id: str, setup: dict[str, Any], node: str = "") -> str:
+    """The trial's child run: the existing one if this trial ran before (resume), else new.
+    Tagged with the Ray node it runs on."""
     existing = mlflow.search_runs([experiment], filter_string=f"tags.trial_id = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'")
     if existing:
         run_id = existing[0].info.run_id
         mlflow.update_run(run_id, status="RUNNING")
+        mlflow.set_tag(run_id, "ray_node", node)
         return run_id
     run = mlflow.create_run(experiment, run_name=f"{setup['method']}-{trial_id}", tags={
-        "mlflow.parentRunId": parent_run_id, "trial_id": trial_id, "method": setup["method"], "status": "running"})
-    for key, value in flat_params(setup).items():
-        mlflow.log_param(run.info.run_id, key, value)
+        "mlflow.parentRunId": parent_run_id, "trial_id": trial_id, "method": setup["method"], "status": "running", "ray_node": node})
+    mlflow.log_batch(run.info.run_id, params=[Param(key, value) for key, value in flat_params(setup).items()])
     return run.info.run_id
 
 
+def _metrics(values: dict[str, float], step: int) -> list[Metric]:
+    now = int(time.time() * 1000)
+    return [Metric(name, float(value), now, step) for name, value in values.items()]
+
+
 def log_scores(mlflow: MlflowClient, run_id: str, epoch: int, scores: dict[str, Any]) -> None:
-    for name in SCORE_METRICS:
-        if scores.get(name) is not None:
-            mlflow.log_metric(run_id, name, float(scores[name]), step=epoch)
+    """One epoch's scores in one batch (one SQLite transaction, not one per metric)."""
+    values = {name: scores[name] for name in SCORE_METRICS if scores.get(name) is not None}
     for split, tasks in scores["per_task"].items():
         for task, metrics in tasks.items():
-            for metric, value in metrics.items():
-                mlflow.log_metric(run_id, f"{split}.{task}.{metric}", float(value), step=epoch)
+            values.update({f"{split}.{task}.{metric}": value for metric, value in metrics.items()})
+    mlflow.log_batch(run_id, metrics=_metrics(values, epoch))
 
 
 def log_best(mlflow: MlflowClient, run_id: str, epoch: int, metrics: dict[str, Any]) -> None:
     """The trial's best eligible epoch so far, as best_* metrics (their latest value is the
     trial's best): what `unlearn-sweep best` ranks by."""
-    for name in SCORE_METRICS:
-        mlflow.log_metric(run_id, f"best_{name}", float(metrics[name]), step=epoch)
-    mlflow.log_metric(run_id, "best_epoch", epoch, step=epoch)
+    values = {f"best_{name}": metrics[name] for name in SCORE_METRICS}
+    mlflow.log_batch(run_id, metrics=_metrics({**values, "best_epoch": epoch}, epoch))
 
 
 def finish_trial(mlflow: MlflowClient, run_id: str, status: str, eligible: bool) -> None:
     """Tags: status (finished | failed) and eligible (some epoch reached the MMLU threshold)."""
-    mlflow.set_tag(run_id, "status", status)
-    mlflow.set_tag(run_id, "eligible", str(eligible).lower())
+    mlflow.log_batch(run_id, tags=[RunTag("status", status), RunTag("eligible", str(eligible).lower())])
     mlflow.set_terminated(run_id, "FINISHED" if status == "finished" else "FAILED")
 
 

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -41,7 +42,8 @@ def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
     context = tune.get_context()
     trial_id, trial_dir = context.get_trial_id(), Path(context.get_trial_dir())
     mlflow = tracking.client(settings["tracking_uri"])
-    run_id = tracking.trial_run(mlflow, settings["experiment_id"], settings["parent_run_id"], trial_id, setup)
+    run_id = tracking.trial_run(mlflow, settings["experiment_id"], settings["parent_run_id"], trial_id, setup,
+                                node=ray.get_runtime_context().get_node_id())
     threshold = settings["mmlu_threshold"]
     best = {"score": -math.inf, "eligible": False}
     try:

@@ -1,0 +1,72 @@
+"""Cluster scale on this CPU machine: the cluster launcher config, fractional-GPU packing and
+a sweep across the nodes of a simulated multi-node Ray cluster (logical GPUs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.cluster_utils import Cluster
+
+from conftest import REPO_ROOT
+from orchestrator import tracking
+from orchestrator.config import load_config
+from orchestrator.sweep import run_sweep
+from test_sweep import write_config
+
+
+def test_cluster_yaml_validates_against_rays_schema() -> None:
+    config = yaml.safe_load((REPO_ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(config))
+    assert config["docker"]["image"].startswith("rayproject/ray:2.60.0-py311")
+    assert config["available_node_types"][config["head_node_type"]]["resources"] == {"CPU": 0}
+
+
+def child_runs(config, summary):
+    mlflow = tracking.client(config.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(config.experiment).experiment_id
+    return mlflow.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}'")
+
+
+def max_overlap(runs) -> int:
+    """Most runs alive at one moment, from MLflow start and end times."""
+    events = sorted([(run.info.start_time, 1) for run in runs] + [(run.info.end_time, -1) for run in runs], key=lambda e: (e[0], e[1]))
+    alive = most = 0
+    for _, change in events:
+        alive += change
+        most = max(most, alive)
+    return most
+
+
+def test_fractional_gpus_pack_four_trials_per_gpu(toy_task_dir: Path, tmp_path: Path) -> None:
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        config = load_config(write_config(tmp_path, toy_task_dir, name="packed", trials=4,
+                                          resources_per_trial={"cpu": 1, "gpu": 0.25},
+                                          search_space_overrides={"grad_diff": {"epochs": 1}}))
+        summary = run_sweep(config)
+    finally:
+        ray.shutdown()
+    runs = child_runs(config, summary)
+    assert len(runs) == 4 and all(row["status"] == "finished" for row in summary.rows)
+    assert max_overlap(runs) == 4  # 1 GPU / 0.25 per trial, 4 CPUs / 1 per trial
+
+
+def test_sweep_spreads_over_the_nodes_of_a_cluster(toy_task_dir: Path, tmp_path: Path) -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # like cluster.yaml: no trials on the head
+    workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        config = load_config(write_config(tmp_path, toy_task_dir, name="multinode", trials=4, ray_address=cluster.address,
+                                          resources_per_trial={"cpu": 1, "gpu": 1},
+                                          search_space_overrides={"grad_diff": {"epochs": 1}}))
+        summary = run_sweep(config)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    runs = child_runs(config, summary)
+    assert len(runs) == 4 and all(row["status"] == "finished" for row in summary.rows)
+    assert {run.data.tags["ray_node"] for run in runs} == {worker.node_id for worker in workers}
+    assert max_overlap(runs) == 2
