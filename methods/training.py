@@ -55,6 +55,8 @@ class TrainingParams:
                 raise ParamError(f"{name}={getattr(self, name)}: must be at least 1")
         if self.zero_stage not in (-1, 0, 1, 2, 3):
             raise ParamError(f"zero_stage={self.zero_stage}: expected -1 (no DeepSpeed) or 0-3")
+        if self.zero_stage < 0 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise ParamError("several workers train only under DeepSpeed: set zero_stage to 0-3")
         if self.zero_stage >= 0 and self.adapter == "qlora":
             raise ParamError("adapter='qlora' does not train under DeepSpeed here; use zero_stage=-1")
         if not self.learning_rate > 0:
@@ -68,12 +70,24 @@ class Batch:
     labels: torch.Tensor  # -100 where no loss is taken (prompt, padding)
     factors: torch.Tensor | None = None  # per-sample loss factors, for methods that mix sets
 
+    def shard(self, rank: int, world: int) -> "Batch":
+        """This rank's rows (rank, rank + world, ...) for data-parallel training; a batch
+        smaller than the world stays whole on every rank."""
+        if len(self.input_ids) < world:
+            return self
+        rows = slice(rank, None, world)
+        factors = self.factors[rows] if self.factors is not None else None
+        return Batch(self.input_ids[rows], self.attention_mask[rows], self.labels[rows], factors)
+
 
 @dataclass
 class Step:
     forget: Batch | None
     retain: Batch | None
     phase: str = "unlearn"
+
+    def shard(self, rank: int, world: int) -> "Step":
+        return Step(*(b.shard(rank, world) if b is not None else None for b in (self.forget, self.retain)), self.phase)
 
 
 def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: list[TaskRow], max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -226,9 +240,12 @@ class LossMethod(Method):
         forget, retain = self.encode(tokenizer, task, params)
         device = model.device
         stepper = make_stepper(model, params)
+        # Under several ranks (DeepSpeed), every rank draws the same batches and trains on its share.
+        distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
         for epoch in range(1, self.epochs(params) + 1):
             stepper.model.train()
-            steps = list(self.steps(forget, retain, epoch, params, rng, tokenizer.pad_token_id, device))
+            steps = [step.shard(rank, world) for step in self.steps(forget, retain, epoch, params, rng, tokenizer.pad_token_id, device)]
             for index, step in enumerate(steps, start=1):
                 loss = self.loss(stepper.model, step, reference, params)
                 if not torch.isfinite(loss):

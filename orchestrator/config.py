@@ -67,6 +67,11 @@ class SweepConfig:
         return self.mlflow.get("experiment") or self.name
 
     @property
+    def workers(self) -> int:
+        """Ray Train workers per trial; each holds resources_per_trial's cpu and gpu."""
+        return int(self.resources_per_trial.get("workers", 1))
+
+    @property
     def tracking_uri(self) -> str:
         return self.mlflow.get("tracking_uri") or "sqlite:///mlflow.db"
 
@@ -140,6 +145,11 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
             raise ConfigError(path, f"{key} must be a non-negative number, got {value!r}", field="resources_per_trial")
     if resources.get("cpu", 1) <= 0:
         raise ConfigError(path, "cpu must be positive", field="resources_per_trial")
+    workers = resources.get("workers", 1)
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(path, f"workers must be a positive integer, got {workers!r}", field="resources_per_trial")
+    if workers > 1 and "merge" in methods:
+        raise ConfigError(path, "merge trials run in one process: use workers 1 or drop merge", field="resources_per_trial")
     trials = _expect(path, "trials", raw.get("trials", 8), int, "a positive integer")
     if trials < 1:
         raise ConfigError(path, "expected a positive integer", field="trials")

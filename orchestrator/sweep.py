@@ -43,7 +43,8 @@ def _start_ray(config: SweepConfig) -> None:
     if ray.is_initialized():
         return
     if config.ray_address == "local":
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        # Ray Train (multi-worker trials) needs the dashboard to clean up after early stops.
+        ray.init(address="local", include_dashboard=config.workers > 1, log_to_driver=False)
     else:
         ray.init(address=config.ray_address, log_to_driver=False)
 
@@ -53,9 +54,11 @@ def _max_concurrent(config: SweepConfig) -> int:
     if config.max_concurrent_trials:
         return config.max_concurrent_trials
     total = ray.cluster_resources()
-    limits = [math.floor(total.get("CPU", 1) / config.resources_per_trial["cpu"])]
+    workers = config.workers
+    trial_cpu = workers * config.resources_per_trial["cpu"] + (0.01 if workers > 1 else 0)
+    limits = [math.floor(total.get("CPU", 1) / trial_cpu + 1e-9)]
     if config.resources_per_trial.get("gpu"):
-        limits.append(math.floor(total.get("GPU", 0) / config.resources_per_trial["gpu"] + 1e-9))
+        limits.append(math.floor(total.get("GPU", 0) / (workers * config.resources_per_trial["gpu"]) + 1e-9))
     return max(1, min(limits))
 
 
@@ -105,8 +108,13 @@ def run_sweep(config: SweepConfig, resume: bool = False) -> SweepSummary:
         "batch_size": config.eval["batch_size"], "max_new_tokens": config.eval["max_new_tokens"],
         "tracking_uri": config.tracking_uri, "experiment_id": experiment, "parent_run_id": parent_run_id,
         "threads": max(1, int(config.resources_per_trial["cpu"])),
+        "workers": config.workers, "cpu_per_worker": config.resources_per_trial["cpu"],
+        "gpu_per_worker": config.resources_per_trial.get("gpu", 0),
+        "train_storage_path": f"{experiment_path}/train",
     }
-    resources = {"cpu": config.resources_per_trial["cpu"], "gpu": config.resources_per_trial.get("gpu", 0)}
+    # A multi-worker trial only launches its Ray Train run, whose workers hold the resources
+    # (Tune refuses an empty request, hence a token CPU share).
+    resources = {"cpu": 0.01} if config.workers > 1 else {"cpu": config.resources_per_trial["cpu"], "gpu": config.resources_per_trial.get("gpu", 0)}
     trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), resources)
     if resume:
         tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
@@ -138,19 +146,31 @@ def _rows(grid, mlflow, experiment: str, parent_run_id: str) -> list[dict[str, A
     for result in grid:
         metrics = result.metrics or {}
         setup = (result.config or {}).get("setup", {})
-        checkpoint = result.get_best_checkpoint(METRIC, MODE) if result.best_checkpoints else None
-        scores = json.loads((Path(checkpoint.path) / "scores.json").read_text()) if checkpoint else metrics
+        checkpoint = _best_checkpoint(result)
+        scores = json.loads((Path(checkpoint) / "scores.json").read_text()) if checkpoint else metrics
         trial_id = metrics.get("trial_id") or Path(result.path).name
         rows.append({
             "trial_id": trial_id, "method": setup.get("method"), "params": setup.get("params", {}),
             "status": "failed" if result.error else "finished", "eligible": checkpoint is not None,
-            "epochs": metrics.get("training_iteration", 0), "checkpoint": checkpoint.path if checkpoint else None,
+            "epochs": metrics.get("training_iteration", 0), "checkpoint": checkpoint,
             **{name: scores.get(name) for name in tracking.SCORE_METRICS},
         })
         if checkpoint:
             for run in mlflow.search_runs([experiment], filter_string=f"tags.trial_id = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'"):
-                mlflow.set_tag(run.info.run_id, "checkpoint", checkpoint.path)
+                mlflow.set_tag(run.info.run_id, "checkpoint", checkpoint)
     return sorted(rows, key=lambda r: (r["eligible"], r["final_score"] if r["final_score"] is not None else -1), reverse=True)
+
+
+def _best_checkpoint(result) -> str | None:
+    """The trial's best checkpoint folder: Tune's own, or (multi-worker trials) the Ray Train
+    checkpoint whose path TuneReportCallback put in the metrics."""
+    if result.best_checkpoints:
+        return result.get_best_checkpoint(METRIC, MODE).path
+    history = result.metrics_dataframe
+    if history is None or "checkpoint_path" not in history:
+        return None
+    saved = history[history["checkpoint_path"].notna()]
+    return None if saved.empty else saved.loc[saved[METRIC].idxmax(), "checkpoint_path"]
 
 
 def _finish(config: SweepConfig, summary: SweepSummary, mlflow, experiment_path: str) -> None:

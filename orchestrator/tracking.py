@@ -73,8 +73,10 @@ def log_best(mlflow: MlflowClient, run_id: str, epoch: int, metrics: dict[str, A
     mlflow.log_batch(run_id, metrics=_metrics({**values, "best_epoch": epoch}, epoch))
 
 
-def finish_trial(mlflow: MlflowClient, run_id: str, status: str, eligible: bool) -> None:
-    """Tags: status (finished | failed) and eligible (some epoch reached the MMLU threshold)."""
+def finish_trial(mlflow: MlflowClient, run_id: str, status: str) -> None:
+    """Tags: status (finished | failed) and eligible (some epoch reached the MMLU threshold,
+    i.e. the run has best_* metrics)."""
+    eligible = "best_final_score" in mlflow.get_run(run_id).data.metrics
     mlflow.log_batch(run_id, tags=[RunTag("status", status), RunTag("eligible", str(eligible).lower())])
     mlflow.set_terminated(run_id, "FINISHED" if status == "finished" else "FAILED")
 

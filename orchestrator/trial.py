@@ -1,5 +1,11 @@
 """One sweep trial, as a Ray Tune function: apply the sampled method, score every epoch
-with the full evaluator, report to Tune and MLflow, keep the best eligible epoch's checkpoint."""
+with the full evaluator, report to Tune and MLflow, keep the best eligible epoch's checkpoint.
+
+A trial with one worker trains in the Tune trial's own process. With several workers
+(`resources_per_trial.workers`), the trial builds and fits its own Ray Train TorchTrainer
+(the Ray >= 2.51 pattern): every worker trains its share of each batch under DeepSpeed
+ZeRO; rank 0 scores each epoch on its device and saves the consolidated checkpoint; every
+rank reports, and TuneReportCallback passes rank 0's metrics on to Tune."""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import json
 import math
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +26,9 @@ from evaluation.evaluator import EvalSets, run_inference, score_records, write_r
 from methods.registry import build_params, get_method
 from methods.training import save_checkpoint
 from orchestrator import tracking
+
+# (metrics, checkpoint folder or None) -> reported to Tune or Train.
+Report = Callable[[dict[str, Any], "Path | None"], None]
 
 
 def _metrics(scores: dict[str, Any], epoch: int, threshold: float | None) -> dict[str, Any]:
@@ -35,58 +45,116 @@ def _metrics(scores: dict[str, Any], epoch: int, threshold: float | None) -> dic
     }
 
 
+class EpochReporter:
+    """The per-epoch hook of a trial: score, log to MLflow, save the epoch if it is eligible
+    and the trial's best so far, report. Under several ranks only rank 0 scores and saves;
+    the others receive its metrics and report them too (Train's reports are a barrier)."""
+
+    def __init__(self, settings: dict[str, Any], setup: dict[str, Any], run_id: str, report: Report, rank: int = 0):
+        self.settings, self.setup, self.run_id, self.report, self.rank = settings, setup, run_id, report, rank
+        self.sets = EvalSets.load(settings["data"], settings["split"], settings["mia"], settings["mmlu"], settings["mmlu_shots"]) if rank == 0 else None
+        self.mlflow = tracking.client(settings["tracking_uri"]) if rank == 0 else None
+        self.best = -math.inf
+
+    def __call__(self, epoch: int, model, tokenizer) -> None:
+        metrics, records, scores = None, None, None
+        if self.rank == 0:
+            records = run_inference(model, tokenizer, self.sets, self.settings["batch_size"], self.settings["max_new_tokens"])
+            scores = score_records(records, self.settings["mmlu_threshold"])
+            metrics = _metrics(scores, epoch, self.settings["mmlu_threshold"])
+            tracking.log_scores(self.mlflow, self.run_id, epoch, scores)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            shared = [metrics]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            metrics = shared[0]
+        if not (self.rank == 0 and metrics["eligible"] and metrics["final_score"] > self.best):
+            self.report(metrics, None)
+            return
+        self.best = metrics["final_score"]
+        tracking.log_best(self.mlflow, self.run_id, epoch, metrics)
+        staging = Path(tempfile.mkdtemp(prefix="checkpoint-"))
+        try:
+            save_checkpoint(model, tokenizer, staging, base_dir=Path(self.settings["model"]))  # LoRA merged in
+            write_results(staging, records, scores)
+            (staging / "trial_config.json").write_text(json.dumps({**self.setup, "epoch": epoch}, indent=2) + "\n")
+            self.report(metrics, staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _tune_report(metrics: dict[str, Any], checkpoint: Path | None) -> None:
+    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint) if checkpoint else None)
+
+
+def _train_report(metrics: dict[str, Any], checkpoint: Path | None) -> None:
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint) if checkpoint else None)
+
+
 def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
     """Tune's function trainable; `settings` are the sweep's fixed paths and options."""
     torch.set_num_threads(settings["threads"])  # one per CPU the trial holds: shared cores swing otherwise
     setup = config["setup"]
     context = tune.get_context()
-    trial_id, trial_dir = context.get_trial_id(), Path(context.get_trial_dir())
+    trial_id = context.get_trial_id()
     mlflow = tracking.client(settings["tracking_uri"])
     run_id = tracking.trial_run(mlflow, settings["experiment_id"], settings["parent_run_id"], trial_id, setup,
                                 node=ray.get_runtime_context().get_node_id())
-    threshold = settings["mmlu_threshold"]
-    best = {"score": -math.inf, "eligible": False}
     try:
-        task = load_task(settings["data"], settings["split"])
-        sets = EvalSets.load(settings["data"], settings["split"], settings["mia"], settings["mmlu"], settings["mmlu_shots"])
-
-        def on_epoch(epoch: int, model, tokenizer) -> None:
-            records = run_inference(model, tokenizer, sets, settings["batch_size"], settings["max_new_tokens"])
-            scores = score_records(records, threshold)
-            metrics = _metrics(scores, epoch, threshold)
-            tracking.log_scores(mlflow, run_id, epoch, scores)
-            best["eligible"] = best["eligible"] or metrics["eligible"]
-            if not (metrics["eligible"] and metrics["final_score"] > best["score"]):
-                tune.report(metrics)
-                return
-            best["score"] = metrics["final_score"]
-            tracking.log_best(mlflow, run_id, epoch, metrics)
-            with tempfile.TemporaryDirectory(dir=trial_dir) as staging:
-                save_checkpoint(model, tokenizer, Path(staging), base_dir=Path(settings["model"]))  # LoRA merged in
-                write_results(staging, records, scores)
-                (Path(staging) / "trial_config.json").write_text(json.dumps({**setup, "epoch": epoch}, indent=2) + "\n")
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(staging))
-
-        method = get_method(setup["method"])
-        if "sources" in setup:
-            _run_merge(method, setup, settings, task, trial_dir, on_epoch)
+        if settings["workers"] > 1:
+            _fit_distributed(setup, settings, run_id, trial_id)
+        elif "sources" in setup:
+            _run_merge(setup, settings, Path(context.get_trial_dir()), EpochReporter(settings, setup, run_id, _tune_report))
         else:
-            method.run(Path(settings["model"]), task, None, build_params(method, setup["params"]), on_epoch)
+            method = get_method(setup["method"])
+            task = load_task(settings["data"], settings["split"])
+            method.run(Path(settings["model"]), task, None, build_params(method, setup["params"]),
+                       EpochReporter(settings, setup, run_id, _tune_report))
     except BaseException:
-        tracking.finish_trial(mlflow, run_id, "failed", best["eligible"])
+        tracking.finish_trial(mlflow, run_id, "failed")
         raise
-    tracking.finish_trial(mlflow, run_id, "finished", best["eligible"])
+    tracking.finish_trial(mlflow, run_id, "finished")
 
 
-def _run_merge(method, setup: dict[str, Any], settings: dict[str, Any], task, trial_dir: Path, on_epoch) -> None:
+def _run_merge(setup: dict[str, Any], settings: dict[str, Any], trial_dir: Path, on_epoch: EpochReporter) -> None:
     """Train each source model with its own sampled settings, then merge them; one report."""
-    source = get_method(setup["source_method"])
+    source, merge = get_method(setup["source_method"]), get_method(setup["method"])
+    task = load_task(settings["data"], settings["split"])
     work = trial_dir / "sources"
     try:
-        paths = []
-        for name, params in setup["sources"].items():
-            paths.append(source.run(Path(settings["model"]), task, work / name, build_params(source, params)))
-        params = build_params(method, {**setup["params"], "models": ",".join(map(str, paths))})
-        method.run(Path(settings["model"]), task, work / "merged", params, on_epoch)
+        paths = [source.run(Path(settings["model"]), task, work / name, build_params(source, params))
+                 for name, params in setup["sources"].items()]
+        params = build_params(merge, {**setup["params"], "models": ",".join(map(str, paths))})
+        merge.run(Path(settings["model"]), task, work / "merged", params, on_epoch)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _train_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker of a distributed trial (DeepSpeed ZeRO-2 unless the trial names a stage)."""
+    settings, setup = loop_config["settings"], loop_config["setup"]
+    torch.set_num_threads(settings["threads"])
+    rank = ray.train.get_context().get_world_rank()
+    method = get_method(setup["method"])
+    params = build_params(method, {"zero_stage": 2, **setup["params"]})
+    reporter = EpochReporter(settings, setup, loop_config["run_id"], _train_report, rank)
+    method.run(Path(settings["model"]), load_task(settings["data"], settings["split"]), None, params, reporter)
+
+
+def _fit_distributed(setup: dict[str, Any], settings: dict[str, Any], run_id: str, trial_id: str) -> None:
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    per_worker = {"CPU": settings["cpu_per_worker"]}
+    if settings["gpu_per_worker"]:
+        per_worker["GPU"] = settings["gpu_per_worker"]
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"settings": settings, "setup": setup, "run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(num_workers=settings["workers"], use_gpu=bool(settings["gpu_per_worker"]),
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=f"trial_{trial_id}", storage_path=settings["train_storage_path"], callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="final_score", checkpoint_score_order="max"),
+        ),
+    )
+    trainer.fit()

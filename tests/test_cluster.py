@@ -3,17 +3,24 @@ a sweep across the nodes of a simulated multi-node Ray cluster (logical GPUs).""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.cluster_utils import Cluster
 
+from transformers import AutoModelForCausalLM
+
 from conftest import REPO_ROOT
+from corpus.semeval import load_task
+from methods.registry import run_method
 from orchestrator import tracking
 from orchestrator.config import load_config
 from orchestrator.sweep import run_sweep
+from test_methods import mean_answer_nll
 from test_sweep import write_config
 
 
@@ -70,3 +77,39 @@ def test_sweep_spreads_over_the_nodes_of_a_cluster(toy_task_dir: Path, tmp_path:
     assert len(runs) == 4 and all(row["status"] == "finished" for row in summary.rows)
     assert {run.data.tags["ray_node"] for run in runs} == {worker.node_id for worker in workers}
     assert max_overlap(runs) == 2
+
+
+@pytest.fixture(scope="module")
+def single_process_nll(toy_task_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[float, float, float]:
+    """Forget NLL before and after, and retain NLL after, the same method run in one process."""
+    task = load_task(toy_task_dir / "data")
+    out = run_method("grad_diff", toy_task_dir / "model", task, tmp_path_factory.mktemp("single") / "out", DISTRIBUTED_PARAMS)
+    return mean_answer_nll(toy_task_dir / "model", task.forget), mean_answer_nll(out, task.forget), mean_answer_nll(out, task.retain)
+
+
+DISTRIBUTED_PARAMS = {"epochs": 1, "learning_rate": 1.0e-4, "retain_weight": 1.0}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_worker_deepspeed_trial_matches_one_process(stage: int, toy_task_dir: Path, tmp_path: Path, single_process_nll) -> None:
+    # Two Ray Train workers of 1 CPU each, plus the trial's token share: 3 logical CPUs.
+    ray.init(address="local", num_cpus=3, include_dashboard=True, log_to_driver=False)
+    try:
+        config = load_config(write_config(tmp_path, toy_task_dir, name=f"zero{stage}", trials=1,
+                                          resources_per_trial={"cpu": 1, "workers": 2},
+                                          search_space_overrides={"grad_diff": {**DISTRIBUTED_PARAMS, "zero_stage": stage}}))
+        summary = run_sweep(config)
+    finally:
+        ray.shutdown()
+    row = summary.rows[0]
+    assert row["status"] == "finished" and row["checkpoint"] and "/train/" in row["checkpoint"]
+    checkpoint = Path(row["checkpoint"])
+    assert AutoModelForCausalLM.from_pretrained(checkpoint) is not None
+    assert json.loads((checkpoint / "trial_config.json").read_text())["params"]["zero_stage"] == stage
+    task = load_task(toy_task_dir / "data")
+    before, single_forget, single_retain = single_process_nll
+    forget, retain = mean_answer_nll(checkpoint, task.forget), mean_answer_nll(checkpoint, task.retain)
+    # Each rank averages its half of a batch, so the update differs slightly from one process's.
+    assert forget - before == pytest.approx(single_forget - before, rel=0.25)
+    assert retain == pytest.approx(single_retain, abs=0.01)
+    assert summary.champion and summary.champion["checkpoint"] == row["checkpoint"]
