@@ -29,6 +29,9 @@ def test_cluster_yaml_validates_against_rays_schema() -> None:
     validate_config(prepare_config(config))
     assert config["docker"]["image"].startswith("rayproject/ray:2.60.0-py311")
     assert config["available_node_types"][config["head_node_type"]]["resources"] == {"CPU": 0}
+    job = yaml.safe_load((REPO_ROOT / "k8s" / "rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["spec"]["entrypoint"].startswith("unlearn-sweep sweep ")
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == config["docker"]["image"].split(":")[1].split("-")[0]
 
 
 def child_runs(config, summary):
