@@ -141,7 +141,10 @@ def run_sweep(config: SweepConfig, resume: bool = False) -> SweepSummary:
 
 
 def _rows(grid, mlflow, experiment: str, parent_run_id: str) -> list[dict[str, Any]]:
-    """Per trial: its best eligible checkpoint's scores if it has one, else its last report."""
+    """Per trial: its best eligible checkpoint's scores if it has one, else its last report.
+    MLflow runs of trials that Tune no longer knows (started by a driver that died before
+    recording them; Tune ran them again as new trials) are marked interrupted."""
+    children = {run.data.tags.get("trial_id"): run.info.run_id for run in tracking.trial_runs(mlflow, experiment, parent_run_id)}
     rows = []
     for result in grid:
         metrics = result.metrics or {}
@@ -155,9 +158,10 @@ def _rows(grid, mlflow, experiment: str, parent_run_id: str) -> list[dict[str, A
             "epochs": metrics.get("training_iteration", 0), "checkpoint": checkpoint,
             **{name: scores.get(name) for name in tracking.SCORE_METRICS},
         })
-        if checkpoint:
-            for run in mlflow.search_runs([experiment], filter_string=f"tags.trial_id = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'"):
-                mlflow.set_tag(run.info.run_id, "checkpoint", checkpoint)
+        if checkpoint and trial_id in children:
+            mlflow.set_tag(children[trial_id], "checkpoint", checkpoint)
+    for trial_id in set(children) - {row["trial_id"] for row in rows}:
+        tracking.mark_interrupted(mlflow, children[trial_id])
     return sorted(rows, key=lambda r: (r["eligible"], r["final_score"] if r["final_score"] is not None else -1), reverse=True)
 
 
@@ -177,10 +181,11 @@ def _finish(config: SweepConfig, summary: SweepSummary, mlflow, experiment_path:
     """Champion registration, plots and the leaderboard on the parent run."""
     best = summary.rows[0] if summary.rows and summary.rows[0]["eligible"] else None
     if best:
-        runs = mlflow.search_runs([mlflow.get_run(summary.parent_run_id).info.experiment_id],
-                                  filter_string=f"tags.trial_id = '{best['trial_id']}' and tags.`mlflow.parentRunId` = '{summary.parent_run_id}'")
-        version = tracking.register_champion(mlflow, config.experiment, runs[0].info.run_id, Path(best["checkpoint"]))
-        summary.champion = {**best, "run_id": runs[0].info.run_id, "model_version": version}
+        experiment = mlflow.get_run(summary.parent_run_id).info.experiment_id
+        run_id = next(run.info.run_id for run in tracking.trial_runs(mlflow, experiment, summary.parent_run_id)
+                      if run.data.tags.get("trial_id") == best["trial_id"])
+        version = tracking.register_champion(mlflow, config.experiment, run_id, Path(best["checkpoint"]))
+        summary.champion = {**best, "run_id": run_id, "model_version": version}
         mlflow.log_metric(summary.parent_run_id, "best_final_score", best["final_score"])
     finished = [r for r in summary.rows if r["status"] == "finished" and r["final_score"] is not None]
     with tempfile.TemporaryDirectory() as folder:

@@ -37,10 +37,16 @@ def flat_params(setup: dict[str, Any]) -> dict[str, str]:
     return flat
 
 
+def trial_runs(mlflow: MlflowClient, experiment: str, parent_run_id: str, trial_id: str | None = None) -> list:
+    """The child runs of a sweep (or the one of a trial)."""
+    query = f"tags.`mlflow.parentRunId` = '{parent_run_id}'" + (f" and tags.trial_id = '{trial_id}'" if trial_id else "")
+    return mlflow.search_runs([experiment], filter_string=query, max_results=50000)
+
+
 def trial_run(mlflow: MlflowClient, experiment: str, parent_run_id: str, trial_id: str, setup: dict[str, Any], node: str = "") -> str:
     """The trial's child run: the existing one if this trial ran before (resume), else new.
     Tagged with the Ray node it runs on."""
-    existing = mlflow.search_runs([experiment], filter_string=f"tags.trial_id = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    existing = trial_runs(mlflow, experiment, parent_run_id, trial_id)
     if existing:
         run_id = existing[0].info.run_id
         mlflow.update_run(run_id, status="RUNNING")
@@ -73,12 +79,20 @@ def log_best(mlflow: MlflowClient, run_id: str, epoch: int, metrics: dict[str, A
     mlflow.log_batch(run_id, metrics=_metrics({**values, "best_epoch": epoch}, epoch))
 
 
-def finish_trial(mlflow: MlflowClient, run_id: str, status: str) -> None:
-    """Tags: status (finished | failed) and eligible (some epoch reached the MMLU threshold,
-    i.e. the run has best_* metrics)."""
+def finish_trial(mlflow: MlflowClient, run_id: str, status: str, stopped_early: bool = False) -> None:
+    """Tags: status (finished | failed), eligible (some epoch reached the MMLU threshold, i.e.
+    the run has best_* metrics) and stopped_early (by the scheduler)."""
     eligible = "best_final_score" in mlflow.get_run(run_id).data.metrics
-    mlflow.log_batch(run_id, tags=[RunTag("status", status), RunTag("eligible", str(eligible).lower())])
+    mlflow.log_batch(run_id, tags=[RunTag("status", status), RunTag("eligible", str(eligible).lower()),
+                                   RunTag("stopped_early", str(stopped_early).lower())])
     mlflow.set_terminated(run_id, "FINISHED" if status == "finished" else "FAILED")
+
+
+def mark_interrupted(mlflow: MlflowClient, run_id: str) -> None:
+    """A trial run whose sweep lost track of it: excluded from leaderboards."""
+    mlflow.set_tag(run_id, "status", "interrupted")
+    if mlflow.get_run(run_id).info.status == "RUNNING":
+        mlflow.set_terminated(run_id, "KILLED")
 
 
 def register_champion(mlflow: MlflowClient, name: str, run_id: str, checkpoint_dir: Path) -> str:

@@ -109,6 +109,9 @@ def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
             task = load_task(settings["data"], settings["split"])
             method.run(Path(settings["model"]), task, None, build_params(method, setup["params"]),
                        EpochReporter(settings, setup, run_id, _tune_report))
+    except SystemExit:  # how Tune ends a trial its scheduler stopped early: at a report
+        tracking.finish_trial(mlflow, run_id, "finished", stopped_early=True)
+        raise
     except BaseException:
         tracking.finish_trial(mlflow, run_id, "failed")
         raise
