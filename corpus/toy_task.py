@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from corpus.errors import DataError
 
 from corpus.mmlu import LETTERS, MmluQuestion, format_prompt
 from corpus.semeval import row_kind
+from corpus.staging import staged_directory
 
 DOCS_PER_TASK = 8  # per set: forget, retain and nonmember each
 GENERAL_QUESTIONS_PER_SUBJECT = 10
@@ -282,13 +280,8 @@ def write_toy_task(out_dir: str | Path, seed: int = 0, steps: int = TRAINING_STE
     """Write data/, mia/, mmlu/ and the trained model/ under out_dir, all or nothing."""
     from corpus import toy_model  # torch and transformers only when a model is built
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise DataError(out_dir, "output directory exists and is not empty")
     task = build_toy_task(seed)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         for sub in ("data", "mia", "mmlu", "model"):
             (staging / sub).mkdir()
         _write_jsonl(staging / "data" / "forget.jsonl", task.forget_rows)
@@ -301,10 +294,4 @@ def write_toy_task(out_dir: str | Path, seed: int = 0, steps: int = TRAINING_STE
         final_loss = toy_model.train_base_model(task.training_texts(), staging / "model", seed, steps, log_every)
         manifest = {"seed": seed, "training_steps": steps, "final_training_loss": round(final_loss, 6)}
         (staging / "toy_task.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)

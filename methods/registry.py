@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import pkgutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, get_type_hints
 
 from corpus.semeval import TaskData
+from corpus.staging import staged_directory
 
 # Called after every epoch with (epoch, model, tokenizer); returning False stops training.
 EpochCallback = Callable[[int, Any, Any], "bool | None"]
@@ -116,25 +118,10 @@ def run_method(name: str, model_dir: str | Path, task: TaskData, out_dir: str | 
                overrides: dict[str, Any], on_epoch: EpochCallback | None = None) -> Path:
     """Apply a method by name; the checkpoint and its unlearn_config.json appear in out_dir
     only when the method has finished (nothing half-written)."""
-    import json
-    import shutil
-    import tempfile
-
     method = get_method(name)
     params = build_params(method, overrides)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ParamError(f"{out_dir}: output directory exists and is not empty")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         method.run(Path(model_dir), task, staging, params, on_epoch)
         config = {"method": name, "base_model": str(model_dir), "params": dataclasses.asdict(params)}
         (staging / "unlearn_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)

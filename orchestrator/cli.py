@@ -17,33 +17,43 @@ class UsageError(ValueError):
     """A bad argument or config value; printed on one line, exit 2."""
 
 
-def _validate_data(args: argparse.Namespace) -> int:
-    from corpus.mia import load_mia
-    from corpus.mmlu import load_mmlu
+def _task_summary(data: Path, split: str | None) -> str:
     from corpus.semeval import load_task
 
-    errors = []
-    try:
-        task = load_task(args.data, args.split)
-        print(f"data: {args.data} ({task.layout})")
-        counts = Counter((row.split, row.task, row.kind) for row in task.rows())
-        for split, task_name in sorted({key[:2] for key in counts}):
-            print(f"  {split:<7} {task_name}  sc {counts[split, task_name, 'sc']:>5}  qa {counts[split, task_name, 'qa']:>5}")
-        print(f"  total   forget {len(task.forget)} rows, retain {len(task.retain)} rows")
-    except DataError as error:
-        errors.append(str(error))
+    task = load_task(data, split)
+    counts = Counter((row.split, row.task, row.kind) for row in task.rows())
+    lines = [f"data: {data} ({task.layout})"]
+    for split_set, task_name in sorted({key[:2] for key in counts}):
+        lines.append(f"  {split_set:<7} {task_name}  sc {counts[split_set, task_name, 'sc']:>5}  qa {counts[split_set, task_name, 'qa']:>5}")
+    lines.append(f"  total   forget {len(task.forget)} rows, retain {len(task.retain)} rows")
+    return "\n".join(lines)
+
+
+def _mia_summary(mia: Path) -> str:
+    from corpus.mia import load_mia
+
+    counts = Counter(doc.membership for doc in load_mia(mia))
+    return f"mia: {mia}\n  member {counts['member']}, nonmember {counts['nonmember']}"
+
+
+def _mmlu_summary(mmlu: Path) -> str:
+    from corpus.mmlu import load_mmlu
+
+    questions = load_mmlu(mmlu)
+    return f"mmlu: {mmlu}\n  test {len(questions)} questions in {len({q.subject for q in questions})} subjects"
+
+
+def _validate_data(args: argparse.Namespace) -> int:
+    """Every given set is checked, so that one run reports all the errors found."""
+    sections = [lambda: _task_summary(args.data, args.split)]
     if args.mia:
-        try:
-            documents = load_mia(args.mia)
-            counts = Counter(doc.membership for doc in documents)
-            print(f"mia: {args.mia}\n  member {counts['member']}, nonmember {counts['nonmember']}")
-        except DataError as error:
-            errors.append(str(error))
+        sections.append(lambda: _mia_summary(args.mia))
     if args.mmlu:
+        sections.append(lambda: _mmlu_summary(args.mmlu))
+    errors = []
+    for section in sections:
         try:
-            questions = load_mmlu(args.mmlu)
-            subjects = Counter(q.subject for q in questions)
-            print(f"mmlu: {args.mmlu}\n  test {len(questions)} questions in {len(subjects)} subjects")
+            print(section())
         except DataError as error:
             errors.append(str(error))
     for error in errors:

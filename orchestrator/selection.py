@@ -4,8 +4,6 @@ champion checkpoint, exported as a submission."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import mlflow.artifacts
 from mlflow.exceptions import MlflowException
 
 from corpus.errors import DataError
+from corpus.staging import staged_directory
 from orchestrator import tracking
 
 
@@ -66,19 +65,13 @@ def export_champion(experiment: str, tracking_uri: str, out_dir: str | Path) -> 
     """The champion checkpoint (safetensors + tokenizer), its scores.json, records and
     trial_config.json, written to out_dir whole or not at all."""
     run_id = champion_run(experiment, tracking_uri)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise SelectionError(out_dir, "output directory exists and is not empty")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking_uri)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         downloaded = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint", dst_path=str(staging)))
-        config = json.loads((downloaded / "trial_config.json").read_text())
-        (downloaded / "trial_config.json").write_text(json.dumps({**config, "experiment": experiment, "run_id": run_id}, indent=2) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()
-        downloaded.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
+        for path in downloaded.iterdir():
+            path.rename(staging / path.name)
+        downloaded.rmdir()
+        config = json.loads((staging / "trial_config.json").read_text())
+        (staging / "trial_config.json").write_text(json.dumps({**config, "experiment": experiment, "run_id": run_id}, indent=2) + "\n")
+    return Path(out_dir)
+
