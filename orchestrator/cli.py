@@ -165,9 +165,10 @@ def _export(args: argparse.Namespace) -> int:
 def _ui(args: argparse.Namespace) -> int:
     import os
 
-    command = ["mlflow", "ui", "--backend-store-uri", args.tracking_uri, "--host", "127.0.0.1", "--port", str(args.port)]
-    print(" ".join(command), flush=True)
-    os.execvp(command[0], command)
+    # The mlflow of this interpreter's environment, found without relying on PATH.
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", args.tracking_uri, "--host", "127.0.0.1", "--port", str(args.port)]
+    print(f"MLflow UI of {args.tracking_uri} on http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
+    os.execv(command[0], command)
 
 
 def _unlearn(args: argparse.Namespace) -> int:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import optuna
@@ -180,3 +182,25 @@ def test_interrupted_sweep_resumes_without_duplicates(local_ray, toy_task_dir: P
     # A trial the killed driver had started but not recorded ran again under a new id; its
     # first run is marked, not counted.
     assert all(run.data.tags["status"] == "interrupted" for run in children if run.data.tags["trial_id"] not in finished)
+
+
+def test_ui_serves_mlflow_on_loopback(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ui = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    assert response.status == 200
+                    return
+            except OSError:
+                assert ui.poll() is None, "the UI exited"
+                time.sleep(1)
+        pytest.fail("the MLflow UI did not answer within 90 s")
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait()
