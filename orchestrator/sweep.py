@@ -24,6 +24,9 @@ from orchestrator.trial import run_trial
 
 log = logging.getLogger(__name__)
 METRIC, MODE = "final_score", "max"
+# A multi-worker trial only launches its Ray Train run, whose workers hold the resources;
+# Tune refuses an empty request, hence a token CPU share for the trial itself.
+TRIAL_DRIVER_CPU = 0.01
 
 
 @dataclass
@@ -55,7 +58,7 @@ def _max_concurrent(config: SweepConfig) -> int:
         return config.max_concurrent_trials
     total = ray.cluster_resources()
     workers = config.workers
-    trial_cpu = workers * config.resources_per_trial["cpu"] + (0.01 if workers > 1 else 0)
+    trial_cpu = workers * config.resources_per_trial["cpu"] + (TRIAL_DRIVER_CPU if workers > 1 else 0)
     limits = [math.floor(total.get("CPU", 1) / trial_cpu + 1e-9)]
     if config.resources_per_trial.get("gpu"):
         limits.append(math.floor(total.get("GPU", 0) / (workers * config.resources_per_trial["gpu"]) + 1e-9))
@@ -112,9 +115,7 @@ def run_sweep(config: SweepConfig, resume: bool = False) -> SweepSummary:
         "gpu_per_worker": config.resources_per_trial.get("gpu", 0),
         "train_storage_path": f"{experiment_path}/train",
     }
-    # A multi-worker trial only launches its Ray Train run, whose workers hold the resources
-    # (Tune refuses an empty request, hence a token CPU share).
-    resources = {"cpu": 0.01} if config.workers > 1 else {"cpu": config.resources_per_trial["cpu"], "gpu": config.resources_per_trial.get("gpu", 0)}
+    resources = {"cpu": TRIAL_DRIVER_CPU} if config.workers > 1 else {"cpu": config.resources_per_trial["cpu"], "gpu": config.resources_per_trial.get("gpu", 0)}
     trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), resources)
     if resume:
         tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
