@@ -11,6 +11,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import Olmo2Config, Olmo2ForCausalLM, PreTrainedTokenizerFast
 
+from evaluation.inference import right_padded
+
 EOS_TOKEN = "<|endoftext|>"
 VOCAB_SIZE = 1024
 
@@ -76,14 +78,7 @@ def train_to_memorise(
         if len(order) < batch_size:
             order += rng.sample(range(len(encoded)), len(encoded))
         batch, order = [encoded[i] for i in order[:batch_size]], order[batch_size:]
-        width = max(map(len, batch))
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        labels = torch.full((len(batch), width), -100)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
+        input_ids, attention_mask, labels = right_padded([(ids, ids) for ids in batch], tokenizer.pad_token_id, model.device)
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

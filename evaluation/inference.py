@@ -79,22 +79,34 @@ def generate(
     return _in_order(len(prompts), batched, _batches([len(e) for e in encoded], batch_size, "generate"))
 
 
-def _mean_token_nll(model: PreTrainedModel, sequences: list[list[int]], scored_from: list[int], pad_id: int) -> list[float]:
-    """Mean cross-entropy of tokens[scored_from:] given what precedes them, per sequence
-    (right padding, so positions need no adjusting)."""
-    width = max(map(len, sequences))
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+def right_padded(examples: Sequence[tuple[list[int], list[int]]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask, labels) of (ids, labels) pairs, padded on the right, so
+    positions need no adjusting; labels are -100 in the padding."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(input_ids)
     labels = torch.full_like(input_ids, -100)
-    for row, (ids, start) in enumerate(zip(sequences, scored_from)):
+    for row, (ids, row_labels) in enumerate(examples):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         mask[row, : len(ids)] = 1
-        labels[row, start : len(ids)] = torch.tensor(ids[start:])
-    logits = model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-    targets = labels[:, 1:].to(model.device)
+        labels[row, : len(ids)] = torch.tensor(row_labels)
+    return input_ids.to(device), mask.to(device), labels.to(device)
+
+
+def summed_token_nll(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the summed cross-entropy of its labelled next tokens, and their count."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    targets = labels[:, 1:]
     losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    counts = (targets != -100).sum(dim=1).clamp(min=1)
-    return (losses.sum(dim=1) / counts).tolist()
+    return losses.sum(dim=1), (targets != -100).sum(dim=1).clamp(min=1)
+
+
+def _mean_token_nll(model: PreTrainedModel, sequences: list[list[int]], scored_from: list[int], pad_id: int) -> list[float]:
+    """Mean cross-entropy of tokens[scored_from:] given what precedes them, per sequence."""
+    examples = [(ids, [-100] * start + ids[start:]) for ids, start in zip(sequences, scored_from)]
+    total, counts = summed_token_nll(model, *right_padded(examples, pad_id, model.device))
+    return (total / counts).tolist()
 
 
 @torch.inference_mode()

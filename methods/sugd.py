@@ -49,5 +49,5 @@ class Sugd(LossMethod):
                 yield Step(collate([example for example, _ in group], pad_id, device, [factor for _, factor in group]), None)
 
     def loss(self, model, step: Step, reference, params) -> torch.Tensor:
-        total, counts, _ = sequence_nll(model, step.forget)
+        total, counts = sequence_nll(model, step.forget)
         return (step.forget.factors * total / counts).mean()

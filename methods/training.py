@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from corpus.semeval import TaskData, TaskRow
-from evaluation.inference import pick_device
+from evaluation.inference import pick_device, right_padded, summed_token_nll
 from methods.optimization import make_stepper
 from methods.registry import EpochCallback, Method, ParamError
 
@@ -105,29 +105,18 @@ def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: list[TaskRow], max_len
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device,
             factors: list[float] | None = None) -> Batch:
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (ids, row_labels) in enumerate(examples):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(ids)] = torch.tensor(row_labels)
-        mask[row, : len(ids)] = 1
     factor_tensor = torch.tensor(factors, dtype=torch.float32, device=device) if factors is not None else None
-    return Batch(input_ids.to(device), mask.to(device), labels.to(device), factor_tensor)
+    return Batch(*right_padded(examples, pad_id, device), factor_tensor)
 
 
-def sequence_nll(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sequence summed NLL of the labelled tokens, their counts, and the logits."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
-    targets = batch.labels[:, 1:]
-    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    return losses.sum(dim=1), (targets != -100).sum(dim=1).clamp(min=1), logits
+def sequence_nll(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence summed NLL of the labelled tokens, and their counts."""
+    return summed_token_nll(model, batch.input_ids, batch.attention_mask, batch.labels)
 
 
 def mean_nll(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
     """Token-averaged cross-entropy over the batch's labelled tokens."""
-    total, counts, _ = sequence_nll(model, batch)
+    total, counts = sequence_nll(model, batch)
     return total.sum() / counts.sum()
 
 
