@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from corpus.toy_task import write_toy_task
-from evaluation.evaluator import EvalSets, run_inference
-from evaluation.inference import load_model
-from evaluation.scoring import compute_scores
+from unlearn_sweep.corpus.toy_task import write_toy_task
+from unlearn_sweep.evaluation.evaluator import EvalSets, run_inference
+from unlearn_sweep.evaluation.inference import load_model
+from unlearn_sweep.evaluation.scoring import compute_scores
 
 
 @torch.inference_mode()

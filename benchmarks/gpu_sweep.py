@@ -71,8 +71,8 @@ class GpuMemorySampler:
 def sweep(name: str, model: Path, task: Path, work: Path, trials: int, gpu_share: float, cpus: int, smoke: bool) -> tuple[float, int]:
     import ray
 
-    from orchestrator.config import config_from_dict
-    from orchestrator.sweep import run_sweep
+    from unlearn_sweep.orchestrator.config import config_from_dict
+    from unlearn_sweep.orchestrator.sweep import run_sweep
 
     raw = {
         "name": name, "model": str(model), "data": str(task / "data"), "mia": str(task / "mia"), "mmlu": str(task / "mmlu"),
@@ -111,7 +111,7 @@ def main() -> None:
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible: run on a GPU machine (or --smoke to check the script on a CPU)")
     if not (args.task / "model").exists():
-        from corpus.toy_task import write_toy_task
+        from unlearn_sweep.corpus.toy_task import write_toy_task
 
         write_toy_task(args.task)
     shutil.rmtree(args.dir, ignore_errors=True)

@@ -39,7 +39,7 @@ def make_checkpoints(directory: Path, million: int) -> list[Path]:
 
 
 def run_streamed(base: Path, a: Path, b: Path, out: Path, density: float) -> None:
-    from methods.merge import merge_checkpoints
+    from unlearn_sweep.methods.merge import merge_checkpoints
 
     merge_checkpoints(base, [a, b], out, "ties", density, [1.0, 1.0], shard_bytes=256 * 2**20)
 
@@ -57,7 +57,7 @@ def run_reference(base: Path, a: Path, b: Path, out: Path, density: float) -> No
 
 def child(phase: str, directory: Path, density: float) -> None:
     torch.set_num_threads(2)
-    import methods.merge  # noqa: F401  (imports counted in the baseline, not the merge)
+    import unlearn_sweep.methods.merge  # noqa: F401  (imports counted in the baseline, not the merge)
     from peft.utils import merge_utils  # noqa: F401
 
     base, a, b = (directory / n for n in ("base", "a", "b"))

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from corpus.semeval import load_task
-from corpus.toy_task import write_toy_task
-from evaluation.evaluator import EvalSets, evaluate_checkpoint
-from methods.registry import run_method
+from unlearn_sweep.corpus.semeval import load_task
+from unlearn_sweep.corpus.toy_task import write_toy_task
+from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
+from unlearn_sweep.methods.registry import run_method
 
 # (row label, method, hyperparameters); "merge" rows name the rows they merge.
 RUNS = [

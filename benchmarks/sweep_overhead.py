@@ -24,9 +24,9 @@ def run_directly(setups: list[dict], task_dir: Path, threads: int) -> None:
     evaluated after every epoch."""
     import torch
 
-    from corpus.semeval import load_task
-    from evaluation.evaluator import EvalSets, run_inference, score_records
-    from methods.registry import build_params, get_method
+    from unlearn_sweep.corpus.semeval import load_task
+    from unlearn_sweep.evaluation.evaluator import EvalSets, run_inference, score_records
+    from unlearn_sweep.methods.registry import build_params, get_method
 
     torch.set_num_threads(threads)
     task = load_task(task_dir / "data")
@@ -51,7 +51,7 @@ def main() -> None:
     if args.direct:
         return run_directly(json.loads(args.direct.read_text()), args.task, threads=2)
     if not (args.task / "model").exists():
-        from corpus.toy_task import write_toy_task
+        from unlearn_sweep.corpus.toy_task import write_toy_task
 
         write_toy_task(args.task)
     shutil.rmtree(args.dir, ignore_errors=True)
@@ -67,8 +67,8 @@ def main() -> None:
     start = time.perf_counter()
     import ray
 
-    from orchestrator.config import config_from_dict
-    from orchestrator.sweep import run_sweep
+    from unlearn_sweep.orchestrator.config import config_from_dict
+    from unlearn_sweep.orchestrator.sweep import run_sweep
 
     config = config_from_dict(raw, args.dir / "overhead.yaml", args.dir)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

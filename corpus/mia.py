@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from corpus.errors import DataError
-from corpus.tables import read_records, require_fields
+from unlearn_sweep.corpus.errors import DataError
+from unlearn_sweep.corpus.tables import read_records, require_fields
 
 MEMBERSHIPS = ("member", "nonmember")
 

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from corpus.errors import DataError
-from corpus.tables import read_records, require_fields
+from unlearn_sweep.corpus.errors import DataError
+from unlearn_sweep.corpus.tables import read_records, require_fields
 
 LETTERS = ("A", "B", "C", "D")
 CSV_COLUMNS = ["question", "A", "B", "C", "D", "answer"]

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from corpus.errors import DataError
-from corpus.tables import read_records, require_fields
+from unlearn_sweep.corpus.errors import DataError
+from unlearn_sweep.corpus.tables import read_records, require_fields
 
 TASKS = ("Task1", "Task2", "Task3")
 SETS = ("forget", "retain")

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from corpus.errors import DataError
+from unlearn_sweep.corpus.errors import DataError
 
 
 @contextmanager

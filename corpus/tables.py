@@ -9,7 +9,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from corpus.errors import DataError
+from unlearn_sweep.corpus.errors import DataError
 
 
 def read_records(path: Path, csv_column_names: list[str] | None = None) -> list[dict]:

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from corpus.mmlu import LETTERS, MmluQuestion, format_prompt
-from corpus.semeval import row_kind
-from corpus.staging import staged_directory
+from unlearn_sweep.corpus.mmlu import LETTERS, MmluQuestion, format_prompt
+from unlearn_sweep.corpus.semeval import row_kind
+from unlearn_sweep.corpus.staging import staged_directory
 
 DOCS_PER_TASK = 8  # per set: forget, retain and nonmember each
 GENERAL_QUESTIONS_PER_SUBJECT = 10
@@ -278,7 +278,7 @@ def _mmlu_records(questions: list[MmluQuestion]) -> list[dict]:
 
 def write_toy_task(out_dir: str | Path, seed: int = 0, steps: int = TRAINING_STEPS, log_every: int = 0) -> Path:
     """Write data/, mia/, mmlu/ and the trained model/ under out_dir, all or nothing."""
-    from corpus import toy_model  # torch and transformers only when a model is built
+    from unlearn_sweep.corpus import toy_model  # torch and transformers only when a model is built
 
     task = build_toy_task(seed)
     with staged_directory(out_dir) as staging:

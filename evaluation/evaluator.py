@@ -12,12 +12,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from corpus.errors import DataError
-from corpus.mia import load_mia
-from corpus.mmlu import MmluQuestion, format_prompt, load_mmlu
-from corpus.semeval import TaskRow, load_task
-from evaluation import inference
-from evaluation.scoring import compute_scores
+from unlearn_sweep.corpus.errors import DataError
+from unlearn_sweep.corpus.mia import load_mia
+from unlearn_sweep.corpus.mmlu import MmluQuestion, format_prompt, load_mmlu
+from unlearn_sweep.corpus.semeval import TaskRow, load_task
+from unlearn_sweep.evaluation import inference
+from unlearn_sweep.evaluation.scoring import compute_scores
 
 log = logging.getLogger(__name__)
 

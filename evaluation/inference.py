@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from corpus.mmlu import LETTERS
+from unlearn_sweep.corpus.mmlu import LETTERS
 
 
 def pick_device() -> torch.device:

@@ -15,7 +15,7 @@ from functools import lru_cache
 from rouge_score import rouge_scorer
 from sklearn.metrics import auc, roc_curve
 
-from corpus.semeval import SETS, TASKS, row_kind
+from unlearn_sweep.corpus.semeval import SETS, TASKS, row_kind
 
 
 @lru_cache(maxsize=1)

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.entities import entity_spans
-from methods.registry import register
-from methods.training import LossMethod, Step, TrainingParams, collate, encode_rows, mean_nll
+from unlearn_sweep.methods.entities import entity_spans
+from unlearn_sweep.methods.registry import register
+from unlearn_sweep.methods.training import LossMethod, Step, TrainingParams, collate, encode_rows, mean_nll
 
 
 @dataclass

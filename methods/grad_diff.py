@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.registry import register
-from methods.training import LossMethod, Step, TrainingParams, mean_nll
+from unlearn_sweep.methods.registry import register
+from unlearn_sweep.methods.training import LossMethod, Step, TrainingParams, mean_nll
 
 
 @dataclass

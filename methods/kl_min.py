@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.registry import register
-from methods.training import LossMethod, Step, TrainingParams, mean_nll, retain_kl
+from unlearn_sweep.methods.registry import register
+from unlearn_sweep.methods.training import LossMethod, Step, TrainingParams, mean_nll, retain_kl
 
 
 @dataclass

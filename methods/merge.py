@@ -18,8 +18,8 @@ from peft.utils import merge_utils
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from corpus.semeval import TaskData
-from methods.registry import EpochCallback, Method, ParamError, register
+from unlearn_sweep.corpus.semeval import TaskData
+from unlearn_sweep.methods.registry import EpochCallback, Method, ParamError, register
 
 COMBINATIONS = ("ties", "dare_ties", "linear", "dare_linear", "magnitude_prune")
 # The peft add_weighted_adapter variants that combine full deltas B @ A, not A and B apart.
@@ -204,7 +204,7 @@ class Merge(Method):
         options = {} if all(adapters) else {"seed": params.seed}
         out = merge(Path(model_dir), paths, Path(out_dir), params.combination, params.density, params.weight_values, **options)
         if on_epoch is not None:
-            from evaluation.inference import load_model
+            from unlearn_sweep.evaluation.inference import load_model
 
             on_epoch(1, *load_model(out))
         return out

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from methods.registry import ParamError, register
-from methods.training import LossMethod, Step, TrainingParams, mean_nll, retain_kl, sequence_nll
+from unlearn_sweep.methods.registry import ParamError, register
+from unlearn_sweep.methods.training import LossMethod, Step, TrainingParams, mean_nll, retain_kl, sequence_nll
 
 
 @dataclass

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, get_type_hints
 
-from corpus.semeval import TaskData
-from corpus.staging import staged_directory
+from unlearn_sweep.corpus.semeval import TaskData
+from unlearn_sweep.corpus.staging import staged_directory
 
 # Called after every epoch with (epoch, model, tokenizer); returning False stops training.
 EpochCallback = Callable[[int, Any, Any], "bool | None"]
@@ -51,10 +51,10 @@ def register(cls: type[Method]) -> type[Method]:
 
 def _load_all() -> None:
     """Import every module of the package once, so that each registers its method."""
-    import methods
+    from unlearn_sweep import methods
 
     for module in pkgutil.iter_modules(methods.__path__):
-        importlib.import_module(f"methods.{module.name}")
+        importlib.import_module(f"unlearn_sweep.methods.{module.name}")
 
 
 def get_method(name: str) -> Method:

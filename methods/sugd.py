@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.registry import ParamError, register
-from methods.training import LossMethod, Step, TrainingParams, collate, sequence_nll
+from unlearn_sweep.methods.registry import ParamError, register
+from unlearn_sweep.methods.training import LossMethod, Step, TrainingParams, collate, sequence_nll
 
 
 @dataclass

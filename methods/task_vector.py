@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from corpus.semeval import TaskData
-from methods.registry import EpochCallback, register
-from methods.training import LossMethod, Step, TrainingParams, frozen_copy, mean_nll, save_checkpoint
+from unlearn_sweep.corpus.semeval import TaskData
+from unlearn_sweep.methods.registry import EpochCallback, register
+from unlearn_sweep.methods.training import LossMethod, Step, TrainingParams, frozen_copy, mean_nll, save_checkpoint
 
 
 @dataclass

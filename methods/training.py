@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from corpus.semeval import TaskData, TaskRow
-from evaluation.inference import pick_device, right_padded, summed_token_nll
-from methods.optimization import make_stepper
-from methods.registry import EpochCallback, Method, ParamError
+from unlearn_sweep.corpus.semeval import TaskData, TaskRow
+from unlearn_sweep.evaluation.inference import pick_device, right_padded, summed_token_nll
+from unlearn_sweep.methods.optimization import make_stepper
+from unlearn_sweep.methods.registry import EpochCallback, Method, ParamError
 
 ADAPTERS = ("full", "lora", "qlora", "last_k")
 

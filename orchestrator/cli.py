@@ -9,8 +9,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from corpus.errors import DataError
-from methods.registry import ParamError
+from unlearn_sweep.corpus.errors import DataError
+from unlearn_sweep.methods.registry import ParamError
 
 
 class UsageError(ValueError):
@@ -18,7 +18,7 @@ class UsageError(ValueError):
 
 
 def _task_summary(data: Path, split: str | None) -> str:
-    from corpus.semeval import load_task
+    from unlearn_sweep.corpus.semeval import load_task
 
     task = load_task(data, split)
     counts = Counter((row.split, row.task, row.kind) for row in task.rows())
@@ -30,14 +30,14 @@ def _task_summary(data: Path, split: str | None) -> str:
 
 
 def _mia_summary(mia: Path) -> str:
-    from corpus.mia import load_mia
+    from unlearn_sweep.corpus.mia import load_mia
 
     counts = Counter(doc.membership for doc in load_mia(mia))
     return f"mia: {mia}\n  member {counts['member']}, nonmember {counts['nonmember']}"
 
 
 def _mmlu_summary(mmlu: Path) -> str:
-    from corpus.mmlu import load_mmlu
+    from unlearn_sweep.corpus.mmlu import load_mmlu
 
     questions = load_mmlu(mmlu)
     return f"mmlu: {mmlu}\n  test {len(questions)} questions in {len({q.subject for q in questions})} subjects"
@@ -62,7 +62,7 @@ def _validate_data(args: argparse.Namespace) -> int:
 
 
 def _toy_task(args: argparse.Namespace) -> int:
-    from corpus.toy_task import write_toy_task
+    from unlearn_sweep.corpus.toy_task import write_toy_task
 
     print(f"building the miniature task in {args.out} (seed {args.seed})", flush=True)
     out = write_toy_task(args.out, seed=args.seed, log_every=50)
@@ -77,9 +77,9 @@ def _demo(args: argparse.Namespace) -> int:
     """The toy task end to end in the current directory: build, sweep, report."""
     import time
 
-    from corpus.toy_task import write_toy_task
-    from orchestrator.config import config_from_dict
-    from orchestrator.sweep import run_sweep
+    from unlearn_sweep.corpus.toy_task import write_toy_task
+    from unlearn_sweep.orchestrator.config import config_from_dict
+    from unlearn_sweep.orchestrator.sweep import run_sweep
 
     task = Path("toy_task")
     if not (task / "toy_task.json").exists():
@@ -127,8 +127,8 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from orchestrator.config import load_config
-    from orchestrator.sweep import run_sweep
+    from unlearn_sweep.orchestrator.config import load_config
+    from unlearn_sweep.orchestrator.sweep import run_sweep
 
     config = load_config(args.config)
     _report(run_sweep(config, args.resume), config)
@@ -136,7 +136,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _best(args: argparse.Namespace) -> int:
-    from orchestrator.selection import SelectionError, leaderboard
+    from unlearn_sweep.orchestrator.selection import SelectionError, leaderboard
 
     entries = leaderboard(args.experiment, args.tracking_uri, args.top)
     if not entries:
@@ -154,7 +154,7 @@ def _best(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from orchestrator.selection import export_champion
+    from unlearn_sweep.orchestrator.selection import export_champion
 
     out = export_champion(args.experiment, args.tracking_uri, args.out)
     scores = json.loads((out / "scores.json").read_text())
@@ -172,8 +172,8 @@ def _ui(args: argparse.Namespace) -> int:
 
 
 def _unlearn(args: argparse.Namespace) -> int:
-    from corpus.semeval import load_task
-    from methods.registry import parse_assignments, run_method
+    from unlearn_sweep.corpus.semeval import load_task
+    from unlearn_sweep.methods.registry import parse_assignments, run_method
 
     task = load_task(args.data, args.split)
     out = run_method(args.method, args.model, task, args.out, parse_assignments(args.set))
@@ -184,7 +184,7 @@ def _unlearn(args: argparse.Namespace) -> int:
 def _methods(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from methods.registry import get_method, method_names
+    from unlearn_sweep.methods.registry import get_method, method_names
 
     for name in method_names():
         fields = dataclasses.fields(get_method(name).Params)
@@ -193,7 +193,7 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def _threshold(args: argparse.Namespace) -> float | None:
-    from evaluation.scoring import MmluThreshold
+    from unlearn_sweep.evaluation.scoring import MmluThreshold
 
     if args.mmlu_threshold is None:
         return None
@@ -214,7 +214,7 @@ def print_scores(scores: dict) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from evaluation.evaluator import EvalSets, evaluate_checkpoint
+    from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 
     threshold = _threshold(args)
     sets = EvalSets.load(args.data, args.split, args.mia, args.mmlu, args.mmlu_shots)
@@ -225,7 +225,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from evaluation.evaluator import rescore
+    from unlearn_sweep.evaluation.evaluator import rescore
 
     scores = rescore(args.results, _threshold(args))
     print(f"rescored {args.results}/scores.json from its records:")

@@ -31,8 +31,8 @@ from typing import Any
 
 import yaml
 
-from corpus.errors import DataError
-from evaluation.scoring import MmluThreshold
+from unlearn_sweep.corpus.errors import DataError
+from unlearn_sweep.evaluation.scoring import MmluThreshold
 
 
 class ConfigError(DataError):
@@ -101,7 +101,7 @@ def _positive_ints(path: Path, key: str, mapping: Any, allowed: set[str]) -> dic
 
 def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> SweepConfig:
     """Validate a parsed config; relative paths are taken from base_dir (the file's folder)."""
-    from methods.registry import ParamError, get_method
+    from unlearn_sweep.methods.registry import ParamError, get_method
 
     base_dir = base_dir or path.parent
     if not isinstance(raw, dict):

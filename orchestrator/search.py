@@ -15,7 +15,9 @@ and merge, each a space of overrides for the source method) and its own paramete
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +25,15 @@ import optuna
 import yaml
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.config import ConfigError, SweepConfig
+from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
 
-SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
+# Package data: the same in an editable install, a wheel and an sdist.
+SPACES_DIR = importlib.resources.files("unlearn_sweep.search_spaces")
 DISTRIBUTIONS = ("log_uniform", "uniform", "int", "log_int", "choice")
 MMLU_CONSTRAINT = "mmlu_threshold"
 
 
-def load_space(method: str, overrides: dict[str, Any] | None = None, spaces_dir: Path = SPACES_DIR) -> dict[str, Any]:
+def load_space(method: str, overrides: dict[str, Any] | None = None, spaces_dir: Traversable | Path = SPACES_DIR) -> dict[str, Any]:
     """The method's space with overrides applied, checked against the method's parameters."""
     path = spaces_dir / f"{method}.yaml"
     if not path.is_file():
@@ -54,7 +57,7 @@ def load_space(method: str, overrides: dict[str, Any] | None = None, spaces_dir:
 
 
 def _param_names(method: str) -> set[str]:
-    from methods.registry import get_method
+    from unlearn_sweep.methods.registry import get_method
 
     return {f.name for f in dataclasses.fields(get_method(method).Params)}
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import mlflow.artifacts
 from mlflow.exceptions import MlflowException
 
-from corpus.errors import DataError
-from corpus.staging import staged_directory
-from orchestrator import tracking
+from unlearn_sweep.corpus.errors import DataError
+from unlearn_sweep.corpus.staging import staged_directory
+from unlearn_sweep.orchestrator import tracking
 
 
 class SelectionError(DataError):

@@ -16,11 +16,11 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from evaluation.evaluator import EvalSets, evaluate_checkpoint
-from orchestrator import plots, tracking
-from orchestrator.config import ConfigError, SweepConfig
-from orchestrator.search import make_searcher
-from orchestrator.trial import run_trial
+from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
+from unlearn_sweep.orchestrator import plots, tracking
+from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
+from unlearn_sweep.orchestrator.search import make_searcher
+from unlearn_sweep.orchestrator.trial import run_trial
 
 log = logging.getLogger(__name__)
 METRIC, MODE = "final_score", "max"

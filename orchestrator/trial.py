@@ -21,11 +21,11 @@ import ray
 import torch
 from ray import tune
 
-from corpus.semeval import load_task
-from evaluation.evaluator import EvalSets, run_inference, score_records, write_results
-from methods.registry import build_params, get_method
-from methods.training import save_checkpoint
-from orchestrator import tracking
+from unlearn_sweep.corpus.semeval import load_task
+from unlearn_sweep.evaluation.evaluator import EvalSets, run_inference, score_records, write_results
+from unlearn_sweep.methods.registry import build_params, get_method
+from unlearn_sweep.methods.training import save_checkpoint
+from unlearn_sweep.orchestrator import tracking
 
 # (metrics, checkpoint folder or None) -> reported to Tune or Train.
 Report = Callable[[dict[str, Any], "Path | None"], None]

@@ -17,7 +17,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def toy_task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from corpus.toy_task import write_toy_task
+    from unlearn_sweep.corpus.toy_task import write_toy_task
 
     prebuilt = os.environ.get("UNLEARN_SWEEP_TEST_TOY_TASK")  # a developer's shortcut: reuse a built task
     if prebuilt:

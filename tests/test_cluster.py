@@ -15,11 +15,11 @@ from ray.cluster_utils import Cluster
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO_ROOT
-from corpus.semeval import load_task
-from methods.registry import run_method
-from orchestrator import tracking
-from orchestrator.config import load_config
-from orchestrator.sweep import run_sweep
+from unlearn_sweep.corpus.semeval import load_task
+from unlearn_sweep.methods.registry import run_method
+from unlearn_sweep.orchestrator import tracking
+from unlearn_sweep.orchestrator.config import load_config
+from unlearn_sweep.orchestrator.sweep import run_sweep
 from test_methods import mean_answer_nll
 from test_sweep import write_config
 

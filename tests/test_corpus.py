@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import shared_data
-from corpus.errors import DataError
-from corpus.mia import load_mia
-from corpus.mmlu import format_prompt, load_mmlu
-from corpus.semeval import load_task, row_kind
-from orchestrator.cli import main
+from unlearn_sweep.corpus.errors import DataError
+from unlearn_sweep.corpus.mia import load_mia
+from unlearn_sweep.corpus.mmlu import format_prompt, load_mmlu
+from unlearn_sweep.corpus.semeval import load_task, row_kind
+from unlearn_sweep.orchestrator.cli import main
 
 ROW = {"id": "abc-1sc1", "input": "Alma was", "output": "born.", "task": "Task1"}
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from corpus.mmlu import format_prompt, load_mmlu
-from corpus.semeval import load_task
-from evaluation import inference
-from evaluation.evaluator import EvalSets, evaluate_checkpoint, rescore
-from orchestrator.cli import main
+from unlearn_sweep.corpus.mmlu import format_prompt, load_mmlu
+from unlearn_sweep.corpus.semeval import load_task
+from unlearn_sweep.evaluation import inference
+from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint, rescore
+from unlearn_sweep.orchestrator.cli import main
 
 
 @pytest.fixture(scope="module")

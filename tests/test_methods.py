@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from corpus.semeval import load_task
-from evaluation.inference import answer_nll, load_model
-from methods.entities import entity_spans
-from methods.merge import merge_checkpoints, merge_deltas
-from methods.registry import ParamError, build_params, get_method, method_names, run_method
-from orchestrator.cli import main
+from unlearn_sweep.corpus.semeval import load_task
+from unlearn_sweep.evaluation.inference import answer_nll, load_model
+from unlearn_sweep.methods.entities import entity_spans
+from unlearn_sweep.methods.merge import merge_checkpoints, merge_deltas
+from unlearn_sweep.methods.registry import ParamError, build_params, get_method, method_names, run_method
+from unlearn_sweep.orchestrator.cli import main
 
 
 @pytest.fixture(scope="module")

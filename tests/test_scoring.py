@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from evaluation.scoring import (
+from unlearn_sweep.evaluation.scoring import (
     MmluThreshold,
     compute_scores,
     final_score,

@@ -17,13 +17,13 @@ import pytest
 import ray
 import yaml
 
-from evaluation.evaluator import EvalSets, evaluate_checkpoint
-from orchestrator import tracking
-from orchestrator.cli import main
-from orchestrator.config import ConfigError, load_config
-from orchestrator.search import MMLU_CONSTRAINT, load_space, make_searcher
-from orchestrator.selection import export_champion, leaderboard
-from orchestrator.sweep import run_sweep
+from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
+from unlearn_sweep.orchestrator import tracking
+from unlearn_sweep.orchestrator.cli import main
+from unlearn_sweep.orchestrator.config import ConfigError, load_config
+from unlearn_sweep.orchestrator.search import MMLU_CONSTRAINT, load_space, make_searcher
+from unlearn_sweep.orchestrator.selection import export_champion, leaderboard
+from unlearn_sweep.orchestrator.sweep import run_sweep
 
 
 def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
@@ -72,7 +72,7 @@ def test_search_space_errors_and_conditions(tmp_path: Path) -> None:
         load_space("npo", spaces_dir=tmp_path)
     space = load_space("npo", {"adapter": "full"})
     study = optuna.create_study()
-    from orchestrator.search import DefineByRun
+    from unlearn_sweep.orchestrator.search import DefineByRun
 
     setup = DefineByRun({"npo": space})(study.ask())["setup"]
     assert setup["params"]["adapter"] == "full" and "lora_rank" not in setup["params"]
@@ -157,7 +157,7 @@ def test_small_sweep_end_to_end(local_ray, toy_task_dir: Path, tmp_path: Path, c
 def test_interrupted_sweep_resumes_without_duplicates(local_ray, toy_task_dir: Path, tmp_path: Path) -> None:
     path = write_config(tmp_path, toy_task_dir, name="resumed", trials=4, max_concurrent_trials=1)
     config = load_config(path)
-    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "sweep", str(path)], cwd=tmp_path,
+    driver = subprocess.Popen([sys.executable, "-m", "unlearn_sweep.orchestrator.cli", "sweep", str(path)], cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     mlflow = tracking.client(config.tracking_uri)
     deadline = time.time() + 240
@@ -188,7 +188,7 @@ def test_ui_serves_mlflow_on_loopback(tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    ui = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
+    ui = subprocess.Popen([sys.executable, "-m", "unlearn_sweep.orchestrator.cli", "ui", "--port", str(port), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 90

@@ -13,10 +13,10 @@ from rouge_score import rouge_scorer
 from sklearn.metrics import roc_auc_score
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from corpus.mia import load_mia
-from corpus.mmlu import LETTERS, format_prompt, load_mmlu
-from corpus.semeval import load_task
-from corpus.toy_task import build_toy_task, write_toy_task
+from unlearn_sweep.corpus.mia import load_mia
+from unlearn_sweep.corpus.mmlu import LETTERS, format_prompt, load_mmlu
+from unlearn_sweep.corpus.semeval import load_task
+from unlearn_sweep.corpus.toy_task import build_toy_task, write_toy_task
 
 
 def load(toy_task_dir: Path):

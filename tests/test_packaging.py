@@ -1,0 +1,80 @@
+"""The project installs as one import package, `unlearn_sweep`, and works from a wheel:
+nothing else at top level, search spaces shipped as package data, no shadowing by a user's
+own `methods/` or `evaluation/` folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import site
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+
+DECOY = 'raise ImportError("a decoy folder of the user\'s was imported")\n'
+
+
+@pytest.fixture(scope="module")
+def wheel_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtualenv holding only the project's wheel (--no-deps); the dependencies come
+    from this environment's site-packages through a .pth line, so nothing is downloaded."""
+    root = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: an in-tree build leaves build/lib behind, whose stale modules a later wheel would ship.
+    source = root / "source"
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", "toy_task",
+                                                                     "mlruns", "sweeps", "mlflow.db", ".torch_extensions"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(root / "dist"), str(source)],
+                   check=True, capture_output=True)
+    (wheel,) = (root / "dist").glob("unlearn_sweep-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names if not name.startswith("unlearn_sweep-")} == {"unlearn_sweep"}
+    assert "unlearn_sweep/search_spaces/npo.yaml" in names
+
+    env = root / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+    (env_site,) = (env / "lib").glob("python3*/site-packages")
+    (env_site / "project_dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(env / "bin" / "python"), "install", "--no-deps", "--no-index", "-q", str(wheel)],
+                   check=True, capture_output=True)
+    return env
+
+
+def run_in(env: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    environment = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return subprocess.run(args, cwd=cwd, env=environment, capture_output=True, text=True, timeout=300)
+
+
+def test_wheel_works_beside_decoy_folders(wheel_env: Path, toy_task_dir: Path, tmp_path: Path) -> None:
+    workdir = tmp_path / "user_project"
+    for name in ("methods", "evaluation", "corpus", "orchestrator"):
+        (workdir / name).mkdir(parents=True)
+        (workdir / name / "__init__.py").write_text(DECOY)
+    python, cli = str(wheel_env / "bin" / "python"), str(wheel_env / "bin" / "unlearn-sweep")
+
+    listed = run_in(wheel_env, workdir, cli, "methods")
+    assert listed.returncode == 0, listed.stderr
+    assert "npo" in listed.stdout and "sugd" in listed.stdout
+    # `python -m` puts the working directory first on sys.path: the decoys must not be reached.
+    as_module = run_in(wheel_env, workdir, python, "-m", "unlearn_sweep.orchestrator.cli", "validate-data", "--data", str(toy_task_dir / "data"))
+    assert as_module.returncode == 0, as_module.stderr
+
+    spaces = run_in(wheel_env, workdir, python, "-c",
+                    "from unlearn_sweep.methods.registry import method_names\n"
+                    "from unlearn_sweep.orchestrator.search import load_space\n"
+                    "import unlearn_sweep.orchestrator.search as s\n"
+                    "print(s.__file__)\n"
+                    "print(sorted(m for m in method_names() if load_space(m)['params'] is not None))")
+    assert spaces.returncode == 0, spaces.stderr
+    installed_at, loaded = spaces.stdout.splitlines()
+    assert str(wheel_env) in installed_at and str(REPO_ROOT) not in installed_at
+    assert "'merge'" in loaded and "'npo'" in loaded
+
+    for generic in ("methods", "evaluation", "corpus", "orchestrator"):
+        # From a folder without decoys: only `unlearn_sweep` was installed.
+        missing = run_in(wheel_env, tmp_path, python, "-c", f"import {generic}")
+        assert missing.returncode != 0 and "ModuleNotFoundError" in missing.stderr, generic
