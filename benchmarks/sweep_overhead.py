@@ -26,6 +26,7 @@ def run_directly(setups: list[dict], task_dir: Path, threads: int) -> None:
 
     from unlearn_sweep.corpus.semeval import load_task
     from unlearn_sweep.evaluation.evaluator import EvalSets, run_inference, score_records
+    from unlearn_sweep.evaluation.inference import load_model
     from unlearn_sweep.methods.registry import build_params, get_method
 
     torch.set_num_threads(threads)
@@ -34,8 +35,8 @@ def run_directly(setups: list[dict], task_dir: Path, threads: int) -> None:
     for setup in setups:
         method = get_method(setup["method"])
 
-        def on_epoch(epoch, model, tokenizer, epochs=setup["epochs"]):
-            score_records(run_inference(model, tokenizer, sets), None)
+        def on_epoch(epoch, checkpoint, epochs=setup["epochs"]):
+            score_records(run_inference(*load_model(checkpoint), sets), None)
             return epoch < epochs
 
         method.run(task_dir / "model", task, None, build_params(method, setup["params"]), on_epoch)

@@ -46,7 +46,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> Olmo2ForCausal
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
-        tie_word_embeddings=False,
+        tie_word_embeddings=True,  # as OLMo-1B: every test covers the tied path
     )
     return Olmo2ForCausalLM(config)
 

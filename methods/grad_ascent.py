@@ -10,7 +10,7 @@ import torch
 
 from unlearn_sweep.methods.entities import entity_spans
 from unlearn_sweep.methods.registry import register
-from unlearn_sweep.methods.training import LossMethod, Step, TrainingParams, collate, encode_rows, mean_nll
+from unlearn_sweep.methods.training import LossMethod, MicroBatch, Step, TrainingParams, UnlearningTrainer, batches, encode_rows, mean_nll
 
 
 @dataclass
@@ -35,10 +35,16 @@ def encode_entities(tokenizer, rows, max_length: int) -> list[tuple[list[int], l
     return encoded
 
 
+class GradAscentTrainer(UnlearningTrainer):
+    def loss(self, model, step: Step) -> torch.Tensor:
+        return -mean_nll(model, step.forget) if step.phase == "ascent" else mean_nll(model, step.retain)
+
+
 @register
 class GradAscent(LossMethod):
     name = "grad_ascent"
     Params = GradAscentParams
+    Trainer = GradAscentTrainer
 
     def encode(self, tokenizer, task, params: GradAscentParams):
         if not params.entity_only:
@@ -48,14 +54,7 @@ class GradAscent(LossMethod):
     def epochs(self, params: GradAscentParams) -> int:
         return params.epochs + params.finetune_epochs
 
-    def steps(self, forget, retain, epoch, params: GradAscentParams, rng, pad_id, device):
+    def epoch_plan(self, forget, retain, epoch, params: GradAscentParams, rng) -> list[MicroBatch]:
         if epoch <= params.epochs:
-            for step in super().steps(forget, [], epoch, params, rng, pad_id, device):
-                yield Step(step.forget, None, "ascent")
-            return
-        order = rng.sample(range(len(retain)), len(retain))
-        for start in range(0, len(order), params.batch_size):
-            yield Step(None, collate([retain[i] for i in order[start : start + params.batch_size]], pad_id, device), "finetune")
-
-    def loss(self, model, step: Step, reference, params) -> torch.Tensor:
-        return -mean_nll(model, step.forget) if step.phase == "ascent" else mean_nll(model, step.retain)
+            return batches(rng.sample(forget, len(forget)), params.batch_size, phase="ascent")
+        return [MicroBatch([], micro.forget, phase="finetune") for micro in batches(rng.sample(retain, len(retain)), params.batch_size)]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from unlearn_sweep.methods.registry import register
-from unlearn_sweep.methods.training import LossMethod, Step, TrainingParams, mean_nll
+from unlearn_sweep.methods.training import LossMethod, Step, TrainingParams, UnlearningTrainer, mean_nll
 
 
 @dataclass
@@ -15,10 +15,15 @@ class GradDiffParams(TrainingParams):
     retain_weight: float = 1.0
 
 
+class GradDiffTrainer(UnlearningTrainer):
+    forwards = 2
+
+    def loss(self, model, step: Step) -> torch.Tensor:
+        return -mean_nll(model, step.forget) + self.params.retain_weight * mean_nll(model, step.retain)
+
+
 @register
 class GradDiff(LossMethod):
     name = "grad_diff"
     Params = GradDiffParams
-
-    def loss(self, model, step: Step, reference, params: GradDiffParams) -> torch.Tensor:
-        return -mean_nll(model, step.forget) + params.retain_weight * mean_nll(model, step.retain)
+    Trainer = GradDiffTrainer

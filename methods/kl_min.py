@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from unlearn_sweep.methods.registry import register
-from unlearn_sweep.methods.training import LossMethod, Step, TrainingParams, mean_nll, retain_kl
+from unlearn_sweep.methods.training import LossMethod, Step, TrainingParams, UnlearningTrainer, mean_nll, retain_kl
 
 
 @dataclass
@@ -16,11 +16,16 @@ class KlMinParams(TrainingParams):
     kl_weight: float = 1.0
 
 
+class KlMinTrainer(UnlearningTrainer):
+    uses_reference = True
+    forwards = 2
+
+    def loss(self, model, step: Step) -> torch.Tensor:
+        return -mean_nll(model, step.forget) + self.params.kl_weight * retain_kl(model, self.reference, step.retain)
+
+
 @register
 class KlMin(LossMethod):
     name = "kl_min"
     Params = KlMinParams
-    uses_reference = True
-
-    def loss(self, model, step: Step, reference, params: KlMinParams) -> torch.Tensor:
-        return -mean_nll(model, step.forget) + params.kl_weight * retain_kl(model, reference, step.retain)
+    Trainer = KlMinTrainer

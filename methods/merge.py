@@ -204,7 +204,5 @@ class Merge(Method):
         options = {} if all(adapters) else {"seed": params.seed}
         out = merge(Path(model_dir), paths, Path(out_dir), params.combination, params.density, params.weight_values, **options)
         if on_epoch is not None:
-            from unlearn_sweep.evaluation.inference import load_model
-
-            on_epoch(1, *load_model(out))
+            on_epoch(1, out)
         return out

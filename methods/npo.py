@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from unlearn_sweep.methods.registry import ParamError, register
-from unlearn_sweep.methods.training import LossMethod, Step, TrainingParams, mean_nll, retain_kl, sequence_nll
+from unlearn_sweep.methods.training import LossMethod, Step, TrainingParams, UnlearningTrainer, mean_nll, retain_kl, sequence_nll
 
 
 @dataclass
@@ -28,20 +28,26 @@ class NpoParams(TrainingParams):
             raise ParamError(f"beta={self.beta}: must be positive")
 
 
+class NpoTrainer(UnlearningTrainer):
+    uses_reference = True
+    forwards = 2
+
+    def loss(self, model, step: Step) -> torch.Tensor:
+        params = self.params
+        log_p = -sequence_nll(model, step.forget)[0]
+        with torch.no_grad():
+            log_p_reference = -sequence_nll(self.reference, step.forget)[0]
+        npo = -(2 / params.beta) * F.logsigmoid(-params.beta * (log_p - log_p_reference)).mean()
+        loss = params.npo_weight * npo
+        if params.retain_kl_weight:
+            loss = loss + params.retain_kl_weight * retain_kl(model, self.reference, step.retain)
+        if params.retain_ce_weight:
+            loss = loss + params.retain_ce_weight * mean_nll(model, step.retain)
+        return loss
+
+
 @register
 class Npo(LossMethod):
     name = "npo"
     Params = NpoParams
-    uses_reference = True
-
-    def loss(self, model, step: Step, reference, params: NpoParams) -> torch.Tensor:
-        log_p = -sequence_nll(model, step.forget)[0]
-        with torch.no_grad():
-            log_p_reference = -sequence_nll(reference, step.forget)[0]
-        npo = -(2 / params.beta) * F.logsigmoid(-params.beta * (log_p - log_p_reference)).mean()
-        loss = params.npo_weight * npo
-        if params.retain_kl_weight:
-            loss = loss + params.retain_kl_weight * retain_kl(model, reference, step.retain)
-        if params.retain_ce_weight:
-            loss = loss + params.retain_ce_weight * mean_nll(model, step.retain)
-        return loss
+    Trainer = NpoTrainer

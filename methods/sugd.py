@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from unlearn_sweep.methods.registry import ParamError, register
-from unlearn_sweep.methods.training import LossMethod, Step, TrainingParams, collate, sequence_nll
+from unlearn_sweep.methods.training import LossMethod, MicroBatch, Step, TrainingParams, UnlearningTrainer, sequence_nll
 
 
 @dataclass
@@ -28,26 +28,31 @@ class SugdParams(TrainingParams):
             raise ParamError("chunks must be at least 1 and positive_ratio non-negative")
 
 
+class SugdTrainer(UnlearningTrainer):
+    def loss(self, model, step: Step) -> torch.Tensor:
+        total, counts = sequence_nll(model, step.forget)
+        return (step.forget.factors * total / counts).mean()
+
+
 @register
 class Sugd(LossMethod):
     name = "sugd"
     Params = SugdParams
+    Trainer = SugdTrainer
 
     def epochs(self, params: SugdParams) -> int:
         return params.chunks
 
-    def steps(self, forget, retain, epoch, params: SugdParams, rng, pad_id, device):
+    def epoch_plan(self, forget, retain, epoch, params: SugdParams, rng) -> list[MicroBatch]:
         chunk_order = random.Random(params.seed).sample(range(len(forget)), len(forget))  # fixed for the run
         size = -(-len(forget) // params.chunks)
         chunk = chunk_order[(epoch - 1) * size : epoch * size]
         positives = [rng.randrange(len(retain)) for _ in range(round(params.positive_ratio * len(chunk)))]
         samples = [(forget[i], -1.0) for i in chunk] + [(retain[i], params.positive_factor) for i in positives]
+        plan = []
         for _ in range(params.epochs):
             order = rng.sample(samples, len(samples))
             for start in range(0, len(order), params.batch_size):
                 group = order[start : start + params.batch_size]
-                yield Step(collate([example for example, _ in group], pad_id, device, [factor for _, factor in group]), None)
-
-    def loss(self, model, step: Step, reference, params) -> torch.Tensor:
-        total, counts = sequence_nll(model, step.forget)
-        return (step.forget.factors * total / counts).mean()
+                plan.append(MicroBatch([example for example, _ in group], factors=[factor for _, factor in group]))
+        return plan

@@ -1,17 +1,21 @@
-"""Task arithmetic (Ilharco et al. 2023): fine-tune a copy on the forget set, take the task
-vector tau = theta_ft - theta_base, and return theta_base - lambda * tau."""
+"""Task arithmetic (Ilharco et al. 2023): fine-tune on the forget set, take the task vector
+tau = theta_ft - theta_base, and return theta_base - lambda * tau.
+
+The negation is a streamed one-model merge of the saved checkpoints, tensor by tensor as
+stored: a tied embedding is stored (and so moved) once."""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from unlearn_sweep.corpus.semeval import TaskData
-from unlearn_sweep.methods.registry import EpochCallback, register
-from unlearn_sweep.methods.training import LossMethod, Step, TrainingParams, frozen_copy, mean_nll, save_checkpoint
+from unlearn_sweep.methods.merge import merge_checkpoints
+from unlearn_sweep.methods.registry import register
+from unlearn_sweep.methods.training import LossMethod, Step, TrainingParams, UnlearningTrainer, export_checkpoint, mean_nll
 
 
 @dataclass
@@ -19,38 +23,21 @@ class TaskVectorParams(TrainingParams):
     scale: float = 1.0  # lambda
 
 
-def negate(base: torch.nn.Module, finetuned: torch.nn.Module, scale: float) -> torch.nn.Module:
-    """A copy of base moved by -scale times (finetuned - base), tensor by tensor."""
-    result = frozen_copy(base)
-    finetuned_state = finetuned.state_dict()
-    with torch.no_grad():
-        for name, tensor in result.state_dict().items():
-            if tensor.is_floating_point():
-                tensor.sub_(scale * (finetuned_state[name].to(device=tensor.device, dtype=tensor.dtype) - tensor))
-    return result
+class TaskVectorTrainer(UnlearningTrainer):
+    def loss(self, model, step: Step) -> torch.Tensor:
+        return mean_nll(model, step.forget)  # descent: learn the forget set harder
 
 
 @register
 class TaskVector(LossMethod):
     name = "task_vector"
     Params = TaskVectorParams
+    Trainer = TaskVectorTrainer
 
-    def loss(self, model, step: Step, reference, params) -> torch.Tensor:
-        return mean_nll(model, step.forget)  # descent: learn the forget set harder
-
-    def run(self, model_dir: Path, task: TaskData, out_dir: Path | None, params: TaskVectorParams,
-            on_epoch: EpochCallback | None = None) -> Path | None:
-        from transformers import AutoModelForCausalLM
-
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if params.bf16 else torch.float32)
-
-        def full_weights(model):
-            return model.merge_and_unload() if hasattr(model, "peft_config") else model
-
-        def report_negated(epoch, model, tokenizer):
-            return on_epoch(epoch, negate(base, full_weights(copy.deepcopy(model)), params.scale).to(model.device), tokenizer)
-
-        model, tokenizer = self.train(model_dir, task, params, report_negated if on_epoch else None)
-        if out_dir is None:
-            return None
-        return save_checkpoint(negate(base, full_weights(model).cpu(), params.scale), tokenizer, out_dir)
+    def export(self, trainer, tokenizer, out_dir: Path, params: TaskVectorParams, base_dir: Path) -> Path:
+        with tempfile.TemporaryDirectory(prefix="finetuned-") as finetuned:
+            export_checkpoint(trainer, tokenizer, Path(finetuned), dataclasses.replace(params, merge_adapter=True), base_dir)
+            if trainer.is_world_process_zero():
+                # base + (-lambda) * (finetuned - base)
+                merge_checkpoints(base_dir, [Path(finetuned)], out_dir, "linear", 1.0, [-params.scale])
+        return out_dir

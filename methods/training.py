@@ -1,29 +1,42 @@
-"""Shared machinery of the gradient-based methods: model setup (full, LoRA, QLoRA, last k
-layers), batching of task rows, the training loop with its per-epoch hook, and saving.
+"""The training engine of the gradient-based methods: a `transformers.Trainer` subclass per
+method (the pattern of TRL and open-unlearning) that overrides only the loss, with DeepSpeed
+through the Trainer's own integration.
 
-A method subclasses `LossMethod` and overrides `loss` (and, where its data order differs,
-`steps`), the way TRL's trainers override only the loss."""
+What the Trainer gives: ZeRO-2/3 with optional CPU offload, `zero.Init` loading under
+ZeRO-3 (the TrainingArguments exist before the model is loaded), bf16 mixed precision with
+fp32 master weights, gradient accumulation, gradient checkpointing, and the 16-bit
+consolidated save under ZeRO-3. What this module adds: the run's data plan (each method
+decides which forget/retain examples form each micro-batch of each logical epoch), the
+reference model (the base through `disable_adapter()` under LoRA; otherwise a frozen copy,
+partitioned by DeepSpeed like TRL's `prepare_deepspeed`), and a per-epoch export of the
+checkpoint that the epoch hook scores, so the model scored is the model saved."""
 
 from __future__ import annotations
 
-import copy
+import contextlib
+import dataclasses
+import math
+import os
 import random
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from torch.utils.data import DataLoader
+from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer,
+                          PrinterCallback, TrainerCallback, TrainingArguments)
 
 from unlearn_sweep.corpus.semeval import TaskData, TaskRow
-from unlearn_sweep.evaluation.inference import pick_device, right_padded, summed_token_nll
-from unlearn_sweep.methods.optimization import make_stepper
+from unlearn_sweep.evaluation.inference import right_padded, summed_token_nll
 from unlearn_sweep.methods.registry import EpochCallback, Method, ParamError
 
 ADAPTERS = ("full", "lora", "qlora", "last_k")
+Example = tuple[list[int], list[int]]  # (input ids, labels with -100 where no loss is taken)
 
 
 @dataclass
@@ -32,11 +45,12 @@ class TrainingParams:
 
     learning_rate: float = 1e-4
     epochs: int = 2
-    batch_size: int = 16
+    batch_size: int = 16  # global: split across the workers of a multi-worker trial
     gradient_accumulation: int = 1
     max_length: int = 256
     seed: int = 0
-    bf16: bool = False
+    bf16: bool = False  # bf16 mixed precision; the optimizer keeps fp32 master weights
+    gradient_checkpointing: bool = False
     adapter: str = "full"  # full | lora | qlora | last_k
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -44,7 +58,7 @@ class TrainingParams:
     lora_targets: str = "all-linear"
     last_k_layers: int = 1
     merge_adapter: bool = True  # save LoRA merged into the weights, or as an adapter
-    zero_stage: int = -1  # DeepSpeed ZeRO stage 0-3; -1 trains with plain torch
+    zero_stage: int = -1  # DeepSpeed ZeRO stage 0-3; -1 trains without DeepSpeed
     zero_offload: bool = False  # DeepSpeed: optimizer state in CPU memory
 
     def check(self) -> None:
@@ -55,12 +69,16 @@ class TrainingParams:
                 raise ParamError(f"{name}={getattr(self, name)}: must be at least 1")
         if self.zero_stage not in (-1, 0, 1, 2, 3):
             raise ParamError(f"zero_stage={self.zero_stage}: expected -1 (no DeepSpeed) or 0-3")
-        if self.zero_stage < 0 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if self.zero_stage < 0 and world_size() > 1:
             raise ParamError("several workers train only under DeepSpeed: set zero_stage to 0-3")
-        if self.zero_stage >= 0 and self.adapter == "qlora":
-            raise ParamError("adapter='qlora' does not train under DeepSpeed here; use zero_stage=-1")
-        if not self.learning_rate > 0:
-            raise ParamError(f"learning_rate={self.learning_rate}: must be positive")
+        if self.zero_stage == 3 and self.adapter == "qlora":
+            raise ParamError("adapter='qlora' does not train under ZeRO-3 (4-bit weights cannot be partitioned); use zero_stage 0-2 or -1")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ParamError(f"learning_rate={self.learning_rate}: must be a positive number")
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 @dataclass
@@ -70,27 +88,41 @@ class Batch:
     labels: torch.Tensor  # -100 where no loss is taken (prompt, padding)
     factors: torch.Tensor | None = None  # per-sample loss factors, for methods that mix sets
 
-    def shard(self, rank: int, world: int) -> "Batch":
-        """This rank's rows (rank, rank + world, ...) for data-parallel training; a batch
-        smaller than the world stays whole on every rank."""
-        if len(self.input_ids) < world:
-            return self
-        rows = slice(rank, None, world)
-        factors = self.factors[rows] if self.factors is not None else None
-        return Batch(self.input_ids[rows], self.attention_mask[rows], self.labels[rows], factors)
-
 
 @dataclass
 class Step:
+    """What a method's loss sees: this rank's forget and retain batches of one micro-batch."""
+
     forget: Batch | None
     retain: Batch | None
     phase: str = "unlearn"
 
-    def shard(self, rank: int, world: int) -> "Step":
-        return Step(*(b.shard(rank, world) if b is not None else None for b in (self.forget, self.retain)), self.phase)
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of the run's plan, as examples (tensors are made per rank).
+
+    `weight` keeps accumulation exact at epoch ends: every logical epoch ends on an optimizer
+    step, so a short last group is filled with weight-0 copies and its real micro-batches
+    weighted up, giving the mean over the micro-batches it really has."""
+
+    forget: list[Example]
+    retain: list[Example] = dataclasses.field(default_factory=list)
+    factors: list[float] | None = None  # one per forget example
+    phase: str = "unlearn"
+    weight: float = 1.0
+
+    def shard(self, rank: int, world: int) -> "MicroBatch":
+        """This rank's rows (rank, rank + world, ...); a part smaller than the world stays
+        whole on every rank, so every rank has a batch to run."""
+        def rows(items: list) -> list:
+            return items if len(items) < world else items[rank::world]
+
+        factors = None if self.factors is None else (self.factors if len(self.forget) < world else self.factors[rank::world])
+        return MicroBatch(rows(self.forget), rows(self.retain), factors, self.phase, self.weight)
 
 
-def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: list[TaskRow], max_length: int) -> list[tuple[list[int], list[int]]]:
+def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: list[TaskRow], max_length: int) -> list[Example]:
     """(input ids, labels) per row: the prompt, a space, the gold output and EOS; loss on the
     output and EOS only."""
     encoded = []
@@ -103,10 +135,31 @@ def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: list[TaskRow], max_len
     return encoded
 
 
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device,
-            factors: list[float] | None = None) -> Batch:
-    factor_tensor = torch.tensor(factors, dtype=torch.float32, device=device) if factors is not None else None
-    return Batch(*right_padded(examples, pad_id, device), factor_tensor)
+def batches(examples: list[Example], batch_size: int, **fields: Any) -> list[MicroBatch]:
+    """Consecutive forget micro-batches of batch_size examples."""
+    return [MicroBatch(examples[start : start + batch_size], **fields) for start in range(0, len(examples), batch_size)]
+
+
+def schedule(epochs: list[list[MicroBatch]], accumulation: int) -> tuple[list[MicroBatch], list[int]]:
+    """The whole run as one sequence of micro-batches whose accumulation groups never span
+    two logical epochs, and the optimizer step at which each epoch ends."""
+    sequence: list[MicroBatch] = []
+    ends = []
+    for plan in epochs:
+        full, rest = divmod(len(plan), accumulation)
+        for index, micro in enumerate(plan):
+            sequence.append(dataclasses.replace(micro, weight=accumulation / rest) if index >= full * accumulation else micro)
+        if rest:
+            sequence.extend(dataclasses.replace(plan[-1], weight=0.0) for _ in range(accumulation - rest))
+        ends.append(len(sequence) // accumulation)
+    return sequence, ends
+
+
+def _tensors(prefix: str, examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    if not examples:
+        return {}
+    input_ids, attention_mask, labels = right_padded(examples, pad_id, torch.device("cpu"))
+    return {f"{prefix}_input_ids": input_ids, f"{prefix}_attention_mask": attention_mask, f"{prefix}_labels": labels}
 
 
 def sequence_nll(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,34 +173,196 @@ def mean_nll(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
     return total.sum() / counts.sum()
 
 
-def retain_kl(model: PreTrainedModel, reference: PreTrainedModel, batch: Batch) -> torch.Tensor:
+def retain_kl(model: PreTrainedModel, reference: Any, batch: Batch) -> torch.Tensor:
     """KL(reference || model) of next-token distributions on the labelled retain tokens."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()[:, :-1]
     with torch.no_grad():
         reference_logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()[:, :-1]
     mask = batch.labels[:, 1:] != -100
-    kl = F.kl_div(F.log_softmax(logits[mask], -1), F.log_softmax(reference_logits[mask], -1), log_target=True, reduction="batchmean")
-    return kl
+    return F.kl_div(F.log_softmax(logits[mask], -1), F.log_softmax(reference_logits[mask], -1), log_target=True, reduction="batchmean")
 
 
-def load_for_training(model_dir: Path, params: TrainingParams) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model with only the parameters the chosen adapter trains left trainable."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.pad_token = tokenizer.eos_token
-    dtype = torch.bfloat16 if params.bf16 else torch.float32
-    device = pick_device()
+class AdapterDisabled:
+    """The reference model of a LoRA/QLoRA run: the same network with its adapter switched
+    off (TRL's way), so no second copy of the base is held."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def __call__(self, **inputs: torch.Tensor) -> Any:
+        model = self.trainer.model_wrapped
+        with self.trainer.accelerator.unwrap_model(model).disable_adapter(), torch.no_grad():
+            return model(**inputs)
+
+
+class UnlearningTrainer(Trainer):
+    """The Trainer of one unlearning method: subclasses override `loss` only.
+
+    `compute_loss` turns the collated inputs into a `Step`, calls `loss`, applies the
+    micro-batch's accumulation weight and refuses a non-finite loss (the Trainer would
+    otherwise skip it silently)."""
+
+    uses_reference: ClassVar[bool] = False
+    forwards: ClassVar[int] = 1  # forward passes per step that keep a graph (forget, retain): the memory plan's activations
+
+    def __init__(self, *args: Any, params: Any, plan: list[MicroBatch], reference: Any = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.params, self.plan = params, plan
+        # Under LoRA/QLoRA the reference is the trained network with its adapter off.
+        self._reference = AdapterDisabled(self) if self.uses_reference and reference is None else reference
+        self.loss_is_scaled_for_ga = False  # our losses are micro-batch means: the Trainer divides by accumulation
+
+    def loss(self, model: PreTrainedModel, step: Step) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def reference(self) -> Any:
+        """The frozen original model, prepared on first use: by then DeepSpeed's config is
+        final, and a ZeRO-3 reference is partitioned like the trained model."""
+        if isinstance(self._reference, PreTrainedModel) and self.is_deepspeed_enabled:
+            self._reference = prepare_deepspeed_reference(self._reference, self.accelerator)
+        return self._reference
+
+    def get_train_dataloader(self) -> DataLoader:
+        # The plan fixes every micro-batch and its order; each rank takes its rows of each.
+        rank, world = self.args.process_index, self.args.world_size
+        pad_id = self.processing_class.pad_token_id
+
+        def collate(micro: MicroBatch) -> dict[str, Any]:
+            inputs: dict[str, Any] = {**_tensors("forget", micro.forget, pad_id), **_tensors("retain", micro.retain, pad_id)}
+            if micro.factors is not None:
+                inputs["factors"] = torch.tensor(micro.factors, dtype=torch.float32)
+            return {**inputs, "phase": micro.phase, "weight": micro.weight}
+
+        return DataLoader([micro.shard(rank, world) for micro in self.plan], batch_size=None, collate_fn=collate)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> torch.Tensor:
+        def batch(prefix: str) -> Batch | None:
+            if f"{prefix}_input_ids" not in inputs:
+                return None
+            return Batch(inputs[f"{prefix}_input_ids"], inputs[f"{prefix}_attention_mask"], inputs[f"{prefix}_labels"],
+                         inputs.get("factors") if prefix == "forget" else None)
+
+        loss = self.loss(model, Step(batch("forget"), batch("retain"), inputs["phase"]))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{type(self).__name__}: loss became {loss.item()} at step {self.state.global_step + 1}")
+        return inputs["weight"] * loss
+
+
+def prepare_deepspeed_reference(model: PreTrainedModel, accelerator: Any) -> Any:
+    """A frozen model under DeepSpeed for inference only (TRL's prepare_deepspeed): ZeRO-3
+    partitions it across ranks; other stages keep it whole (stage 0), with no optimizer."""
+    import deepspeed
+
+    config = {key: value for key, value in accelerator.state.deepspeed_plugin.deepspeed_config.items() if key != "optimizer"}
+    zero = dict(config["zero_optimization"])
+    if zero.get("stage") != 3:
+        zero = {"stage": 0}
+    zero.pop("offload_optimizer", None)
+    engine, *_ = deepspeed.initialize(model=model, config={**config, "zero_optimization": zero})
+    engine.eval()  # the engine's eval() returns None
+    return engine
+
+
+def deepspeed_config(params: Any) -> dict[str, Any]:
+    """The DeepSpeed config handed to the Trainer; "auto" values follow TrainingArguments."""
+    zero: dict[str, Any] = {"stage": params.zero_stage}
+    if params.zero_offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if params.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": zero,
+        "bf16": {"enabled": "auto"},
+        "zero_force_ds_cpu_optimizer": False,  # the Trainer's torch AdamW, also when offloading
+        "steps_per_print": 10**9,
+    }
+
+
+@contextlib.contextmanager
+def single_rank_launch(params: Any) -> Iterator[None]:
+    """Run state for one training run. A lone process under DeepSpeed runs as a one-rank
+    launch (launcher variables set, so DeepSpeed does not look for MPI; the gloo/NCCL group
+    then lives as long as the process, as DeepSpeed caches it). Under torchrun or Ray Train
+    the launcher's group is used. Afterwards the variables the Trainer sets
+    (ACCELERATE_USE_DEEPSPEED, ...) and accelerate's state are reset, so the next run in the
+    process (a reused Ray actor, the next test) is configured by its own parameters alone."""
+    if params.zero_stage >= 0 and "RANK" not in os.environ and not torch.distributed.is_initialized():
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    environment = dict(os.environ)
+    try:
+        yield
+    finally:
+        from accelerate.state import AcceleratorState, GradientState
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        os.environ.clear()
+        os.environ.update(environment)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def training_arguments(params: Any, output_dir: Path) -> TrainingArguments:
+    """Created before any model is loaded: under ZeRO-3 that makes from_pretrained load
+    straight into partitions (zero.Init)."""
+    world = world_size()
+    if params.zero_stage >= 0:
+        if params.batch_size % world:
+            raise ParamError(f"batch_size={params.batch_size}: must be a multiple of the {world} workers")
+    cpu = not torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=max(1, params.batch_size // world),
+        gradient_accumulation_steps=params.gradient_accumulation,
+        learning_rate=params.learning_rate,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        num_train_epochs=1,  # one pass over the plan, which holds every logical epoch
+        bf16=params.bf16,
+        gradient_checkpointing=params.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if params.gradient_checkpointing else None,
+        deepspeed=deepspeed_config(params) if params.zero_stage >= 0 else None,
+        use_cpu=cpu,
+        ddp_backend="gloo" if cpu and params.zero_stage >= 0 else None,
+        seed=params.seed,
+        data_seed=params.seed,
+        save_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+
+
+def load_for_training(model_dir: Path, params: TrainingParams) -> PreTrainedModel:
+    """The model with only the parameters the chosen adapter trains left trainable; weights in
+    fp32 (the master copy; bf16 runs as mixed precision), QLoRA's base in 4-bit NF4."""
     if params.adapter == "qlora":
         from transformers import BitsAndBytesConfig
 
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, dtype=dtype, device_map={"": device})
+        compute = torch.bfloat16 if params.bf16 else torch.float32
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, dtype=compute, device_map={"": device})
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if params.adapter in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         if params.adapter == "qlora":
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
         config = LoraConfig(r=params.lora_rank, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
                             target_modules=params.lora_targets if params.lora_targets == "all-linear" else params.lora_targets.split(","),
                             task_type="CAUSAL_LM")
@@ -161,86 +376,128 @@ def load_for_training(model_dir: Path, params: TrainingParams) -> tuple[PreTrain
         for layer in layers[-params.last_k_layers :]:
             for parameter in layer.parameters():
                 parameter.requires_grad_(True)
-    return model, tokenizer
+    return model
 
 
-def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
-    reference = copy.deepcopy(model).eval()
-    for parameter in reference.parameters():
-        parameter.requires_grad_(False)
-    return reference
+def load_reference(model_dir: Path, params: TrainingParams) -> PreTrainedModel:
+    """The frozen original model of a full or last-k run, in the dtype its forward passes run
+    in (bf16 under mixed precision: half the memory)."""
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if params.bf16 else torch.float32)
+    if not torch.distributed.is_initialized() or params.zero_stage < 0:
+        reference.to("cuda" if torch.cuda.is_available() else "cpu")
+    return reference.eval().requires_grad_(False)
 
 
-def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path,
-                    merge_adapter: bool = True, base_dir: Path | None = None) -> Path:
-    """A Hugging Face checkpoint (safetensors + tokenizer); LoRA merged in unless asked not to.
-    A QLoRA adapter is merged into the full-precision base from base_dir, not into 4-bit weights."""
+def export_checkpoint(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out_dir: Path, params: Any, base_dir: Path) -> Path:
+    """Save the trained model as a Hugging Face checkpoint; every rank must call this (ZeRO-3
+    gathers its partitions), rank 0 writes. LoRA and QLoRA adapters are merged into the
+    base's own full-precision weights unless `merge_adapter` is off."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "peft_config") and merge_adapter:
-        if getattr(model.config, "quantization_config", None) is not None:
-            from peft import PeftModel
+    peft_model = params.adapter in ("lora", "qlora")
 
-            with tempfile.TemporaryDirectory() as adapter_dir:
-                model.save_pretrained(adapter_dir)
-                full = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-                model = PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()
-        else:
-            model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    def save(directory: str) -> None:
+        if params.zero_stage == 3:
+            trainer.save_model(directory)  # gathers the partitions: a consolidated 16-bit checkpoint
+        elif trainer.is_world_process_zero():
+            # Every rank holds whole weights; the module's own save keeps a tied embedding stored once.
+            trainer.model.save_pretrained(directory)
+
+    if not (peft_model and params.merge_adapter):
+        save(str(out_dir))  # the adapter alone for LoRA
+    else:
+        with tempfile.TemporaryDirectory(prefix="adapter-") as adapter_dir:
+            save(adapter_dir)
+            if trainer.is_world_process_zero():
+                from peft import PeftModel
+
+                with deepspeed_loading_disabled():
+                    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
+                    PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(out_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(out_dir)
+        (out_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle: a safetensors checkpoint leaves it out
     return out_dir
 
 
+@contextlib.contextmanager
+def deepspeed_loading_disabled() -> Iterator[None]:
+    """Load an ordinary, whole model while a ZeRO-3 run is active (from_pretrained would
+    otherwise partition it)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+class _EpochEnds(TrainerCallback):
+    """Calls the epoch hook at the optimizer steps that end the method's logical epochs, with
+    the checkpoint exported at that point; stops training when the hook returns False."""
+
+    def __init__(self, ends: list[int], export: Any, on_epoch: EpochCallback):
+        self.ends, self.export, self.on_epoch = ends, export, on_epoch
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> Any:
+        if state.global_step in self.ends:
+            epoch = self.ends.index(state.global_step) + 1
+            with tempfile.TemporaryDirectory(prefix=f"epoch-{epoch}-") as staging:
+                checkpoint = self.export(Path(staging))
+                if self.on_epoch(epoch, checkpoint if args.process_index == 0 else None) is False:
+                    control.should_training_stop = True
+        return control
+
+
 class LossMethod(Method):
-    """A method defined by its loss on a (forget, retain) step; the loop is shared."""
+    """A gradient-based method: its Trainer (the loss) and its data plan; training is shared."""
 
     Params = TrainingParams
-    uses_reference = False
+    Trainer: ClassVar[type[UnlearningTrainer]]
 
-    def loss(self, model: PreTrainedModel, step: Step, reference: PreTrainedModel | None, params: Any) -> torch.Tensor:
-        raise NotImplementedError
-
-    def encode(self, tokenizer: PreTrainedTokenizerBase, task: TaskData, params: Any) -> tuple[list, list]:
+    def encode(self, tokenizer: PreTrainedTokenizerBase, task: TaskData, params: Any) -> tuple[list[Example], list[Example]]:
         """(input ids, labels) of the forget and retain rows."""
         return encode_rows(tokenizer, task.forget, params.max_length), encode_rows(tokenizer, task.retain, params.max_length)
 
     def epochs(self, params: Any) -> int:
         return params.epochs
 
-    def steps(self, forget: list, retain: list, epoch: int, params: Any, rng: random.Random,
-              pad_id: int, device: torch.device) -> Iterator[Step]:
+    def epoch_plan(self, forget: list[Example], retain: list[Example], epoch: int, params: Any,
+                   rng: random.Random) -> list[MicroBatch]:
         """One epoch: a pass over the forget set in shuffled batches, each with a retain batch."""
         forget_order = rng.sample(range(len(forget)), len(forget))
         retain_order = [rng.randrange(len(retain)) for _ in forget_order] if retain else []
-        for start in range(0, len(forget_order), params.batch_size):
-            forget_batch = collate([forget[i] for i in forget_order[start : start + params.batch_size]], pad_id, device)
-            retain_batch = collate([retain[i] for i in retain_order[start : start + params.batch_size]], pad_id, device) if retain else None
-            yield Step(forget_batch, retain_batch)
+        return [MicroBatch([forget[i] for i in forget_order[start : start + params.batch_size]],
+                           [retain[i] for i in retain_order[start : start + params.batch_size]])
+                for start in range(0, len(forget_order), params.batch_size)]
 
-    def run(self, model_dir: Path, task: TaskData, out_dir: Path | None, params: Any, on_epoch: EpochCallback | None = None) -> Path | None:
-        model, tokenizer = self.train(model_dir, task, params, on_epoch)
-        return save_checkpoint(model, tokenizer, out_dir, params.merge_adapter, model_dir) if out_dir else None
+    def run(self, model_dir: Path, task: TaskData, out_dir: Path | None, params: Any,
+            on_epoch: EpochCallback | None = None) -> Path | None:
+        return self.train(model_dir, task, params, out_dir, on_epoch)
 
-    def train(self, model_dir: Path, task: TaskData, params: Any, on_epoch: EpochCallback | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        torch.manual_seed(params.seed)
+    def export(self, trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out_dir: Path, params: Any, base_dir: Path) -> Path:
+        """The checkpoint this method's training produces (task vectors override it)."""
+        return export_checkpoint(trainer, tokenizer, out_dir, params, base_dir)
+
+    def train(self, model_dir: Path, task: TaskData, params: Any, out_dir: Path | None = None,
+              on_epoch: EpochCallback | None = None) -> Path | None:
+        """Train; export every logical epoch's checkpoint for on_epoch and the last to out_dir."""
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer.pad_token = tokenizer.eos_token
         rng = random.Random(params.seed)
-        model, tokenizer = load_for_training(model_dir, params)
-        reference = frozen_copy(model) if self.uses_reference else None
         forget, retain = self.encode(tokenizer, task, params)
-        device = model.device
-        stepper = make_stepper(model, params)
-        # Under several ranks (DeepSpeed), every rank draws the same batches and trains on its share.
-        distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
-        for epoch in range(1, self.epochs(params) + 1):
-            stepper.model.train()
-            steps = [step.shard(rank, world) for step in self.steps(forget, retain, epoch, params, rng, tokenizer.pad_token_id, device)]
-            for index, step in enumerate(steps, start=1):
-                loss = self.loss(stepper.model, step, reference, params)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{self.name}: loss became {loss.item()} in epoch {epoch}")
-                stepper.micro_step(loss, index % params.gradient_accumulation == 0 or index == len(steps))
-            stepper.model.eval()
-            if on_epoch is not None and on_epoch(epoch, stepper.consolidated(), tokenizer) is False:
-                break
-        return stepper.consolidated(), tokenizer
+        plan, ends = schedule([self.epoch_plan(forget, retain, epoch, params, rng) for epoch in range(1, self.epochs(params) + 1)],
+                              params.gradient_accumulation)
+        with tempfile.TemporaryDirectory(prefix="trainer-") as scratch, single_rank_launch(params):
+            args = training_arguments(params, Path(scratch))
+            torch.manual_seed(params.seed)
+            model = load_for_training(model_dir, params)
+            frozen = self.Trainer.uses_reference and params.adapter not in ("lora", "qlora")
+            trainer = self.Trainer(model=model, args=args, processing_class=tokenizer, params=params, plan=plan,
+                                   reference=load_reference(model_dir, params) if frozen else None)
+            trainer.remove_callback(PrinterCallback)  # the hook reports; no log dicts on stdout
+            if on_epoch is not None:
+                trainer.add_callback(_EpochEnds(ends, lambda staging: self.export(trainer, tokenizer, staging, params, model_dir), on_epoch))
+            trainer.train()
+            return self.export(trainer, tokenizer, out_dir, params, model_dir) if out_dir is not None else None

@@ -135,6 +135,18 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from unlearn_sweep.orchestrator.config import load_config
+    from unlearn_sweep.orchestrator.plan import check_memory, format_plan, plan_sweep
+
+    config = load_config(args.config)
+    print(f"peak memory per GPU, estimated from {config.model / 'config.json'} "
+          f"({config.workers} worker(s) per trial, gpu {config.resources_per_trial.get('gpu', 0)}, gpu_memory_gb {config.gpu_memory_gb}):")
+    print(format_plan(plan_sweep(config), config.workers))
+    check_memory(config)
+    return 0
+
+
 def _best(args: argparse.Namespace) -> int:
     from unlearn_sweep.orchestrator.selection import SelectionError, leaderboard
 
@@ -263,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("config", type=Path)
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     sweep.set_defaults(run=_sweep)
+
+    plan = commands.add_parser("plan", help="peak GPU memory of every method a sweep config can sample, before launch")
+    plan.add_argument("config", type=Path)
+    plan.set_defaults(run=_plan)
 
     best = commands.add_parser("best", help="the best eligible trial and the leaderboard of an experiment")
     best.add_argument("experiment")

@@ -13,7 +13,8 @@
       npo: {beta: {uniform: [0.05, 0.3]}}
     trials: 16
     max_concurrent_trials: null     # default: what the cluster's resources allow
-    resources_per_trial: {cpu: 1, gpu: 0}
+    resources_per_trial: {cpu: 1, gpu: 0}   # + workers: N for a multi-worker (DeepSpeed) trial
+    gpu_memory_gb: null             # memory of one GPU: a trial planned not to fit is refused
     seed: 0
     asha: {grace_period: 1, reduction_factor: 2}
     eval: {batch_size: 32, max_new_tokens: 256}
@@ -54,6 +55,7 @@ class SweepConfig:
     trials: int = 8
     max_concurrent_trials: int | None = None
     resources_per_trial: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+    gpu_memory_gb: float | None = None
     seed: int = 0
     asha: dict[str, int] = field(default_factory=lambda: {"grace_period": 1, "reduction_factor": 2})
     eval: dict[str, int] = field(default_factory=lambda: {"batch_size": 32, "max_new_tokens": 256})
@@ -78,7 +80,7 @@ class SweepConfig:
 
 _KNOWN = {
     "name", "model", "data", "split", "mia", "mmlu", "mmlu_shots", "mmlu_threshold", "methods",
-    "search_space_overrides", "trials", "max_concurrent_trials", "resources_per_trial", "seed",
+    "search_space_overrides", "trials", "max_concurrent_trials", "resources_per_trial", "gpu_memory_gb", "seed",
     "asha", "eval", "mlflow", "ray_address", "storage_path",
 }
 
@@ -150,6 +152,9 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
         raise ConfigError(path, f"workers must be a positive integer, got {workers!r}", field="resources_per_trial")
     if workers > 1 and "merge" in methods:
         raise ConfigError(path, "merge trials run in one process: use workers 1 or drop merge", field="resources_per_trial")
+    gpu_memory = raw.get("gpu_memory_gb")
+    if gpu_memory is not None and (_expect(path, "gpu_memory_gb", gpu_memory, (int, float), "a number of GB") <= 0):
+        raise ConfigError(path, "expected a positive number of GB", field="gpu_memory_gb")
     trials = _expect(path, "trials", raw.get("trials", 8), int, "a positive integer")
     if trials < 1:
         raise ConfigError(path, "expected a positive integer", field="trials")
@@ -170,6 +175,7 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
         trials=trials,
         max_concurrent_trials=concurrent,
         resources_per_trial={"cpu": 1, "gpu": 0, **resources},
+        gpu_memory_gb=gpu_memory,
         seed=_expect(path, "seed", raw.get("seed", 0), int, "an integer"),
         asha=_positive_ints(path, "asha", raw.get("asha") or {"grace_period": 1, "reduction_factor": 2}, {"grace_period", "reduction_factor"}),
         eval=_positive_ints(path, "eval", {"batch_size": 32, "max_new_tokens": 256, **(raw.get("eval") or {})}, {"batch_size", "max_new_tokens"}),

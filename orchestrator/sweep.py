@@ -19,6 +19,7 @@ from ray.tune.schedulers import ASHAScheduler
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.orchestrator import plots, tracking
 from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
+from unlearn_sweep.orchestrator.plan import check_memory
 from unlearn_sweep.orchestrator.search import make_searcher
 from unlearn_sweep.orchestrator.trial import run_trial
 
@@ -96,6 +97,7 @@ def _parent_run(mlflow, experiment: str, config: SweepConfig, resume: bool) -> t
 
 def run_sweep(config: SweepConfig, resume: bool = False) -> SweepSummary:
     """Run (or resume) the sweep to the end and pick the champion."""
+    check_memory(config)  # before anything starts: trials that cannot fit their GPUs are refused
     experiment_path = f"{config.storage_path.rstrip('/')}/{config.name}"
     if not resume and tune.Tuner.can_restore(experiment_path):
         raise ConfigError(config.source, f"a sweep named {config.name!r} already exists in {config.storage_path}; resume it with --resume or choose another name", field="name")

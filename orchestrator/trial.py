@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,9 @@ from ray import tune
 
 from unlearn_sweep.corpus.semeval import load_task
 from unlearn_sweep.evaluation.evaluator import EvalSets, run_inference, score_records, write_results
+from unlearn_sweep.evaluation.inference import load_model
 from unlearn_sweep.methods.registry import build_params, get_method
-from unlearn_sweep.methods.training import save_checkpoint
+from unlearn_sweep.methods.training import deepspeed_loading_disabled
 from unlearn_sweep.orchestrator import tracking
 
 # (metrics, checkpoint folder or None) -> reported to Tune or Train.
@@ -56,10 +56,13 @@ class EpochReporter:
         self.mlflow = tracking.client(settings["tracking_uri"]) if rank == 0 else None
         self.best = -math.inf
 
-    def __call__(self, epoch: int, model, tokenizer) -> None:
+    def __call__(self, epoch: int, checkpoint: Path | None) -> None:
         metrics, records, scores = None, None, None
         if self.rank == 0:
+            with deepspeed_loading_disabled():  # a whole model on this rank, also in a ZeRO-3 run
+                model, tokenizer = load_model(checkpoint)
             records = run_inference(model, tokenizer, self.sets, self.settings["batch_size"], self.settings["max_new_tokens"])
+            del model
             scores = score_records(records, self.settings["mmlu_threshold"])
             metrics = _metrics(scores, epoch, self.settings["mmlu_threshold"])
             tracking.log_scores(self.mlflow, self.run_id, epoch, scores)
@@ -72,14 +75,10 @@ class EpochReporter:
             return
         self.best = metrics["final_score"]
         tracking.log_best(self.mlflow, self.run_id, epoch, metrics)
-        staging = Path(tempfile.mkdtemp(prefix="checkpoint-"))
-        try:
-            save_checkpoint(model, tokenizer, staging, base_dir=Path(self.settings["model"]))  # LoRA merged in
-            write_results(staging, records, scores)
-            (staging / "trial_config.json").write_text(json.dumps({**self.setup, "epoch": epoch}, indent=2) + "\n")
-            self.report(metrics, staging)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        # The folder scored is the checkpoint kept: the engine exported it for this epoch.
+        write_results(checkpoint, records, scores)
+        (checkpoint / "trial_config.json").write_text(json.dumps({**self.setup, "epoch": epoch}, indent=2) + "\n")
+        self.report(metrics, checkpoint)
 
 
 def _tune_report(metrics: dict[str, Any], checkpoint: Path | None) -> None:

@@ -15,6 +15,7 @@ from unlearn_sweep.evaluation.inference import answer_nll, load_model
 from unlearn_sweep.methods.entities import entity_spans
 from unlearn_sweep.methods.merge import merge_checkpoints, merge_deltas
 from unlearn_sweep.methods.registry import ParamError, build_params, get_method, method_names, run_method
+from unlearn_sweep.methods.training import MicroBatch, schedule
 from unlearn_sweep.orchestrator.cli import main
 
 
@@ -49,7 +50,7 @@ def base_nll(toy_task_dir: Path, task) -> tuple[float, float]:
 def test_method_forgets(name, settings, keeps_retain, toy_task_dir: Path, task, base_nll, tmp_path: Path) -> None:
     epochs_seen = []
     out = run_method(name, toy_task_dir / "model", task, tmp_path / "out", {"learning_rate": 1e-4, **settings},
-                     on_epoch=lambda epoch, model, tokenizer: epochs_seen.append(epoch))
+                     on_epoch=lambda epoch, checkpoint: epochs_seen.append(epoch))
     assert epochs_seen == list(range(1, len(epochs_seen) + 1)) and epochs_seen
     assert AutoModelForCausalLM.from_pretrained(out) is not None
     assert json.loads((out / "unlearn_config.json").read_text())["method"] == name
@@ -69,8 +70,6 @@ def test_lora_and_last_k_layers(toy_task_dir: Path, task, tmp_path: Path) -> Non
                        {"adapter": "qlora", "learning_rate": 1e-3, "epochs": 1})
     assert "quantization_config" not in json.loads((qlora / "config.json").read_text())
     assert load_file(qlora / "model.safetensors")["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
-    bf16 = run_method("grad_diff", toy_task_dir / "model", task, tmp_path / "bf16", {"bf16": True, "epochs": 1, "gradient_accumulation": 2})
-    assert load_file(bf16 / "model.safetensors")["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
     last = run_method("grad_ascent", toy_task_dir / "model", task, tmp_path / "last", {"adapter": "last_k", "last_k_layers": 1, "epochs": 1})
     base, changed = load_file(toy_task_dir / "model" / "model.safetensors"), load_file(last / "model.safetensors")
     assert torch.equal(base["model.layers.0.mlp.up_proj.weight"], changed["model.layers.0.mlp.up_proj.weight"])
@@ -168,9 +167,63 @@ def test_lora_adapter_merge(toy_task_dir: Path, task, tmp_path: Path) -> None:
     assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], load_file(base / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"])
 
 
+def test_bf16_keeps_fp32_master_weights(toy_task_dir: Path, task, tmp_path: Path) -> None:
+    # Updates of ~1e-6 vanish in bf16 weights (one bf16 step near 0.05 is ~2e-4); fp32 master weights keep them.
+    out = run_method("grad_diff", toy_task_dir / "model", task, tmp_path / "bf16", {"bf16": True, "epochs": 1, "learning_rate": 1e-6})
+    base, trained = load_file(toy_task_dir / "model" / "model.safetensors"), load_file(out / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert trained[name].dtype == torch.float32
+    changed = (trained[name] != base[name]).float().mean().item()
+    assert changed > 0.5, changed
+
+
+def test_schedule_applies_every_micro_batch() -> None:
+    epochs = [[MicroBatch([([1], [1])]) for _ in range(n)] for n in (5, 2)]
+    sequence, ends = schedule(epochs, accumulation=3)
+    assert ends == [2, 3]  # each epoch ends on an optimizer step: 5 -> 2 steps, 2 -> 1 step
+    groups = [sequence[i : i + 3] for i in range(0, len(sequence), 3)]
+    # Every group's weights add up to the accumulation (a mean over its real micro-batches) ...
+    assert [sum(m.weight for m in group) for group in groups] == [3.0, 3.0, 3.0]
+    # ... and every real micro-batch is applied with a positive weight.
+    assert sum(m.weight > 0 for m in sequence) == 7
+
+
+def test_accumulation_larger_than_an_epoch_still_steps(toy_task_dir: Path, task, tmp_path: Path) -> None:
+    # The old DeepSpeed stepper never stepped when an epoch had fewer micro-batches than the accumulation.
+    out = run_method("grad_diff", toy_task_dir / "model", task, tmp_path / "o", {"epochs": 1, "zero_stage": 2, "gradient_accumulation": 64})
+    base, trained = load_file(toy_task_dir / "model" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert not torch.equal(base["model.layers.0.mlp.up_proj.weight"], trained["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_task_vector_moves_tied_embeddings_once(toy_task_dir: Path, task, tmp_path: Path) -> None:
+    assert AutoModelForCausalLM.from_pretrained(toy_task_dir / "model").config.tie_word_embeddings
+    base = load_file(toy_task_dir / "model" / "model.safetensors")
+    settings = {"epochs": 1, "learning_rate": 3e-4}
+    once = load_file(run_method("task_vector", toy_task_dir / "model", task, tmp_path / "s1", {**settings, "scale": 1.0}) / "model.safetensors")
+    twice = load_file(run_method("task_vector", toy_task_dir / "model", task, tmp_path / "s2", {**settings, "scale": 2.0}) / "model.safetensors")
+    # Same fine-tune, so theta(2) - base = 2 (theta(1) - base) for every tensor; subtracting twice from a
+    # tied tensor (once as embed_tokens, once as lm_head) breaks that for the embedding.
+    for name in ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"):
+        assert torch.allclose(twice[name] - base[name], 2 * (once[name] - base[name]), atol=1e-6), name
+
+
+def test_qlora_scores_what_it_saves(toy_task_dir: Path, task, tmp_path: Path) -> None:
+    scored = []
+
+    def keep(epoch: int, checkpoint: Path) -> None:
+        scored.append(load_file(checkpoint / "model.safetensors"))
+
+    out = run_method("grad_diff", toy_task_dir / "model", task, tmp_path / "q", {"adapter": "qlora", "learning_rate": 1e-3, "epochs": 1}, keep)
+    saved = load_file(out / "model.safetensors")
+    assert saved["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32  # merged into the full-precision base
+    assert scored[-1].keys() == saved.keys() and all(torch.equal(scored[-1][name], saved[name]) for name in saved)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_matches_plain_torch(stage: int, toy_task_dir: Path, task, tmp_path: Path) -> None:
-    settings = {"epochs": 1, "learning_rate": 1e-4}
+    # One rank: the Trainer's DeepSpeed path (engine, accumulation with a short last group, consolidated
+    # save) against the same Trainer without DeepSpeed; partitioning across ranks is tested in test_cluster.
+    settings = {"epochs": 1, "learning_rate": 1e-4, "gradient_accumulation": 3}
     plain = run_method("npo", toy_task_dir / "model", task, tmp_path / "plain", settings)
     zero = run_method("npo", toy_task_dir / "model", task, tmp_path / "zero", {**settings, "zero_stage": stage})
     expected, actual = load_file(plain / "model.safetensors"), load_file(zero / "model.safetensors")

@@ -1,0 +1,122 @@
+"""Peak GPU memory of a training run, estimated before launch from the model's config.json
+alone (the model is built on the meta device: no weights are read).
+
+Per GPU: model states (weights, gradients, optimizer state; DeepSpeed's own accounting for
+ZeRO 0-3 and CPU offload: under bf16, 2 bytes per weight and 18 per trainable parameter: 16-bit
+gradient, fp32 gradient, fp32 master weight, two fp32 Adam moments), the reference model of KL/NPO methods,
+activations of the micro-batch (with or without gradient checkpointing), and a fixed
+allowance for the CUDA context and allocator. Activations follow Korthikanti et al. (2022)
+with memory-efficient attention (no s^2 term) plus the vocabulary-sized logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GIB = 1024**3
+CUDA_CONTEXT_BYTES = 1 * GIB  # CUDA context, NCCL buffers, allocator slack
+QLORA_BYTES = 0.5 + 4 / 64  # an NF4 weight plus its share of one fp32 absmax per block of 64
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know of a model, from its config."""
+
+    total: int  # parameters, a tied embedding counted once
+    linear: int  # parameters in the decoder layers' linear projections (what LoRA/QLoRA act on)
+    lora_per_rank: int  # LoRA parameters per unit of rank over every linear projection (in + out features)
+    largest_layer: int  # parameters of the largest module (ZeRO-3 gathers one at a time)
+    per_layer: int  # parameters of one decoder layer
+    layers: int
+    hidden: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, model_dir: str | Path) -> "ModelShape":
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        total = sum({id(p): p.numel() for p in model.parameters()}.values())
+        layers = model.model.layers
+        linears = [m for m in layers.modules() if isinstance(m, torch.nn.Linear)]
+        largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+        return cls(total=total, linear=sum(m.weight.numel() for m in linears),
+                   lora_per_rank=sum(m.in_features + m.out_features for m in linears), largest_layer=largest,
+                   per_layer=sum(p.numel() for p in layers[0].parameters()), layers=len(layers),
+                   hidden=config.hidden_size, vocab=config.vocab_size)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes per GPU, by part."""
+
+    model_states: int
+    reference: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.model_states + self.reference + self.activations + CUDA_CONTEXT_BYTES
+
+
+def trainable_parameters(shape: ModelShape, params: Any) -> int:
+    if params.adapter in ("lora", "qlora"):
+        return params.lora_rank * shape.lora_per_rank
+    if params.adapter == "last_k":
+        return min(params.last_k_layers, shape.layers) * shape.per_layer
+    return shape.total
+
+
+def model_state_bytes(shape: ModelShape, params: Any, workers: int) -> int:
+    """Weights + gradients + optimizer state per GPU, as DeepSpeed accounts for them."""
+    trainable = trainable_parameters(shape, params)
+    frozen = shape.total - trainable
+    if params.adapter == "qlora":
+        # 4-bit linear weights; embeddings and norms in the compute dtype; adapters fp32 (no DeepSpeed bf16 cast).
+        weights = int(shape.linear * QLORA_BYTES + (shape.total - shape.linear) * (2 if params.bf16 else 4))
+        return weights + (16 if params.zero_stage < 1 else 4 + 12 // workers) * trainable
+    if params.zero_stage < 0:
+        # Plain torch: fp32 weights (the master copy; bf16 is autocast), fp32 gradient and two Adam moments.
+        return 4 * shape.total + 12 * trainable
+    weight = 2 if params.bf16 else 4
+    gradient16 = 2 if params.bf16 else 0  # the 16-bit gradient beside the fp32 one
+    optimizer = 4 + 4 + 8 if params.bf16 else 4 + 8  # fp32 gradient (+ fp32 master weight under bf16) + two Adam moments
+    states = {
+        0: weight * shape.total + (gradient16 + optimizer) * trainable,
+        1: weight * shape.total + gradient16 * trainable + optimizer * trainable // workers,
+        2: weight * shape.total + (gradient16 + optimizer) * trainable // workers,
+        3: 4 * shape.largest_layer + weight * frozen // workers + (weight + optimizer) * trainable // workers,
+    }[params.zero_stage]
+    if params.zero_offload and params.zero_stage >= 1:  # gradients and optimizer state live in CPU memory
+        states = {1: weight * shape.total + gradient16 * trainable, 2: weight * shape.total,
+                  3: 4 * shape.largest_layer + weight * shape.total // workers}[params.zero_stage]
+    return states
+
+
+def reference_bytes(shape: ModelShape, params: Any, uses_reference: bool, workers: int) -> int:
+    """A frozen copy for full/last-k runs of KL/NPO methods; LoRA switches its adapter off instead."""
+    if not uses_reference or params.adapter in ("lora", "qlora"):
+        return 0
+    weight = 2 if params.bf16 else 4
+    return weight * shape.total // (workers if params.zero_stage == 3 else 1)
+
+
+def activation_bytes(shape: ModelShape, params: Any, forwards: int, workers: int) -> int:
+    """Saved activations of one micro-batch on one GPU, for each forward pass that keeps a graph."""
+    tokens = max(1, params.batch_size // workers) * params.max_length
+    width = 2 if params.bf16 else 4
+    per_layer = tokens * shape.hidden * 17 * width  # 34 bytes/token/hidden in 16-bit, attention memory-efficient
+    layers = tokens * shape.hidden * width * shape.layers + per_layer if params.gradient_checkpointing else per_layer * shape.layers
+    logits = tokens * shape.vocab * (width + 4 + 4)  # logits, their fp32 cast, the loss's softmax gradient
+    return forwards * (layers + logits)
+
+
+def estimate(shape: ModelShape, params: Any, uses_reference: bool, forwards: int, workers: int) -> Estimate:
+    return Estimate(model_state_bytes(shape, params, workers), reference_bytes(shape, params, uses_reference, workers),
+                    activation_bytes(shape, params, forwards, workers))
+

@@ -1,0 +1,107 @@
+"""The memory plan of a sweep: for every method the config can sample, the worst case of its
+search space (largest batch, length and LoRA rank; every choice of adapter, ZeRO stage,
+precision, checkpointing and offload), estimated per GPU before anything starts. A sweep
+whose trials cannot fit the GPUs it declares is refused with what would make it fit."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+from unlearn_sweep.methods.memory_plan import GIB, Estimate, ModelShape, estimate
+from unlearn_sweep.methods.registry import build_params, get_method
+from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
+from unlearn_sweep.orchestrator.search import load_space
+
+# Choices that change memory: every sampled combination is planned.
+ENUMERATED = ("adapter", "zero_stage", "bf16", "gradient_checkpointing", "zero_offload")
+# Ranges whose high end is the worst case.
+HIGHEST = ("batch_size", "max_length", "lora_rank", "last_k_layers")
+
+
+@dataclass
+class PlanRow:
+    method: str
+    params: Any
+    estimate: Estimate
+    available: float | None  # bytes per GPU, None without GPUs
+
+    @property
+    def fits(self) -> bool:
+        return self.available is None or self.estimate.total <= self.available
+
+
+def _worst_cases(method: str, space: dict[str, Any], workers: int) -> list[Any]:
+    """The method's Params at each memory-relevant combination of its space."""
+    method_object = get_method(method)
+    constants: dict[str, Any] = {"zero_stage": 2} if workers > 1 else {}  # what a multi-worker trial defaults to
+    options: dict[str, list[Any]] = {}
+    for name, spec in space.items():
+        if not isinstance(spec, dict):
+            constants[name] = spec
+        elif name in ENUMERATED and "choice" in spec:
+            options[name] = spec["choice"]
+        elif name in HIGHEST:
+            values = spec.get("choice") or next(spec[kind] for kind in ("int", "log_int", "uniform", "log_uniform") if kind in spec)
+            constants[name] = int(max(values))
+    combinations = [dict(zip(options, values)) for values in itertools.product(*options.values())] or [{}]
+    return [build_params(method_object, {**constants, **combination}) for combination in combinations]
+
+
+def plan_sweep(config: SweepConfig) -> list[PlanRow]:
+    shape = ModelShape.from_config(config.model)
+    workers = config.workers
+    gpu = config.resources_per_trial.get("gpu", 0)
+    available = config.gpu_memory_gb * GIB * min(gpu, 1) if config.gpu_memory_gb and gpu else None
+    rows = []
+    for method in config.methods:
+        space = load_space(method, config.search_space_overrides.get(method))
+        trained = [(space["source_method"], entries) for entries in space["sources"].values()] if "sources" in space else [(method, space["params"])]
+        for name, params_space in trained:
+            trainer = get_method(name).Trainer
+            for params in _worst_cases(name, params_space, workers):
+                rows.append(PlanRow(name, params, estimate(shape, params, trainer.uses_reference, trainer.forwards, workers), available))
+    return rows
+
+
+def _fix(row: PlanRow, config: SweepConfig, shape: ModelShape) -> str:
+    """The first change that makes the row fit, as a phrase for the error."""
+    trainer = get_method(row.method).Trainer
+    tries: list[tuple[str, Any, int]] = [
+        ("gradient_checkpointing: true", dataclasses.replace(row.params, gradient_checkpointing=True), config.workers)]
+    for workers in (2, 4, 8, 16):
+        if workers >= config.workers:
+            tries.append((f"zero_stage: 3 with resources_per_trial.workers: {workers}",
+                          dataclasses.replace(row.params, zero_stage=3, bf16=True, gradient_checkpointing=True), workers))
+    tries.append(("adapter: lora", dataclasses.replace(row.params, adapter="lora"), config.workers))
+    for phrase, params, workers in tries:
+        if estimate(shape, params, trainer.uses_reference, trainer.forwards, workers).total <= row.available:
+            return phrase
+    return "a GPU with more memory"
+
+
+def check_memory(config: SweepConfig) -> list[PlanRow]:
+    """The plan, or a ConfigError naming the first method whose trials cannot fit."""
+    rows = plan_sweep(config)
+    for row in rows:
+        if not row.fits:
+            p = row.params
+            raise ConfigError(config.source, f"{row.method} (adapter {p.adapter}, zero_stage {p.zero_stage}, bf16 {p.bf16}, batch_size {p.batch_size}, "
+                              f"max_length {p.max_length}) needs {row.estimate.total / GIB:.1f} GiB per GPU, {row.available / GIB:.1f} GiB available; "
+                              f"it would fit with {_fix(row, config, ModelShape.from_config(config.model))}", field="gpu_memory_gb")
+    return rows
+
+
+def format_plan(rows: list[PlanRow], workers: int) -> str:
+    header = ["method", "adapter", "zero", "bf16", "ckpt", "batch/gpu", "length", "states GiB", "reference GiB", "activations GiB", "total GiB", "fits"]
+    lines = [header]
+    for row in rows:
+        p, e = row.params, row.estimate
+        lines.append([row.method, p.adapter, str(p.zero_stage), str(p.bf16).lower(), str(p.gradient_checkpointing).lower(),
+                      str(max(1, p.batch_size // workers)), str(p.max_length), f"{e.model_states / GIB:.2f}", f"{e.reference / GIB:.2f}",
+                      f"{e.activations / GIB:.2f}", f"{e.total / GIB:.2f}",
+                      "-" if row.available is None else ("yes" if row.fits else "NO")])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)

@@ -1,0 +1,88 @@
+"""The memory plan: estimates from a config.json alone, checked against DeepSpeed's own
+estimators, and a sweep refused before launch when its trials cannot fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+from unlearn_sweep.methods.memory_plan import ModelShape, model_state_bytes
+from unlearn_sweep.methods.registry import build_params, get_method
+from unlearn_sweep.orchestrator.cli import main
+from unlearn_sweep.orchestrator.config import ConfigError, load_config
+from unlearn_sweep.orchestrator.plan import check_memory
+
+from test_sweep import write_config
+
+# Published OLMo-2 shapes (allenai/OLMo-2-1124-7B; a 1B with OLMo-1B's tied embeddings).
+OLMO2 = {
+    "7B": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 32, "vocab_size": 100352, "max_position_embeddings": 4096, "tie_word_embeddings": False},
+    "1B": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 16,
+           "num_key_value_heads": 16, "vocab_size": 100352, "max_position_embeddings": 4096, "tie_word_embeddings": True},
+}
+
+
+def write_olmo2_config(folder: Path, size: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "olmo2", "architectures": ["Olmo2ForCausalLM"], **OLMO2[size]}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelShape]:
+    root = tmp_path_factory.mktemp("configs")
+    return {size: ModelShape.from_config(write_olmo2_config(root / size, size)) for size in OLMO2}
+
+
+def test_shapes_come_from_the_config(shapes) -> None:
+    assert 7.1e9 < shapes["7B"].total < 7.5e9
+    assert 1.0e9 < shapes["1B"].total < 1.6e9 and shapes["1B"].total < shapes["7B"].total / 4
+
+
+@pytest.mark.parametrize("size", ["7B", "1B"])
+@pytest.mark.parametrize("gpus", [1, 8])
+def test_model_states_match_deepspeeds_estimators(size: str, gpus: int, shapes) -> None:
+    shape = shapes[size]
+    npo = get_method("npo")
+    for offload in (False, True):
+        zero2 = build_params(npo, {"zero_stage": 2, "bf16": True, "zero_offload": offload})
+        _, expected = estimate_zero2_model_states_mem_needs(shape.total, num_gpus_per_node=gpus, cpu_offload=offload)
+        assert model_state_bytes(shape, zero2, gpus) == pytest.approx(expected, rel=0.10)
+        zero3 = build_params(npo, {"zero_stage": 3, "bf16": True, "zero_offload": offload})
+        _, expected, _ = estimate_zero3_model_states_mem_needs(shape.total, shape.largest_layer, num_gpus_per_node=gpus,
+                                                                cpu_offload=offload, cpu_offload_params=False)
+        assert model_state_bytes(shape, zero3, gpus) == pytest.approx(expected, rel=0.10)
+
+
+def test_full_npo_7b_fits_zero3_on_8_gpus_and_not_one(toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model = write_olmo2_config(tmp_path / "olmo2-7b", "7B")
+    npo = {"adapter": "full", "bf16": True, "batch_size": 16, "max_length": 256}
+    fits = write_config(tmp_path / "a", toy_task_dir, model=str(model), methods=["npo"], gpu_memory_gb=80,
+                        resources_per_trial={"cpu": 8, "gpu": 1, "workers": 8}, search_space_overrides={"npo": {**npo, "zero_stage": 3}})
+    rows = check_memory(load_config(fits))
+    assert rows and all(row.fits for row in rows)
+    assert main(["plan", str(fits)]) == 0
+    assert "npo" in capsys.readouterr().out
+
+    single = write_config(tmp_path / "b", toy_task_dir, model=str(model), methods=["npo"], gpu_memory_gb=80,
+                          resources_per_trial={"cpu": 8, "gpu": 1}, search_space_overrides={"npo": {**npo, "zero_stage": -1}})
+    with pytest.raises(ConfigError, match=r"field 'gpu_memory_gb': npo \(adapter full, zero_stage -1.*GiB per GPU, 80.0 GiB available; it would fit with"):
+        check_memory(load_config(single))
+    assert main(["plan", str(single)]) == 2
+    assert "npo (adapter full" in capsys.readouterr().err
+
+
+def test_worst_case_of_the_space_is_planned(toy_task_dir: Path, tmp_path: Path) -> None:
+    model = write_olmo2_config(tmp_path / "olmo2-1b", "1B")
+    path = write_config(tmp_path, toy_task_dir, model=str(model), methods=["npo"], gpu_memory_gb=80, resources_per_trial={"cpu": 4, "gpu": 1},
+                        search_space_overrides={"npo": {"adapter": {"choice": ["full", "lora"]}, "batch_size": {"int": [4, 32]}}})
+    rows = check_memory(load_config(path))
+    assert {row.params.adapter for row in rows} == {"full", "lora"}
+    assert {row.params.batch_size for row in rows} == {32}
+    full, lora = sorted(rows, key=lambda row: row.params.adapter)
+    assert lora.estimate.model_states < full.estimate.model_states / 3 and lora.estimate.reference == 0 < full.estimate.reference
