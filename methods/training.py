@@ -272,6 +272,8 @@ def deepspeed_config(params: Any) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu"}
     if params.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        # Buffers sized to the model (the Trainer fills "auto" from hidden_size), not DeepSpeed's fixed defaults.
+        zero.update(reduce_bucket_size="auto", stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto")
     return {
         "train_micro_batch_size_per_gpu": "auto",
         "train_batch_size": "auto",
@@ -287,17 +289,24 @@ def deepspeed_config(params: Any) -> dict[str, Any]:
 @contextlib.contextmanager
 def single_rank_launch(params: Any) -> Iterator[None]:
     """Run state for one training run. A lone process under DeepSpeed runs as a one-rank
-    launch (launcher variables set, so DeepSpeed does not look for MPI; the gloo/NCCL group
-    then lives as long as the process, as DeepSpeed caches it). Under torchrun or Ray Train
-    the launcher's group is used. Afterwards the variables the Trainer sets
-    (ACCELERATE_USE_DEEPSPEED, ...) and accelerate's state are reset, so the next run in the
-    process (a reused Ray actor, the next test) is configured by its own parameters alone."""
-    if params.zero_stage >= 0 and "RANK" not in os.environ and not torch.distributed.is_initialized():
+    launch: launcher variables set for the run, so DeepSpeed does not look for MPI; the
+    gloo/NCCL group it makes lives as long as the process (DeepSpeed caches it). Under
+    torchrun or Ray Train the launcher's group is used. Afterwards the environment is restored
+    (the launcher variables and what the Trainer sets, ACCELERATE_USE_DEEPSPEED and co) and
+    accelerate's state reset, so the next run in the process (a reused Ray actor, the next
+    test) and the processes it starts are configured by their own parameters alone."""
+    environment = dict(os.environ)
+    if params.zero_stage >= 0 and "RANK" not in os.environ:  # zero.Init reads LOCAL_RANK also once the group exists
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    environment = dict(os.environ)
+    if params.zero_stage >= 0:
+        import deepspeed
+
+        # DeepSpeed's own view of the group (its config reads the world size from it): created
+        # here for a lone process, wrapped around the launcher's group under Ray Train.
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     try:
         yield
     finally:
@@ -410,7 +419,7 @@ def export_checkpoint(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out_
             if trainer.is_world_process_zero():
                 from peft import PeftModel
 
-                with deepspeed_loading_disabled():
+                with plain_transformers():
                     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
                     PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(out_dir)
     if trainer.is_world_process_zero():
@@ -420,9 +429,10 @@ def export_checkpoint(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out_
 
 
 @contextlib.contextmanager
-def deepspeed_loading_disabled() -> Iterator[None]:
-    """Load an ordinary, whole model while a ZeRO-3 run is active (from_pretrained would
-    otherwise partition it)."""
+def plain_transformers() -> Iterator[None]:
+    """Inside, transformers acts as if no ZeRO-3 run were active: from_pretrained loads whole
+    models (rather than partitions) and generate does not wait on the other ranks (rank 0
+    alone evaluates)."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
     saved = hf_deepspeed._hf_deepspeed_config_weak_ref

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,7 @@ from unlearn_sweep.corpus.semeval import load_task
 from unlearn_sweep.evaluation.evaluator import EvalSets, run_inference, score_records, write_results
 from unlearn_sweep.evaluation.inference import load_model
 from unlearn_sweep.methods.registry import build_params, get_method
-from unlearn_sweep.methods.training import deepspeed_loading_disabled
+from unlearn_sweep.methods.training import plain_transformers
 from unlearn_sweep.orchestrator import tracking
 
 # (metrics, checkpoint folder or None) -> reported to Tune or Train.
@@ -59,9 +60,9 @@ class EpochReporter:
     def __call__(self, epoch: int, checkpoint: Path | None) -> None:
         metrics, records, scores = None, None, None
         if self.rank == 0:
-            with deepspeed_loading_disabled():  # a whole model on this rank, also in a ZeRO-3 run
+            with plain_transformers():  # a whole model on this rank, also in a ZeRO-3 run
                 model, tokenizer = load_model(checkpoint)
-            records = run_inference(model, tokenizer, self.sets, self.settings["batch_size"], self.settings["max_new_tokens"])
+                records = run_inference(model, tokenizer, self.sets, self.settings["batch_size"], self.settings["max_new_tokens"])
             del model
             scores = score_records(records, self.settings["mmlu_threshold"])
             metrics = _metrics(scores, epoch, self.settings["mmlu_threshold"])
@@ -131,11 +132,21 @@ def _run_merge(setup: dict[str, Any], settings: dict[str, Any], trial_dir: Path,
         shutil.rmtree(work, ignore_errors=True)
 
 
+def export_ray_train_ranks() -> int:
+    """In a Ray Train worker, the launcher variables torchrun would set (DeepSpeed's zero.Init
+    and accelerate read them; Ray Train sets up the process group but not these). Returns
+    this worker's world rank."""
+    context = ray.train.get_context()
+    os.environ.update(RANK=str(context.get_world_rank()), LOCAL_RANK=str(context.get_local_rank()),
+                      WORLD_SIZE=str(context.get_world_size()), LOCAL_WORLD_SIZE=str(context.get_local_world_size()))
+    return context.get_world_rank()
+
+
 def _train_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker of a distributed trial (DeepSpeed ZeRO-2 unless the trial names a stage)."""
     settings, setup = loop_config["settings"], loop_config["setup"]
     torch.set_num_threads(settings["threads"])
-    rank = ray.train.get_context().get_world_rank()
+    rank = export_ray_train_ranks()
     method = get_method(setup["method"])
     params = build_params(method, {"zero_stage": 2, **setup["params"]})
     reporter = EpochReporter(settings, setup, loop_config["run_id"], _train_report, rank)

@@ -1,0 +1,107 @@
+"""Scale rehearsal on a CPU: an OLMo-2 of about 100M parameters built from a config (random
+weights, the toy task's tokenizer and data), NPO full fine-tuning for a few steps as a
+2-worker Ray Train run under DeepSpeed over gloo, at ZeRO-0 and at ZeRO-3. Prints each rank's
+measured peak memory growth next to the memory plan's prediction, and the ZeRO-3/ZeRO-0 ratio
+of model-state memory per rank (near 1/2 with 2 ranks).
+
+    python benchmarks/scale_rehearsal.py [--task toy_task] [--layers 14]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import resource
+import tempfile
+from pathlib import Path
+
+import ray
+import torch
+from ray.train import ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from unlearn_sweep.corpus.semeval import load_task
+from unlearn_sweep.methods.memory_plan import GIB, ModelShape, estimate
+from unlearn_sweep.methods.registry import build_params, get_method
+from unlearn_sweep.orchestrator.trial import export_ray_train_ranks
+
+SETTINGS = {"epochs": 1, "batch_size": 4, "max_length": 64, "learning_rate": 1e-5, "adapter": "full"}
+
+
+def build_model(task_dir: Path, out_dir: Path, layers: int) -> Path:
+    from transformers import AutoTokenizer, Olmo2Config, Olmo2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(task_dir / "model")
+    config = Olmo2Config(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=2048, num_hidden_layers=layers,
+                         num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    Olmo2ForCausalLM(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def train_worker(config: dict) -> None:
+    torch.set_num_threads(1)
+    rank = export_ray_train_ranks()
+    import deepspeed  # noqa: F401  (imported before the baseline: what the run itself adds is measured)
+
+    baseline = peak_rss_bytes()
+    task = load_task(config["task"])
+    task = dataclasses.replace(task, forget=task.forget[:8], retain=task.retain[:8])  # two optimizer steps at batch 4
+    method = get_method("npo")
+    method.run(Path(config["model"]), task, None, build_params(method, {**SETTINGS, "zero_stage": config["stage"]}))
+    Path(config["results"], f"rank{rank}").write_text(str(peak_rss_bytes() - baseline))  # one machine: a shared folder
+
+
+def run(stage: int, model_dir: Path, task_dir: Path, scratch: Path) -> list[int]:
+    """Each rank's peak memory growth over the run, in bytes."""
+    results = scratch / f"zero{stage}-results"
+    results.mkdir()
+    trainer = TorchTrainer(train_worker, train_loop_config={"model": str(model_dir), "task": str(task_dir / "data"), "stage": stage,
+                                                            "results": str(results)},
+                           scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
+                           run_config=ray.train.RunConfig(name=f"zero{stage}", storage_path=str(scratch / "ray")))
+    trainer.fit()
+    return [int((results / f"rank{rank}").read_text()) for rank in range(2)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", type=Path, default=Path("toy_task"), help="toy task directory (built if missing)")
+    parser.add_argument("--layers", type=int, default=14)
+    args = parser.parse_args()
+    if not (args.task / "model").exists():
+        from unlearn_sweep.corpus.toy_task import write_toy_task
+
+        write_toy_task(args.task)
+    with tempfile.TemporaryDirectory(prefix="rehearsal-") as scratch:
+        model_dir = build_model(args.task, Path(scratch) / "model", args.layers)
+        shape = ModelShape.from_config(model_dir)
+        print(f"OLMo-2 from a config: {shape.total / 1e6:.0f}M parameters, 2 Ray Train workers (gloo), NPO full fine-tuning")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        measured, planned = {}, {}
+        try:
+            for stage in (0, 3):
+                params = build_params(get_method("npo"), {**SETTINGS, "zero_stage": stage})
+                trainer = get_method("npo").Trainer
+                plan = estimate(shape, params, trainer.uses_reference, trainer.forwards, 2)
+                planned[stage] = plan.model_states + plan.reference + plan.activations
+                measured[stage] = run(stage, model_dir, args.task, Path(scratch))
+        finally:
+            ray.shutdown()
+    print("| ZeRO stage | rank | measured peak growth (GiB) | plan: states + reference + activations (GiB) | measured / plan |")
+    print("| --- | --- | --- | --- | --- |")
+    for stage in (0, 3):
+        for rank, growth in enumerate(measured[stage]):
+            print(f"| {stage} | {rank} | {growth / GIB:.2f} | {planned[stage] / GIB:.2f} | {growth / planned[stage]:.2f} |")
+    ratio = [measured[3][rank] / measured[0][rank] for rank in range(2)]
+    print(f"ZeRO-3 / ZeRO-0 per rank: measured {ratio[0]:.2f} (rank 0), {ratio[1]:.2f} (rank 1); planned {planned[3] / planned[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
