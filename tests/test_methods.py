@@ -177,6 +177,14 @@ def test_bf16_keeps_fp32_master_weights(toy_task_dir: Path, task, tmp_path: Path
     assert changed > 0.5, changed
 
 
+def test_gradient_checkpointing_trains_the_same_model(toy_task_dir: Path, task, tmp_path: Path) -> None:
+    settings = {"epochs": 1, "learning_rate": 1e-4}
+    plain = load_file(run_method("npo", toy_task_dir / "model", task, tmp_path / "plain", settings) / "model.safetensors")
+    checkpointed = load_file(run_method("npo", toy_task_dir / "model", task, tmp_path / "ckpt", {**settings, "gradient_checkpointing": True})
+                             / "model.safetensors")
+    assert all(torch.allclose(plain[name], checkpointed[name], atol=1e-5) for name in plain)
+
+
 def test_schedule_applies_every_micro_batch() -> None:
     epochs = [[MicroBatch([([1], [1])]) for _ in range(n)] for n in (5, 2)]
     sequence, ends = schedule(epochs, accumulation=3)
