@@ -26,6 +26,7 @@ import yaml
 from ray.tune.search.optuna import OptunaSearch
 
 from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
+from unlearn_sweep.orchestrator.objective import OBJECTIVE
 
 # Package data: the same in an editable install, a wheel and an sdist.
 SPACES_DIR = importlib.resources.files("unlearn_sweep.search_spaces")
@@ -130,20 +131,20 @@ class DefineByRun:
 
 class ConstrainedOptunaSearch(OptunaSearch):
     """OptunaSearch that sets the MMLU constraint on the Optuna trial before it is told its
-    result (Ray's OptunaSearch drops constraints). The trial reports `mmlu_slack` =
-    threshold - MMLU (<= 0 is feasible) only from a final MMLU measurement; a trial that
-    ends without one (failed, or stopped early) is recorded as infeasible."""
+    result (Ray's OptunaSearch drops constraints). A trial is told its objective (its best
+    eligible final score so far, see objective.py) with the constraint of the epoch that
+    objective came from: `objective_mmlu_slack` = threshold - MMLU, <= 0 feasible. A trial
+    that ends without a report (failed before its first epoch was scored) is infeasible."""
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         trial = self._ot_trials.get(trial_id)
         if trial is not None and trial_id not in self._completed_trials:
-            slack = (result or {}).get("mmlu_slack")
-            final = bool((result or {}).get("final_measurement"))
-            trial.set_constraint(MMLU_CONSTRAINT, slack if final and slack is not None and math.isfinite(slack) else 1.0)
+            slack = (result or {}).get("objective_mmlu_slack")
+            trial.set_constraint(MMLU_CONSTRAINT, slack if slack is not None and math.isfinite(slack) else 1.0)
         super().on_trial_complete(trial_id, result, error)
 
 
 def make_searcher(config: SweepConfig) -> ConstrainedOptunaSearch:
     spaces = {method: load_space(method, config.search_space_overrides.get(method)) for method in config.methods}
     sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=max(2, min(10, config.trials // 3)))
-    return ConstrainedOptunaSearch(space=DefineByRun(spaces), metric="final_score", mode="max", sampler=sampler, seed=config.seed)
+    return ConstrainedOptunaSearch(space=DefineByRun(spaces), metric=OBJECTIVE, mode="max", sampler=sampler, seed=config.seed)

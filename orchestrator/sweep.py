@@ -19,12 +19,13 @@ from ray.tune.schedulers import ASHAScheduler
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.orchestrator import plots, tracking
 from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
+from unlearn_sweep.orchestrator.objective import OBJECTIVE
 from unlearn_sweep.orchestrator.plan import check_memory
 from unlearn_sweep.orchestrator.search import make_searcher
 from unlearn_sweep.orchestrator.trial import run_trial
 
 log = logging.getLogger(__name__)
-METRIC, MODE = "final_score", "max"
+METRIC, MODE = OBJECTIVE, "max"  # what ASHA stops on, Optuna is told and Tune keeps checkpoints by
 # A multi-worker trial only launches its Ray Train run, whose workers hold the resources;
 # Tune refuses an empty request, hence a token CPU share for the trial itself.
 TRIAL_DRIVER_CPU = 0.01

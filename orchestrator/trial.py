@@ -27,23 +27,20 @@ from unlearn_sweep.evaluation.inference import load_model
 from unlearn_sweep.methods.registry import build_params, get_method
 from unlearn_sweep.methods.training import plain_transformers
 from unlearn_sweep.orchestrator import tracking
+from unlearn_sweep.orchestrator.objective import TrialObjective
 
 # (metrics, checkpoint folder or None) -> reported to Tune or Train.
 Report = Callable[[dict[str, Any], "Path | None"], None]
 
 
-def _metrics(scores: dict[str, Any], epoch: int, threshold: float | None) -> dict[str, Any]:
+def epoch_report(scores: dict[str, Any], epoch: int, threshold: float | None, objective: TrialObjective) -> dict[str, Any]:
+    """What one epoch reports: its scores, and the trial's objective updated with it."""
     values = {name: scores[name] for name in tracking.SCORE_METRICS}
     if any(value is None or not math.isfinite(value) for value in values.values()):
         raise FloatingPointError(f"epoch {epoch} scored a missing or non-finite value: {values}")
-    return {
-        **values,
-        "epoch": epoch,
-        "eligible": bool(scores["eligible"]),
-        # threshold - MMLU: <= 0 is feasible; measured on every report, so every report is final.
-        "mmlu_slack": (threshold or 0.0) - scores["mmlu_accuracy"],
-        "final_measurement": True,
-    }
+    slack = (threshold or 0.0) - scores["mmlu_accuracy"]  # <= 0: eligible
+    objective.update(epoch, scores["final_score"], slack)
+    return {**values, "epoch": epoch, "eligible": bool(scores["eligible"]), "mmlu_slack": slack, **objective.metrics()}
 
 
 class EpochReporter:
@@ -55,7 +52,7 @@ class EpochReporter:
         self.settings, self.setup, self.run_id, self.report, self.rank = settings, setup, run_id, report, rank
         self.sets = EvalSets.load(settings["data"], settings["split"], settings["mia"], settings["mmlu"], settings["mmlu_shots"]) if rank == 0 else None
         self.mlflow = tracking.client(settings["tracking_uri"]) if rank == 0 else None
-        self.best = -math.inf
+        self.objective = TrialObjective()
 
     def __call__(self, epoch: int, checkpoint: Path | None) -> None:
         metrics, records, scores = None, None, None
@@ -65,16 +62,16 @@ class EpochReporter:
                 records = run_inference(model, tokenizer, self.sets, self.settings["batch_size"], self.settings["max_new_tokens"])
             del model
             scores = score_records(records, self.settings["mmlu_threshold"])
-            metrics = _metrics(scores, epoch, self.settings["mmlu_threshold"])
+            metrics = epoch_report(scores, epoch, self.settings["mmlu_threshold"], self.objective)
             tracking.log_scores(self.mlflow, self.run_id, epoch, scores)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             shared = [metrics]
             torch.distributed.broadcast_object_list(shared, src=0)
             metrics = shared[0]
-        if not (self.rank == 0 and metrics["eligible"] and metrics["final_score"] > self.best):
+        # The checkpoint kept is the epoch the objective names: the trial's best eligible one.
+        if not (self.rank == 0 and metrics["eligible"] and metrics["objective_epoch"] == epoch):
             self.report(metrics, None)
             return
-        self.best = metrics["final_score"]
         tracking.log_best(self.mlflow, self.run_id, epoch, metrics)
         # The folder scored is the checkpoint kept: the engine exported it for this epoch.
         write_results(checkpoint, records, scores)

@@ -16,14 +16,18 @@ import optuna
 import pytest
 import ray
 import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
 
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.cli import main
 from unlearn_sweep.orchestrator.config import ConfigError, load_config
+from unlearn_sweep.orchestrator.objective import TrialObjective, epoch_objective
 from unlearn_sweep.orchestrator.search import MMLU_CONSTRAINT, load_space, make_searcher
 from unlearn_sweep.orchestrator.selection import export_champion, leaderboard
-from unlearn_sweep.orchestrator.sweep import run_sweep
+from unlearn_sweep.orchestrator.sweep import METRIC, MODE, run_sweep
+from unlearn_sweep.orchestrator.trial import epoch_report
 
 
 def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
@@ -82,17 +86,55 @@ def test_search_space_errors_and_conditions(tmp_path: Path) -> None:
 
 def test_searcher_hands_the_mmlu_constraint_to_optuna(toy_task_dir: Path, tmp_path: Path) -> None:
     searcher = make_searcher(load_config(write_config(tmp_path, toy_task_dir)))
-    for trial_id in ("a", "b", "c", "d"):
+    for trial_id in ("a", "b", "c"):
         assert searcher.suggest(trial_id)["setup"]["method"] == "grad_diff"
-    searcher.on_trial_complete("a", {"final_score": 0.6, "mmlu_slack": -0.1, "final_measurement": True})
-    searcher.on_trial_complete("b", {"final_score": 0.9, "mmlu_slack": 0.2, "final_measurement": True})
-    searcher.on_trial_complete("c", {"final_score": 0.7, "mmlu_slack": -0.3})  # no final MMLU: unknown
-    searcher.on_trial_complete("d", None, error=True)
+    searcher.on_trial_complete("a", {"objective": 0.6, "objective_mmlu_slack": -0.1})
+    searcher.on_trial_complete("b", {"objective": -1.2, "objective_mmlu_slack": 0.2})
+    searcher.on_trial_complete("c", None, error=True)  # failed before its first score
     trials = searcher._ot_study.trials
-    assert [t.constraints[MMLU_CONSTRAINT] for t in trials] == [-0.1, 0.2, 1.0, 1.0]
-    assert trials[3].state == optuna.trial.TrialState.FAIL
+    assert [t.constraints[MMLU_CONSTRAINT] for t in trials] == [-0.1, 0.2, 1.0]
+    assert trials[2].state == optuna.trial.TrialState.FAIL
     feasible = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.constraints[MMLU_CONSTRAINT] <= 0]
     assert [t.value for t in feasible] == [0.6]
+
+
+def test_eligible_then_ineligible_trial_is_feasible_with_its_eligible_value(toy_task_dir: Path, tmp_path: Path) -> None:
+    threshold, objective = 0.5, TrialObjective()
+    scores = {name: 0.5 for name in tracking.SCORE_METRICS}
+    epoch_report({**scores, "final_score": 0.55, "mmlu_accuracy": 0.6, "eligible": True}, 1, threshold, objective)
+    last = epoch_report({**scores, "final_score": 0.7, "mmlu_accuracy": 0.3, "eligible": False}, 2, threshold, objective)
+    assert (last["objective"], last["objective_epoch"]) == (0.55, 1) and last["objective_mmlu_slack"] <= 0
+    searcher = make_searcher(load_config(write_config(tmp_path, toy_task_dir)))
+    searcher.suggest("t")
+    searcher.on_trial_complete("t", last)  # Tune hands the last report
+    (trial,) = searcher._ot_study.trials
+    assert trial.value == 0.55 and trial.constraints[MMLU_CONSTRAINT] <= 0
+
+
+def test_ineligible_epochs_rank_below_eligible_ones_by_how_close_they_came() -> None:
+    assert epoch_objective(0.01, 0.0) > epoch_objective(0.99, 0.01) > epoch_objective(0.99, 0.2)
+
+
+def test_asha_stops_an_ineligible_high_trial_before_an_eligible_lower_one(local_ray, tmp_path: Path) -> None:
+    def scripted_trial(config: dict) -> None:  # nested: Ray pickles it by value for its workers
+        """Reports a fixed (final score, MMLU) per epoch, as a trial's EpochReporter would."""
+        objective = TrialObjective()
+        for epoch, (final, mmlu) in enumerate(config["epochs"], start=1):
+            scores = {name: 0.5 for name in tracking.SCORE_METRICS} | {"final_score": final, "mmlu_accuracy": mmlu, "eligible": mmlu >= 0.5}
+            tune.report(epoch_report(scores, epoch, 0.5, objective))
+
+    eligible, collapsed = [(0.4, 0.6)] * 4, [(0.9, 0.2)] * 4  # collapsed: high final score, MMLU far below 0.5
+    tuner = tune.Tuner(
+        scripted_trial,
+        param_space={"epochs": tune.grid_search([eligible, collapsed, eligible, collapsed])},
+        tune_config=tune.TuneConfig(scheduler=ASHAScheduler(metric=METRIC, mode=MODE, grace_period=1, reduction_factor=2, max_t=4),
+                                    max_concurrent_trials=1),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0),
+    )
+    epochs = {}
+    for result in tuner.fit():
+        epochs.setdefault("eligible" if result.config["epochs"] == eligible else "collapsed", []).append(result.metrics["training_iteration"])
+    assert max(epochs["collapsed"]) < 4 and max(epochs["eligible"]) == 4, epochs
 
 
 @pytest.fixture(scope="module")
