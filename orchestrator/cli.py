@@ -128,10 +128,15 @@ def _print_table(rows: list[dict]) -> None:
 
 def _sweep(args: argparse.Namespace) -> int:
     from unlearn_sweep.orchestrator.config import load_config
-    from unlearn_sweep.orchestrator.sweep import run_sweep
+    from unlearn_sweep.orchestrator.sweep import SweepFailed, run_sweep
 
     config = load_config(args.config)
-    _report(run_sweep(config, args.resume), config)
+    try:
+        summary = run_sweep(config, args.resume)
+    except SweepFailed as error:
+        print(f"unlearn-sweep: error: {error}", file=sys.stderr)
+        return 1
+    _report(summary, config)
     return 0
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,10 @@ METRIC, MODE = OBJECTIVE, "max"  # what ASHA stops on, Optuna is told and Tune k
 # A multi-worker trial only launches its Ray Train run, whose workers hold the resources;
 # Tune refuses an empty request, hence a token CPU share for the trial itself.
 TRIAL_DRIVER_CPU = 0.01
+
+
+class SweepFailed(RuntimeError):
+    """Every trial of a sweep failed: there is nothing to select."""
 
 
 @dataclass
@@ -140,6 +146,10 @@ def run_sweep(config: SweepConfig, resume: bool = False) -> SweepSummary:
         )
     grid = tuner.fit()
     summary = SweepSummary(config.experiment, parent_run_id, threshold, rows=_rows(grid, mlflow, experiment, parent_run_id))
+    if summary.rows and all(row["status"] == "failed" for row in summary.rows):
+        tracking.end_parent(mlflow, parent_run_id, failed=True)
+        error, count = Counter(row["error"] for row in summary.rows).most_common(1)[0]
+        raise SweepFailed(f"all {len(summary.rows)} trials of sweep {config.name!r} failed; most common error ({count}x): {error}")
     _finish(config, summary, mlflow, experiment_path)
     return summary
 
@@ -159,6 +169,7 @@ def _rows(grid, mlflow, experiment: str, parent_run_id: str) -> list[dict[str, A
         rows.append({
             "trial_id": trial_id, "method": setup.get("method"), "params": setup.get("params", {}),
             "status": "failed" if result.error else "finished", "eligible": checkpoint is not None,
+            "error": _error_line(result.error) if result.error else None,
             "epochs": metrics.get("training_iteration", 0), "checkpoint": checkpoint,
             **{name: scores.get(name) for name in tracking.SCORE_METRICS},
         })
@@ -167,6 +178,13 @@ def _rows(grid, mlflow, experiment: str, parent_run_id: str) -> list[dict[str, A
     for trial_id in set(children) - {row["trial_id"] for row in rows}:
         tracking.mark_interrupted(mlflow, children[trial_id])
     return sorted(rows, key=lambda r: (r["eligible"], r["final_score"] if r["final_score"] is not None else -1), reverse=True)
+
+
+def _error_line(error: BaseException) -> str:
+    """A trial error's root cause as one line ('FloatingPointError: loss became nan ...'):
+    Tune wraps it in Ray's task errors, whose text ends with the original exception."""
+    causes = [line.strip() for line in str(error).splitlines() if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b[^:]*:", line.strip())]
+    return causes[-1] if causes else type(error).__name__
 
 
 def _best_checkpoint(result) -> str | None:

@@ -196,6 +196,17 @@ def test_small_sweep_end_to_end(local_ray, toy_task_dir: Path, tmp_path: Path, c
         run_sweep(config)
 
 
+def test_sweep_whose_every_trial_fails_exits_non_zero(local_ray, toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_config(tmp_path, toy_task_dir, name="all-fail", methods=["grad_ascent"], trials=2,
+                        search_space_overrides={"grad_ascent": {"learning_rate": 1.0e6, "epochs": 1}})  # the loss diverges
+    assert main(["sweep", str(path)]) == 1
+    error = capsys.readouterr().err
+    assert "all 2 trials of sweep 'all-fail' failed; most common error (2x): FloatingPointError: " in error
+    mlflow = tracking.client(load_config(path).tracking_uri)
+    parent = mlflow.search_runs([mlflow.get_experiment_by_name("all-fail").experiment_id], filter_string="tags.role = 'sweep'")[0]
+    assert parent.info.status == "FAILED"
+
+
 def test_interrupted_sweep_resumes_without_duplicates(local_ray, toy_task_dir: Path, tmp_path: Path) -> None:
     path = write_config(tmp_path, toy_task_dir, name="resumed", trials=4, max_concurrent_trials=1)
     config = load_config(path)
