@@ -128,11 +128,14 @@ def _print_table(rows: list[dict]) -> None:
 
 def _sweep(args: argparse.Namespace) -> int:
     from unlearn_sweep.orchestrator.config import load_config
-    from unlearn_sweep.orchestrator.sweep import SweepFailed, run_sweep
+    from unlearn_sweep.orchestrator.sweep import SweepFailed, SweepInterrupted, run_sweep
 
     config = load_config(args.config)
     try:
         summary = run_sweep(config, args.resume)
+    except SweepInterrupted as error:
+        print(f"unlearn-sweep: {error}", file=sys.stderr)
+        return 130  # the shell's code for a run ended by Ctrl-C
     except SweepFailed as error:
         print(f"unlearn-sweep: error: {error}", file=sys.stderr)
         return 1

@@ -4,10 +4,15 @@ checkpoint becomes the registered champion. Thin glue over search, trial and tra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import re
+import signal
+import threading
+from collections.abc import Iterator
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,6 +40,10 @@ TRIAL_DRIVER_CPU = 0.01
 
 class SweepFailed(RuntimeError):
     """Every trial of a sweep failed: there is nothing to select."""
+
+
+class SweepInterrupted(RuntimeError):
+    """Ctrl-C or SIGTERM stopped the sweep; its state is saved for --resume."""
 
 
 @dataclass
@@ -144,7 +153,13 @@ def run_sweep(config: SweepConfig, resume: bool = False) -> SweepSummary:
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
             ),
         )
-    grid = tuner.fit()
+    with _sigterm_as_sigint():
+        grid = tuner.fit()  # Tune stops gracefully on SIGINT, saving its state, and returns
+    if grid.num_terminated + grid.num_errors < config.trials:
+        _mark_interrupted(mlflow, experiment, parent_run_id)
+        done = grid.num_terminated + grid.num_errors
+        raise SweepInterrupted(f"sweep {config.name!r} interrupted after {done} of {config.trials} trials; no champion was registered. "
+                               f"Continue it with: unlearn-sweep sweep {config.source} --resume")
     summary = SweepSummary(config.experiment, parent_run_id, threshold, rows=_rows(grid, mlflow, experiment, parent_run_id))
     if summary.rows and all(row["status"] == "failed" for row in summary.rows):
         tracking.end_parent(mlflow, parent_run_id, failed=True)
@@ -152,6 +167,29 @@ def run_sweep(config: SweepConfig, resume: bool = False) -> SweepSummary:
         raise SweepFailed(f"all {len(summary.rows)} trials of sweep {config.name!r} failed; most common error ({count}x): {error}")
     _finish(config, summary, mlflow, experiment_path)
     return summary
+
+
+@contextlib.contextmanager
+def _sigterm_as_sigint() -> Iterator[None]:
+    """SIGTERM (a scheduler's or `kill`'s stop) takes the path of Ctrl-C: Tune's graceful stop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _mark_interrupted(mlflow, experiment: str, parent_run_id: str) -> None:
+    """Trial runs still open, and the parent, end KILLED: nothing is left RUNNING or FINISHED
+    that did not finish."""
+    for run in tracking.trial_runs(mlflow, experiment, parent_run_id):
+        if run.info.status == "RUNNING":
+            tracking.mark_interrupted(mlflow, run.info.run_id)
+    mlflow.set_tag(parent_run_id, "status", "interrupted")
+    mlflow.set_terminated(parent_run_id, "KILLED")
 
 
 def _rows(grid, mlflow, experiment: str, parent_run_id: str) -> list[dict[str, Any]]:

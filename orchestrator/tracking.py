@@ -117,4 +117,5 @@ def register_champion(mlflow: MlflowClient, name: str, run_id: str, checkpoint_d
 
 
 def end_parent(mlflow: MlflowClient, run_id: str, failed: bool = False) -> None:
+    mlflow.set_tag(run_id, "status", "failed" if failed else "finished")  # a resumed sweep's parent was tagged interrupted
     mlflow.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED))

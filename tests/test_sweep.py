@@ -3,6 +3,7 @@ small sweeps on local Ray (MLflow runs, a failing trial, export round trip, resu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -205,6 +206,34 @@ def test_sweep_whose_every_trial_fails_exits_non_zero(local_ray, toy_task_dir: P
     mlflow = tracking.client(load_config(path).tracking_uri)
     parent = mlflow.search_runs([mlflow.get_experiment_by_name("all-fail").experiment_id], filter_string="tags.role = 'sweep'")[0]
     assert parent.info.status == "FAILED"
+
+
+def test_ctrl_c_marks_the_sweep_interrupted_and_says_how_to_resume(toy_task_dir: Path, tmp_path: Path) -> None:
+    path = write_config(tmp_path, toy_task_dir, name="stopped", trials=4, max_concurrent_trials=1)
+    config = load_config(path)
+    driver = subprocess.Popen([sys.executable, "-m", "unlearn_sweep.orchestrator.cli", "sweep", str(path)], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    mlflow = tracking.client(config.tracking_uri)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            experiment = mlflow.get_experiment_by_name(config.experiment)
+            if experiment and mlflow.search_runs([experiment.experiment_id], filter_string="tags.status = 'finished'"):
+                break
+            assert driver.poll() is None, "the sweep ended before it could be interrupted"
+            time.sleep(1)
+        driver.send_signal(signal.SIGINT)  # Ctrl-C reaches the driver
+        _, error = driver.communicate(timeout=180)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)  # the Ray cluster the driver started, if still there
+    assert driver.returncode == 130, error
+    assert "--resume" in error.splitlines()[-1] and "no champion was registered" in error
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name(config.experiment).experiment_id])
+    parent = next(run for run in runs if run.data.tags.get("role") == "sweep")
+    assert parent.info.status == "KILLED" and parent.data.tags["status"] == "interrupted"
+    assert not any(run.info.status == "RUNNING" for run in runs)
+    assert not mlflow.search_registered_models(f"name = '{config.experiment}'")
 
 
 def test_interrupted_sweep_resumes_without_duplicates(local_ray, toy_task_dir: Path, tmp_path: Path) -> None:
