@@ -90,6 +90,12 @@ def _convert(key: str, value: Any, kind: type) -> Any:
     raise ParamError(f"{key}={value!r}: expected {kind.__name__}")
 
 
+def check_value(method: Method, key: str, value: Any) -> Any:
+    """One hyperparameter's value as its field's type, or a ParamError (a search space's
+    constants and choices are checked this way before a sweep starts)."""
+    return _convert(key, value, get_type_hints(method.Params)[key])
+
+
 def build_params(method: Method, values: dict[str, Any]) -> Any:
     """The method's Params from a mapping of overrides, checked by name and type."""
     fields = {f.name: f for f in dataclasses.fields(method.Params)}

@@ -133,6 +133,10 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
         if method not in methods:
             raise ConfigError(path, f"method {method!r} is not among methods {methods}", field="search_space_overrides")
         _expect(path, f"search_space_overrides.{method}", space, dict, "a mapping of parameters")
+    from unlearn_sweep.orchestrator.search import load_space
+
+    for method in methods:  # every space checked now, with overrides, before anything starts
+        load_space(method, overrides.get(method), config_path=path)
     threshold = raw.get("mmlu_threshold")
     if threshold is not None:
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import math
+from collections.abc import Callable
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,11 @@ DISTRIBUTIONS = ("log_uniform", "uniform", "int", "log_int", "choice")
 MMLU_CONSTRAINT = "mmlu_threshold"
 
 
-def load_space(method: str, overrides: dict[str, Any] | None = None, spaces_dir: Traversable | Path = SPACES_DIR) -> dict[str, Any]:
-    """The method's space with overrides applied, checked against the method's parameters."""
+def load_space(method: str, overrides: dict[str, Any] | None = None, spaces_dir: Traversable | Path = SPACES_DIR,
+               config_path: Path | None = None) -> dict[str, Any]:
+    """The method's space with overrides applied, checked against the method's parameters:
+    names, distributions, and constants and choices of the parameter's type. An error in an
+    override names config_path (the user's sweep config) and its field there."""
     path = spaces_dir / f"{method}.yaml"
     if not path.is_file():
         raise ConfigError(path, f"no search space for method {method!r}")
@@ -43,31 +47,42 @@ def load_space(method: str, overrides: dict[str, Any] | None = None, spaces_dir:
         space = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(path, f"invalid YAML: {str(error).splitlines()[0]}") from None
+    overridden = set(overrides or {})
     space = {**space, **(overrides or {})}
-    valid = _param_names(method)
+
+    def locate(name: str, prefix: str = "") -> tuple[Any, str]:
+        if config_path is not None and not prefix and name in overridden:
+            return config_path, f"search_space_overrides.{method}.{name}"
+        return path, f"{prefix}.{name}" if prefix else name
+
     if method == "merge":
         source = space.pop("source_method", None)
         sources = space.pop("sources", None)
         if source is None or not isinstance(sources, dict) or len(sources) < 2:
-            raise ConfigError(path, "merge needs source_method and at least two named sources", field="sources")
+            path_of_sources, field = locate("sources")
+            raise ConfigError(path_of_sources, "merge needs source_method and at least two named sources", field=field)
         base = load_space(source, None, spaces_dir)["params"]
-        checked = {name: _check(path, {**base, **(entries or {})}, _param_names(source), f"sources.{name}") for name, entries in sources.items()}
-        valid.discard("models")
-        return {"source_method": source, "sources": checked, "params": _check(path, space, valid, "")}
-    return {"params": _check(path, space, valid, "")}
+        checked = {name: _check(source, {**base, **(entries or {})}, lambda key, name=name: locate(key, f"sources.{name}"))
+                   for name, entries in sources.items()}
+        return {"source_method": source, "sources": checked, "params": _check(method, space, locate, exclude={"models"})}
+    return {"params": _check(method, space, locate)}
 
 
-def _param_names(method: str) -> set[str]:
-    from unlearn_sweep.methods.registry import get_method
+def _check(method: str, space: dict[str, Any], locate: Callable[[str], tuple[Any, str]], exclude: set[str] = frozenset()) -> dict[str, Any]:
+    from unlearn_sweep.methods.registry import ParamError, check_value, get_method
 
-    return {f.name for f in dataclasses.fields(get_method(method).Params)}
-
-
-def _check(path: Path, space: dict[str, Any], valid: set[str], prefix: str) -> dict[str, Any]:
+    method_object = get_method(method)
+    valid = {f.name for f in dataclasses.fields(method_object.Params)} - exclude
     for name, spec in space.items():
-        where = f"{prefix}.{name}" if prefix else name
+        path, where = locate(name)
         if name not in valid:
-            raise ConfigError(path, f"not a hyperparameter of this method (valid: {', '.join(sorted(valid))})", field=where)
+            raise ConfigError(path, f"not a hyperparameter of {method} (valid: {', '.join(sorted(valid))})", field=where)
+        constants = [spec] if not isinstance(spec, dict) else spec.get("choice") if isinstance(spec.get("choice"), list) else []
+        for value in constants:  # a wrong type would fail every trial that samples it
+            try:
+                check_value(method_object, name, value)
+            except ParamError as error:
+                raise ConfigError(path, str(error), field=where) from None
         if not isinstance(spec, dict):
             continue
         kinds = [key for key in spec if key in DISTRIBUTIONS]
@@ -145,6 +160,6 @@ class ConstrainedOptunaSearch(OptunaSearch):
 
 
 def make_searcher(config: SweepConfig) -> ConstrainedOptunaSearch:
-    spaces = {method: load_space(method, config.search_space_overrides.get(method)) for method in config.methods}
+    spaces = {method: load_space(method, config.search_space_overrides.get(method), config_path=config.source) for method in config.methods}
     sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=max(2, min(10, config.trials // 3)))
     return ConstrainedOptunaSearch(space=DefineByRun(spaces), metric=OBJECTIVE, mode="max", sampler=sampler, seed=config.seed)

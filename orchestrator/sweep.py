@@ -69,6 +69,24 @@ def _start_ray(config: SweepConfig) -> None:
         ray.init(address=config.ray_address, log_to_driver=False)
 
 
+def _check_placeable(config: SweepConfig) -> None:
+    """On a local Ray (no autoscaler to add nodes) a trial asking for more than any node has
+    would wait forever: refuse it."""
+    if config.ray_address != "local":
+        return
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    unit = "trial worker" if config.workers > 1 else "trial"
+    for name, need in (("CPU", config.resources_per_trial["cpu"]), ("GPU", config.resources_per_trial.get("gpu", 0))):
+        have = max((node.get(name, 0) for node in nodes), default=0)
+        if need > have:
+            raise ConfigError(config.source, f"a {unit} needs {need:g} {name}, and this machine's Ray has {have:g}: it could never start",
+                              field="resources_per_trial")
+    total = sum(node.get("CPU", 0) for node in nodes)
+    if config.workers * config.resources_per_trial["cpu"] > total:
+        raise ConfigError(config.source, f"{config.workers} workers x {config.resources_per_trial['cpu']:g} CPU exceed this machine's "
+                          f"{total:g} CPUs", field="resources_per_trial")
+
+
 def _max_concurrent(config: SweepConfig) -> int:
     """What the cluster holds: the scarcest resource decides (fractional GPUs pack)."""
     if config.max_concurrent_trials:
@@ -119,10 +137,11 @@ def run_sweep(config: SweepConfig, resume: bool = False) -> SweepSummary:
         raise ConfigError(config.source, f"a sweep named {config.name!r} already exists in {config.storage_path}; resume it with --resume or choose another name", field="name")
     if resume and not tune.Tuner.can_restore(experiment_path):
         raise ConfigError(config.source, f"no sweep {config.name!r} in {config.storage_path} to resume", field="name")
+    _start_ray(config)
+    _check_placeable(config)  # before MLflow is touched: nothing is left behind by a bad config
     mlflow = tracking.client(config.tracking_uri)
     experiment = tracking.experiment_id(mlflow, config.experiment)
     parent_run_id, threshold = _parent_run(mlflow, experiment, config, resume)
-    _start_ray(config)
     settings = {
         "model": str(config.model), "data": str(config.data), "split": config.split, "mia": str(config.mia),
         "mmlu": str(config.mmlu), "mmlu_shots": config.mmlu_shots, "mmlu_threshold": threshold,

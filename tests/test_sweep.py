@@ -58,6 +58,12 @@ def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
         ({"resources_per_trial": {"cpu": 1, "tpu": 1}}, "unknown resource 'tpu'"),
         ({"search_space_overrides": {"npo": {}}}, "method 'npo' is not among methods"),
         ({"data": "/nonexistent"}, "field 'data': /nonexistent does not exist"),
+        # Search-space overrides are checked with the config, named in the user's file.
+        ({"search_space_overrides": {"grad_diff": {"bogus": 1}}}, "field 'search_space_overrides.grad_diff.bogus': not a hyperparameter"),
+        ({"search_space_overrides": {"grad_diff": {"learning_rate": {"uniform": [0.2, 0.1]}}}},
+         "field 'search_space_overrides.grad_diff.learning_rate': uniform needs [low, high] with low <= high"),
+        ({"search_space_overrides": {"grad_diff": {"adapter": {"choice": []}}}}, "field 'search_space_overrides.grad_diff.adapter': choice needs"),
+        ({"search_space_overrides": {"grad_diff": {"epochs": "two"}}}, "field 'search_space_overrides.grad_diff.epochs': epochs='two': expected int"),
     ],
 )
 def test_config_errors_name_the_file_and_field(change, message, toy_task_dir: Path, tmp_path: Path) -> None:
@@ -68,7 +74,7 @@ def test_config_errors_name_the_file_and_field(change, message, toy_task_dir: Pa
 
 
 def test_search_space_errors_and_conditions(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="field 'betta': not a hyperparameter"):
+    with pytest.raises(ConfigError, match="npo.yaml: field 'betta': not a hyperparameter"):
         load_space("npo", {"betta": 0.1})
     with pytest.raises(ConfigError, match="field 'beta': log_uniform needs"):
         load_space("npo", {"beta": {"log_uniform": [1.0]}})
@@ -197,6 +203,13 @@ def test_small_sweep_end_to_end(local_ray, toy_task_dir: Path, tmp_path: Path, c
         run_sweep(config)
 
 
+def test_trial_that_can_never_be_placed_is_refused_before_mlflow(local_ray, toy_task_dir: Path, tmp_path: Path) -> None:
+    path = write_config(tmp_path, toy_task_dir, name="too-big", resources_per_trial={"cpu": 64})
+    with pytest.raises(ConfigError, match=r"field 'resources_per_trial': a trial needs 64 CPU, and this machine's Ray has 2"):
+        run_sweep(load_config(path))
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_sweep_whose_every_trial_fails_exits_non_zero(local_ray, toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = write_config(tmp_path, toy_task_dir, name="all-fail", methods=["grad_ascent"], trials=2,
                         search_space_overrides={"grad_ascent": {"learning_rate": 1.0e6, "epochs": 1}})  # the loss diverges
@@ -208,6 +221,18 @@ def test_sweep_whose_every_trial_fails_exits_non_zero(local_ray, toy_task_dir: P
     assert parent.info.status == "FAILED"
 
 
+def wait_for_a_finished_trial(mlflow, config, driver: subprocess.Popen) -> None:
+    """Until the sweep that driver runs has a finished trial in MLflow (at most 240 s)."""
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        experiment = mlflow.get_experiment_by_name(config.experiment)
+        if experiment and mlflow.search_runs([experiment.experiment_id], filter_string="tags.status = 'finished'"):
+            return
+        assert driver.poll() is None, "the sweep ended before it could be interrupted"
+        time.sleep(1)
+    pytest.fail("no trial finished in time")
+
+
 def test_ctrl_c_marks_the_sweep_interrupted_and_says_how_to_resume(toy_task_dir: Path, tmp_path: Path) -> None:
     path = write_config(tmp_path, toy_task_dir, name="stopped", trials=4, max_concurrent_trials=1)
     config = load_config(path)
@@ -215,13 +240,7 @@ def test_ctrl_c_marks_the_sweep_interrupted_and_says_how_to_resume(toy_task_dir:
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     mlflow = tracking.client(config.tracking_uri)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            experiment = mlflow.get_experiment_by_name(config.experiment)
-            if experiment and mlflow.search_runs([experiment.experiment_id], filter_string="tags.status = 'finished'"):
-                break
-            assert driver.poll() is None, "the sweep ended before it could be interrupted"
-            time.sleep(1)
+        wait_for_a_finished_trial(mlflow, config, driver)
         driver.send_signal(signal.SIGINT)  # Ctrl-C reaches the driver
         _, error = driver.communicate(timeout=180)
     finally:
@@ -242,16 +261,8 @@ def test_interrupted_sweep_resumes_without_duplicates(local_ray, toy_task_dir: P
     driver = subprocess.Popen([sys.executable, "-m", "unlearn_sweep.orchestrator.cli", "sweep", str(path)], cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     mlflow = tracking.client(config.tracking_uri)
-    deadline = time.time() + 240
     try:
-        while time.time() < deadline:
-            experiment = mlflow.get_experiment_by_name(config.experiment)
-            if experiment and mlflow.search_runs([experiment.experiment_id], filter_string="tags.status = 'finished'"):
-                break
-            assert driver.poll() is None, "the sweep ended before it could be interrupted"
-            time.sleep(1)
-        else:
-            pytest.fail("no trial finished in time")
+        wait_for_a_finished_trial(mlflow, config, driver)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
         driver.wait()
