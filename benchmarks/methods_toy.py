@@ -56,7 +56,7 @@ def main() -> None:
         if method == "npo":
             npo_models.append(out)
         rows.append((label, evaluate_checkpoint(out, sets), seconds))
-    print(f"| method | forget mean | retain mean | task agg | MIA AUC | MIA score | MMLU | final | train s |")
+    print("| method | forget mean | retain mean | task agg | MIA AUC | MIA score | MMLU | final | train s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, s, seconds in rows:
         print(f"| {label} | {s['forget_mean']:.3f} | {s['retain_mean']:.3f} | {s['task_aggregate']:.3f} | {s['mia_auc']:.3f} "
