@@ -150,8 +150,9 @@ def _plan(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     print(f"peak memory per GPU, estimated from {config.model / 'config.json'} "
           f"({config.workers} worker(s) per trial, gpu {config.resources_per_trial.get('gpu', 0)}, gpu_memory_gb {config.gpu_memory_gb}):")
-    print(format_plan(plan_sweep(config), config.workers))
-    check_memory(config)
+    rows = plan_sweep(config)
+    print(format_plan(rows, config.workers))
+    check_memory(config, rows)
     return 0
 
 

@@ -27,6 +27,7 @@ class PlanRow:
     params: Any
     estimate: Estimate
     available: float | None  # bytes per GPU, None without GPUs
+    shape: ModelShape  # what the estimate was made for (the error's suggestion re-estimates on it)
 
     @property
     def fits(self) -> bool:
@@ -62,11 +63,11 @@ def plan_sweep(config: SweepConfig) -> list[PlanRow]:
         for name, params_space in trained:
             trainer = get_method(name).Trainer
             for params in _worst_cases(name, params_space, workers):
-                rows.append(PlanRow(name, params, estimate(shape, params, trainer.uses_reference, trainer.forwards, workers), available))
+                rows.append(PlanRow(name, params, estimate(shape, params, trainer.uses_reference, trainer.forwards, workers), available, shape))
     return rows
 
 
-def _fix(row: PlanRow, config: SweepConfig, shape: ModelShape) -> str:
+def _fix(row: PlanRow, config: SweepConfig) -> str:
     """The first change that makes the row fit, as a phrase for the error."""
     trainer = get_method(row.method).Trainer
     tries: list[tuple[str, Any, int]] = [
@@ -77,20 +78,21 @@ def _fix(row: PlanRow, config: SweepConfig, shape: ModelShape) -> str:
                           dataclasses.replace(row.params, zero_stage=3, bf16=True, gradient_checkpointing=True), workers))
     tries.append(("adapter: lora", dataclasses.replace(row.params, adapter="lora"), config.workers))
     for phrase, params, workers in tries:
-        if estimate(shape, params, trainer.uses_reference, trainer.forwards, workers).total <= row.available:
+        if estimate(row.shape, params, trainer.uses_reference, trainer.forwards, workers).total <= row.available:
             return phrase
     return "a GPU with more memory"
 
 
-def check_memory(config: SweepConfig) -> list[PlanRow]:
-    """The plan, or a ConfigError naming the first method whose trials cannot fit."""
-    rows = plan_sweep(config)
+def check_memory(config: SweepConfig, rows: list[PlanRow] | None = None) -> list[PlanRow]:
+    """The plan (made here unless given), or a ConfigError naming the first method whose
+    trials cannot fit."""
+    rows = plan_sweep(config) if rows is None else rows
     for row in rows:
         if not row.fits:
             p = row.params
             raise ConfigError(config.source, f"{row.method} (adapter {p.adapter}, zero_stage {p.zero_stage}, bf16 {p.bf16}, batch_size {p.batch_size}, "
                               f"max_length {p.max_length}) needs {row.estimate.total / GIB:.1f} GiB per GPU, {row.available / GIB:.1f} GiB available; "
-                              f"it would fit with {_fix(row, config, ModelShape.from_config(config.model))}", field="gpu_memory_gb")
+                              f"it would fit with {_fix(row, config)}", field="gpu_memory_gb")
     return rows
 
 
