@@ -3,7 +3,8 @@ alone (the model is built on the meta device: no weights are read).
 
 Per GPU: model states (weights, gradients, optimizer state; DeepSpeed's own accounting for
 ZeRO 0-3 and CPU offload: under bf16, 2 bytes per weight and 18 per trainable parameter: 16-bit
-gradient, fp32 gradient, fp32 master weight, two fp32 Adam moments), the reference model of KL/NPO methods,
+gradient, fp32 gradient, fp32 master weight, two fp32 Adam moments; in fp32, ZeRO 1-3 still keep
+a separate fp32 partition), the reference model of KL/NPO methods,
 activations of the micro-batch (with or without gradient checkpointing), and a fixed
 allowance for the CUDA context and allocator. Activations follow Korthikanti et al. (2022)
 with memory-efficient attention (no s^2 term) plus the vocabulary-sized logits."""
@@ -85,7 +86,10 @@ def model_state_bytes(shape: ModelShape, params: Any, workers: int) -> int:
         return 4 * shape.total + 12 * trainable
     weight = 2 if params.bf16 else 4
     gradient16 = 2 if params.bf16 else 0  # the 16-bit gradient beside the fp32 one
-    optimizer = 4 + 4 + 8 if params.bf16 else 4 + 8  # fp32 gradient (+ fp32 master weight under bf16) + two Adam moments
+    # fp32 gradient, fp32 master weight and two Adam moments; ZeRO 1-3 keep their own fp32 partition
+    # (a copy) even when the weights are fp32 already, only plain DeepSpeed (stage 0) steps them in place.
+    master = 4 if params.bf16 or params.zero_stage >= 1 else 0
+    optimizer = 4 + master + 8
     states = {
         0: weight * shape.total + (gradient16 + optimizer) * trainable,
         1: weight * shape.total + gradient16 * trainable + optimizer * trainable // workers,

@@ -59,6 +59,16 @@ def test_model_states_match_deepspeeds_estimators(size: str, gpus: int, shapes) 
         assert model_state_bytes(shape, zero3, gpus) == pytest.approx(expected, rel=0.10)
 
 
+def test_fp32_zero_keeps_its_own_fp32_partition(shapes) -> None:
+    # DeepSpeed's ZeRO 1-3 optimizers clone an fp32 partition of the weights even when they are fp32
+    # already (measured in benchmarks/scale_rehearsal.py); plain DeepSpeed steps the weights in place.
+    shape, npo = shapes["1B"], get_method("npo")
+    per_rank = {stage: model_state_bytes(shape, build_params(npo, {"zero_stage": stage, "bf16": False}), 8) for stage in (0, 2, 3)}
+    assert per_rank[0] == 16 * shape.total
+    assert per_rank[2] == 4 * shape.total + 16 * shape.total // 8
+    assert per_rank[3] == 4 * shape.largest_layer + 20 * shape.total // 8
+
+
 def test_full_npo_7b_fits_zero3_on_8_gpus_and_not_one(toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     model = write_olmo2_config(tmp_path / "olmo2-7b", "7B")
     npo = {"adapter": "full", "bf16": True, "batch_size": 16, "max_length": 256}
