@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import Olmo2Config, Olmo2ForCausalLM, PreTrainedTokenizerFast
 
-from unlearn_sweep.evaluation.inference import right_padded
+from unlearn_sweep.corpus.tokens import right_padded
 
 EOS_TOKEN = "<|endoftext|>"
 VOCAB_SIZE = 1024

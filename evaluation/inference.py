@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from unlearn_sweep.corpus.mmlu import LETTERS
+from unlearn_sweep.corpus.tokens import right_padded, summed_token_nll
 
 
 def pick_device() -> torch.device:
@@ -77,29 +78,6 @@ def generate(
         return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
     return _in_order(len(prompts), batched, _batches([len(e) for e in encoded], batch_size, "generate"))
-
-
-def right_padded(examples: Sequence[tuple[list[int], list[int]]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input ids, attention mask, labels) of (ids, labels) pairs, padded on the right, so
-    positions need no adjusting; labels are -100 in the padding."""
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    labels = torch.full_like(input_ids, -100)
-    for row, (ids, row_labels) in enumerate(examples):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        mask[row, : len(ids)] = 1
-        labels[row, : len(ids)] = torch.tensor(row_labels)
-    return input_ids.to(device), mask.to(device), labels.to(device)
-
-
-def summed_token_nll(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence: the summed cross-entropy of its labelled next tokens, and their count."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-    targets = labels[:, 1:]
-    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    return losses.sum(dim=1), (targets != -100).sum(dim=1).clamp(min=1)
 
 
 def _mean_token_nll(model: PreTrainedModel, sequences: list[list[int]], scored_from: list[int], pad_id: int) -> list[float]:

@@ -32,7 +32,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, 
                           PrinterCallback, TrainerCallback, TrainingArguments)
 
 from unlearn_sweep.corpus.semeval import TaskData, TaskRow
-from unlearn_sweep.evaluation.inference import right_padded, summed_token_nll
+from unlearn_sweep.corpus.tokens import right_padded, summed_token_nll
 from unlearn_sweep.methods.registry import EpochCallback, Method, ParamError
 
 ADAPTERS = ("full", "lora", "qlora", "last_k")

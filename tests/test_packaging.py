@@ -78,3 +78,25 @@ def test_wheel_works_beside_decoy_folders(wheel_env: Path, toy_task_dir: Path, t
         # From a folder without decoys: only `unlearn_sweep` was installed.
         missing = run_in(wheel_env, tmp_path, python, "-c", f"import {generic}")
         assert missing.returncode != 0 and "ModuleNotFoundError" in missing.stderr, generic
+
+
+# Each layer imports only the layers below it: corpus (data and token batches) is the ground
+# floor; methods and evaluation stand on it side by side; the orchestrator on all of them.
+LAYERS_BELOW = {"corpus": set(), "methods": {"corpus"}, "evaluation": {"corpus"}, "search_spaces": set(),
+                "orchestrator": {"corpus", "methods", "evaluation", "search_spaces"}}
+
+
+def test_no_import_runs_back_up_the_layers() -> None:
+    import ast
+
+    wrong = []
+    for layer, allowed in LAYERS_BELOW.items():
+        for module in sorted((REPO_ROOT / layer).glob("*.py")):
+            for node in ast.walk(ast.parse(module.read_text())):
+                names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+                    [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+                for name in names:
+                    parts = name.split(".")
+                    if parts[0] == "unlearn_sweep" and len(parts) > 1 and parts[1] not in allowed | {layer}:
+                        wrong.append(f"{module.relative_to(REPO_ROOT)} imports {name}")
+    assert not wrong, wrong
