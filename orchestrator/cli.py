@@ -107,7 +107,8 @@ def _report(summary, config) -> None:
     _print_table([row for row in summary.rows if row["status"] == "finished"][:10])
     if summary.champion:
         champion = summary.champion
-        print(f"\nchampion: trial {champion['trial_id']} ({champion['method']}), final score {champion['final_score']:.4f}")
+        origin = "" if champion["from_this_sweep"] else " (from an earlier sweep of this experiment, still the best eligible)"
+        print(f"\nchampion: trial {champion['trial_id']} ({champion['method']}), final score {champion['final_score']:.4f}{origin}")
         print(f"  checkpoint: {champion['checkpoint']}")
         print(f"  registered as model {config.experiment!r} version {champion['model_version']}")
         print(f"  export it:  unlearn-sweep export {config.experiment} --out submission --tracking-uri {config.tracking_uri}")

@@ -1,5 +1,10 @@
-"""Reading a finished sweep back from MLflow: the leaderboard of eligible trials and the
-champion checkpoint, exported as a submission."""
+"""The one selection rule, and reading sweeps back from MLflow through it.
+
+Every answer to "which trial is best" comes from `select`: the sweep's own leaderboard and
+champion, `unlearn-sweep best`, `export` (the champion alias) and the alias itself. A trial
+counts when it finished (an early stop by the scheduler is a finish; failed, killed and
+interrupted runs never count), has a saved best eligible checkpoint, and is eligible under the
+MMLU threshold of the sweep that produced it and, where given, under a stricter one."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from pathlib import Path
 
 import mlflow.artifacts
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.staging import staged_directory
@@ -19,46 +25,99 @@ class SelectionError(DataError):
     """Nothing to select: an unknown experiment, or no eligible trial."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Entry:
+    """A trial run as selection sees it: its best eligible epoch's scores (best_* metrics)."""
+
     run_id: str
     trial_id: str
     method: str
+    status: str  # the run's status tag: running | finished | failed | interrupted
     params: dict[str, str]
-    scores: dict[str, float]
+    scores: dict[str, float]  # final_score, ..., epoch; empty when no epoch was eligible
     checkpoint: str | None
+    threshold: float | None  # the absolute MMLU threshold of the trial's sweep
+
+    @classmethod
+    def from_run(cls, run) -> "Entry":
+        tags, metrics = run.data.tags, run.data.metrics
+        scores = {name: metrics[f"best_{name}"] for name in (*tracking.SCORE_METRICS, "epoch") if f"best_{name}" in metrics}
+        threshold = tags.get("mmlu_threshold")
+        return cls(run.info.run_id, tags.get("trial_id", ""), tags.get("method", ""), tags.get("status", ""),
+                   dict(run.data.params), scores, tags.get("checkpoint"),
+                   None if threshold in (None, "", "None") else float(threshold))
 
 
-def leaderboard(experiment: str, tracking_uri: str, top: int | None = None) -> list[Entry]:
-    """Eligible finished trials of the experiment's sweeps, best final score first."""
-    client = tracking.client(tracking_uri)
+def eligible(entry: Entry, threshold: float | None = None) -> bool:
+    """Whether the entry can be selected, under its own sweep's threshold and `threshold`."""
+    if entry.status != "finished" or "final_score" not in entry.scores or not entry.checkpoint:
+        return False
+    mmlu = entry.scores["mmlu_accuracy"]
+    return all(limit is None or mmlu >= limit for limit in (entry.threshold, threshold))
+
+
+def select(entries: list[Entry], threshold: float | None = None) -> list[Entry]:
+    """The selectable entries, best final score first (ties: the earlier trial id)."""
+    return sorted((e for e in entries if eligible(e, threshold)), key=lambda e: (-e.scores["final_score"], e.trial_id))
+
+
+def _experiment_id(client: MlflowClient, experiment: str, tracking_uri: str) -> str:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise SelectionError(tracking_uri, f"no MLflow experiment named {experiment!r}")
-    runs = client.search_runs(
-        [found.experiment_id],
-        filter_string="tags.eligible = 'true' and tags.status = 'finished'",
-        order_by=["metrics.best_final_score DESC"],
-        max_results=top or 1000,
-    )
-    return [
-        Entry(
-            run.info.run_id, run.data.tags.get("trial_id", ""), run.data.tags.get("method", ""), dict(run.data.params),
-            {name: run.data.metrics.get(f"best_{name}") for name in (*tracking.SCORE_METRICS, "epoch")},
-            run.data.tags.get("checkpoint"),
-        )
-        for run in runs
-        if "best_final_score" in run.data.metrics
-    ]
+    return found.experiment_id
+
+
+def trial_entries(client: MlflowClient, experiment_id: str, parent_run_id: str | None = None) -> list[Entry]:
+    """Every trial run of the experiment (or of one sweep)."""
+    query = f"tags.`mlflow.parentRunId` = '{parent_run_id}'" if parent_run_id else "tags.trial_id != ''"
+    return [Entry.from_run(run) for run in client.search_runs([experiment_id], filter_string=query, max_results=50000)]
+
+
+def champion_version(client: MlflowClient, name: str):
+    """The model version the alias 'champion' points to, or None."""
+    try:
+        return client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return None
+
+
+def crown(client: MlflowClient, name: str, experiment_id: str, threshold: float | None) -> tuple[Entry, str] | None:
+    """Point the alias 'champion' of registered model `name` at the experiment's best trial
+    under `threshold` (the current sweep's): the alias never moves to a checkpoint that is
+    ineligible under it, and a checkpoint is registered once however often this runs.
+    Returns the champion and its model version, or None when no trial qualifies."""
+    for entry in select(trial_entries(client, experiment_id), threshold):
+        epoch = int(entry.scores["epoch"])
+        registered = any(v.tags.get("epoch") == str(epoch) for v in client.search_model_versions(f"name = '{name}' and run_id = '{entry.run_id}'"))
+        if not registered and not Path(entry.checkpoint, "scores.json").is_file():
+            continue  # an earlier sweep's checkpoint that is gone from its storage
+        version = tracking.model_version(client, name, entry.run_id, epoch, Path(entry.checkpoint))
+        client.set_model_version_tag(name, version, "mmlu_threshold", str(threshold))
+        client.set_registered_model_alias(name, "champion", version)
+        return entry, version
+    return None
+
+
+def leaderboard(experiment: str, tracking_uri: str, top: int | None = None) -> list[Entry]:
+    """The experiment's selectable trials, best first, under the threshold of the sweep that
+    last chose the champion (so that the first entry is the champion), else each under its own."""
+    client = tracking.client(tracking_uri)
+    entries = trial_entries(client, _experiment_id(client, experiment, tracking_uri))
+    version = champion_version(client, experiment)
+    threshold = version.tags.get("mmlu_threshold") if version else None
+    ranked = select(entries, None if threshold in (None, "None") else float(threshold))
+    return ranked[:top] if top else ranked
 
 
 def champion_run(experiment: str, tracking_uri: str) -> str:
     """The run of the registered model version with alias 'champion'."""
     client = tracking.client(tracking_uri)
-    try:
-        return client.get_model_version_by_alias(experiment, "champion").run_id
-    except MlflowException:
-        raise SelectionError(tracking_uri, f"experiment {experiment!r} has no champion (no sweep found an eligible trial)") from None
+    _experiment_id(client, experiment, tracking_uri)
+    version = champion_version(client, experiment)
+    if version is None:
+        raise SelectionError(tracking_uri, f"experiment {experiment!r} has no champion (no sweep found an eligible trial)")
+    return version.run_id
 
 
 def export_champion(experiment: str, tracking_uri: str, out_dir: str | Path) -> Path:
@@ -74,4 +133,3 @@ def export_champion(experiment: str, tracking_uri: str, out_dir: str | Path) -> 
         config = json.loads((staging / "trial_config.json").read_text())
         (staging / "trial_config.json").write_text(json.dumps({**config, "experiment": experiment, "run_id": run_id}, indent=2) + "\n")
     return Path(out_dir)
-

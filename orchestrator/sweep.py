@@ -29,6 +29,7 @@ from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
 from unlearn_sweep.orchestrator.objective import OBJECTIVE
 from unlearn_sweep.orchestrator.plan import check_memory
 from unlearn_sweep.orchestrator.search import make_searcher
+from unlearn_sweep.orchestrator.selection import crown, select, trial_entries
 from unlearn_sweep.orchestrator.trial import run_trial
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,15 @@ def _parent_run(mlflow, experiment: str, config: SweepConfig, resume: bool) -> t
         return runs[0].info.run_id, None if threshold in (None, "None") else float(threshold)
     run = mlflow.create_run(experiment, run_name=config.name, tags={"sweep": config.name, "role": "sweep"})
     run_id = run.info.run_id
+    try:
+        return run_id, _threshold(mlflow, run_id, config)
+    except BaseException:
+        tracking.end_parent(mlflow, run_id, failed=True)
+        raise
+
+
+def _threshold(mlflow, run_id: str, config: SweepConfig) -> float | None:
+    """The absolute MMLU threshold, logged with the sweep's settings on its parent run."""
     threshold = None
     if config.mmlu_threshold is not None:
         base_mmlu = None
@@ -126,7 +136,7 @@ def _parent_run(mlflow, experiment: str, config: SweepConfig, resume: bool) -> t
         mlflow.log_param(run_id, key, str(value))
     if config.source.is_file():
         mlflow.log_artifact(run_id, str(config.source))
-    return run_id, threshold
+    return threshold
 
 
 def run_sweep(config: SweepConfig, resume: bool = False) -> SweepSummary:
@@ -172,6 +182,20 @@ def run_sweep(config: SweepConfig, resume: bool = False) -> SweepSummary:
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
             ),
         )
+    try:
+        return _fit_and_select(config, tuner, mlflow, experiment, parent_run_id, threshold, experiment_path)
+    except (SweepInterrupted, SweepFailed):
+        raise
+    except BaseException:  # the driver itself failed: the record must not say running or finished
+        for run in tracking.trial_runs(mlflow, experiment, parent_run_id):
+            if run.info.status == "RUNNING":
+                tracking.mark_interrupted(mlflow, run.info.run_id)
+        tracking.end_parent(mlflow, parent_run_id, failed=True)
+        raise
+
+
+def _fit_and_select(config: SweepConfig, tuner, mlflow, experiment: str, parent_run_id: str, threshold: float | None,
+                    experiment_path: str) -> SweepSummary:
     with _sigterm_as_sigint():
         grid = tuner.fit()  # Tune stops gracefully on SIGINT, saving its state, and returns
     if grid.num_terminated + grid.num_errors < config.trials:
@@ -179,7 +203,7 @@ def run_sweep(config: SweepConfig, resume: bool = False) -> SweepSummary:
         done = grid.num_terminated + grid.num_errors
         raise SweepInterrupted(f"sweep {config.name!r} interrupted after {done} of {config.trials} trials; no champion was registered. "
                                f"Continue it with: unlearn-sweep sweep {config.source} --resume")
-    summary = SweepSummary(config.experiment, parent_run_id, threshold, rows=_rows(grid, mlflow, experiment, parent_run_id))
+    summary = SweepSummary(config.experiment, parent_run_id, threshold, rows=_rows(grid, mlflow, experiment, parent_run_id, threshold))
     if summary.rows and all(row["status"] == "failed" for row in summary.rows):
         tracking.end_parent(mlflow, parent_run_id, failed=True)
         error, count = Counter(row["error"] for row in summary.rows).most_common(1)[0]
@@ -211,30 +235,46 @@ def _mark_interrupted(mlflow, experiment: str, parent_run_id: str) -> None:
     mlflow.set_terminated(parent_run_id, "KILLED")
 
 
-def _rows(grid, mlflow, experiment: str, parent_run_id: str) -> list[dict[str, Any]]:
-    """Per trial: its best eligible checkpoint's scores if it has one, else its last report.
-    MLflow runs of trials that Tune no longer knows (started by a driver that died before
-    recording them; Tune ran them again as new trials) are marked interrupted."""
-    children = {run.data.tags.get("trial_id"): run.info.run_id for run in tracking.trial_runs(mlflow, experiment, parent_run_id)}
-    rows = []
+def _rows(grid, mlflow, experiment: str, parent_run_id: str, threshold: float | None) -> list[dict[str, Any]]:
+    """Per trial of the sweep, best first by the selection rule: its best eligible epoch's
+    scores if it has one, else its last report. MLflow is reconciled with Tune first: a trial
+    that errored while its run still says running (its worker died) is marked failed; runs of
+    trials Tune no longer knows (started by a driver that died before recording them; Tune ran
+    them again as new trials) are marked interrupted."""
+    latest = {entry.trial_id: entry for entry in trial_entries(mlflow, experiment, parent_run_id) if entry.status != "interrupted"}
+    results = {}
     for result in grid:
-        metrics = result.metrics or {}
-        setup = (result.config or {}).get("setup", {})
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix("trial_")
+        results[trial_id] = result
+        entry = latest.get(trial_id)
+        if entry is None:
+            continue
+        if result.error and entry.status == "running":
+            mlflow.set_tag(entry.run_id, "error", _error_line(result.error))
+            tracking.finish_trial(mlflow, entry.run_id, "failed")
         checkpoint = _best_checkpoint(result)
-        scores = json.loads((Path(checkpoint) / "scores.json").read_text()) if checkpoint else metrics
-        trial_id = metrics.get("trial_id") or Path(result.path).name
+        if checkpoint and not result.error:
+            mlflow.set_tag(entry.run_id, "checkpoint", checkpoint)
+    for trial_id, entry in latest.items():
+        if trial_id not in results:
+            tracking.mark_interrupted(mlflow, entry.run_id)
+    entries = {entry.trial_id: entry for entry in trial_entries(mlflow, experiment, parent_run_id) if entry.trial_id in results
+               and entry.status != "interrupted"}
+    order = {entry.trial_id: rank for rank, entry in enumerate(select(list(entries.values()), threshold))}
+    rows = []
+    for trial_id, result in results.items():
+        entry, metrics = entries.get(trial_id), result.metrics or {}
+        setup = (result.config or {}).get("setup", {})
+        scores = entry.scores if trial_id in order else metrics
         rows.append({
             "trial_id": trial_id, "method": setup.get("method"), "params": setup.get("params", {}),
-            "status": "failed" if result.error else "finished", "eligible": checkpoint is not None,
+            "status": "failed" if result.error else entry.status if entry else "finished", "eligible": trial_id in order,
             "error": _error_line(result.error) if result.error else None,
-            "epochs": metrics.get("training_iteration", 0), "checkpoint": checkpoint,
+            "epochs": metrics.get("training_iteration", 0), "checkpoint": entry.checkpoint if trial_id in order else None,
+            "run_id": entry.run_id if entry else None,
             **{name: scores.get(name) for name in tracking.SCORE_METRICS},
         })
-        if checkpoint and trial_id in children:
-            mlflow.set_tag(children[trial_id], "checkpoint", checkpoint)
-    for trial_id in set(children) - {row["trial_id"] for row in rows}:
-        tracking.mark_interrupted(mlflow, children[trial_id])
-    return sorted(rows, key=lambda r: (r["eligible"], r["final_score"] if r["final_score"] is not None else -1), reverse=True)
+    return sorted(rows, key=lambda r: (order.get(r["trial_id"], len(order)), -(r["final_score"] if r["final_score"] is not None else -1)))
 
 
 def _error_line(error: BaseException) -> str:
@@ -257,15 +297,16 @@ def _best_checkpoint(result) -> str | None:
 
 
 def _finish(config: SweepConfig, summary: SweepSummary, mlflow, experiment_path: str) -> None:
-    """Champion registration, plots and the leaderboard on the parent run."""
-    best = summary.rows[0] if summary.rows and summary.rows[0]["eligible"] else None
-    if best:
-        experiment = mlflow.get_run(summary.parent_run_id).info.experiment_id
-        run_id = next(run.info.run_id for run in tracking.trial_runs(mlflow, experiment, summary.parent_run_id)
-                      if run.data.tags.get("trial_id") == best["trial_id"])
-        version = tracking.register_champion(mlflow, config.experiment, run_id, Path(best["checkpoint"]))
-        summary.champion = {**best, "run_id": run_id, "model_version": version}
-        mlflow.log_metric(summary.parent_run_id, "best_final_score", best["final_score"])
+    """Champion registration (by the selection rule, over the experiment), plots and the
+    leaderboard on the parent run."""
+    experiment = mlflow.get_run(summary.parent_run_id).info.experiment_id
+    crowned = crown(mlflow, config.experiment, experiment, summary.mmlu_threshold)
+    if crowned:
+        entry, version = crowned
+        summary.champion = {"trial_id": entry.trial_id, "method": entry.method, "run_id": entry.run_id, "checkpoint": entry.checkpoint,
+                            "model_version": version, "from_this_sweep": entry.run_id in {row["run_id"] for row in summary.rows},
+                            **entry.scores}
+        mlflow.log_metric(summary.parent_run_id, "best_final_score", entry.scores["final_score"])
     finished = [r for r in summary.rows if r["status"] == "finished" and r["final_score"] is not None]
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)

@@ -4,6 +4,7 @@ trial id on resume, never duplicated), the champion as a registered model versio
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -43,17 +44,19 @@ def trial_runs(mlflow: MlflowClient, experiment: str, parent_run_id: str, trial_
     return mlflow.search_runs([experiment], filter_string=query, max_results=50000)
 
 
-def trial_run(mlflow: MlflowClient, experiment: str, parent_run_id: str, trial_id: str, setup: dict[str, Any], node: str = "") -> str:
-    """The trial's child run: the existing one if this trial ran before (resume), else new.
-    Tagged with the Ray node it runs on."""
-    existing = trial_runs(mlflow, experiment, parent_run_id, trial_id)
-    if existing:
-        run_id = existing[0].info.run_id
-        mlflow.update_run(run_id, status="RUNNING")
-        mlflow.set_tag(run_id, "ray_node", node)
-        return run_id
-    run = mlflow.create_run(experiment, run_name=f"{setup['method']}-{trial_id}", tags={
-        "mlflow.parentRunId": parent_run_id, "trial_id": trial_id, "method": setup["method"], "status": "running", "ray_node": node})
+def trial_run(mlflow: MlflowClient, experiment: str, parent_run_id: str, trial_id: str, setup: dict[str, Any],
+              threshold: float | None, node: str = "") -> str:
+    """A new child run for this attempt of the trial, tagged with its sweep's MMLU threshold
+    and the Ray node it runs on. A trial started again (on resume, or after its worker died)
+    cannot continue its training mid-way: its earlier runs are closed as interrupted and the
+    new attempt gets a run of its own, so that no run holds an epoch's step twice."""
+    earlier = trial_runs(mlflow, experiment, parent_run_id, trial_id)
+    for run in earlier:
+        mark_interrupted(mlflow, run.info.run_id)
+    attempt = 1 + max((int(run.data.tags.get("attempt", "1")) for run in earlier), default=0)
+    run = mlflow.create_run(experiment, run_name=f"{setup['method']}-{trial_id}" + (f"-{attempt}" if attempt > 1 else ""), tags={
+        "mlflow.parentRunId": parent_run_id, "trial_id": trial_id, "method": setup["method"], "status": "running", "ray_node": node,
+        "attempt": str(attempt), "mmlu_threshold": str(threshold), "pid": str(os.getpid())})
     mlflow.log_batch(run.info.run_id, params=[Param(key, value) for key, value in flat_params(setup).items()])
     return run.info.run_id
 
@@ -72,11 +75,11 @@ def log_scores(mlflow: MlflowClient, run_id: str, epoch: int, scores: dict[str, 
     mlflow.log_batch(run_id, metrics=_metrics(values, epoch))
 
 
-def log_best(mlflow: MlflowClient, run_id: str, epoch: int, metrics: dict[str, Any]) -> None:
+def log_best(mlflow: MlflowClient, run_id: str, epoch: int, metrics: dict[str, Any], step: int | None = None) -> None:
     """The trial's best eligible epoch so far, as best_* metrics (their latest value is the
-    trial's best): what `unlearn-sweep best` ranks by."""
+    trial's best): what selection ranks by. Logged at the epoch's step unless told another."""
     values = {f"best_{name}": metrics[name] for name in SCORE_METRICS}
-    mlflow.log_batch(run_id, metrics=_metrics({**values, "best_epoch": epoch}, epoch))
+    mlflow.log_batch(run_id, metrics=_metrics({**values, "best_epoch": epoch}, epoch if step is None else step))
 
 
 def finish_trial(mlflow: MlflowClient, run_id: str, status: str, stopped_early: bool = False) -> None:
@@ -95,25 +98,21 @@ def mark_interrupted(mlflow: MlflowClient, run_id: str) -> None:
         mlflow.set_terminated(run_id, "KILLED")
 
 
-def register_champion(mlflow: MlflowClient, name: str, run_id: str, checkpoint_dir: Path) -> str:
-    """Log a sweep's best checkpoint under its trial's run and register it as a model
-    version; the alias 'champion' moves to it unless the current champion (from an earlier
-    sweep in the experiment) scored higher. Returns the new version."""
-    mlflow.log_artifacts(run_id, str(checkpoint_dir), "checkpoint")
-    score = json.loads((checkpoint_dir / "scores.json").read_text())["final_score"]
+def model_version(mlflow: MlflowClient, name: str, run_id: str, epoch: int, checkpoint_dir: Path) -> str:
+    """The registered model version of a trial's checkpoint (run and epoch): the existing one
+    if it was registered before (a re-run or resumed sweep), else logged and registered now."""
     try:
         mlflow.get_registered_model(name)
     except MlflowException:
         mlflow.create_registered_model(name)
+    for version in mlflow.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        if version.tags.get("epoch") == str(epoch):
+            return str(version.version)
+    mlflow.log_artifacts(run_id, str(checkpoint_dir), "checkpoint")
+    scores = json.loads((checkpoint_dir / "scores.json").read_text())
     source = f"{mlflow.get_run(run_id).info.artifact_uri}/checkpoint"
-    version = mlflow.create_model_version(name, source, run_id=run_id, tags={"final_score": str(score)})
-    try:
-        current = float(mlflow.get_model_version_by_alias(name, "champion").tags.get("final_score", "-inf"))
-    except MlflowException:
-        current = float("-inf")
-    if score >= current:
-        mlflow.set_registered_model_alias(name, "champion", version.version)
-    return version.version
+    tags = {"final_score": str(scores["final_score"]), "mmlu_accuracy": str(scores["mmlu_accuracy"]), "epoch": str(epoch)}
+    return str(mlflow.create_model_version(name, source, run_id=run_id, tags=tags).version)
 
 
 def end_parent(mlflow: MlflowClient, run_id: str, failed: bool = False) -> None:

@@ -39,8 +39,8 @@ def epoch_report(scores: dict[str, Any], epoch: int, threshold: float | None, ob
     if any(value is None or not math.isfinite(value) for value in values.values()):
         raise FloatingPointError(f"epoch {epoch} scored a missing or non-finite value: {values}")
     slack = (threshold or 0.0) - scores["mmlu_accuracy"]  # <= 0: eligible
-    objective.update(epoch, scores["final_score"], slack)
-    return {**values, "epoch": epoch, "eligible": bool(scores["eligible"]), "mmlu_slack": slack, **objective.metrics()}
+    improved = objective.update(epoch, scores["final_score"], slack)
+    return {**values, "epoch": epoch, "eligible": bool(scores["eligible"]), "mmlu_slack": slack, "new_best": improved, **objective.metrics()}
 
 
 class EpochReporter:
@@ -53,6 +53,21 @@ class EpochReporter:
         self.sets = EvalSets.load(settings["data"], settings["split"], settings["mia"], settings["mmlu"], settings["mmlu_shots"]) if rank == 0 else None
         self.mlflow = tracking.client(settings["tracking_uri"]) if rank == 0 else None
         self.objective = TrialObjective()
+        if rank == 0:
+            self._carry_over(tune.get_checkpoint() if settings["workers"] == 1 else None)
+
+    def _carry_over(self, checkpoint: "tune.Checkpoint | None") -> None:
+        """A trial started again (resume) keeps the best eligible epoch its earlier attempt saved
+        (Tune still holds that checkpoint): the new attempt only saves an epoch that beats it,
+        and its run records it as its best until then."""
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as folder:
+            scores = json.loads((Path(folder) / "scores.json").read_text())
+            epoch = json.loads((Path(folder) / "trial_config.json").read_text())["epoch"]
+        metrics = epoch_report(scores, epoch, self.settings["mmlu_threshold"], self.objective)
+        tracking.log_best(self.mlflow, self.run_id, epoch, metrics, step=0)  # before this attempt's epochs 1, 2, ...
+        self.mlflow.set_tag(self.run_id, "carried_over_epoch", str(epoch))
 
     def __call__(self, epoch: int, checkpoint: Path | None) -> None:
         metrics, records, scores = None, None, None
@@ -69,7 +84,7 @@ class EpochReporter:
             torch.distributed.broadcast_object_list(shared, src=0)
             metrics = shared[0]
         # The checkpoint kept is the epoch the objective names: the trial's best eligible one.
-        if not (self.rank == 0 and metrics["eligible"] and metrics["objective_epoch"] == epoch):
+        if not (self.rank == 0 and metrics["eligible"] and metrics["new_best"]):
             self.report(metrics, None)
             return
         tracking.log_best(self.mlflow, self.run_id, epoch, metrics)
@@ -95,7 +110,7 @@ def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
     trial_id = context.get_trial_id()
     mlflow = tracking.client(settings["tracking_uri"])
     run_id = tracking.trial_run(mlflow, settings["experiment_id"], settings["parent_run_id"], trial_id, setup,
-                                node=ray.get_runtime_context().get_node_id())
+                                settings["mmlu_threshold"], node=ray.get_runtime_context().get_node_id())
     try:
         if settings["workers"] > 1:
             _fit_distributed(setup, settings, run_id, trial_id)

@@ -1,0 +1,91 @@
+"""The one selection rule behind the sweep's leaderboard, `best`, `export` and the champion
+alias: which trial runs count, in which order, and registration that never repeats itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from unlearn_sweep.orchestrator import tracking
+from unlearn_sweep.orchestrator.selection import Entry, crown, leaderboard, select
+
+
+def entry(trial_id: str, final: float | None, mmlu: float = 0.5, status: str = "finished", threshold: float | None = 0.4,
+          checkpoint: str | None = "/ckpt") -> Entry:
+    scores = {} if final is None else {"final_score": final, "mmlu_accuracy": mmlu, "epoch": 1.0}
+    return Entry(f"run-{trial_id}", trial_id, "npo", status, {}, scores, checkpoint, threshold)
+
+
+def test_only_finished_eligible_trials_with_a_checkpoint_count() -> None:
+    entries = [entry("failed", 0.9, status="failed"), entry("killed", 0.9, status="interrupted"), entry("running", 0.9, status="running"),
+               entry("no-eligible-epoch", None), entry("no-checkpoint", 0.9, checkpoint=None),
+               entry("below-own-threshold", 0.9, mmlu=0.3), entry("b", 0.5), entry("a", 0.5), entry("best", 0.6)]
+    assert [e.trial_id for e in select(entries)] == ["best", "a", "b"]  # ties: the earlier trial id
+    # Under a stricter (current sweep's) threshold, a trial eligible under its own is not.
+    assert [e.trial_id for e in select([entry("low", 0.9, mmlu=0.45), entry("high", 0.5, mmlu=0.6)], threshold=0.5)] == ["high"]
+
+
+def fake_trial(mlflow, experiment: str, parent: str, folder: Path, trial_id: str, final: float, mmlu: float, threshold: float) -> str:
+    """A finished trial run as a sweep leaves it: best_* metrics and its checkpoint folder."""
+    run_id = tracking.trial_run(mlflow, experiment, parent, trial_id, {"method": "npo", "params": {}}, threshold)
+    scores = {name: 0.5 for name in tracking.SCORE_METRICS} | {"final_score": final, "mmlu_accuracy": mmlu}
+    tracking.log_best(mlflow, run_id, 1, scores)
+    checkpoint = folder / trial_id
+    checkpoint.mkdir()
+    (checkpoint / "scores.json").write_text(json.dumps(scores))
+    mlflow.set_tag(run_id, "checkpoint", str(checkpoint))
+    tracking.finish_trial(mlflow, run_id, "finished")
+    return run_id
+
+
+def test_crown_registers_once_and_never_moves_to_an_ineligible_checkpoint(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow = tracking.client(uri)
+    experiment = tracking.experiment_id(mlflow, "exp")
+    first = mlflow.create_run(experiment, tags={"role": "sweep"}).info.run_id
+    high = fake_trial(mlflow, experiment, first, tmp_path, "t1", final=0.8, mmlu=0.45, threshold=0.4)
+    champion, version = crown(mlflow, "exp", experiment, 0.4)
+    assert (champion.run_id, version) == (high, "1")
+    assert crown(mlflow, "exp", experiment, 0.4)[1] == "1"  # run again (resume, re-run): the same version
+    assert len(mlflow.search_model_versions("name = 'exp'")) == 1
+
+    # A later sweep with a stricter threshold: its lower but eligible trial takes the alias;
+    # the earlier champion (MMLU 0.45 < 0.5) is not eligible under it.
+    second = mlflow.create_run(experiment, tags={"role": "sweep"}).info.run_id
+    eligible = fake_trial(mlflow, experiment, second, tmp_path, "t2", final=0.6, mmlu=0.55, threshold=0.5)
+    champion, version = crown(mlflow, "exp", experiment, 0.5)
+    assert (champion.run_id, version) == (eligible, "2")
+    assert mlflow.get_model_version_by_alias("exp", "champion").run_id == eligible
+    # best, export and the alias agree: the leaderboard's first entry is the champion.
+    assert leaderboard("exp", uri)[0].run_id == eligible
+    # Nothing eligible under an even stricter threshold: the alias stays.
+    assert crown(mlflow, "exp", experiment, 0.9) is None
+    assert mlflow.get_model_version_by_alias("exp", "champion").run_id == eligible
+
+
+def test_a_trial_started_again_gets_a_new_run_and_closes_the_old(tmp_path: Path) -> None:
+    mlflow = tracking.client(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = tracking.experiment_id(mlflow, "exp")
+    parent = mlflow.create_run(experiment, tags={"role": "sweep"}).info.run_id
+    setup = {"method": "npo", "params": {"beta": 0.1}}
+    first = tracking.trial_run(mlflow, experiment, parent, "t1", setup, 0.4)
+    tracking.log_scores(mlflow, first, 1, {name: 0.5 for name in tracking.SCORE_METRICS} | {"per_task": {}})
+    second = tracking.trial_run(mlflow, experiment, parent, "t1", setup, 0.4)
+    assert second != first
+    old, new = mlflow.get_run(first), mlflow.get_run(second)
+    assert (old.info.status, old.data.tags["status"]) == ("KILLED", "interrupted")
+    assert (new.info.status, new.data.tags["attempt"], new.data.tags["mmlu_threshold"]) == ("RUNNING", "2", "0.4")
+    assert not mlflow.get_metric_history(second, "final_score")  # the new attempt starts with no steps
+
+
+@pytest.mark.parametrize("status", ["failed", "interrupted"])
+def test_failed_and_interrupted_runs_are_never_on_the_leaderboard(status: str, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow = tracking.client(uri)
+    experiment = tracking.experiment_id(mlflow, "exp")
+    parent = mlflow.create_run(experiment, tags={"role": "sweep"}).info.run_id
+    run_id = fake_trial(mlflow, experiment, parent, tmp_path, "t1", final=0.8, mmlu=0.45, threshold=0.4)
+    mlflow.set_tag(run_id, "status", status)
+    assert leaderboard("exp", uri) == [] and crown(mlflow, "exp", experiment, 0.4) is None
