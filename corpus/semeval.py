@@ -59,9 +59,12 @@ def load_rows(path: Path, split: str) -> list[TaskRow]:
     if not records:
         raise DataError(path, f"the {split} set is empty")
     require_fields(path, records, ("id", "input", "output", "task"))
-    rows = []
+    rows, seen = [], {}
     for index, record in enumerate(records, start=1):
         row_id = str(record["id"])
+        if row_id in seen:
+            raise DataError(path, f"duplicate id {row_id!r} (also row {seen[row_id]})", index, "id")
+        seen[row_id] = index
         if record["task"] not in TASKS:
             raise DataError(path, f"unknown task {record['task']!r} (expected one of {', '.join(TASKS)})", index, "task")
         if row_kind(row_id) is None:
@@ -83,6 +86,16 @@ def _hf_file(directory: Path, split_set: str, split: str) -> Path:
     return matches[0]
 
 
+def _load_sets(files: dict[str, Path], layout: str) -> TaskData:
+    """Both sets, no id in both: a row cannot be forgotten and retained."""
+    forget, retain = (load_rows(files[s], s) for s in SETS)
+    forget_ids = {row.id for row in forget}
+    for index, row in enumerate(retain, start=1):
+        if row.id in forget_ids:
+            raise DataError(files["retain"], f"duplicate id {row.id!r}: also in {files['forget'].name}", index, "id")
+    return TaskData(forget, retain, layout=layout)
+
+
 def load_task(data_dir: str | Path, split: str | None = None) -> TaskData:
     """Forget and retain rows of a task directory in any supported layout.
 
@@ -97,14 +110,14 @@ def load_task(data_dir: str | Path, split: str | None = None) -> TaskData:
         if any(f.exists() for f in files.values()):
             if split is not None:
                 raise DataError(data_dir, f"--split {split} applies only to the Hugging Face layout (data/forget_<split>-*.parquet)")
-            return TaskData(*(load_rows(files[s], s) for s in SETS), layout=f"{{forget,retain}}{suffix}")
+            return _load_sets(files, f"{{forget,retain}}{suffix}")
     hf_dir = data_dir / "data" if (data_dir / "data").is_dir() else data_dir
     if any(hf_dir.glob("forget_*.parquet")):
         split = split or "train"
         if split not in HF_SPLITS:
             raise DataError(data_dir, f"unknown split {split!r} (expected one of {', '.join(HF_SPLITS)})")
         files = {s: _hf_file(hf_dir, s, split) for s in SETS}
-        return TaskData(*(load_rows(files[s], s) for s in SETS), layout=f"hf parquet ({split})")
+        return _load_sets(files, f"hf parquet ({split})")
     raise DataError(
         data_dir,
         "no task data: expected forget.jsonl+retain.jsonl, forget.parquet+retain.parquet, "

@@ -19,8 +19,11 @@ def staged_directory(out_dir: str | Path) -> Iterator[Path]:
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise DataError(out_dir, "output directory exists and is not empty")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as error:
+        raise DataError(out_dir, f"cannot be written ({error.strerror})") from None
     try:
         yield staging
         if out_dir.exists():

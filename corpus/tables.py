@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -38,6 +39,8 @@ def read_records(path: Path, csv_column_names: list[str] | None = None) -> list[
             raise DataError(path, f"unsupported file type '{path.suffix}' (use .jsonl, .parquet or .csv)")
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as error:
         first_line = str(error).strip().splitlines()[0]
+        # Arrow counts JSON rows from 0; people (and editors) count lines from 1.
+        first_line = re.sub(r" in row (\d+)$", lambda match: f" on line {int(match.group(1)) + 1}", first_line)
         raise DataError(path, f"cannot read: {first_line}") from None
     return table.to_pylist()
 

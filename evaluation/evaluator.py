@@ -94,6 +94,8 @@ def write_results(out_dir: str | Path, records: dict[str, list[dict]], scores: d
     files[SCORES] = json.dumps(scores, indent=2) + "\n"
     for name, text in files.items():
         _write_atomically(out_dir / name, text)
+    for name in {GENERATIONS, MIA, MMLU} - set(files):  # an earlier evaluation's records would be read back with these scores
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -106,8 +108,6 @@ def _write_atomically(path: Path, text: str) -> None:
 def evaluate_checkpoint(model_dir: str | Path, sets: EvalSets, out_dir: str | Path | None = None,
                         batch_size: int = 32, max_new_tokens: int = 256, mmlu_threshold: float | None = None) -> dict:
     """Load, infer, score, and (with out_dir) write the records and scores.json."""
-    if not (Path(model_dir) / "config.json").is_file():
-        raise DataError(model_dir, "not a Hugging Face checkpoint (no config.json)")
     model, tokenizer = inference.load_model(model_dir)
     records = run_inference(model, tokenizer, sets, batch_size, max_new_tokens)
     scores = score_records(records, mmlu_threshold)

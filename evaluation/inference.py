@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from unlearn_sweep.corpus.checkpoints import check_checkpoint
 from unlearn_sweep.corpus.mmlu import LETTERS
 from unlearn_sweep.corpus.tokens import right_padded, summed_token_nll
 
@@ -22,6 +23,7 @@ def pick_device() -> torch.device:
 
 def load_model(model_dir: str | Path, device: torch.device | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A local Hugging Face causal LM in its saved dtype, in eval mode, pad token = eos."""
+    check_checkpoint(model_dir)
     device = device or pick_device()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token = tokenizer.eos_token

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer,
                           PrinterCallback, TrainerCallback, TrainingArguments)
 
+from unlearn_sweep.corpus.checkpoints import check_checkpoint
 from unlearn_sweep.corpus.semeval import TaskData, TaskRow
 from unlearn_sweep.corpus.tokens import right_padded, summed_token_nll
 from unlearn_sweep.methods.registry import EpochCallback, Method, ParamError
@@ -246,7 +247,7 @@ class UnlearningTrainer(Trainer):
 
         loss = self.loss(model, Step(batch("forget"), batch("retain"), inputs["phase"]))
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{type(self).__name__}: loss became {loss.item()} at step {self.state.global_step + 1}")
+            raise FloatingPointError(f"{type(self).__name__}: loss became {loss.item()} at step {self.state.global_step + 1} (learning_rate {self.args.learning_rate:g} too high?)")
         return inputs["weight"] * loss
 
 
@@ -358,6 +359,7 @@ def training_arguments(params: Any, output_dir: Path) -> TrainingArguments:
 def load_for_training(model_dir: Path, params: TrainingParams) -> PreTrainedModel:
     """The model with only the parameters the chosen adapter trains left trainable; weights in
     fp32 (the master copy; bf16 runs as mixed precision), QLoRA's base in 4-bit NF4."""
+    check_checkpoint(model_dir)
     if params.adapter == "qlora":
         from transformers import BitsAndBytesConfig
 

@@ -17,6 +17,27 @@ class UsageError(ValueError):
     """A bad argument or config value; printed on one line, exit 2."""
 
 
+def _count(minimum: int):
+    """An argparse type: an integer >= minimum (a batch of 0 rows or 0 new tokens is a mistake)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _existing_store(tracking_uri: str) -> str:
+    """Reading a sweep back: the store must exist (MLflow would create an empty one)."""
+    from unlearn_sweep.orchestrator.tracking import check_store
+
+    check_store(tracking_uri, existing=True)
+    return tracking_uri
+
+
 def _task_summary(data: Path, split: str | None) -> str:
     from unlearn_sweep.corpus.semeval import load_task
 
@@ -160,7 +181,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _best(args: argparse.Namespace) -> int:
     from unlearn_sweep.orchestrator.selection import SelectionError, leaderboard
 
-    entries = leaderboard(args.experiment, args.tracking_uri, args.top)
+    entries = leaderboard(args.experiment, _existing_store(args.tracking_uri), args.top)
     if not entries:
         raise SelectionError(args.tracking_uri, f"experiment {args.experiment!r} has no eligible finished trial")
     best = entries[0]
@@ -178,7 +199,7 @@ def _best(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from unlearn_sweep.orchestrator.selection import export_champion
 
-    out = export_champion(args.experiment, args.tracking_uri, args.out)
+    out = export_champion(args.experiment, _existing_store(args.tracking_uri), args.out)
     scores = json.loads((out / "scores.json").read_text())
     print(f"exported the champion of {args.experiment!r} to {out} (final score {scores['final_score']:.4f})")
     return 0
@@ -188,7 +209,7 @@ def _ui(args: argparse.Namespace) -> int:
     import os
 
     # The mlflow of this interpreter's environment, found without relying on PATH.
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", args.tracking_uri, "--host", "127.0.0.1", "--port", str(args.port)]
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", _existing_store(args.tracking_uri), "--host", "127.0.0.1", "--port", str(args.port)]
     print(f"MLflow UI of {args.tracking_uri} on http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
     os.execv(command[0], command)
 
@@ -277,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     toy.set_defaults(run=_toy_task)
 
     demo = commands.add_parser("demo", help="the built-in miniature task end to end, in the current directory")
-    demo.add_argument("--trials", type=int, default=24)
+    demo.add_argument("--trials", type=_count(1), default=24)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
 
@@ -292,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     best = commands.add_parser("best", help="the best eligible trial and the leaderboard of an experiment")
     best.add_argument("experiment")
-    best.add_argument("--top", type=int, default=10)
+    best.add_argument("--top", type=_count(1), default=10)
     best.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     best.set_defaults(run=_best)
 
@@ -325,10 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", help="train or validation (Hugging Face parquet layout only)")
     evaluate.add_argument("--mia", type=Path, help="member/nonmember directory (without it, no final score)")
     evaluate.add_argument("--mmlu", type=Path, help="MMLU-format directory (without it, no final score)")
-    evaluate.add_argument("--mmlu-shots", type=int, default=0, help="few-shot examples per question from the dev split")
+    evaluate.add_argument("--mmlu-shots", type=_count(0), default=0, help="few-shot examples per question from the dev split")
     evaluate.add_argument("--out", required=True, type=Path, help="where records and scores.json go")
-    evaluate.add_argument("--batch-size", type=int, default=32)
-    evaluate.add_argument("--max-new-tokens", type=int, default=256)
+    evaluate.add_argument("--batch-size", type=_count(1), default=32)
+    evaluate.add_argument("--max-new-tokens", type=_count(1), default=256)
     _add_threshold_options(evaluate)
     evaluate.set_defaults(run=_evaluate)
 
@@ -348,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, UsageError, ParamError) as error:
         print(f"unlearn-sweep: error: {error}", file=sys.stderr)
         return 2
+    except FloatingPointError as error:  # training diverged: the run failed, nothing was written
+        print(f"unlearn-sweep: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -25,15 +25,19 @@
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from unlearn_sweep.corpus.checkpoints import check_checkpoint
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.evaluation.scoring import MmluThreshold
+from unlearn_sweep.orchestrator.tracking import check_store
 
 
 class ConfigError(DataError):
@@ -122,6 +126,10 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
         paths[key] = (base_dir / _expect(path, key, raw[key], str, "a path")).resolve()
         if not paths[key].exists():
             raise ConfigError(path, f"{paths[key]} does not exist", field=key)
+    try:
+        check_checkpoint(paths["model"])
+    except DataError as error:
+        raise ConfigError(path, str(error), field="model") from None
     methods = raw["methods"] if isinstance(raw["methods"], list) else [raw["methods"]]
     for method in methods:
         try:
@@ -169,11 +177,18 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
     if set(mlflow) - {"tracking_uri", "experiment"}:
         raise ConfigError(path, "valid keys: tracking_uri, experiment", field="mlflow")
     storage = _expect(path, "storage_path", raw.get("storage_path", "sweeps"), str, "a path or URI")
+    if "://" not in storage:
+        _require_writable(path, "storage_path", (base_dir / storage).resolve())
+    tracking_uri = absolute_tracking_uri(mlflow.get("tracking_uri") or "sqlite:///mlflow.db")
+    try:
+        check_store(tracking_uri, existing=False)
+    except DataError as error:
+        raise ConfigError(path, str(error), field="mlflow.tracking_uri") from None
     return SweepConfig(
         name=name, model=paths["model"], data=paths["data"], mia=paths["mia"], mmlu=paths["mmlu"],
         methods=methods,
         split=raw.get("split"),
-        mmlu_shots=_expect(path, "mmlu_shots", raw.get("mmlu_shots", 0), int, "an integer"),
+        mmlu_shots=_non_negative(path, "mmlu_shots", raw.get("mmlu_shots", 0)),
         mmlu_threshold=threshold,
         search_space_overrides=overrides,
         trials=trials,
@@ -183,11 +198,27 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
         seed=_expect(path, "seed", raw.get("seed", 0), int, "an integer"),
         asha=_positive_ints(path, "asha", raw.get("asha") or {"grace_period": 1, "reduction_factor": 2}, {"grace_period", "reduction_factor"}),
         eval=_positive_ints(path, "eval", {"batch_size": 32, "max_new_tokens": 256, **(raw.get("eval") or {})}, {"batch_size", "max_new_tokens"}),
-        mlflow={"experiment": None, **mlflow, "tracking_uri": absolute_tracking_uri(mlflow.get("tracking_uri") or "sqlite:///mlflow.db")},
+        mlflow={"experiment": None, **mlflow, "tracking_uri": tracking_uri},
         ray_address=_expect(path, "ray_address", raw.get("ray_address", "local"), str, "local, auto or an address"),
         storage_path=storage if "://" in storage else str((base_dir / storage).resolve()),
         source=path,
     )
+
+
+def _non_negative(path: Path, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(path, f"expected an integer >= 0, got {value!r}", field=key)
+    return value
+
+
+def _require_writable(path: Path, key: str, folder: Path) -> None:
+    """The folder, or the nearest existing folder above it, can be written: found now, not
+    after the parent run is created and the base model evaluated."""
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))  # a real probe: access() says yes to root everywhere
+    except OSError as error:
+        raise ConfigError(path, f"{folder} cannot be written ({existing}: {error.strerror})", field=key) from None
 
 
 def absolute_tracking_uri(uri: str) -> str:

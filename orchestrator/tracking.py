@@ -13,12 +13,30 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from unlearn_sweep.corpus.errors import DataError
+
 # Metrics logged per epoch, from scores.json.
 SCORE_METRICS = ("final_score", "task_aggregate", "mia_auc", "mia_score", "mmlu_accuracy", "forget_mean", "retain_mean")
 
 
 def client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def check_store(tracking_uri: str, existing: bool) -> None:
+    """A local store (SQLite file or file: folder) that is usable: its folder exists (MLflow
+    would otherwise create a store wherever the URI points), and with `existing` the store
+    itself (reading a sweep back must not create an empty mlflow.db). Servers are not checked."""
+    if tracking_uri.startswith("sqlite:///"):
+        store = Path(tracking_uri[len("sqlite:///"):])
+    elif tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        store = Path(tracking_uri.removeprefix("file://").removeprefix("file:"))
+    else:
+        return
+    if existing and not store.exists():
+        raise DataError(store, f"no MLflow store here (tracking URI {tracking_uri}); pass the sweep's --tracking-uri")
+    if not store.parent.is_dir():
+        raise DataError(store.parent, f"folder of the MLflow store does not exist (tracking URI {tracking_uri})")
 
 
 def experiment_id(mlflow: MlflowClient, name: str) -> str:

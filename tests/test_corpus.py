@@ -100,10 +100,11 @@ def test_mmlu_csv_layout_and_prompt(tmp_path: Path) -> None:
     "forget, message",
     [
         ([{k: v for k, v in ROW.items() if k != "task"}], "forget.jsonl: row 1: field 'task': missing column"),
-        ([ROW, {**ROW, "task": "Task9"}], "forget.jsonl: row 2: field 'task': unknown task 'Task9'"),
+        ([ROW, {**ROW, "id": "abc-1sc2", "task": "Task9"}], "forget.jsonl: row 2: field 'task': unknown task 'Task9'"),
         ([{**ROW, "id": "abc-1xx1"}], "forget.jsonl: row 1: field 'id': id 'abc-1xx1' is neither"),
         ([], "forget.jsonl: the forget set is empty"),
         ([{**ROW, "split": "retain"}], "forget.jsonl: row 1: field 'split': row belongs to 'retain'"),
+        ([ROW, {**ROW, "output": "died."}], "forget.jsonl: row 2: field 'id': duplicate id 'abc-1sc1' (also row 1)"),
     ],
 )
 def test_task_errors_name_file_row_and_field(tmp_path: Path, forget: list[dict], message: str) -> None:
@@ -111,10 +112,15 @@ def test_task_errors_name_file_row_and_field(tmp_path: Path, forget: list[dict],
         load_task(task_dir(tmp_path, forget))
 
 
+def test_an_id_in_both_sets_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="retain.jsonl: row 2: field 'id': duplicate id 'abc-1sc1': also in forget.jsonl"):
+        load_task(task_dir(tmp_path, [ROW], [{**ROW, "id": "abc-1qa1"}, ROW]))
+
+
 def test_malformed_json_and_missing_layout(tmp_path: Path) -> None:
     task_dir(tmp_path, [ROW])
-    (tmp_path / "retain.jsonl").write_text('{"id": "x"sc1}\n')
-    with pytest.raises(DataError, match="retain.jsonl: cannot read"):
+    (tmp_path / "retain.jsonl").write_text(json.dumps(ROW) + '\n{"id": "x"sc1}\n')
+    with pytest.raises(DataError, match="retain.jsonl: cannot read: .* on line 2$"):  # the bad line, not the row before it
         load_task(tmp_path)
     with pytest.raises(DataError, match="no task data"):
         load_task(tmp_path / "..")

@@ -71,3 +71,79 @@ def test_cli_evaluate_then_score(toy_task_dir: Path, tmp_path: Path, capsys: pyt
     assert "needs the base model's MMLU" in capsys.readouterr().err
     assert main(["evaluate", "--model", str(tmp_path), "--data", str(toy_task_dir / "data"), "--out", str(tmp_path / "x")]) == 2
     assert "not a Hugging Face checkpoint" in capsys.readouterr().err
+
+
+def broken_copies(model_dir: Path, root: Path) -> dict[str, Path]:
+    """The model without its weights, and with its safetensors file cut in half."""
+    import shutil
+
+    copies = {}
+    for kind in ("no weights", "truncated"):
+        folder = shutil.copytree(model_dir, root / kind.replace(" ", "_"))
+        weights = folder / "model.safetensors"
+        if kind == "no weights":
+            weights.unlink()
+        else:
+            with weights.open("r+b") as handle:
+                handle.truncate(weights.stat().st_size // 2)
+        copies[kind] = folder
+    return copies
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1, got 0"),
+    (["--mmlu-shots", "-1"], "argument --mmlu-shots: must be >= 0, got -1"),
+])
+def test_evaluate_refuses_empty_batches_and_generations(args: list[str], message: str, toy_task_dir: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--model", str(toy_task_dir / "model"), "--data", str(toy_task_dir / "data"), "--out", str(tmp_path / "o"), *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_a_checkpoint_without_or_with_truncated_weights_is_one_line(toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    copies = broken_copies(toy_task_dir / "model", tmp_path)
+    expected = {"no weights": "no_weights: no weights (model.safetensors", "truncated": "truncated/model.safetensors: unreadable weights"}
+    for kind, folder in copies.items():
+        for command in (["evaluate", "--model", str(folder), "--data", str(toy_task_dir / "data"), "--out", str(tmp_path / "o")],
+                        ["unlearn", "--method", "grad_diff", "--model", str(folder), "--data", str(toy_task_dir / "data"), "--out", str(tmp_path / "u")]):
+            assert main(command) == 2
+            error = capsys.readouterr().err.strip()
+            assert len(error.splitlines()) == 1 and expected[kind] in error, error
+    assert not (tmp_path / "o").exists() and not (tmp_path / "u").exists()
+
+
+def test_evaluate_replaces_every_older_record(toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "eval"
+    base = ["evaluate", "--model", str(toy_task_dir / "model"), "--data", str(toy_task_dir / "data"), "--out", str(out), "--max-new-tokens", "4"]
+    assert main(base + ["--mia", str(toy_task_dir / "mia"), "--mmlu", str(toy_task_dir / "mmlu")]) == 0
+    assert (out / "mia.jsonl").exists() and (out / "mmlu.jsonl").exists()
+    assert main(base) == 0  # without MIA and MMLU: their old records must not be read back with the new scores
+    assert sorted(path.name for path in out.iterdir()) == ["generations.jsonl", "scores.json"]
+    capsys.readouterr()
+    assert main(["score", str(out)]) == 0
+    assert "mia_auc         null" in capsys.readouterr().out
+
+
+def test_unlearn_whose_loss_diverges_fails_in_one_line_and_writes_nothing(toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "diverged"
+    assert main(["unlearn", "--method", "grad_ascent", "--model", str(toy_task_dir / "model"), "--data", str(toy_task_dir / "data"),
+                 "--out", str(out), "--set", "learning_rate=1e6", "--set", "epochs=1"]) == 1
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("unlearn-sweep")]  # beside progress bars
+    assert len(error) == 1 and "loss became nan" in error[0] and "learning_rate 1e+06 too high?" in error[0], error
+    assert not out.exists() and not list(tmp_path.glob(".diverged*"))
+
+
+def test_best_and_export_never_create_a_store_and_export_names_an_unwritable_path(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    for command in (["best", "exp"], ["export", "exp", "--out", "submission"]):
+        assert main(command) == 2
+        assert "mlflow.db: no MLflow store here" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    from unlearn_sweep.corpus.errors import DataError
+    from unlearn_sweep.corpus.staging import staged_directory
+
+    with pytest.raises(DataError, match="/proc/submission: cannot be written"):
+        with staged_directory("/proc/submission"):
+            pass

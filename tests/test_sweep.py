@@ -59,6 +59,11 @@ def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
         ({"resources_per_trial": {"cpu": 1, "tpu": 1}}, "unknown resource 'tpu'"),
         ({"search_space_overrides": {"npo": {}}}, "method 'npo' is not among methods"),
         ({"data": "/nonexistent"}, "field 'data': /nonexistent does not exist"),
+        ({"mmlu_shots": -1}, "field 'mmlu_shots': expected an integer >= 0, got -1"),
+        ({"mlflow": {"tracking_uri": "sqlite:////nonexistent/folder/mlflow.db"}}, "field 'mlflow.tracking_uri': /nonexistent/folder: folder of the MLflow store does not exist"),
+        ({"storage_path": "/proc/sweeps"}, "field 'storage_path': /proc/sweeps cannot be written"),
+        ({"storage_path": "sweep.yaml/runs"}, "sweep.yaml/runs cannot be written ("),
+        ({"model": "/proc"}, "field 'model': /proc: not a Hugging Face checkpoint (no config.json)"),
         # Search-space overrides are checked with the config, named in the user's file.
         ({"search_space_overrides": {"grad_diff": {"bogus": 1}}}, "field 'search_space_overrides.grad_diff.bogus': not a hyperparameter"),
         ({"search_space_overrides": {"grad_diff": {"learning_rate": {"uniform": [0.2, 0.1]}}}},
