@@ -21,6 +21,7 @@
     mlflow: {tracking_uri: sqlite:///mlflow.db, experiment: null}   # experiment defaults to name
     ray_address: local              # or auto, on a cluster
     storage_path: sweeps            # shared storage (NFS, S3) on a multi-node cluster
+    optuna_storage: null            # the Optuna study's database; default sqlite in storage_path/<name>/optuna.db
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class SweepConfig:
     mlflow: dict[str, str | None] = field(default_factory=lambda: {"tracking_uri": "sqlite:///mlflow.db", "experiment": None})
     ray_address: str = "local"
     storage_path: str = "sweeps"  # absolute local path or a URI (s3://, gs://)
+    optuna_storage: str | None = None  # a database URL; None: SQLite beside the sweep's Tune state
     source: Path = Path("<memory>")
 
     @property
@@ -78,6 +80,11 @@ class SweepConfig:
         return int(self.resources_per_trial.get("workers", 1))
 
     @property
+    def study_storage(self) -> str:
+        """Where the Optuna study lives: optuna-dashboard opens it, a resumed sweep continues it."""
+        return self.optuna_storage or f"sqlite:///{self.storage_path}/{self.name}/optuna.db"
+
+    @property
     def tracking_uri(self) -> str:
         return self.mlflow.get("tracking_uri") or "sqlite:///mlflow.db"
 
@@ -85,7 +92,7 @@ class SweepConfig:
 _KNOWN = {
     "name", "model", "data", "split", "mia", "mmlu", "mmlu_shots", "mmlu_threshold", "methods",
     "search_space_overrides", "trials", "max_concurrent_trials", "resources_per_trial", "gpu_memory_gb", "seed",
-    "asha", "eval", "mlflow", "ray_address", "storage_path",
+    "asha", "eval", "mlflow", "ray_address", "storage_path", "optuna_storage",
 }
 
 
@@ -179,6 +186,12 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
     storage = _expect(path, "storage_path", raw.get("storage_path", "sweeps"), str, "a path or URI")
     if "://" not in storage:
         _require_writable(path, "storage_path", (base_dir / storage).resolve())
+    optuna_storage = raw.get("optuna_storage")
+    if optuna_storage is not None and "://" not in _expect(path, "optuna_storage", optuna_storage, str, "a database URL"):
+        raise ConfigError(path, f"expected a database URL (sqlite:///..., postgresql://...), got {optuna_storage!r}", field="optuna_storage")
+    if optuna_storage is None and "://" in storage:
+        raise ConfigError(path, "a remote storage_path cannot hold the Optuna study's SQLite file: set optuna_storage "
+                          "to a database URL (e.g. the MLflow server's PostgreSQL)", field="optuna_storage")
     tracking_uri = absolute_tracking_uri(mlflow.get("tracking_uri") or "sqlite:///mlflow.db")
     try:
         check_store(tracking_uri, existing=False)
@@ -201,6 +214,7 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
         mlflow={"experiment": None, **mlflow, "tracking_uri": tracking_uri},
         ray_address=_expect(path, "ray_address", raw.get("ray_address", "local"), str, "local, auto or an address"),
         storage_path=storage if "://" in storage else str((base_dir / storage).resolve()),
+        optuna_storage=optuna_storage,
         source=path,
     )
 

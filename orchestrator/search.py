@@ -33,6 +33,7 @@ from unlearn_sweep.orchestrator.objective import OBJECTIVE
 SPACES_DIR = importlib.resources.files("unlearn_sweep.search_spaces")
 DISTRIBUTIONS = ("log_uniform", "uniform", "int", "log_int", "choice")
 MMLU_CONSTRAINT = "mmlu_threshold"
+STUDY_TRIAL = "study_trial"  # the Optuna trial number in each Tune config
 
 
 def load_space(method: str, overrides: dict[str, Any] | None = None, spaces_dir: Traversable | Path = SPACES_DIR,
@@ -127,8 +128,8 @@ def _sample(trial: optuna.Trial, space: dict[str, Any], prefix: str) -> dict[str
 class DefineByRun:
     """The Optuna define-by-run function: the method (a choice when there are several), then
     its parameters. Returns the trial's whole configuration as constants, so that the Tune
-    config holds exactly what the trial runs with. A class, not a closure: Tune pickles the
-    searcher to resume it."""
+    config holds exactly what the trial runs with, and the Optuna trial's number. A class,
+    not a closure: Tune pickles the searcher to resume it."""
 
     def __init__(self, spaces: dict[str, dict[str, Any]]):
         self.spaces = spaces
@@ -141,25 +142,66 @@ class DefineByRun:
         if "sources" in space:
             setup["source_method"] = space["source_method"]
             setup["sources"] = {name: _sample(trial, entries, f"{method}/{name}") for name, entries in space["sources"].items()}
-        return {"setup": setup}
+        return {"setup": setup, STUDY_TRIAL: trial.number}
 
 
 class ConstrainedOptunaSearch(OptunaSearch):
-    """OptunaSearch that sets the MMLU constraint on the Optuna trial before it is told its
-    result (Ray's OptunaSearch drops constraints). A trial is told its objective (its best
-    eligible final score so far, see objective.py) with the constraint of the epoch that
-    objective came from: `objective_mmlu_slack` = threshold - MMLU, <= 0 feasible. A trial
-    that ends without a report (failed before its first epoch was scored) is infeasible."""
+    """OptunaSearch over a persistent study (an RDB storage) that sets the MMLU constraint on
+    the Optuna trial before it is told its result (Ray's OptunaSearch drops constraints). A
+    trial is told its objective (its best eligible final score so far, see objective.py) with
+    the constraint of the epoch that objective came from: `objective_mmlu_slack` = threshold -
+    MMLU, <= 0 feasible. A trial that ends without a report (failed before its first epoch
+    was scored) is infeasible. Optuna trials are reached through the study's storage by their
+    number (which each Tune config carries), not through OptunaSearch's private state."""
+
+    def __init__(self, *args: Any, storage_url: str, study_name: str, **kwargs: Any):
+        self.study_storage, self.study_name, self.study_trials = optuna.storages.RDBStorage(storage_url), study_name, {}
+        super().__init__(*args, storage=self.study_storage, study_name=study_name, **kwargs)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if config is not None:
+            self.study_trials[trial_id] = config[STUDY_TRIAL]
+        return config
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Resume: Optuna trials the stopped driver had asked for but Tune never recorded stay
+        RUNNING in the database; they are closed as failed so the study holds no phantom runs."""
+        super().restore(checkpoint_path)
+        study, known = self.study(), set(self.study_trials.values())
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if trial.number not in known:
+                study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+
+    def study(self) -> optuna.Study:
+        return optuna.load_study(study_name=self.study_name, storage=self.study_storage)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        trial = self._ot_trials.get(trial_id)
-        if trial is not None and trial_id not in self._completed_trials:
-            slack = (result or {}).get("objective_mmlu_slack")
-            trial.set_constraint(MMLU_CONSTRAINT, slack if slack is not None and math.isfinite(slack) else 1.0)
+        number = self.study_trials.get(trial_id)
+        if number is not None:
+            storage = self.study_storage
+            optuna_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(self.study_name), number)
+            if storage.get_trial(optuna_id).state == optuna.trial.TrialState.RUNNING:
+                slack = (result or {}).get("objective_mmlu_slack")
+                constraint = slack if slack is not None and math.isfinite(slack) else 1.0
+                optuna.trial.Trial(self.study(), optuna_id).set_constraint(MMLU_CONSTRAINT, constraint)
         super().on_trial_complete(trial_id, result, error)
+
+
+def study_exists(config: SweepConfig) -> bool:
+    """Whether the sweep's Optuna study is already in its storage (a fresh sweep must not
+    continue someone else's)."""
+    if config.study_storage.startswith("sqlite:///") and not Path(config.study_storage[len("sqlite:///"):]).exists():
+        return False  # nothing to look in, and nothing is created by looking
+    return config.name in optuna.study.get_all_study_names(storage=config.study_storage)
 
 
 def make_searcher(config: SweepConfig) -> ConstrainedOptunaSearch:
     spaces = {method: load_space(method, config.search_space_overrides.get(method), config_path=config.source) for method in config.methods}
     sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=max(2, min(10, config.trials // 3)))
-    return ConstrainedOptunaSearch(space=DefineByRun(spaces), metric=OBJECTIVE, mode="max", sampler=sampler, seed=config.seed)
+    if config.study_storage.startswith("sqlite:///"):
+        Path(config.study_storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    # Every method is tried first (random start-up sampling missed one of two methods in 8 trials).
+    first = [{"method": method} for method in sorted(spaces)] if len(spaces) > 1 else None
+    return ConstrainedOptunaSearch(space=DefineByRun(spaces), metric=OBJECTIVE, mode="max", sampler=sampler, seed=config.seed,
+                                   points_to_evaluate=first, storage_url=config.study_storage, study_name=config.name)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -28,7 +29,7 @@ from unlearn_sweep.orchestrator import plots, tracking
 from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
 from unlearn_sweep.orchestrator.objective import OBJECTIVE
 from unlearn_sweep.orchestrator.plan import check_memory
-from unlearn_sweep.orchestrator.search import make_searcher
+from unlearn_sweep.orchestrator.search import make_searcher, study_exists
 from unlearn_sweep.orchestrator.selection import crown, select, trial_entries
 from unlearn_sweep.orchestrator.trial import run_trial
 
@@ -147,6 +148,9 @@ def run_sweep(config: SweepConfig, resume: bool = False) -> SweepSummary:
         raise ConfigError(config.source, f"a sweep named {config.name!r} already exists in {config.storage_path}; resume it with --resume or choose another name", field="name")
     if resume and not tune.Tuner.can_restore(experiment_path):
         raise ConfigError(config.source, f"no sweep {config.name!r} in {config.storage_path} to resume", field="name")
+    if not resume and study_exists(config):
+        raise ConfigError(config.source, f"an Optuna study named {config.name!r} already exists in {config.study_storage}; "
+                          "resume the sweep with --resume or choose another name", field="name")
     _start_ray(config)
     _check_placeable(config)  # before MLflow is touched: nothing is left behind by a bad config
     mlflow = tracking.client(config.tracking_uri)
@@ -312,8 +316,6 @@ def _finish(config: SweepConfig, summary: SweepSummary, mlflow, experiment_path:
         folder = Path(folder)
         (folder / "leaderboard.json").write_text(json.dumps(summary.rows, indent=2, default=str) + "\n")
         plots.score_vs_mmlu(finished, summary.mmlu_threshold, folder / "final_score_vs_mmlu.png")
-        searcher = make_searcher(config)
-        searcher.restore_from_dir(experiment_path)
-        plots.optuna_plots(searcher._ot_study, folder)  # OptunaSearch has no public accessor
+        plots.optuna_plots(optuna.load_study(study_name=config.name, storage=config.study_storage), folder)
         mlflow.log_artifacts(summary.parent_run_id, str(folder), "sweep")
     tracking.end_parent(mlflow, summary.parent_run_id)

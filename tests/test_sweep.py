@@ -104,11 +104,26 @@ def test_searcher_hands_the_mmlu_constraint_to_optuna(toy_task_dir: Path, tmp_pa
     searcher.on_trial_complete("a", {"objective": 0.6, "objective_mmlu_slack": -0.1})
     searcher.on_trial_complete("b", {"objective": -1.2, "objective_mmlu_slack": 0.2})
     searcher.on_trial_complete("c", None, error=True)  # failed before its first score
-    trials = searcher._ot_study.trials
+    trials = searcher.study().trials
     assert [t.constraints[MMLU_CONSTRAINT] for t in trials] == [-0.1, 0.2, 1.0]
     assert trials[2].state == optuna.trial.TrialState.FAIL
     feasible = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.constraints[MMLU_CONSTRAINT] <= 0]
     assert [t.value for t in feasible] == [0.6]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_every_method_is_sampled_during_start_up(seed: int, toy_task_dir: Path, tmp_path: Path) -> None:
+    methods = ["grad_diff", "npo", "sugd"]
+    searcher = make_searcher(load_config(write_config(tmp_path, toy_task_dir, methods=methods, trials=8, seed=seed, search_space_overrides={})))
+    assert {searcher.suggest(str(trial))["setup"]["method"] for trial in range(3)} == set(methods)
+
+
+def test_a_fresh_sweep_never_continues_an_existing_study(toy_task_dir: Path, tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, toy_task_dir, name="taken"))
+    make_searcher(config)  # creates the study, as a sweep of that name did
+    with pytest.raises(ConfigError, match="an Optuna study named 'taken' already exists"):
+        run_sweep(config)
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_eligible_then_ineligible_trial_is_feasible_with_its_eligible_value(toy_task_dir: Path, tmp_path: Path) -> None:
@@ -120,7 +135,7 @@ def test_eligible_then_ineligible_trial_is_feasible_with_its_eligible_value(toy_
     searcher = make_searcher(load_config(write_config(tmp_path, toy_task_dir)))
     searcher.suggest("t")
     searcher.on_trial_complete("t", last)  # Tune hands the last report
-    (trial,) = searcher._ot_study.trials
+    (trial,) = searcher.study().trials
     assert trial.value == 0.55 and trial.constraints[MMLU_CONSTRAINT] <= 0
 
 
@@ -192,9 +207,13 @@ def test_small_sweep_end_to_end(local_ray, toy_task_dir: Path, tmp_path: Path, c
     assert {"sweep/final_score_vs_mmlu.png", "sweep/leaderboard.json", "sweep/optimization_history.png"} <= artifacts
 
     # The constraint reached Optuna for every trial.
-    searcher = make_searcher(config)
-    searcher.restore_from_dir(f"{config.storage_path}/{config.name}")
-    assert all(MMLU_CONSTRAINT in t.constraints for t in searcher._ot_study.trials if t.state != optuna.trial.TrialState.RUNNING)
+    # The study persists beside the sweep (optuna-dashboard opens it), every trial told with its constraint.
+    assert config.study_storage == f"sqlite:///{config.storage_path}/{config.name}/optuna.db"
+    study = optuna.load_study(study_name=config.name, storage=config.study_storage)
+    assert len(study.trials) == 5 and all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)
+    assert all(MMLU_CONSTRAINT in t.constraints for t in study.trials)
+    # Both methods were tried first, whatever the seed.
+    assert {t.params["method"] for t in study.trials[:2]} == {"grad_diff", "grad_ascent"}
 
     # best / export / re-evaluate reproduce the logged score.
     assert leaderboard(config.experiment, config.tracking_uri)[0].scores["final_score"] == pytest.approx(champion["final_score"])
@@ -330,6 +349,10 @@ def test_interrupted_sweep_resumes_without_duplicates(local_ray, toy_task_dir: P
             assert len(steps) == len(set(steps)), (run.data.tags, name, steps)  # MLflow never holds a step twice
     retried = [run for run in children if run.data.tags["trial_id"] == in_flight.data.tags["trial_id"] and run.info.run_id != first.info.run_id]
     assert all(run.data.tags["attempt"] == "2" for run in retried)
+    # The resumed sweep continued the same study: one Optuna trial per Tune trial, none left running.
+    study = optuna.load_study(study_name=config.name, storage=config.study_storage)
+    told = [t for t in study.trials if t.state != optuna.trial.TrialState.FAIL]
+    assert len(told) == 3 and not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     # Resuming a finished sweep registers nothing new.
     versions = len(mlflow.search_model_versions(f"name = '{config.experiment}'"))
     run_sweep(config, resume=True)
@@ -351,7 +374,10 @@ def test_a_driver_failure_ends_the_parent_run_failed(local_ray, toy_task_dir: Pa
     assert (parent.info.status, parent.data.tags["status"]) == ("FAILED", "failed")
 
 
-def test_ui_serves_mlflow_on_loopback(tmp_path: Path) -> None:
+def test_ui_serves_mlflow_on_loopback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["ui", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2  # no store there: refused, none created
+    assert "no MLflow store here" in capsys.readouterr().err and not (tmp_path / "m.db").exists()
+    tracking.client(f"sqlite:///{tmp_path}/m.db").search_experiments()  # a sweep's store
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
