@@ -24,6 +24,8 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
+from unlearn_sweep.corpus.checkpoints import check_checkpoint
+from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.orchestrator import plots, tracking
 from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
@@ -143,6 +145,10 @@ def _threshold(mlflow, run_id: str, config: SweepConfig) -> float | None:
 def run_sweep(config: SweepConfig, resume: bool = False) -> SweepSummary:
     """Run (or resume) the sweep to the end and pick the champion."""
     check_memory(config)  # before anything starts: trials that cannot fit their GPUs are refused
+    try:
+        check_checkpoint(config.model)  # weights present and whole, not found missing in every trial
+    except DataError as error:
+        raise ConfigError(config.source, str(error), field="model") from None
     experiment_path = f"{config.storage_path.rstrip('/')}/{config.name}"
     if not resume and tune.Tuner.can_restore(experiment_path):
         raise ConfigError(config.source, f"a sweep named {config.name!r} already exists in {config.storage_path}; resume it with --resume or choose another name", field="name")

@@ -118,6 +118,16 @@ def test_every_method_is_sampled_during_start_up(seed: int, toy_task_dir: Path, 
     assert {searcher.suggest(str(trial))["setup"]["method"] for trial in range(3)} == set(methods)
 
 
+def test_a_sweep_of_a_model_without_whole_weights_is_refused_before_mlflow(toy_task_dir: Path, tmp_path: Path) -> None:
+    from test_evaluator import broken_copies
+
+    for kind, folder in broken_copies(toy_task_dir / "model", tmp_path).items():
+        config = load_config(write_config(tmp_path / kind.replace(" ", "_"), toy_task_dir, model=str(folder)))
+        with pytest.raises(ConfigError, match=r"sweep.yaml: field 'model': .*(no weights|unreadable weights)"):
+            run_sweep(config)
+        assert not (tmp_path / kind.replace(" ", "_") / "mlflow.db").exists()
+
+
 def test_a_fresh_sweep_never_continues_an_existing_study(toy_task_dir: Path, tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path, toy_task_dir, name="taken"))
     make_searcher(config)  # creates the study, as a sweep of that name did
