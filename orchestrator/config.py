@@ -16,7 +16,8 @@
     resources_per_trial: {cpu: 1, gpu: 0}   # + workers: N for a multi-worker (DeepSpeed) trial
     gpu_memory_gb: null             # memory of one GPU: a trial planned not to fit is refused
     seed: 0
-    asha: {grace_period: 1, reduction_factor: 2}
+    searcher: tpe                   # tpe (constrained TPE) | random (Optuna's random sampler, same constraint handling)
+    asha: {grace_period: 1, reduction_factor: 2}    # null: no early stopping (every trial runs all its epochs)
     eval: {batch_size: 32, max_new_tokens: 256}
     mlflow: {tracking_uri: sqlite:///mlflow.db, experiment: null}   # experiment defaults to name
     ray_address: local              # or auto, on a cluster
@@ -40,6 +41,9 @@ from unlearn_sweep.evaluation.scoring import MmluThreshold
 from unlearn_sweep.orchestrator.tracking import check_store
 
 
+SEARCHERS = ("tpe", "random")
+
+
 class ConfigError(DataError):
     """A bad sweep config value: names the file and the field."""
 
@@ -61,7 +65,8 @@ class SweepConfig:
     resources_per_trial: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     gpu_memory_gb: float | None = None
     seed: int = 0
-    asha: dict[str, int] = field(default_factory=lambda: {"grace_period": 1, "reduction_factor": 2})
+    searcher: str = "tpe"
+    asha: dict[str, int] | None = field(default_factory=lambda: {"grace_period": 1, "reduction_factor": 2})
     eval: dict[str, int] = field(default_factory=lambda: {"batch_size": 32, "max_new_tokens": 256})
     mlflow: dict[str, str | None] = field(default_factory=lambda: {"tracking_uri": "sqlite:///mlflow.db", "experiment": None})
     ray_address: str = "local"
@@ -91,7 +96,7 @@ class SweepConfig:
 _KNOWN = {
     "name", "model", "data", "split", "mia", "mmlu", "mmlu_shots", "mmlu_threshold", "methods",
     "search_space_overrides", "trials", "max_concurrent_trials", "resources_per_trial", "gpu_memory_gb", "seed",
-    "asha", "eval", "mlflow", "ray_address", "storage_path", "optuna_storage",
+    "searcher", "asha", "eval", "mlflow", "ray_address", "storage_path", "optuna_storage",
 }
 
 
@@ -206,7 +211,10 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
         resources_per_trial={"cpu": 1, "gpu": 0, **resources},
         gpu_memory_gb=gpu_memory,
         seed=_expect(path, "seed", raw.get("seed", 0), int, "an integer"),
-        asha=_positive_ints(path, "asha", raw.get("asha") or {"grace_period": 1, "reduction_factor": 2}, {"grace_period", "reduction_factor"}),
+        searcher=_one_of(path, "searcher", raw.get("searcher", "tpe"), SEARCHERS),
+        asha=None if raw.get("asha", {}) is None else _positive_ints(
+            path, "asha", {"grace_period": 1, "reduction_factor": 2, **_expect(path, "asha", raw.get("asha", {}), dict, "a mapping or null")},
+            {"grace_period", "reduction_factor"}),
         eval=_positive_ints(path, "eval", {"batch_size": 32, "max_new_tokens": 256, **(raw.get("eval") or {})}, {"batch_size", "max_new_tokens"}),
         mlflow={"experiment": None, **mlflow, "tracking_uri": tracking_uri},
         ray_address=_expect(path, "ray_address", raw.get("ray_address", "local"), str, "local, auto or an address"),
@@ -214,6 +222,12 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
         optuna_storage=optuna_storage,
         source=path,
     )
+
+
+def _one_of(path: Path, key: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(path, f"expected one of {', '.join(allowed)}, got {value!r}", field=key)
+    return value
 
 
 def _non_negative(path: Path, key: str, value: Any) -> int:

@@ -198,7 +198,10 @@ def study_exists(config: SweepConfig) -> bool:
 
 def make_searcher(config: SweepConfig) -> ConstrainedOptunaSearch:
     spaces = {method: load_space(method, config.search_space_overrides.get(method), config_path=config.source) for method in config.methods}
-    sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=max(2, min(10, config.trials // 3)))
+    if config.searcher == "random":
+        sampler = optuna.samplers.RandomSampler(seed=config.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=max(2, min(10, config.trials // 3)))
     if config.study_storage.startswith("sqlite:///"):
         Path(config.study_storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     # Every method is tried first (random start-up sampling missed one of two methods in 8 trials).

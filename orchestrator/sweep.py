@@ -182,7 +182,8 @@ def run_sweep(config: SweepConfig, resume: bool = False) -> SweepSummary:
             tune_config=tune.TuneConfig(
                 search_alg=make_searcher(config), num_samples=config.trials,
                 trial_dirname_creator=_trial_dirname,
-                scheduler=ASHAScheduler(metric=METRIC, mode=MODE, grace_period=config.asha["grace_period"], reduction_factor=config.asha["reduction_factor"], max_t=100),
+                scheduler=ASHAScheduler(metric=METRIC, mode=MODE, grace_period=config.asha["grace_period"],
+                                        reduction_factor=config.asha["reduction_factor"], max_t=100) if config.asha else None,
                 max_concurrent_trials=_max_concurrent(config),
                 reuse_actors=True,  # a fresh worker per trial would re-import torch & co (~6 s) each time
             ),

@@ -60,6 +60,8 @@ def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
         ({"search_space_overrides": {"npo": {}}}, "method 'npo' is not among methods"),
         ({"data": "/nonexistent"}, "field 'data': /nonexistent does not exist"),
         ({"mmlu_shots": -1}, "field 'mmlu_shots': expected an integer >= 0, got -1"),
+        ({"searcher": "grid"}, "field 'searcher': expected one of tpe, random, got 'grid'"),
+        ({"asha": "off"}, "field 'asha': expected a mapping or null, got 'off'"),
         ({"mlflow": {"tracking_uri": "sqlite:////nonexistent/folder/mlflow.db"}}, "field 'mlflow.tracking_uri': /nonexistent/folder: folder of the MLflow store does not exist"),
         ({"storage_path": "/proc/sweeps"}, "field 'storage_path': /proc/sweeps cannot be written"),
         ({"storage_path": "sweep.yaml/runs"}, "sweep.yaml/runs cannot be written ("),
