@@ -10,6 +10,8 @@ from safetensors import SafetensorError, safe_open
 
 from unlearn_sweep.corpus.errors import DataError
 
+DTYPES = ("bfloat16", "float16", "float32", "auto")  # what a checkpoint can be loaded in for inference; auto: as saved
+
 
 def check_checkpoint(model_dir: str | Path) -> None:
     """config.json, the weight files (sharded ones as their index names them), and every

@@ -10,6 +10,7 @@ present, is used alone so that per-subject copies are not counted twice.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,8 +92,21 @@ def _format_question(question: MmluQuestion) -> str:
 
 
 def format_prompt(question: MmluQuestion, shots: list[MmluQuestion] = ()) -> str:
-    """The original MMLU prompt (Hendrycks et al.); the model continues with ' A'..' D'."""
-    subject = question.subject.replace("_", " ")
+    """The MMLU prompt as Open-Instruct's evaluation (the organizers' MMLU) writes it: its
+    subject is each '_'-separated word after a space (hence two spaces after 'about'), then
+    the shots with their answers, then the question; the model continues with ' A'..' D'."""
+    subject = "".join(" " + word for word in question.subject.split("_"))
     header = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
     examples = "".join(f"{_format_question(shot)} {LETTERS[shot.answer]}\n\n" for shot in shots)
     return header + examples + _format_question(question)
+
+
+def fitted_prompt(question: MmluQuestion, shots: list[MmluQuestion], token_count: Callable[[str], int], limit: int = 2048) -> str:
+    """The prompt with as many of the first shots as keep it within `limit` tokens (counted
+    without special tokens), dropping the last shot until it fits, as Open-Instruct does."""
+    shots = list(shots)
+    prompt = format_prompt(question, shots)
+    while shots and token_count(prompt) > limit:
+        shots.pop()
+        prompt = format_prompt(question, shots)
+    return prompt

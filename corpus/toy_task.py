@@ -93,6 +93,11 @@ class ToyTask:
         texts += [f"{r['input']} {r['output']}" for r in self.forget_rows + self.retain_rows if row_kind(r["id"]) == "qa"]
         texts += self.general_facts
         texts += [f"{format_prompt(q)} {LETTERS[q.answer]}" for q in self.mmlu_test + self.mmlu_dev]
+        # And 5-shot, as MMLU is asked by default: the subject's first dev examples, then the question.
+        shots = {}
+        for question in self.mmlu_dev:
+            shots.setdefault(question.subject, []).append(question)
+        texts += [f"{format_prompt(q, shots.get(q.subject, [])[:5])} {LETTERS[q.answer]}" for q in self.mmlu_test]
         return texts
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.mia import load_mia
-from unlearn_sweep.corpus.mmlu import MmluQuestion, format_prompt, load_mmlu
+from unlearn_sweep.corpus.mmlu import MmluQuestion, fitted_prompt, load_mmlu
 from unlearn_sweep.corpus.semeval import TaskRow, load_task
 from unlearn_sweep.evaluation import inference
 from unlearn_sweep.evaluation.scoring import compute_scores
@@ -22,6 +22,9 @@ from unlearn_sweep.evaluation.scoring import compute_scores
 log = logging.getLogger(__name__)
 
 GENERATIONS, MIA, MMLU, SCORES = "generations.jsonl", "mia.jsonl", "mmlu.jsonl", "scores.json"
+DEFAULT_SHOTS = 5  # MMLU 5-shot, as the organizers ran it, where the set has dev examples
+# Generation settings of the task's own scoring: a score computed otherwise says so in scores.json.
+TASK_SETTINGS = {"dtype": "bfloat16", "max_new_tokens": 256}
 
 
 @dataclass(frozen=True)
@@ -32,14 +35,18 @@ class EvalSets:
     mia: list | None = None
     mmlu: list[MmluQuestion] | None = None
     mmlu_shots: dict[str, list[MmluQuestion]] | None = None
+    shots: int = 0  # MMLU examples per prompt asked for (fewer where 2,048 tokens do not hold them)
 
     @classmethod
     def load(cls, data: str | Path, split: str | None = None, mia: str | Path | None = None,
-             mmlu: str | Path | None = None, mmlu_shots: int = 0) -> "EvalSets":
+             mmlu: str | Path | None = None, mmlu_shots: int | None = None) -> "EvalSets":
+        """mmlu_shots None: 5 where the MMLU set has dev examples, else 0."""
         shots = None
+        if mmlu is not None and mmlu_shots is None:
+            mmlu_shots = DEFAULT_SHOTS if _has_dev(Path(mmlu)) else 0
         if mmlu is not None and mmlu_shots > 0:
             shots = {}
-            for question in load_mmlu(mmlu, "dev"):
+            for question in load_mmlu(mmlu, "dev"):  # the first k dev examples of each subject, in file order
                 shots.setdefault(question.subject, []).append(question)
             shots = {subject: examples[:mmlu_shots] for subject, examples in shots.items()}
         return cls(
@@ -47,19 +54,36 @@ class EvalSets:
             mia=load_mia(mia) if mia is not None else None,
             mmlu=load_mmlu(mmlu) if mmlu is not None else None,
             mmlu_shots=shots,
+            shots=mmlu_shots or 0,
         )
 
 
-def run_inference(model, tokenizer, sets: EvalSets, batch_size: int = 32, max_new_tokens: int = 256) -> dict[str, list[dict]]:
-    """The three record lists for one in-memory model."""
+def _has_dev(mmlu: Path) -> bool:
+    try:
+        return bool(load_mmlu(mmlu, "dev"))
+    except DataError:
+        return False
+
+
+def eval_settings(sets: EvalSets, dtype: str, max_new_tokens: int) -> dict:
+    """How a score was computed, as scores.json records it; `task_settings` is false when the
+    generation settings differ from the task's (such a score is not comparable with the task's)."""
+    settings = {"dtype": dtype, "max_new_tokens": max_new_tokens, "mmlu_shots": sets.shots}
+    return {**settings, "task_settings": all(settings[key] == value for key, value in TASK_SETTINGS.items())}
+
+
+def run_inference(model, tokenizer, sets: EvalSets, batch_size: int = 32, max_new_tokens: int = 256,
+                  answer_nll: bool = False) -> dict[str, list[dict]]:
+    """The three record lists for one in-memory model. The gold answers' NLL (a diagnostic
+    no score uses) costs a pass of its own: only with answer_nll."""
     prompts = [row.input for row in sets.rows]
     outputs = inference.generate(model, tokenizer, prompts, batch_size, max_new_tokens)
-    nlls = inference.answer_nll(model, tokenizer, prompts, [row.output for row in sets.rows], batch_size)
+    nlls = inference.answer_nll(model, tokenizer, prompts, [row.output for row in sets.rows], batch_size) if answer_nll else None
     records = {
         GENERATIONS: [
             {"id": row.id, "task": row.task, "split": row.split, "input": row.input,
-             "expected_output": row.output, "model_output": output, "nll": nll}
-            for row, output, nll in zip(sets.rows, outputs, nlls)
+             "expected_output": row.output, "model_output": output, **({"nll": nlls[index]} if nlls else {})}
+            for index, (row, output) in enumerate(zip(sets.rows, outputs))
         ],
         MIA: [],
         MMLU: [],
@@ -69,7 +93,11 @@ def run_inference(model, tokenizer, sets: EvalSets, batch_size: int = 32, max_ne
         records[MIA] = [{"id": doc.id, "membership": doc.membership, "nll": loss} for doc, loss in zip(sets.mia, losses)]
     if sets.mmlu:
         shots = sets.mmlu_shots or {}
-        prompts = [format_prompt(q, shots.get(q.subject, [])) for q in sets.mmlu]
+
+        def token_count(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        prompts = [fitted_prompt(q, shots.get(q.subject, []), token_count) for q in sets.mmlu]
         predicted = inference.choose_letters(model, tokenizer, prompts, batch_size)
         records[MMLU] = [
             {"id": index, "subject": q.subject, "answer": q.answer, "predicted": p}
@@ -78,12 +106,14 @@ def run_inference(model, tokenizer, sets: EvalSets, batch_size: int = 32, max_ne
     return records
 
 
-def score_records(records: dict[str, list[dict]], mmlu_threshold: float | None = None) -> dict:
-    """scores.json from records; warns where the final score cannot be given."""
+def score_records(records: dict[str, list[dict]], mmlu_threshold: float | None = None, settings: dict | None = None) -> dict:
+    """scores.json from records (with the settings they were computed under); warns where
+    the final score cannot be given."""
     missing = [name for name, key in (("MIA", MIA), ("MMLU", MMLU)) if not records.get(key)]
     if missing:
         log.warning("no %s records: final_score is null, as the task gave no final score without them", " or ".join(missing))
-    return compute_scores(records[GENERATIONS], records.get(MIA) or None, records.get(MMLU) or None, mmlu_threshold)
+    scores = compute_scores(records[GENERATIONS], records.get(MIA) or None, records.get(MMLU) or None, mmlu_threshold)
+    return {**scores, "eval": settings} if settings is not None else scores
 
 
 def write_results(out_dir: str | Path, records: dict[str, list[dict]], scores: dict) -> None:
@@ -106,11 +136,13 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def evaluate_checkpoint(model_dir: str | Path, sets: EvalSets, out_dir: str | Path | None = None,
-                        batch_size: int = 32, max_new_tokens: int = 256, mmlu_threshold: float | None = None) -> dict:
-    """Load, infer, score, and (with out_dir) write the records and scores.json."""
-    model, tokenizer = inference.load_model(model_dir)
-    records = run_inference(model, tokenizer, sets, batch_size, max_new_tokens)
-    scores = score_records(records, mmlu_threshold)
+                        batch_size: int = 32, max_new_tokens: int = 256, mmlu_threshold: float | None = None,
+                        dtype: str = "bfloat16", answer_nll: bool = False) -> dict:
+    """Load (in `dtype`, bfloat16 as the organizers did), infer, score, and (with out_dir)
+    write the records and scores.json."""
+    model, tokenizer = inference.load_model(model_dir, dtype=dtype)
+    records = run_inference(model, tokenizer, sets, batch_size, max_new_tokens, answer_nll)
+    scores = score_records(records, mmlu_threshold, eval_settings(sets, dtype, max_new_tokens))
     if out_dir is not None:
         write_results(out_dir, records, scores)
     return scores
@@ -142,8 +174,9 @@ def rescore(results_dir: str | Path, mmlu_threshold: float | None = None) -> dic
     one recorded in the existing scores.json."""
     results_dir = Path(results_dir)
     records = read_records(results_dir)
-    if mmlu_threshold is None and (results_dir / SCORES).exists():
-        mmlu_threshold = json.loads((results_dir / SCORES).read_text()).get("mmlu_threshold")
+    previous = json.loads((results_dir / SCORES).read_text()) if (results_dir / SCORES).exists() else {}
+    if mmlu_threshold is None:
+        mmlu_threshold = previous.get("mmlu_threshold")
     required = {GENERATIONS: ("id", "task", "split", "expected_output", "model_output"),
                 MIA: ("membership", "nll"), MMLU: ("answer", "predicted")}
     for name, fields in required.items():
@@ -151,6 +184,6 @@ def rescore(results_dir: str | Path, mmlu_threshold: float | None = None) -> dic
             for field in fields:
                 if field not in record:
                     raise DataError(results_dir / name, "missing field", number, field)
-    scores = score_records(records, mmlu_threshold)
+    scores = score_records(records, mmlu_threshold, previous.get("eval"))  # the records were computed under those settings
     _write_atomically(results_dir / SCORES, json.dumps(scores, indent=2) + "\n")
     return scores

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from unlearn_sweep.corpus.checkpoints import check_checkpoint
+from unlearn_sweep.corpus.checkpoints import DTYPES, check_checkpoint
 from unlearn_sweep.corpus.mmlu import LETTERS
 from unlearn_sweep.corpus.tokens import right_padded, summed_token_nll
 
@@ -21,13 +21,16 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(model_dir: str | Path, device: torch.device | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A local Hugging Face causal LM in its saved dtype, in eval mode, pad token = eos."""
+def load_model(model_dir: str | Path, device: torch.device | None = None, dtype: str = "bfloat16") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A local Hugging Face causal LM in `dtype` (bfloat16 by default: the organizers' script
+    loaded every model so), in eval mode, pad token = eos."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     check_checkpoint(model_dir)
     device = device or pick_device()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype if dtype == "auto" else getattr(torch, dtype)).to(device).eval()
     return model, tokenizer
 
 
@@ -128,8 +131,8 @@ def document_loss(
 
 
 def letter_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The token that starts ' A' .. ' D' after 'Answer:'."""
-    ids = [tokenizer(f" {letter}", add_special_tokens=False)["input_ids"][0] for letter in LETTERS]
+    """The token ids compared after 'Answer:': the last token of ' A' .. ' D', as Open-Instruct takes them."""
+    ids = [tokenizer(f" {letter}", add_special_tokens=False)["input_ids"][-1] for letter in LETTERS]
     if len(set(ids)) != 4:
         raise ValueError("the tokenizer does not tell the answer letters A-D apart by their first token")
     return ids
@@ -151,7 +154,7 @@ def choose_letters(
         inputs = _left_padded([encoded[i] for i in group], tokenizer.pad_token_id, model.device)
         # Positions counted from each row's first real token, as if it were unpadded.
         positions = (inputs["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)
-        logits = model(**inputs, position_ids=positions).logits[:, -1, :]
+        logits = model(**inputs, position_ids=positions, logits_to_keep=1).logits[:, -1, :]  # the next token's only
         return logits[:, letters].argmax(dim=1).tolist()
 
     return _in_order(len(prompts), batched, _batches([len(e) for e in encoded], batch_size, "mmlu"))

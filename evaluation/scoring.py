@@ -94,7 +94,7 @@ def final_score(aggregate: float, mmlu: float | None, mia: float | None) -> floa
     """Arithmetic mean of the three; None when MMLU or MIA was not measured."""
     if mmlu is None or mia is None:
         return None
-    return (aggregate + mmlu + mia) / 3
+    return statistics.mean([aggregate, mmlu, mia])  # as the organizers' script computed it, to the last bit
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from unlearn_sweep.corpus.checkpoints import DTYPES
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.methods.registry import ParamError
 
@@ -261,7 +262,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     threshold = _threshold(args)
     sets = EvalSets.load(args.data, args.split, args.mia, args.mmlu, args.mmlu_shots)
-    scores = evaluate_checkpoint(args.model, sets, args.out, args.batch_size, args.max_new_tokens, threshold)
+    scores = evaluate_checkpoint(args.model, sets, args.out, args.batch_size, args.max_new_tokens, threshold, args.dtype, args.answer_nll)
     print(f"scores of {args.model} (records in {args.out}):")
     print_scores(scores)
     return 0
@@ -346,10 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", help="train or validation (Hugging Face parquet layout only)")
     evaluate.add_argument("--mia", type=Path, help="member/nonmember directory (without it, no final score)")
     evaluate.add_argument("--mmlu", type=Path, help="MMLU-format directory (without it, no final score)")
-    evaluate.add_argument("--mmlu-shots", type=_count(0), default=0, help="few-shot examples per question from the dev split")
+    evaluate.add_argument("--mmlu-shots", type=_count(0), help="few-shot examples per question from the dev split (default: 5 where "
+                          "the set has a dev split, as the organizers ran MMLU, else 0)")
     evaluate.add_argument("--out", required=True, type=Path, help="where records and scores.json go")
     evaluate.add_argument("--batch-size", type=_count(1), default=32)
     evaluate.add_argument("--max-new-tokens", type=_count(1), default=256)
+    evaluate.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="inference dtype (the organizers loaded models in bfloat16)")
+    evaluate.add_argument("--answer-nll", action="store_true", help="also record each gold answer's NLL (a diagnostic; no score uses it)")
     _add_threshold_options(evaluate)
     evaluate.set_defaults(run=_evaluate)
 

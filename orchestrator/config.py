@@ -6,7 +6,7 @@
     split: null                     # train | validation, Hugging Face parquet layout only
     mia: toy_task/mia
     mmlu: toy_task/mmlu
-    mmlu_shots: 0
+    mmlu_shots: null                # null: 5 where the MMLU set has dev examples (as the organizers), else 0
     mmlu_threshold: 0.75x           # absolute (0.371) or relative to the base model (0.75x)
     methods: [grad_diff, npo]       # searched as a choice when more than one
     search_space_overrides:         # per method, entries replacing search_spaces/<method>.yaml's
@@ -18,7 +18,7 @@
     seed: 0
     searcher: tpe                   # tpe (constrained TPE) | random (Optuna's random sampler, same constraint handling)
     asha: {grace_period: 1, reduction_factor: 2}    # null: no early stopping (every trial runs all its epochs)
-    eval: {batch_size: 32, max_new_tokens: 256}
+    eval: {batch_size: 32, max_new_tokens: 256, dtype: bfloat16, answer_nll: false}
     mlflow: {tracking_uri: sqlite:///mlflow.db, experiment: null}   # experiment defaults to name
     ray_address: local              # or auto, on a cluster
     storage_path: sweeps            # shared storage (NFS, S3) on a multi-node cluster
@@ -36,12 +36,14 @@ from typing import Any
 
 import yaml
 
+from unlearn_sweep.corpus.checkpoints import DTYPES
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.evaluation.scoring import MmluThreshold
 from unlearn_sweep.orchestrator.tracking import check_store
 
 
 SEARCHERS = ("tpe", "random")
+EVAL_DEFAULTS = {"batch_size": 32, "max_new_tokens": 256, "dtype": "bfloat16", "answer_nll": False}
 
 
 class ConfigError(DataError):
@@ -57,7 +59,7 @@ class SweepConfig:
     mmlu: Path
     methods: list[str]
     split: str | None = None
-    mmlu_shots: int = 0
+    mmlu_shots: int | None = None
     mmlu_threshold: MmluThreshold | None = None
     search_space_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     trials: int = 8
@@ -67,7 +69,7 @@ class SweepConfig:
     seed: int = 0
     searcher: str = "tpe"
     asha: dict[str, int] | None = field(default_factory=lambda: {"grace_period": 1, "reduction_factor": 2})
-    eval: dict[str, int] = field(default_factory=lambda: {"batch_size": 32, "max_new_tokens": 256})
+    eval: dict[str, Any] = field(default_factory=lambda: dict(EVAL_DEFAULTS))
     mlflow: dict[str, str | None] = field(default_factory=lambda: {"tracking_uri": "sqlite:///mlflow.db", "experiment": None})
     ray_address: str = "local"
     storage_path: str = "sweeps"  # absolute local path or a URI (s3://, gs://)
@@ -203,7 +205,7 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
         name=name, model=paths["model"], data=paths["data"], mia=paths["mia"], mmlu=paths["mmlu"],
         methods=methods,
         split=raw.get("split"),
-        mmlu_shots=_non_negative(path, "mmlu_shots", raw.get("mmlu_shots", 0)),
+        mmlu_shots=None if raw.get("mmlu_shots") is None else _non_negative(path, "mmlu_shots", raw["mmlu_shots"]),
         mmlu_threshold=threshold,
         search_space_overrides=overrides,
         trials=trials,
@@ -215,13 +217,24 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
         asha=None if raw.get("asha", {}) is None else _positive_ints(
             path, "asha", {"grace_period": 1, "reduction_factor": 2, **_expect(path, "asha", raw.get("asha", {}), dict, "a mapping or null")},
             {"grace_period", "reduction_factor"}),
-        eval=_positive_ints(path, "eval", {"batch_size": 32, "max_new_tokens": 256, **(raw.get("eval") or {})}, {"batch_size", "max_new_tokens"}),
+        eval=_eval_options(path, raw.get("eval") or {}),
         mlflow={"experiment": None, **mlflow, "tracking_uri": tracking_uri},
         ray_address=_expect(path, "ray_address", raw.get("ray_address", "local"), str, "local, auto or an address"),
         storage_path=storage if "://" in storage else str((base_dir / storage).resolve()),
         optuna_storage=optuna_storage,
         source=path,
     )
+
+
+def _eval_options(path: Path, raw: Any) -> dict[str, Any]:
+    options = {**EVAL_DEFAULTS, **_expect(path, "eval", raw, dict, "a mapping")}
+    unknown = sorted(set(options) - set(EVAL_DEFAULTS))
+    if unknown:
+        raise ConfigError(path, f"unknown key(s) {', '.join(unknown)} (valid: {', '.join(EVAL_DEFAULTS)})", field="eval")
+    _positive_ints(path, "eval", {key: options[key] for key in ("batch_size", "max_new_tokens")}, {"batch_size", "max_new_tokens"})
+    _one_of(path, "eval.dtype", options["dtype"], DTYPES)
+    _expect(path, "eval.answer_nll", options["answer_nll"], bool, "true or false")
+    return options
 
 
 def _one_of(path: Path, key: str, value: Any, allowed: tuple[str, ...]) -> str:

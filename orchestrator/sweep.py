@@ -129,7 +129,8 @@ def _threshold(mlflow, run_id: str, config: SweepConfig) -> float | None:
         if config.mmlu_threshold.relative:
             log.warning("evaluating the base model once for the relative MMLU threshold")
             sets = EvalSets.load(config.data, config.split, config.mia, config.mmlu, config.mmlu_shots)
-            base = evaluate_checkpoint(config.model, sets, batch_size=config.eval["batch_size"], max_new_tokens=config.eval["max_new_tokens"])
+            base = evaluate_checkpoint(config.model, sets, batch_size=config.eval["batch_size"], max_new_tokens=config.eval["max_new_tokens"],
+                                       dtype=config.eval["dtype"])
             base_mmlu = base["mmlu_accuracy"]
             for name in tracking.SCORE_METRICS:
                 mlflow.log_metric(run_id, f"base_{name}", base[name])
@@ -166,6 +167,7 @@ def run_sweep(config: SweepConfig, resume: bool = False) -> SweepSummary:
         "model": str(config.model), "data": str(config.data), "split": config.split, "mia": str(config.mia),
         "mmlu": str(config.mmlu), "mmlu_shots": config.mmlu_shots, "mmlu_threshold": threshold,
         "batch_size": config.eval["batch_size"], "max_new_tokens": config.eval["max_new_tokens"],
+        "dtype": config.eval["dtype"], "answer_nll": config.eval["answer_nll"],
         "tracking_uri": config.tracking_uri, "experiment_id": experiment, "parent_run_id": parent_run_id,
         "threads": max(1, int(config.resources_per_trial["cpu"])),
         "workers": config.workers, "cpu_per_worker": config.resources_per_trial["cpu"],

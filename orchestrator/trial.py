@@ -22,7 +22,7 @@ import torch
 from ray import tune
 
 from unlearn_sweep.corpus.semeval import load_task
-from unlearn_sweep.evaluation.evaluator import EvalSets, run_inference, score_records, write_results
+from unlearn_sweep.evaluation.evaluator import EvalSets, eval_settings, run_inference, score_records, write_results
 from unlearn_sweep.evaluation.inference import load_model
 from unlearn_sweep.methods.registry import build_params, get_method
 from unlearn_sweep.methods.training import plain_transformers
@@ -73,10 +73,12 @@ class EpochReporter:
         metrics, records, scores = None, None, None
         if self.rank == 0:
             with plain_transformers():  # a whole model on this rank, also in a ZeRO-3 run
-                model, tokenizer = load_model(checkpoint)
-                records = run_inference(model, tokenizer, self.sets, self.settings["batch_size"], self.settings["max_new_tokens"])
+                model, tokenizer = load_model(checkpoint, dtype=self.settings["dtype"])
+                records = run_inference(model, tokenizer, self.sets, self.settings["batch_size"], self.settings["max_new_tokens"],
+                                        self.settings["answer_nll"])
             del model
-            scores = score_records(records, self.settings["mmlu_threshold"])
+            scores = score_records(records, self.settings["mmlu_threshold"],
+                                   eval_settings(self.sets, self.settings["dtype"], self.settings["max_new_tokens"]))
             metrics = epoch_report(scores, epoch, self.settings["mmlu_threshold"], self.objective)
             tracking.log_scores(self.mlflow, self.run_id, epoch, scores)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:

@@ -13,7 +13,7 @@ import pytest
 from conftest import shared_data
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.mia import load_mia
-from unlearn_sweep.corpus.mmlu import format_prompt, load_mmlu
+from unlearn_sweep.corpus.mmlu import MmluQuestion, fitted_prompt, format_prompt, load_mmlu
 from unlearn_sweep.corpus.semeval import load_task, row_kind
 from unlearn_sweep.orchestrator.cli import main
 
@@ -89,11 +89,26 @@ def test_mmlu_csv_layout_and_prompt(tmp_path: Path) -> None:
     assert [(q.subject, q.answer) for q in questions] == [("abstract_algebra", 1), ("abstract_algebra", 3)]
     assert questions[0].choices == ("3", "4", "5", "6")
     prompt = format_prompt(questions[0], load_mmlu(tmp_path, "dev"))
+    # Open-Instruct's prompt, subject written as it writes it: ' abstract algebra' after 'about '.
     assert prompt == (
-        "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+        "The following are multiple choice questions (with answers) about  abstract algebra.\n\n"
         "Q\nA. a\nB. b\nC. c\nD. d\nAnswer: A\n\n"
         "What is 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:"
     )
+
+
+def test_shots_are_dropped_from_the_end_until_the_prompt_fits() -> None:
+    question = MmluQuestion("Q?", "law", ("a", "b", "c", "d"), 0)
+    shots = [MmluQuestion(f"shot {n}", "law", ("a", "b", "c", "d"), n % 4) for n in range(5)]
+
+    def words(text: str) -> int:
+        return len(text.split())
+
+    full = fitted_prompt(question, shots, words, limit=10_000)
+    assert full == format_prompt(question, shots)
+    limit = words(format_prompt(question, shots[:3]))
+    assert fitted_prompt(question, shots, words, limit=limit) == format_prompt(question, shots[:3])  # the first 3 of 5
+    assert fitted_prompt(question, shots, words, limit=1) == format_prompt(question, [])  # never drops the question
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from unlearn_sweep.corpus.mmlu import format_prompt, load_mmlu
 from unlearn_sweep.corpus.semeval import load_task
@@ -16,7 +17,8 @@ from unlearn_sweep.orchestrator.cli import main
 
 @pytest.fixture(scope="module")
 def base(toy_task_dir: Path):
-    return inference.load_model(toy_task_dir / "model")
+    # float32: batching must change nothing beyond rounding (bfloat16's rounding differs with the batch's shape).
+    return inference.load_model(toy_task_dir / "model", dtype="float32")
 
 
 def test_batched_equals_one_row_at_a_time(toy_task_dir: Path, base) -> None:
@@ -24,6 +26,8 @@ def test_batched_equals_one_row_at_a_time(toy_task_dir: Path, base) -> None:
     rows = load_task(toy_task_dir / "data").rows()[::3]
     prompts, answers = [r.input for r in rows], [r.output for r in rows]
     assert inference.generate(model, tokenizer, prompts, batch_size=16) == inference.generate(model, tokenizer, prompts, batch_size=1)
+    bf16, _ = inference.load_model(toy_task_dir / "model")
+    assert inference.generate(bf16, tokenizer, prompts, batch_size=16) == inference.generate(bf16, tokenizer, prompts, batch_size=1)
     assert inference.answer_nll(model, tokenizer, prompts, answers, batch_size=16) == pytest.approx(
         inference.answer_nll(model, tokenizer, prompts, answers, batch_size=1), abs=1e-4)
     documents = [f"{r.input} {r.output}" for r in rows if r.kind == "sc"]
@@ -43,16 +47,19 @@ def test_base_model_scores_and_score_reproduces_evaluate(toy_task_dir: Path, tmp
     # Memorised forget set: the forget terms are ~0, so the aggregate is ~0 and MIA score ~0.
     assert scores["task_aggregate"] < 0.1 and scores["eligible"] is True
     assert scores["final_score"] == pytest.approx((scores["task_aggregate"] + scores["mmlu_accuracy"] + scores["mia_score"]) / 3)
+    # Scored as the organizers scored: bfloat16, 256 new tokens, MMLU 5-shot (the toy set has a dev split).
+    assert scores["eval"] == {"dtype": "bfloat16", "max_new_tokens": 256, "mmlu_shots": 5, "task_settings": True}
 
     generations = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
-    assert set(generations[0]) == {"id", "task", "split", "input", "expected_output", "model_output", "nll"}
+    assert set(generations[0]) == {"id", "task", "split", "input", "expected_output", "model_output"}  # no NLL pass unless asked
     assert len(generations) == 240
     mia = [json.loads(line) for line in (tmp_path / "mia.jsonl").read_text().splitlines()]
     assert set(mia[0]) == {"id", "membership", "nll"} and len(mia) == 48
 
     on_disk = json.loads((tmp_path / "scores.json").read_text())
-    (tmp_path / "scores.json").unlink()
-    assert rescore(tmp_path, mmlu_threshold=0.5) == on_disk == json.loads(json.dumps(scores))
+    assert rescore(tmp_path) == on_disk == json.loads(json.dumps(scores))
+    (tmp_path / "scores.json").unlink()  # from the records alone: the same scores; how they were computed is unknown
+    assert rescore(tmp_path, mmlu_threshold=0.5) == {key: value for key, value in on_disk.items() if key != "eval"}
 
 
 def test_cli_evaluate_then_score(toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
@@ -147,3 +154,21 @@ def test_best_and_export_never_create_a_store_and_export_names_an_unwritable_pat
     with pytest.raises(DataError, match="/proc/submission: cannot be written"):
         with staged_directory("/proc/submission"):
             pass
+
+
+def test_dtype_and_answer_nll_are_chosen_and_recorded(toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "fp32"
+    assert main(["evaluate", "--model", str(toy_task_dir / "model"), "--data", str(toy_task_dir / "data"), "--out", str(out),
+                 "--dtype", "float32", "--answer-nll", "--max-new-tokens", "8", "--mmlu", str(toy_task_dir / "mmlu"), "--mmlu-shots", "0"]) == 0
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["eval"] == {"dtype": "float32", "max_new_tokens": 8, "mmlu_shots": 0, "task_settings": False}
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert all(isinstance(row["nll"], float) for row in generations)
+    assert main(["score", str(out)]) == 0 and json.loads((out / "scores.json").read_text())["eval"] == scores["eval"]  # kept on rescoring
+    model, _ = inference.load_model(toy_task_dir / "model")
+    assert next(model.parameters()).dtype == torch.bfloat16  # the organizers' inference dtype by default
+
+
+def test_mmlu_compares_the_last_token_of_each_answer_letter(base) -> None:
+    _, tokenizer = base
+    assert inference.letter_token_ids(tokenizer) == [tokenizer.encode(f" {letter}", add_special_tokens=False)[-1] for letter in "ABCD"]

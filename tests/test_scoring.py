@@ -111,3 +111,10 @@ def test_compute_scores_fields() -> None:
     assert scores["task_aggregate"] == 1.0 and scores["mmlu_accuracy"] == 0.5 and scores["mia_score"] == 0.0
     assert scores["final_score"] == pytest.approx(0.5) and scores["eligible"] is False
     assert scores["per_task"]["retain"]["Task1"] == {"regurgitation": 1.0}
+
+
+def test_final_score_is_the_official_statistics_mean_to_the_last_bit() -> None:
+    import statistics
+
+    aggregate, mmlu, mia = 0.8102172359965896, 0.9021659504395827, 0.3101475693193326  # (a+b+c)/3 rounds otherwise
+    assert final_score(aggregate, mmlu, mia) == statistics.mean([aggregate, mmlu, mia]) != (aggregate + mmlu + mia) / 3
