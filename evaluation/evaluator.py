@@ -58,6 +58,23 @@ class EvalSets:
         )
 
 
+    def shard(self, rank: int, world: int) -> "EvalSets":
+        """This rank's share: every world-th row, document and question from the rank's own."""
+        return EvalSets(self.rows[rank::world], self.mia[rank::world] if self.mia else self.mia,
+                        self.mmlu[rank::world] if self.mmlu else self.mmlu, self.mmlu_shots, self.shots)
+
+
+def merge_shards(shards: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
+    """The records of `EvalSets.shard`'s shares (rank order) in the order of the whole sets,
+    as a single-process evaluation writes them (MMLU records numbered over the whole set)."""
+    merged = {}
+    for name in shards[0]:
+        lists = [shard[name] for shard in shards]
+        merged[name] = [lists[index % len(lists)][index // len(lists)] for index in range(sum(map(len, lists)))]
+    merged[MMLU] = [{**record, "id": index} for index, record in enumerate(merged.get(MMLU, []))]
+    return merged
+
+
 def _has_dev(mmlu: Path) -> bool:
     try:
         return bool(load_mmlu(mmlu, "dev"))

@@ -59,10 +59,12 @@ class Estimate:
     model_states: int
     reference: int
     activations: int
+    evaluation: int = 0  # each epoch's scoring loads the exported checkpoint whole, while the engine lives on
 
     @property
     def total(self) -> int:
-        return self.model_states + self.reference + self.activations + CUDA_CONTEXT_BYTES
+        # Training's activations are freed before the epoch is scored: the larger of the two counts.
+        return self.model_states + self.reference + max(self.activations, self.evaluation) + CUDA_CONTEXT_BYTES
 
 
 def trainable_parameters(shape: ModelShape, params: Any) -> int:
@@ -120,7 +122,14 @@ def activation_bytes(shape: ModelShape, params: Any, forwards: int, workers: int
     return forwards * (layers + logits)
 
 
-def estimate(shape: ModelShape, params: Any, uses_reference: bool, forwards: int, workers: int) -> Estimate:
+def evaluation_bytes(shape: ModelShape, eval_dtype: str) -> int:
+    """The scored copy of the model in the inference dtype (its activations, one sequence at a
+    time per layer without a graph, are small beside it)."""
+    return {"float32": 4, "auto": 4}.get(eval_dtype, 2) * shape.total
+
+
+def estimate(shape: ModelShape, params: Any, uses_reference: bool, forwards: int, workers: int, eval_dtype: str | None = None) -> Estimate:
+    """Peak bytes per GPU; with eval_dtype, the per-epoch evaluation's copy of the model too."""
     return Estimate(model_state_bytes(shape, params, workers), reference_bytes(shape, params, uses_reference, workers),
-                    activation_bytes(shape, params, forwards, workers))
+                    activation_bytes(shape, params, forwards, workers), evaluation_bytes(shape, eval_dtype) if eval_dtype else 0)
 

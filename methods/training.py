@@ -447,7 +447,8 @@ def plain_transformers() -> Iterator[None]:
 
 class _EpochEnds(TrainerCallback):
     """Calls the epoch hook at the optimizer steps that end the method's logical epochs, with
-    the checkpoint exported at that point; stops training when the hook returns False."""
+    the checkpoint exported at that point (on every rank: rank 0's folder); stops training
+    when the hook returns False."""
 
     def __init__(self, ends: list[int], export: Any, on_epoch: EpochCallback):
         self.ends, self.export, self.on_epoch = ends, export, on_epoch
@@ -457,8 +458,15 @@ class _EpochEnds(TrainerCallback):
             epoch = self.ends.index(state.global_step) + 1
             with tempfile.TemporaryDirectory(prefix=f"epoch-{epoch}-") as staging:
                 checkpoint = self.export(Path(staging))
-                if self.on_epoch(epoch, checkpoint if args.process_index == 0 else None) is False:
+                if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                    # Rank 0 wrote it; every rank reads it to evaluate its share (one node, or a shared TMPDIR).
+                    shared = [str(checkpoint)]
+                    torch.distributed.broadcast_object_list(shared, src=0)
+                    checkpoint = Path(shared[0])
+                if self.on_epoch(epoch, checkpoint) is False:
                     control.should_training_stop = True
+                if torch.distributed.is_initialized():
+                    torch.distributed.barrier()  # rank 0 removes the folder only when every rank is done with it
         return control
 
 

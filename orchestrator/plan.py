@@ -63,7 +63,7 @@ def plan_sweep(config: SweepConfig) -> list[PlanRow]:
         for name, params_space in trained:
             trainer = get_method(name).Trainer
             for params in _worst_cases(name, params_space, workers):
-                rows.append(PlanRow(name, params, estimate(shape, params, trainer.uses_reference, trainer.forwards, workers), available, shape))
+                rows.append(PlanRow(name, params, estimate(shape, params, trainer.uses_reference, trainer.forwards, workers, config.eval["dtype"]), available, shape))
     return rows
 
 
@@ -78,7 +78,7 @@ def _fix(row: PlanRow, config: SweepConfig) -> str:
                           dataclasses.replace(row.params, zero_stage=3, bf16=True, gradient_checkpointing=True), workers))
     tries.append(("adapter: lora", dataclasses.replace(row.params, adapter="lora"), config.workers))
     for phrase, params, workers in tries:
-        if estimate(row.shape, params, trainer.uses_reference, trainer.forwards, workers).total <= row.available:
+        if estimate(row.shape, params, trainer.uses_reference, trainer.forwards, workers, config.eval["dtype"]).total <= row.available:
             return phrase
     return "a GPU with more memory"
 
@@ -97,13 +97,13 @@ def check_memory(config: SweepConfig, rows: list[PlanRow] | None = None) -> list
 
 
 def format_plan(rows: list[PlanRow], workers: int) -> str:
-    header = ["method", "adapter", "zero", "bf16", "ckpt", "batch/gpu", "length", "states GiB", "reference GiB", "activations GiB", "total GiB", "fits"]
+    header = ["method", "adapter", "zero", "bf16", "ckpt", "batch/gpu", "length", "states GiB", "reference GiB", "activations GiB", "eval copy GiB", "total GiB", "fits"]
     lines = [header]
     for row in rows:
         p, e = row.params, row.estimate
         lines.append([row.method, p.adapter, str(p.zero_stage), str(p.bf16).lower(), str(p.gradient_checkpointing).lower(),
                       str(max(1, p.batch_size // workers)), str(p.max_length), f"{e.model_states / GIB:.2f}", f"{e.reference / GIB:.2f}",
-                      f"{e.activations / GIB:.2f}", f"{e.total / GIB:.2f}",
+                      f"{e.activations / GIB:.2f}", f"{e.evaluation / GIB:.2f}", f"{e.total / GIB:.2f}",
                       "-" if row.available is None else ("yes" if row.fits else "NO")])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)

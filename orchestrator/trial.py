@@ -22,7 +22,7 @@ import torch
 from ray import tune
 
 from unlearn_sweep.corpus.semeval import load_task
-from unlearn_sweep.evaluation.evaluator import EvalSets, eval_settings, run_inference, score_records, write_results
+from unlearn_sweep.evaluation.evaluator import EvalSets, eval_settings, merge_shards, run_inference, score_records, write_results
 from unlearn_sweep.evaluation.inference import load_model
 from unlearn_sweep.methods.registry import build_params, get_method
 from unlearn_sweep.methods.training import plain_transformers
@@ -45,12 +45,15 @@ def epoch_report(scores: dict[str, Any], epoch: int, threshold: float | None, ob
 
 class EpochReporter:
     """The per-epoch hook of a trial: score, log to MLflow, save the epoch if it is eligible
-    and the trial's best so far, report. Under several ranks only rank 0 scores and saves;
-    the others receive its metrics and report them too (Train's reports are a barrier)."""
+    and the trial's best so far, report. Under several ranks every rank evaluates its share of
+    the rows, MIA documents and MMLU questions on the exported checkpoint, rank 0 gathers the
+    records, scores, logs and saves; the others receive its metrics and report them too
+    (Train's reports are a barrier)."""
 
     def __init__(self, settings: dict[str, Any], setup: dict[str, Any], run_id: str, report: Report, rank: int = 0):
         self.settings, self.setup, self.run_id, self.report, self.rank = settings, setup, run_id, report, rank
-        self.sets = EvalSets.load(settings["data"], settings["split"], settings["mia"], settings["mmlu"], settings["mmlu_shots"]) if rank == 0 else None
+        self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.sets = EvalSets.load(settings["data"], settings["split"], settings["mia"], settings["mmlu"], settings["mmlu_shots"])
         self.mlflow = tracking.client(settings["tracking_uri"]) if rank == 0 else None
         self.objective = TrialObjective()
         if rank == 0:
@@ -69,19 +72,29 @@ class EpochReporter:
         tracking.log_best(self.mlflow, self.run_id, epoch, metrics, step=0)  # before this attempt's epochs 1, 2, ...
         self.mlflow.set_tag(self.run_id, "carried_over_epoch", str(epoch))
 
+    def _evaluate(self, checkpoint: Path) -> dict[str, list[dict]] | None:
+        """This rank's share of the records; on rank 0, all of them in the sets' order."""
+        with plain_transformers():  # a whole model on each rank, also in a ZeRO-3 run
+            model, tokenizer = load_model(checkpoint, dtype=self.settings["dtype"])
+            records = run_inference(model, tokenizer, self.sets.shard(self.rank, self.world), self.settings["batch_size"],
+                                    self.settings["max_new_tokens"], self.settings["answer_nll"])
+        del model
+        if self.world == 1:
+            return records
+        shards = [None] * self.world if self.rank == 0 else None
+        torch.distributed.gather_object(records, shards, dst=0)
+        return merge_shards(shards) if self.rank == 0 else None
+
     def __call__(self, epoch: int, checkpoint: Path | None) -> None:
-        metrics, records, scores = None, None, None
+        records = self._evaluate(checkpoint)
+        metrics, scores = None, None
         if self.rank == 0:
-            with plain_transformers():  # a whole model on this rank, also in a ZeRO-3 run
-                model, tokenizer = load_model(checkpoint, dtype=self.settings["dtype"])
-                records = run_inference(model, tokenizer, self.sets, self.settings["batch_size"], self.settings["max_new_tokens"],
-                                        self.settings["answer_nll"])
-            del model
             scores = score_records(records, self.settings["mmlu_threshold"],
                                    eval_settings(self.sets, self.settings["dtype"], self.settings["max_new_tokens"]))
             metrics = epoch_report(scores, epoch, self.settings["mmlu_threshold"], self.objective)
             tracking.log_scores(self.mlflow, self.run_id, epoch, scores)
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            self.mlflow.set_tag(self.run_id, "eval_ranks", str(self.world))
+        if self.world > 1:
             shared = [metrics]
             torch.distributed.broadcast_object_list(shared, src=0)
             metrics = shared[0]

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import REPO_ROOT
 from unlearn_sweep.corpus.semeval import load_task
+from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.methods.registry import run_method
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.config import load_config
@@ -99,7 +100,7 @@ def test_two_worker_deepspeed_trial_matches_one_process(stage: int, toy_task_dir
     ray.init(address="local", num_cpus=3, include_dashboard=True, log_to_driver=False)
     try:
         config = load_config(write_config(tmp_path, toy_task_dir, name=f"zero{stage}", trials=1,
-                                          resources_per_trial={"cpu": 1, "workers": 2},
+                                          resources_per_trial={"cpu": 1, "workers": 2}, eval={"dtype": "float32"},
                                           search_space_overrides={"grad_diff": {**DISTRIBUTED_PARAMS, "zero_stage": stage}}))
         summary = run_sweep(config)
     finally:
@@ -116,3 +117,13 @@ def test_two_worker_deepspeed_trial_matches_one_process(stage: int, toy_task_dir
     assert forget - before == pytest.approx(single_forget - before, rel=0.25)
     assert retain == pytest.approx(single_retain, abs=0.01)
     assert summary.champion and summary.champion["checkpoint"] == row["checkpoint"]
+    # Both ranks evaluated their share; the gathered records score as one process scores the checkpoint.
+    assert tracking.client(config.tracking_uri).get_run(summary.champion["run_id"]).data.tags["eval_ranks"] == "2"
+    logged = json.loads((checkpoint / "scores.json").read_text())
+    sets = EvalSets.load(config.data, mia=config.mia, mmlu=config.mmlu)
+    alone = evaluate_checkpoint(checkpoint, sets, tmp_path / "alone", dtype="float32")
+    assert logged["per_task"] == alone["per_task"]
+    for name in ("final_score", "task_aggregate", "mia_auc", "mmlu_accuracy"):
+        assert logged[name] == pytest.approx(alone[name], abs=1e-9), name
+    generations = [json.loads(line) for line in (checkpoint / "generations.jsonl").read_text().splitlines()]
+    assert generations == [json.loads(line) for line in (tmp_path / "alone" / "generations.jsonl").read_text().splitlines()]
