@@ -190,19 +190,19 @@ def test_small_sweep_end_to_end(local_ray, toy_task_dir: Path, tmp_path: Path, c
         "grad_ascent": {"learning_rate": 1.0e6, "epochs": 1},  # diverges to NaN: a deliberately failing trial
     }
     config = load_config(write_config(tmp_path, toy_task_dir, methods=["grad_diff", "grad_ascent"], trials=5,
-                                      mmlu_threshold=0.99, search_space_overrides=overrides))
+                                      mmlu_threshold=0.8, search_space_overrides=overrides))
     summary = run_sweep(config)
     statuses = {row["trial_id"]: row["status"] for row in summary.rows}
     assert len(statuses) == 5
     failed = [row for row in summary.rows if row["status"] == "failed"]
     assert failed and all(row["method"] == "grad_ascent" for row in failed)
-    assert summary.mmlu_threshold == 0.99
+    assert summary.mmlu_threshold == 0.8
 
     # The best is eligible, and no infeasible trial ranks above a feasible one.
     eligible_flags = [row["eligible"] for row in summary.rows]
     assert eligible_flags == sorted(eligible_flags, reverse=True)
     champion = summary.champion
-    assert champion and champion["mmlu_accuracy"] >= 0.99
+    assert champion and champion["mmlu_accuracy"] >= 0.8
 
     mlflow = tracking.client(config.tracking_uri)
     experiment = mlflow.get_experiment_by_name(config.experiment).experiment_id
