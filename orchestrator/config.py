@@ -18,7 +18,8 @@
     seed: 0
     searcher: tpe                   # tpe (constrained TPE) | random (Optuna's random sampler, same constraint handling)
     asha: {grace_period: 1, reduction_factor: 2}    # null: no early stopping (every trial runs all its epochs)
-    eval: {batch_size: 32, max_new_tokens: 256, dtype: bfloat16, answer_nll: false}
+    eval: {batch_size: 32, max_new_tokens: 256, dtype: bfloat16, answer_nll: false,
+           screen: true, screen_fraction: 0.2, screen_margin: 0.05, screen_confidence: 0.95}
     mlflow: {tracking_uri: sqlite:///mlflow.db, experiment: null}   # experiment defaults to name
     ray_address: local              # or auto, on a cluster
     storage_path: sweeps            # shared storage (NFS, S3) on a multi-node cluster
@@ -43,7 +44,9 @@ from unlearn_sweep.orchestrator.tracking import check_store
 
 
 SEARCHERS = ("tpe", "random")
-EVAL_DEFAULTS = {"batch_size": 32, "max_new_tokens": 256, "dtype": "bfloat16", "answer_nll": False}
+EVAL_DEFAULTS = {"batch_size": 32, "max_new_tokens": 256, "dtype": "bfloat16", "answer_nll": False,
+                 # staged evaluation (evaluation/screening.py): screen each epoch on a stratified subset first
+                 "screen": True, "screen_fraction": 0.2, "screen_margin": 0.05, "screen_confidence": 0.95}
 
 
 class ConfigError(DataError):
@@ -233,7 +236,13 @@ def _eval_options(path: Path, raw: Any) -> dict[str, Any]:
         raise ConfigError(path, f"unknown key(s) {', '.join(unknown)} (valid: {', '.join(EVAL_DEFAULTS)})", field="eval")
     _positive_ints(path, "eval", {key: options[key] for key in ("batch_size", "max_new_tokens")}, {"batch_size", "max_new_tokens"})
     _one_of(path, "eval.dtype", options["dtype"], DTYPES)
-    _expect(path, "eval.answer_nll", options["answer_nll"], bool, "true or false")
+    for key in ("answer_nll", "screen"):
+        _expect(path, f"eval.{key}", options[key], bool, "true or false")
+    ranges = {"screen_fraction": ("in (0, 1]", lambda v: 0 < v <= 1), "screen_margin": ("in [0, 1)", lambda v: 0 <= v < 1),
+              "screen_confidence": ("in [0.5, 1)", lambda v: 0.5 <= v < 1)}
+    for key, (interval, valid) in ranges.items():
+        if not valid(_expect(path, f"eval.{key}", options[key], (int, float), "a number")):
+            raise ConfigError(path, f"expected a number {interval}, got {options[key]!r}", field=f"eval.{key}")
     return options
 
 

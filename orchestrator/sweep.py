@@ -167,7 +167,7 @@ def run_sweep(config: SweepConfig, resume: bool = False) -> SweepSummary:
         "model": str(config.model), "data": str(config.data), "split": config.split, "mia": str(config.mia),
         "mmlu": str(config.mmlu), "mmlu_shots": config.mmlu_shots, "mmlu_threshold": threshold,
         "batch_size": config.eval["batch_size"], "max_new_tokens": config.eval["max_new_tokens"],
-        "dtype": config.eval["dtype"], "answer_nll": config.eval["answer_nll"],
+        **{key: config.eval[key] for key in ("dtype", "answer_nll", "screen", "screen_fraction", "screen_margin", "screen_confidence")},
         "tracking_uri": config.tracking_uri, "experiment_id": experiment, "parent_run_id": parent_run_id,
         "threads": max(1, int(config.resources_per_trial["cpu"])),
         "workers": config.workers, "cpu_per_worker": config.resources_per_trial["cpu"],

@@ -22,8 +22,9 @@ import torch
 from ray import tune
 
 from unlearn_sweep.corpus.semeval import load_task
-from unlearn_sweep.evaluation.evaluator import EvalSets, eval_settings, merge_shards, run_inference, score_records, write_results
+from unlearn_sweep.evaluation.evaluator import MMLU, EvalSets, eval_settings, merge_shards, run_inference, score_records, write_results
 from unlearn_sweep.evaluation.inference import load_model
+from unlearn_sweep.evaluation.screening import Split, needs_full_evaluation
 from unlearn_sweep.methods.registry import build_params, get_method
 from unlearn_sweep.methods.training import plain_transformers
 from unlearn_sweep.orchestrator import tracking
@@ -40,7 +41,8 @@ def epoch_report(scores: dict[str, Any], epoch: int, threshold: float | None, ob
         raise FloatingPointError(f"epoch {epoch} scored a missing or non-finite value: {values}")
     slack = (threshold or 0.0) - scores["mmlu_accuracy"]  # <= 0: eligible
     improved = objective.update(epoch, scores["final_score"], slack)
-    return {**values, "epoch": epoch, "eligible": bool(scores["eligible"]), "mmlu_slack": slack, "new_best": improved, **objective.metrics()}
+    return {**values, "epoch": epoch, "eligible": bool(scores["eligible"]), "mmlu_slack": slack, "new_best": improved,
+            "full_evaluation": float(scores.get("stage", "full") == "full"), **objective.metrics()}
 
 
 class EpochReporter:
@@ -56,6 +58,7 @@ class EpochReporter:
         self.sets = EvalSets.load(settings["data"], settings["split"], settings["mia"], settings["mmlu"], settings["mmlu_shots"])
         self.mlflow = tracking.client(settings["tracking_uri"]) if rank == 0 else None
         self.objective = TrialObjective()
+        self.split = Split.draw(self.sets, settings["screen_fraction"]) if settings["screen"] else None
         if rank == 0:
             self._carry_over(tune.get_checkpoint() if settings["workers"] == 1 else None)
 
@@ -72,34 +75,61 @@ class EpochReporter:
         tracking.log_best(self.mlflow, self.run_id, epoch, metrics, step=0)  # before this attempt's epochs 1, 2, ...
         self.mlflow.set_tag(self.run_id, "carried_over_epoch", str(epoch))
 
-    def _evaluate(self, checkpoint: Path) -> dict[str, list[dict]] | None:
-        """This rank's share of the records; on rank 0, all of them in the sets' order."""
-        with plain_transformers():  # a whole model on each rank, also in a ZeRO-3 run
-            model, tokenizer = load_model(checkpoint, dtype=self.settings["dtype"])
-            records = run_inference(model, tokenizer, self.sets.shard(self.rank, self.world), self.settings["batch_size"],
-                                    self.settings["max_new_tokens"], self.settings["answer_nll"])
-        del model
+    def _records(self, model, tokenizer, sets: EvalSets) -> dict[str, list[dict]] | None:
+        """This rank's share of the sets' records; on rank 0, all of them in the sets' order."""
+        records = run_inference(model, tokenizer, sets.shard(self.rank, self.world), self.settings["batch_size"],
+                                self.settings["max_new_tokens"], self.settings["answer_nll"])
         if self.world == 1:
             return records
         shards = [None] * self.world if self.rank == 0 else None
         torch.distributed.gather_object(records, shards, dst=0)
         return merge_shards(shards) if self.rank == 0 else None
 
+    def _share(self, value: Any) -> Any:
+        """Rank 0's value on every rank."""
+        if self.world == 1:
+            return value
+        shared = [value]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        return shared[0]
+
+    def _score(self, records: dict[str, list[dict]], stage: str) -> dict:
+        settings = eval_settings(self.sets, self.settings["dtype"], self.settings["max_new_tokens"])
+        return {**score_records(records, self.settings["mmlu_threshold"], settings), "stage": stage}
+
+    def _evaluate(self, checkpoint: Path) -> tuple[dict | None, dict | None]:
+        """(records, scores) on rank 0, (None, None) elsewhere: screened first where staging is
+        on, the full sets when the screen says the epoch could become the trial's best."""
+        with plain_transformers():  # a whole model on each rank, also in a ZeRO-3 run
+            model, tokenizer = load_model(checkpoint, dtype=self.settings["dtype"])
+            if self.split is None:
+                records = self._records(model, tokenizer, self.sets)
+                return (records, self._score(records, "full")) if self.rank == 0 else (None, None)
+            screened = self._records(model, tokenizer, self.split.screened(self.sets))
+            full, scores = True, None
+            if self.rank == 0:
+                scores = self._score(screened, "screen")
+                best = self.objective.value if self.objective.value >= 0 else None  # eligible objectives are final scores
+                full = needs_full_evaluation(scores, best, self.settings["mmlu_threshold"], self.settings["screen_margin"],
+                                             self.settings["screen_confidence"], screened.get(MMLU, []))
+            if not self._share(full):
+                return screened, scores
+            rest = self._records(model, tokenizer, self.split.rest(self.sets))
+        if self.rank != 0:
+            return None, None
+        records = self.split.combine(self.sets, screened, rest)
+        return records, self._score(records, "full")
+
     def __call__(self, epoch: int, checkpoint: Path | None) -> None:
-        records = self._evaluate(checkpoint)
-        metrics, scores = None, None
+        records, scores = self._evaluate(checkpoint)
+        metrics = None
         if self.rank == 0:
-            scores = score_records(records, self.settings["mmlu_threshold"],
-                                   eval_settings(self.sets, self.settings["dtype"], self.settings["max_new_tokens"]))
             metrics = epoch_report(scores, epoch, self.settings["mmlu_threshold"], self.objective)
             tracking.log_scores(self.mlflow, self.run_id, epoch, scores)
             self.mlflow.set_tag(self.run_id, "eval_ranks", str(self.world))
-        if self.world > 1:
-            shared = [metrics]
-            torch.distributed.broadcast_object_list(shared, src=0)
-            metrics = shared[0]
-        # The checkpoint kept is the epoch the objective names: the trial's best eligible one.
-        if not (self.rank == 0 and metrics["eligible"] and metrics["new_best"]):
+        metrics = self._share(metrics)
+        # The checkpoint kept is the epoch the objective names: the trial's best eligible one, fully evaluated.
+        if not (self.rank == 0 and metrics["eligible"] and metrics["new_best"] and metrics["full_evaluation"]):
             self.report(metrics, None)
             return
         tracking.log_best(self.mlflow, self.run_id, epoch, metrics)
