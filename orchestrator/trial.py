@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -121,11 +122,12 @@ class EpochReporter:
         return records, self._score(records, "full")
 
     def __call__(self, epoch: int, checkpoint: Path | None) -> None:
+        started = time.perf_counter()
         records, scores = self._evaluate(checkpoint)
         metrics = None
         if self.rank == 0:
             metrics = epoch_report(scores, epoch, self.settings["mmlu_threshold"], self.objective)
-            tracking.log_scores(self.mlflow, self.run_id, epoch, scores)
+            tracking.log_scores(self.mlflow, self.run_id, epoch, {**scores, "eval_seconds": time.perf_counter() - started})
             self.mlflow.set_tag(self.run_id, "eval_ranks", str(self.world))
         metrics = self._share(metrics)
         # The checkpoint kept is the epoch the objective names: the trial's best eligible one, fully evaluated.

@@ -1,0 +1,70 @@
+"""How much of a toy sweep's trial time goes to evaluation, with staged evaluation (each
+epoch screened on a 20% subset first) and without it, at the same seed and budget.
+
+Two sweeps of the same trials (TPE, seed 0, no early stopping, so both run the same
+configurations): per sweep, the share of trial wall time spent scoring epochs (the
+`eval_seconds` each epoch logs against the trial runs' durations), how many epochs were fully
+evaluated, and the champion's final score.
+
+    python benchmarks/eval_staging.py [--task toy_task] [--trials 12] [--dir /tmp/eval_staging]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from search_efficiency import METHODS
+
+
+def evaluation_share(tracking_uri: str, experiment: str) -> tuple[float, int, int]:
+    """(evaluation seconds / trial seconds, fully evaluated epochs, epochs) over the sweep's trial runs."""
+    from unlearn_sweep.orchestrator import tracking
+
+    client = tracking.client(tracking_uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    evaluation = trial = 0.0
+    full = epochs = 0
+    for run in client.search_runs([experiment_id], filter_string="tags.trial_id != ''"):
+        trial += (run.info.end_time - run.info.start_time) / 1000
+        evaluation += sum(metric.value for metric in client.get_metric_history(run.info.run_id, "eval_seconds"))
+        stages = client.get_metric_history(run.info.run_id, "full_evaluation")
+        full += sum(int(metric.value) for metric in stages)
+        epochs += len(stages)
+    return evaluation / trial, full, epochs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", type=Path, default=Path("toy_task"), help="toy task directory (built if missing)")
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/eval_staging"))
+    args = parser.parse_args()
+
+    from unlearn_sweep.corpus.toy_task import write_toy_task
+    from unlearn_sweep.orchestrator.config import config_from_dict
+    from unlearn_sweep.orchestrator.sweep import run_sweep
+
+    if not (args.task / "model").exists():
+        write_toy_task(args.task)
+    task = args.task.resolve()
+    shutil.rmtree(args.dir, ignore_errors=True)
+    args.dir.mkdir(parents=True)
+    print("| evaluation | share of trial time in evaluation | fully evaluated epochs | champion final score |")
+    print("| --- | --- | --- | --- |")
+    for screen in (False, True):
+        name = "staged" if screen else "full-every-epoch"
+        raw = {"name": name, "model": str(task / "model"), "data": str(task / "data"), "mia": str(task / "mia"),
+               "mmlu": str(task / "mmlu"), "mmlu_threshold": "0.75x", "methods": METHODS, "trials": args.trials, "seed": 0,
+               "asha": None, "eval": {"screen": screen}, "mlflow": {"tracking_uri": f"sqlite:///{args.dir}/mlflow.db", "experiment": name},
+               "storage_path": str(args.dir / "sweeps")}
+        config = config_from_dict(raw, args.dir / f"{name}.yaml", args.dir)
+        summary = run_sweep(config)
+        share, full, epochs = evaluation_share(config.tracking_uri, config.experiment)
+        champion = summary.champion["final_score"] if summary.champion else None
+        print(f"| {name} | {share:.1%} | {full} of {epochs} | {'-' if champion is None else f'{champion:.4f}'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
