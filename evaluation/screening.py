@@ -8,8 +8,9 @@ that every epoch of every trial is screened on the same items. An epoch goes on 
 evaluation unless its screened final score is more than `margin` below the trial's best
 eligible score so far, or its MMLU is confidently below the threshold: the one-sided
 Clopper-Pearson upper bound of the subset's accuracy (at `confidence`) is under it. The full
-evaluation reuses the screened records and scores only the rest, so screening costs nothing
-when the full evaluation follows."""
+evaluation scores the whole sets again in one pass (in bfloat16 a row's numbers depend on its
+batch; the saved checkpoint must re-evaluate to its logged score), so an epoch that goes on
+costs its screen on top."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any
 
 from scipy.stats import beta
 
-from unlearn_sweep.evaluation.evaluator import GENERATIONS, MIA, MMLU, EvalSets
+from unlearn_sweep.evaluation.evaluator import EvalSets
 
 
 def _stratified(items: Sequence[Any], stratum: Callable[[Any], Hashable], fraction: float, rng: random.Random) -> list[int]:
@@ -37,7 +38,7 @@ def _stratified(items: Sequence[Any], stratum: Callable[[Any], Hashable], fracti
 
 @dataclass(frozen=True)
 class Split:
-    """Indices of the screened subset in each of the three sets; the rest is the complement."""
+    """Indices of the screened subset in each of the three sets."""
 
     rows: list[int]
     mia: list[int]
@@ -52,24 +53,6 @@ class Split:
 
     def screened(self, sets: EvalSets) -> EvalSets:
         return _select(sets, self.rows, self.mia, self.mmlu)
-
-    def rest(self, sets: EvalSets) -> EvalSets:
-        def others(count: int, taken: list[int]) -> list[int]:
-            return sorted(set(range(count)) - set(taken))
-
-        return _select(sets, others(len(sets.rows), self.rows), others(len(sets.mia or []), self.mia),
-                       others(len(sets.mmlu or []), self.mmlu))
-
-    def combine(self, sets: EvalSets, screened: dict[str, list[dict]], rest: dict[str, list[dict]]) -> dict[str, list[dict]]:
-        """The records of the whole sets, in their order, from those of the two parts."""
-        counts = {GENERATIONS: len(sets.rows), MIA: len(sets.mia or []), MMLU: len(sets.mmlu or [])}
-        taken = {GENERATIONS: set(self.rows), MIA: set(self.mia), MMLU: set(self.mmlu)}
-        combined = {}
-        for name, count in counts.items():
-            first, second = iter(screened.get(name, [])), iter(rest.get(name, []))
-            combined[name] = [next(first) if index in taken[name] else next(second) for index in range(count)]
-        combined[MMLU] = [{**record, "id": index} for index, record in enumerate(combined[MMLU])]
-        return combined
 
 
 def _select(sets: EvalSets, rows: list[int], mia: list[int], mmlu: list[int]) -> EvalSets:

@@ -115,11 +115,10 @@ class EpochReporter:
                                              self.settings["screen_confidence"], screened.get(MMLU, []))
             if not self._share(full):
                 return screened, scores
-            rest = self._records(model, tokenizer, self.split.rest(self.sets))
-        if self.rank != 0:
-            return None, None
-        records = self.split.combine(self.sets, screened, rest)
-        return records, self._score(records, "full")
+            # The whole sets in one pass, not the rest beside the screened part: in bfloat16 a row's
+            # numbers depend on its batch, and the saved checkpoint must re-evaluate to its logged score.
+            records = self._records(model, tokenizer, self.sets)
+        return (records, self._score(records, "full")) if self.rank == 0 else (None, None)
 
     def __call__(self, epoch: int, checkpoint: Path | None) -> None:
         started = time.perf_counter()
