@@ -39,5 +39,5 @@ class TaskVector(LossMethod):
             export_checkpoint(trainer, tokenizer, Path(finetuned), dataclasses.replace(params, merge_adapter=True), base_dir)
             if trainer.is_world_process_zero():
                 # base + (-lambda) * (finetuned - base)
-                merge_checkpoints(base_dir, [Path(finetuned)], out_dir, "linear", 1.0, [-params.scale])
+                merge_checkpoints(base_dir, [Path(finetuned)], out_dir, "task_arithmetic", 1.0, [-params.scale])
         return out_dir

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from unlearn_sweep.corpus.semeval import load_task
 from unlearn_sweep.evaluation.inference import answer_nll, load_model
 from unlearn_sweep.methods.entities import entity_spans
-from unlearn_sweep.methods.merge import merge_checkpoints, merge_deltas
+from unlearn_sweep.methods.merge import MergeParams, della_drop, merge_checkpoints, merge_deltas, trim
 from unlearn_sweep.methods.registry import ParamError, build_params, get_method, method_names, run_method
 from unlearn_sweep.methods.training import MicroBatch, schedule
 from unlearn_sweep.orchestrator.cli import main
@@ -115,23 +117,82 @@ def test_merges_match_their_definitions() -> None:
     weights = torch.tensor([1.0, 1.0])
     # TIES at density 0.5: trim to [0,-2,3,0] and [0,0,2,-4]; elected signs (+,-,+,-); disjoint mean.
     assert torch.allclose(merge_deltas(deltas, weights, "ties", 0.5), torch.tensor([0.0, -2.0, 2.5, -4.0]))
-    assert torch.allclose(merge_deltas(deltas, torch.tensor([0.5, 0.25]), "linear", 1.0), torch.tensor([0.25, -0.75, 2.0, -0.75]))
+    # linear is the weighted average (mergekit), task_arithmetic the scaled weighted sum.
+    assert torch.allclose(merge_deltas(deltas, torch.tensor([0.5, 0.25]), "linear", 1.0), torch.tensor([0.25, -0.75, 2.0, -0.75]) / 0.75)
+    arithmetic = MergeParams(combination="task_arithmetic", scale=2.0)
+    assert torch.allclose(merge_deltas(deltas, torch.tensor([0.5, 0.25]), "task_arithmetic", 1.0, arithmetic), torch.tensor([0.5, -1.5, 4.0, -1.5]))
     # Magnitude prune keeps each tensor's top half, then sums with weights.
     assert torch.allclose(merge_deltas(deltas, weights, "magnitude_prune", 0.5), torch.tensor([0.0, -2.0, 5.0, -4.0]))
     # DARE at density 1 drops nothing: DARE-TIES equals TIES without trimming.
     assert torch.allclose(merge_deltas(deltas, weights, "dare_ties", 1.0), merge_deltas(deltas, weights, "ties", 1.0))
 
 
-def test_fast_trim_matches_peft() -> None:
+def test_ties_and_magnitude_prune_are_peft_exactly() -> None:
     from peft.utils import merge_utils
 
     generator = torch.Generator().manual_seed(0)
     deltas = [torch.randn(64, 48, generator=generator) for _ in range(3)]
-    weights = torch.tensor([0.7, 1.0, 0.4])
+    deltas.append(torch.randint(-2, 3, (64, 48), generator=generator).float())  # many equal magnitudes: exactly k kept
+    weights = torch.tensor([0.7, 1.0, 0.4, 0.9])
     for density in (0.2, 0.5, 1.0):
-        assert torch.allclose(merge_deltas(deltas, weights, "ties", density), merge_utils.ties(deltas, weights, density), atol=1e-6)
-        assert torch.allclose(merge_deltas(deltas, weights, "magnitude_prune", density),
-                              merge_utils.magnitude_prune(deltas, weights, density), atol=1e-6)
+        assert torch.equal(merge_deltas(deltas, weights, "ties", density), merge_utils.ties(deltas, weights, density))
+        assert torch.equal(merge_deltas(deltas, weights, "magnitude_prune", density), merge_utils.magnitude_prune(deltas, weights, density))
+    assert int((trim(deltas[3], 0.3) != 0).sum()) == int(0.3 * deltas[3].numel())
+
+
+def random_deltas(count: int = 3, shape: tuple[int, ...] = (32, 24)) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(*shape, generator=generator) for _ in range(count)]
+
+
+def test_breadcrumbs_matches_mergekits_formula() -> None:
+    deltas, weights = random_deltas(), torch.tensor([1.0, 0.5, 0.8])
+    params = MergeParams(combination="breadcrumbs", density=0.6, gamma=0.1, scale=0.7)
+
+    def mergekit_mask(delta: torch.Tensor) -> torch.Tensor:  # drop the top 10%, then the bottom, keeping 60%
+        values = delta.abs().reshape(-1).sort().values
+        count = delta.numel()
+        low, high = values[count - int(0.6 * count) - int(0.1 * count)], values[count - int(0.1 * count) - 1]
+        return (delta.abs() >= low) & (delta.abs() <= high)
+
+    expected = 0.7 * sum(w * d * mergekit_mask(d) for w, d in zip(weights, deltas))
+    assert torch.allclose(merge_deltas(deltas, weights, "breadcrumbs", 0.6, params), expected, atol=1e-6)
+    elected = merge_deltas(deltas, weights, "breadcrumbs_ties", 0.6, dataclasses.replace(params, combination="breadcrumbs_ties"))
+    kept = torch.stack([w * d * mergekit_mask(d) for w, d in zip(weights, deltas)])
+    agree = kept.sign() == torch.where(kept.sum(0) >= 0, 1.0, -1.0)
+    assert torch.allclose(elected, 0.7 * (kept * agree).sum(0), atol=1e-6)
+
+
+def test_della_keeps_by_magnitude_rank_and_l1_norm() -> None:
+    torch.manual_seed(0)
+    delta = torch.randn(200, 400)
+    kept = della_drop(delta, density=0.5, epsilon=0.3)
+    survived = kept != 0
+    assert abs(survived.float().mean().item() - 0.5) < 0.01  # density on average
+    large = delta.abs() > delta.abs().median()
+    assert survived[large].float().mean() > 0.6 > 0.4 > survived[~large].float().mean()  # density +- epsilon by rank
+    assert torch.isclose(kept.abs().sum(), delta.abs().sum(), rtol=1e-5)  # rescaled to the L1 norm (mergekit's rescale)
+    deltas, weights = random_deltas(2), torch.tensor([1.0, 1.0])
+    torch.manual_seed(3)
+    merged = merge_deltas(deltas, weights, "della_linear", 0.5, MergeParams(combination="della_linear", epsilon=0.1))
+    torch.manual_seed(3)
+    assert torch.allclose(merged, della_drop(deltas[0], 0.5, 0.1) + della_drop(deltas[1], 0.5, 0.1))
+
+
+def test_model_stock_and_slerp_match_their_formulas() -> None:
+    deltas = random_deltas(3)
+    flat = [d.reshape(-1).double() for d in deltas]
+    cos = sum(float(a @ b / (a.norm() * b.norm())) for a, b in itertools.combinations(flat, 2)) / 3
+    ratio = 3 * cos / (1 + 2 * cos)
+    assert torch.allclose(merge_deltas(deltas, torch.ones(3), "model_stock", 1.0), ratio * torch.stack(deltas).mean(0), atol=1e-5)
+
+    base = torch.zeros(2, 2)
+    first, second = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.0, 0.0]])  # orthogonal, unit norm
+    params = MergeParams(combination="slerp", t=0.5)
+    middle = merge_deltas([first, second], torch.ones(2), "slerp", 1.0, params, base)
+    assert torch.allclose(middle, torch.tensor([[2**-0.5, 2**-0.5], [0.0, 0.0]]), atol=1e-6)  # on the circle, not the chord
+    for t, end in ((0.0, first), (1.0, second)):
+        assert torch.allclose(merge_deltas([first, second], torch.ones(2), "slerp", 1.0, MergeParams(combination="slerp", t=t), base), end)
 
 
 def test_full_model_merge(toy_task_dir: Path, task, tmp_path: Path) -> None:
