@@ -3,6 +3,7 @@ the output only when everything in it is written."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -10,6 +11,23 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from unlearn_sweep.corpus.errors import DataError
+
+
+def umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def as_if_created_plainly(path: Path) -> Path:
+    """The permissions an ordinary mkdir/open would have given, to the path and what it holds
+    (mkdtemp, mkstemp and libraries that write through temporary files make 0700 folders and
+    0600 files: unreadable to teammates on shared storage)."""
+    mask = ~umask()
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & mask)
+    return path
 
 
 @contextmanager
@@ -21,11 +39,12 @@ def staged_directory(out_dir: str | Path) -> Iterator[Path]:
         raise DataError(out_dir, "output directory exists and is not empty")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        staging = as_if_created_plainly(Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent)))
     except OSError as error:
         raise DataError(out_dir, f"cannot be written ({error.strerror})") from None
     try:
         yield staging
+        as_if_created_plainly(staging)
         if out_dir.exists():
             out_dir.rmdir()
         staging.rename(out_dir)

@@ -16,6 +16,7 @@ from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.mia import load_mia
 from unlearn_sweep.corpus.mmlu import MmluQuestion, fitted_prompt, load_mmlu
 from unlearn_sweep.corpus.semeval import TaskRow, load_task
+from unlearn_sweep.corpus.staging import as_if_created_plainly
 from unlearn_sweep.evaluation import inference
 from unlearn_sweep.evaluation.scoring import compute_scores
 
@@ -149,7 +150,7 @@ def _write_atomically(path: Path, text: str) -> None:
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(handle, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(temporary, path)
+    os.replace(as_if_created_plainly(Path(temporary)), path)
 
 
 def evaluate_checkpoint(model_dir: str | Path, sets: EvalSets, out_dir: str | Path | None = None,

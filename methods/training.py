@@ -33,6 +33,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, 
 
 from unlearn_sweep.corpus.checkpoints import check_checkpoint
 from unlearn_sweep.corpus.semeval import TaskData, TaskRow
+from unlearn_sweep.corpus.staging import as_if_created_plainly
 from unlearn_sweep.corpus.tokens import right_padded, summed_token_nll
 from unlearn_sweep.methods.registry import EpochCallback, Method, ParamError
 
@@ -457,7 +458,7 @@ class _EpochEnds(TrainerCallback):
         if state.global_step in self.ends:
             epoch = self.ends.index(state.global_step) + 1
             with tempfile.TemporaryDirectory(prefix=f"epoch-{epoch}-") as staging:
-                checkpoint = self.export(Path(staging))
+                checkpoint = as_if_created_plainly(self.export(Path(staging)))  # it may become the kept checkpoint
                 if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
                     # Rank 0 wrote it; every rank reads it to evaluate its share (one node, or a shared TMPDIR).
                     shared = [str(checkpoint)]

@@ -172,3 +172,21 @@ def test_dtype_and_answer_nll_are_chosen_and_recorded(toy_task_dir: Path, tmp_pa
 def test_mmlu_compares_the_last_token_of_each_answer_letter(base) -> None:
     _, tokenizer = base
     assert inference.letter_token_ids(tokenizer) == [tokenizer.encode(f" {letter}", add_special_tokens=False)[-1] for letter in "ABCD"]
+
+
+def test_outputs_get_the_users_normal_permissions(toy_task_dir: Path, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        out, unlearned = tmp_path / "eval", tmp_path / "unlearned"
+        assert main(["evaluate", "--model", str(toy_task_dir / "model"), "--data", str(toy_task_dir / "data"), "--out", str(out),
+                     "--max-new-tokens", "2", "--dtype", "float32"]) == 0
+        assert main(["unlearn", "--method", "grad_diff", "--model", str(toy_task_dir / "model"), "--data", str(toy_task_dir / "data"),
+                     "--out", str(unlearned), "--set", "epochs=1"]) == 0
+    finally:
+        os.umask(previous)
+    for folder in (out, unlearned):  # readable by teammates on shared storage, as mkdir and open would make them
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+        assert {stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()} == {0o644}, folder
