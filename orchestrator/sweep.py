@@ -326,5 +326,8 @@ def _finish(config: SweepConfig, summary: SweepSummary, mlflow, experiment_path:
         (folder / "leaderboard.json").write_text(json.dumps(summary.rows, indent=2, default=str) + "\n")
         plots.score_vs_mmlu(finished, summary.mmlu_threshold, folder / "final_score_vs_mmlu.png")
         plots.optuna_plots(optuna.load_study(study_name=config.name, storage=config.study_storage), folder)
+        if summary.champion:
+            scores = json.loads((Path(summary.champion["checkpoint"]) / "scores.json").read_text())
+            plots.aggregate_terms(scores, folder / "champion_aggregate_terms.png")
         mlflow.log_artifacts(summary.parent_run_id, str(folder), "sweep")
     tracking.end_parent(mlflow, summary.parent_run_id)

@@ -18,6 +18,7 @@ import optuna
 import pytest
 import ray
 import yaml
+from PIL import Image
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
@@ -221,7 +222,13 @@ def test_small_sweep_end_to_end(local_ray, toy_task_dir: Path, tmp_path: Path, c
             assert [m.step for m in history] == list(range(1, len(history) + 1))
             assert {"task_aggregate", "mia_auc", "mia_score", "mmlu_accuracy", "forget_mean", "retain_mean"} <= set(run.data.metrics)
     artifacts = {a.path for a in mlflow.list_artifacts(summary.parent_run_id, "sweep")}
-    assert {"sweep/final_score_vs_mmlu.png", "sweep/leaderboard.json", "sweep/optimization_history.png"} <= artifacts
+    pictures = {"sweep/final_score_vs_mmlu.png", "sweep/optimization_history.png", "sweep/parallel_coordinates.png",
+                "sweep/champion_aggregate_terms.png"}
+    assert pictures | {"sweep/leaderboard.json"} <= artifacts
+    for picture in pictures:  # valid PNGs, not empty files
+        with Image.open(mlflow.download_artifacts(summary.parent_run_id, picture, str(tmp_path))) as image:
+            image.verify()
+            assert image.format == "PNG" and min(image.size) > 100
 
     # The constraint reached Optuna for every trial.
     # The study persists beside the sweep (optuna-dashboard opens it), every trial told with its constraint.
