@@ -118,7 +118,7 @@ def _demo(args: argparse.Namespace) -> int:
     }
     config = config_from_dict(raw, Path("demo"), Path.cwd())
     print(f"sweeping {', '.join(config.methods)} with {config.trials} trials on the toy task", flush=True)
-    _report(run_sweep(config), config)
+    _report(run_sweep(config, verbose=args.verbose), config)
     return 0
 
 
@@ -155,7 +155,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     try:
-        summary = run_sweep(config, args.resume)
+        summary = run_sweep(config, args.resume, args.verbose)
     except SweepInterrupted as error:
         print(f"unlearn-sweep: {error}", file=sys.stderr)
         return 130  # the shell's code for a run ended by Ctrl-C
@@ -301,11 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the built-in miniature task end to end, in the current directory")
     demo.add_argument("--trials", type=_count(1), default=24)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--verbose", action="store_true", help="Ray Tune's own configuration and result tables instead of the live view")
     demo.set_defaults(run=_demo)
 
     sweep = commands.add_parser("sweep", help="run (or --resume) a sweep from its YAML config")
     sweep.add_argument("config", type=Path)
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    sweep.add_argument("--verbose", action="store_true", help="Ray Tune's own configuration and result tables instead of the live view")
     sweep.set_defaults(run=_sweep)
 
     plan = commands.add_parser("plan", help="peak GPU memory of every method a sweep config can sample, before launch")

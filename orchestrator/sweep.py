@@ -29,6 +29,7 @@ from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.orchestrator import plots, tracking
 from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
+from unlearn_sweep.orchestrator.console import LiveView
 from unlearn_sweep.orchestrator.objective import OBJECTIVE
 from unlearn_sweep.orchestrator.plan import check_memory
 from unlearn_sweep.orchestrator.search import make_searcher, study_exists
@@ -143,8 +144,10 @@ def _threshold(mlflow, run_id: str, config: SweepConfig) -> float | None:
     return threshold
 
 
-def run_sweep(config: SweepConfig, resume: bool = False) -> SweepSummary:
-    """Run (or resume) the sweep to the end and pick the champion."""
+def run_sweep(config: SweepConfig, resume: bool = False, verbose: bool = False) -> SweepSummary:
+    """Run (or resume) the sweep to the end and pick the champion. The console shows the live
+    view (console.py), or with `verbose` Tune's own tables; a resumed sweep keeps the choice
+    made at its start (Tune restores its run settings, callbacks not included)."""
     check_memory(config)  # before anything starts: trials that cannot fit their GPUs are refused
     try:
         check_checkpoint(config.model)  # weights present and whole, not found missing in every trial
@@ -190,7 +193,8 @@ def run_sweep(config: SweepConfig, resume: bool = False) -> SweepSummary:
                 reuse_actors=True,  # a fresh worker per trial would re-import torch & co (~6 s) each time
             ),
             run_config=tune.RunConfig(
-                name=config.name, storage_path=config.storage_path, verbose=1,
+                name=config.name, storage_path=config.storage_path, verbose=1 if verbose else 0,
+                callbacks=[] if verbose else [LiveView(config.trials)],
                 failure_config=tune.FailureConfig(max_failures=0),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
             ),
@@ -265,6 +269,8 @@ def _rows(grid, mlflow, experiment: str, parent_run_id: str, threshold: float | 
         if result.error and entry.status == "running":
             mlflow.set_tag(entry.run_id, "error", _error_line(result.error))
             tracking.finish_trial(mlflow, entry.run_id, "failed")
+        elif entry.status == "running":  # stopped by ASHA at its last report, its worker not yet done closing the run
+            tracking.finish_trial(mlflow, entry.run_id, "finished", stopped_early=True)
         checkpoint = _best_checkpoint(result)
         if checkpoint and not result.error:
             mlflow.set_tag(entry.run_id, "checkpoint", checkpoint)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -198,6 +199,11 @@ def test_small_sweep_end_to_end(local_ray, toy_task_dir: Path, tmp_path: Path, c
     config = load_config(write_config(tmp_path, toy_task_dir, methods=["grad_diff", "grad_ascent"], trials=5,
                                       mmlu_threshold=0.8, search_space_overrides=overrides, eval={}))
     summary = run_sweep(config)
+    # The live view, not Tune's tables: a line per ended trial (no bar: the output is not a terminal).
+    console = capsys.readouterr().out
+    assert "started with configuration" not in console and "finished iteration" not in console, console  # Tune's per-trial boxes
+    assert re.search(r"\[5/5\] trial \w+ \(grad_(diff|ascent)\) (finished|failed).*\| 0 running, \d failed, best \d\.\d{4} \(grad_diff\)", console)
+    assert "top: " in console and "\r" not in console
     statuses = {row["trial_id"]: row["status"] for row in summary.rows}
     assert len(statuses) == 5
     failed = [row for row in summary.rows if row["status"] == "failed"]

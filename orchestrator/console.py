@@ -1,0 +1,95 @@
+"""The sweep's live view on the console, in place of Tune's configuration and result tables
+(which `--verbose` brings back): a progress bar of trials done, running and failed with the
+elapsed time and an estimate of the rest, the best eligible score so far and its method, and
+a line per finished trial with the current top three. The bar is drawn only on a terminal;
+elsewhere (a log file, CI) the per-trial lines alone are printed."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from ray import tune
+from tqdm.auto import tqdm
+
+from unlearn_sweep.orchestrator.objective import OBJECTIVE
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class LiveView(tune.Callback):
+    """A Tune callback on the driver; it reads the reports trials make anyway."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.started = time.monotonic()
+        self.running: set[str] = set()
+        self.finished = self.failed = 0
+        self.best: dict[str, tuple[float, str]] = {}  # trial id -> (best eligible final score, method)
+        self.bar: tqdm | None = None
+
+    def __getstate__(self) -> dict:  # Tune pickles its run settings with the experiment: no bar, no stream
+        return {**self.__dict__, "bar": None}
+
+    def setup(self, **info: Any) -> None:
+        if sys.stdout.isatty():
+            self.bar = tqdm(total=self.total, file=sys.stdout, unit="trial", dynamic_ncols=True)
+
+    def _method(self, trial: Any) -> str:
+        return (trial.config or {}).get("setup", {}).get("method", "?")
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.running.add(trial.trial_id)
+        self._refresh()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result.get("eligible") and result.get(OBJECTIVE, -1) >= 0:
+            best = self.best.get(trial.trial_id, (-1.0, ""))[0]
+            self.best[trial.trial_id] = (max(best, result[OBJECTIVE]), self._method(trial))
+        self._refresh()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._ended(trial, "finished")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.failed += 1
+        self._ended(trial, "failed")
+
+    def _ended(self, trial: Any, how: str) -> None:
+        self.running.discard(trial.trial_id)
+        self.finished += how == "finished"
+        own = self.best.get(trial.trial_id)
+        done = self.finished + self.failed
+        line = (f"[{done:>{len(str(self.total))}}/{self.total}] trial {trial.trial_id} ({self._method(trial)}) {how}"
+                + (f", best eligible {own[0]:.4f}" if own else ", no eligible epoch" if how == "finished" else "")
+                + f" | {self._status()}")
+        top = sorted(((score, method, trial_id) for trial_id, (score, method) in self.best.items()), reverse=True)[:3]
+        if top:
+            line += "\n      top: " + "  ".join(f"{score:.4f} {method} {trial_id}" for score, method, trial_id in top)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+        self._refresh()
+
+    def _status(self) -> str:
+        elapsed = time.monotonic() - self.started
+        done = self.finished + self.failed
+        eta = f", about {_duration(elapsed / done * (self.total - done))} left" if done and done < self.total else ""
+        best = max(self.best.values(), default=None)
+        leader = f"best {best[0]:.4f} ({best[1]})" if best else "no eligible trial yet"
+        return f"{len(self.running)} running, {self.failed} failed, {leader}, {_duration(elapsed)} elapsed{eta}"
+
+    def _refresh(self) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(self._status(), refresh=True)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
