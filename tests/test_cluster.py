@@ -33,6 +33,14 @@ def test_cluster_yaml_validates_against_rays_schema() -> None:
     job = yaml.safe_load((REPO_ROOT / "k8s" / "rayjob.yaml").read_text())
     assert job["kind"] == "RayJob" and job["spec"]["entrypoint"].startswith("unlearn-sweep sweep ")
     assert job["spec"]["rayClusterSpec"]["rayVersion"] == config["docker"]["image"].split(":")[1].split("-")[0]
+    # Safe defaults: the dashboard on the head's loopback; MLflow on PostgreSQL, never exposed outside the cluster.
+    start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start and "--backend-store-uri postgresql+psycopg://" in start
+    tracking = list(yaml.safe_load_all((REPO_ROOT / "k8s" / "mlflow.yaml").read_text()))
+    assert {doc["kind"] for doc in tracking} == {"Secret", "StatefulSet", "ConfigMap", "Service", "Deployment"}
+    assert all(doc["spec"]["type"] == "ClusterIP" for doc in tracking if doc["kind"] == "Service")
+    server = next(doc for doc in tracking if doc["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert "postgresql+psycopg://" in server and "psycopg" in server
 
 
 def child_runs(config, summary):

@@ -427,3 +427,41 @@ def test_ui_serves_mlflow_on_loopback(tmp_path: Path, capsys: pytest.CaptureFixt
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait()
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path):
+    """`mlflow server` on 127.0.0.1 (SQLite backend, proxied artifacts, a free port), as on a cluster."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/server.db",
+                               "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "the MLflow server did not start"
+                time.sleep(1)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait()
+
+
+def test_a_sweep_against_a_real_tracking_server(local_ray, toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with mlflow_server(tmp_path / "server") as uri:
+        config = load_config(write_config(tmp_path, toy_task_dir, name="over-http", trials=2, mlflow={"tracking_uri": uri}))
+        summary = run_sweep(config)
+        assert summary.champion and summary.champion["model_version"] == "1"
+        assert main(["best", config.experiment, "--tracking-uri", uri]) == 0
+        assert summary.champion["trial_id"] in capsys.readouterr().out
+        exported = export_champion(config.experiment, uri, tmp_path / "submission")
+        assert json.loads((exported / "scores.json").read_text())["final_score"] == pytest.approx(summary.champion["final_score"])
+        assert (exported / "model.safetensors").exists()
+    assert not (tmp_path / "mlflow.db").exists()  # everything went to the server
