@@ -9,6 +9,7 @@ MMLU threshold of the sweep that produced it and, where given, under a stricter 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def champion_version(client: MlflowClient, name: str):
         return None
 
 
-def crown(client: MlflowClient, name: str, experiment_id: str, threshold: float | None) -> tuple[Entry, str] | None:
+def crown(client: MlflowClient, tracking_uri: str, name: str, experiment_id: str, threshold: float | None) -> tuple[Entry, str] | None:
     """Point the alias 'champion' of registered model `name` at the experiment's best trial
     under `threshold` (the current sweep's): the alias never moves to a checkpoint that is
     ineligible under it, and a checkpoint is registered once however often this runs.
@@ -92,7 +93,7 @@ def crown(client: MlflowClient, name: str, experiment_id: str, threshold: float 
         registered = any(v.tags.get("epoch") == str(epoch) for v in client.search_model_versions(f"name = '{name}' and run_id = '{entry.run_id}'"))
         if not registered and not Path(entry.checkpoint, "scores.json").is_file():
             continue  # an earlier sweep's checkpoint that is gone from its storage
-        version = tracking.model_version(client, name, entry.run_id, epoch, Path(entry.checkpoint))
+        version = tracking.model_version(client, tracking_uri, name, entry.run_id, epoch, Path(entry.checkpoint))
         client.set_model_version_tag(name, version, "mmlu_threshold", str(threshold))
         client.set_registered_model_alias(name, "champion", version)
         return entry, version
@@ -121,15 +122,18 @@ def champion_run(experiment: str, tracking_uri: str) -> str:
 
 
 def export_champion(experiment: str, tracking_uri: str, out_dir: str | Path) -> Path:
-    """The champion checkpoint (safetensors + tokenizer), its scores.json, records and
-    trial_config.json, written to out_dir whole or not at all."""
+    """The champion checkpoint (safetensors + tokenizer, from the registered MLflow model), its
+    scores.json, records and trial_config.json, written to out_dir whole or not at all."""
     run_id = champion_run(experiment, tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     with staged_directory(out_dir) as staging:
-        downloaded = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint", dst_path=str(staging)))
-        for path in downloaded.iterdir():
-            path.rename(staging / path.name)
-        downloaded.rmdir()
+        model = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{experiment}@champion", dst_path=str(staging / ".model")))
+        files = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint", dst_path=str(staging / ".files")))
+        for folder in (model / "model", model / "components" / "tokenizer", files):
+            for path in folder.iterdir():
+                path.rename(staging / path.name)
+        shutil.rmtree(staging / ".model")
+        shutil.rmtree(staging / ".files")
         config = json.loads((staging / "trial_config.json").read_text())
         (staging / "trial_config.json").write_text(json.dumps({**config, "experiment": experiment, "run_id": run_id}, indent=2) + "\n")
     return Path(out_dir)

@@ -319,7 +319,7 @@ def _finish(config: SweepConfig, summary: SweepSummary, mlflow, experiment_path:
     """Champion registration (by the selection rule, over the experiment), plots and the
     leaderboard on the parent run."""
     experiment = mlflow.get_run(summary.parent_run_id).info.experiment_id
-    crowned = crown(mlflow, config.experiment, experiment, summary.mmlu_threshold)
+    crowned = crown(mlflow, config.tracking_uri, config.experiment, experiment, summary.mmlu_threshold)
     if crowned:
         entry, version = crowned
         summary.champion = {"trial_id": entry.trial_id, "method": entry.method, "run_id": entry.run_id, "checkpoint": entry.checkpoint,

@@ -119,9 +119,20 @@ def mark_interrupted(mlflow: MlflowClient, run_id: str) -> None:
         mlflow.set_terminated(run_id, "KILLED")
 
 
-def model_version(mlflow: MlflowClient, name: str, run_id: str, epoch: int, checkpoint_dir: Path) -> str:
+WEIGHT_FILES = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
+
+
+def model_version(mlflow: MlflowClient, tracking_uri: str, name: str, run_id: str, epoch: int, checkpoint_dir: Path) -> str:
     """The registered model version of a trial's checkpoint (run and epoch): the existing one
-    if it was registered before (a re-run or resumed sweep), else logged and registered now."""
+    if it was registered before (a re-run or resumed sweep), else logged and registered now:
+    the checkpoint as a Transformers-flavour MLflow model (a LoggedModel of the trial's run,
+    with its best metrics; `models:/<name>@champion` loads and generates), its records,
+    scores and trial config as the run's `checkpoint` artifacts."""
+    import mlflow as fluent
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         mlflow.get_registered_model(name)
     except MlflowException:
@@ -129,11 +140,21 @@ def model_version(mlflow: MlflowClient, name: str, run_id: str, epoch: int, chec
     for version in mlflow.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
         if version.tags.get("epoch") == str(epoch):
             return str(version.version)
-    mlflow.log_artifacts(run_id, str(checkpoint_dir), "checkpoint")
+    weights = {path for pattern in WEIGHT_FILES for path in checkpoint_dir.glob(pattern)}
+    for path in sorted(set(checkpoint_dir.iterdir()) - weights):
+        mlflow.log_artifact(run_id, str(path), "checkpoint")
     scores = json.loads((checkpoint_dir / "scores.json").read_text())
-    source = f"{mlflow.get_run(run_id).info.artifact_uri}/checkpoint"
+    # Loaded here (a path alone is not accepted with this Transformers), in its saved dtype.
+    components = {"model": AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype="auto"),
+                  "tokenizer": AutoTokenizer.from_pretrained(checkpoint_dir)}
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]  # nothing else, no torchvision
+    fluent.set_tracking_uri(tracking_uri)
+    with fluent.start_run(run_id=run_id):
+        logged = fluent.transformers.log_model(transformers_model=components, name="champion", task="text-generation",
+                                               pip_requirements=requirements)
+        fluent.log_metrics({f"best_{key}": scores[key] for key in SCORE_METRICS}, step=epoch, model_id=logged.model_id)
     tags = {"final_score": str(scores["final_score"]), "mmlu_accuracy": str(scores["mmlu_accuracy"]), "epoch": str(epoch)}
-    return str(mlflow.create_model_version(name, source, run_id=run_id, tags=tags).version)
+    return str(mlflow.create_model_version(name, logged.model_uri, run_id=run_id, model_id=logged.model_id, tags=tags).version)
 
 
 def end_parent(mlflow: MlflowClient, run_id: str, failed: bool = False) -> None:

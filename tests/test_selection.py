@@ -4,12 +4,15 @@ alias: which trial runs count, in which order, and registration that never repea
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from unlearn_sweep.orchestrator import tracking
-from unlearn_sweep.orchestrator.selection import Entry, crown, leaderboard, select
+from unlearn_sweep.orchestrator.selection import Entry, crown, export_champion, leaderboard, select
+
+TOY_MODEL: Path
 
 
 def entry(trial_id: str, final: float | None, mmlu: float = 0.5, status: str = "finished", threshold: float | None = 0.4,
@@ -28,16 +31,23 @@ def test_only_finished_eligible_trials_with_a_checkpoint_count() -> None:
 
 
 def fake_trial(mlflow, experiment: str, parent: str, folder: Path, trial_id: str, final: float, mmlu: float, threshold: float) -> str:
-    """A finished trial run as a sweep leaves it: best_* metrics and its checkpoint folder."""
+    """A finished trial run as a sweep leaves it: best_* metrics and its checkpoint folder (the
+    toy model, its scores and trial config)."""
     run_id = tracking.trial_run(mlflow, experiment, parent, trial_id, {"method": "npo", "params": {}}, threshold)
     scores = {name: 0.5 for name in tracking.SCORE_METRICS} | {"final_score": final, "mmlu_accuracy": mmlu}
     tracking.log_best(mlflow, run_id, 1, scores)
-    checkpoint = folder / trial_id
-    checkpoint.mkdir()
+    checkpoint = Path(shutil.copytree(TOY_MODEL, folder / trial_id))
     (checkpoint / "scores.json").write_text(json.dumps(scores))
+    (checkpoint / "trial_config.json").write_text(json.dumps({"method": "npo", "params": {}, "epoch": 1}))
     mlflow.set_tag(run_id, "checkpoint", str(checkpoint))
     tracking.finish_trial(mlflow, run_id, "finished")
     return run_id
+
+
+@pytest.fixture(autouse=True)
+def toy_model(toy_task_dir: Path) -> None:
+    global TOY_MODEL
+    TOY_MODEL = toy_task_dir / "model"
 
 
 def test_crown_registers_once_and_never_moves_to_an_ineligible_checkpoint(tmp_path: Path) -> None:
@@ -46,22 +56,33 @@ def test_crown_registers_once_and_never_moves_to_an_ineligible_checkpoint(tmp_pa
     experiment = tracking.experiment_id(mlflow, "exp")
     first = mlflow.create_run(experiment, tags={"role": "sweep"}).info.run_id
     high = fake_trial(mlflow, experiment, first, tmp_path, "t1", final=0.8, mmlu=0.45, threshold=0.4)
-    champion, version = crown(mlflow, "exp", experiment, 0.4)
+    champion, version = crown(mlflow, uri, "exp", experiment, 0.4)
     assert (champion.run_id, version) == (high, "1")
-    assert crown(mlflow, "exp", experiment, 0.4)[1] == "1"  # run again (resume, re-run): the same version
+    assert crown(mlflow, uri, "exp", experiment, 0.4)[1] == "1"  # run again (resume, re-run): the same version
     assert len(mlflow.search_model_versions("name = 'exp'")) == 1
+    # The champion is a real MLflow model: the Transformers flavour loads it and it generates.
+    import mlflow as fluent
+
+    fluent.set_tracking_uri(uri)
+    generator = fluent.transformers.load_model("models:/exp@champion")
+    assert isinstance(generator("Alma was", max_new_tokens=4)[0]["generated_text"], str)
+    source = mlflow.get_model_version("exp", "1").source  # models:/<logged model id>, linked to the trial's run
+    logged = fluent.get_logged_model(source.removeprefix("models:/"))
+    assert logged.source_run_id == high and "best_final_score" in {metric.key for metric in logged.metrics or []}
+    exported = export_champion("exp", uri, tmp_path / "submission")
+    assert {"model.safetensors", "config.json", "tokenizer.json", "scores.json", "trial_config.json"} <= {p.name for p in exported.iterdir()}
 
     # A later sweep with a stricter threshold: its lower but eligible trial takes the alias;
     # the earlier champion (MMLU 0.45 < 0.5) is not eligible under it.
     second = mlflow.create_run(experiment, tags={"role": "sweep"}).info.run_id
     eligible = fake_trial(mlflow, experiment, second, tmp_path, "t2", final=0.6, mmlu=0.55, threshold=0.5)
-    champion, version = crown(mlflow, "exp", experiment, 0.5)
+    champion, version = crown(mlflow, uri, "exp", experiment, 0.5)
     assert (champion.run_id, version) == (eligible, "2")
     assert mlflow.get_model_version_by_alias("exp", "champion").run_id == eligible
     # best, export and the alias agree: the leaderboard's first entry is the champion.
     assert leaderboard("exp", uri)[0].run_id == eligible
     # Nothing eligible under an even stricter threshold: the alias stays.
-    assert crown(mlflow, "exp", experiment, 0.9) is None
+    assert crown(mlflow, uri, "exp", experiment, 0.9) is None
     assert mlflow.get_model_version_by_alias("exp", "champion").run_id == eligible
 
 
@@ -88,4 +109,4 @@ def test_failed_and_interrupted_runs_are_never_on_the_leaderboard(status: str, t
     parent = mlflow.create_run(experiment, tags={"role": "sweep"}).info.run_id
     run_id = fake_trial(mlflow, experiment, parent, tmp_path, "t1", final=0.8, mmlu=0.45, threshold=0.4)
     mlflow.set_tag(run_id, "status", status)
-    assert leaderboard("exp", uri) == [] and crown(mlflow, "exp", experiment, 0.4) is None
+    assert leaderboard("exp", uri) == [] and crown(mlflow, uri, "exp", experiment, 0.4) is None
