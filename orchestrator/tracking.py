@@ -149,10 +149,13 @@ def model_version(mlflow: MlflowClient, tracking_uri: str, name: str, run_id: st
                   "tokenizer": AutoTokenizer.from_pretrained(checkpoint_dir)}
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]  # nothing else, no torchvision
     fluent.set_tracking_uri(tracking_uri)
-    with fluent.start_run(run_id=run_id):
+    finished = mlflow.get_run(run_id).info
+    with fluent.start_run(run_id=run_id):  # the model is a LoggedModel of the trial's run
         logged = fluent.transformers.log_model(transformers_model=components, name="champion", task="text-generation",
                                                pip_requirements=requirements)
-        fluent.log_metrics({f"best_{key}": scores[key] for key in SCORE_METRICS}, step=epoch, model_id=logged.model_id)
+        # Its scores, linked to the model under names of their own (the run's best_* already hold this step).
+        fluent.log_metrics({f"champion_{key}": scores[key] for key in SCORE_METRICS}, step=epoch, model_id=logged.model_id)
+    mlflow.set_terminated(run_id, finished.status, end_time=finished.end_time)  # reopening moved its end: the trial's own stays
     tags = {"final_score": str(scores["final_score"]), "mmlu_accuracy": str(scores["mmlu_accuracy"]), "epoch": str(epoch)}
     return str(mlflow.create_model_version(name, logged.model_uri, run_id=run_id, model_id=logged.model_id, tags=tags).version)
 

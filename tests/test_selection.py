@@ -56,6 +56,7 @@ def test_crown_registers_once_and_never_moves_to_an_ineligible_checkpoint(tmp_pa
     experiment = tracking.experiment_id(mlflow, "exp")
     first = mlflow.create_run(experiment, tags={"role": "sweep"}).info.run_id
     high = fake_trial(mlflow, experiment, first, tmp_path, "t1", final=0.8, mmlu=0.45, threshold=0.4)
+    end_time = mlflow.get_run(high).info.end_time
     champion, version = crown(mlflow, uri, "exp", experiment, 0.4)
     assert (champion.run_id, version) == (high, "1")
     assert crown(mlflow, uri, "exp", experiment, 0.4)[1] == "1"  # run again (resume, re-run): the same version
@@ -68,7 +69,8 @@ def test_crown_registers_once_and_never_moves_to_an_ineligible_checkpoint(tmp_pa
     assert isinstance(generator("Alma was", max_new_tokens=4)[0]["generated_text"], str)
     source = mlflow.get_model_version("exp", "1").source  # models:/<logged model id>, linked to the trial's run
     logged = fluent.get_logged_model(source.removeprefix("models:/"))
-    assert logged.source_run_id == high and "best_final_score" in {metric.key for metric in logged.metrics or []}
+    assert logged.source_run_id == high and "champion_final_score" in {metric.key for metric in logged.metrics or []}
+    assert mlflow.get_run(high).info.end_time == end_time  # registering did not move the trial's end
     exported = export_champion("exp", uri, tmp_path / "submission")
     assert {"model.safetensors", "config.json", "tokenizer.json", "scores.json", "trial_config.json"} <= {p.name for p in exported.iterdir()}
 
