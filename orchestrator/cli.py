@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="unlearn-sweep: %(levelname)s: %(message)s", level=logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its optional CPU kernels are not needed
+    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)  # no hub model card or license for a local checkpoint
     try:
         return args.run(args)
     except (DataError, UsageError, ParamError) as error:

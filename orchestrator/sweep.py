@@ -161,6 +161,8 @@ def run_sweep(config: SweepConfig, resume: bool = False, verbose: bool = False) 
     if not resume and study_exists(config):
         raise ConfigError(config.source, f"an Optuna study named {config.name!r} already exists in {config.study_storage}; "
                           "resume the sweep with --resume or choose another name", field="name")
+    if not verbose:  # the live view stands in for Tune's tables; its snapshot-frequency notice is noise there
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     _start_ray(config)
     _check_placeable(config)  # before MLflow is touched: nothing is left behind by a bad config
     mlflow = tracking.client(config.tracking_uri)
