@@ -12,10 +12,9 @@ evaluated, and the champion's final score.
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
-from search_efficiency import METHODS
+from search_efficiency import METHODS, prepared
 
 
 def evaluation_share(tracking_uri: str, experiment: str) -> tuple[float, int, int]:
@@ -42,15 +41,10 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/eval_staging"))
     args = parser.parse_args()
 
-    from unlearn_sweep.corpus.toy_task import write_toy_task
     from unlearn_sweep.orchestrator.config import config_from_dict
     from unlearn_sweep.orchestrator.sweep import run_sweep
 
-    if not (args.task / "model").exists():
-        write_toy_task(args.task)
-    task = args.task.resolve()
-    shutil.rmtree(args.dir, ignore_errors=True)
-    args.dir.mkdir(parents=True)
+    task = prepared(args.task, args.dir)
     print("| evaluation | share of trial time in evaluation | fully evaluated epochs | champion final score |")
     print("| --- | --- | --- | --- |")
     for screen in (False, True):

@@ -44,6 +44,17 @@ def trial_history(tracking_uri: str, experiment: str) -> tuple[float, list[tuple
     return start, sorted(history, key=lambda item: item[0])
 
 
+def prepared(task: Path, out: Path) -> Path:
+    """The toy task (built if missing), resolved, and an empty output folder."""
+    from unlearn_sweep.corpus.toy_task import write_toy_task
+
+    if not (task / "model").exists():
+        write_toy_task(task)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    return task.resolve()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", type=Path, default=Path("toy_task"), help="toy task directory (built if missing)")
@@ -52,16 +63,11 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/search_efficiency"))
     args = parser.parse_args()
 
-    from unlearn_sweep.corpus.toy_task import write_toy_task
     from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
     from unlearn_sweep.orchestrator.config import config_from_dict
     from unlearn_sweep.orchestrator.sweep import run_sweep
 
-    if not (args.task / "model").exists():
-        write_toy_task(args.task)
-    task = args.task.resolve()
-    shutil.rmtree(args.dir, ignore_errors=True)
-    args.dir.mkdir(parents=True)
+    task = prepared(args.task, args.dir)
     sets = EvalSets.load(task / "data", mia=task / "mia", mmlu=task / "mmlu")
     threshold = round(0.75 * evaluate_checkpoint(task / "model", sets)["mmlu_accuracy"], 6)
     print(f"toy task, methods {', '.join(METHODS)}, {args.trials} trials per run, MMLU threshold {threshold} (0.75x base)", flush=True)
