@@ -89,11 +89,9 @@ def crown(client: MlflowClient, tracking_uri: str, name: str, experiment_id: str
     ineligible under it, and a checkpoint is registered once however often this runs.
     Returns the champion and its model version, or None when no trial qualifies."""
     for entry in select(trial_entries(client, experiment_id), threshold):
-        epoch = int(entry.scores["epoch"])
-        registered = any(v.tags.get("epoch") == str(epoch) for v in client.search_model_versions(f"name = '{name}' and run_id = '{entry.run_id}'"))
-        if not registered and not Path(entry.checkpoint, "scores.json").is_file():
-            continue  # an earlier sweep's checkpoint that is gone from its storage
-        version = tracking.model_version(client, tracking_uri, name, entry.run_id, epoch, Path(entry.checkpoint))
+        version = tracking.model_version(client, tracking_uri, name, entry.run_id, int(entry.scores["epoch"]), Path(entry.checkpoint))
+        if version is None:
+            continue  # an earlier sweep's checkpoint, never registered, that is gone from its storage
         client.set_model_version_tag(name, version, "mmlu_threshold", str(threshold))
         client.set_registered_model_alias(name, "champion", version)
         return entry, version

@@ -122,9 +122,10 @@ def mark_interrupted(mlflow: MlflowClient, run_id: str) -> None:
 WEIGHT_FILES = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
 
 
-def model_version(mlflow: MlflowClient, tracking_uri: str, name: str, run_id: str, epoch: int, checkpoint_dir: Path) -> str:
+def model_version(mlflow: MlflowClient, tracking_uri: str, name: str, run_id: str, epoch: int, checkpoint_dir: Path) -> str | None:
     """The registered model version of a trial's checkpoint (run and epoch): the existing one
-    if it was registered before (a re-run or resumed sweep), else logged and registered now:
+    if it was registered before (a re-run or resumed sweep), None if it was not and the
+    checkpoint is no longer on disk, else logged and registered now:
     the checkpoint as a Transformers-flavour MLflow model (a LoggedModel of the trial's run,
     with its best metrics; `models:/<name>@champion` loads and generates), its records,
     scores and trial config as the run's `checkpoint` artifacts."""
@@ -133,13 +134,15 @@ def model_version(mlflow: MlflowClient, tracking_uri: str, name: str, run_id: st
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    for version in mlflow.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        if version.tags.get("epoch") == str(epoch):
+            return str(version.version)
+    if not (checkpoint_dir / "scores.json").is_file():
+        return None
     try:
         mlflow.get_registered_model(name)
     except MlflowException:
         mlflow.create_registered_model(name)
-    for version in mlflow.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
-        if version.tags.get("epoch") == str(epoch):
-            return str(version.version)
     weights = {path for pattern in WEIGHT_FILES for path in checkpoint_dir.glob(pattern)}
     for path in sorted(set(checkpoint_dir.iterdir()) - weights):
         mlflow.log_artifact(run_id, str(path), "checkpoint")
