@@ -11,10 +11,10 @@ import math
 import os
 import re
 import signal
-import threading
-from collections.abc import Iterator
 import tempfile
+import threading
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,9 +206,7 @@ def run_sweep(config: SweepConfig, resume: bool = False, verbose: bool = False) 
     except (SweepInterrupted, SweepFailed):
         raise
     except BaseException:  # the driver itself failed: the record must not say running or finished
-        for run in tracking.trial_runs(mlflow, experiment, parent_run_id):
-            if run.info.status == "RUNNING":
-                tracking.mark_interrupted(mlflow, run.info.run_id)
+        _interrupt_open_trials(mlflow, experiment, parent_run_id)
         tracking.end_parent(mlflow, parent_run_id, failed=True)
         raise
 
@@ -244,12 +242,17 @@ def _sigterm_as_sigint() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _mark_interrupted(mlflow, experiment: str, parent_run_id: str) -> None:
-    """Trial runs still open, and the parent, end KILLED: nothing is left RUNNING or FINISHED
-    that did not finish."""
+def _interrupt_open_trials(mlflow, experiment: str, parent_run_id: str) -> None:
+    """Trial runs still open end KILLED: nothing is left RUNNING that no longer runs."""
     for run in tracking.trial_runs(mlflow, experiment, parent_run_id):
         if run.info.status == "RUNNING":
             tracking.mark_interrupted(mlflow, run.info.run_id)
+
+
+def _mark_interrupted(mlflow, experiment: str, parent_run_id: str) -> None:
+    """Trial runs still open, and the parent, end KILLED: nothing is left RUNNING or FINISHED
+    that did not finish."""
+    _interrupt_open_trials(mlflow, experiment, parent_run_id)
     mlflow.set_tag(parent_run_id, "status", "interrupted")
     mlflow.set_terminated(parent_run_id, "KILLED")
 
