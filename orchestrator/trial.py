@@ -61,6 +61,7 @@ class EpochReporter:
         self.objective = TrialObjective()
         self.split = Split.draw(self.sets, settings["screen_fraction"]) if settings["screen"] else None
         if rank == 0:
+            self.mlflow.set_tag(run_id, "eval_ranks", str(self.world))
             self._carry_over(tune.get_checkpoint() if settings["workers"] == 1 else None)
 
     def _carry_over(self, checkpoint: "tune.Checkpoint | None") -> None:
@@ -103,18 +104,16 @@ class EpochReporter:
         on, the full sets when the screen says the epoch could become the trial's best."""
         with plain_transformers():  # a whole model on each rank, also in a ZeRO-3 run
             model, tokenizer = load_model(checkpoint, dtype=self.settings["dtype"])
-            if self.split is None:
-                records = self._records(model, tokenizer, self.sets)
-                return (records, self._score(records, "full")) if self.rank == 0 else (None, None)
-            screened = self._records(model, tokenizer, self.split.screened(self.sets))
-            full, scores = True, None
-            if self.rank == 0:
-                scores = self._score(screened, "screen")
-                best = self.objective.value if self.objective.value >= 0 else None  # eligible objectives are final scores
-                full = needs_full_evaluation(scores, best, self.settings["mmlu_threshold"], self.settings["screen_margin"],
-                                             self.settings["screen_confidence"], screened.get(MMLU, []))
-            if not self._share(full):
-                return screened, scores
+            if self.split is not None:
+                screened = self._records(model, tokenizer, self.split.screened(self.sets))
+                full, scores = True, None
+                if self.rank == 0:
+                    scores = self._score(screened, "screen")
+                    best = self.objective.value if self.objective.value >= 0 else None  # eligible objectives are final scores
+                    full = needs_full_evaluation(scores, best, self.settings["mmlu_threshold"], self.settings["screen_margin"],
+                                                 self.settings["screen_confidence"], screened.get(MMLU, []))
+                if not self._share(full):
+                    return screened, scores
             # The whole sets in one pass, not the rest beside the screened part: in bfloat16 a row's
             # numbers depend on its batch, and the saved checkpoint must re-evaluate to its logged score.
             records = self._records(model, tokenizer, self.sets)
@@ -127,7 +126,6 @@ class EpochReporter:
         if self.rank == 0:
             metrics = epoch_report(scores, epoch, self.settings["mmlu_threshold"], self.objective)
             tracking.log_scores(self.mlflow, self.run_id, epoch, {**scores, "eval_seconds": time.perf_counter() - started})
-            self.mlflow.set_tag(self.run_id, "eval_ranks", str(self.world))
         metrics = self._share(metrics)
         # The checkpoint kept is the epoch the objective names: the trial's best eligible one, fully evaluated.
         if not (self.rank == 0 and metrics["eligible"] and metrics["new_best"] and metrics["full_evaluation"]):
