@@ -101,6 +101,14 @@ def format_prompt(question: MmluQuestion, shots: list[MmluQuestion] = ()) -> str
     return header + examples + _format_question(question)
 
 
+def first_shots(dev: list[MmluQuestion], count: int) -> dict[str, list[MmluQuestion]]:
+    """Each subject's first `count` dev questions, in file order: its few-shot examples."""
+    shots: dict[str, list[MmluQuestion]] = {}
+    for question in dev:
+        shots.setdefault(question.subject, []).append(question)
+    return {subject: questions[:count] for subject, questions in shots.items()}
+
+
 def fitted_prompt(question: MmluQuestion, shots: list[MmluQuestion], token_count: Callable[[str], int], limit: int = 2048) -> str:
     """The prompt with as many of the first shots as keep it within `limit` tokens (counted
     without special tokens), dropping the last shot until it fits, as Open-Instruct does."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from unlearn_sweep.corpus.mmlu import LETTERS, MmluQuestion, format_prompt
+from unlearn_sweep.corpus.mmlu import LETTERS, MmluQuestion, first_shots, format_prompt
 from unlearn_sweep.corpus.semeval import row_kind
 from unlearn_sweep.corpus.staging import staged_directory
 
@@ -94,10 +94,8 @@ class ToyTask:
         texts += self.general_facts
         texts += [f"{format_prompt(q)} {LETTERS[q.answer]}" for q in self.mmlu_test + self.mmlu_dev]
         # And 5-shot, as MMLU is asked by default: the subject's first dev examples, then the question.
-        shots = {}
-        for question in self.mmlu_dev:
-            shots.setdefault(question.subject, []).append(question)
-        texts += [f"{format_prompt(q, shots.get(q.subject, [])[:5])} {LETTERS[q.answer]}" for q in self.mmlu_test]
+        shots = first_shots(self.mmlu_dev, 5)
+        texts += [f"{format_prompt(q, shots.get(q.subject, []))} {LETTERS[q.answer]}" for q in self.mmlu_test]
         return texts
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.mia import load_mia
-from unlearn_sweep.corpus.mmlu import MmluQuestion, fitted_prompt, load_mmlu
+from unlearn_sweep.corpus.mmlu import MmluQuestion, first_shots, fitted_prompt, load_mmlu
 from unlearn_sweep.corpus.semeval import TaskRow, load_task
 from unlearn_sweep.corpus.staging import as_if_created_plainly
 from unlearn_sweep.evaluation import inference
@@ -43,13 +43,15 @@ class EvalSets:
              mmlu: str | Path | None = None, mmlu_shots: int | None = None) -> "EvalSets":
         """mmlu_shots None: 5 where the MMLU set has dev examples, else 0."""
         shots = None
-        if mmlu is not None and mmlu_shots is None:
-            mmlu_shots = DEFAULT_SHOTS if _has_dev(Path(mmlu)) else 0
-        if mmlu is not None and mmlu_shots > 0:
-            shots = {}
-            for question in load_mmlu(mmlu, "dev"):  # the first k dev examples of each subject, in file order
-                shots.setdefault(question.subject, []).append(question)
-            shots = {subject: examples[:mmlu_shots] for subject, examples in shots.items()}
+        if mmlu is not None and mmlu_shots != 0:
+            try:
+                dev = load_mmlu(mmlu, "dev")
+            except DataError:
+                if mmlu_shots is not None:  # shots asked for, and no dev split to take them from
+                    raise
+                dev = []
+            mmlu_shots = DEFAULT_SHOTS if mmlu_shots is None and dev else mmlu_shots or 0
+            shots = first_shots(dev, mmlu_shots) if mmlu_shots else None
         return cls(
             rows=load_task(data, split).rows(),
             mia=load_mia(mia) if mia is not None else None,
@@ -74,13 +76,6 @@ def merge_shards(shards: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
         merged[name] = [lists[index % len(lists)][index // len(lists)] for index in range(sum(map(len, lists)))]
     merged[MMLU] = [{**record, "id": index} for index, record in enumerate(merged.get(MMLU, []))]
     return merged
-
-
-def _has_dev(mmlu: Path) -> bool:
-    try:
-        return bool(load_mmlu(mmlu, "dev"))
-    except DataError:
-        return False
 
 
 def eval_settings(sets: EvalSets, dtype: str, max_new_tokens: int) -> dict:
