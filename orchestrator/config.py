@@ -44,6 +44,7 @@ from unlearn_sweep.orchestrator.tracking import check_store
 
 
 SEARCHERS = ("tpe", "random")
+ASHA_DEFAULTS = {"grace_period": 1, "reduction_factor": 2}
 EVAL_DEFAULTS = {"batch_size": 32, "max_new_tokens": 256, "dtype": "bfloat16", "answer_nll": False,
                  # staged evaluation (evaluation/screening.py): screen each epoch on a stratified subset first
                  "screen": True, "screen_fraction": 0.2, "screen_margin": 0.05, "screen_confidence": 0.95}
@@ -71,7 +72,7 @@ class SweepConfig:
     gpu_memory_gb: float | None = None
     seed: int = 0
     searcher: str = "tpe"
-    asha: dict[str, int] | None = field(default_factory=lambda: {"grace_period": 1, "reduction_factor": 2})
+    asha: dict[str, int] | None = field(default_factory=lambda: dict(ASHA_DEFAULTS))
     eval: dict[str, Any] = field(default_factory=lambda: dict(EVAL_DEFAULTS))
     mlflow: dict[str, str | None] = field(default_factory=lambda: {"tracking_uri": "sqlite:///mlflow.db", "experiment": None})
     ray_address: str = "local"
@@ -192,7 +193,8 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
         raise ConfigError(path, "valid keys: tracking_uri, experiment", field="mlflow")
     storage = _expect(path, "storage_path", raw.get("storage_path", "sweeps"), str, "a path or URI")
     if "://" not in storage:
-        _require_writable(path, "storage_path", (base_dir / storage).resolve())
+        storage = str((base_dir / storage).resolve())
+        _require_writable(path, "storage_path", Path(storage))
     optuna_storage = raw.get("optuna_storage")
     if optuna_storage is not None and "://" not in _expect(path, "optuna_storage", optuna_storage, str, "a database URL"):
         raise ConfigError(path, f"expected a database URL (sqlite:///..., postgresql://...), got {optuna_storage!r}", field="optuna_storage")
@@ -218,12 +220,11 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
         seed=_expect(path, "seed", raw.get("seed", 0), int, "an integer"),
         searcher=_one_of(path, "searcher", raw.get("searcher", "tpe"), SEARCHERS),
         asha=None if raw.get("asha", {}) is None else _positive_ints(
-            path, "asha", {"grace_period": 1, "reduction_factor": 2, **_expect(path, "asha", raw.get("asha", {}), dict, "a mapping or null")},
-            {"grace_period", "reduction_factor"}),
+            path, "asha", {**ASHA_DEFAULTS, **_expect(path, "asha", raw.get("asha", {}), dict, "a mapping or null")}, set(ASHA_DEFAULTS)),
         eval=_eval_options(path, raw.get("eval") or {}),
         mlflow={"experiment": None, **mlflow, "tracking_uri": tracking_uri},
         ray_address=_expect(path, "ray_address", raw.get("ray_address", "local"), str, "local, auto or an address"),
-        storage_path=storage if "://" in storage else str((base_dir / storage).resolve()),
+        storage_path=storage,
         optuna_storage=optuna_storage,
         source=path,
     )
