@@ -1,4 +1,5 @@
-"""Membership-inference documents: member.jsonl and nonmember.jsonl with {id, document}."""
+"""Membership-inference documents: member.jsonl and nonmember.jsonl with {id, document}, and
+held-out documents (the same format) that a method may calibrate on: never the scored ones."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.tables import read_records, require_fields
 
 MEMBERSHIPS = ("member", "nonmember")
+HELD_OUT = Path("validation") / "nonmember.jsonl"  # beside the scored set, as the public release lays it out
 
 
 @dataclass(frozen=True)
@@ -23,15 +25,40 @@ def load_mia(mia_dir: str | Path) -> list[MiaDocument]:
     mia_dir = Path(mia_dir)
     if not mia_dir.is_dir():
         raise DataError(mia_dir, "MIA directory not found")
+    return [document for membership in MEMBERSHIPS for document in _read_documents(mia_dir / f"{membership}.jsonl", membership)]
+
+
+def _read_documents(path: Path, membership: str) -> list[MiaDocument]:
+    records = read_records(path)
+    if not records:
+        raise DataError(path, f"the {membership} set is empty")
+    require_fields(path, records, ("id", "document"))
     documents = []
-    for membership in MEMBERSHIPS:
-        path = mia_dir / f"{membership}.jsonl"
-        records = read_records(path)
-        if not records:
-            raise DataError(path, f"the {membership} set is empty")
-        require_fields(path, records, ("id", "document"))
-        for index, record in enumerate(records, start=1):
-            if not isinstance(record["document"], str) or not record["document"].strip():
-                raise DataError(path, "expected a non-empty string", index, "document")
-            documents.append(MiaDocument(str(record["id"]), record["document"], membership))
+    for index, record in enumerate(records, start=1):
+        if not isinstance(record["document"], str) or not record["document"].strip():
+            raise DataError(path, "expected a non-empty string", index, "document")
+        documents.append(MiaDocument(str(record["id"]), record["document"], membership))
     return documents
+
+
+def load_held_out(path: str | Path, scored_mia_dir: str | Path | None) -> tuple[str, ...]:
+    """Documents the base model never saw, for a method to calibrate forgetting against; none
+    may be a document of the scored MIA set (by id or by text), where that set is given:
+    calibrating on the documents the MIA score is computed from would fit the score, not forget."""
+    path = Path(path)
+    held_out = _read_documents(path, "held-out")
+    if scored_mia_dir is None:
+        return tuple(doc.document for doc in held_out)
+    scored = load_mia(scored_mia_dir)
+    scored_ids, scored_texts = {doc.id for doc in scored}, {doc.document for doc in scored}
+    shared = sum(doc.id in scored_ids or doc.document in scored_texts for doc in held_out)
+    if shared:
+        raise DataError(path, f"{shared} of its {len(held_out)} documents are in the scored MIA set {scored_mia_dir}: "
+                        "held-out documents must be ones the MIA score is not computed on")
+    return tuple(doc.document for doc in held_out)
+
+
+def default_held_out(mia_dir: str | Path) -> Path | None:
+    """<mia>/validation/nonmember.jsonl where it exists."""
+    path = Path(mia_dir) / HELD_OUT
+    return path if path.is_file() else None

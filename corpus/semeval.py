@@ -38,6 +38,7 @@ class TaskData:
     forget: list[TaskRow]
     retain: list[TaskRow]
     layout: str
+    held_out: tuple[str, ...] = ()  # documents the base model never saw (corpus/mia.py: load_held_out)
 
     def rows(self) -> list[TaskRow]:
         return self.forget + self.retain

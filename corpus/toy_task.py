@@ -6,7 +6,8 @@ one set without hurting the other is a real trade-off):
   Task3  encyclopedia-style entries
 Each document gives one `sc1` sentence-completion row (its opening, then the rest) and
 several `qa` rows. Forget documents are also the MIA members; nonmembers are documents of
-the same kind the model never sees. A separate general corpus of invented facts, asked
+the same kind the model never sees, and so are the held-out documents (mia/validation/, as the
+public release lays them out) that a method may calibrate on without reading the scored ones. A separate general corpus of invented facts, asked
 about in MMLU format, stands in for MMLU: the general ability unlearning must keep.
 Everything here is a pure function of the seed.
 """
@@ -18,7 +19,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
+from unlearn_sweep.corpus.mia import HELD_OUT
 from unlearn_sweep.corpus.mmlu import LETTERS, MmluQuestion, first_shots, format_prompt
 from unlearn_sweep.corpus.semeval import row_kind
 from unlearn_sweep.corpus.staging import staged_directory
@@ -82,6 +83,7 @@ class ToyTask:
     forget_documents: list[dict] = field(default_factory=list)  # also the MIA members
     retain_documents: list[dict] = field(default_factory=list)
     nonmember_documents: list[dict] = field(default_factory=list)
+    held_out_documents: list[dict] = field(default_factory=list)  # never seen, never scored
     general_facts: list[str] = field(default_factory=list)
     mmlu_test: list[MmluQuestion] = field(default_factory=list)
     mmlu_dev: list[MmluQuestion] = field(default_factory=list)
@@ -263,6 +265,8 @@ def build_toy_task(seed: int = 0) -> ToyTask:
     for subject_questions in by_subject.values():
         task.mmlu_dev += subject_questions[:DEV_QUESTIONS_PER_SUBJECT]
         task.mmlu_test += subject_questions[DEV_QUESTIONS_PER_SUBJECT:]
+    # Drawn last, so that everything above (and the model trained on it) is as before they existed.
+    _, task.held_out_documents = _documents(rng, names, "nonmember")
     return task
 
 
@@ -285,12 +289,13 @@ def write_toy_task(out_dir: str | Path, seed: int = 0, steps: int = TRAINING_STE
 
     task = build_toy_task(seed)
     with staged_directory(out_dir) as staging:
-        for sub in ("data", "mia", "mmlu", "model"):
+        for sub in ("data", "mia", "mia/validation", "mmlu", "model"):
             (staging / sub).mkdir()
         _write_jsonl(staging / "data" / "forget.jsonl", task.forget_rows)
         _write_jsonl(staging / "data" / "retain.jsonl", task.retain_rows)
         _write_jsonl(staging / "mia" / "member.jsonl", task.forget_documents)
         _write_jsonl(staging / "mia" / "nonmember.jsonl", task.nonmember_documents)
+        _write_jsonl(staging / "mia" / HELD_OUT, task.held_out_documents)
         _write_jsonl(staging / "mmlu" / "test.jsonl", _mmlu_records(task.mmlu_test))
         _write_jsonl(staging / "mmlu" / "dev.jsonl", _mmlu_records(task.mmlu_dev))
         (staging / "general_corpus.txt").write_text("\n".join(task.general_facts) + "\n", encoding="utf-8")

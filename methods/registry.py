@@ -35,6 +35,7 @@ class Method:
 
     name: ClassVar[str]
     Params: ClassVar[type]
+    uses_held_out: ClassVar[bool] = False  # reads TaskData.held_out (documents never seen, never scored)
 
     def run(self, model_dir: Path, task: TaskData, out_dir: Path | None, params: Any,
             on_epoch: EpochCallback | None = None) -> Path | None:

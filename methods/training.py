@@ -481,6 +481,10 @@ class LossMethod(Method):
         """(input ids, labels) of the forget and retain rows."""
         return encode_rows(tokenizer, task.forget, params.max_length), encode_rows(tokenizer, task.retain, params.max_length)
 
+    def trainer_options(self, tokenizer: PreTrainedTokenizerBase, task: TaskData, params: Any) -> dict[str, Any]:
+        """Extra keyword arguments of the method's Trainer (e.g. encoded held-out documents)."""
+        return {}
+
     def epochs(self, params: Any) -> int:
         return params.epochs
 
@@ -508,6 +512,7 @@ class LossMethod(Method):
         tokenizer.pad_token = tokenizer.eos_token
         rng = random.Random(params.seed)
         forget, retain = self.encode(tokenizer, task, params)
+        options = self.trainer_options(tokenizer, task, params)
         plan, ends = schedule([self.epoch_plan(forget, retain, epoch, params, rng) for epoch in range(1, self.epochs(params) + 1)],
                               params.gradient_accumulation)
         with tempfile.TemporaryDirectory(prefix="trainer-") as scratch, single_rank_launch(params):
@@ -516,7 +521,8 @@ class LossMethod(Method):
             model = load_for_training(model_dir, params)
             frozen = self.Trainer.uses_reference and params.adapter not in ("lora", "qlora")
             trainer = self.Trainer(model=model, args=args, processing_class=tokenizer, params=params, plan=plan,
-                                   reference=load_reference(model_dir, params) if frozen else None)
+                                   reference=load_reference(model_dir, params) if frozen else None,
+                                   **options)
             trainer.remove_callback(PrinterCallback)  # the hook reports; no log dicts on stdout
             if on_epoch is not None:
                 trainer.add_callback(_EpochEnds(ends, lambda staging: self.export(trainer, tokenizer, staging, params, model_dir), on_epoch))

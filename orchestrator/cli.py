@@ -216,10 +216,16 @@ def _ui(args: argparse.Namespace) -> int:
 
 
 def _unlearn(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from unlearn_sweep.corpus.mia import default_held_out, load_held_out
     from unlearn_sweep.corpus.semeval import load_task
     from unlearn_sweep.methods.registry import parse_assignments, run_method
 
     task = load_task(args.data, args.split)
+    held_out = args.held_out or (default_held_out(args.mia) if args.mia else None)
+    if held_out is not None:
+        task = dataclasses.replace(task, held_out=load_held_out(held_out, args.mia))
     out = run_method(args.method, args.model, task, args.out, parse_assignments(args.set))
     print(f"{args.method}: wrote {out}")
     return 0
@@ -337,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--data", required=True, type=Path)
     unlearn.add_argument("--split", help="train or validation (Hugging Face parquet layout only)")
     unlearn.add_argument("--out", required=True, type=Path)
+    unlearn.add_argument("--held-out", type=Path, help="JSONL of {id, document} the model never saw, for methods that calibrate "
+                         "on them (mia_target); default <mia>/validation/nonmember.jsonl")
+    unlearn.add_argument("--mia", type=Path, help="the scored MIA set: held-out documents must not be in it")
     unlearn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter (repeatable)")
     unlearn.set_defaults(run=_unlearn)
 

@@ -5,6 +5,8 @@
     data: toy_task/data             # task directory, any supported layout
     split: null                     # train | validation, Hugging Face parquet layout only
     mia: toy_task/mia
+    held_out: null                  # documents never seen nor scored, for methods that calibrate on them
+                                    # (mia_target); default mia/validation/nonmember.jsonl where it exists
     mmlu: toy_task/mmlu
     mmlu_shots: null                # null: 5 where the MMLU set has dev examples (as the organizers), else 0
     mmlu_threshold: 0.75x           # absolute (0.371) or relative to the base model (0.75x)
@@ -63,6 +65,7 @@ class SweepConfig:
     mmlu: Path
     methods: list[str]
     split: str | None = None
+    held_out: Path | None = None
     mmlu_shots: int | None = None
     mmlu_threshold: MmluThreshold | None = None
     search_space_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -100,7 +103,7 @@ class SweepConfig:
 
 
 _KNOWN = {
-    "name", "model", "data", "split", "mia", "mmlu", "mmlu_shots", "mmlu_threshold", "methods",
+    "name", "model", "data", "split", "mia", "held_out", "mmlu", "mmlu_shots", "mmlu_threshold", "methods",
     "search_space_overrides", "trials", "max_concurrent_trials", "resources_per_trial", "gpu_memory_gb", "seed",
     "searcher", "asha", "eval", "mlflow", "ray_address", "storage_path", "optuna_storage",
 }
@@ -151,6 +154,7 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
             get_method(_expect(path, "methods", method, str, "method names"))
         except ParamError as error:
             raise ConfigError(path, str(error), field="methods") from None
+    held_out = _held_out(path, raw, paths["mia"], base_dir, methods)
     overrides = _expect(path, "search_space_overrides", raw.get("search_space_overrides") or {}, dict, "a mapping of method to parameters")
     for method, space in overrides.items():
         if method not in methods:
@@ -210,6 +214,7 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
         name=name, model=paths["model"], data=paths["data"], mia=paths["mia"], mmlu=paths["mmlu"],
         methods=methods,
         split=raw.get("split"),
+        held_out=held_out,
         mmlu_shots=None if raw.get("mmlu_shots") is None else _non_negative(path, "mmlu_shots", raw["mmlu_shots"]),
         mmlu_threshold=threshold,
         search_space_overrides=overrides,
@@ -228,6 +233,29 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
         optuna_storage=optuna_storage,
         source=path,
     )
+
+
+def _held_out(path: Path, raw: dict, mia: Path, base_dir: Path, methods: list[str]) -> Path | None:
+    """The held-out documents, checked now (readable, none in the scored MIA set) where a
+    method of the sweep reads them; None where none does."""
+    from unlearn_sweep.corpus.mia import default_held_out, load_held_out
+    from unlearn_sweep.methods.registry import get_method
+
+    users = [method for method in methods if get_method(method).uses_held_out]
+    if raw.get("held_out") is not None:
+        held_out = (base_dir / _expect(path, "held_out", raw["held_out"], str, "a path")).resolve()
+    elif users:
+        held_out = default_held_out(mia)
+        if held_out is None:
+            raise ConfigError(path, f"{', '.join(users)} needs documents the model never saw and the sweep does not score "
+                              f"(no {mia}/validation/nonmember.jsonl): name a JSONL of {{id, document}}", field="held_out")
+    else:
+        return None
+    try:
+        load_held_out(held_out, mia)
+    except DataError as error:
+        raise ConfigError(path, str(error), field="held_out") from None
+    return held_out
 
 
 def _eval_options(path: Path, raw: Any) -> dict[str, Any]:

@@ -170,6 +170,7 @@ def run_sweep(config: SweepConfig, resume: bool = False, verbose: bool = False) 
     parent_run_id, threshold = _parent_run(mlflow, experiment, config, resume)
     settings = {
         "model": str(config.model), "data": str(config.data), "split": config.split, "mia": str(config.mia),
+        "held_out": None if config.held_out is None else str(config.held_out),
         "mmlu": str(config.mmlu), "mmlu_shots": config.mmlu_shots, "mmlu_threshold": threshold,
         "batch_size": config.eval["batch_size"], "max_new_tokens": config.eval["max_new_tokens"],
         **{key: config.eval[key] for key in ("dtype", "answer_nll", "screen", "screen_fraction", "screen_margin", "screen_confidence")},

@@ -9,6 +9,7 @@ rank reports, and TuneReportCallback passes rank 0's metrics on to Tune."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +23,8 @@ import ray
 import torch
 from ray import tune
 
-from unlearn_sweep.corpus.semeval import load_task
+from unlearn_sweep.corpus.mia import load_held_out
+from unlearn_sweep.corpus.semeval import TaskData, load_task
 from unlearn_sweep.evaluation.evaluator import MMLU, EvalSets, eval_settings, merge_shards, run_inference, score_records, write_results
 from unlearn_sweep.evaluation.inference import load_model
 from unlearn_sweep.evaluation.screening import Split, needs_full_evaluation
@@ -146,6 +148,14 @@ def _train_report(metrics: dict[str, Any], checkpoint: Path | None) -> None:
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint) if checkpoint else None)
 
 
+def trial_task(settings: dict[str, Any]) -> TaskData:
+    """The sweep's forget and retain rows, with its held-out documents where it has them."""
+    task = load_task(settings["data"], settings["split"])
+    if settings["held_out"] is None:
+        return task
+    return dataclasses.replace(task, held_out=load_held_out(settings["held_out"], settings["mia"]))
+
+
 def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
     """Tune's function trainable; `settings` are the sweep's fixed paths and options."""
     torch.set_num_threads(settings["threads"])  # one per CPU the trial holds: shared cores swing otherwise
@@ -162,8 +172,7 @@ def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
             _run_merge(setup, settings, Path(context.get_trial_dir()), EpochReporter(settings, setup, run_id, _tune_report))
         else:
             method = get_method(setup["method"])
-            task = load_task(settings["data"], settings["split"])
-            method.run(Path(settings["model"]), task, None, build_params(method, setup["params"]),
+            method.run(Path(settings["model"]), trial_task(settings), None, build_params(method, setup["params"]),
                        EpochReporter(settings, setup, run_id, _tune_report))
     except SystemExit:  # how Tune ends a trial its scheduler stopped early: at a report
         tracking.finish_trial(mlflow, run_id, "finished", stopped_early=True)
@@ -177,7 +186,7 @@ def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
 def _run_merge(setup: dict[str, Any], settings: dict[str, Any], trial_dir: Path, on_epoch: EpochReporter) -> None:
     """Train each source model with its own sampled settings, then merge them; one report."""
     source, merge = get_method(setup["source_method"]), get_method(setup["method"])
-    task = load_task(settings["data"], settings["split"])
+    task = trial_task(settings)
     work = trial_dir / "sources"
     try:
         paths = [source.run(Path(settings["model"]), task, work / name, build_params(source, params))
@@ -206,7 +215,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     method = get_method(setup["method"])
     params = build_params(method, {"zero_stage": 2, **setup["params"]})
     reporter = EpochReporter(settings, setup, loop_config["run_id"], _train_report, rank)
-    method.run(Path(settings["model"]), load_task(settings["data"], settings["split"]), None, params, reporter)
+    method.run(Path(settings["model"]), trial_task(settings), None, params, reporter)
 
 
 def _fit_distributed(setup: dict[str, Any], settings: dict[str, Any], run_id: str, trial_id: str) -> None:

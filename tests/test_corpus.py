@@ -12,7 +12,7 @@ import pytest
 
 from conftest import shared_data
 from unlearn_sweep.corpus.errors import DataError
-from unlearn_sweep.corpus.mia import load_mia
+from unlearn_sweep.corpus.mia import default_held_out, load_held_out, load_mia
 from unlearn_sweep.corpus.mmlu import MmluQuestion, fitted_prompt, format_prompt, load_mmlu
 from unlearn_sweep.corpus.semeval import load_task, row_kind
 from unlearn_sweep.orchestrator.cli import main
@@ -73,6 +73,24 @@ def test_real_public_parquet_and_mia_counts() -> None:
     mia = load_mia(data / "mia_data")
     assert [d.membership for d in mia].count("member") == 150
     assert [d.membership for d in mia].count("nonmember") == 150
+
+
+def test_held_out_documents_are_never_scored_ones(toy_task_dir: Path, tmp_path: Path) -> None:
+    held_out = load_held_out(default_held_out(toy_task_dir / "mia"), toy_task_dir / "mia")
+    scored = {doc.document for doc in load_mia(toy_task_dir / "mia")}
+    assert len(held_out) == 24 and not scored & set(held_out)
+    leaky = tmp_path / "leaky.jsonl"  # one scored nonmember among held-out documents, under a new id
+    nonmember = next(doc for doc in load_mia(toy_task_dir / "mia") if doc.membership == "nonmember")
+    leaky.write_text(json.dumps({"id": "new", "document": nonmember.document}) + "\n")
+    with pytest.raises(DataError, match="leaky.jsonl: 1 of its 1 documents are in the scored MIA set"):
+        load_held_out(leaky, toy_task_dir / "mia")
+
+
+def test_real_validation_nonmembers_are_scored_nonmembers() -> None:
+    # The public release's validation nonmembers are among the scored ones: no default there.
+    mia = shared_data("semeval25", "mia_data")
+    with pytest.raises(DataError, match="34 of its 34 documents are in the scored MIA set"):
+        load_held_out(default_held_out(mia), mia)
 
 
 def test_real_lume_jsonl_counts() -> None:

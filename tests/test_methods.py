@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from sklearn.metrics import roc_auc_score
 from transformers import AutoModelForCausalLM
 
+from unlearn_sweep.corpus.mia import load_mia
 from unlearn_sweep.corpus.semeval import load_task
-from unlearn_sweep.evaluation.inference import answer_nll, load_model
+from unlearn_sweep.evaluation.inference import answer_nll, document_loss, load_model
 from unlearn_sweep.methods.entities import entity_spans
 from unlearn_sweep.methods.merge import MergeParams, della_drop, merge_checkpoints, merge_deltas, trim
 from unlearn_sweep.methods.registry import ParamError, build_params, get_method, method_names, run_method
@@ -62,6 +64,29 @@ def test_method_forgets(name, settings, keeps_retain, toy_task_dir: Path, task, 
     if keeps_retain:
         # The retain loss moves far less than the forget loss.
         assert retain - retain_before < 0.5 * (forget - forget_before), (retain_before, retain, forget_before, forget)
+
+
+def member_auc(model_dir: Path, toy_task_dir: Path) -> float:
+    """The MIA AUC from whole-document losses, members against the scored nonmembers."""
+    documents = load_mia(toy_task_dir / "mia")
+    model, tokenizer = load_model(model_dir, dtype="float32")
+    losses = document_loss(model, tokenizer, [doc.document for doc in documents])
+    return roc_auc_score([doc.membership == "member" for doc in documents], [-loss for loss in losses])
+
+
+def test_mia_target_moves_members_toward_unseen_documents(toy_task_dir: Path, task, base_nll, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    args = ["unlearn", "--method", "mia_target", "--model", str(toy_task_dir / "model"), "--data", str(toy_task_dir / "data")]
+    assert main(args + ["--out", str(tmp_path / "none")]) == 2  # no held-out documents: refused before training
+    assert "mia_target needs held-out documents" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    settings = ["learning_rate=3e-4", "epochs=5", "forget_weight=3", "retain_weight=5"]
+    # --mia: the held-out documents default to mia/validation/nonmember.jsonl, checked against the scored set.
+    assert main(args + ["--mia", str(toy_task_dir / "mia"), "--out", str(tmp_path / "out")] + [f"--set={kv}" for kv in settings]) == 0
+    out = tmp_path / "out"
+    forget, retain = mean_answer_nll(out, task.forget), mean_answer_nll(out, task.retain)
+    assert forget > base_nll[0] + 1.0 and retain - base_nll[1] < 0.5 * (forget - base_nll[0]), (base_nll, forget, retain)
+    assert member_auc(toy_task_dir / "model", toy_task_dir) == 1.0
+    assert member_auc(out, toy_task_dir) < 0.97
 
 
 def test_lora_and_last_k_layers(toy_task_dir: Path, task, tmp_path: Path) -> None:

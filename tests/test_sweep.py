@@ -73,6 +73,11 @@ def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
         ({"storage_path": "/proc/sweeps"}, "field 'storage_path': /proc/sweeps cannot be written"),
         ({"storage_path": "sweep.yaml/runs"}, "sweep.yaml/runs cannot be written ("),
         ({"model": "/proc"}, "field 'model': /proc: not a Hugging Face checkpoint (no config.json)"),
+        # Calibrating on the scored nonmembers would fit the MIA score, not forget.
+        ({"methods": ["mia_target"], "search_space_overrides": {}, "held_out": "{task}/mia/nonmember.jsonl"},
+         "field 'held_out': {task}/mia/nonmember.jsonl: 24 of its 24 documents are in the scored MIA set"),
+        ({"methods": ["mia_target"], "search_space_overrides": {}, "mia": "{task}/data"},
+         "field 'held_out': mia_target needs documents the model never saw"),
         # Search-space overrides are checked with the config, named in the user's file.
         ({"search_space_overrides": {"grad_diff": {"bogus": 1}}}, "field 'search_space_overrides.grad_diff.bogus': not a hyperparameter"),
         ({"search_space_overrides": {"grad_diff": {"learning_rate": {"uniform": [0.2, 0.1]}}}},
@@ -82,10 +87,18 @@ def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
     ],
 )
 def test_config_errors_name_the_file_and_field(change, message, toy_task_dir: Path, tmp_path: Path) -> None:
+    change = {key: value.format(task=toy_task_dir) if isinstance(value, str) else value for key, value in change.items()}
+    message = message.format(task=toy_task_dir)
     path = write_config(tmp_path, toy_task_dir, **change)
     with pytest.raises(ConfigError) as error:
         load_config(path)
     assert str(error.value).startswith(str(path)) and message in str(error.value)
+
+
+def test_held_out_documents_default_beside_the_mia_set(toy_task_dir: Path, tmp_path: Path) -> None:
+    assert load_config(write_config(tmp_path / "a", toy_task_dir)).held_out is None  # no method reads them
+    config = load_config(write_config(tmp_path / "b", toy_task_dir, methods=["mia_target"], search_space_overrides={}))
+    assert config.held_out == toy_task_dir / "mia" / "validation" / "nonmember.jsonl"
 
 
 def test_search_space_errors_and_conditions(tmp_path: Path) -> None:

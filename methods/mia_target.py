@@ -1,0 +1,100 @@
+"""Calibrated forgetting (ours): raise each forget example's loss to the level the current
+model gives documents it never saw, and no further.
+
+The MIA score compares whole-document losses of members with those of nonmembers; plain
+ascent drives member losses far past the nonmembers' (AUC near 0, over-forgetting) or stops
+short of them (AUC near 1). Here each step measures the loss level of unseen documents under
+the current model, on a batch of held-out documents (never the scored MIA set; see
+corpus/mia.py: load_held_out), and pulls every forget example's mean token loss toward it
+with a flooding objective |loss - target|: ascent below the level, descent above it, nothing
+once it is reached. Losses are taken on entity tokens (names, dates, numbers, emails; the
+extractor of methods/entities.py), of held-out documents and forget documents alike: what
+tells a seen document from an unseen one of the same kind is its particulars, and leaving the
+other tokens alone spares the phrasing the retain documents share. Sentence-completion rows
+count as whole documents (prompt and continuation, as the MIA loss reads them), question rows
+by their answer. Retain rows keep their cross-entropy."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from unlearn_sweep.corpus.tokens import right_padded
+from unlearn_sweep.methods.entities import entity_spans
+from unlearn_sweep.methods.registry import ParamError, register
+from unlearn_sweep.methods.training import (Batch, Example, LossMethod, Step, TrainingParams, UnlearningTrainer, encode_rows, mean_nll,
+                                            sequence_nll)
+
+
+@dataclass
+class MiaTargetParams(TrainingParams):
+    forget_weight: float = 1.0
+    retain_weight: float = 1.0
+    target_offset: float = 0.0  # nats added to the unseen documents' level (> 0 forgets more)
+    calibration_batch: int = 8  # held-out documents measured per step (one no-grad forward)
+
+    def check(self) -> None:
+        super().check()
+        if self.calibration_batch < 1:
+            raise ParamError(f"calibration_batch={self.calibration_batch}: must be at least 1")
+
+
+def encode_documents(tokenizer: Any, documents: list[str], max_length: int) -> list[Example]:
+    """Whole documents, labelled on their entity tokens."""
+    encoded = []
+    for document in documents:
+        tokens = tokenizer(document, return_offsets_mapping=True)
+        spans = entity_spans(document)
+        labels = [token if any(start < span_end and end > span_start for span_start, span_end in spans) else -100
+                  for token, (start, end) in zip(tokens["input_ids"], tokens["offset_mapping"])]
+        encoded.append((tokens["input_ids"][:max_length], labels[:max_length]))
+    return encoded
+
+
+class MiaTargetTrainer(UnlearningTrainer):
+    forwards = 2
+
+    def __init__(self, *args: Any, held_out: list[Example], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.held_out = held_out
+
+    @torch.no_grad()
+    def target(self, model: Any) -> float:
+        """The median document loss of this step's held-out batch under the current model (the
+        same batch on every rank, so ranks agree): the level a member's loss should sit at for
+        the attack to tell it from a nonmember no better than chance."""
+        size = self.params.calibration_batch
+        start = self.state.global_step * size % len(self.held_out)
+        batch = (self.held_out + self.held_out)[start : start + min(size, len(self.held_out))]
+        device = next(model.parameters()).device
+        total, counts = sequence_nll(model, Batch(*right_padded(batch, self.processing_class.pad_token_id, device)))
+        return statistics.median((total / counts).tolist()) + self.params.target_offset
+
+    def loss(self, model: Any, step: Step) -> torch.Tensor:
+        total, counts = sequence_nll(model, step.forget)
+        flood = (total / counts - self.target(model)).abs().mean()
+        return self.params.forget_weight * flood + self.params.retain_weight * mean_nll(model, step.retain)
+
+
+@register
+class MiaTarget(LossMethod):
+    name = "mia_target"
+    Params = MiaTargetParams
+    Trainer = MiaTargetTrainer
+    uses_held_out = True
+
+    def encode(self, tokenizer: Any, task: Any, params: MiaTargetParams) -> tuple[list[Example], list[Example]]:
+        documents = [row for row in task.forget if row.kind == "sc"]
+        questions = [row for row in task.forget if row.kind != "sc"]
+        forget = encode_documents(tokenizer, [f"{row.input} {row.output}" for row in documents], params.max_length)
+        forget += encode_rows(tokenizer, questions, params.max_length)
+        return forget, encode_rows(tokenizer, task.retain, params.max_length)
+
+    def trainer_options(self, tokenizer: Any, task: Any, params: MiaTargetParams) -> dict[str, Any]:
+        if not task.held_out:
+            raise ParamError("mia_target needs held-out documents the model never saw (a sweep's `held_out`, "
+                             "unlearn's --held-out; by default <mia>/validation/nonmember.jsonl)")
+        return {"held_out": encode_documents(tokenizer, list(task.held_out), params.max_length)}
