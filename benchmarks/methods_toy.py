@@ -27,7 +27,7 @@ RUNS = [
     ("kl_min (organizer baseline)", "kl_min", {"learning_rate": 1e-4, "epochs": 2}),
     ("npo, over-forgetting (ZJUKLAB NPO+GDR+KLR)", "npo", {"learning_rate": 2e-4, "epochs": 2, "beta": 0.1}),
     ("npo, under-forgetting", "npo", {"learning_rate": 5e-5, "epochs": 2, "beta": 0.1}),
-    ("sugd (AILS-NTUA)", "sugd", {"learning_rate": 1e-4, "epochs": 2, "chunks": 4, "positive_ratio": 2.0}),
+    ("sugd (AILS-NTUA)", "sugd", {"learning_rate": 1e-4, "epochs": 2, "chunk_size": 32, "positive_ratio": 2.0, "positive_factor": 1.0, "adapter": "full"}),
     ("task_vector", "task_vector", {"learning_rate": 3e-4, "epochs": 2, "scale": 1.0}),
     ("merge: TIES of the two npo models (ZJUKLAB)", "merge", {"combination": "ties", "density": 0.5}),
 ]

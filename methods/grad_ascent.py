@@ -51,7 +51,7 @@ class GradAscent(LossMethod):
             return super().encode(tokenizer, task, params)
         return encode_entities(tokenizer, task.forget, params.max_length), encode_rows(tokenizer, task.retain, params.max_length)
 
-    def epochs(self, params: GradAscentParams) -> int:
+    def epochs(self, params: GradAscentParams, forget_examples: int) -> int:
         return params.epochs + params.finetune_epochs
 
     def epoch_plan(self, forget, retain, epoch, params: GradAscentParams, rng) -> list[MicroBatch]:

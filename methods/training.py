@@ -380,9 +380,7 @@ def load_for_training(model_dir: Path, params: TrainingParams) -> PreTrainedMode
                             task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
     elif params.adapter == "last_k":
-        layers = model.model.layers
-        if params.last_k_layers > len(layers):
-            raise ParamError(f"last_k_layers={params.last_k_layers}: the model has {len(layers)} layers")
+        layers = model.model.layers  # the last k: all of them in a model of k layers or fewer, as the memory plan counts
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         for layer in layers[-params.last_k_layers :]:
@@ -485,7 +483,8 @@ class LossMethod(Method):
         """Extra keyword arguments of the method's Trainer (e.g. encoded held-out documents)."""
         return {}
 
-    def epochs(self, params: Any) -> int:
+    def epochs(self, params: Any, forget_examples: int) -> int:
+        """Logical epochs of the run: the epoch hook's calls (SUGD: one per chunk of the forget set)."""
         return params.epochs
 
     def epoch_plan(self, forget: list[Example], retain: list[Example], epoch: int, params: Any,
@@ -513,7 +512,7 @@ class LossMethod(Method):
         rng = random.Random(params.seed)
         forget, retain = self.encode(tokenizer, task, params)
         options = self.trainer_options(tokenizer, task, params)
-        plan, ends = schedule([self.epoch_plan(forget, retain, epoch, params, rng) for epoch in range(1, self.epochs(params) + 1)],
+        plan, ends = schedule([self.epoch_plan(forget, retain, epoch, params, rng) for epoch in range(1, self.epochs(params, len(forget)) + 1)],
                               params.gradient_accumulation)
         with tempfile.TemporaryDirectory(prefix="trainer-") as scratch, single_rank_launch(params):
             args = training_arguments(params, Path(scratch))

@@ -13,6 +13,7 @@
     methods: [grad_diff, npo]       # searched as a choice when more than one
     search_space_overrides:         # per method, entries replacing search_spaces/<method>.yaml's
       npo: {beta: {uniform: [0.05, 0.3]}}
+    recipes: [organizers_npo]       # published settings tried first (search_spaces/recipes/<name>.yaml)
     trials: 16
     max_concurrent_trials: null     # default: what the cluster's resources allow
     resources_per_trial: {cpu: 1, gpu: 0}   # + workers: N for a multi-worker (DeepSpeed) trial
@@ -69,6 +70,7 @@ class SweepConfig:
     mmlu_shots: int | None = None
     mmlu_threshold: MmluThreshold | None = None
     search_space_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    recipes: list[str] = field(default_factory=list)
     trials: int = 8
     max_concurrent_trials: int | None = None
     resources_per_trial: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
@@ -104,7 +106,7 @@ class SweepConfig:
 
 _KNOWN = {
     "name", "model", "data", "split", "mia", "held_out", "mmlu", "mmlu_shots", "mmlu_threshold", "methods",
-    "search_space_overrides", "trials", "max_concurrent_trials", "resources_per_trial", "gpu_memory_gb", "seed",
+    "search_space_overrides", "recipes", "trials", "max_concurrent_trials", "resources_per_trial", "gpu_memory_gb", "seed",
     "searcher", "asha", "eval", "mlflow", "ray_address", "storage_path", "optuna_storage",
 }
 
@@ -160,10 +162,18 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
         if method not in methods:
             raise ConfigError(path, f"method {method!r} is not among methods {methods}", field="search_space_overrides")
         _expect(path, f"search_space_overrides.{method}", space, dict, "a mapping of parameters")
-    from unlearn_sweep.orchestrator.search import load_space
+    from unlearn_sweep.orchestrator.search import load_recipe, load_space, recipe_names
 
-    for method in methods:  # every space checked now, with overrides, before anything starts
-        load_space(method, overrides.get(method), config_path=path)
+    # Every space checked now, with overrides, before anything starts; and every recipe against them.
+    spaces = {method: load_space(method, overrides.get(method), config_path=path) for method in methods}
+    recipes = _expect(path, "recipes", raw.get("recipes") or [], list, "a list of recipe names")
+    for recipe in recipes:
+        if _expect(path, "recipes", recipe, str, "recipe names") not in recipe_names():
+            raise ConfigError(path, f"unknown recipe {recipe!r} (valid: {', '.join(recipe_names())})", field="recipes")
+        try:
+            load_recipe(recipe, spaces)
+        except ConfigError as error:  # the recipe's file and field, after the user's
+            raise ConfigError(path, str(error), field="recipes") from None
     threshold = raw.get("mmlu_threshold")
     if threshold is not None:
         try:
@@ -218,6 +228,7 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
         mmlu_shots=None if raw.get("mmlu_shots") is None else _non_negative(path, "mmlu_shots", raw["mmlu_shots"]),
         mmlu_threshold=threshold,
         search_space_overrides=overrides,
+        recipes=recipes,
         trials=trials,
         max_concurrent_trials=concurrent,
         resources_per_trial={"cpu": 1, "gpu": 0, **resources},

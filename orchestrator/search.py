@@ -10,6 +10,11 @@ A search space maps each hyperparameter of the method to a constant or a distrib
     batch_size: 16                                      # constant
 The merge method's space names a `source_method`, `sources` (names of the models to train
 and merge, each a space of overrides for the source method) and its own parameters.
+
+A recipe (search_spaces/recipes/<name>.yaml) is a published setting as data: a method and a
+value for some of its parameters (and, for merge, its sources'). A sweep that names it tries it
+first, as an enqueued Optuna trial; every value must be one the sweep's space can sample, so
+that the point tried is the point Optuna records.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from unlearn_sweep.orchestrator.objective import OBJECTIVE
 
 # Package data: the same in an editable install, a wheel and an sdist.
 SPACES_DIR = importlib.resources.files("unlearn_sweep.search_spaces")
+RECIPES_DIR = SPACES_DIR / "recipes"
 DISTRIBUTIONS = ("log_uniform", "uniform", "int", "log_int", "choice")
 MMLU_CONSTRAINT = "mmlu_threshold"
 STUDY_TRIAL = "study_trial"  # the Optuna trial number in each Tune config
@@ -101,6 +107,57 @@ def _check(method: str, space: dict[str, Any], locate: Callable[[str], tuple[Any
         if condition is not None and (not isinstance(condition, dict) or set(condition) - set(space)):
             raise ConfigError(path, "'if' must map other parameters of this space to values", field=where)
     return space
+
+
+def recipe_names(recipes_dir: Traversable | Path = RECIPES_DIR) -> list[str]:
+    return sorted(entry.name[: -len(".yaml")] for entry in recipes_dir.iterdir() if entry.name.endswith(".yaml"))
+
+
+def load_recipe(name: str, spaces: dict[str, dict[str, Any]], recipes_dir: Traversable | Path = RECIPES_DIR) -> dict[str, Any]:
+    """The recipe as an Optuna point of the sweep's spaces ({"method": ..., "<method>/<param>": value}),
+    or a ConfigError naming the recipe's file and field."""
+    path = recipes_dir / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(path, f"no recipe {name!r} (recipes: {', '.join(recipe_names(recipes_dir))})")
+    recipe = yaml.safe_load(path.read_text()) or {}
+    method = recipe.get("method")
+    if method not in spaces:
+        raise ConfigError(path, f"method {method!r} is not among the sweep's methods ({', '.join(sorted(spaces))})", field="method")
+    space = spaces[method]
+    point = {"method": method}
+    groups = [("params", space["params"], recipe.get("params") or {}, method)]
+    for source, values in (recipe.get("sources") or {}).items():
+        if source not in space.get("sources", {}):
+            raise ConfigError(path, f"{method} has no source {source!r}", field=f"sources.{source}")
+        groups.append((f"sources.{source}", space["sources"][source], values, f"{method}/{source}"))
+    for where, entries, values, prefix in groups:
+        for key, value in values.items():
+            _check_reachable(path, f"{where}.{key}", entries, key, value, values)
+            if isinstance(entries[key], dict):  # a constant of the space is not an Optuna parameter
+                point[f"{prefix}/{key}"] = value
+    return point
+
+
+def _check_reachable(path: Path, field: str, space: dict[str, Any], key: str, value: Any, values: dict[str, Any]) -> None:
+    """The space samples exactly `value` for `key` when the recipe's other values hold."""
+    spec = space.get(key)
+    if spec is None:
+        raise ConfigError(path, "not searched by the sweep's space: add it there (search_space_overrides)", field=field)
+    if not isinstance(spec, dict):
+        if spec != value:
+            raise ConfigError(path, f"the sweep's space holds it at {spec!r}", field=field)
+        return
+    if "choice" in spec:
+        reachable = value in spec["choice"]
+    else:
+        low, high = next(spec[kind] for kind in DISTRIBUTIONS if kind in spec)
+        reachable = isinstance(value, (int, float)) and low <= value <= high
+    if not reachable:
+        raise ConfigError(path, f"{value!r} is outside the sweep's space {spec}", field=field)
+    for other, wanted in (spec.get("if") or {}).items():
+        current = values.get(other, space.get(other))
+        if current not in (wanted if isinstance(wanted, list) else [wanted]):
+            raise ConfigError(path, f"sampled only when {other} is {wanted!r}", field=field)
 
 
 def _sample(trial: optuna.Trial, space: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -204,7 +261,11 @@ def make_searcher(config: SweepConfig) -> ConstrainedOptunaSearch:
         sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=max(2, min(10, config.trials // 3)))
     if config.study_storage.startswith("sqlite:///"):
         Path(config.study_storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    # Every method is tried first (random start-up sampling missed one of two methods in 8 trials).
-    first = [{"method": method} for method in sorted(spaces)] if len(spaces) > 1 else None
+    # The recipes first, then every method without one (random start-up sampling missed one of two methods in 8 trials).
+    first = [load_recipe(name, spaces) for name in config.recipes]
+    first += [{"method": method} for method in sorted(set(spaces) - {point["method"] for point in first})]
+    if len(spaces) == 1:  # no method parameter to fix
+        first = [{key: value for key, value in point.items() if key != "method"} for point in first]
     return ConstrainedOptunaSearch(space=DefineByRun(spaces), metric=OBJECTIVE, mode="max", sampler=sampler, seed=config.seed,
-                                   points_to_evaluate=first, storage_url=config.study_storage, study_name=config.name)
+                                   points_to_evaluate=[point for point in first if point] or None,
+                                   storage_url=config.study_storage, study_name=config.name)

@@ -47,7 +47,9 @@ def base_nll(toy_task_dir: Path, task) -> tuple[float, float]:
         ("grad_diff", {}, True),
         ("kl_min", {}, False),
         ("npo", {"beta": 0.1, "retain_ce_weight": 5.0, "retain_kl_weight": 5.0}, True),
-        ("sugd", {"chunks": 2, "epochs": 1}, True),
+        ("sugd", {"chunk_size": 64, "epochs": 1, "positive_ratio": 1.0, "positive_factor": 1.0, "adapter": "full"}, True),
+        ("simnpo", {"learning_rate": 3e-4, "retain_weight": 3.0}, True),
+        ("rmu", {"learning_rate": 1e-3, "adaptive": True, "steering_coeff": 5.0, "alpha": 10.0, "epochs": 1}, False),
         ("task_vector", {"scale": 1.0, "learning_rate": 3e-4}, False),
     ],
 )

@@ -4,6 +4,7 @@ small sweeps on local Ray (MLflow runs, a failing trial, export round trip, resu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -28,7 +29,7 @@ from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.cli import main
 from unlearn_sweep.orchestrator.config import ConfigError, load_config
 from unlearn_sweep.orchestrator.objective import TrialObjective, epoch_objective
-from unlearn_sweep.orchestrator.search import MMLU_CONSTRAINT, load_space, make_searcher
+from unlearn_sweep.orchestrator.search import MMLU_CONSTRAINT, SPACES_DIR, load_space, make_searcher
 from unlearn_sweep.orchestrator.selection import export_champion, leaderboard
 from unlearn_sweep.orchestrator.sweep import METRIC, MODE, run_sweep
 from unlearn_sweep.orchestrator.trial import epoch_report
@@ -73,6 +74,8 @@ def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
         ({"storage_path": "/proc/sweeps"}, "field 'storage_path': /proc/sweeps cannot be written"),
         ({"storage_path": "sweep.yaml/runs"}, "sweep.yaml/runs cannot be written ("),
         ({"model": "/proc"}, "field 'model': /proc: not a Hugging Face checkpoint (no config.json)"),
+        ({"recipes": ["organizers_npo"]}, "organizers_npo.yaml: field 'method': method 'npo' is not among the sweep's methods"),
+        ({"recipes": ["winner"]}, "field 'recipes': unknown recipe 'winner'"),
         # Calibrating on the scored nonmembers would fit the MIA score, not forget.
         ({"methods": ["mia_target"], "search_space_overrides": {}, "held_out": "{task}/mia/nonmember.jsonl"},
          "field 'held_out': {task}/mia/nonmember.jsonl: 24 of its 24 documents are in the scored MIA set"),
@@ -117,6 +120,31 @@ def test_search_space_errors_and_conditions(tmp_path: Path) -> None:
     assert setup["params"]["adapter"] == "full" and "lora_rank" not in setup["params"]
     merge = load_space("merge")
     assert set(merge["sources"]) == {"over", "under"} and merge["source_method"] == "npo"
+
+
+def test_every_recipe_is_a_point_of_its_methods_space_and_runs_first(tmp_path: Path) -> None:
+    from unlearn_sweep.methods.registry import build_params, get_method
+    from unlearn_sweep.orchestrator.search import DefineByRun, load_recipe, recipe_names
+
+    names = recipe_names()
+    assert {"ails_ntua_sugd", "zjuklab_npo_ties", "gil_iimas_ga_finetune", "gil_iimas_task_vector",
+            "organizers_grad_diff", "organizers_npo"} <= set(names)
+    for name in names:
+        recipe = yaml.safe_load((SPACES_DIR / "recipes" / f"{name}.yaml").read_text())
+        spaces = {recipe["method"]: load_space(recipe["method"]), "grad_diff": load_space("grad_diff")}
+        study = optuna.create_study()
+        study.enqueue_trial(load_recipe(name, spaces))
+        setup = DefineByRun(spaces)(study.ask())["setup"]
+        assert setup["method"] == recipe["method"] and recipe["params"].items() <= setup["params"].items()
+        for source, values in (recipe.get("sources") or {}).items():
+            assert values.items() <= setup["sources"][source].items()
+    # SUGD's defaults are the published setting (AILS-NTUA, 7B), a point of its space.
+    sugd = yaml.safe_load((SPACES_DIR / "recipes" / "ails_ntua_sugd.yaml").read_text())["params"]
+    assert dataclasses.asdict(build_params(get_method("sugd"), {})).items() >= sugd.items()
+    with pytest.raises(ConfigError, match=r"ails_ntua_sugd.yaml: field 'params.learning_rate': 1e-05 is outside the sweep's space"):
+        load_recipe("ails_ntua_sugd", {"sugd": load_space("sugd", {"learning_rate": {"log_uniform": [1e-4, 1e-3]}})})
+    with pytest.raises(ConfigError, match=r"field 'params.last_k_layers': sampled only when adapter is 'lora'"):
+        load_recipe("ails_ntua_sugd", {"sugd": load_space("sugd", {"last_k_layers": {"choice": [8], "if": {"adapter": "lora"}}})})
 
 
 def test_searcher_hands_the_mmlu_constraint_to_optuna(toy_task_dir: Path, tmp_path: Path) -> None:

@@ -1,0 +1,78 @@
+"""Representation Misdirection for Unlearning (Li et al. 2024, WMDP): at one layer, steer the
+model's activations on forget text toward a fixed random direction scaled by a coefficient,
+and keep its activations on retain text where the frozen model has them:
+
+    loss = mean ||h(forget) - c u||^2 + alpha * mean ||h(retain) - h_frozen(retain)||^2
+
+(means over tokens and hidden units, as the WMDP code's mse_loss). u is a unit vector drawn
+uniformly from [0, 1)^d with the run's seed. `adaptive` scales the coefficient by the frozen
+model's mean activation norm on the forget batch (Dang et al. 2024, adaptive RMU, as the
+4th-placed SemEval-2025 system used it), so that one coefficient means the same at every layer.
+Only the layers up to `layer` receive gradients; the ones above it are left as they were."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from unlearn_sweep.methods.registry import ParamError, register
+from unlearn_sweep.methods.training import Batch, LossMethod, Step, TrainingParams, UnlearningTrainer
+
+
+@dataclass
+class RmuParams(TrainingParams):
+    layer: int = 2  # decoder layer (from 0) whose output is steered; WMDP used 7 of Zephyr-7B's 32
+    steering_coeff: float = 6.5  # c; with adaptive, a multiple of the frozen activations' norm
+    alpha: float = 100.0  # weight of the retain activation term
+    adaptive: bool = False
+
+    def check(self) -> None:
+        super().check()
+        if self.layer < 0:
+            raise ParamError(f"layer={self.layer}: must be a decoder layer index >= 0")
+        if not (self.steering_coeff > 0 and self.alpha >= 0):
+            raise ParamError(f"steering_coeff={self.steering_coeff}, alpha={self.alpha}: need steering_coeff > 0 and alpha >= 0")
+
+
+def layer_activations(model: Any, batch: Batch, layer: int) -> torch.Tensor:
+    """The output of decoder layer `layer` at the batch's real (non-padding) tokens: (tokens, hidden)."""
+    hidden_states = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True).hidden_states
+    if layer + 1 >= len(hidden_states):
+        raise ParamError(f"layer={layer}: the model has {len(hidden_states) - 1} decoder layers")
+    return hidden_states[layer + 1][batch.attention_mask.bool()].float()
+
+
+class RmuTrainer(UnlearningTrainer):
+    uses_reference = True
+    forwards = 2
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        hidden = self.model.config.hidden_size
+        direction = torch.rand(hidden, generator=torch.Generator().manual_seed(self.params.seed))
+        self.direction = direction / direction.norm()  # the same on every rank: same seed
+
+    def loss(self, model: Any, step: Step) -> torch.Tensor:
+        params = self.params
+        forget = layer_activations(model, step.forget, params.layer)
+        coefficient = params.steering_coeff
+        if params.adaptive:
+            with torch.no_grad():
+                coefficient = params.steering_coeff * layer_activations(self.reference, step.forget, params.layer).norm(dim=-1).mean()
+        loss = F.mse_loss(forget, coefficient * self.direction.to(forget.device).expand_as(forget))
+        if params.alpha:
+            retain = layer_activations(model, step.retain, params.layer)
+            with torch.no_grad():
+                frozen = layer_activations(self.reference, step.retain, params.layer)
+            loss = loss + params.alpha * F.mse_loss(retain, frozen)
+        return loss
+
+
+@register
+class Rmu(LossMethod):
+    name = "rmu"
+    Params = RmuParams
+    Trainer = RmuTrainer
