@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,8 +297,12 @@ class Merge(Method):
     name = "merge"
     Params = MergeParams
 
-    def run(self, model_dir: Path, task: TaskData, out_dir: Path, params: MergeParams,
-            on_epoch: EpochCallback | None = None) -> Path:
+    def run(self, model_dir: Path, task: TaskData, out_dir: Path | None, params: MergeParams,
+            on_epoch: EpochCallback | None = None) -> Path | None:
+        if out_dir is None:  # a sweep trial: the hook keeps what it keeps, as after a training epoch
+            with tempfile.TemporaryDirectory(prefix="merged-") as scratch:
+                self.run(model_dir, task, Path(scratch) / "merged", params, on_epoch)
+            return None
         paths = params.model_paths
         adapters = [(path / "adapter_config.json").exists() for path in paths]
         if any(adapters) and not all(adapters):

@@ -111,7 +111,7 @@ def _demo(args: argparse.Namespace) -> int:
         "name": time.strftime("demo-%Y%m%d-%H%M%S"),
         "model": "toy_task/model", "data": "toy_task/data", "mia": "toy_task/mia", "mmlu": "toy_task/mmlu",
         "mmlu_threshold": "0.75x",
-        "methods": ["grad_diff", "npo", "sugd", "task_vector", "merge"],
+        "methods": ["grad_diff", "npo", "simnpo", "sugd", "mia_target", "merge"],
         "trials": args.trials, "seed": args.seed,
         "mlflow": {"tracking_uri": "sqlite:///mlflow.db", "experiment": DEMO_EXPERIMENT},
         "storage_path": "sweeps",

@@ -15,6 +15,10 @@
       npo: {beta: {uniform: [0.05, 0.3]}}
     recipes: [organizers_npo]       # published settings tried first (search_spaces/recipes/<name>.yaml)
     trials: 16
+    merge_stage: null               # after the search, merges of checkpoints already trained (no retraining):
+                                    # {trials: 8, sources: [most_forgetting, least_forgetting]} (this sweep's
+                                    # eligible trials by forget mean) or checkpoint folders; space: overrides of
+                                    # search_spaces/merge_stage.yaml (combination, density, weights, scale, t)
     max_concurrent_trials: null     # default: what the cluster's resources allow
     resources_per_trial: {cpu: 1, gpu: 0}   # + workers: N for a multi-worker (DeepSpeed) trial
     gpu_memory_gb: null             # memory of one GPU: a trial planned not to fit is refused
@@ -57,6 +61,18 @@ class ConfigError(DataError):
     """A bad sweep config value: names the file and the field."""
 
 
+STAGE_SELECTORS = ("most_forgetting", "least_forgetting")  # this sweep's eligible trials, by forget mean
+
+
+@dataclass
+class MergeStage:
+    """Merge trials over source checkpoints trained once, searched after the main trials."""
+
+    trials: int
+    sources: list[str]  # STAGE_SELECTORS entries or absolute checkpoint folders
+    space: dict[str, Any]  # the checked merge space (search_spaces/merge_stage.yaml with overrides)
+
+
 @dataclass
 class SweepConfig:
     name: str
@@ -71,6 +87,7 @@ class SweepConfig:
     mmlu_threshold: MmluThreshold | None = None
     search_space_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     recipes: list[str] = field(default_factory=list)
+    merge_stage: "MergeStage | None" = None
     trials: int = 8
     max_concurrent_trials: int | None = None
     resources_per_trial: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
@@ -106,7 +123,7 @@ class SweepConfig:
 
 _KNOWN = {
     "name", "model", "data", "split", "mia", "held_out", "mmlu", "mmlu_shots", "mmlu_threshold", "methods",
-    "search_space_overrides", "recipes", "trials", "max_concurrent_trials", "resources_per_trial", "gpu_memory_gb", "seed",
+    "search_space_overrides", "recipes", "merge_stage", "trials", "max_concurrent_trials", "resources_per_trial", "gpu_memory_gb", "seed",
     "searcher", "asha", "eval", "mlflow", "ray_address", "storage_path", "optuna_storage",
 }
 
@@ -174,6 +191,7 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
             load_recipe(recipe, spaces)
         except ConfigError as error:  # the recipe's file and field, after the user's
             raise ConfigError(path, str(error), field="recipes") from None
+    merge_stage = None if raw.get("merge_stage") is None else _merge_stage(path, raw["merge_stage"], base_dir)
     threshold = raw.get("mmlu_threshold")
     if threshold is not None:
         try:
@@ -229,6 +247,7 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
         mmlu_threshold=threshold,
         search_space_overrides=overrides,
         recipes=recipes,
+        merge_stage=merge_stage,
         trials=trials,
         max_concurrent_trials=concurrent,
         resources_per_trial={"cpu": 1, "gpu": 0, **resources},
@@ -244,6 +263,38 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
         optuna_storage=optuna_storage,
         source=path,
     )
+
+
+def _merge_stage(path: Path, raw: Any, base_dir: Path) -> MergeStage:
+    from unlearn_sweep.orchestrator.search import load_space
+
+    _expect(path, "merge_stage", raw, dict, "a mapping")
+    unknown = sorted(set(raw) - {"trials", "sources", "space"})
+    if unknown:
+        raise ConfigError(path, f"unknown key(s) {', '.join(unknown)} (valid: trials, sources, space)", field="merge_stage")
+    trials = _expect(path, "merge_stage.trials", raw.get("trials", 8), int, "a positive integer")
+    if trials < 1:
+        raise ConfigError(path, "expected a positive integer", field="merge_stage.trials")
+    sources = _expect(path, "merge_stage.sources", raw.get("sources", list(STAGE_SELECTORS)), list, "a list")
+    if len(sources) < 2 or len(set(sources)) < len(sources):
+        raise ConfigError(path, "name at least two different sources", field="merge_stage.sources")
+    resolved = []
+    for source in sources:
+        if _expect(path, "merge_stage.sources", source, str, f"{' or '.join(STAGE_SELECTORS)} or a checkpoint folder") in STAGE_SELECTORS:
+            resolved.append(source)
+            continue
+        folder = (base_dir / source).resolve()
+        if not (folder / "config.json").is_file():
+            raise ConfigError(path, f"{folder}: not a Hugging Face checkpoint (no config.json), nor one of {', '.join(STAGE_SELECTORS)}",
+                              field="merge_stage.sources")
+        resolved.append(str(folder))
+    overrides = _expect(path, "merge_stage.space", raw.get("space") or {}, dict, "a mapping of parameters")
+    space = load_space("merge_stage", overrides, config_path=path)["params"]
+    weights = space.get("weights")
+    for value in weights.get("choice", []) if isinstance(weights, dict) else [weights] if weights else []:
+        if len(str(value).split(",")) != len(resolved):
+            raise ConfigError(path, f"weights {value!r}: one per source ({len(resolved)})", field="merge_stage.space.weights")
+    return MergeStage(trials, resolved, space)
 
 
 def _held_out(path: Path, raw: dict, mia: Path, base_dir: Path, methods: list[str]) -> Path | None:

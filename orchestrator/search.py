@@ -39,6 +39,7 @@ SPACES_DIR = importlib.resources.files("unlearn_sweep.search_spaces")
 RECIPES_DIR = SPACES_DIR / "recipes"
 DISTRIBUTIONS = ("log_uniform", "uniform", "int", "log_int", "choice")
 MMLU_CONSTRAINT = "mmlu_threshold"
+MERGE_STAGE = "merge_stage"  # the space of a sweep's merge stage (config.py: MergeStage)
 STUDY_TRIAL = "study_trial"  # the Optuna trial number in each Tune config
 
 
@@ -59,9 +60,11 @@ def load_space(method: str, overrides: dict[str, Any] | None = None, spaces_dir:
 
     def locate(name: str, prefix: str = "") -> tuple[Any, str]:
         if config_path is not None and not prefix and name in overridden:
-            return config_path, f"search_space_overrides.{method}.{name}"
+            return config_path, f"merge_stage.space.{name}" if method == MERGE_STAGE else f"search_space_overrides.{method}.{name}"
         return path, f"{prefix}.{name}" if prefix else name
 
+    if method == MERGE_STAGE:  # merge's own parameters over checkpoints given to it, not trained by it
+        return {"params": _check("merge", space, locate, exclude={"models"})}
     if method == "merge":
         source = space.pop("source_method", None)
         sources = space.pop("sources", None)
@@ -188,8 +191,8 @@ class DefineByRun:
     config holds exactly what the trial runs with, and the Optuna trial's number. A class,
     not a closure: Tune pickles the searcher to resume it."""
 
-    def __init__(self, spaces: dict[str, dict[str, Any]]):
-        self.spaces = spaces
+    def __init__(self, spaces: dict[str, dict[str, Any]], links: dict[str, Any] | None = None):
+        self.spaces, self.links = spaces, links or {}  # links: added to every setup (a merge stage's source runs)
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         methods = sorted(self.spaces)
@@ -199,7 +202,7 @@ class DefineByRun:
         if "sources" in space:
             setup["source_method"] = space["source_method"]
             setup["sources"] = {name: _sample(trial, entries, f"{method}/{name}") for name, entries in space["sources"].items()}
-        return {"setup": setup, STUDY_TRIAL: trial.number}
+        return {"setup": {**setup, **self.links}, STUDY_TRIAL: trial.number}
 
 
 class ConstrainedOptunaSearch(OptunaSearch):
@@ -253,12 +256,15 @@ def study_exists(config: SweepConfig) -> bool:
     return config.name in optuna.study.get_all_study_names(storage=config.study_storage)
 
 
+def _sampler(config: SweepConfig, trials: int) -> optuna.samplers.BaseSampler:
+    if config.searcher == "random":
+        return optuna.samplers.RandomSampler(seed=config.seed)
+    return optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=max(2, min(10, trials // 3)))
+
+
 def make_searcher(config: SweepConfig) -> ConstrainedOptunaSearch:
     spaces = {method: load_space(method, config.search_space_overrides.get(method), config_path=config.source) for method in config.methods}
-    if config.searcher == "random":
-        sampler = optuna.samplers.RandomSampler(seed=config.seed)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=max(2, min(10, config.trials // 3)))
+    sampler = _sampler(config, config.trials)
     if config.study_storage.startswith("sqlite:///"):
         Path(config.study_storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     # The recipes first, then every method without one (random start-up sampling missed one of two methods in 8 trials).
@@ -269,3 +275,12 @@ def make_searcher(config: SweepConfig) -> ConstrainedOptunaSearch:
     return ConstrainedOptunaSearch(space=DefineByRun(spaces), metric=OBJECTIVE, mode="max", sampler=sampler, seed=config.seed,
                                    points_to_evaluate=[point for point in first if point] or None,
                                    storage_url=config.study_storage, study_name=config.name)
+
+
+def merge_stage_searcher(config: SweepConfig, models: list[str], source_runs: list[str]) -> ConstrainedOptunaSearch:
+    """The merge stage's search: merge's parameters over fixed source checkpoints, in a study of
+    its own (`<name>-merge`, same storage). Each setup names the source runs it merges."""
+    space = {"merge": {"params": {**config.merge_stage.space, "models": ",".join(models)}}}
+    return ConstrainedOptunaSearch(space=DefineByRun(space, {"source_runs": source_runs}), metric=OBJECTIVE, mode="max",
+                                   sampler=_sampler(config, config.merge_stage.trials), seed=config.seed,
+                                   storage_url=config.study_storage, study_name=f"{config.name}-merge")

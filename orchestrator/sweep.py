@@ -32,7 +32,7 @@ from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
 from unlearn_sweep.orchestrator.console import LiveView
 from unlearn_sweep.orchestrator.objective import OBJECTIVE
 from unlearn_sweep.orchestrator.plan import check_memory
-from unlearn_sweep.orchestrator.search import make_searcher, study_exists
+from unlearn_sweep.orchestrator.search import make_searcher, merge_stage_searcher, study_exists
 from unlearn_sweep.orchestrator.selection import crown, select, trial_entries
 from unlearn_sweep.orchestrator.trial import run_trial
 
@@ -179,6 +179,7 @@ def run_sweep(config: SweepConfig, resume: bool = False, verbose: bool = False) 
         "workers": config.workers, "cpu_per_worker": config.resources_per_trial["cpu"],
         "gpu_per_worker": config.resources_per_trial.get("gpu", 0),
         "train_storage_path": f"{experiment_path}/train",
+        "source_cache": None if "://" in config.storage_path else f"{experiment_path}/sources",  # merge sources, trained once
     }
     resources = {"cpu": TRIAL_DRIVER_CPU} if config.workers > 1 else {"cpu": config.resources_per_trial["cpu"], "gpu": config.resources_per_trial.get("gpu", 0)}
     trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), resources)
@@ -203,7 +204,7 @@ def run_sweep(config: SweepConfig, resume: bool = False, verbose: bool = False) 
             ),
         )
     try:
-        return _fit_and_select(config, tuner, mlflow, experiment, parent_run_id, threshold, experiment_path)
+        return _fit_and_select(config, tuner, trainable, mlflow, experiment, parent_run_id, threshold, experiment_path, resume, verbose)
     except (SweepInterrupted, SweepFailed):
         raise
     except BaseException:  # the driver itself failed: the record must not say running or finished
@@ -212,22 +213,83 @@ def run_sweep(config: SweepConfig, resume: bool = False, verbose: bool = False) 
         raise
 
 
-def _fit_and_select(config: SweepConfig, tuner, mlflow, experiment: str, parent_run_id: str, threshold: float | None,
-                    experiment_path: str) -> SweepSummary:
-    with _sigterm_as_sigint():
-        grid = tuner.fit()  # Tune stops gracefully on SIGINT, saving its state, and returns
-    if grid.num_terminated + grid.num_errors < config.trials:
-        _mark_interrupted(mlflow, experiment, parent_run_id)
-        done = grid.num_terminated + grid.num_errors
-        raise SweepInterrupted(f"sweep {config.name!r} interrupted after {done} of {config.trials} trials; no champion was registered. "
-                               f"Continue it with: unlearn-sweep sweep {config.source} --resume")
-    summary = SweepSummary(config.experiment, parent_run_id, threshold, rows=_rows(grid, mlflow, experiment, parent_run_id, threshold))
+def _fit_and_select(config: SweepConfig, tuner, trainable, mlflow, experiment: str, parent_run_id: str, threshold: float | None,
+                    experiment_path: str, resume: bool, verbose: bool) -> SweepSummary:
+    grids = [_fit(config, tuner, config.trials, mlflow, experiment, parent_run_id)]
+    summary = SweepSummary(config.experiment, parent_run_id, threshold, rows=_rows(grids, mlflow, experiment, parent_run_id, threshold))
     if summary.rows and all(row["status"] == "failed" for row in summary.rows):
         tracking.end_parent(mlflow, parent_run_id, failed=True)
         error, count = Counter(row["error"] for row in summary.rows).most_common(1)[0]
         raise SweepFailed(f"all {len(summary.rows)} trials of sweep {config.name!r} failed; most common error ({count}x): {error}")
+    if config.merge_stage:
+        stage = _merge_stage_tuner(config, summary.rows, trainable, mlflow, parent_run_id, experiment_path, resume, verbose)
+        if stage is not None:
+            grids.append(_fit(config, stage, config.merge_stage.trials, mlflow, experiment, parent_run_id))
+            summary.rows = _rows(grids, mlflow, experiment, parent_run_id, threshold)
     _finish(config, summary, mlflow, experiment_path)
     return summary
+
+
+def _fit(config: SweepConfig, tuner, trials: int, mlflow, experiment: str, parent_run_id: str):
+    """Run a Tuner to its end; a stop before it (Ctrl-C, SIGTERM) is an interrupted sweep."""
+    with _sigterm_as_sigint():
+        grid = tuner.fit()  # Tune stops gracefully on SIGINT, saving its state, and returns
+    if grid.num_terminated + grid.num_errors < trials:
+        _mark_interrupted(mlflow, experiment, parent_run_id)
+        done = grid.num_terminated + grid.num_errors
+        raise SweepInterrupted(f"sweep {config.name!r} interrupted after {done} of {trials} trials of {_tuner_name(grid)}; no champion "
+                               f"was registered. Continue it with: unlearn-sweep sweep {config.source} --resume")
+    return grid
+
+
+def _tuner_name(grid) -> str:
+    return "its merge stage" if grid.experiment_path.rstrip("/").endswith("-merge") else "its search"
+
+
+def _merge_stage_sources(config: SweepConfig, rows: list[dict[str, Any]]) -> tuple[list[str], list[str]] | str:
+    """(checkpoints, their runs) of the merge stage, or why it cannot run. The selectors pick
+    among this sweep's eligible trials: the lowest forget mean (most forgetting) and the highest."""
+    eligible = [row for row in rows if row["eligible"] and row.get("forget_mean") is not None]
+    picks = {"most_forgetting": min(eligible, key=lambda row: row["forget_mean"], default=None),
+             "least_forgetting": max(eligible, key=lambda row: row["forget_mean"], default=None)}
+    models, runs = [], []
+    for source in config.merge_stage.sources:
+        if source not in picks:
+            models.append(source)
+            continue
+        row = picks[source]
+        if row is None:
+            return f"no eligible trial to take {source} from"
+        models.append(row["checkpoint"])
+        runs.append(row["run_id"])
+    if len(set(models)) < len(models):
+        return "its sources are the same checkpoint (one eligible trial)"
+    return models, runs
+
+
+def _merge_stage_tuner(config: SweepConfig, rows: list[dict[str, Any]], trainable, mlflow, parent_run_id: str, experiment_path: str,
+                       resume: bool, verbose: bool):
+    """The merge stage's Tuner (restored on resume), or None where it cannot run (said on the parent run)."""
+    path, name = f"{experiment_path}-merge", f"{config.name}-merge"
+    if resume and tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+    sources = _merge_stage_sources(config, rows)
+    if isinstance(sources, str):
+        log.warning("merge stage skipped: %s", sources)
+        mlflow.set_tag(parent_run_id, "merge_stage", f"skipped: {sources}")
+        return None
+    models, runs = sources
+    mlflow.set_tag(parent_run_id, "merge_stage", ",".join(models))
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=merge_stage_searcher(config, models, runs), num_samples=config.merge_stage.trials,
+                                    trial_dirname_creator=_trial_dirname, max_concurrent_trials=_max_concurrent(config), reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=name, storage_path=config.storage_path, verbose=1 if verbose else 0,
+            callbacks=[] if verbose else [LiveView(config.merge_stage.trials)], failure_config=tune.FailureConfig(max_failures=0),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
+        ),
+    )
 
 
 @contextlib.contextmanager
@@ -258,7 +320,7 @@ def _mark_interrupted(mlflow, experiment: str, parent_run_id: str) -> None:
     mlflow.set_terminated(parent_run_id, "KILLED")
 
 
-def _rows(grid, mlflow, experiment: str, parent_run_id: str, threshold: float | None) -> list[dict[str, Any]]:
+def _rows(grids: list, mlflow, experiment: str, parent_run_id: str, threshold: float | None) -> list[dict[str, Any]]:
     """Per trial of the sweep, best first by the selection rule: its best eligible epoch's
     scores if it has one, else its last report. MLflow is reconciled with Tune first: a trial
     that errored while its run still says running (its worker died) is marked failed; runs of
@@ -266,7 +328,7 @@ def _rows(grid, mlflow, experiment: str, parent_run_id: str, threshold: float | 
     them again as new trials) are marked interrupted."""
     latest = {entry.trial_id: entry for entry in trial_entries(mlflow, experiment, parent_run_id) if entry.status != "interrupted"}
     results = {}
-    for result in grid:
+    for result in (result for grid in grids for result in grid):
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix("trial_")
         results[trial_id] = result
         entry = latest.get(trial_id)

@@ -74,7 +74,8 @@ def trial_run(mlflow: MlflowClient, experiment: str, parent_run_id: str, trial_i
     attempt = 1 + max((int(run.data.tags.get("attempt", "1")) for run in earlier), default=0)
     run = mlflow.create_run(experiment, run_name=f"{setup['method']}-{trial_id}" + (f"-{attempt}" if attempt > 1 else ""), tags={
         "mlflow.parentRunId": parent_run_id, "trial_id": trial_id, "method": setup["method"], "status": "running", "ray_node": node,
-        "attempt": str(attempt), "mmlu_threshold": str(threshold), "pid": str(os.getpid())})
+        "attempt": str(attempt), "mmlu_threshold": str(threshold), "pid": str(os.getpid()),
+        **({"source_runs": ",".join(setup["source_runs"])} if setup.get("source_runs") else {})})  # a merge stage's sources
     mlflow.log_batch(run.info.run_id, params=[Param(key, value) for key, value in flat_params(setup).items()])
     return run.info.run_id
 

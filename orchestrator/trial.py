@@ -10,6 +10,7 @@ rank reports, and TuneReportCallback passes rank 0's metrics on to Tune."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -23,12 +24,13 @@ import ray
 import torch
 from ray import tune
 
+from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.mia import load_held_out
 from unlearn_sweep.corpus.semeval import TaskData, load_task
 from unlearn_sweep.evaluation.evaluator import MMLU, EvalSets, eval_settings, merge_shards, run_inference, score_records, write_results
 from unlearn_sweep.evaluation.inference import load_model
 from unlearn_sweep.evaluation.screening import Split, needs_full_evaluation
-from unlearn_sweep.methods.registry import build_params, get_method
+from unlearn_sweep.methods.registry import build_params, get_method, run_method
 from unlearn_sweep.methods.training import plain_transformers
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.objective import TrialObjective
@@ -184,17 +186,38 @@ def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
 
 
 def _run_merge(setup: dict[str, Any], settings: dict[str, Any], trial_dir: Path, on_epoch: EpochReporter) -> None:
-    """Train each source model with its own sampled settings, then merge them; one report."""
-    source, merge = get_method(setup["source_method"]), get_method(setup["method"])
+    """Train each source model with its own sampled settings (or find it trained by an earlier
+    trial with the same settings), then merge them; one report."""
+    merge = get_method(setup["method"])
     task = trial_task(settings)
     work = trial_dir / "sources"
     try:
-        paths = [source.run(Path(settings["model"]), task, work / name, build_params(source, params))
-                 for name, params in setup["sources"].items()]
+        paths = [_source_checkpoint(setup["source_method"], params, settings, task, work / name) for name, params in setup["sources"].items()]
+        if on_epoch.mlflow is not None:
+            on_epoch.mlflow.set_tag(on_epoch.run_id, "source_checkpoints", ",".join(map(str, paths)))
         params = build_params(merge, {**setup["params"], "models": ",".join(map(str, paths))})
-        merge.run(Path(settings["model"]), task, work / "merged", params, on_epoch)
+        merge.run(Path(settings["model"]), task, None, params, on_epoch)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _source_checkpoint(method: str, params: dict[str, Any], settings: dict[str, Any], task: TaskData, scratch: Path) -> Path:
+    """A merge source, trained once per configuration: the sweep's source cache holds it under
+    a hash of everything that determines it (a merge search revisits the same sources often;
+    each is a whole model, so the cache is worth deleting after the sweep). Without a local
+    cache (a remote storage_path) it is trained into the trial's scratch folder."""
+    if settings["source_cache"] is None:
+        return run_method(method, settings["model"], task, scratch, params)
+    identity = {"method": method, "params": params, **{key: settings[key] for key in ("model", "data", "split", "held_out")}}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    folder = Path(settings["source_cache"]) / f"{method}-{key}"
+    if not (folder / "unlearn_config.json").is_file():
+        try:
+            run_method(method, settings["model"], task, folder, params)
+        except (DataError, OSError):  # another trial finished the same source first
+            if not (folder / "unlearn_config.json").is_file():
+                raise
+    return folder
 
 
 def export_ray_train_ranks() -> int:

@@ -19,12 +19,15 @@ from pathlib import Path
 import optuna
 import pytest
 import ray
+import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
+from unlearn_sweep.methods.registry import run_method
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.cli import main
 from unlearn_sweep.orchestrator.config import ConfigError, load_config
@@ -76,6 +79,10 @@ def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
         ({"model": "/proc"}, "field 'model': /proc: not a Hugging Face checkpoint (no config.json)"),
         ({"recipes": ["organizers_npo"]}, "organizers_npo.yaml: field 'method': method 'npo' is not among the sweep's methods"),
         ({"recipes": ["winner"]}, "field 'recipes': unknown recipe 'winner'"),
+        ({"merge_stage": {"sources": ["most_forgetting"]}}, "field 'merge_stage.sources': name at least two different sources"),
+        ({"merge_stage": {"sources": ["most_forgetting", "/proc"]}}, "field 'merge_stage.sources': /proc: not a Hugging Face checkpoint"),
+        ({"merge_stage": {"space": {"weights": {"choice": ["1,1,1"]}}}}, "field 'merge_stage.space.weights': weights '1,1,1': one per source (2)"),
+        ({"merge_stage": {"space": {"models": "a,b"}}}, "field 'merge_stage.space.models': not a hyperparameter of merge"),
         # Calibrating on the scored nonmembers would fit the MIA score, not forget.
         ({"methods": ["mia_target"], "search_space_overrides": {}, "held_out": "{task}/mia/nonmember.jsonl"},
          "field 'held_out': {task}/mia/nonmember.jsonl: 24 of its 24 documents are in the scored MIA set"),
@@ -297,6 +304,48 @@ def test_small_sweep_end_to_end(local_ray, toy_task_dir: Path, tmp_path: Path, c
 
     with pytest.raises(ConfigError, match="already exists"):
         run_sweep(config)
+
+
+def test_merge_stage_merges_trials_already_trained(local_ray, toy_task_dir: Path, tmp_path: Path) -> None:
+    stage = {"trials": 2, "space": {"combination": {"choice": ["linear"]}}}
+    config = load_config(write_config(tmp_path, toy_task_dir, trials=3, asha=None, merge_stage=stage, search_space_overrides={
+        "grad_diff": {"epochs": 1, "learning_rate": {"log_uniform": [5e-5, 5e-4]}}}))
+    summary = run_sweep(config)
+    trained = [row for row in summary.rows if row["method"] == "grad_diff"]
+    merged = [row for row in summary.rows if row["method"] == "merge"]
+    assert len(trained) == 3 and len(merged) == 2 and all(row["status"] == "finished" for row in summary.rows)
+    most = min(trained, key=lambda row: row["forget_mean"])
+    least = max(trained, key=lambda row: row["forget_mean"])
+    mlflow = tracking.client(config.tracking_uri)
+    for row in merged:
+        run = mlflow.get_run(row["run_id"])
+        # Linked to its source runs; merges their saved checkpoints, trains nothing of its own.
+        assert run.data.tags["source_runs"] == f"{most['run_id']},{least['run_id']}"
+        assert run.data.params["models"] == f"{most['checkpoint']},{least['checkpoint']}"
+        assert not any(key.startswith(("over.", "under.")) or key == "learning_rate" for key in run.data.params)
+        weights = [float(w) for w in run.data.params["weights"].split(",")]
+        tensors = [load_file(Path(folder) / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
+                   for folder in (most["checkpoint"], least["checkpoint"], row["checkpoint"])]
+        expected = (weights[0] * tensors[0] + weights[1] * tensors[1]) / sum(weights)  # mergekit's linear: a weighted average
+        assert torch.allclose(tensors[2], expected, atol=1e-6)
+    assert len(optuna.load_study(study_name=f"{config.name}-merge", storage=config.study_storage).trials) == 2
+
+
+def test_merge_sources_are_trained_once_per_configuration(toy_task_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from unlearn_sweep.corpus.semeval import load_task
+    from unlearn_sweep.orchestrator import trial
+
+    trained = []
+    monkeypatch.setattr(trial, "run_method", lambda *args: trained.append(args) or trial_run_method(*args))
+    trial_run_method = run_method
+    settings = {"model": str(toy_task_dir / "model"), "data": str(toy_task_dir / "data"), "split": None, "held_out": None,
+                "source_cache": str(tmp_path / "sources")}
+    task = load_task(toy_task_dir / "data")
+    params = {"epochs": 1, "learning_rate": 1e-4}
+    first = trial._source_checkpoint("grad_diff", params, settings, task, tmp_path / "scratch-1")
+    again = trial._source_checkpoint("grad_diff", dict(params), settings, task, tmp_path / "scratch-2")
+    other = trial._source_checkpoint("grad_diff", {**params, "learning_rate": 2e-4}, settings, task, tmp_path / "scratch-3")
+    assert first == again != other and len(trained) == 2 and (first / "model.safetensors").is_file()
 
 
 def test_trial_that_can_never_be_placed_is_refused_before_mlflow(local_ray, toy_task_dir: Path, tmp_path: Path) -> None:
