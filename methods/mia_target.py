@@ -16,6 +16,7 @@ by their answer. Retain rows keep their cross-entropy."""
 
 from __future__ import annotations
 
+import random
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 from unlearn_sweep.corpus.tokens import right_padded
 from unlearn_sweep.methods.entities import entity_spans
 from unlearn_sweep.methods.registry import ParamError, register
-from unlearn_sweep.methods.training import (Batch, Example, LossMethod, Step, TrainingParams, UnlearningTrainer, encode_rows, mean_nll,
+from unlearn_sweep.methods.training import (Batch, Example, LossMethod, MicroBatch, Step, TrainingParams, UnlearningTrainer, encode_rows, mean_nll,
                                             sequence_nll)
 
 
@@ -34,12 +35,14 @@ class MiaTargetParams(TrainingParams):
     forget_weight: float = 1.0
     retain_weight: float = 1.0
     target_offset: float = 0.0  # nats added to the unseen documents' level (> 0 forgets more)
+    retain_ratio: float = 1.0  # retain rows per forget row in each micro-batch (SUGD's positive ratio)
     calibration_batch: int = 8  # held-out documents measured per step (one no-grad forward)
 
     def check(self) -> None:
         super().check()
-        if self.calibration_batch < 1:
-            raise ParamError(f"calibration_batch={self.calibration_batch}: must be at least 1")
+        if self.calibration_batch < 1 or not self.retain_ratio > 0:
+            raise ParamError(f"calibration_batch={self.calibration_batch}, retain_ratio={self.retain_ratio}: "
+                             "calibration_batch must be at least 1 and retain_ratio positive")
 
 
 def encode_documents(tokenizer: Any, documents: list[str], max_length: int) -> list[Example]:
@@ -92,6 +95,14 @@ class MiaTarget(LossMethod):
         forget = encode_documents(tokenizer, [f"{row.input} {row.output}" for row in documents], params.max_length)
         forget += encode_rows(tokenizer, questions, params.max_length)
         return forget, encode_rows(tokenizer, task.retain, params.max_length)
+
+    def epoch_plan(self, forget: list[Example], retain: list[Example], epoch: int, params: MiaTargetParams,
+                   rng: random.Random) -> list[MicroBatch]:
+        """A pass over the forget set in shuffled batches, each with retain_ratio x as many retain rows."""
+        plan = super().epoch_plan(forget, [], epoch, params, rng)
+        for micro in plan:
+            micro.retain = [retain[rng.randrange(len(retain))] for _ in range(max(1, round(params.retain_ratio * len(micro.forget))))]
+        return plan
 
     def trainer_options(self, tokenizer: Any, task: Any, params: MiaTargetParams) -> dict[str, Any]:
         if not task.held_out:

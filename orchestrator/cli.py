@@ -113,6 +113,8 @@ def _demo(args: argparse.Namespace) -> int:
         "mmlu_threshold": "0.75x",
         "methods": ["grad_diff", "npo", "simnpo", "sugd", "mia_target", "merge"],
         "trials": args.trials, "seed": args.seed,
+        # mia_target starts low and passes the other methods only after about 8 epochs: ASHA judges no trial before.
+        "asha": {"grace_period": 8, "reduction_factor": 2},
         "mlflow": {"tracking_uri": "sqlite:///mlflow.db", "experiment": DEMO_EXPERIMENT},
         "storage_path": "sweeps",
     }
