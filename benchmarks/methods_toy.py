@@ -1,6 +1,6 @@
-"""Every method once, at hand-picked settings in the spirit of the systems that used it
-(scaled to the toy task), scored by the full evaluator: the hand-tuned baseline a sweep
-must beat.
+"""Every method and every merge once, at hand-picked settings in the spirit of the systems
+that used them (scaled to the toy task), scored by the full evaluator: the hand-tuned baseline
+a sweep must beat. The merges combine the two npo models (over- and under-forgetting).
 
     python benchmarks/methods_toy.py [--task DIR] [--out DIR]
 """
@@ -8,12 +8,14 @@ must beat.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from unlearn_sweep.corpus.mia import default_held_out, load_held_out
 from unlearn_sweep.corpus.semeval import load_task
 from unlearn_sweep.corpus.toy_task import write_toy_task
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
@@ -28,9 +30,16 @@ RUNS = [
     ("npo, over-forgetting (ZJUKLAB NPO+GDR+KLR)", "npo", {"learning_rate": 2e-4, "epochs": 2, "beta": 0.1}),
     ("npo, under-forgetting", "npo", {"learning_rate": 5e-5, "epochs": 2, "beta": 0.1}),
     ("sugd (AILS-NTUA)", "sugd", {"learning_rate": 1e-4, "epochs": 2, "chunk_size": 32, "positive_ratio": 2.0, "positive_factor": 1.0, "adapter": "full"}),
+    ("sugd, the published 7B setting (AILS-NTUA)", "sugd", {}),
+    ("simnpo", "simnpo", {"learning_rate": 3e-4, "epochs": 4, "retain_weight": 3.0}),
+    ("rmu (adaptive)", "rmu", {"learning_rate": 1e-3, "epochs": 3, "adaptive": True, "steering_coeff": 5.0, "alpha": 10.0}),
+    ("rmu (fixed coefficient)", "rmu", {"learning_rate": 1e-3, "epochs": 3, "steering_coeff": 6.5, "alpha": 10.0}),
+    ("mia_target (ours)", "mia_target", {"learning_rate": 3e-4, "epochs": 12, "forget_weight": 4.0, "retain_weight": 8.0, "retain_ratio": 3.0}),
     ("task_vector", "task_vector", {"learning_rate": 3e-4, "epochs": 2, "scale": 1.0}),
-    ("merge: TIES of the two npo models (ZJUKLAB)", "merge", {"combination": "ties", "density": 0.5}),
-]
+] + [(f"merge of the two npo models: {combination}", "merge", {"combination": combination, "density": 0.5, **extra})
+     for combination, extra in [("ties", {}), ("dare_ties", {}), ("dare_linear", {}), ("magnitude_prune", {}), ("linear", {}),
+                                ("task_arithmetic", {"scale": 0.5}), ("breadcrumbs", {"scale": 0.5}), ("breadcrumbs_ties", {}),
+                                ("della", {}), ("della_linear", {"scale": 0.5}), ("model_stock", {}), ("slerp", {})]]
 
 
 def main() -> None:
@@ -43,6 +52,7 @@ def main() -> None:
         write_toy_task(args.task)
     shutil.rmtree(args.out, ignore_errors=True)
     task = load_task(args.task / "data")
+    task = dataclasses.replace(task, held_out=load_held_out(default_held_out(args.task / "mia"), args.task / "mia"))
     sets = EvalSets.load(args.task / "data", mia=args.task / "mia", mmlu=args.task / "mmlu")
     base = args.task / "model"
     rows = [("base model", evaluate_checkpoint(base, sets), 0.0)]
