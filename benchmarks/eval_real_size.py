@@ -1,0 +1,122 @@
+"""Evaluation at the real task's size, on a CPU: what one epoch's scoring costs a sweep.
+
+An OLMo-2 of about 120M parameters built from a config (random weights; a byte-level BPE
+tokenizer of OLMo's vocabulary size, 50,280, trained here on the task's own text, so token
+counts are realistic), scored in bfloat16 as the organizers scored on the real public SemEval
+data (../shared/data/semeval25: the train split's forget and retain rows, the 300 MIA
+documents) and on a synthetic MMLU-format set of 14,042 questions in 57 subjects (+ 5 dev
+questions each) of realistic length, asked 5-shot. A random model never stops early, so every
+row generates the full 256 tokens: the worst case. Each stage runs on a seeded sample of its
+set (--fraction) and is timed; tokens/s and the time of the whole set follow from it, and
+the staged screen (eval.screen_fraction of every set) from those.
+
+    python benchmarks/eval_real_size.py [--fraction 0.02] [--threads 2] [--data ../shared/data/semeval25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from unlearn_sweep.corpus.mia import load_mia
+from unlearn_sweep.corpus.mmlu import MmluQuestion, first_shots, fitted_prompt, format_prompt
+from unlearn_sweep.corpus.semeval import load_task
+from unlearn_sweep.corpus.toy_model import train_tokenizer
+from unlearn_sweep.evaluation import inference
+
+MMLU_QUESTIONS, SUBJECTS, DEV_PER_SUBJECT = 14_042, 57, 5
+OLMO_VOCAB = 50_280
+
+
+def synthetic_mmlu(words: list[str], rng: random.Random) -> tuple[list[MmluQuestion], list[MmluQuestion]]:
+    """Test and dev questions of MMLU's size, with question and choice lengths in words drawn
+    around MMLU's (log-normal: questions median 30 words, choices median 4, long tails)."""
+    def text(median: float) -> str:
+        count = max(1, min(400, round(rng.lognormvariate(math.log(median), 0.8))))
+        return " ".join(rng.choice(words) for _ in range(count)).capitalize()
+
+    def question(subject: str) -> MmluQuestion:
+        return MmluQuestion(text(30) + "?", subject, tuple(text(4) for _ in range(4)), rng.randrange(4))
+
+    subjects = [f"synthetic_subject_{number:02d}" for number in range(SUBJECTS)]
+    test = [question(subjects[index % SUBJECTS]) for index in range(MMLU_QUESTIONS)]
+    dev = [question(subject) for subject in subjects for _ in range(DEV_PER_SUBJECT)]
+    return test, dev
+
+
+def build_model(texts: list[str], out_dir: Path) -> tuple[torch.nn.Module, object]:
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    tokenizer = train_tokenizer(texts, OLMO_VOCAB)
+    config = Olmo2Config(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                         num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=4096, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    Olmo2ForCausalLM(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return inference.load_model(out_dir, dtype="bfloat16")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "semeval25")
+    parser.add_argument("--fraction", type=float, default=0.02, help="share of each set actually run and timed")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--screen-fraction", type=float, default=0.2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rng = random.Random(0)
+    task = load_task(args.data, "train")
+    documents = load_mia(args.data / "mia_data")
+    words = [word for row in task.rows() for word in f"{row.input} {row.output}".split()]
+    mmlu, dev = synthetic_mmlu(words, rng)
+    shots = first_shots(dev, 5)
+    texts = [f"{row.input} {row.output}" for row in task.rows()] + [doc.document for doc in documents] + [format_prompt(q) for q in dev]
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        model, tokenizer = build_model(texts, Path(folder))
+        parameters = sum(p.numel() for p in model.parameters())
+        print(f"model: OLMo-2, {parameters / 1e6:.0f}M parameters, vocabulary {len(tokenizer)}, bfloat16, {args.threads} threads "
+              f"(built in {time.perf_counter() - start:.0f} s)")
+
+        def count(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        def sample(items: list) -> list:
+            return rng.sample(items, max(1, round(args.fraction * len(items))))
+
+        rows, docs, questions = sample(task.rows()), sample(documents), sample(mmlu)
+        prompts = [fitted_prompt(q, shots[q.subject], count) for q in questions]
+        stages = []
+        start = time.perf_counter()
+        outputs = inference.generate(model, tokenizer, [row.input for row in rows], args.batch_size, 256)
+        generated = sum(count(output) for output in outputs)
+        stages.append(("generation (forget + retain rows, 256 new tokens)", len(task.rows()), len(rows),
+                       sum(count(row.input) for row in rows) + generated, time.perf_counter() - start))
+        start = time.perf_counter()
+        inference.document_loss(model, tokenizer, [doc.document for doc in docs], args.batch_size)
+        stages.append(("MIA document losses", len(documents), len(docs), sum(count(doc.document) for doc in docs), time.perf_counter() - start))
+        start = time.perf_counter()
+        inference.choose_letters(model, tokenizer, prompts, args.batch_size)
+        stages.append(("MMLU 5-shot (last position only)", len(mmlu), len(questions), sum(map(count, prompts)), time.perf_counter() - start))
+    print(f"sample: {args.fraction:.0%} of each set (seed 0); projected: the whole set at the sample's rate\n")
+    print("| stage | set size | sampled | tokens (sample) | tokens/s | sample s | projected whole set | projected screen |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    total = 0.0
+    for name, size, sampled, tokens, seconds in stages:
+        whole = seconds * size / sampled
+        total += whole
+        print(f"| {name} | {size} | {sampled} | {tokens} | {tokens / seconds:.0f} | {seconds:.1f} | {whole / 60:.1f} min "
+              f"| {whole * args.screen_fraction / 60:.1f} min |")
+    print(f"| all | | | | | | {total / 60:.1f} min | {total * args.screen_fraction / 60:.1f} min |")
+
+
+if __name__ == "__main__":
+    main()
