@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from unlearn_sweep.corpus.mia import load_mia
 from unlearn_sweep.corpus.semeval import load_task
+from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.evaluation.inference import answer_nll, document_loss, load_model
 from unlearn_sweep.methods.entities import entity_spans
 from unlearn_sweep.methods.merge import MergeParams, della_drop, merge_checkpoints, merge_deltas, trim
@@ -32,6 +33,16 @@ def mean_answer_nll(model_dir: Path, rows) -> float:
     model, tokenizer = load_model(model_dir)
     values = answer_nll(model, tokenizer, [r.input for r in rows], [r.output for r in rows], batch_size=64)
     return sum(values) / len(values)
+
+
+def mmlu_accuracy(model_dir: Path, toy_task_dir: Path) -> float:
+    sets = EvalSets.load(toy_task_dir / "data", mmlu=toy_task_dir / "mmlu")
+    return evaluate_checkpoint(model_dir, sets, dtype="float32")["mmlu_accuracy"]
+
+
+@pytest.fixture(scope="module")
+def base_mmlu(toy_task_dir: Path) -> float:
+    return mmlu_accuracy(toy_task_dir / "model", toy_task_dir)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +64,7 @@ def base_nll(toy_task_dir: Path, task) -> tuple[float, float]:
         ("task_vector", {"scale": 1.0, "learning_rate": 3e-4}, False),
     ],
 )
-def test_method_forgets(name, settings, keeps_retain, toy_task_dir: Path, task, base_nll, tmp_path: Path) -> None:
+def test_method_forgets(name, settings, keeps_retain, toy_task_dir: Path, task, base_nll, base_mmlu, tmp_path: Path) -> None:
     epochs_seen = []
     out = run_method(name, toy_task_dir / "model", task, tmp_path / "out", {"learning_rate": 1e-4, **settings},
                      on_epoch=lambda epoch, checkpoint: epochs_seen.append(epoch))
@@ -66,6 +77,7 @@ def test_method_forgets(name, settings, keeps_retain, toy_task_dir: Path, task, 
     if keeps_retain:
         # The retain loss moves far less than the forget loss.
         assert retain - retain_before < 0.5 * (forget - forget_before), (retain_before, retain, forget_before, forget)
+    assert mmlu_accuracy(out, toy_task_dir) >= 0.75 * base_mmlu  # general ability kept, as the demo's threshold asks
 
 
 def member_auc(model_dir: Path, toy_task_dir: Path) -> float:
@@ -76,7 +88,7 @@ def member_auc(model_dir: Path, toy_task_dir: Path) -> float:
     return roc_auc_score([doc.membership == "member" for doc in documents], [-loss for loss in losses])
 
 
-def test_mia_target_moves_members_toward_unseen_documents(toy_task_dir: Path, task, base_nll, tmp_path: Path,
+def test_mia_target_moves_members_toward_unseen_documents(toy_task_dir: Path, task, base_nll, base_mmlu, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture) -> None:
     args = ["unlearn", "--method", "mia_target", "--model", str(toy_task_dir / "model"), "--data", str(toy_task_dir / "data")]
     assert main(args + ["--out", str(tmp_path / "none")]) == 2  # no held-out documents: refused before training
@@ -89,6 +101,7 @@ def test_mia_target_moves_members_toward_unseen_documents(toy_task_dir: Path, ta
     assert forget > base_nll[0] + 1.0 and retain - base_nll[1] < 0.5 * (forget - base_nll[0]), (base_nll, forget, retain)
     assert member_auc(toy_task_dir / "model", toy_task_dir) == 1.0
     assert member_auc(out, toy_task_dir) < 0.97
+    assert mmlu_accuracy(out, toy_task_dir) >= 0.75 * base_mmlu
 
 
 def test_lora_and_last_k_layers(toy_task_dir: Path, task, tmp_path: Path) -> None:
