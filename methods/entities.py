@@ -38,3 +38,13 @@ def entity_spans(text: str) -> list[tuple[int, int]]:
         else:
             merged.append((start, end))
     return merged
+
+
+def entity_token_labels(tokenizer, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
+    """The text's token ids, and labels that keep the ids of tokens overlapping an entity
+    (-100 elsewhere): a loss on these labels is a loss on the entities alone."""
+    tokens = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    spans = entity_spans(text)
+    labels = [token if any(start < span_end and end > span_start for span_start, span_end in spans) else -100
+              for token, (start, end) in zip(tokens["input_ids"], tokens["offset_mapping"])]
+    return tokens["input_ids"], labels

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unlearn_sweep.methods.entities import entity_spans
+from unlearn_sweep.methods.entities import entity_token_labels
 from unlearn_sweep.methods.registry import register
 from unlearn_sweep.methods.training import LossMethod, MicroBatch, Step, TrainingParams, UnlearningTrainer, batches, encode_rows, mean_nll
 
@@ -24,14 +24,8 @@ def encode_entities(tokenizer, rows, max_length: int) -> list[tuple[list[int], l
     encoded = []
     for row in rows:
         prompt = tokenizer(row.input)["input_ids"]
-        answer_text = " " + row.output
-        answer = tokenizer(answer_text, add_special_tokens=False, return_offsets_mapping=True)
-        spans = entity_spans(answer_text)
-        labels = [
-            token if any(start < span_end and end > span_start for span_start, span_end in spans) else -100
-            for token, (start, end) in zip(answer["input_ids"], answer["offset_mapping"])
-        ]
-        encoded.append(((prompt + answer["input_ids"])[:max_length], ([-100] * len(prompt) + labels)[:max_length]))
+        answer, labels = entity_token_labels(tokenizer, " " + row.output, add_special_tokens=False)
+        encoded.append(((prompt + answer)[:max_length], ([-100] * len(prompt) + labels)[:max_length]))
     return encoded
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from unlearn_sweep.corpus.tokens import right_padded
-from unlearn_sweep.methods.entities import entity_spans
+from unlearn_sweep.methods.entities import entity_token_labels
 from unlearn_sweep.methods.registry import ParamError, register
 from unlearn_sweep.methods.training import (Batch, Example, LossMethod, MicroBatch, Step, TrainingParams, UnlearningTrainer, encode_rows, mean_nll,
                                             sequence_nll)
@@ -47,14 +47,7 @@ class MiaTargetParams(TrainingParams):
 
 def encode_documents(tokenizer: Any, documents: list[str], max_length: int) -> list[Example]:
     """Whole documents, labelled on their entity tokens."""
-    encoded = []
-    for document in documents:
-        tokens = tokenizer(document, return_offsets_mapping=True)
-        spans = entity_spans(document)
-        labels = [token if any(start < span_end and end > span_start for span_start, span_end in spans) else -100
-                  for token, (start, end) in zip(tokens["input_ids"], tokens["offset_mapping"])]
-        encoded.append((tokens["input_ids"][:max_length], labels[:max_length]))
-    return encoded
+    return [tuple(part[:max_length] for part in entity_token_labels(tokenizer, document)) for document in documents]
 
 
 class MiaTargetTrainer(UnlearningTrainer):
