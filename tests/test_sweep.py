@@ -308,7 +308,9 @@ def test_small_sweep_end_to_end(local_ray, toy_task_dir: Path, tmp_path: Path, c
 
 def test_merge_stage_merges_trials_already_trained(local_ray, toy_task_dir: Path, tmp_path: Path) -> None:
     stage = {"trials": 2, "space": {"combination": {"choice": ["linear"]}}}
-    config = load_config(write_config(tmp_path, toy_task_dir, trials=3, asha=None, merge_stage=stage, search_space_overrides={
+    # Scores only pick the sources here: a lighter evaluation (short generations, no shots).
+    config = load_config(write_config(tmp_path, toy_task_dir, trials=3, asha=None, merge_stage=stage, mmlu_shots=0,
+                                      eval={"dtype": "float32", "max_new_tokens": 16, "screen": False}, search_space_overrides={
         "grad_diff": {"epochs": 1, "learning_rate": {"log_uniform": [5e-5, 5e-4]}}}))
     summary = run_sweep(config)
     trained = [row for row in summary.rows if row["method"] == "grad_diff"]
