@@ -22,7 +22,7 @@ from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.config import load_config
 from unlearn_sweep.orchestrator.sweep import run_sweep
 from test_methods import mean_answer_nll
-from test_sweep import write_config
+from test_sweep import LIGHT_EVAL, write_config
 
 
 def test_cluster_yaml_validates_against_rays_schema() -> None:
@@ -59,14 +59,10 @@ def max_overlap(runs) -> int:
     return most
 
 
-# Placement tests check where and when trials ran, not their scores: a lighter evaluation.
-PLACEMENT_EVAL = {"dtype": "float32", "max_new_tokens": 16, "screen": False}
-
-
 def test_fractional_gpus_pack_four_trials_per_gpu(toy_task_dir: Path, tmp_path: Path) -> None:
     ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        config = load_config(write_config(tmp_path, toy_task_dir, name="packed", trials=4, eval=PLACEMENT_EVAL, mmlu_shots=0,
+        config = load_config(write_config(tmp_path, toy_task_dir, name="packed", trials=4, **LIGHT_EVAL,
                                           resources_per_trial={"cpu": 1, "gpu": 0.25},
                                           search_space_overrides={"grad_diff": {"epochs": 1}}))
         summary = run_sweep(config)
@@ -83,7 +79,7 @@ def test_sweep_spreads_over_the_nodes_of_a_cluster(toy_task_dir: Path, tmp_path:
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         config = load_config(write_config(tmp_path, toy_task_dir, name="multinode", trials=4, ray_address=cluster.address,
-                                          eval=PLACEMENT_EVAL, mmlu_shots=0,
+                                          **LIGHT_EVAL,
                                           resources_per_trial={"cpu": 1, "gpu": 1},
                                           search_space_overrides={"grad_diff": {"epochs": 1}}))
         summary = run_sweep(config)

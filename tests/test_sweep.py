@@ -38,6 +38,11 @@ from unlearn_sweep.orchestrator.sweep import METRIC, MODE, run_sweep
 from unlearn_sweep.orchestrator.trial import epoch_report
 
 
+# For sweeps whose test checks what ran, was recorded or was merged, not the scores: short
+# generations, no MMLU shots, no staging (a fraction of the evaluation's cost).
+LIGHT_EVAL = {"eval": {"dtype": "float32", "max_new_tokens": 16, "screen": False}, "mmlu_shots": 0}
+
+
 def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
     raw = {
         "name": "s1", "model": str(toy_task_dir / "model"), "data": str(toy_task_dir / "data"),
@@ -308,9 +313,7 @@ def test_small_sweep_end_to_end(local_ray, toy_task_dir: Path, tmp_path: Path, c
 
 def test_merge_stage_merges_trials_already_trained(local_ray, toy_task_dir: Path, tmp_path: Path) -> None:
     stage = {"trials": 2, "space": {"combination": {"choice": ["linear"]}}}
-    # Scores only pick the sources here: a lighter evaluation (short generations, no shots).
-    config = load_config(write_config(tmp_path, toy_task_dir, trials=3, asha=None, merge_stage=stage, mmlu_shots=0,
-                                      eval={"dtype": "float32", "max_new_tokens": 16, "screen": False}, search_space_overrides={
+    config = load_config(write_config(tmp_path, toy_task_dir, trials=3, asha=None, merge_stage=stage, **LIGHT_EVAL, search_space_overrides={
         "grad_diff": {"epochs": 1, "learning_rate": {"log_uniform": [5e-5, 5e-4]}}}))
     summary = run_sweep(config)
     trained = [row for row in summary.rows if row["method"] == "grad_diff"]
@@ -381,7 +384,7 @@ def wait_for_a_finished_trial(mlflow, config, driver: subprocess.Popen) -> None:
 
 
 def test_ctrl_c_marks_the_sweep_interrupted_and_says_how_to_resume(toy_task_dir: Path, tmp_path: Path) -> None:
-    path = write_config(tmp_path, toy_task_dir, name="stopped", trials=4, max_concurrent_trials=1)
+    path = write_config(tmp_path, toy_task_dir, name="stopped", trials=4, max_concurrent_trials=1, **LIGHT_EVAL)
     config = load_config(path)
     driver = subprocess.Popen([sys.executable, "-m", "unlearn_sweep.orchestrator.cli", "sweep", str(path)], cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -423,7 +426,8 @@ def start_sweep(path: Path, tmp_path: Path) -> subprocess.Popen:
 
 def test_a_trial_whose_worker_died_is_failed_and_never_selected(toy_task_dir: Path, tmp_path: Path) -> None:
     overrides = {"grad_diff": {"epochs": 3, "learning_rate": 1e-4}}
-    path = write_config(tmp_path, toy_task_dir, name="dead-worker", trials=2, max_concurrent_trials=1, search_space_overrides=overrides)
+    path = write_config(tmp_path, toy_task_dir, name="dead-worker", trials=2, max_concurrent_trials=1, search_space_overrides=overrides,
+                        **LIGHT_EVAL)
     config = load_config(path)
     mlflow = tracking.client(config.tracking_uri)
     driver = start_sweep(path, tmp_path)
@@ -446,7 +450,8 @@ def test_a_trial_whose_worker_died_is_failed_and_never_selected(toy_task_dir: Pa
 
 def test_interrupted_sweep_resumes_without_duplicates(local_ray, toy_task_dir: Path, tmp_path: Path) -> None:
     overrides = {"grad_diff": {"epochs": 3, "learning_rate": 1e-4}}
-    path = write_config(tmp_path, toy_task_dir, name="resumed", trials=3, max_concurrent_trials=1, search_space_overrides=overrides)
+    path = write_config(tmp_path, toy_task_dir, name="resumed", trials=3, max_concurrent_trials=1, search_space_overrides=overrides,
+                        **LIGHT_EVAL)
     config = load_config(path)
     driver = start_sweep(path, tmp_path)
     mlflow = tracking.client(config.tracking_uri)
@@ -548,7 +553,7 @@ def mlflow_server(folder: Path):
 
 def test_a_sweep_against_a_real_tracking_server(local_ray, toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with mlflow_server(tmp_path / "server") as uri:
-        config = load_config(write_config(tmp_path, toy_task_dir, name="over-http", trials=2, mlflow={"tracking_uri": uri}))
+        config = load_config(write_config(tmp_path, toy_task_dir, name="over-http", trials=2, mlflow={"tracking_uri": uri}, **LIGHT_EVAL))
         summary = run_sweep(config)
         assert summary.champion and summary.champion["model_version"] == "1"
         assert main(["best", config.experiment, "--tracking-uri", uri]) == 0
