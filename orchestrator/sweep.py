@@ -129,9 +129,11 @@ def _threshold(mlflow, run_id: str, config: SweepConfig) -> float | None:
         base_mmlu = None
         if config.mmlu_threshold.relative:
             log.warning("evaluating the base model once for the relative MMLU threshold")
-            sets = EvalSets.load(config.data, config.split, config.mia, config.mmlu, config.mmlu_shots)
-            base = evaluate_checkpoint(config.model, sets, batch_size=config.eval["batch_size"], max_new_tokens=config.eval["max_new_tokens"],
-                                       dtype=config.eval["dtype"])
+            # A Ray task holding one trial's resources: on a cluster a GPU worker scores it, not the
+            # CPU-only head, and on one machine it takes a GPU only when Ray grants one.
+            resources = {"num_cpus": config.resources_per_trial["cpu"], "num_gpus": config.resources_per_trial.get("gpu", 0)}
+            base, node = ray.get(ray.remote(**resources)(_evaluate_base).remote(config))
+            mlflow.set_tag(run_id, "base_evaluation_node", node)
             base_mmlu = base["mmlu_accuracy"]
             for name in tracking.SCORE_METRICS:
                 mlflow.log_metric(run_id, f"base_{name}", base[name])
@@ -142,6 +144,17 @@ def _threshold(mlflow, run_id: str, config: SweepConfig) -> float | None:
     if config.source.is_file():
         mlflow.log_artifact(run_id, str(config.source))
     return threshold
+
+
+def _evaluate_base(config: SweepConfig) -> tuple[dict, str]:
+    """The base model's scores under the sweep's evaluation settings, and the Ray node that computed them."""
+    import torch
+
+    torch.set_num_threads(max(1, int(config.resources_per_trial["cpu"])))
+    sets = EvalSets.load(config.data, config.split, config.mia, config.mmlu, config.mmlu_shots)
+    scores = evaluate_checkpoint(config.model, sets, batch_size=config.eval["batch_size"], max_new_tokens=config.eval["max_new_tokens"],
+                                 dtype=config.eval["dtype"])
+    return scores, ray.get_runtime_context().get_node_id()
 
 
 def run_sweep(config: SweepConfig, resume: bool = False, verbose: bool = False) -> SweepSummary:

@@ -79,7 +79,7 @@ def test_sweep_spreads_over_the_nodes_of_a_cluster(toy_task_dir: Path, tmp_path:
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         config = load_config(write_config(tmp_path, toy_task_dir, name="multinode", trials=4, ray_address=cluster.address,
-                                          **LIGHT_EVAL,
+                                          **LIGHT_EVAL, mmlu_threshold="0.75x",
                                           resources_per_trial={"cpu": 1, "gpu": 1},
                                           search_space_overrides={"grad_diff": {"epochs": 1}}))
         summary = run_sweep(config)
@@ -90,6 +90,9 @@ def test_sweep_spreads_over_the_nodes_of_a_cluster(toy_task_dir: Path, tmp_path:
     assert len(runs) == 4 and all(row["status"] == "finished" for row in summary.rows)
     assert {run.data.tags["ray_node"] for run in runs} == {worker.node_id for worker in workers}
     assert max_overlap(runs) == 2
+    # The relative threshold's base evaluation ran on a worker, as a trial would, not on the CPU-less head.
+    parent = tracking.client(config.tracking_uri).get_run(summary.parent_run_id)
+    assert parent.data.tags["base_evaluation_node"] in {worker.node_id for worker in workers}
 
 
 @pytest.fixture(scope="module")
