@@ -62,9 +62,9 @@ class MiaTargetTrainer(UnlearningTrainer):
         """The median document loss of this step's held-out batch under the current model (the
         same batch on every rank, so ranks agree): the level a member's loss should sit at for
         the attack to tell it from a nonmember no better than chance."""
-        size = self.params.calibration_batch
-        start = self.state.global_step * size % len(self.held_out)
-        batch = (self.held_out + self.held_out)[start : start + min(size, len(self.held_out))]
+        count, size = len(self.held_out), min(self.params.calibration_batch, len(self.held_out))
+        start = self.state.global_step * self.params.calibration_batch
+        batch = [self.held_out[(start + offset) % count] for offset in range(size)]
         device = next(model.parameters()).device
         total, counts = sequence_nll(model, Batch(*right_padded(batch, self.processing_class.pad_token_id, device)))
         return statistics.median((total / counts).tolist()) + self.params.target_offset
