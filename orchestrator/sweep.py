@@ -350,8 +350,9 @@ def _rows(grids: list, mlflow, experiment: str, parent_run_id: str, threshold: f
         if result.error and entry.status == "running":
             mlflow.set_tag(entry.run_id, "error", _error_line(result.error))
             tracking.finish_trial(mlflow, entry.run_id, "failed")
-        elif entry.status == "running":  # stopped by ASHA at its last report, its worker not yet done closing the run
-            tracking.finish_trial(mlflow, entry.run_id, "finished", stopped_early=True)
+        elif entry.status == "running":  # stopped by Tune at its last report, its worker killed before it closed the run
+            tracking.finish_trial(mlflow, entry.run_id, "finished", stopped_early=True,
+                                  end_time=tracking.last_report_time(mlflow, entry.run_id))
         checkpoint = _best_checkpoint(result)
         if checkpoint and not result.error:
             mlflow.set_tag(entry.run_id, "checkpoint", checkpoint)

@@ -104,20 +104,31 @@ def log_best(mlflow: MlflowClient, run_id: str, epoch: int, metrics: dict[str, A
     mlflow.log_batch(run_id, metrics=_metrics({**values, "best_epoch": epoch}, epoch if step is None else step))
 
 
-def finish_trial(mlflow: MlflowClient, run_id: str, status: str, stopped_early: bool = False) -> None:
+def finish_trial(mlflow: MlflowClient, run_id: str, status: str, stopped_early: bool = False, end_time: int | None = None) -> None:
     """Tags: status (finished | failed), eligible (some epoch reached the MMLU threshold, i.e.
-    the run has best_* metrics) and stopped_early (by the scheduler)."""
+    the run has best_* metrics) and stopped_early (by the scheduler); end_time (ms) if not now.
+    The run is ended before
+    it is tagged: Tune may kill a stopped trial's worker between the two writes, and a run
+    left tagged 'running' is one the sweep closes itself, where one tagged finished would stay
+    open in MLflow for good."""
     eligible = "best_final_score" in mlflow.get_run(run_id).data.metrics
+    mlflow.set_terminated(run_id, "FINISHED" if status == "finished" else "FAILED", end_time=end_time)
     mlflow.log_batch(run_id, tags=[RunTag("status", status), RunTag("eligible", str(eligible).lower()),
                                    RunTag("stopped_early", str(stopped_early).lower())])
-    mlflow.set_terminated(run_id, "FINISHED" if status == "finished" else "FAILED")
+
+
+def last_report_time(mlflow: MlflowClient, run_id: str) -> int | None:
+    """When the run logged its last epoch's scores (ms), None before its first."""
+    history = mlflow.get_metric_history(run_id, "full_evaluation")  # logged with every epoch's scores
+    return max((metric.timestamp for metric in history), default=None)
 
 
 def mark_interrupted(mlflow: MlflowClient, run_id: str) -> None:
-    """A trial run whose sweep lost track of it: excluded from leaderboards."""
-    mlflow.set_tag(run_id, "status", "interrupted")
+    """A trial run whose sweep lost track of it: excluded from leaderboards (ended first, as in
+    finish_trial)."""
     if mlflow.get_run(run_id).info.status == "RUNNING":
         mlflow.set_terminated(run_id, "KILLED")
+    mlflow.set_tag(run_id, "status", "interrupted")
 
 
 WEIGHT_FILES = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
@@ -165,5 +176,5 @@ def model_version(mlflow: MlflowClient, tracking_uri: str, name: str, run_id: st
 
 
 def end_parent(mlflow: MlflowClient, run_id: str, failed: bool = False) -> None:
-    mlflow.set_tag(run_id, "status", "failed" if failed else "finished")  # a resumed sweep's parent was tagged interrupted
     mlflow.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED))
+    mlflow.set_tag(run_id, "status", "failed" if failed else "finished")  # a resumed sweep's parent was tagged interrupted

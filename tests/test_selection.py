@@ -112,3 +112,37 @@ def test_failed_and_interrupted_runs_are_never_on_the_leaderboard(status: str, t
     run_id = fake_trial(mlflow, experiment, parent, tmp_path, "t1", final=0.8, mmlu=0.45, threshold=0.4)
     mlflow.set_tag(run_id, "status", status)
     assert leaderboard("exp", uri) == [] and crown(mlflow, uri, "exp", experiment, 0.4) is None
+
+
+def test_a_trial_run_killed_while_it_is_being_closed_is_never_left_open_as_finished(tmp_path: Path) -> None:
+    """Tune may kill a stopped trial's worker inside finish_trial: whichever write it reached,
+    the run is either still tagged running (the sweep closes it) or ended, never tagged
+    finished while MLflow shows it running (the CI failure: a finished trial with no end time)."""
+    mlflow = tracking.client(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = tracking.experiment_id(mlflow, "exp")
+    parent = mlflow.create_run(experiment).info.run_id
+
+    class KilledAfterOneWrite:
+        """The client, until its first write after a read: then the worker is gone."""
+
+        def __init__(self) -> None:
+            self.writes = 0
+
+        def __getattr__(self, name: str):
+            call = getattr(mlflow, name)
+            if name.startswith("get_"):
+                return call
+
+            def write(*args, **kwargs):
+                if self.writes:
+                    raise SystemExit("killed")
+                self.writes += 1
+                return call(*args, **kwargs)
+            return write
+
+    for close in (lambda client, run_id: tracking.finish_trial(client, run_id, "finished"), tracking.mark_interrupted):
+        run_id = tracking.trial_run(mlflow, experiment, parent, "t1", {"method": "npo", "params": {}}, 0.4)
+        with pytest.raises(SystemExit):
+            close(KilledAfterOneWrite(), run_id)
+        run = mlflow.get_run(run_id)
+        assert run.data.tags["status"] == "running" or run.info.status != "RUNNING"
