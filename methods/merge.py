@@ -313,5 +313,5 @@ class Merge(Method):
         options = {"seed": params.seed} if all(adapters) else {"seed": params.seed, "params": params}
         out = merge(Path(model_dir), paths, Path(out_dir), params.combination, params.density, params.weight_values, **options)
         if on_epoch is not None:
-            on_epoch(1, out)
+            on_epoch(1, out, True)
         return out

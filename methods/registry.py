@@ -20,10 +20,10 @@ from typing import Any, ClassVar, get_type_hints
 from unlearn_sweep.corpus.semeval import TaskData
 from unlearn_sweep.corpus.staging import staged_directory
 
-# Called after every epoch with (epoch, checkpoint folder): the model as it would be saved
-# then, on rank 0 (None on other ranks; the folder is removed after the call, so a hook
-# copies what it keeps). Returning False stops training.
-EpochCallback = Callable[[int, "Path | None"], "bool | None"]
+# Called after every epoch with (epoch, checkpoint folder, whether it is the run's last
+# epoch): the model as it would be saved then (rank 0's folder; the folder is removed after
+# the call, so a hook moves or copies what it keeps). Returning False stops training.
+EpochCallback = Callable[[int, "Path | None", bool], "bool | None"]
 
 
 class ParamError(ValueError):

@@ -462,7 +462,7 @@ class _EpochEnds(TrainerCallback):
                     shared = [str(checkpoint)]
                     torch.distributed.broadcast_object_list(shared, src=0)
                     checkpoint = Path(shared[0])
-                if self.on_epoch(epoch, checkpoint) is False:
+                if self.on_epoch(epoch, checkpoint, epoch == len(self.ends)) is False:
                     control.should_training_stop = True
                 if torch.distributed.is_initialized():
                     torch.distributed.barrier()  # rank 0 removes the folder only when every rank is done with it

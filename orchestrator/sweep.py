@@ -34,10 +34,11 @@ from unlearn_sweep.orchestrator.objective import OBJECTIVE
 from unlearn_sweep.orchestrator.plan import check_memory
 from unlearn_sweep.orchestrator.search import make_searcher, merge_stage_searcher, study_exists
 from unlearn_sweep.orchestrator.selection import crown, select, trial_entries
-from unlearn_sweep.orchestrator.trial import run_trial
+from unlearn_sweep.orchestrator.trial import decision_epochs, run_trial
 
 log = logging.getLogger(__name__)
 METRIC, MODE = OBJECTIVE, "max"  # what ASHA stops on, Optuna is told and Tune keeps checkpoints by
+ASHA_MAX_T = 100  # epochs: above any method's
 # A multi-worker trial only launches its Ray Train run, whose workers hold the resources;
 # Tune refuses an empty request, hence a token CPU share for the trial itself.
 TRIAL_DRIVER_CPU = 0.01
@@ -187,6 +188,7 @@ def run_sweep(config: SweepConfig, resume: bool = False, verbose: bool = False) 
         "mmlu": str(config.mmlu), "mmlu_shots": config.mmlu_shots, "mmlu_threshold": threshold,
         "batch_size": config.eval["batch_size"], "max_new_tokens": config.eval["max_new_tokens"],
         **{key: config.eval[key] for key in ("dtype", "answer_nll", "screen", "screen_fraction", "screen_margin", "screen_confidence")},
+        "decision_epochs": decision_epochs(config.asha, ASHA_MAX_T),  # where a staged trial's full evaluation is due
         "tracking_uri": config.tracking_uri, "experiment_id": experiment, "parent_run_id": parent_run_id,
         "threads": max(1, int(config.resources_per_trial["cpu"])),
         "workers": config.workers, "cpu_per_worker": config.resources_per_trial["cpu"],
@@ -205,7 +207,7 @@ def run_sweep(config: SweepConfig, resume: bool = False, verbose: bool = False) 
                 search_alg=make_searcher(config), num_samples=config.trials,
                 trial_dirname_creator=_trial_dirname,
                 scheduler=ASHAScheduler(metric=METRIC, mode=MODE, grace_period=config.asha["grace_period"],
-                                        reduction_factor=config.asha["reduction_factor"], max_t=100) if config.asha else None,
+                                        reduction_factor=config.asha["reduction_factor"], max_t=ASHA_MAX_T) if config.asha else None,
                 max_concurrent_trials=_max_concurrent(config),
                 reuse_actors=True,  # a fresh worker per trial would re-import torch & co (~6 s) each time
             ),

@@ -89,8 +89,6 @@ def log_scores(mlflow: MlflowClient, run_id: str, epoch: int, scores: dict[str, 
     """One epoch's scores in one batch (one SQLite transaction, not one per metric)."""
     values = {name: scores[name] for name in SCORE_METRICS if scores.get(name) is not None}
     values["full_evaluation"] = float(scores.get("stage", "full") == "full")  # 0: screened on the subset only
-    if "eval_seconds" in scores:
-        values["eval_seconds"] = scores["eval_seconds"]  # what the epoch's scoring cost, beside its training
     for split, tasks in scores["per_task"].items():
         for task, metrics in tasks.items():
             values.update({f"{split}.{task}.{metric}": value for metric, value in metrics.items()})

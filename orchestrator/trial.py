@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,21 +34,50 @@ from unlearn_sweep.evaluation.screening import Split, needs_full_evaluation
 from unlearn_sweep.methods.registry import build_params, get_method, run_method
 from unlearn_sweep.methods.training import plain_transformers
 from unlearn_sweep.orchestrator import tracking
-from unlearn_sweep.orchestrator.objective import TrialObjective
+from unlearn_sweep.orchestrator.objective import TrialObjective, epoch_objective
 
 # (metrics, checkpoint folder or None) -> reported to Tune or Train.
 Report = Callable[[dict[str, Any], "Path | None"], None]
 
 
-def epoch_report(scores: dict[str, Any], epoch: int, threshold: float | None, objective: TrialObjective) -> dict[str, Any]:
-    """What one epoch reports: its scores, and the trial's objective updated with it."""
+def epoch_metrics(scores: dict[str, Any], epoch: int, threshold: float | None) -> dict[str, Any]:
+    """One epoch's scores as reported, with its eligibility and MMLU slack."""
     values = {name: scores[name] for name in tracking.SCORE_METRICS}
     if any(value is None or not math.isfinite(value) for value in values.values()):
         raise FloatingPointError(f"epoch {epoch} scored a missing or non-finite value: {values}")
     slack = (threshold or 0.0) - scores["mmlu_accuracy"]  # <= 0: eligible
-    improved = objective.update(epoch, scores["final_score"], slack)
-    return {**values, "epoch": epoch, "eligible": bool(scores["eligible"]), "mmlu_slack": slack, "new_best": improved,
-            "full_evaluation": float(scores.get("stage", "full") == "full"), **objective.metrics()}
+    return {**values, "epoch": epoch, "eligible": bool(scores["eligible"]), "mmlu_slack": slack,
+            "full_evaluation": float(scores.get("stage", "full") == "full")}
+
+
+def epoch_report(scores: dict[str, Any], epoch: int, threshold: float | None, objective: TrialObjective) -> dict[str, Any]:
+    """What one epoch reports: its scores, and the trial's objective updated with it."""
+    metrics = epoch_metrics(scores, epoch, threshold)
+    improved = objective.update(epoch, metrics["final_score"], metrics["mmlu_slack"])
+    return {**metrics, "new_best": improved, **objective.metrics()}
+
+
+def decision_epochs(asha: dict[str, int] | None, max_t: int) -> list[int]:
+    """The epochs at which ASHA may stop a trial on its objective (its rungs, and max_t): a
+    staged trial's objective must be fully evaluated by then."""
+    if asha is None:
+        return []
+    rungs, milestone = [], asha["grace_period"]
+    while milestone < max_t:
+        rungs.append(milestone)
+        milestone *= asha["reduction_factor"]
+    return [*rungs, max_t]
+
+
+@dataclasses.dataclass
+class Held:
+    """A screened epoch that could become the trial's best, kept on disk (rank 0) until the
+    next decision epoch fully evaluates it, unless a better screened epoch replaces it first."""
+
+    epoch: int
+    folder: Path
+    screened: dict[str, Any]  # its screened scores
+    value: float  # their objective
 
 
 class EpochReporter:
@@ -55,7 +85,14 @@ class EpochReporter:
     and the trial's best so far, report. Under several ranks every rank evaluates its share of
     the rows, MIA documents and MMLU questions on the exported checkpoint, rank 0 gathers the
     records, scores, logs and saves; the others receive its metrics and report them too
-    (Train's reports are a barrier)."""
+    (Train's reports are a barrier).
+
+    With staging, the full evaluation is deferred to the epochs where it decides something:
+    the trial's last epoch and ASHA's rungs (`settings["decision_epochs"]`). In between, each
+    epoch is screened, and the best screened one that could become the trial's best is held;
+    a decision epoch fully evaluates the one held (itself or an earlier epoch) and saves it
+    if it is the trial's best. A trial that improves every epoch pays one full evaluation per
+    decision, not one per epoch."""
 
     def __init__(self, settings: dict[str, Any], setup: dict[str, Any], run_id: str, report: Report, rank: int = 0):
         self.settings, self.setup, self.run_id, self.report, self.rank = settings, setup, run_id, report, rank
@@ -64,6 +101,9 @@ class EpochReporter:
         self.mlflow = tracking.client(settings["tracking_uri"]) if rank == 0 else None
         self.objective = TrialObjective()
         self.split = Split.draw(self.sets, settings["screen_fraction"]) if settings["screen"] else None
+        self.decisions = set(settings["decision_epochs"])
+        self.held: Held | None = None
+        self._holding = tempfile.TemporaryDirectory(prefix="held-epoch-") if rank == 0 and self.split is not None else None
         if rank == 0:
             self.mlflow.set_tag(run_id, "eval_ranks", str(self.world))
             self._carry_over(tune.get_checkpoint() if settings["workers"] == 1 else None)
@@ -103,43 +143,90 @@ class EpochReporter:
         settings = eval_settings(self.sets, self.settings["dtype"], self.settings["max_new_tokens"])
         return {**score_records(records, self.settings["mmlu_threshold"], settings), "stage": stage}
 
-    def _evaluate(self, checkpoint: Path) -> tuple[dict | None, dict | None]:
-        """(records, scores) on rank 0, (None, None) elsewhere: screened first where staging is
-        on, the full sets when the screen says the epoch could become the trial's best."""
+    def _hold_if_candidate(self, epoch: int, checkpoint: Path, screened: dict, mmlu_records: list[dict]) -> bool:
+        """Rank 0: hold this screened epoch if it could become the trial's best and beats the
+        epoch held so far; whether it could become the best (a candidate)."""
+        threshold = self.settings["mmlu_threshold"]
+        best = self.objective.value if self.objective.value >= 0 else None  # eligible objectives are final scores
+        if not needs_full_evaluation(screened, best, threshold, self.settings["screen_margin"], self.settings["screen_confidence"],
+                                     mmlu_records):
+            return False
+        value = epoch_objective(screened["final_score"], (threshold or 0.0) - screened["mmlu_accuracy"])
+        if self.held is None or value >= self.held.value:
+            if self.held is not None:
+                shutil.rmtree(self.held.folder)
+            folder = Path(self._holding.name) / f"epoch-{epoch}"
+            shutil.move(checkpoint, folder)  # a rename: the engine's staging folder is on the same disk
+            self.held = Held(epoch, folder, screened, value)
+        return True
+
+    def _evaluate(self, epoch: int, checkpoint: Path, last: bool) -> tuple[dict | None, bool, tuple[int, Path, dict, dict] | None]:
+        """On rank 0: this epoch's own scores (its screen, or its full evaluation), whether the
+        screen made it a candidate, and the epoch fully evaluated now if any: (epoch, folder,
+        records, scores). Elsewhere (None, False, None)."""
         with plain_transformers():  # a whole model on each rank, also in a ZeRO-3 run
             model, tokenizer = load_model(checkpoint, dtype=self.settings["dtype"])
+            own, candidate, target = None, True, (epoch, str(checkpoint))
             if self.split is not None:
                 screened = self._records(model, tokenizer, self.split.screened(self.sets))
-                full, scores = True, None
+                target = None
                 if self.rank == 0:
-                    scores = self._score(screened, "screen")
-                    best = self.objective.value if self.objective.value >= 0 else None  # eligible objectives are final scores
-                    full = needs_full_evaluation(scores, best, self.settings["mmlu_threshold"], self.settings["screen_margin"],
-                                                 self.settings["screen_confidence"], screened.get(MMLU, []))
-                if not self._share(full):
-                    return screened, scores
+                    own = self._score(screened, "screen")
+                    candidate = self._hold_if_candidate(epoch, checkpoint, own, screened.get(MMLU, []))
+                    if (last or epoch in self.decisions) and self.held is not None:
+                        target = (self.held.epoch, str(self.held.folder))
+                target = self._share(target)
+                if target is None:
+                    return own, candidate, None
+                if target[0] != epoch:  # an earlier epoch held: its own weights
+                    del model
+                    model, tokenizer = load_model(Path(target[1]), dtype=self.settings["dtype"])
             # The whole sets in one pass, not the rest beside the screened part: in bfloat16 a row's
             # numbers depend on its batch, and the saved checkpoint must re-evaluate to its logged score.
             records = self._records(model, tokenizer, self.sets)
-        return (records, self._score(records, "full")) if self.rank == 0 else (None, None)
+        if self.rank != 0:
+            return None, False, None
+        full = self._score(records, "full")
+        return (full if target[0] == epoch else own), candidate, (target[0], Path(target[1]), records, full)
 
-    def __call__(self, epoch: int, checkpoint: Path | None) -> None:
+    def __call__(self, epoch: int, checkpoint: Path | None, last: bool) -> None:
         started = time.perf_counter()
-        records, scores = self._evaluate(checkpoint)
-        metrics = None
+        held_before = self.held
+        own, candidate, evaluated = self._evaluate(epoch, checkpoint, last)
+        metrics = saved = None
         if self.rank == 0:
-            metrics = epoch_report(scores, epoch, self.settings["mmlu_threshold"], self.objective)
-            tracking.log_scores(self.mlflow, self.run_id, epoch, {**scores, "eval_seconds": time.perf_counter() - started})
-        metrics = self._share(metrics)
-        # The checkpoint kept is the epoch the objective names: the trial's best eligible one, fully evaluated.
-        if not (self.rank == 0 and metrics["eligible"] and metrics["new_best"] and metrics["full_evaluation"]):
-            self.report(metrics, None)
-            return
-        tracking.log_best(self.mlflow, self.run_id, epoch, metrics)
-        # The folder scored is the checkpoint kept: the engine exported it for this epoch.
-        write_results(checkpoint, records, scores)
-        (checkpoint / "trial_config.json").write_text(json.dumps({**self.setup, "epoch": epoch}, indent=2) + "\n")
-        self.report(metrics, checkpoint)
+            threshold = self.settings["mmlu_threshold"]
+            metrics = epoch_metrics(own, epoch, threshold)
+            # A candidate's screen does not move the objective: it counts once fully evaluated.
+            improved = False if candidate and not metrics["full_evaluation"] else self.objective.update(
+                epoch, metrics["final_score"], metrics["mmlu_slack"])
+            # Each epoch's scores are logged once, at its step: a held epoch's when it is fully
+            # evaluated (its full scores) or replaced by a better one (its screen).
+            if held_before is not None and held_before is not self.held and (evaluated is None or evaluated[0] != held_before.epoch):
+                tracking.log_scores(self.mlflow, self.run_id, held_before.epoch, held_before.screened)
+            if self.held is None or self.held.epoch != epoch or evaluated is not None:
+                tracking.log_scores(self.mlflow, self.run_id, epoch, own)
+            if evaluated is not None:
+                held_epoch, folder, records, full = evaluated
+                if held_epoch != epoch:
+                    full_metrics = epoch_metrics(full, held_epoch, threshold)
+                    improved = self.objective.update(held_epoch, full_metrics["final_score"], full_metrics["mmlu_slack"])
+                    tracking.log_scores(self.mlflow, self.run_id, held_epoch, full)
+                else:
+                    full_metrics = metrics
+                # The checkpoint kept is the epoch the objective names: the trial's best eligible one, fully evaluated.
+                if full_metrics["eligible"] and improved:
+                    tracking.log_best(self.mlflow, self.run_id, held_epoch, full_metrics)
+                    write_results(folder, records, full)
+                    (folder / "trial_config.json").write_text(json.dumps({**self.setup, "epoch": held_epoch}, indent=2) + "\n")
+                    saved = folder
+            seconds = time.perf_counter() - started  # what the epoch's scoring cost, beside its training
+            self.mlflow.log_metric(self.run_id, "eval_seconds", seconds, step=epoch)
+            metrics = {**metrics, "new_best": improved, "eval_seconds": seconds, **self.objective.metrics()}
+        self.report(self._share(metrics), saved)
+        if self.rank == 0 and evaluated is not None and self.held is not None and self.held.folder == evaluated[1]:
+            shutil.rmtree(self.held.folder)  # reported (Tune copied it) or not the best: no longer needed
+            self.held = None
 
 
 def _tune_report(metrics: dict[str, Any], checkpoint: Path | None) -> None:

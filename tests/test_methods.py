@@ -67,7 +67,7 @@ def base_nll(toy_task_dir: Path, task) -> tuple[float, float]:
 def test_method_forgets(name, settings, keeps_retain, toy_task_dir: Path, task, base_nll, base_mmlu, tmp_path: Path) -> None:
     epochs_seen = []
     out = run_method(name, toy_task_dir / "model", task, tmp_path / "out", {"learning_rate": 1e-4, **settings},
-                     on_epoch=lambda epoch, checkpoint: epochs_seen.append(epoch))
+                     on_epoch=lambda epoch, checkpoint, last: epochs_seen.append(epoch))
     assert epochs_seen == list(range(1, len(epochs_seen) + 1)) and epochs_seen
     assert AutoModelForCausalLM.from_pretrained(out) is not None
     assert json.loads((out / "unlearn_config.json").read_text())["method"] == name

@@ -4,6 +4,7 @@ only where the epoch could become the trial's best eligible checkpoint."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -47,7 +48,19 @@ def test_the_screen_decides_by_margin_and_a_confident_mmlu_bound() -> None:
 def reporter_settings(toy_task_dir: Path, tmp_path: Path, threshold: float) -> dict:
     return {"data": str(toy_task_dir / "data"), "split": None, "mia": str(toy_task_dir / "mia"), "mmlu": str(toy_task_dir / "mmlu"),
             "mmlu_shots": None, "mmlu_threshold": threshold, "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "workers": 1,
-            **EVAL_DEFAULTS, "max_new_tokens": 16}
+            **EVAL_DEFAULTS, "max_new_tokens": 16, "decision_epochs": []}
+
+
+def reporter_for(settings: dict, name: str, threshold: float, reports: list, kept: Path) -> tuple[EpochReporter, str]:
+    """A trial's reporter whose reports keep a copy of the checkpoint saved, as Tune does."""
+    mlflow = tracking.client(settings["tracking_uri"])
+    experiment = tracking.experiment_id(mlflow, name)
+    parent = mlflow.create_run(experiment).info.run_id
+    run_id = tracking.trial_run(mlflow, experiment, parent, "t1", {"method": "npo", "params": {}}, threshold)
+
+    def report(metrics: dict, saved: Path | None) -> None:
+        reports.append((metrics, saved and Path(shutil.copytree(saved, kept / f"report-{len(reports) + 1}"))))
+    return EpochReporter(settings, {"method": "npo", "params": {}}, run_id, report), run_id
 
 
 @pytest.mark.parametrize("threshold, stage", [(1.0, "screen"), (0.5, "full")])
@@ -55,19 +68,44 @@ def test_an_epoch_is_fully_evaluated_and_saved_only_where_it_could_be_the_best(t
                                                                                 tmp_path: Path) -> None:
     settings = reporter_settings(toy_task_dir, tmp_path, threshold)
     mlflow = tracking.client(settings["tracking_uri"])
-    experiment = tracking.experiment_id(mlflow, "screening")
-    parent = mlflow.create_run(experiment).info.run_id
-    run_id = tracking.trial_run(mlflow, experiment, parent, "t1", {"method": "npo", "params": {}}, threshold)
     reports = []
-    reporter = EpochReporter(settings, {"method": "npo", "params": {}}, run_id, lambda metrics, saved: reports.append((metrics, saved)))
+    reporter, run_id = reporter_for(settings, "screening", threshold, reports, tmp_path)
     checkpoint = Path(shutil.copytree(toy_task_dir / "model", tmp_path / "epoch-1"))
-    reporter(1, checkpoint)
+    reporter(1, checkpoint, True)
     ((metrics, saved),) = reports
     assert metrics["full_evaluation"] == (1.0 if stage == "full" else 0.0)
     assert [m.value for m in mlflow.get_metric_history(run_id, "full_evaluation")] == [metrics["full_evaluation"]]
     if stage == "screen":  # the base model's 5-shot MMLU (0.9) is confidently below 1.0 on the subset: never eligible
         assert saved is None and not metrics["eligible"] and not (checkpoint / "scores.json").exists()
     else:  # the first eligible epoch is the trial's best: fully evaluated, saved with its full records
-        assert saved == checkpoint and json.loads((checkpoint / "scores.json").read_text())["stage"] == "full"
-        generations = (checkpoint / "generations.jsonl").read_text().splitlines()
+        assert json.loads((saved / "scores.json").read_text())["stage"] == "full"
+        generations = (saved / "generations.jsonl").read_text().splitlines()
         assert len(generations) == len(EvalSets.load(settings["data"]).rows)
+
+
+def test_the_full_evaluation_waits_for_a_decision_epoch_and_takes_the_best_screened_epoch(toy_task_dir: Path, tmp_path: Path,
+                                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four epochs, ASHA's rung at 3: the screen holds epoch 1, then the better epoch 2; epoch 3
+    (a decision) screens lower, so the full evaluation is epoch 2's, saved as the trial's best;
+    epoch 4 (the last) screens below the best by more than the margin: nothing more to do.
+    One full evaluation in four epochs, where evaluating each candidate when seen took two."""
+    settings = {**reporter_settings(toy_task_dir, tmp_path, 0.5), "decision_epochs": [3]}
+    screened, full = iter([0.30, 0.50, 0.40, 0.20]), iter([0.52])
+    score = EpochReporter._score
+    monkeypatch.setattr(EpochReporter, "_score", lambda self, records, stage: {
+        **score(self, records, stage), "final_score": next(screened if stage == "screen" else full)})
+    reports = []
+    reporter, run_id = reporter_for(settings, "deferred", 0.5, reports, tmp_path)
+    for epoch in range(1, 5):
+        checkpoint = Path(shutil.copytree(toy_task_dir / "model", tmp_path / f"staging-{epoch}"))
+        reporter(epoch, checkpoint, epoch == 4)
+    assert [saved is not None for _, saved in reports] == [False, False, True, False]
+    assert [metrics["objective"] for metrics, _ in reports] == [-math.inf, -math.inf, 0.52, 0.52]
+    assert reports[2][0]["objective_epoch"] == 2 and reports[2][0]["final_score"] == 0.40  # epoch 3's own screen
+    assert json.loads((reports[2][1] / "trial_config.json").read_text())["epoch"] == 2
+    assert json.loads((reports[2][1] / "scores.json").read_text())["stage"] == "full"
+    mlflow = tracking.client(settings["tracking_uri"])
+    full_evaluations = [(m.step, m.value) for m in mlflow.get_metric_history(run_id, "full_evaluation")]
+    assert sorted(full_evaluations) == [(1, 0.0), (2, 1.0), (3, 0.0), (4, 0.0)]  # each epoch once
+    assert mlflow.get_run(run_id).data.metrics["best_epoch"] == 2
+    assert reporter.held is None and not any(Path(reporter._holding.name).iterdir())  # nothing left on disk
