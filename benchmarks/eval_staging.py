@@ -7,6 +7,9 @@ configurations): per sweep, the share of trial wall time spent scoring epochs (t
 evaluated, and the champion's final score.
 
     python benchmarks/eval_staging.py [--task toy_task] [--trials 12] [--dir /tmp/eval_staging]
+
+`--measure TRACKING_URI EXPERIMENT` prints the same figures for sweeps already run (the demo's:
+`--measure sqlite:///mlflow.db unlearn-sweep-demo`) and runs nothing.
 """
 
 from __future__ import annotations
@@ -39,7 +42,12 @@ def main() -> None:
     parser.add_argument("--task", type=Path, default=Path("toy_task"), help="toy task directory (built if missing)")
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/eval_staging"))
+    parser.add_argument("--measure", nargs=2, metavar=("TRACKING_URI", "EXPERIMENT"), help="an experiment already run: measure only")
     args = parser.parse_args()
+    if args.measure:
+        share, full, epochs = evaluation_share(*args.measure)
+        print(f"{args.measure[1]}: {share:.1%} of trial time in evaluation, {full} of {epochs} epochs fully evaluated")
+        return
 
     from unlearn_sweep.orchestrator.config import config_from_dict
     from unlearn_sweep.orchestrator.sweep import run_sweep

@@ -160,34 +160,41 @@ class EpochReporter:
             self.held = Held(epoch, folder, screened, value)
         return True
 
-    def _evaluate(self, epoch: int, checkpoint: Path, last: bool) -> tuple[dict | None, bool, tuple[int, Path, dict, dict] | None]:
+    def _evaluate(self, epoch: int, checkpoint: Path, last: bool) -> tuple[dict | None, bool, list[tuple[int, Path, dict, dict]]]:
         """On rank 0: this epoch's own scores (its screen, or its full evaluation), whether the
-        screen made it a candidate, and the epoch fully evaluated now if any: (epoch, folder,
-        records, scores). Elsewhere (None, False, None)."""
+        screen made it a candidate, and the epochs fully evaluated now, in epoch order:
+        (epoch, folder, records, scores). Elsewhere (None, False, [])."""
         with plain_transformers():  # a whole model on each rank, also in a ZeRO-3 run
             model, tokenizer = load_model(checkpoint, dtype=self.settings["dtype"])
-            own, candidate, target = None, True, (epoch, str(checkpoint))
+            own, candidate, targets = None, True, [(epoch, str(checkpoint))]
             if self.split is not None:
                 screened = self._records(model, tokenizer, self.split.screened(self.sets))
-                target = None
+                targets = []
                 if self.rank == 0:
                     own = self._score(screened, "screen")
                     candidate = self._hold_if_candidate(epoch, checkpoint, own, screened.get(MMLU, []))
-                    if (last or epoch in self.decisions) and self.held is not None:
-                        target = (self.held.epoch, str(self.held.folder))
-                target = self._share(target)
-                if target is None:
-                    return own, candidate, None
-                if target[0] != epoch:  # an earlier epoch held: its own weights
+                    if last or epoch in self.decisions:
+                        # The epoch held, and this one too where it is a candidate the screen ranked
+                        # lower: within the margin, the screen's order is not to be trusted.
+                        held_here = self.held is not None and self.held.epoch == epoch
+                        if candidate:
+                            targets.append((epoch, str(self.held.folder if held_here else checkpoint)))
+                        if self.held is not None and not held_here:
+                            targets.append((self.held.epoch, str(self.held.folder)))
+                targets = self._share(targets)
+            evaluated = []
+            for target_epoch, folder in targets:  # this epoch first: its model is loaded
+                if target_epoch != epoch:
                     del model
-                    model, tokenizer = load_model(Path(target[1]), dtype=self.settings["dtype"])
-            # The whole sets in one pass, not the rest beside the screened part: in bfloat16 a row's
-            # numbers depend on its batch, and the saved checkpoint must re-evaluate to its logged score.
-            records = self._records(model, tokenizer, self.sets)
+                    model, tokenizer = load_model(Path(folder), dtype=self.settings["dtype"])
+                # The whole sets in one pass, not the rest beside the screened part: in bfloat16 a row's
+                # numbers depend on its batch, and the saved checkpoint must re-evaluate to its logged score.
+                evaluated.append((target_epoch, Path(folder), self._records(model, tokenizer, self.sets)))
         if self.rank != 0:
-            return None, False, None
-        full = self._score(records, "full")
-        return (full if target[0] == epoch else own), candidate, (target[0], Path(target[1]), records, full)
+            return None, False, []
+        evaluated = sorted((target_epoch, folder, records, self._score(records, "full")) for target_epoch, folder, records in evaluated)
+        own = next((full for target_epoch, _, _, full in evaluated if target_epoch == epoch), own)
+        return own, candidate, evaluated
 
     def __call__(self, epoch: int, checkpoint: Path | None, last: bool) -> None:
         started = time.perf_counter()
@@ -197,35 +204,34 @@ class EpochReporter:
         if self.rank == 0:
             threshold = self.settings["mmlu_threshold"]
             metrics = epoch_metrics(own, epoch, threshold)
-            # A candidate's screen does not move the objective: it counts once fully evaluated.
-            improved = False if candidate and not metrics["full_evaluation"] else self.objective.update(
-                epoch, metrics["final_score"], metrics["mmlu_slack"])
+            evaluated_epochs = {target_epoch for target_epoch, *_ in evaluated}
             # Each epoch's scores are logged once, at its step: a held epoch's when it is fully
             # evaluated (its full scores) or replaced by a better one (its screen).
-            if held_before is not None and held_before is not self.held and (evaluated is None or evaluated[0] != held_before.epoch):
+            if held_before is not None and held_before is not self.held and held_before.epoch not in evaluated_epochs:
                 tracking.log_scores(self.mlflow, self.run_id, held_before.epoch, held_before.screened)
-            if self.held is None or self.held.epoch != epoch or evaluated is not None:
+            if not (self.held is not None and self.held.epoch == epoch and epoch not in evaluated_epochs):
                 tracking.log_scores(self.mlflow, self.run_id, epoch, own)
-            if evaluated is not None:
-                held_epoch, folder, records, full = evaluated
-                if held_epoch != epoch:
-                    full_metrics = epoch_metrics(full, held_epoch, threshold)
-                    improved = self.objective.update(held_epoch, full_metrics["final_score"], full_metrics["mmlu_slack"])
-                    tracking.log_scores(self.mlflow, self.run_id, held_epoch, full)
-                else:
-                    full_metrics = metrics
-                # The checkpoint kept is the epoch the objective names: the trial's best eligible one, fully evaluated.
-                if full_metrics["eligible"] and improved:
-                    tracking.log_best(self.mlflow, self.run_id, held_epoch, full_metrics)
-                    write_results(folder, records, full)
-                    (folder / "trial_config.json").write_text(json.dumps({**self.setup, "epoch": held_epoch}, indent=2) + "\n")
-                    saved = folder
+            # A candidate's screen does not move the objective: it counts once fully evaluated.
+            improved = not candidate and self.objective.update(epoch, metrics["final_score"], metrics["mmlu_slack"])
+            best = None
+            for target_epoch, folder, records, full in evaluated:
+                full_metrics = metrics if target_epoch == epoch else epoch_metrics(full, target_epoch, threshold)
+                if target_epoch != epoch:
+                    tracking.log_scores(self.mlflow, self.run_id, target_epoch, full)
+                if self.objective.update(target_epoch, full_metrics["final_score"], full_metrics["mmlu_slack"]):
+                    improved, best = True, (target_epoch, folder, records, full, full_metrics)
+            # The checkpoint kept is the epoch the objective names: the trial's best eligible one, fully evaluated.
+            if best is not None and best[4]["eligible"]:
+                best_epoch, saved, records, full, full_metrics = best
+                tracking.log_best(self.mlflow, self.run_id, best_epoch, full_metrics)
+                write_results(saved, records, full)
+                (saved / "trial_config.json").write_text(json.dumps({**self.setup, "epoch": best_epoch}, indent=2) + "\n")
             seconds = time.perf_counter() - started  # what the epoch's scoring cost, beside its training
             self.mlflow.log_metric(self.run_id, "eval_seconds", seconds, step=epoch)
             metrics = {**metrics, "new_best": improved, "eval_seconds": seconds, **self.objective.metrics()}
         self.report(self._share(metrics), saved)
-        if self.rank == 0 and evaluated is not None and self.held is not None and self.held.folder == evaluated[1]:
-            shutil.rmtree(self.held.folder)  # reported (Tune copied it) or not the best: no longer needed
+        if self.rank == 0 and evaluated and self.held is not None:
+            shutil.rmtree(self.held.folder)  # fully evaluated now, reported (Tune copied it) or not the best
             self.held = None
 
 

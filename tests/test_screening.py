@@ -83,29 +83,30 @@ def test_an_epoch_is_fully_evaluated_and_saved_only_where_it_could_be_the_best(t
         assert len(generations) == len(EvalSets.load(settings["data"]).rows)
 
 
-def test_the_full_evaluation_waits_for_a_decision_epoch_and_takes_the_best_screened_epoch(toy_task_dir: Path, tmp_path: Path,
-                                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """Four epochs, ASHA's rung at 3: the screen holds epoch 1, then the better epoch 2; epoch 3
-    (a decision) screens lower, so the full evaluation is epoch 2's, saved as the trial's best;
-    epoch 4 (the last) screens below the best by more than the margin: nothing more to do.
-    One full evaluation in four epochs, where evaluating each candidate when seen took two."""
-    settings = {**reporter_settings(toy_task_dir, tmp_path, 0.5), "decision_epochs": [3]}
-    screened, full = iter([0.30, 0.50, 0.40, 0.20]), iter([0.52])
+def test_the_full_evaluation_waits_for_a_decision_epoch_and_takes_the_best_screened_epochs(toy_task_dir: Path, tmp_path: Path,
+                                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Six epochs, ASHA's rung at 4. Epochs 1-3 screen higher each time: each is held in turn.
+    Epoch 4 (a decision) screens higher still: held and fully evaluated, saved. Epoch 5 is a
+    candidate (within the margin of 0.46): held. Epoch 6 (the last) screens lower than epoch 5
+    but within the margin: both are fully evaluated, and epoch 5, better in full, is saved.
+    Three full evaluations in six epochs, where evaluating each candidate when seen took six."""
+    settings = {**reporter_settings(toy_task_dir, tmp_path, 0.5), "decision_epochs": [4]}
+    screened, full = iter([0.30, 0.35, 0.40, 0.45, 0.47, 0.44]), iter([0.46, 0.45, 0.50])  # fully evaluated: 4, then 6, 5
     score = EpochReporter._score
     monkeypatch.setattr(EpochReporter, "_score", lambda self, records, stage: {
         **score(self, records, stage), "final_score": next(screened if stage == "screen" else full)})
     reports = []
     reporter, run_id = reporter_for(settings, "deferred", 0.5, reports, tmp_path)
-    for epoch in range(1, 5):
+    for epoch in range(1, 7):
         checkpoint = Path(shutil.copytree(toy_task_dir / "model", tmp_path / f"staging-{epoch}"))
-        reporter(epoch, checkpoint, epoch == 4)
-    assert [saved is not None for _, saved in reports] == [False, False, True, False]
-    assert [metrics["objective"] for metrics, _ in reports] == [-math.inf, -math.inf, 0.52, 0.52]
-    assert reports[2][0]["objective_epoch"] == 2 and reports[2][0]["final_score"] == 0.40  # epoch 3's own screen
-    assert json.loads((reports[2][1] / "trial_config.json").read_text())["epoch"] == 2
-    assert json.loads((reports[2][1] / "scores.json").read_text())["stage"] == "full"
+        reporter(epoch, checkpoint, epoch == 6)
+    assert [saved is not None for _, saved in reports] == [False, False, False, True, False, True]
+    assert [metrics["objective"] for metrics, _ in reports] == [-math.inf] * 3 + [0.46, 0.46, 0.50]
+    assert reports[5][0]["objective_epoch"] == 5 and reports[5][0]["final_score"] == 0.45  # epoch 6's own, in full
+    assert [json.loads((saved / "trial_config.json").read_text())["epoch"] for _, saved in reports if saved] == [4, 5]
+    assert json.loads((reports[5][1] / "scores.json").read_text())["stage"] == "full"
     mlflow = tracking.client(settings["tracking_uri"])
     full_evaluations = [(m.step, m.value) for m in mlflow.get_metric_history(run_id, "full_evaluation")]
-    assert sorted(full_evaluations) == [(1, 0.0), (2, 1.0), (3, 0.0), (4, 0.0)]  # each epoch once
-    assert mlflow.get_run(run_id).data.metrics["best_epoch"] == 2
+    assert sorted(full_evaluations) == [(1, 0.0), (2, 0.0), (3, 0.0), (4, 1.0), (5, 1.0), (6, 1.0)]  # each epoch once
+    assert mlflow.get_run(run_id).data.metrics["best_epoch"] == 5
     assert reporter.held is None and not any(Path(reporter._holding.name).iterdir())  # nothing left on disk
