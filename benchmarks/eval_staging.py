@@ -1,8 +1,9 @@
 """How much of a toy sweep's trial time goes to evaluation, with staged evaluation (each
 epoch screened on a 20% subset first) and without it, at the same seed and budget.
 
-Two sweeps of the same trials (TPE, seed 0, no early stopping, so both run the same
-configurations): per sweep, the share of trial wall time spent scoring epochs (the
+Two sweeps of the same trials (Optuna's random sampler, seed 0, no early stopping: TPE would
+sample differently once the two sweeps' scores differ, and the toy's evaluation time depends
+on the trial, so only the same configurations compare): per sweep, the share of trial wall time spent scoring epochs (the
 `eval_seconds` each epoch logs against the trial runs' durations), how many epochs were fully
 evaluated, and the champion's final score.
 
@@ -58,7 +59,7 @@ def main() -> None:
     for screen in (False, True):
         name = "staged" if screen else "full-every-epoch"
         raw = {"name": name, "model": str(task / "model"), "data": str(task / "data"), "mia": str(task / "mia"),
-               "mmlu": str(task / "mmlu"), "mmlu_threshold": "0.75x", "methods": METHODS, "trials": args.trials, "seed": 0,
+               "mmlu": str(task / "mmlu"), "mmlu_threshold": "0.75x", "methods": METHODS, "trials": args.trials, "seed": 0, "searcher": "random",
                "asha": None, "eval": {"screen": screen}, "mlflow": {"tracking_uri": f"sqlite:///{args.dir}/mlflow.db", "experiment": name},
                "storage_path": str(args.dir / "sweeps")}
         config = config_from_dict(raw, args.dir / f"{name}.yaml", args.dir)
