@@ -26,7 +26,7 @@
     searcher: tpe                   # tpe (constrained TPE) | random (Optuna's random sampler, same constraint handling)
     asha: {grace_period: 1, reduction_factor: 2}    # null: no early stopping (every trial runs all its epochs)
     eval: {batch_size: 32, max_new_tokens: 256, dtype: bfloat16, answer_nll: false,
-           screen: true, screen_fraction: 0.2, screen_margin: 0.05, screen_confidence: 0.95}
+           screen: true, screen_fraction: 0.2, screen_margin: 0.05, screen_confidence: 0.95, screen_hold: 2}
     mlflow: {tracking_uri: sqlite:///mlflow.db, experiment: null}   # experiment defaults to name
     ray_address: local              # or auto, on a cluster
     storage_path: sweeps            # shared storage (NFS, S3) on a multi-node cluster
@@ -54,7 +54,7 @@ SEARCHERS = ("tpe", "random")
 ASHA_DEFAULTS = {"grace_period": 1, "reduction_factor": 2}
 EVAL_DEFAULTS = {"batch_size": 32, "max_new_tokens": 256, "dtype": "bfloat16", "answer_nll": False,
                  # staged evaluation (evaluation/screening.py): screen each epoch on a stratified subset first
-                 "screen": True, "screen_fraction": 0.2, "screen_margin": 0.05, "screen_confidence": 0.95}
+                 "screen": True, "screen_fraction": 0.2, "screen_margin": 0.05, "screen_confidence": 0.95, "screen_hold": 2}
 
 
 class ConfigError(DataError):
@@ -325,7 +325,8 @@ def _eval_options(path: Path, raw: Any) -> dict[str, Any]:
     unknown = sorted(set(options) - set(EVAL_DEFAULTS))
     if unknown:
         raise ConfigError(path, f"unknown key(s) {', '.join(unknown)} (valid: {', '.join(EVAL_DEFAULTS)})", field="eval")
-    _positive_ints(path, "eval", {key: options[key] for key in ("batch_size", "max_new_tokens")}, {"batch_size", "max_new_tokens"})
+    _positive_ints(path, "eval", {key: options[key] for key in ("batch_size", "max_new_tokens", "screen_hold")},
+                   {"batch_size", "max_new_tokens", "screen_hold"})
     _one_of(path, "eval.dtype", options["dtype"], DTYPES)
     for key in ("answer_nll", "screen"):
         _expect(path, f"eval.{key}", options[key], bool, "true or false")

@@ -89,8 +89,9 @@ class EpochReporter:
 
     With staging, the full evaluation is deferred to the epochs where it decides something:
     the trial's last epoch and ASHA's rungs (`settings["decision_epochs"]`). In between, each
-    epoch is screened, and the best screened one that could become the trial's best is held;
-    a decision epoch fully evaluates the one held (itself or an earlier epoch) and saves it
+    epoch is screened, and the best screened ones that could become the trial's best are held
+    (`screen_hold` of them: within the margin the screen's order is noise); a decision epoch
+    fully evaluates those held and itself where it is a candidate, and saves the best
     if it is the trial's best. A trial that improves every epoch pays one full evaluation per
     decision, not one per epoch."""
 
@@ -102,7 +103,7 @@ class EpochReporter:
         self.objective = TrialObjective()
         self.split = Split.draw(self.sets, settings["screen_fraction"]) if settings["screen"] else None
         self.decisions = set(settings["decision_epochs"])
-        self.held: Held | None = None
+        self.held: list[Held] = []  # best screened first
         self._holding = tempfile.TemporaryDirectory(prefix="held-epoch-") if rank == 0 and self.split is not None else None
         if rank == 0:
             self.mlflow.set_tag(run_id, "eval_ranks", str(self.world))
@@ -144,20 +145,23 @@ class EpochReporter:
         return {**score_records(records, self.settings["mmlu_threshold"], settings), "stage": stage}
 
     def _hold_if_candidate(self, epoch: int, checkpoint: Path, screened: dict, mmlu_records: list[dict]) -> bool:
-        """Rank 0: hold this screened epoch if it could become the trial's best and beats the
-        epoch held so far; whether it could become the best (a candidate)."""
+        """Rank 0: hold this screened epoch if it could become the trial's best and is among the
+        `screen_hold` best screened candidates not yet fully evaluated; whether it could become
+        the best (a candidate)."""
         threshold = self.settings["mmlu_threshold"]
         best = self.objective.value if self.objective.value >= 0 else None  # eligible objectives are final scores
         if not needs_full_evaluation(screened, best, threshold, self.settings["screen_margin"], self.settings["screen_confidence"],
                                      mmlu_records):
             return False
         value = epoch_objective(screened["final_score"], (threshold or 0.0) - screened["mmlu_accuracy"])
-        if self.held is None or value >= self.held.value:
-            if self.held is not None:
-                shutil.rmtree(self.held.folder)
+        keep = self.settings["screen_hold"]
+        if len(self.held) < keep or value > self.held[-1].value:
             folder = Path(self._holding.name) / f"epoch-{epoch}"
             shutil.move(checkpoint, folder)  # a rename: the engine's staging folder is on the same disk
-            self.held = Held(epoch, folder, screened, value)
+            self.held = sorted([*self.held, Held(epoch, folder, screened, value)], key=lambda held: -held.value)
+            for dropped in self.held[keep:]:
+                shutil.rmtree(dropped.folder)
+            self.held = self.held[:keep]
         return True
 
     def _evaluate(self, epoch: int, checkpoint: Path, last: bool) -> tuple[dict | None, bool, list[tuple[int, Path, dict, dict]]]:
@@ -174,13 +178,12 @@ class EpochReporter:
                     own = self._score(screened, "screen")
                     candidate = self._hold_if_candidate(epoch, checkpoint, own, screened.get(MMLU, []))
                     if last or epoch in self.decisions:
-                        # The epoch held, and this one too where it is a candidate the screen ranked
-                        # lower: within the margin, the screen's order is not to be trusted.
-                        held_here = self.held is not None and self.held.epoch == epoch
+                        # The epochs held, and this one where it is a candidate, held or not: within
+                        # the margin, the screen's order is not to be trusted.
+                        folders = {held.epoch: held.folder for held in self.held}
                         if candidate:
-                            targets.append((epoch, str(self.held.folder if held_here else checkpoint)))
-                        if self.held is not None and not held_here:
-                            targets.append((self.held.epoch, str(self.held.folder)))
+                            targets.append((epoch, str(folders.pop(epoch, checkpoint))))
+                        targets += [(held_epoch, str(folder)) for held_epoch, folder in folders.items()]
                 targets = self._share(targets)
             evaluated = []
             for target_epoch, folder in targets:  # this epoch first: its model is loaded
@@ -198,7 +201,7 @@ class EpochReporter:
 
     def __call__(self, epoch: int, checkpoint: Path | None, last: bool) -> None:
         started = time.perf_counter()
-        held_before = self.held
+        held_before = list(self.held)
         own, candidate, evaluated = self._evaluate(epoch, checkpoint, last)
         metrics = saved = None
         if self.rank == 0:
@@ -207,9 +210,9 @@ class EpochReporter:
             evaluated_epochs = {target_epoch for target_epoch, *_ in evaluated}
             # Each epoch's scores are logged once, at its step: a held epoch's when it is fully
             # evaluated (its full scores) or replaced by a better one (its screen).
-            if held_before is not None and held_before is not self.held and held_before.epoch not in evaluated_epochs:
-                tracking.log_scores(self.mlflow, self.run_id, held_before.epoch, held_before.screened)
-            if not (self.held is not None and self.held.epoch == epoch and epoch not in evaluated_epochs):
+            for dropped in (held for held in held_before if held not in self.held and held.epoch not in evaluated_epochs):
+                tracking.log_scores(self.mlflow, self.run_id, dropped.epoch, dropped.screened)
+            if not any(held.epoch == epoch for held in self.held) or epoch in evaluated_epochs:
                 tracking.log_scores(self.mlflow, self.run_id, epoch, own)
             # A candidate's screen does not move the objective: it counts once fully evaluated.
             improved = not candidate and self.objective.update(epoch, metrics["final_score"], metrics["mmlu_slack"])
@@ -230,9 +233,10 @@ class EpochReporter:
             self.mlflow.log_metric(self.run_id, "eval_seconds", seconds, step=epoch)
             metrics = {**metrics, "new_best": improved, "eval_seconds": seconds, **self.objective.metrics()}
         self.report(self._share(metrics), saved)
-        if self.rank == 0 and evaluated and self.held is not None:
-            shutil.rmtree(self.held.folder)  # fully evaluated now, reported (Tune copied it) or not the best
-            self.held = None
+        if self.rank == 0 and evaluated:
+            for held in self.held:
+                shutil.rmtree(held.folder)  # fully evaluated now, reported (Tune copied it) or not the best
+            self.held = []
 
 
 def _tune_report(metrics: dict[str, Any], checkpoint: Path | None) -> None:

@@ -85,13 +85,15 @@ def test_an_epoch_is_fully_evaluated_and_saved_only_where_it_could_be_the_best(t
 
 def test_the_full_evaluation_waits_for_a_decision_epoch_and_takes_the_best_screened_epochs(toy_task_dir: Path, tmp_path: Path,
                                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """Six epochs, ASHA's rung at 4. Epochs 1-3 screen higher each time: each is held in turn.
-    Epoch 4 (a decision) screens higher still: held and fully evaluated, saved. Epoch 5 is a
-    candidate (within the margin of 0.46): held. Epoch 6 (the last) screens lower than epoch 5
-    but within the margin: both are fully evaluated, and epoch 5, better in full, is saved.
-    Three full evaluations in six epochs, where evaluating each candidate when seen took six."""
+    """Six epochs, ASHA's rung at 4, the two best screened candidates held. Epochs 1-3 screen
+    higher each time: 3 and 2 are held, 1 dropped. Epoch 4 (a decision) screens higher still:
+    it and epoch 3 are fully evaluated and 4, better, is saved. Epoch 5 is a candidate (within
+    the margin of 0.46): held. Epoch 6 (the last) screens lower than 5 but is a candidate: both
+    are fully evaluated, and 5, better in full, is saved. Four full evaluations in six epochs,
+    where evaluating each candidate when seen took six."""
     settings = {**reporter_settings(toy_task_dir, tmp_path, 0.5), "decision_epochs": [4]}
-    screened, full = iter([0.30, 0.35, 0.40, 0.45, 0.47, 0.44]), iter([0.46, 0.45, 0.50])  # fully evaluated: 4, then 6, 5
+    screened = iter([0.30, 0.35, 0.40, 0.45, 0.47, 0.44])
+    full = iter([0.46, 0.43, 0.45, 0.50])  # in the order evaluated: the decision epoch first (4, 3, then 6, 5)
     score = EpochReporter._score
     monkeypatch.setattr(EpochReporter, "_score", lambda self, records, stage: {
         **score(self, records, stage), "final_score": next(screened if stage == "screen" else full)})
@@ -107,6 +109,6 @@ def test_the_full_evaluation_waits_for_a_decision_epoch_and_takes_the_best_scree
     assert json.loads((reports[5][1] / "scores.json").read_text())["stage"] == "full"
     mlflow = tracking.client(settings["tracking_uri"])
     full_evaluations = [(m.step, m.value) for m in mlflow.get_metric_history(run_id, "full_evaluation")]
-    assert sorted(full_evaluations) == [(1, 0.0), (2, 0.0), (3, 0.0), (4, 1.0), (5, 1.0), (6, 1.0)]  # each epoch once
+    assert sorted(full_evaluations) == [(1, 0.0), (2, 0.0), (3, 1.0), (4, 1.0), (5, 1.0), (6, 1.0)]  # each epoch once
     assert mlflow.get_run(run_id).data.metrics["best_epoch"] == 5
-    assert reporter.held is None and not any(Path(reporter._holding.name).iterdir())  # nothing left on disk
+    assert reporter.held == [] and not any(Path(reporter._holding.name).iterdir())  # nothing left on disk

@@ -78,6 +78,7 @@ def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
         ({"eval": {"screen_fraction": 0}}, "field 'eval.screen_fraction': expected a number in (0, 1], got 0"),
         ({"eval": {"dtype": "fp8"}}, "field 'eval.dtype': expected one of bfloat16, float16, float32, auto, got 'fp8'"),
         ({"eval": {"screen": "yes"}}, "field 'eval.screen': expected true or false, got 'yes'"),
+        ({"eval": {"screen_hold": 0}}, "field 'eval': screen_hold must be a positive integer, got 0"),
         ({"mlflow": {"tracking_uri": "sqlite:////nonexistent/folder/mlflow.db"}}, "field 'mlflow.tracking_uri': /nonexistent/folder: folder of the MLflow store does not exist"),
         ({"storage_path": "/proc/sweeps"}, "field 'storage_path': /proc/sweeps cannot be written"),
         ({"storage_path": "sweep.yaml/runs"}, "sweep.yaml/runs cannot be written ("),
