@@ -9,7 +9,9 @@ rank reports, and TuneReportCallback passes rank 0's metrics on to Tune."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -17,7 +19,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from unlearn_sweep.corpus.semeval import TaskData, load_task
 from unlearn_sweep.evaluation.evaluator import MMLU, EvalSets, eval_settings, merge_shards, run_inference, score_records, write_results
 from unlearn_sweep.evaluation.inference import load_model
 from unlearn_sweep.evaluation.screening import Split, needs_full_evaluation
-from unlearn_sweep.methods.registry import build_params, get_method, run_method
+from unlearn_sweep.methods.registry import Method, build_params, get_method, run_method
 from unlearn_sweep.methods.training import plain_transformers
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.objective import TrialObjective, epoch_objective
@@ -92,8 +94,8 @@ class EpochReporter:
     epoch is screened, and the best screened ones that could become the trial's best are held
     (`screen_hold` of them: within the margin the screen's order is noise); a decision epoch
     fully evaluates those held and itself where it is a candidate, and saves the best
-    if it is the trial's best. A trial that improves every epoch pays one full evaluation per
-    decision, not one per epoch."""
+    if it is the trial's best. A trial that improves every epoch pays its full evaluations at
+    the decisions only, not at every epoch."""
 
     def __init__(self, settings: dict[str, Any], setup: dict[str, Any], run_id: str, report: Report, rank: int = 0):
         self.settings, self.setup, self.run_id, self.report, self.rank = settings, setup, run_id, report, rank
@@ -247,12 +249,26 @@ def _train_report(metrics: dict[str, Any], checkpoint: Path | None) -> None:
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint) if checkpoint else None)
 
 
-def trial_task(settings: dict[str, Any]) -> TaskData:
-    """The sweep's forget and retain rows, with its held-out documents where it has them."""
+def trial_task(settings: dict[str, Any], method: Method) -> TaskData:
+    """The sweep's forget and retain rows, with its held-out documents where it has them and
+    the method reads them (a merge: where its source method does)."""
     task = load_task(settings["data"], settings["split"])
-    if settings["held_out"] is None:
+    if settings["held_out"] is None or not method.uses_held_out:
         return task
     return dataclasses.replace(task, held_out=load_held_out(settings["held_out"], settings["mia"]))
+
+
+@contextlib.contextmanager
+def released_gpu_cache() -> Iterator[None]:
+    """Give the trial's cached GPU memory back when it ends, however it ends: with reuse_actors
+    the actor lives on into the next trial, and on a GPU shared by fractional trials its
+    allocator would keep this trial's peak reservation from the others."""
+    try:
+        yield
+    finally:
+        if torch.cuda.is_initialized():
+            gc.collect()  # the trial's tensors held only by reference cycles
+            torch.cuda.empty_cache()
 
 
 def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
@@ -264,21 +280,22 @@ def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
     mlflow = tracking.client(settings["tracking_uri"])
     run_id = tracking.trial_run(mlflow, settings["experiment_id"], settings["parent_run_id"], trial_id, setup,
                                 settings["mmlu_threshold"], node=ray.get_runtime_context().get_node_id())
-    try:
-        if settings["workers"] > 1:
-            _fit_distributed(setup, settings, run_id, trial_id)
-        elif "sources" in setup:
-            _run_merge(setup, settings, Path(context.get_trial_dir()), EpochReporter(settings, setup, run_id, _tune_report))
-        else:
-            method = get_method(setup["method"])
-            method.run(Path(settings["model"]), trial_task(settings), None, build_params(method, setup["params"]),
-                       EpochReporter(settings, setup, run_id, _tune_report))
-    except SystemExit:  # how Tune ends a trial its scheduler stopped early: at a report
-        tracking.finish_trial(mlflow, run_id, "finished", stopped_early=True)
-        raise
-    except BaseException:
-        tracking.finish_trial(mlflow, run_id, "failed")
-        raise
+    with released_gpu_cache():
+        try:
+            if settings["workers"] > 1:
+                _fit_distributed(setup, settings, run_id, trial_id)
+            elif "sources" in setup:
+                _run_merge(setup, settings, Path(context.get_trial_dir()), EpochReporter(settings, setup, run_id, _tune_report))
+            else:
+                method = get_method(setup["method"])
+                method.run(Path(settings["model"]), trial_task(settings, method), None, build_params(method, setup["params"]),
+                           EpochReporter(settings, setup, run_id, _tune_report))
+        except SystemExit:  # how Tune ends a trial its scheduler stopped early: at a report
+            tracking.finish_trial(mlflow, run_id, "finished", stopped_early=True)
+            raise
+        except BaseException:
+            tracking.finish_trial(mlflow, run_id, "failed")
+            raise
     tracking.finish_trial(mlflow, run_id, "finished")
 
 
@@ -286,7 +303,7 @@ def _run_merge(setup: dict[str, Any], settings: dict[str, Any], trial_dir: Path,
     """Train each source model with its own sampled settings (or find it trained by an earlier
     trial with the same settings), then merge them; one report."""
     merge = get_method(setup["method"])
-    task = trial_task(settings)
+    task = trial_task(settings, get_method(setup["source_method"]))
     work = trial_dir / "sources"
     try:
         paths = [_source_checkpoint(setup["source_method"], params, settings, task, work / name) for name, params in setup["sources"].items()]
@@ -335,7 +352,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     method = get_method(setup["method"])
     params = build_params(method, {"zero_stage": 2, **setup["params"]})
     reporter = EpochReporter(settings, setup, loop_config["run_id"], _train_report, rank)
-    method.run(Path(settings["model"]), trial_task(settings), None, params, reporter)
+    method.run(Path(settings["model"]), trial_task(settings, method), None, params, reporter)
 
 
 def _fit_distributed(setup: dict[str, Any], settings: dict[str, Any], run_id: str, trial_id: str) -> None:

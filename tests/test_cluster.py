@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.cluster_utils import Cluster
@@ -17,10 +18,11 @@ from transformers import AutoModelForCausalLM
 from conftest import REPO_ROOT
 from unlearn_sweep.corpus.semeval import load_task
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
-from unlearn_sweep.methods.registry import run_method
+from unlearn_sweep.methods.registry import get_method, run_method
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.config import load_config
 from unlearn_sweep.orchestrator.sweep import run_sweep
+from unlearn_sweep.orchestrator.trial import released_gpu_cache, trial_task
 from test_methods import mean_answer_nll
 from test_sweep import LIGHT_EVAL, write_config
 
@@ -71,6 +73,24 @@ def test_fractional_gpus_pack_four_trials_per_gpu(toy_task_dir: Path, tmp_path: 
     runs = child_runs(config, summary)
     assert len(runs) == 4 and all(row["status"] == "finished" for row in summary.rows)
     assert max_overlap(runs) == 4  # 1 GPU / 0.25 per trial, 4 CPUs / 1 per trial
+
+
+def test_a_trial_gives_its_cached_gpu_memory_back_however_it_ends(toy_task_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Actors are reused across trials: on a GPU shared by fractional trials, a reused actor
+    kept the peak reservation of its finished trial (review). And a trial loads the held-out
+    documents only where its method reads them."""
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    with released_gpu_cache():
+        pass
+    with pytest.raises(SystemExit), released_gpu_cache():
+        raise SystemExit  # Tune stopping the trial at a report
+    assert emptied == [True, True]
+    settings = {"data": str(toy_task_dir / "data"), "split": None, "mia": str(toy_task_dir / "mia"),
+                "held_out": str(toy_task_dir / "mia" / "validation" / "nonmember.jsonl")}
+    assert trial_task(settings, get_method("grad_diff")).held_out == ()
+    assert len(trial_task(settings, get_method("mia_target")).held_out) == 24
 
 
 def test_sweep_spreads_over_the_nodes_of_a_cluster(toy_task_dir: Path, tmp_path: Path) -> None:
