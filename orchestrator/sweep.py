@@ -37,6 +37,9 @@ from unlearn_sweep.orchestrator.selection import crown, select, trial_entries
 from unlearn_sweep.orchestrator.trial import decision_epochs, run_trial
 
 log = logging.getLogger(__name__)
+# A trial's objective is -inf until its first full evaluation (with staging, its first decision
+# epoch): Tune's TensorBoard logger records every report and would warn at each of them.
+logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
 METRIC, MODE = OBJECTIVE, "max"  # what ASHA stops on, Optuna is told and Tune keeps checkpoints by
 ASHA_MAX_T = 100  # epochs: above any method's
 # A multi-worker trial only launches its Ray Train run, whose workers hold the resources;

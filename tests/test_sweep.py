@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import signal
@@ -258,6 +259,7 @@ def test_small_sweep_end_to_end(local_ray, toy_task_dir: Path, tmp_path: Path, c
     assert "started with configuration" not in console and "finished iteration" not in console, console  # Tune's per-trial boxes
     assert re.search(r"\[5/5\] trial \w+ \(grad_(diff|ascent)\) (finished|failed).*\| 0 running, \d failed, best \d\.\d{4} \(grad_diff\)", console)
     assert "top: " in console and "\r" not in console
+    assert not logging.getLogger("tensorboardX.x2num").isEnabledFor(logging.WARNING)  # -inf objectives before a first evaluation
     statuses = {row["trial_id"]: row["status"] for row in summary.rows}
     assert len(statuses) == 5
     failed = [row for row in summary.rows if row["status"] == "failed"]
