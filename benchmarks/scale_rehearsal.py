@@ -63,7 +63,7 @@ def train_worker(config: dict) -> None:
     method = get_method("npo")
     params = build_params(method, {**SETTINGS, "zero_stage": config["stage"]})
 
-    def after_training(epoch: int, checkpoint: Path | None) -> None:
+    def after_training(epoch: int, checkpoint: Path | None, last: bool) -> None:
         # The trainer, its engine and the reference are alive here: what they hold, without load-time transients.
         Path(config["results"], f"resident{rank}").write_text(str(resident_bytes() - resident))
 

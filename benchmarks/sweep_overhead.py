@@ -35,7 +35,7 @@ def run_directly(setups: list[dict], task_dir: Path, threads: int) -> None:
     for setup in setups:
         method = get_method(setup["method"])
 
-        def on_epoch(epoch, checkpoint, epochs=setup["epochs"]):
+        def on_epoch(epoch, checkpoint, last, epochs=setup["epochs"]):
             score_records(run_inference(*load_model(checkpoint), sets), None)
             return epoch < epochs
 

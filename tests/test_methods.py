@@ -319,7 +319,7 @@ def test_task_vector_moves_tied_embeddings_once(toy_task_dir: Path, task, tmp_pa
 def test_qlora_scores_what_it_saves(toy_task_dir: Path, task, tmp_path: Path) -> None:
     scored = []
 
-    def keep(epoch: int, checkpoint: Path) -> None:
+    def keep(epoch: int, checkpoint: Path, last: bool) -> None:
         scored.append(load_file(checkpoint / "model.safetensors"))
 
     out = run_method("grad_diff", toy_task_dir / "model", task, tmp_path / "q", {"adapter": "qlora", "learning_rate": 1e-3, "epochs": 1}, keep)
