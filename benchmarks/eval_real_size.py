@@ -11,6 +11,10 @@ set (--fraction) and is timed; tokens/s and the time of the whole set follow fro
 the staged screen (eval.screen_fraction of every set) from those.
 
     python benchmarks/eval_real_size.py [--fraction 0.02] [--threads 2] [--data ../shared/data/semeval25]
+                                        [--size 110M|1B] [--backend hf|vllm]
+
+On a GPU (used where torch sees one) `--size 1B --backend vllm` is the OLMo-2 1B configuration
+(hidden 2048, 16 layers, 16 heads, intermediate 8192) scored by the vLLM backend.
 """
 
 from __future__ import annotations
@@ -28,10 +32,15 @@ from unlearn_sweep.corpus.mia import load_mia
 from unlearn_sweep.corpus.mmlu import MmluQuestion, first_shots, fitted_prompt, format_prompt
 from unlearn_sweep.corpus.semeval import load_task
 from unlearn_sweep.corpus.toy_model import train_tokenizer
-from unlearn_sweep.evaluation import inference
+from unlearn_sweep.corpus.checkpoints import BACKENDS
+from unlearn_sweep.evaluation.evaluator import backend_passes, load
 
 MMLU_QUESTIONS, SUBJECTS, DEV_PER_SUBJECT = 14_042, 57, 5
 OLMO_VOCAB = 50_280
+SIZES = {  # (hidden, intermediate, layers, heads) of the OLMo-2 configurations measured
+    "110M": (768, 2048, 12, 12),
+    "1B": (2048, 8192, 16, 16),
+}
 
 
 def synthetic_mmlu(words: list[str], rng: random.Random) -> tuple[list[MmluQuestion], list[MmluQuestion]]:
@@ -50,17 +59,20 @@ def synthetic_mmlu(words: list[str], rng: random.Random) -> tuple[list[MmluQuest
     return test, dev
 
 
-def build_model(texts: list[str], out_dir: Path) -> tuple[torch.nn.Module, object]:
+def build_model(texts: list[str], out_dir: Path, size: str) -> int:
+    """An OLMo-2 of `size` with random weights saved to out_dir; its parameter count."""
     from transformers import Olmo2Config, Olmo2ForCausalLM
 
     tokenizer = train_tokenizer(texts, OLMO_VOCAB)
-    config = Olmo2Config(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                         num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=4096, tie_word_embeddings=True,
+    hidden, intermediate, layers, heads = SIZES[size]
+    config = Olmo2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096, tie_word_embeddings=True,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     torch.manual_seed(0)
-    Olmo2ForCausalLM(config).save_pretrained(out_dir)
+    model = Olmo2ForCausalLM(config)
+    model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return inference.load_model(out_dir, dtype="bfloat16")
+    return sum(p.numel() for p in model.parameters())
 
 
 def main() -> None:
@@ -70,6 +82,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--screen-fraction", type=float, default=0.2)
+    parser.add_argument("--size", choices=SIZES, default="110M")
+    parser.add_argument("--backend", choices=BACKENDS, default="hf")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = random.Random(0)
@@ -81,10 +95,13 @@ def main() -> None:
     texts = [f"{row.input} {row.output}" for row in task.rows()] + [doc.document for doc in documents] + [format_prompt(q) for q in dev]
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
-        model, tokenizer = build_model(texts, Path(folder))
-        parameters = sum(p.numel() for p in model.parameters())
-        print(f"model: OLMo-2, {parameters / 1e6:.0f}M parameters, vocabulary {len(tokenizer)}, bfloat16, {args.threads} threads "
-              f"(built in {time.perf_counter() - start:.0f} s)")
+        parameters = build_model(texts, Path(folder), args.size)
+        built = time.perf_counter() - start
+        model, tokenizer = load(folder, "bfloat16", args.backend)
+        passes = backend_passes(args.backend)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} threads"
+        print(f"model: OLMo-2, {parameters / 1e6:.0f}M parameters, vocabulary {len(tokenizer)}, bfloat16, {args.backend} backend "
+              f"on {device} (built in {built:.0f} s)")
 
         def count(text: str) -> int:
             return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -96,15 +113,15 @@ def main() -> None:
         prompts = [fitted_prompt(q, shots[q.subject], count) for q in questions]
         stages = []
         start = time.perf_counter()
-        outputs = inference.generate(model, tokenizer, [row.input for row in rows], args.batch_size, 256)
+        outputs = passes.generate(model, tokenizer, [row.input for row in rows], args.batch_size, 256)
         generated = sum(count(output) for output in outputs)
         stages.append(("generation (forget + retain rows, 256 new tokens)", len(task.rows()), len(rows),
                        sum(count(row.input) for row in rows) + generated, time.perf_counter() - start))
         start = time.perf_counter()
-        inference.document_loss(model, tokenizer, [doc.document for doc in docs], args.batch_size)
+        passes.document_loss(model, tokenizer, [doc.document for doc in docs], args.batch_size)
         stages.append(("MIA document losses", len(documents), len(docs), sum(count(doc.document) for doc in docs), time.perf_counter() - start))
         start = time.perf_counter()
-        inference.choose_letters(model, tokenizer, prompts, args.batch_size)
+        passes.choose_letters(model, tokenizer, prompts, args.batch_size)
         stages.append(("MMLU 5-shot (last position only)", len(mmlu), len(questions), sum(map(count, prompts)), time.perf_counter() - start))
     print(f"sample: {args.fraction:.0%} of each set (seed 0); projected: the whole set at the sample's rate\n")
     print("| stage | set size | sampled | tokens (sample) | tokens/s | sample s | projected whole set | projected screen |")

@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from unlearn_sweep.corpus.checkpoints import BACKENDS
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.mia import load_mia
 from unlearn_sweep.corpus.mmlu import MmluQuestion, first_shots, fitted_prompt, load_mmlu
@@ -26,6 +27,33 @@ GENERATIONS, MIA, MMLU, SCORES = "generations.jsonl", "mia.jsonl", "mmlu.jsonl",
 DEFAULT_SHOTS = 5  # MMLU 5-shot, as the organizers ran it, where the set has dev examples
 # Generation settings of the task's own scoring: a score computed otherwise says so in scores.json.
 TASK_SETTINGS = {"dtype": "bfloat16", "max_new_tokens": 256}
+
+
+def backend_passes(backend: str):
+    """The module holding `backend`'s load_model, generate, document_loss and choose_letters:
+    `evaluation.inference` (Hugging Face) or `evaluation.vllm_inference`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "vllm":
+        from unlearn_sweep.evaluation import vllm_inference  # imports nothing of vLLM until a model is loaded
+
+        return vllm_inference
+    return inference
+
+
+def load(model_dir: str | Path, dtype: str = "bfloat16", backend: str = "hf", vllm_memory: float | None = None):
+    """(model, tokenizer) of a checkpoint for `backend`'s passes; `vllm_memory`: the share of the
+    GPU a vLLM engine may take (vllm_inference.GPU_SHARE if None)."""
+    if backend == "vllm" and vllm_memory is not None:
+        return backend_passes(backend).load_model(model_dir, dtype, vllm_memory)
+    return backend_passes(backend).load_model(model_dir, dtype=dtype)
+
+
+def release(model, backend: str = "hf") -> None:
+    """Give a loaded model's memory back before the next is loaded: a vLLM engine holds its
+    share of the GPU until it is shut down; an HF model goes with its last reference."""
+    if backend == "vllm":
+        backend_passes(backend).release(model)
 
 
 @dataclass(frozen=True)
@@ -86,11 +114,14 @@ def eval_settings(sets: EvalSets, dtype: str, max_new_tokens: int) -> dict:
 
 
 def run_inference(model, tokenizer, sets: EvalSets, batch_size: int = 32, max_new_tokens: int = 256,
-                  answer_nll: bool = False) -> dict[str, list[dict]]:
-    """The three record lists for one in-memory model. The gold answers' NLL (a diagnostic
-    no score uses) costs a pass of its own: only with answer_nll."""
+                  answer_nll: bool = False, backend: str = "hf") -> dict[str, list[dict]]:
+    """The three record lists for one loaded model (`load(..., backend)`). The gold answers'
+    NLL (a diagnostic no score uses) costs a pass of its own: only with answer_nll, on the HF backend."""
+    passes = backend_passes(backend)
+    if answer_nll and backend != "hf":
+        raise ValueError("answer_nll is computed by the hf backend only")
     prompts = [row.input for row in sets.rows]
-    outputs = inference.generate(model, tokenizer, prompts, batch_size, max_new_tokens)
+    outputs = passes.generate(model, tokenizer, prompts, batch_size, max_new_tokens)
     nlls = inference.answer_nll(model, tokenizer, prompts, [row.output for row in sets.rows], batch_size) if answer_nll else None
     records = {
         GENERATIONS: [
@@ -102,7 +133,7 @@ def run_inference(model, tokenizer, sets: EvalSets, batch_size: int = 32, max_ne
         MMLU: [],
     }
     if sets.mia:
-        losses = inference.document_loss(model, tokenizer, [doc.document for doc in sets.mia], batch_size)
+        losses = passes.document_loss(model, tokenizer, [doc.document for doc in sets.mia], batch_size)
         records[MIA] = [{"id": doc.id, "membership": doc.membership, "nll": loss} for doc, loss in zip(sets.mia, losses)]
     if sets.mmlu:
         shots = sets.mmlu_shots or {}
@@ -111,7 +142,7 @@ def run_inference(model, tokenizer, sets: EvalSets, batch_size: int = 32, max_ne
             return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
         prompts = [fitted_prompt(q, shots.get(q.subject, []), token_count) for q in sets.mmlu]
-        predicted = inference.choose_letters(model, tokenizer, prompts, batch_size)
+        predicted = passes.choose_letters(model, tokenizer, prompts, batch_size)
         records[MMLU] = [
             {"id": index, "subject": q.subject, "answer": q.answer, "predicted": p}
             for index, (q, p) in enumerate(zip(sets.mmlu, predicted))
@@ -150,11 +181,14 @@ def _write_atomically(path: Path, text: str) -> None:
 
 def evaluate_checkpoint(model_dir: str | Path, sets: EvalSets, out_dir: str | Path | None = None,
                         batch_size: int = 32, max_new_tokens: int = 256, mmlu_threshold: float | None = None,
-                        dtype: str = "bfloat16", answer_nll: bool = False) -> dict:
+                        dtype: str = "bfloat16", answer_nll: bool = False, backend: str = "hf") -> dict:
     """Load (in `dtype`, bfloat16 as the organizers did), infer, score, and (with out_dir)
     write the records and scores.json."""
-    model, tokenizer = inference.load_model(model_dir, dtype=dtype)
-    records = run_inference(model, tokenizer, sets, batch_size, max_new_tokens, answer_nll)
+    model, tokenizer = load(model_dir, dtype, backend)
+    try:
+        records = run_inference(model, tokenizer, sets, batch_size, max_new_tokens, answer_nll, backend)
+    finally:
+        release(model, backend)
     scores = score_records(records, mmlu_threshold, eval_settings(sets, dtype, max_new_tokens))
     if out_dir is not None:
         write_results(out_dir, records, scores)

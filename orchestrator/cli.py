@@ -9,7 +9,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from unlearn_sweep.corpus.checkpoints import DTYPES
+from unlearn_sweep.corpus.checkpoints import BACKENDS, DTYPES
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.methods.registry import ParamError
 
@@ -105,7 +105,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     task = Path("toy_task")
     if not (task / "toy_task.json").exists():
-        print("building the miniature task in ./toy_task (about 2 minutes on 2 cores)", flush=True)
+        print("building the miniature task in ./toy_task (2 to 7 minutes on 2 cores)", flush=True)
         write_toy_task(task, log_every=50)
     raw = {
         "name": time.strftime("demo-%Y%m%d-%H%M%S"),
@@ -266,11 +266,17 @@ def print_scores(scores: dict) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from unlearn_sweep.evaluation import vllm_inference
     from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 
     threshold = _threshold(args)
+    if args.backend == "vllm" and (reason := vllm_inference.unavailable()):
+        raise UsageError(f"--backend vllm: {reason}")
+    if args.backend == "vllm" and args.answer_nll:
+        raise UsageError("--answer-nll: the gold answers' NLL is computed by the hf backend only")
     sets = EvalSets.load(args.data, args.split, args.mia, args.mmlu, args.mmlu_shots)
-    scores = evaluate_checkpoint(args.model, sets, args.out, args.batch_size, args.max_new_tokens, threshold, args.dtype, args.answer_nll)
+    scores = evaluate_checkpoint(args.model, sets, args.out, args.batch_size, args.max_new_tokens, threshold, args.dtype, args.answer_nll,
+                                 args.backend)
     print(f"scores of {args.model} (records in {args.out}):")
     print_scores(scores)
     return 0
@@ -367,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=_count(1), default=256)
     evaluate.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="inference dtype (the organizers loaded models in bfloat16)")
     evaluate.add_argument("--answer-nll", action="store_true", help="also record each gold answer's NLL (a diagnostic; no score uses it)")
+    evaluate.add_argument("--backend", choices=BACKENDS, default="hf", help="inference engine: hf (Hugging Face, everywhere) or vllm "
+                          "(optional, on a GPU where vLLM is installed; same records)")
     _add_threshold_options(evaluate)
     evaluate.set_defaults(run=_evaluate)
 

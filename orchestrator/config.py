@@ -26,6 +26,7 @@
     searcher: tpe                   # tpe (constrained TPE) | random (Optuna's random sampler, same constraint handling)
     asha: {grace_period: 1, reduction_factor: 2}    # null: no early stopping (every trial runs all its epochs)
     eval: {batch_size: 32, max_new_tokens: 256, dtype: bfloat16, answer_nll: false,
+           backend: hf, vllm_memory: 0.4,   # vllm: the optional GPU backend, taking vllm_memory of each GPU
            screen: true, screen_fraction: 0.2, screen_margin: 0.05, screen_confidence: 0.95, screen_hold: 2}
     mlflow: {tracking_uri: sqlite:///mlflow.db, experiment: null}   # experiment defaults to name
     ray_address: local              # or auto, on a cluster
@@ -44,8 +45,9 @@ from typing import Any
 
 import yaml
 
-from unlearn_sweep.corpus.checkpoints import DTYPES
+from unlearn_sweep.corpus.checkpoints import BACKENDS, DTYPES
 from unlearn_sweep.corpus.errors import DataError
+from unlearn_sweep.evaluation import vllm_inference
 from unlearn_sweep.evaluation.scoring import MmluThreshold
 from unlearn_sweep.orchestrator.tracking import check_store
 
@@ -53,6 +55,7 @@ from unlearn_sweep.orchestrator.tracking import check_store
 SEARCHERS = ("tpe", "random")
 ASHA_DEFAULTS = {"grace_period": 1, "reduction_factor": 2}
 EVAL_DEFAULTS = {"batch_size": 32, "max_new_tokens": 256, "dtype": "bfloat16", "answer_nll": False,
+                 "backend": "hf", "vllm_memory": vllm_inference.GPU_SHARE,
                  # staged evaluation (evaluation/screening.py): screen each epoch on a stratified subset first
                  "screen": True, "screen_fraction": 0.2, "screen_margin": 0.05, "screen_confidence": 0.95, "screen_hold": 2}
 
@@ -330,7 +333,13 @@ def _eval_options(path: Path, raw: Any) -> dict[str, Any]:
     _one_of(path, "eval.dtype", options["dtype"], DTYPES)
     for key in ("answer_nll", "screen"):
         _expect(path, f"eval.{key}", options[key], bool, "true or false")
-    ranges = {"screen_fraction": ("in (0, 1]", lambda v: 0 < v <= 1), "screen_margin": ("in [0, 1)", lambda v: 0 <= v < 1),
+    if _one_of(path, "eval.backend", options["backend"], BACKENDS) == "vllm":
+        if not vllm_inference.installed():
+            raise ConfigError(path, vllm_inference.MISSING, field="eval.backend")
+        if options["answer_nll"]:
+            raise ConfigError(path, "the gold answers' NLL is computed by the hf backend only", field="eval.answer_nll")
+    ranges = {"vllm_memory": ("in (0, 1)", lambda v: 0 < v < 1),
+              "screen_fraction": ("in (0, 1]", lambda v: 0 < v <= 1), "screen_margin": ("in [0, 1)", lambda v: 0 <= v < 1),
               "screen_confidence": ("in [0.5, 1)", lambda v: 0.5 <= v < 1)}
     for key, (interval, valid) in ranges.items():
         if not valid(_expect(path, f"eval.{key}", options[key], (int, float), "a number")):

@@ -157,7 +157,7 @@ def _evaluate_base(config: SweepConfig) -> tuple[dict, str]:
     torch.set_num_threads(max(1, int(config.resources_per_trial["cpu"])))
     sets = EvalSets.load(config.data, config.split, config.mia, config.mmlu, config.mmlu_shots)
     scores = evaluate_checkpoint(config.model, sets, batch_size=config.eval["batch_size"], max_new_tokens=config.eval["max_new_tokens"],
-                                 dtype=config.eval["dtype"])
+                                 dtype=config.eval["dtype"], backend=config.eval["backend"])
     return scores, ray.get_runtime_context().get_node_id()
 
 
@@ -190,7 +190,7 @@ def run_sweep(config: SweepConfig, resume: bool = False, verbose: bool = False) 
         "held_out": None if config.held_out is None else str(config.held_out),
         "mmlu": str(config.mmlu), "mmlu_shots": config.mmlu_shots, "mmlu_threshold": threshold,
         "batch_size": config.eval["batch_size"], "max_new_tokens": config.eval["max_new_tokens"],
-        **{key: config.eval[key] for key in ("dtype", "answer_nll", "screen", "screen_fraction", "screen_margin", "screen_confidence",
+        **{key: config.eval[key] for key in ("dtype", "answer_nll", "backend", "vllm_memory", "screen", "screen_fraction", "screen_margin", "screen_confidence",
                                                  "screen_hold")},
         "decision_epochs": decision_epochs(config.asha, ASHA_MAX_T),  # where a staged trial's full evaluation is due
         "tracking_uri": config.tracking_uri, "experiment_id": experiment, "parent_run_id": parent_run_id,

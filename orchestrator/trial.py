@@ -30,8 +30,8 @@ from ray import tune
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.mia import load_held_out
 from unlearn_sweep.corpus.semeval import TaskData, load_task
-from unlearn_sweep.evaluation.evaluator import MMLU, EvalSets, eval_settings, merge_shards, run_inference, score_records, write_results
-from unlearn_sweep.evaluation.inference import load_model
+from unlearn_sweep.evaluation.evaluator import (MMLU, EvalSets, eval_settings, load, merge_shards, release, run_inference,
+                                                score_records, write_results)
 from unlearn_sweep.evaluation.screening import Split, needs_full_evaluation
 from unlearn_sweep.methods.registry import Method, build_params, get_method, run_method
 from unlearn_sweep.methods.training import plain_transformers
@@ -127,7 +127,7 @@ class EpochReporter:
     def _records(self, model, tokenizer, sets: EvalSets) -> dict[str, list[dict]] | None:
         """This rank's share of the sets' records; on rank 0, all of them in the sets' order."""
         records = run_inference(model, tokenizer, sets.shard(self.rank, self.world), self.settings["batch_size"],
-                                self.settings["max_new_tokens"], self.settings["answer_nll"])
+                                self.settings["max_new_tokens"], self.settings["answer_nll"], self.settings["backend"])
         if self.world == 1:
             return records
         shards = [None] * self.world if self.rank == 0 else None
@@ -170,8 +170,13 @@ class EpochReporter:
         """On rank 0: this epoch's own scores (its screen, or its full evaluation), whether the
         screen made it a candidate, and the epochs fully evaluated now, in epoch order:
         (epoch, folder, records, scores). Elsewhere (None, False, [])."""
+        backend = self.settings["backend"]
+
+        def loaded(folder: Path):
+            return load(folder, self.settings["dtype"], backend, self.settings["vllm_memory"])
+
         with plain_transformers():  # a whole model on each rank, also in a ZeRO-3 run
-            model, tokenizer = load_model(checkpoint, dtype=self.settings["dtype"])
+            model, tokenizer = loaded(checkpoint)
             own, candidate, targets = None, True, [(epoch, str(checkpoint))]
             if self.split is not None:
                 screened = self._records(model, tokenizer, self.split.screened(self.sets))
@@ -190,11 +195,13 @@ class EpochReporter:
             evaluated = []
             for target_epoch, folder in targets:  # this epoch first: its model is loaded
                 if target_epoch != epoch:
+                    release(model, backend)
                     del model
-                    model, tokenizer = load_model(Path(folder), dtype=self.settings["dtype"])
+                    model, tokenizer = loaded(Path(folder))
                 # The whole sets in one pass, not the rest beside the screened part: in bfloat16 a row's
                 # numbers depend on its batch, and the saved checkpoint must re-evaluate to its logged score.
                 evaluated.append((target_epoch, Path(folder), self._records(model, tokenizer, self.sets)))
+            release(model, backend)
         if self.rank != 0:
             return None, False, []
         evaluated = sorted((target_epoch, folder, records, self._score(records, "full")) for target_epoch, folder, records in evaluated)

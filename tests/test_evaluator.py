@@ -10,8 +10,9 @@ import torch
 
 from unlearn_sweep.corpus.mmlu import format_prompt, load_mmlu
 from unlearn_sweep.corpus.semeval import load_task
-from unlearn_sweep.evaluation import inference
-from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint, rescore
+from unlearn_sweep.corpus.checkpoints import BACKENDS
+from unlearn_sweep.evaluation import inference, vllm_inference
+from unlearn_sweep.evaluation.evaluator import GENERATIONS, MIA, MMLU, EvalSets, evaluate_checkpoint, load, release, rescore, run_inference
 from unlearn_sweep.orchestrator.cli import main
 
 
@@ -26,8 +27,11 @@ def test_batched_equals_one_row_at_a_time(toy_task_dir: Path, base) -> None:
     rows = load_task(toy_task_dir / "data").rows()[::3]
     prompts, answers = [r.input for r in rows], [r.output for r in rows]
     assert inference.generate(model, tokenizer, prompts, batch_size=16) == inference.generate(model, tokenizer, prompts, batch_size=1)
+    # In bfloat16 a row's logits change slightly with its batch's shape, enough to flip a near-tie of greedy
+    # decoding now and then (1 of the toy task's 240 rows on one CPU, none on another): nearly all, not all.
     bf16, _ = inference.load_model(toy_task_dir / "model")
-    assert inference.generate(bf16, tokenizer, prompts, batch_size=16) == inference.generate(bf16, tokenizer, prompts, batch_size=1)
+    batched, alone = inference.generate(bf16, tokenizer, prompts, batch_size=16), inference.generate(bf16, tokenizer, prompts, batch_size=1)
+    assert sum(a == b for a, b in zip(batched, alone)) >= 0.95 * len(prompts)
     assert inference.answer_nll(model, tokenizer, prompts, answers, batch_size=16) == pytest.approx(
         inference.answer_nll(model, tokenizer, prompts, answers, batch_size=1), abs=1e-4)
     documents = [f"{r.input} {r.output}" for r in rows if r.kind == "sc"]
@@ -42,7 +46,7 @@ def test_base_model_scores_and_score_reproduces_evaluate(toy_task_dir: Path, tmp
     scores = evaluate_checkpoint(toy_task_dir / "model", sets, tmp_path, mmlu_threshold=0.5)
     for split in ("forget", "retain"):
         for task in ("Task1", "Task2", "Task3"):
-            assert min(scores["per_task"][split][task].values()) >= 0.8
+            assert min(scores["per_task"][split][task].values()) >= 0.7  # as test_base_model_has_memorised_the_task
     assert scores["mia_auc"] >= 0.9 and scores["mmlu_accuracy"] >= 0.8
     # Memorised forget set: the forget terms are ~0, so the aggregate is ~0 and MIA score ~0.
     assert scores["task_aggregate"] < 0.1 and scores["eligible"] is True
@@ -190,3 +194,28 @@ def test_outputs_get_the_users_normal_permissions(toy_task_dir: Path, tmp_path: 
     for folder in (out, unlearned):  # readable by teammates on shared storage, as mkdir and open would make them
         assert stat.S_IMODE(folder.stat().st_mode) == 0o755
         assert {stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()} == {0o644}, folder
+
+
+def test_the_vllm_backend_is_refused_where_it_cannot_run(toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    if vllm_inference.unavailable() is None:
+        pytest.skip("vLLM runs here: test_the_vllm_backend_gives_the_hf_records covers it")
+    out = tmp_path / "out"
+    assert main(["evaluate", "--model", str(toy_task_dir / "model"), "--data", str(toy_task_dir / "data"), "--out", str(out),
+                 "--backend", "vllm"]) == 2
+    assert capsys.readouterr().err == f"unlearn-sweep: error: --backend vllm: {vllm_inference.unavailable()}\n" and not out.exists()
+
+
+@pytest.mark.skipif(vllm_inference.unavailable() is not None, reason="needs vLLM and a CUDA GPU")
+def test_the_vllm_backend_gives_the_hf_records(toy_task_dir: Path) -> None:
+    """On a GPU with vLLM: the same greedy generations, MMLU letters and document losses as the HF
+    backend, in float32 (in bfloat16 two engines' kernels round differently, as batches do)."""
+    sets = EvalSets.load(toy_task_dir / "data", mia=toy_task_dir / "mia", mmlu=toy_task_dir / "mmlu")
+    records = {}
+    for backend in BACKENDS:
+        model, tokenizer = load(toy_task_dir / "model", "float32", backend)
+        records[backend] = run_inference(model, tokenizer, sets, backend=backend)
+        release(model, backend)
+    hf, vllm = records["hf"], records["vllm"]
+    assert [row["model_output"] for row in vllm[GENERATIONS]] == [row["model_output"] for row in hf[GENERATIONS]]
+    assert [row["predicted"] for row in vllm[MMLU]] == [row["predicted"] for row in hf[MMLU]]
+    assert [row["nll"] for row in vllm[MIA]] == pytest.approx([row["nll"] for row in hf[MIA]], abs=1e-3)

@@ -10,6 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from unlearn_sweep.evaluation.evaluator import EvalSets
 from unlearn_sweep.evaluation.screening import Split, mmlu_upper_bound, needs_full_evaluation
@@ -63,19 +65,30 @@ def reporter_for(settings: dict, name: str, threshold: float, reports: list, kep
     return EpochReporter(settings, {"method": "npo", "params": {}}, run_id, report), run_id
 
 
-@pytest.mark.parametrize("threshold, stage", [(1.0, "screen"), (0.5, "full")])
-def test_an_epoch_is_fully_evaluated_and_saved_only_where_it_could_be_the_best(threshold: float, stage: str, toy_task_dir: Path,
-                                                                                tmp_path: Path) -> None:
+def untrained_copy(model_dir: Path, out: Path) -> Path:
+    """The toy model's architecture and tokenizer with fresh random weights: MMLU at chance."""
+    shutil.copytree(model_dir, out)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("trained, threshold, stage", [(False, 0.95, "screen"), (True, 0.5, "full")])
+def test_an_epoch_is_fully_evaluated_and_saved_only_where_it_could_be_the_best(trained: bool, threshold: float, stage: str,
+                                                                                toy_task_dir: Path, tmp_path: Path) -> None:
     settings = reporter_settings(toy_task_dir, tmp_path, threshold)
     mlflow = tracking.client(settings["tracking_uri"])
     reports = []
     reporter, run_id = reporter_for(settings, "screening", threshold, reports, tmp_path)
-    checkpoint = Path(shutil.copytree(toy_task_dir / "model", tmp_path / "epoch-1"))
+    if trained:
+        checkpoint = Path(shutil.copytree(toy_task_dir / "model", tmp_path / "epoch-1"))
+    else:
+        checkpoint = untrained_copy(toy_task_dir / "model", tmp_path / "epoch-1")
     reporter(1, checkpoint, True)
     ((metrics, saved),) = reports
     assert metrics["full_evaluation"] == (1.0 if stage == "full" else 0.0)
     assert [m.value for m in mlflow.get_metric_history(run_id, "full_evaluation")] == [metrics["full_evaluation"]]
-    if stage == "screen":  # the base model's 5-shot MMLU (0.9) is confidently below 1.0 on the subset: never eligible
+    if stage == "screen":  # an untrained model's MMLU (chance) is confidently below 0.95 on the subset: never eligible
         assert saved is None and not metrics["eligible"] and not (checkpoint / "scores.json").exists()
     else:  # the first eligible epoch is the trial's best: fully evaluated, saved with its full records
         assert json.loads((saved / "scores.json").read_text())["stage"] == "full"

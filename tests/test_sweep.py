@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
+from unlearn_sweep.evaluation import vllm_inference
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.methods.registry import run_method
 from unlearn_sweep.orchestrator import tracking
@@ -80,6 +81,10 @@ def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
         ({"eval": {"dtype": "fp8"}}, "field 'eval.dtype': expected one of bfloat16, float16, float32, auto, got 'fp8'"),
         ({"eval": {"screen": "yes"}}, "field 'eval.screen': expected true or false, got 'yes'"),
         ({"eval": {"screen_hold": 0}}, "field 'eval': screen_hold must be a positive integer, got 0"),
+        ({"eval": {"backend": "tgi"}}, "field 'eval.backend': expected one of hf, vllm, got 'tgi'"),
+        ({"eval": {"vllm_memory": 1.5}}, "field 'eval.vllm_memory': expected a number in (0, 1), got 1.5"),
+        pytest.param({"eval": {"backend": "vllm"}}, "field 'eval.backend': the vllm backend needs the vllm package",
+                     marks=pytest.mark.skipif(vllm_inference.installed(), reason="vLLM is installed here")),
         ({"mlflow": {"tracking_uri": "sqlite:////nonexistent/folder/mlflow.db"}}, "field 'mlflow.tracking_uri': /nonexistent/folder: folder of the MLflow store does not exist"),
         ({"storage_path": "/proc/sweeps"}, "field 'storage_path': /proc/sweeps cannot be written"),
         ({"storage_path": "sweep.yaml/runs"}, "sweep.yaml/runs cannot be written ("),
