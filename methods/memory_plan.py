@@ -128,8 +128,9 @@ def evaluation_bytes(shape: ModelShape, eval_dtype: str) -> int:
     return {"float32": 4, "auto": 4}.get(eval_dtype, 2) * shape.total
 
 
-def estimate(shape: ModelShape, params: Any, uses_reference: bool, forwards: int, workers: int, eval_dtype: str | None = None) -> Estimate:
-    """Peak bytes per GPU; with eval_dtype, the per-epoch evaluation's copy of the model too."""
+def estimate(shape: ModelShape, params: Any, uses_reference: bool, forwards: int, workers: int, evaluation: int = 0) -> Estimate:
+    """Peak bytes per GPU; `evaluation`: what the per-epoch evaluation takes beside the training
+    engine (`evaluation_bytes`, or a vLLM engine's share of the GPU)."""
     return Estimate(model_state_bytes(shape, params, workers), reference_bytes(shape, params, uses_reference, workers),
-                    activation_bytes(shape, params, forwards, workers), evaluation_bytes(shape, eval_dtype) if eval_dtype else 0)
+                    activation_bytes(shape, params, forwards, workers), evaluation)
 

@@ -10,7 +10,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from unlearn_sweep.methods.memory_plan import GIB, Estimate, ModelShape, estimate
+from unlearn_sweep.methods.memory_plan import GIB, Estimate, ModelShape, estimate, evaluation_bytes
 from unlearn_sweep.methods.registry import build_params, get_method
 from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
 from unlearn_sweep.orchestrator.search import load_space
@@ -51,8 +51,18 @@ def _worst_cases(method: str, space: dict[str, Any], workers: int) -> list[Any]:
     return [build_params(method_object, {**constants, **combination}) for combination in combinations]
 
 
+def evaluation_reservation(config: SweepConfig, shape: ModelShape) -> int:
+    """What an epoch's evaluation holds on a GPU beside the training engine: the model in the
+    inference dtype, or with the vLLM backend the engine's share of the whole GPU (weights and
+    KV cache), whatever the model's size."""
+    if config.eval["backend"] == "vllm" and config.gpu_memory_gb:
+        return int(config.eval["vllm_memory"] * config.gpu_memory_gb * GIB)
+    return evaluation_bytes(shape, config.eval["dtype"])
+
+
 def plan_sweep(config: SweepConfig) -> list[PlanRow]:
     shape = ModelShape.from_config(config.model)
+    evaluation = evaluation_reservation(config, shape)
     workers = config.workers
     gpu = config.resources_per_trial.get("gpu", 0)
     available = config.gpu_memory_gb * GIB * min(gpu, 1) if config.gpu_memory_gb and gpu else None
@@ -63,7 +73,8 @@ def plan_sweep(config: SweepConfig) -> list[PlanRow]:
         for name, params_space in trained:
             trainer = get_method(name).Trainer
             for params in _worst_cases(name, params_space, workers):
-                rows.append(PlanRow(name, params, estimate(shape, params, trainer.uses_reference, trainer.forwards, workers, config.eval["dtype"]), available, shape))
+                rows.append(PlanRow(name, params, estimate(shape, params, trainer.uses_reference, trainer.forwards, workers, evaluation),
+                                    available, shape))
     return rows
 
 
@@ -78,7 +89,7 @@ def _fix(row: PlanRow, config: SweepConfig) -> str:
                           dataclasses.replace(row.params, zero_stage=3, bf16=True, gradient_checkpointing=True), workers))
     tries.append(("adapter: lora", dataclasses.replace(row.params, adapter="lora"), config.workers))
     for phrase, params, workers in tries:
-        if estimate(row.shape, params, trainer.uses_reference, trainer.forwards, workers, config.eval["dtype"]).total <= row.available:
+        if estimate(row.shape, params, trainer.uses_reference, trainer.forwards, workers, row.estimate.evaluation).total <= row.available:
             return phrase
     return "a GPU with more memory"
 

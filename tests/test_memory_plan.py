@@ -3,6 +3,7 @@ estimators, and a sweep refused before launch when its trials cannot fit."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-from unlearn_sweep.methods.memory_plan import ModelShape, model_state_bytes
+from unlearn_sweep.methods.memory_plan import GIB, ModelShape, model_state_bytes
 from unlearn_sweep.methods.registry import build_params, get_method
 from unlearn_sweep.orchestrator.cli import main
 from unlearn_sweep.orchestrator.config import ConfigError, load_config
@@ -96,3 +97,21 @@ def test_worst_case_of_the_space_is_planned(toy_task_dir: Path, tmp_path: Path) 
     assert {row.params.batch_size for row in rows} == {32}
     full, lora = sorted(rows, key=lambda row: row.params.adapter)
     assert lora.estimate.model_states < full.estimate.model_states / 3 and lora.estimate.reference == 0 < full.estimate.reference
+
+
+def test_a_vllm_engines_share_of_the_gpu_is_planned(toy_task_dir: Path, tmp_path: Path) -> None:
+    """The vLLM backend reserves its share of the whole GPU for each evaluation, beside the
+    training engine, however small the model: the plan counts that share, not the model's copy."""
+    model = write_olmo2_config(tmp_path / "olmo2-7b", "7B")
+    path = write_config(tmp_path, toy_task_dir, model=str(model), methods=["npo"], gpu_memory_gb=80,
+                        resources_per_trial={"cpu": 8, "gpu": 1, "workers": 8}, eval={"dtype": "bfloat16"},
+                        search_space_overrides={"npo": {"adapter": "full", "bf16": True, "batch_size": 16, "max_length": 256, "zero_stage": 3}})
+    config = load_config(path)
+    (hf,) = check_memory(config)
+    assert hf.estimate.evaluation == 2 * hf.shape.total  # the bfloat16 copy of the model
+    shared = dataclasses.replace(config, eval={**config.eval, "backend": "vllm", "vllm_memory": 0.4})
+    (vllm,) = check_memory(shared)
+    assert vllm.estimate.evaluation == int(0.4 * 80 * GIB) and vllm.estimate.total > hf.estimate.total
+    greedy = dataclasses.replace(config, eval={**config.eval, "backend": "vllm", "vllm_memory": 0.9})
+    with pytest.raises(ConfigError, match=r"field 'gpu_memory_gb': npo \(adapter full, zero_stage 3.*80.0 GiB available"):
+        check_memory(greedy)
