@@ -1,4 +1,4 @@
-"""Evaluation at the real task's size, on a CPU: what one epoch's scoring costs a sweep.
+"""Evaluation at the real task's size, on a CPU (or a GPU where torch sees one): what one epoch's scoring costs a sweep.
 
 An OLMo-2 of about 120M parameters built from a config (random weights; a byte-level BPE
 tokenizer of OLMo's vocabulary size, 50,280, trained here on the task's own text, so token
