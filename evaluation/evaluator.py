@@ -119,7 +119,7 @@ def run_inference(model, tokenizer, sets: EvalSets, batch_size: int = 32, max_ne
     NLL (a diagnostic no score uses) costs a pass of its own: only with answer_nll, on the HF backend."""
     passes = backend_passes(backend)
     if answer_nll and backend != "hf":
-        raise ValueError("answer_nll is computed by the hf backend only")
+        raise ValueError(passes.NO_ANSWER_NLL)
     prompts = [row.input for row in sets.rows]
     outputs = passes.generate(model, tokenizer, prompts, batch_size, max_new_tokens)
     nlls = inference.answer_nll(model, tokenizer, prompts, [row.output for row in sets.rows], batch_size) if answer_nll else None

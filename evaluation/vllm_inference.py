@@ -16,17 +16,18 @@ import gc
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from unlearn_sweep.corpus.checkpoints import check_checkpoint
-from unlearn_sweep.evaluation.inference import letter_token_ids
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# The sweep's config reads the facts below: torch and transformers load only with a model.
 GPU_SHARE = 0.4  # of a GPU, weights and KV cache together, by default: in a trial the training engine holds the rest
 MISSING = "the vllm backend needs the vllm package (pip install vllm, on a machine with a CUDA GPU)"
 NO_GPU = "the vllm backend needs a CUDA GPU, and torch sees none"
+NO_ANSWER_NLL = "the gold answers' NLL is computed by the hf backend only"
 
 
 def installed() -> bool:
@@ -37,6 +38,8 @@ def unavailable() -> str | None:
     """Why vLLM cannot run in this process, or None where it can."""
     if not installed():
         return MISSING
+    import torch
+
     return None if torch.cuda.is_available() else NO_GPU
 
 
@@ -46,6 +49,7 @@ def load_model(model_dir: str | Path, dtype: str = "bfloat16", gpu_memory_utiliz
     reason = unavailable()
     if reason:
         raise RuntimeError(reason)
+    from transformers import AutoTokenizer
     from vllm import LLM
 
     check_checkpoint(model_dir)
@@ -59,6 +63,8 @@ def load_model(model_dir: str | Path, dtype: str = "bfloat16", gpu_memory_utiliz
 def release(engine: Any) -> None:
     """Stop the engine's core process and give its GPU memory back (a trial builds one per
     evaluated checkpoint)."""
+    import torch
+
     engine.llm_engine.engine_core.shutdown()
     gc.collect()
     torch.cuda.empty_cache()
@@ -96,6 +102,8 @@ def document_loss(engine: Any, tokenizer: PreTrainedTokenizerBase, documents: Se
 
 def choose_letters(engine: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], batch_size: int = 16) -> list[int]:
     """Index of the most probable answer letter after each prompt: the greedy next token among the four."""
+    from unlearn_sweep.evaluation.inference import letter_token_ids
+
     letters = letter_token_ids(tokenizer)
     limit = _context_length(engine)
     outputs = _run(engine, [tokenizer(prompt)["input_ids"][-limit:] for prompt in prompts],

@@ -273,7 +273,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.backend == "vllm" and (reason := vllm_inference.unavailable()):
         raise UsageError(f"--backend vllm: {reason}")
     if args.backend == "vllm" and args.answer_nll:
-        raise UsageError("--answer-nll: the gold answers' NLL is computed by the hf backend only")
+        raise UsageError(f"--answer-nll: {vllm_inference.NO_ANSWER_NLL}")
     sets = EvalSets.load(args.data, args.split, args.mia, args.mmlu, args.mmlu_shots)
     scores = evaluate_checkpoint(args.model, sets, args.out, args.batch_size, args.max_new_tokens, threshold, args.dtype, args.answer_nll,
                                  args.backend)

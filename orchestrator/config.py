@@ -337,7 +337,7 @@ def _eval_options(path: Path, raw: Any) -> dict[str, Any]:
         if not vllm_inference.installed():
             raise ConfigError(path, vllm_inference.MISSING, field="eval.backend")
         if options["answer_nll"]:
-            raise ConfigError(path, "the gold answers' NLL is computed by the hf backend only", field="eval.answer_nll")
+            raise ConfigError(path, vllm_inference.NO_ANSWER_NLL, field="eval.answer_nll")
     ranges = {"vllm_memory": ("in (0, 1)", lambda v: 0 < v < 1),
               "screen_fraction": ("in (0, 1]", lambda v: 0 < v <= 1), "screen_margin": ("in [0, 1)", lambda v: 0 <= v < 1),
               "screen_confidence": ("in [0.5, 1)", lambda v: 0.5 <= v < 1)}

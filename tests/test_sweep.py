@@ -570,3 +570,10 @@ def test_a_sweep_against_a_real_tracking_server(local_ray, toy_task_dir: Path, t
         assert json.loads((exported / "scores.json").read_text())["final_score"] == pytest.approx(summary.champion["final_score"])
         assert (exported / "model.safetensors").exists()
     assert not (tmp_path / "mlflow.db").exists()  # everything went to the server
+
+
+def test_reading_a_config_loads_no_torch() -> None:
+    """A config is read on the driver (a cluster's CPU-only head) and by plan/validate: the
+    evaluation backends' facts it checks come without torch or transformers."""
+    code = "import sys, unlearn_sweep.orchestrator.config; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
