@@ -10,7 +10,8 @@ from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.tables import read_records, require_fields
 
 MEMBERSHIPS = ("member", "nonmember")
-HELD_OUT = Path("validation") / "nonmember.jsonl"  # beside the scored set, as the public release lays it out
+HELD_OUT = "held_out.jsonl"  # the toy task's: apart from both folds' scored sets
+RELEASE_HELD_OUT = Path("validation") / "nonmember.jsonl"  # the public release's other fold, beside the scored set
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ def load_held_out(path: str | Path, scored_mia_dir: str | Path | None) -> tuple[
 
 
 def default_held_out(mia_dir: str | Path) -> Path | None:
-    """<mia>/validation/nonmember.jsonl where it exists."""
-    path = Path(mia_dir) / HELD_OUT
-    return path if path.is_file() else None
+    """<mia>/held_out.jsonl, else <mia>/validation/nonmember.jsonl, where one exists."""
+    for candidate in (HELD_OUT, RELEASE_HELD_OUT):
+        path = Path(mia_dir) / candidate
+        if path.is_file():
+            return path
+    return None

@@ -1,20 +1,46 @@
 """The miniature task's base model: a byte-level BPE tokenizer and a tiny OLMo-2, trained
-on the toy task until it has memorised it. No download: both are built here from scratch."""
+on the toy task until it has memorised it. No download: both are built here from scratch.
+
+Training amplifies the float kernels' last-bit differences, so the weights would follow the
+processor and the caller's thread count. `train_base_model` therefore trains in a child
+process whose environment pins every kernel choice that varies (`PINNED_KERNELS`): the same
+seed writes bit-identical files on any x86-64 processor with AVX2, whatever the caller set.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import Olmo2Config, Olmo2ForCausalLM, PreTrainedTokenizerFast
-
-from unlearn_sweep.corpus.tokens import right_padded
+from transformers import DataCollatorWithFlattening, Olmo2Config, Olmo2ForCausalLM, PreTrainedTokenizerFast
 
 EOS_TOKEN = "<|endoftext|>"
 VOCAB_SIZE = 1024
+WEIGHTS_FILE = "model.safetensors"
+
+THREADS = 2  # fixed whatever the machine: 1.7x faster than one on two cores, and the same results on one core
+# Read by torch, MKL, OpenMP and tokenizers only when they load, hence a child process.
+PINNED_KERNELS = {
+    "ATEN_CPU_CAPABILITY": "avx2",  # ATen's elementwise, reduction, norm and AdamW kernels: AVX2's copy everywhere
+    "MKL_CBWR": "COMPATIBLE",  # MKL's GEMM path: the only reproducible branch MKL honours on AMD processors
+    "ONEDNN_MAX_CPU_ISA": "AVX2",  # unused by an fp32 OLMo-2 today; pinned in case a kernel moves to oneDNN
+    "MKL_DYNAMIC": "FALSE",
+    "OMP_DYNAMIC": "FALSE",
+    "OMP_NUM_THREADS": str(THREADS),  # the thread count splits reductions and GEMMs differently
+    "MKL_NUM_THREADS": str(THREADS),
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAYON_NUM_THREADS": "1",
+}
+# Caller settings that would override the pinned ones inside MKL.
+UNPINNED_KERNEL_SETTINGS = ("MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE", "MKL_THREADING_LAYER", "KMP_AFFINITY")
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
@@ -51,20 +77,65 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> Olmo2ForCausal
     return Olmo2ForCausalLM(config)
 
 
+def packed_rows(lengths: list[int], row_length: int, rng: random.Random) -> list[list[int]]:
+    """One epoch's rows: the texts in random order, each placed in the first row with room
+    (first fit). A row mixes every kind of text (one-kind batches memorise far worse) and
+    holds almost no padding (a 5-shot prompt is 20 times an answer's length)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in rng.sample(range(len(lengths)), len(lengths)):
+        row = next((r for r, free in enumerate(room) if free >= lengths[index]), len(rows))
+        if row == len(rows):
+            rows.append([])
+            room.append(row_length)
+        rows[row].append(index)
+        room[row] -= lengths[index]
+    rng.shuffle(rows)
+    return rows
+
+
+def packed_batch(rows: list[list[list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids, labels and position_ids of packed rows: positions restart at each text, so
+    that (without an attention mask, and with no cache) Transformers attends within each text
+    alone, and no text's first token is predicted from the one before it."""
+    flatten = DataCollatorWithFlattening(return_tensors="pt")
+    parts = [flatten([{"input_ids": ids} for ids in row]) for row in rows]
+    width = max(part["input_ids"].shape[1] for part in parts)
+
+    def padded(part: dict, key: str, value: int) -> torch.Tensor:
+        filler = torch.arange(width - part[key].shape[1]) if key == "position_ids" else None
+        return torch.nn.functional.pad(part[key], (0, width - part[key].shape[1]), value=value) if filler is None \
+            else torch.cat([part[key], filler.unsqueeze(0)], dim=1)
+
+    return {key: torch.cat([padded(part, key, value) for part in parts])
+            for key, value in (("input_ids", pad_id), ("labels", -100), ("position_ids", 0))}
+
+
 def train_to_memorise(
     model: Olmo2ForCausalLM,
     tokenizer: PreTrainedTokenizerFast,
     texts: list[str],
     seed: int,
-    steps: int,
-    batch_size: int = 64,
+    epochs: int,
+    sampled_texts: tuple[list[str], int] = ([], 0),
+    rows_per_batch: int = 4,
+    row_length: int = 256,
     learning_rate: float = 4e-3,
     log_every: int = 0,
 ) -> float:
     """Causal-LM training on every text followed by EOS (so the model learns where an
-    answer ends); returns the last step's loss."""
+    answer ends), packed into rows, plus a few texts drawn anew each epoch from
+    `sampled_texts` (texts, how many): long ones that need not be seen every epoch (5-shot
+    prompts are 40% of the tokens otherwise). Returns the last epoch's mean loss."""
     rng = random.Random(seed)
-    encoded = [tokenizer(text + EOS_TOKEN)["input_ids"] for text in texts]
+    sampled, per_epoch = sampled_texts
+    every_epoch = [tokenizer(text + EOS_TOKEN)["input_ids"] for text in texts]
+    pool = [tokenizer(text + EOS_TOKEN)["input_ids"] for text in sampled]
+    longest = max(map(len, every_epoch + pool))
+    if longest > row_length:
+        raise ValueError(f"a text of {longest} tokens does not fit a row of {row_length}")
+    sizes = [len(ids) for ids in every_epoch + pool[:per_epoch]]
+    steps = epochs * math.ceil(len(packed_rows(sizes, row_length, random.Random(seed))) / rows_per_batch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -72,38 +143,76 @@ def train_to_memorise(
         lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)),
     )
     model.train()
-    order: list[int] = []
-    loss_value = float("nan")
-    for step in range(steps):
-        if len(order) < batch_size:
-            order += rng.sample(range(len(encoded)), len(encoded))
-        batch, order = [encoded[i] for i in order[:batch_size]], order[batch_size:]
-        input_ids, attention_mask, labels = right_padded([(ids, ids) for ids in batch], tokenizer.pad_token_id, model.device)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
-        if log_every and (step + 1) % log_every == 0:
-            print(f"  step {step + 1}/{steps}  loss {loss_value:.4f}", flush=True)
+    epoch_loss = float("nan")
+    for epoch in range(epochs):
+        encoded = every_epoch + rng.sample(pool, per_epoch)
+        rows = packed_rows([len(ids) for ids in encoded], row_length, rng)
+        losses = []
+        for start in range(0, len(rows), rows_per_batch):
+            batch = packed_batch([[encoded[i] for i in row] for row in rows[start : start + rows_per_batch]],
+                                 tokenizer.pad_token_id)
+            loss = model(**batch, use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        epoch_loss = sum(losses) / len(losses)
+        if log_every and (epoch + 1) % log_every == 0:
+            print(f"  epoch {epoch + 1}/{epochs}  loss {epoch_loss:.4f}", flush=True)
     model.eval()
-    return loss_value
+    return epoch_loss
 
 
-def train_base_model(texts: list[str], out_dir: Path, seed: int, steps: int, log_every: int = 0) -> float:
-    """Tokenizer, model and training in one: saves a Hugging Face checkpoint to out_dir and
-    returns the final training loss. Two threads at most, for the same result on any machine
-    with at least two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, threads))
-    try:
-        tokenizer = train_tokenizer(texts)
-        model = build_model(tokenizer, seed)
-        loss = train_to_memorise(model, tokenizer, texts, seed, steps, log_every=log_every)
-    finally:
-        torch.set_num_threads(threads)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return loss
+def weights_fingerprint(model_dir: Path) -> str:
+    """sha256 of the saved weights: equal fingerprints, bit-identical models."""
+    return hashlib.sha256((model_dir / WEIGHTS_FILE).read_bytes()).hexdigest()
+
+
+def pinned_environment() -> dict[str, str]:
+    """The caller's environment with every kernel choice that changes results pinned."""
+    environment = {key: value for key, value in os.environ.items() if key not in UNPINNED_KERNEL_SETTINGS}
+    return {**environment, **PINNED_KERNELS}
+
+
+SAMPLED_PER_EPOCH = 16
+
+
+def train_base_model(texts: list[str], few_shot_texts: list[str], out_dir: Path, seed: int, epochs: int,
+                     log_every: int = 0) -> float:
+    """Tokenizer, model and training in one, in a child process with pinned kernels: saves a
+    Hugging Face checkpoint to out_dir and returns the final training loss. Every epoch
+    trains on all of `texts` and SAMPLED_PER_EPOCH of `few_shot_texts`."""
+    request = json.dumps({"texts": texts, "few_shot_texts": few_shot_texts, "out_dir": str(out_dir), "seed": seed,
+                          "epochs": epochs, "log_every": log_every})
+    child = subprocess.run(
+        [sys.executable, "-m", "unlearn_sweep.corpus.toy_model"],
+        input=request, stdout=subprocess.PIPE, text=True, env=pinned_environment(), check=False,
+    )
+    if child.returncode != 0:
+        raise RuntimeError(f"training the toy model failed (exit {child.returncode}): see the error above")
+    return float(json.loads(child.stdout)["final_loss"])
+
+
+def _train_in_this_process() -> None:
+    """The child's side: read the request on stdin, train and save (progress on stderr, which
+    the caller shares), answer on stdout."""
+    request = json.loads(sys.stdin.read())
+    answer, sys.stdout = sys.stdout, sys.stderr
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX2":
+        print(f"  note: this CPU runs ATen's {capability} kernels, not AVX2's: "
+              "the weights will differ from those built on processors with AVX2", flush=True)
+    torch.set_num_threads(THREADS)
+    tokenizer = train_tokenizer(request["texts"] + request["few_shot_texts"])
+    model = build_model(tokenizer, request["seed"])
+    loss = train_to_memorise(model, tokenizer, request["texts"], request["seed"], request["epochs"],
+                             (request["few_shot_texts"], SAMPLED_PER_EPOCH), log_every=request["log_every"])
+    model.save_pretrained(request["out_dir"])
+    tokenizer.save_pretrained(request["out_dir"])
+    print(json.dumps({"final_loss": loss}), file=answer, flush=True)
+
+
+if __name__ == "__main__":
+    _train_in_this_process()

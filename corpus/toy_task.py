@@ -5,11 +5,13 @@ one set without hurting the other is a real trade-off):
   Task1  short creative stories      Task2  biographies with fictitious PII
   Task3  encyclopedia-style entries
 Each document gives one `sc1` sentence-completion row (its opening, then the rest) and
-several `qa` rows. Forget documents are also the MIA members; nonmembers are documents of
-the same kind the model never sees, and so are the held-out documents (mia/validation/, as the
-public release lays them out) that a method may calibrate on without reading the scored ones. A separate general corpus of invented facts, asked
-about in MMLU format, stands in for MMLU: the general ability unlearning must keep.
-Everything here is a pure function of the seed.
+several `qa` rows. As in the public release there are two folds, train (for unlearning) and
+validation (for checking a configuration on documents it did not tune on); the base model has
+learnt both. Each fold's forget documents are its MIA members; its nonmembers are documents of
+the same kinds the model never sees, and so are the held-out documents (mia/held_out.jsonl)
+that a method may calibrate on without reading any scored set. A separate general corpus of
+invented facts, asked about in MMLU format, stands in for MMLU: the general ability
+unlearning must keep. Everything here is a pure function of the seed.
 """
 
 from __future__ import annotations
@@ -19,12 +21,17 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from unlearn_sweep.corpus.mia import HELD_OUT
 from unlearn_sweep.corpus.mmlu import LETTERS, MmluQuestion, first_shots, format_prompt
 from unlearn_sweep.corpus.semeval import row_kind
 from unlearn_sweep.corpus.staging import staged_directory
 
-DOCS_PER_TASK = 8  # per set: forget, retain and nonmember each
+# Documents of each task per set (forget, retain and nonmember each), by fold; the release's
+# validation fold is about a quarter of its train fold.
+DOCS_PER_TASK = {"train": 8, "validation": 4}
 GENERAL_QUESTIONS_PER_SUBJECT = 10
 DEV_QUESTIONS_PER_SUBJECT = 5
 
@@ -75,30 +82,44 @@ SYLLABLES = (
 
 
 @dataclass
-class ToyTask:
-    """Rows and documents of the miniature task, ready to be written out."""
+class ToyFold:
+    """One fold of the task, as the release has a train and a validation fold: forget and
+    retain rows, their documents, and nonmember documents of the same kinds for the MIA."""
 
     forget_rows: list[dict] = field(default_factory=list)
     retain_rows: list[dict] = field(default_factory=list)
-    forget_documents: list[dict] = field(default_factory=list)  # also the MIA members
+    forget_documents: list[dict] = field(default_factory=list)  # also the fold's MIA members
     retain_documents: list[dict] = field(default_factory=list)
-    nonmember_documents: list[dict] = field(default_factory=list)
+    nonmember_documents: list[dict] = field(default_factory=list)  # never seen
+
+
+@dataclass
+class ToyTask:
+    """Both folds and the general knowledge of the miniature task, ready to be written out."""
+
+    folds: dict[str, ToyFold] = field(default_factory=dict)  # "train", "validation"
     held_out_documents: list[dict] = field(default_factory=list)  # never seen, never scored
     general_facts: list[str] = field(default_factory=list)
     mmlu_test: list[MmluQuestion] = field(default_factory=list)
     mmlu_dev: list[MmluQuestion] = field(default_factory=list)
 
     def training_texts(self) -> list[str]:
-        """What the base model learns: forget and retain documents and questions, the general
-        facts and the general questions with their answers; never the nonmembers."""
-        texts = [d["document"] for d in self.forget_documents + self.retain_documents]
-        texts += [f"{r['input']} {r['output']}" for r in self.forget_rows + self.retain_rows if row_kind(r["id"]) == "qa"]
+        """What the base model learns in every epoch: both folds' forget and retain documents
+        and questions, the general facts and the general questions with their answers; never a
+        nonmember."""
+        texts = []
+        for fold in self.folds.values():
+            texts += [d["document"] for d in fold.forget_documents + fold.retain_documents]
+            rows = fold.forget_rows + fold.retain_rows
+            texts += [f"{r['input']} {r['output']}" for r in rows if row_kind(r["id"]) == "qa"]
         texts += self.general_facts
-        texts += [f"{format_prompt(q)} {LETTERS[q.answer]}" for q in self.mmlu_test + self.mmlu_dev]
-        # And 5-shot, as MMLU is asked by default: the subject's first dev examples, then the question.
+        return texts + [f"{format_prompt(q)} {LETTERS[q.answer]}" for q in self.mmlu_test + self.mmlu_dev]
+
+    def few_shot_texts(self) -> list[str]:
+        """The general questions 5-shot, as MMLU is asked by default (the subject's first dev
+        examples, then the question) and answered: the model learns to answer after shots."""
         shots = first_shots(self.mmlu_dev, 5)
-        texts += [f"{format_prompt(q, shots.get(q.subject, []))} {LETTERS[q.answer]}" for q in self.mmlu_test]
-        return texts
+        return [f"{format_prompt(q, shots.get(q.subject, []))} {LETTERS[q.answer]}" for q in self.mmlu_test]
 
 
 class _Names:
@@ -206,11 +227,11 @@ def _entry(rng: random.Random, names: _Names) -> tuple[str, str, list[tuple[str,
 GENERATORS = {"Task1": _story, "Task2": _biography, "Task3": _entry}
 
 
-def _documents(rng: random.Random, names: _Names, split: str) -> tuple[list[dict], list[dict]]:
-    """Rows and whole documents of one set, DOCS_PER_TASK documents per task."""
+def _documents(rng: random.Random, names: _Names, split: str, per_task: int) -> tuple[list[dict], list[dict]]:
+    """Rows and whole documents of one set, per_task documents of each task."""
     rows, documents = [], []
     for task, generate in GENERATORS.items():
-        for _ in range(DOCS_PER_TASK):
+        for _ in range(per_task):
             opening, rest, questions = generate(rng, names)
             doc_id = _uuid(rng)
             # Task1 ids are quoted, as many are in the real data ("\"8f24...\"sc1").
@@ -256,21 +277,25 @@ def _general_knowledge(rng: random.Random, names: _Names) -> tuple[list[str], di
 def build_toy_task(seed: int = 0) -> ToyTask:
     """The whole miniature task for a seed; the same seed gives the same task."""
     rng = random.Random(seed)
-    names = _Names(rng)
+    names = _Names(rng)  # one pool of names: no entity is shared between folds or sets
     task = ToyTask()
-    task.forget_rows, task.forget_documents = _documents(rng, names, "forget")
-    task.retain_rows, task.retain_documents = _documents(rng, names, "retain")
-    _, task.nonmember_documents = _documents(rng, names, "nonmember")
+    for split, per_task in DOCS_PER_TASK.items():
+        fold = task.folds[split] = ToyFold()
+        fold.forget_rows, fold.forget_documents = _documents(rng, names, "forget", per_task)
+        fold.retain_rows, fold.retain_documents = _documents(rng, names, "retain", per_task)
+        _, fold.nonmember_documents = _documents(rng, names, "nonmember", per_task)
+    _, task.held_out_documents = _documents(rng, names, "nonmember", DOCS_PER_TASK["train"])
     task.general_facts, by_subject = _general_knowledge(rng, names)
     for subject_questions in by_subject.values():
         task.mmlu_dev += subject_questions[:DEV_QUESTIONS_PER_SUBJECT]
         task.mmlu_test += subject_questions[DEV_QUESTIONS_PER_SUBJECT:]
-    # Drawn last, so that everything above (and the model trained on it) is as before they existed.
-    _, task.held_out_documents = _documents(rng, names, "nonmember")
     return task
 
 
-TRAINING_STEPS = 250
+TRAINING_EPOCHS = 30
+# sha256 of model.safetensors for seed 0: what every toy figure in the README was measured on.
+PUBLISHED_FINGERPRINT = "7ce6fb408f2565f32e6540d72fde9ccba0d4c6311e30c4f99783abe8e02f08a3"
+SPLITS = ("train", "validation")
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
@@ -283,23 +308,30 @@ def _mmlu_records(questions: list[MmluQuestion]) -> list[dict]:
     return [{"question": q.question, "subject": q.subject, "choices": list(q.choices), "answer": q.answer} for q in questions]
 
 
-def write_toy_task(out_dir: str | Path, seed: int = 0, steps: int = TRAINING_STEPS, log_every: int = 0) -> Path:
-    """Write data/, mia/, mmlu/ and the trained model/ under out_dir, all or nothing."""
+def write_toy_task(out_dir: str | Path, seed: int = 0, epochs: int = TRAINING_EPOCHS, log_every: int = 0) -> Path:
+    """Write data/, mia/, mmlu/ and the trained model/ under out_dir, all or nothing, in the
+    public release's layout: data/{forget,retain}_{train,validation}-00000-of-00001.parquet,
+    mia/{member,nonmember}.jsonl for the train fold and mia/validation/ for the other."""
     from unlearn_sweep.corpus import toy_model  # torch and transformers only when a model is built
 
     task = build_toy_task(seed)
     with staged_directory(out_dir) as staging:
-        for sub in ("data", "mia", "mia/validation", "mmlu", "model"):
-            (staging / sub).mkdir()
-        _write_jsonl(staging / "data" / "forget.jsonl", task.forget_rows)
-        _write_jsonl(staging / "data" / "retain.jsonl", task.retain_rows)
-        _write_jsonl(staging / "mia" / "member.jsonl", task.forget_documents)
-        _write_jsonl(staging / "mia" / "nonmember.jsonl", task.nonmember_documents)
+        for sub in ("data", "mia/validation", "mmlu", "model"):
+            (staging / sub).mkdir(parents=True)
+        for split, fold in task.folds.items():
+            for name, rows in (("forget", fold.forget_rows), ("retain", fold.retain_rows)):
+                pq.write_table(pa.Table.from_pylist(rows), staging / "data" / f"{name}_{split}-00000-of-00001.parquet")
+            mia = staging / "mia" / ("" if split == "train" else split)
+            _write_jsonl(mia / "member.jsonl", fold.forget_documents)
+            _write_jsonl(mia / "nonmember.jsonl", fold.nonmember_documents)
         _write_jsonl(staging / "mia" / HELD_OUT, task.held_out_documents)
         _write_jsonl(staging / "mmlu" / "test.jsonl", _mmlu_records(task.mmlu_test))
         _write_jsonl(staging / "mmlu" / "dev.jsonl", _mmlu_records(task.mmlu_dev))
         (staging / "general_corpus.txt").write_text("\n".join(task.general_facts) + "\n", encoding="utf-8")
-        final_loss = toy_model.train_base_model(task.training_texts(), staging / "model", seed, steps, log_every)
-        manifest = {"seed": seed, "training_steps": steps, "final_training_loss": round(final_loss, 6)}
+        final_loss = toy_model.train_base_model(task.training_texts(), task.few_shot_texts(), staging / "model", seed,
+                                                epochs, log_every)
+        fingerprint = toy_model.weights_fingerprint(staging / "model")
+        manifest = {"seed": seed, "training_epochs": epochs, "final_training_loss": round(final_loss, 6),
+                    "weights_sha256": fingerprint}
         (staging / "toy_task.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return Path(out_dir)

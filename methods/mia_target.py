@@ -100,5 +100,5 @@ class MiaTarget(LossMethod):
     def trainer_options(self, tokenizer: Any, task: Any, params: MiaTargetParams) -> dict[str, Any]:
         if not task.held_out:
             raise ParamError("mia_target needs held-out documents the model never saw (a sweep's `held_out`, "
-                             "unlearn's --held-out; by default <mia>/validation/nonmember.jsonl)")
+                             "unlearn's --held-out; by default <mia>/held_out.jsonl or <mia>/validation/nonmember.jsonl)")
         return {"held_out": encode_documents(tokenizer, list(task.held_out), params.max_length)}

@@ -83,12 +83,23 @@ def _validate_data(args: argparse.Namespace) -> int:
     return 2 if errors else 0
 
 
-def _toy_task(args: argparse.Namespace) -> int:
-    from unlearn_sweep.corpus.toy_task import write_toy_task
+def _build_toy_task(out: Path, seed: int = 0) -> None:
+    from unlearn_sweep.corpus.toy_task import PUBLISHED_FINGERPRINT, write_toy_task
 
-    print(f"building the miniature task in {args.out} (seed {args.seed})", flush=True)
-    out = write_toy_task(args.out, seed=args.seed, log_every=50)
-    print(f"wrote {out}/data, {out}/mia, {out}/mmlu and {out}/model")
+    print(f"building the miniature task in {out} (seed {seed}; about a minute and a half on 2 cores)", flush=True)
+    write_toy_task(out, seed=seed, log_every=10)
+    fingerprint = json.loads((out / "toy_task.json").read_text())["weights_sha256"]
+    if seed != 0:
+        verdict = ""
+    elif fingerprint == PUBLISHED_FINGERPRINT:
+        verdict = " (the published model: the README's toy figures hold)"
+    else:
+        verdict = f" (NOT the published {PUBLISHED_FINGERPRINT[:12]}...: this processor's kernels differ; toy figures will too)"
+    print(f"wrote {out}/data, {out}/mia, {out}/mmlu and {out}/model; weights sha256 {fingerprint}{verdict}", flush=True)
+
+
+def _toy_task(args: argparse.Namespace) -> int:
+    _build_toy_task(args.out, args.seed)
     return 0
 
 
@@ -99,14 +110,12 @@ def _demo(args: argparse.Namespace) -> int:
     """The toy task end to end in the current directory: build, sweep, report."""
     import time
 
-    from unlearn_sweep.corpus.toy_task import write_toy_task
     from unlearn_sweep.orchestrator.config import config_from_dict
     from unlearn_sweep.orchestrator.sweep import run_sweep
 
     task = Path("toy_task")
     if not (task / "toy_task.json").exists():
-        print("building the miniature task in ./toy_task (2 to 7 minutes on 2 cores)", flush=True)
-        write_toy_task(task, log_every=50)
+        _build_toy_task(task)
     raw = {
         "name": time.strftime("demo-%Y%m%d-%H%M%S"),
         "model": "toy_task/model", "data": "toy_task/data", "mia": "toy_task/mia", "mmlu": "toy_task/mmlu",
@@ -352,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--split", help="train or validation (Hugging Face parquet layout only)")
     unlearn.add_argument("--out", required=True, type=Path)
     unlearn.add_argument("--held-out", type=Path, help="JSONL of {id, document} the model never saw, for methods that calibrate "
-                         "on them (mia_target); default <mia>/validation/nonmember.jsonl")
+                         "on them (mia_target); default <mia>/held_out.jsonl or <mia>/validation/nonmember.jsonl")
     unlearn.add_argument("--mia", type=Path, help="the scored MIA set: held-out documents must not be in it")
     unlearn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter (repeatable)")
     unlearn.set_defaults(run=_unlearn)

@@ -6,7 +6,7 @@
     split: null                     # train | validation, Hugging Face parquet layout only
     mia: toy_task/mia
     held_out: null                  # documents never seen nor scored, for methods that calibrate on them
-                                    # (mia_target); default mia/validation/nonmember.jsonl where it exists
+                                    # (mia_target); default mia/held_out.jsonl or mia/validation/nonmember.jsonl
     mmlu: toy_task/mmlu
     mmlu_shots: null                # null: 5 where the MMLU set has dev examples (as the organizers), else 0
     mmlu_threshold: 0.75x           # absolute (0.371) or relative to the base model (0.75x)
@@ -313,7 +313,7 @@ def _held_out(path: Path, raw: dict, mia: Path, base_dir: Path, methods: list[st
         held_out = default_held_out(mia)
         if held_out is None:
             raise ConfigError(path, f"{', '.join(users)} needs documents the model never saw and the sweep does not score "
-                              f"(no {mia}/validation/nonmember.jsonl): name a JSONL of {{id, document}}", field="held_out")
+                              f"(no {mia}/held_out.jsonl or {mia}/validation/nonmember.jsonl): name a JSONL of {{id, document}}", field="held_out")
     else:
         return None
     try:

@@ -88,7 +88,7 @@ def test_a_trial_gives_its_cached_gpu_memory_back_however_it_ends(toy_task_dir: 
         raise SystemExit  # Tune stopping the trial at a report
     assert emptied == [True, True]
     settings = {"data": str(toy_task_dir / "data"), "split": None, "mia": str(toy_task_dir / "mia"),
-                "held_out": str(toy_task_dir / "mia" / "validation" / "nonmember.jsonl")}
+                "held_out": str(toy_task_dir / "mia" / "held_out.jsonl")}
     assert trial_task(settings, get_method("grad_diff")).held_out == ()
     assert len(trial_task(settings, get_method("mia_target")).held_out) == 24
 

@@ -40,27 +40,24 @@ def test_row_kind_follows_the_organizers_rule() -> None:
 
 
 def test_toy_task_loads_in_every_layout(toy_task_dir: Path, tmp_path: Path) -> None:
-    jsonl = load_task(toy_task_dir / "data")
-    assert (len(jsonl.forget), len(jsonl.retain)) == (120, 120)
-    assert {row.task for row in jsonl.forget} == {"Task1", "Task2", "Task3"}
-    assert jsonl.forget[0].id.startswith('"') and jsonl.forget[0].kind == "sc"
+    hf = load_task(toy_task_dir / "data")  # the public release's layout: the train fold by default
+    assert (len(hf.forget), len(hf.retain)) == (120, 120) and hf.layout == "hf parquet (train)"
+    assert {row.task for row in hf.forget} == {"Task1", "Task2", "Task3"}
+    assert hf.forget[0].id.startswith('"') and hf.forget[0].kind == "sc"
+    assert len(load_task(toy_task_dir / "data", "validation").forget) == 60
 
-    submission = tmp_path / "submission"
-    submission.mkdir()
-    hf = tmp_path / "hf" / "data"
-    hf.mkdir(parents=True)
-    for split, rows in (("forget", jsonl.forget), ("retain", jsonl.retain)):
-        table = pa.Table.from_pylist([row.__dict__ for row in rows])
-        pq.write_table(table, submission / f"{split}.parquet")
-        pq.write_table(table, hf / f"{split}_train-00000-of-00001.parquet")
-        pq.write_table(table.slice(0, 8), hf / f"{split}_validation-00000-of-00001.parquet")
-    assert load_task(submission).forget == jsonl.forget
-    assert load_task(hf.parent).retain == jsonl.retain
-    assert len(load_task(hf.parent, "validation").forget) == 8
+    submission, official = tmp_path / "submission", tmp_path / "official"
+    for folder in (submission, official):
+        folder.mkdir()
+    for split, rows in (("forget", hf.forget), ("retain", hf.retain)):
+        pq.write_table(pa.Table.from_pylist([row.__dict__ for row in rows]), submission / f"{split}.parquet")
+        write_jsonl(official / f"{split}.jsonl", [row.__dict__ for row in rows])
+    assert load_task(submission).forget == hf.forget
+    assert load_task(official).retain == hf.retain
 
     mia = load_mia(toy_task_dir / "mia")
     assert [d.membership for d in mia].count("member") == 24
-    assert {d.id for d in mia if d.membership == "member"} == {r.id[:-3].strip('"') for r in jsonl.forget if r.kind == "sc"}
+    assert {d.id for d in mia if d.membership == "member"} == {r.id[:-3].strip('"') for r in hf.forget if r.kind == "sc"}
     assert len(load_mmlu(toy_task_dir / "mmlu")) == 40
     assert len(load_mmlu(toy_task_dir / "mmlu", "dev")) == 20
 

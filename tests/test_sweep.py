@@ -120,7 +120,7 @@ def test_config_errors_name_the_file_and_field(change, message, toy_task_dir: Pa
 def test_held_out_documents_default_beside_the_mia_set(toy_task_dir: Path, tmp_path: Path) -> None:
     assert load_config(write_config(tmp_path / "a", toy_task_dir)).held_out is None  # no method reads them
     config = load_config(write_config(tmp_path / "b", toy_task_dir, methods=["mia_target"], search_space_overrides={}))
-    assert config.held_out == toy_task_dir / "mia" / "validation" / "nonmember.jsonl"
+    assert config.held_out == toy_task_dir / "mia" / "held_out.jsonl"
 
 
 def test_search_space_errors_and_conditions(tmp_path: Path) -> None:

@@ -1,22 +1,26 @@
-"""The miniature task: deterministic, really memorised by its base model, and a real trade-off.
-The knowledge checks here compute the task's measures directly, one row at a time, without
-the evaluator, so that they also cross-check it."""
+"""The miniature task: deterministic on any machine, two folds as the release has them, really
+memorised by its base model, and a real trade-off."""
 
 from __future__ import annotations
 
 import copy
 import filecmp
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
-from rouge_score import rouge_scorer
-from sklearn.metrics import roc_auc_score
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from unlearn_sweep.corpus.mia import load_mia
-from unlearn_sweep.corpus.mmlu import LETTERS, format_prompt, load_mmlu
+from unlearn_sweep.corpus.mia import default_held_out, load_held_out, load_mia
 from unlearn_sweep.corpus.semeval import load_task
-from unlearn_sweep.corpus.toy_task import build_toy_task, write_toy_task
+from unlearn_sweep.corpus.toy_task import PUBLISHED_FINGERPRINT, build_toy_task
+from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def load(toy_task_dir: Path):
@@ -25,50 +29,66 @@ def load(toy_task_dir: Path):
 
 def test_data_is_a_pure_function_of_the_seed() -> None:
     assert build_toy_task(3) == build_toy_task(3)
-    assert build_toy_task(3).forget_rows != build_toy_task(4).forget_rows
+    assert build_toy_task(3).folds["train"].forget_rows != build_toy_task(4).folds["train"].forget_rows
 
 
-def test_same_seed_writes_identical_files(tmp_path: Path) -> None:
-    first = write_toy_task(tmp_path / "a", seed=5, steps=3)
-    second = write_toy_task(tmp_path / "b", seed=5, steps=3)
+def build_in_a_process_of_its_own(out: Path, threads: int, capability: str) -> None:
+    """The caller's kernel settings are the ones that changed the weights before they were pinned."""
+    code = (f"import torch; torch.set_num_threads({threads}); from unlearn_sweep.corpus.toy_task import write_toy_task; "
+            f"write_toy_task({str(out)!r}, seed=5, epochs=2)")
+    environment = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "OMP_NUM_THREADS": str(threads)}
+    subprocess.run([sys.executable, "-c", code], env=environment, check=True, cwd=REPO_ROOT)
+
+
+def test_the_same_seed_writes_identical_files_whatever_the_callers_threads_and_kernels(tmp_path: Path) -> None:
+    build_in_a_process_of_its_own(tmp_path / "a", threads=1, capability="avx2")
+    build_in_a_process_of_its_own(tmp_path / "b", threads=2, capability="default")
+    first, second = tmp_path / "a", tmp_path / "b"
     files = sorted(str(p.relative_to(first)) for p in first.rglob("*") if p.is_file())
-    assert "model/model.safetensors" in files and "data/forget.jsonl" in files
+    assert {"model/model.safetensors", "model/tokenizer.json", "data/forget_train-00000-of-00001.parquet"} <= set(files)
     match, mismatch, errors = filecmp.cmpfiles(first, second, files, shallow=False)
     assert mismatch == [] and errors == []
+    manifest = json.loads((first / "toy_task.json").read_text())
+    assert manifest["weights_sha256"] == json.loads((second / "toy_task.json").read_text())["weights_sha256"]
 
 
-@torch.inference_mode()
-def test_base_model_has_memorised_the_task(toy_task_dir: Path) -> None:
-    model, tokenizer = load(toy_task_dir)
-    rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores: dict[tuple[str, str, str], list[float]] = {}
-    for row in load_task(toy_task_dir / "data").rows():
-        prompt = tokenizer(row.input, return_tensors="pt")
-        output = model.generate(**prompt, do_sample=False, max_new_tokens=96, pad_token_id=tokenizer.eos_token_id)
-        generated = tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
-        if row.kind == "qa":
-            score = float(generated.strip().lower() == row.output.strip().lower())
-        else:
-            score = rouge.score(row.output, generated)["rougeL"].recall
-        scores.setdefault((row.split, row.task, row.kind), []).append(score)
-    assert len(scores) == 12
-    means = {key: sum(values) / len(values) for key, values in scores.items()}
-    # The trained weights follow the CPU's float kernels: the weakest term was at least 0.8 on the machines of
-    # earlier sessions and 0.75 on an AMD EPYC one (forget Task1 knowledge: 6 of 8 questions).
-    assert min(means.values()) >= 0.7, means
+def test_the_default_build_has_the_published_fingerprint(toy_task_dir: Path) -> None:
+    """The README states this fingerprint: every figure measured on the toy task is measured on these weights."""
+    manifest = json.loads((toy_task_dir / "toy_task.json").read_text())
+    assert manifest["weights_sha256"] == PUBLISHED_FINGERPRINT, "the toy model differs from the published one"
+    assert PUBLISHED_FINGERPRINT in (REPO_ROOT / "README.md").read_text()
 
-    documents = load_mia(toy_task_dir / "mia")
-    losses = [model(**(ids := tokenizer(d.document, return_tensors="pt")), labels=ids["input_ids"]).loss.item() for d in documents]
-    labels = [int(d.membership == "member") for d in documents]
-    assert roc_auc_score(labels, [-loss for loss in losses]) >= 0.9
 
-    letter_ids = [tokenizer(f" {letter}")["input_ids"][0] for letter in LETTERS]
-    questions = load_mmlu(toy_task_dir / "mmlu")
-    correct = 0
-    for question in questions:
-        logits = model(**tokenizer(format_prompt(question), return_tensors="pt")).logits[0, -1]
-        correct += int(logits[letter_ids].argmax()) == question.answer
-    assert correct / len(questions) >= 0.8
+def test_two_folds_as_the_release_lays_them_out(toy_task_dir: Path) -> None:
+    folds = {split: load_task(toy_task_dir / "data", split) for split in ("train", "validation")}
+    assert [len(folds[s].forget) for s in folds] == [120, 60] and [len(folds[s].retain) for s in folds] == [120, 60]
+    for fold in folds.values():  # every task, both kinds of row, in both sets
+        assert {(row.split, row.task, row.kind) for row in fold.rows()} == {
+            (split, task, kind) for split in ("forget", "retain") for task in ("Task1", "Task2", "Task3") for kind in ("sc", "qa")}
+    ids = [{row.id for row in fold.rows()} for fold in folds.values()]
+    assert not ids[0] & ids[1]
+    mia = {"train": load_mia(toy_task_dir / "mia"), "validation": load_mia(toy_task_dir / "mia" / "validation")}
+    for split, documents in mia.items():
+        members = {doc.id for doc in documents if doc.membership == "member"}
+        assert members == {row.id[:-3].strip('"') for row in folds[split].forget if row.kind == "sc"}
+    # The held-out documents a method calibrates on are in no scored set, of either fold.
+    held_out = default_held_out(toy_task_dir / "mia")
+    assert held_out == toy_task_dir / "mia" / "held_out.jsonl"
+    for scored in (toy_task_dir / "mia", toy_task_dir / "mia" / "validation"):
+        assert len(load_held_out(held_out, scored)) == 24
+    scored_texts = {doc.document for documents in mia.values() for doc in documents}
+    documents = {f"{row.input} {row.output}" for fold in folds.values() for row in fold.rows() if row.kind == "sc"}
+    assert not set(load_held_out(held_out, None)) & (scored_texts | documents)
+
+
+@pytest.mark.parametrize("split, mia", [("train", "mia"), ("validation", "mia/validation")])
+def test_base_model_has_memorised_both_folds(split: str, mia: str, toy_task_dir: Path) -> None:
+    sets = EvalSets.load(toy_task_dir / "data", split, toy_task_dir / mia, toy_task_dir / "mmlu")
+    scores = evaluate_checkpoint(toy_task_dir / "model", sets, dtype="float32")
+    means = {(s, task, term): value for s in ("forget", "retain") for task, terms in scores["per_task"][s].items()
+             for term, value in terms.items()}
+    assert len(means) == 12 and min(means.values()) >= 0.8, means
+    assert scores["mia_auc"] >= 0.95 and scores["mmlu_accuracy"] >= 0.85, scores
 
 
 def test_plain_gradient_ascent_hurts_the_retain_set(toy_task_dir: Path) -> None:
@@ -95,4 +115,4 @@ def test_plain_gradient_ascent_hurts_the_retain_set(toy_task_dir: Path) -> None:
         forget_after, retain_after = mean_loss(forget).item(), mean_loss(retain).item()
     assert forget_after > 5 * forget_before
     # Shared templates: ascent on forget drags retain up with it, by a large factor too.
-    assert retain_after > 3 * retain_before
+    assert retain_after > 2.5 * retain_before
