@@ -124,6 +124,9 @@ def _demo(args: argparse.Namespace) -> int:
         "trials": args.trials, "seed": args.seed,
         # mia_target starts low and passes the other methods only after about 8 epochs: ASHA judges no trial before.
         "asha": {"grace_period": 8, "reduction_factor": 2},
+        # float32: the same scores on every CPU (bfloat16 arithmetic differs with the CPU's bf16 support, and is
+        # about 4x slower where it has none).
+        "eval": {"dtype": "float32"},
         "mlflow": {"tracking_uri": "sqlite:///mlflow.db", "experiment": DEMO_EXPERIMENT},
         "storage_path": "sweeps",
     }
