@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from unlearn_sweep.corpus.toy_task import write_toy_task
+from unlearn_sweep.corpus.toy_task import toy_task_for_benchmark
 from unlearn_sweep.evaluation.evaluator import EvalSets, run_inference
 from unlearn_sweep.evaluation.inference import load_model
 from unlearn_sweep.evaluation.scoring import compute_scores
@@ -52,8 +52,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not (args.task / "model").exists():
-        write_toy_task(args.task)
+    args.task = toy_task_for_benchmark(args.task)
     sets = EvalSets.load(args.task / "data", mia=args.task / "mia")
     model, tokenizer = load_model(args.model or args.task / "model")
 

@@ -60,7 +60,7 @@ def main() -> None:
         name = "staged" if screen else "full-every-epoch"
         raw = {"name": name, "model": str(task / "model"), "data": str(task / "data"), "mia": str(task / "mia"),
                "mmlu": str(task / "mmlu"), "mmlu_threshold": "0.75x", "methods": METHODS, "trials": args.trials, "seed": 0, "searcher": "random",
-               "asha": None, "eval": {"screen": screen}, "mlflow": {"tracking_uri": f"sqlite:///{args.dir}/mlflow.db", "experiment": name},
+               "asha": None, "eval": {"screen": screen, "dtype": "float32"}, "mlflow": {"tracking_uri": f"sqlite:///{args.dir}/mlflow.db", "experiment": name},
                "storage_path": str(args.dir / "sweeps")}
         config = config_from_dict(raw, args.dir / f"{name}.yaml", args.dir)
         summary = run_sweep(config)

@@ -17,9 +17,11 @@ import torch
 
 from unlearn_sweep.corpus.mia import default_held_out, load_held_out
 from unlearn_sweep.corpus.semeval import load_task
-from unlearn_sweep.corpus.toy_task import write_toy_task
+from unlearn_sweep.corpus.toy_task import toy_task_for_benchmark
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.methods.registry import run_method
+
+DTYPE = "float32"  # as the demo scores: the same on every CPU
 
 # (row label, method, hyperparameters); "merge" rows name the rows they merge.
 RUNS = [
@@ -48,14 +50,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/methods_toy"))
     args = parser.parse_args()
     torch.set_num_threads(2)
-    if not (args.task / "model").exists():
-        write_toy_task(args.task)
+    args.task = toy_task_for_benchmark(args.task)
     shutil.rmtree(args.out, ignore_errors=True)
     task = load_task(args.task / "data")
     task = dataclasses.replace(task, held_out=load_held_out(default_held_out(args.task / "mia"), args.task / "mia"))
     sets = EvalSets.load(args.task / "data", mia=args.task / "mia", mmlu=args.task / "mmlu")
     base = args.task / "model"
-    rows = [("base model", evaluate_checkpoint(base, sets), 0.0)]
+    rows = [("base model", evaluate_checkpoint(base, sets, dtype=DTYPE), 0.0)]
     npo_models = []
     for number, (label, method, settings) in enumerate(RUNS):
         if method == "merge":
@@ -65,7 +66,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         if method == "npo":
             npo_models.append(out)
-        rows.append((label, evaluate_checkpoint(out, sets), seconds))
+        rows.append((label, evaluate_checkpoint(out, sets, dtype=DTYPE), seconds))
     print("| method | forget mean | retain mean | task agg | MIA AUC | MIA score | MMLU | final | train s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, s, seconds in rows:

@@ -46,13 +46,12 @@ def trial_history(tracking_uri: str, experiment: str) -> tuple[float, list[tuple
 
 def prepared(task: Path, out: Path) -> Path:
     """The toy task (built if missing), resolved, and an empty output folder."""
-    from unlearn_sweep.corpus.toy_task import write_toy_task
+    from unlearn_sweep.corpus.toy_task import toy_task_for_benchmark
 
-    if not (task / "model").exists():
-        write_toy_task(task)
+    task = toy_task_for_benchmark(task)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    return task.resolve()
+    return task
 
 
 def main() -> None:
@@ -69,7 +68,7 @@ def main() -> None:
 
     task = prepared(args.task, args.dir)
     sets = EvalSets.load(task / "data", mia=task / "mia", mmlu=task / "mmlu")
-    threshold = round(0.75 * evaluate_checkpoint(task / "model", sets)["mmlu_accuracy"], 6)
+    threshold = round(0.75 * evaluate_checkpoint(task / "model", sets, dtype="float32")["mmlu_accuracy"], 6)
     print(f"toy task, methods {', '.join(METHODS)}, {args.trials} trials per run, MMLU threshold {threshold} (0.75x base)", flush=True)
     runs = {}
     for strategy, keys in STRATEGIES.items():
@@ -78,7 +77,7 @@ def main() -> None:
             raw = {"name": name, "model": str(task / "model"), "data": str(task / "data"), "mia": str(task / "mia"),
                    "mmlu": str(task / "mmlu"), "mmlu_threshold": threshold, "methods": METHODS, "trials": args.trials, "seed": seed,
                    "mlflow": {"tracking_uri": f"sqlite:///{args.dir}/mlflow.db", "experiment": name},
-                   "storage_path": str(args.dir / "sweeps"), **keys}
+                   "storage_path": str(args.dir / "sweeps"), "eval": {"dtype": "float32"}, **keys}
             config = config_from_dict(raw, args.dir / f"{name}.yaml", args.dir)
             began = time.perf_counter()
             run_sweep(config)

@@ -335,3 +335,15 @@ def write_toy_task(out_dir: str | Path, seed: int = 0, epochs: int = TRAINING_EP
                     "weights_sha256": fingerprint}
         (staging / "toy_task.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return Path(out_dir)
+
+
+def toy_task_for_benchmark(task_dir: str | Path) -> Path:
+    """The toy task at task_dir (built there first if missing), resolved; prints the weights
+    fingerprint, so that every figure a benchmark reports names the model it was measured on."""
+    task_dir = Path(task_dir)
+    if not (task_dir / "toy_task.json").exists():
+        write_toy_task(task_dir)
+    fingerprint = json.loads((task_dir / "toy_task.json").read_text())["weights_sha256"]
+    published = "the published model" if fingerprint == PUBLISHED_FINGERPRINT else "NOT the published model"
+    print(f"toy task {task_dir}: weights sha256 {fingerprint} ({published})", flush=True)
+    return task_dir.resolve()

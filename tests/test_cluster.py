@@ -1,5 +1,5 @@
-"""Cluster scale on this CPU machine: the cluster launcher config, fractional-GPU packing and
-a sweep across the nodes of a simulated multi-node Ray cluster (logical GPUs)."""
+"""Cluster scale on this CPU machine: the cluster launcher config, and a sweep across the nodes
+of a simulated multi-node Ray cluster (logical GPUs, fractional shares, an HTTP tracking server)."""
 
 from __future__ import annotations
 
@@ -20,11 +20,13 @@ from unlearn_sweep.corpus.semeval import load_task
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.methods.registry import get_method, run_method
 from unlearn_sweep.orchestrator import tracking
+from unlearn_sweep.orchestrator.cli import main
 from unlearn_sweep.orchestrator.config import load_config
+from unlearn_sweep.orchestrator.selection import export_champion
 from unlearn_sweep.orchestrator.sweep import run_sweep
 from unlearn_sweep.orchestrator.trial import released_gpu_cache, trial_task
 from test_methods import mean_answer_nll
-from test_sweep import LIGHT_EVAL, write_config
+from test_sweep import LIGHT_EVAL, mlflow_server, write_config
 
 
 def test_cluster_yaml_validates_against_rays_schema() -> None:
@@ -61,20 +63,6 @@ def max_overlap(runs) -> int:
     return most
 
 
-def test_fractional_gpus_pack_four_trials_per_gpu(toy_task_dir: Path, tmp_path: Path) -> None:
-    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        config = load_config(write_config(tmp_path, toy_task_dir, name="packed", trials=4, **LIGHT_EVAL,
-                                          resources_per_trial={"cpu": 1, "gpu": 0.25},
-                                          search_space_overrides={"grad_diff": {"epochs": 1}}))
-        summary = run_sweep(config)
-    finally:
-        ray.shutdown()
-    runs = child_runs(config, summary)
-    assert len(runs) == 4 and all(row["status"] == "finished" for row in summary.rows)
-    assert max_overlap(runs) == 4  # 1 GPU / 0.25 per trial, 4 CPUs / 1 per trial
-
-
 def test_a_trial_gives_its_cached_gpu_memory_back_however_it_ends(toy_task_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Actors are reused across trials: on a GPU shared by fractional trials, a reused actor
     kept the peak reservation of its finished trial (review). And a trial loads the held-out
@@ -93,26 +81,39 @@ def test_a_trial_gives_its_cached_gpu_memory_back_however_it_ends(toy_task_dir: 
     assert len(trial_task(settings, get_method("mia_target")).held_out) == 24
 
 
-def test_sweep_spreads_over_the_nodes_of_a_cluster(toy_task_dir: Path, tmp_path: Path) -> None:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # like cluster.yaml: no trials on the head
-    workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+def test_a_cluster_sweep_packs_gpus_on_every_worker_node_and_logs_to_a_tracking_server(
+        toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """One sweep, three things of a cluster as cluster.yaml lays it out: trials spread over the
+    worker nodes (none on the CPU-less head), fractional GPUs pack two trials on each GPU, and
+    everything goes to an HTTP tracking server."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)
     try:
-        config = load_config(write_config(tmp_path, toy_task_dir, name="multinode", trials=4, ray_address=cluster.address,
-                                          **LIGHT_EVAL, mmlu_threshold="0.75x",
-                                          resources_per_trial={"cpu": 1, "gpu": 1},
-                                          search_space_overrides={"grad_diff": {"epochs": 1}}))
-        summary = run_sweep(config)
+        with mlflow_server(tmp_path / "server") as uri:
+            config = load_config(write_config(tmp_path, toy_task_dir, name="cluster", trials=4, ray_address=cluster.address,
+                                              **LIGHT_EVAL, mmlu_threshold="0.75x", mlflow={"tracking_uri": uri},
+                                              resources_per_trial={"cpu": 1, "gpu": 0.5},
+                                              search_space_overrides={"grad_diff": {"epochs": 1}}))
+            summary = run_sweep(config)
+            runs = child_runs(config, summary)
+            assert len(runs) == 4 and all(row["status"] == "finished" for row in summary.rows)
+            assert {run.data.tags["ray_node"] for run in runs} == {worker.node_id for worker in workers}
+            assert max_overlap(runs) == 4  # 2 GPUs / 0.5 per trial, 4 CPUs / 1 per trial
+            # The relative threshold's base evaluation ran on a worker, as a trial would, not on the head.
+            parent = tracking.client(uri).get_run(summary.parent_run_id)
+            assert parent.data.tags["base_evaluation_node"] in {worker.node_id for worker in workers}
+            # best and export read the champion back from the server.
+            assert summary.champion and summary.champion["model_version"] == "1"
+            assert main(["best", config.experiment, "--tracking-uri", uri]) == 0
+            assert summary.champion["trial_id"] in capsys.readouterr().out
+            exported = export_champion(config.experiment, uri, tmp_path / "submission")
+            assert json.loads((exported / "scores.json").read_text())["final_score"] == pytest.approx(summary.champion["final_score"])
+            assert (exported / "model.safetensors").exists()
     finally:
         ray.shutdown()
         cluster.shutdown()
-    runs = child_runs(config, summary)
-    assert len(runs) == 4 and all(row["status"] == "finished" for row in summary.rows)
-    assert {run.data.tags["ray_node"] for run in runs} == {worker.node_id for worker in workers}
-    assert max_overlap(runs) == 2
-    # The relative threshold's base evaluation ran on a worker, as a trial would, not on the CPU-less head.
-    parent = tracking.client(config.tracking_uri).get_run(summary.parent_run_id)
-    assert parent.data.tags["base_evaluation_node"] in {worker.node_id for worker in workers}
+    assert not (tmp_path / "mlflow.db").exists()  # everything went to the server
 
 
 @pytest.fixture(scope="module")
@@ -127,18 +128,23 @@ DISTRIBUTED_PARAMS = {"epochs": 1, "learning_rate": 1.0e-4, "retain_weight": 1.0
 SHARDED_EVAL_TOKENS = 32  # short generations, zero-shot MMLU: the sharding is what is tested, at a fraction of the cost
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_worker_deepspeed_trial_matches_one_process(stage: int, toy_task_dir: Path, tmp_path: Path, single_process_nll) -> None:
-    # Two Ray Train workers of 1 CPU each, plus the trial's token share: 3 logical CPUs.
+@pytest.fixture(scope="module")
+def ray_for_two_workers():
+    # Two Ray Train workers of 1 CPU each, plus the trial's token share: 3 logical CPUs; Train
+    # needs the dashboard. One instance for both stages: a Ray start is a fifth of a test.
     ray.init(address="local", num_cpus=3, include_dashboard=True, log_to_driver=False)
-    try:
-        config = load_config(write_config(tmp_path, toy_task_dir, name=f"zero{stage}", trials=1,
-                                          resources_per_trial={"cpu": 1, "workers": 2}, mmlu_shots=0,
-                                          eval={"dtype": "float32", "max_new_tokens": SHARDED_EVAL_TOKENS},
-                                          search_space_overrides={"grad_diff": {**DISTRIBUTED_PARAMS, "zero_stage": stage}}))
-        summary = run_sweep(config)
-    finally:
-        ray.shutdown()
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_worker_deepspeed_trial_matches_one_process(stage: int, ray_for_two_workers, toy_task_dir: Path, tmp_path: Path,
+                                                        single_process_nll) -> None:
+    config = load_config(write_config(tmp_path, toy_task_dir, name=f"zero{stage}", trials=1,
+                                      resources_per_trial={"cpu": 1, "workers": 2}, mmlu_shots=0,
+                                      eval={"dtype": "float32", "max_new_tokens": SHARDED_EVAL_TOKENS},
+                                      search_space_overrides={"grad_diff": {**DISTRIBUTED_PARAMS, "zero_stage": stage}}))
+    summary = run_sweep(config)
     row = summary.rows[0]
     assert row["status"] == "finished" and row["checkpoint"] and "/train/" in row["checkpoint"]
     checkpoint = Path(row["checkpoint"])

@@ -559,19 +559,6 @@ def mlflow_server(folder: Path):
         server.wait()
 
 
-def test_a_sweep_against_a_real_tracking_server(local_ray, toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    with mlflow_server(tmp_path / "server") as uri:
-        config = load_config(write_config(tmp_path, toy_task_dir, name="over-http", trials=2, mlflow={"tracking_uri": uri}, **LIGHT_EVAL))
-        summary = run_sweep(config)
-        assert summary.champion and summary.champion["model_version"] == "1"
-        assert main(["best", config.experiment, "--tracking-uri", uri]) == 0
-        assert summary.champion["trial_id"] in capsys.readouterr().out
-        exported = export_champion(config.experiment, uri, tmp_path / "submission")
-        assert json.loads((exported / "scores.json").read_text())["final_score"] == pytest.approx(summary.champion["final_score"])
-        assert (exported / "model.safetensors").exists()
-    assert not (tmp_path / "mlflow.db").exists()  # everything went to the server
-
-
 def test_reading_a_config_loads_no_torch() -> None:
     """A config is read on the driver (a cluster's CPU-only head) and by plan/validate: the
     evaluation backends' facts it checks come without torch or transformers."""

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unlearn_sweep.corpus.mia import default_held_out, load_held_out, load_mia
 from unlearn_sweep.corpus.semeval import load_task
-from unlearn_sweep.corpus.toy_task import PUBLISHED_FINGERPRINT, build_toy_task
+from unlearn_sweep.corpus.toy_task import PUBLISHED_FINGERPRINT, build_toy_task, write_toy_task
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -32,24 +32,18 @@ def test_data_is_a_pure_function_of_the_seed() -> None:
     assert build_toy_task(3).folds["train"].forget_rows != build_toy_task(4).folds["train"].forget_rows
 
 
-def build_in_a_process_of_its_own(out: Path, threads: int, capability: str) -> None:
-    """The caller's kernel settings are the ones that changed the weights before they were pinned."""
-    code = (f"import torch; torch.set_num_threads({threads}); from unlearn_sweep.corpus.toy_task import write_toy_task; "
-            f"write_toy_task({str(out)!r}, seed=5, epochs=2)")
-    environment = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "OMP_NUM_THREADS": str(threads)}
-    subprocess.run([sys.executable, "-c", code], env=environment, check=True, cwd=REPO_ROOT)
-
-
 def test_the_same_seed_writes_identical_files_whatever_the_callers_threads_and_kernels(tmp_path: Path) -> None:
-    build_in_a_process_of_its_own(tmp_path / "a", threads=1, capability="avx2")
-    build_in_a_process_of_its_own(tmp_path / "b", threads=2, capability="default")
+    """Built here (2 threads, this CPU's own ATen kernels) and in a process with one thread and
+    ATen's plain kernels: the caller settings that changed the weights before they were pinned."""
     first, second = tmp_path / "a", tmp_path / "b"
+    write_toy_task(first, seed=5, epochs=1)
+    code = f"from unlearn_sweep.corpus.toy_task import write_toy_task; write_toy_task({str(second)!r}, seed=5, epochs=1)"
+    environment = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", code], env=environment, check=True, cwd=REPO_ROOT)
     files = sorted(str(p.relative_to(first)) for p in first.rglob("*") if p.is_file())
     assert {"model/model.safetensors", "model/tokenizer.json", "data/forget_train-00000-of-00001.parquet"} <= set(files)
     match, mismatch, errors = filecmp.cmpfiles(first, second, files, shallow=False)
     assert mismatch == [] and errors == []
-    manifest = json.loads((first / "toy_task.json").read_text())
-    assert manifest["weights_sha256"] == json.loads((second / "toy_task.json").read_text())["weights_sha256"]
 
 
 def test_the_default_build_has_the_published_fingerprint(toy_task_dir: Path) -> None:
