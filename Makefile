@@ -20,5 +20,7 @@ $(INSTALLED): pyproject.toml
 demo: $(INSTALLED)
 	$(BIN)/unlearn-sweep demo
 
+# Two workers, a test file each at a time (module fixtures such as a Ray instance stay on one
+# worker): much of a sweep test is waiting (Ray and MLflow servers, subprocess drivers).
 test: $(INSTALLED)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile

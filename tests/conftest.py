@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,14 +17,46 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
 
+PREBUILT_TOY_TASK = "UNLEARN_SWEEP_TEST_TOY_TASK"  # a built task to reuse (`unlearn-sweep toy-task --out DIR`)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With pytest-xdist (`make test` runs `-n 2`) the controller builds the toy task once,
+    before the workers start (xdist starts them last), and hands it to them through the
+    environment: one build (it uses both cores) instead of one per worker."""
+    config = session.config
+    if os.environ.get(PREBUILT_TOY_TASK) or hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    from unlearn_sweep.corpus.toy_task import write_toy_task
+
+    config.toy_task_root = Path(tempfile.mkdtemp(prefix="unlearn-sweep-toy-"))
+    os.environ[PREBUILT_TOY_TASK] = str(write_toy_task(config.toy_task_root / "task", seed=0))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    root = getattr(session.config, "toy_task_root", None)
+    if root is not None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def toy_task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from unlearn_sweep.corpus.toy_task import write_toy_task
 
-    prebuilt = os.environ.get("UNLEARN_SWEEP_TEST_TOY_TASK")  # a developer's shortcut: reuse a built task
+    prebuilt = os.environ.get(PREBUILT_TOY_TASK)
     if prebuilt:
         return Path(prebuilt)
     return write_toy_task(tmp_path_factory.mktemp("toy") / "task", seed=0)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray of 2 CPUs for the sweeps of one test module."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 def shared_data(*parts: str) -> Path:
