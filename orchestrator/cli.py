@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, UsageError, ParamError) as error:
         print(f"unlearn-sweep: error: {error}", file=sys.stderr)
         return 2
-    except FloatingPointError as error:  # training diverged: the run failed, nothing was written
+    except (FloatingPointError, ChildProcessError) as error:  # training diverged or its process failed: nothing was written
         print(f"unlearn-sweep: error: {error}", file=sys.stderr)
         return 1
 
