@@ -10,12 +10,11 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 install: $(INSTALLED)
 
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build on CPU machines.
-# --no-compile: modules compile on first import instead (a run imports a fraction of the stack).
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q --no-compile torch==2.13.0
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-compile -e ".[test]"
+	$(BIN)/python -m pip install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[test]"
 	touch $(INSTALLED)
 
 demo: $(INSTALLED)
