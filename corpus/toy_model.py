@@ -103,13 +103,15 @@ def packed_batch(rows: list[list[list[int]]], pad_id: int) -> dict[str, torch.Te
     parts = [flatten([{"input_ids": ids} for ids in row]) for row in rows]
     width = max(part["input_ids"].shape[1] for part in parts)
 
-    def padded(part: dict, key: str, value: int) -> torch.Tensor:
-        filler = torch.arange(width - part[key].shape[1]) if key == "position_ids" else None
-        return torch.nn.functional.pad(part[key], (0, width - part[key].shape[1]), value=value) if filler is None \
-            else torch.cat([part[key], filler.unsqueeze(0)], dim=1)
+    def padded(row: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(row, (0, width - row.shape[1]), value=value)
 
-    return {key: torch.cat([padded(part, key, value) for part in parts])
-            for key, value in (("input_ids", pad_id), ("labels", -100), ("position_ids", 0))}
+    def positions(row: torch.Tensor) -> torch.Tensor:  # the padding is a text of its own: positions restart
+        return torch.cat([row, torch.arange(width - row.shape[1]).unsqueeze(0)], dim=1)
+
+    return {"input_ids": torch.cat([padded(part["input_ids"], pad_id) for part in parts]),
+            "labels": torch.cat([padded(part["labels"], -100) for part in parts]),
+            "position_ids": torch.cat([positions(part["position_ids"]) for part in parts])}
 
 
 def train_to_memorise(
