@@ -223,8 +223,10 @@ def _export(args: argparse.Namespace) -> int:
 def _ui(args: argparse.Namespace) -> int:
     import os
 
-    # The mlflow of this interpreter's environment, found without relying on PATH.
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", _existing_store(args.tracking_uri), "--host", "127.0.0.1", "--port", str(args.port)]
+    # The mlflow of this interpreter's environment, found without relying on PATH. One server
+    # process: a person browsing trials needs no more, and MLflow's default of 4 costs a GB.
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", _existing_store(args.tracking_uri),
+               "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
     print(f"MLflow UI of {args.tracking_uri} on http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
     os.execv(command[0], command)
 

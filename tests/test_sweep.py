@@ -221,24 +221,28 @@ def test_ineligible_epochs_rank_below_eligible_ones_by_how_close_they_came() -> 
 
 
 def test_asha_stops_an_ineligible_high_trial_before_an_eligible_lower_one(local_ray, tmp_path: Path) -> None:
-    def scripted_trial(config: dict) -> None:  # nested: Ray pickles it by value for its workers
-        """Reports a fixed (final score, MMLU) per epoch, as a trial's EpochReporter would."""
+    def reports(epochs: list[tuple[float, float]]) -> list[dict]:
+        """Each epoch's report, as a trial's EpochReporter would send it (built here, on the driver)."""
         objective = TrialObjective()
-        for epoch, (final, mmlu) in enumerate(config["epochs"], start=1):
-            scores = {name: 0.5 for name in tracking.SCORE_METRICS} | {"final_score": final, "mmlu_accuracy": mmlu, "eligible": mmlu >= 0.5}
-            tune.report(epoch_report(scores, epoch, 0.5, objective))
+        return [epoch_report({name: 0.5 for name in tracking.SCORE_METRICS}
+                             | {"final_score": final, "mmlu_accuracy": mmlu, "eligible": mmlu >= 0.5}, epoch, 0.5, objective)
+                for epoch, (final, mmlu) in enumerate(epochs, start=1)]
 
-    eligible, collapsed = [(0.4, 0.6)] * 4, [(0.9, 0.2)] * 4  # collapsed: high final score, MMLU far below 0.5
+    def scripted_trial(config: dict) -> None:  # nested and import-free: Ray pickles it by value, its workers load nothing else
+        for report in config["reports"]:
+            tune.report(report)
+
+    eligible, collapsed = reports([(0.4, 0.6)] * 4), reports([(0.9, 0.2)] * 4)  # collapsed: high final score, MMLU far below 0.5
     tuner = tune.Tuner(
         scripted_trial,
-        param_space={"epochs": tune.grid_search([eligible, collapsed, eligible, collapsed])},
+        param_space={"reports": tune.grid_search([eligible, collapsed, eligible, collapsed])},
         tune_config=tune.TuneConfig(scheduler=ASHAScheduler(metric=METRIC, mode=MODE, grace_period=1, reduction_factor=2, max_t=4),
                                     max_concurrent_trials=1),
         run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0),
     )
     epochs = {}
     for result in tuner.fit():
-        epochs.setdefault("eligible" if result.config["epochs"] == eligible else "collapsed", []).append(result.metrics["training_iteration"])
+        epochs.setdefault("eligible" if result.config["reports"] == eligible else "collapsed", []).append(result.metrics["training_iteration"])
     assert max(epochs["collapsed"]) < 4 and max(epochs["eligible"]) == 4, epochs
 
 
@@ -402,7 +406,8 @@ def mlflow_server(folder: Path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/server.db",
-                               "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port)],
+                               "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
