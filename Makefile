@@ -23,4 +23,6 @@ demo: $(INSTALLED)
 # Two workers, a test file each at a time (module fixtures such as a Ray instance stay on one
 # worker): much of a sweep test is waiting (Ray and MLflow servers, subprocess drivers).
 test: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile

@@ -27,12 +27,11 @@ import time
 from pathlib import Path
 
 import torch
-
+from unlearn_sweep.corpus.checkpoints import BACKENDS
 from unlearn_sweep.corpus.mia import load_mia
 from unlearn_sweep.corpus.mmlu import MmluQuestion, first_shots, fitted_prompt, format_prompt
 from unlearn_sweep.corpus.semeval import load_task
 from unlearn_sweep.corpus.toy_model import train_tokenizer
-from unlearn_sweep.corpus.checkpoints import BACKENDS
 from unlearn_sweep.evaluation.evaluator import backend_passes, load
 
 MMLU_QUESTIONS, SUBJECTS, DEV_PER_SUBJECT = 14_042, 57, 5
@@ -46,6 +45,7 @@ SIZES = {  # (hidden, intermediate, layers, heads) of the OLMo-2 configurations 
 def synthetic_mmlu(words: list[str], rng: random.Random) -> tuple[list[MmluQuestion], list[MmluQuestion]]:
     """Test and dev questions of MMLU's size, with question and choice lengths in words drawn
     around MMLU's (log-normal: questions median 30 words, choices median 4, long tails)."""
+
     def text(median: float) -> str:
         count = max(1, min(400, round(rng.lognormvariate(math.log(median), 0.8))))
         return " ".join(rng.choice(words) for _ in range(count)).capitalize()
@@ -65,9 +65,19 @@ def build_model(texts: list[str], out_dir: Path, size: str) -> int:
 
     tokenizer = train_tokenizer(texts, OLMO_VOCAB)
     hidden, intermediate, layers, heads = SIZES[size]
-    config = Olmo2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096, tie_word_embeddings=True,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    config = Olmo2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
     torch.manual_seed(0)
     model = Olmo2ForCausalLM(config)
     model.save_pretrained(out_dir)
@@ -77,7 +87,9 @@ def build_model(texts: list[str], out_dir: Path, size: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "semeval25")
+    parser.add_argument(
+        "--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "semeval25"
+    )
     parser.add_argument("--fraction", type=float, default=0.02, help="share of each set actually run and timed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -92,7 +104,11 @@ def main() -> None:
     words = [word for row in task.rows() for word in f"{row.input} {row.output}".split()]
     mmlu, dev = synthetic_mmlu(words, rng)
     shots = first_shots(dev, 5)
-    texts = [f"{row.input} {row.output}" for row in task.rows()] + [doc.document for doc in documents] + [format_prompt(q) for q in dev]
+    texts = (
+        [f"{row.input} {row.output}" for row in task.rows()]
+        + [doc.document for doc in documents]
+        + [format_prompt(q) for q in dev]
+    )
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
         parameters = build_model(texts, Path(folder), args.size)
@@ -100,8 +116,11 @@ def main() -> None:
         model, tokenizer = load(folder, "bfloat16", args.backend)
         passes = backend_passes(args.backend)
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} threads"
-        print(f"model: OLMo-2, {parameters / 1e6:.0f}M parameters, vocabulary {len(tokenizer)}, bfloat16, {args.backend} backend "
-              f"on {device} (built in {built:.0f} s)")
+        print(
+            f"model: OLMo-2, {parameters / 1e6:.0f}M parameters, vocabulary {len(tokenizer)}, bfloat16, "
+            f"{args.backend} backend "
+            f"on {device} (built in {built:.0f} s)"
+        )
 
         def count(text: str) -> int:
             return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -115,23 +134,51 @@ def main() -> None:
         start = time.perf_counter()
         outputs = passes.generate(model, tokenizer, [row.input for row in rows], args.batch_size, 256)
         generated = sum(count(output) for output in outputs)
-        stages.append(("generation (forget + retain rows, 256 new tokens)", len(task.rows()), len(rows),
-                       sum(count(row.input) for row in rows) + generated, time.perf_counter() - start))
+        stages.append(
+            (
+                "generation (forget + retain rows, 256 new tokens)",
+                len(task.rows()),
+                len(rows),
+                sum(count(row.input) for row in rows) + generated,
+                time.perf_counter() - start,
+            )
+        )
         start = time.perf_counter()
         passes.document_loss(model, tokenizer, [doc.document for doc in docs], args.batch_size)
-        stages.append(("MIA document losses", len(documents), len(docs), sum(count(doc.document) for doc in docs), time.perf_counter() - start))
+        stages.append(
+            (
+                "MIA document losses",
+                len(documents),
+                len(docs),
+                sum(count(doc.document) for doc in docs),
+                time.perf_counter() - start,
+            )
+        )
         start = time.perf_counter()
         passes.choose_letters(model, tokenizer, prompts, args.batch_size)
-        stages.append(("MMLU 5-shot (last position only)", len(mmlu), len(questions), sum(map(count, prompts)), time.perf_counter() - start))
+        stages.append(
+            (
+                "MMLU 5-shot (last position only)",
+                len(mmlu),
+                len(questions),
+                sum(map(count, prompts)),
+                time.perf_counter() - start,
+            )
+        )
     print(f"sample: {args.fraction:.0%} of each set (seed 0); projected: the whole set at the sample's rate\n")
-    print("| stage | set size | sampled | tokens (sample) | tokens/s | sample s | projected whole set | projected screen |")
+    print(
+        "| stage | set size | sampled | tokens (sample) | tokens/s | sample s | projected whole set | projected "
+        "screen |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     total = 0.0
     for name, size, sampled, tokens, seconds in stages:
         whole = seconds * size / sampled
         total += whole
-        print(f"| {name} | {size} | {sampled} | {tokens} | {tokens / seconds:.0f} | {seconds:.1f} | {whole / 60:.1f} min "
-              f"| {whole * args.screen_fraction / 60:.1f} min |")
+        print(
+            f"| {name} | {size} | {sampled} | {tokens} | {tokens / seconds:.0f} | {seconds:.1f} | {whole / 60:.1f} min "
+            f"| {whole * args.screen_fraction / 60:.1f} min |"
+        )
     print(f"| all | | | | | | {total / 60:.1f} min | {total * args.screen_fraction / 60:.1f} min |")
 
 

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import torch
-
 from unlearn_sweep.corpus.toy_task import toy_task_for_benchmark
 from unlearn_sweep.evaluation.evaluator import EvalSets, run_inference
 from unlearn_sweep.evaluation.inference import load_model
+from unlearn_sweep.evaluation.options import EvalOptions
 from unlearn_sweep.evaluation.scoring import compute_scores
 
 
@@ -27,15 +27,25 @@ def reference_records(model, tokenizer, sets: EvalSets, max_new_tokens: int) -> 
     generations = []
     for row in sets.rows:
         prompt = tokenizer(row.input, return_tensors="pt")
-        output = model.generate(**prompt, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id)
-        text = tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+        output = model.generate(
+            **prompt, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id
+        )
+        text = tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
         answer_ids = tokenizer(" " + row.output, add_special_tokens=False, return_tensors="pt")["input_ids"]
         ids = torch.cat([prompt["input_ids"], answer_ids], dim=1)
         labels = ids.clone()
         labels[:, : prompt["input_ids"].shape[1]] = -100
         nll = model(input_ids=ids, labels=labels).loss.item()
-        generations.append({"id": row.id, "task": row.task, "split": row.split,
-                            "expected_output": row.output, "model_output": text, "nll": nll})
+        generations.append(
+            {
+                "id": row.id,
+                "task": row.task,
+                "split": row.split,
+                "expected_output": row.output,
+                "model_output": text,
+                "nll": nll,
+            }
+        )
     mia = []
     for document in sets.mia:
         ids = tokenizer(document.document, return_tensors="pt")["input_ids"]
@@ -62,7 +72,9 @@ def main() -> None:
     reference = compute_scores(generations, mia, None)
 
     start = time.perf_counter()
-    records = run_inference(model, tokenizer, sets, args.batch_size, args.max_new_tokens)
+    records = run_inference(
+        model, tokenizer, sets, EvalOptions(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    )
     batched_seconds = time.perf_counter() - start
     batched = compute_scores(records["generations.jsonl"], records["mia.jsonl"], None)
 
@@ -72,8 +84,10 @@ def main() -> None:
     print(f"reference (one row at a time): {reference_seconds:8.2f} s")
     print(f"evaluator (batch {args.batch_size}):          {batched_seconds:8.2f} s")
     print(f"speed-up: {reference_seconds / batched_seconds:.1f}x")
-    print(f"task aggregate {batched['task_aggregate']:.6f} vs {reference['task_aggregate']:.6f}; "
-          f"MIA score {batched['mia_score']:.6f} vs {reference['mia_score']:.6f}; agree: {agree}")
+    print(
+        f"task aggregate {batched['task_aggregate']:.6f} vs {reference['task_aggregate']:.6f}; "
+        f"MIA score {batched['mia_score']:.6f} vs {reference['mia_score']:.6f}; agree: {agree}"
+    )
 
 
 if __name__ == "__main__":

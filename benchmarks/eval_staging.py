@@ -3,8 +3,8 @@ epoch screened on a 20% subset first) and without it, at the same seed and budge
 
 Two sweeps of the same trials (Optuna's random sampler, seed 0, no early stopping: TPE would
 sample differently once the two sweeps' scores differ, and the toy's evaluation time depends
-on the trial, so only the same configurations compare): per sweep, the share of trial wall time spent scoring epochs (the
-`eval_seconds` each epoch logs against the trial runs' durations), how many epochs were fully
+on the trial, so only the same configurations compare): per sweep, the share of trial wall time
+spent scoring epochs (the `eval_seconds` each epoch logs against the trial runs' durations), how many epochs were fully
 evaluated, and the champion's final score.
 
     python benchmarks/eval_staging.py [--task toy_task] [--trials 12] [--dir /tmp/eval_staging]
@@ -43,7 +43,9 @@ def main() -> None:
     parser.add_argument("--task", type=Path, default=Path("toy_task"), help="toy task directory (built if missing)")
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/eval_staging"))
-    parser.add_argument("--measure", nargs=2, metavar=("TRACKING_URI", "EXPERIMENT"), help="an experiment already run: measure only")
+    parser.add_argument(
+        "--measure", nargs=2, metavar=("TRACKING_URI", "EXPERIMENT"), help="an experiment already run: measure only"
+    )
     args = parser.parse_args()
     if args.measure:
         share, full, epochs = evaluation_share(*args.measure)
@@ -58,15 +60,30 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     for screen in (False, True):
         name = "staged" if screen else "full-every-epoch"
-        raw = {"name": name, "model": str(task / "model"), "data": str(task / "data"), "mia": str(task / "mia"),
-               "mmlu": str(task / "mmlu"), "mmlu_threshold": "0.75x", "methods": METHODS, "trials": args.trials, "seed": 0, "searcher": "random",
-               "asha": None, "eval": {"screen": screen, "dtype": "float32"}, "mlflow": {"tracking_uri": f"sqlite:///{args.dir}/mlflow.db", "experiment": name},
-               "storage_path": str(args.dir / "sweeps")}
+        raw = {
+            "name": name,
+            "model": str(task / "model"),
+            "data": str(task / "data"),
+            "mia": str(task / "mia"),
+            "mmlu": str(task / "mmlu"),
+            "mmlu_threshold": "0.75x",
+            "methods": METHODS,
+            "trials": args.trials,
+            "seed": 0,
+            "searcher": "random",
+            "asha": None,
+            "eval": {"screen": screen, "dtype": "float32"},
+            "mlflow": {"tracking_uri": f"sqlite:///{args.dir}/mlflow.db", "experiment": name},
+            "storage_path": str(args.dir / "sweeps"),
+        }
         config = config_from_dict(raw, args.dir / f"{name}.yaml", args.dir)
         summary = run_sweep(config)
         share, full, epochs = evaluation_share(config.tracking_uri, config.experiment)
         champion = summary.champion["final_score"] if summary.champion else None
-        print(f"| {name} | {share:.1%} | {full} of {epochs} | {'-' if champion is None else f'{champion:.4f}'} |", flush=True)
+        print(
+            f"| {name} | {share:.1%} | {full} of {epochs} | {'-' if champion is None else f'{champion:.4f}'} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -32,9 +32,18 @@ def build_model(task: Path, size: str, out: Path) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(task / "model")
     hidden, layers, heads, intermediate = SIZES[size]
-    config = Olmo2Config(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=heads, intermediate_size=intermediate, max_position_embeddings=512,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    config = Olmo2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
     torch.manual_seed(0)
     model = Olmo2ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(out)
@@ -52,14 +61,18 @@ class GpuMemorySampler:
     def _sample(self) -> None:
         while not self._stop.is_set():
             try:
-                output = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                        capture_output=True, text=True, timeout=5).stdout
+                output = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                ).stdout
                 self.peak = max([self.peak, *(int(line) for line in output.split() if line.strip().isdigit())])
             except (OSError, subprocess.TimeoutExpired):
                 pass
             self._stop.wait(0.5)
 
-    def __enter__(self) -> "GpuMemorySampler":
+    def __enter__(self) -> GpuMemorySampler:
         self._thread.start()
         return self
 
@@ -68,19 +81,27 @@ class GpuMemorySampler:
         self._thread.join()
 
 
-def sweep(name: str, model: Path, task: Path, work: Path, trials: int, gpu_share: float, cpus: int, smoke: bool) -> tuple[float, int]:
+def sweep(
+    name: str, model: Path, task: Path, work: Path, trials: int, gpu_share: float, cpus: int, smoke: bool
+) -> tuple[float, int]:
     import ray
-
     from unlearn_sweep.orchestrator.config import config_from_dict
     from unlearn_sweep.orchestrator.sweep import run_sweep
 
     raw = {
-        "name": name, "model": str(model), "data": str(task / "data"), "mia": str(task / "mia"), "mmlu": str(task / "mmlu"),
-        "methods": ["grad_diff"], "trials": trials, "seed": 0,
+        "name": name,
+        "model": str(model),
+        "data": str(task / "data"),
+        "mia": str(task / "mia"),
+        "mmlu": str(task / "mmlu"),
+        "methods": ["grad_diff"],
+        "trials": trials,
+        "seed": 0,
         "search_space_overrides": {"grad_diff": {"epochs": 1, "bf16": not smoke, "batch_size": 8}},
         "resources_per_trial": {"cpu": max(1, cpus * gpu_share // 1) if not smoke else 1, "gpu": gpu_share},
         "eval": {"batch_size": 32, "max_new_tokens": 32},  # an untrained model never stops: bound generation
-        "mlflow": {"tracking_uri": f"sqlite:///{work}/mlflow.db"}, "storage_path": str(work / "runs"),
+        "mlflow": {"tracking_uri": f"sqlite:///{work}/mlflow.db"},
+        "storage_path": str(work / "runs"),
     }
     config = config_from_dict(raw, work / f"{name}.yaml", work)
     ray.init(address="local", num_cpus=cpus, num_gpus=1, include_dashboard=False, log_to_driver=False)
@@ -121,14 +142,22 @@ def main() -> None:
     cpus = 2 if args.smoke else max(args.pack, min(16, __import__("os").cpu_count() or 1))
     results = {}
     for label, share in (("unpacked", 1.0), ("packed", 1.0 / args.pack)):
-        results[label] = sweep(label, args.dir / "model", args.task.resolve(), args.dir, args.trials, share, cpus, args.smoke)
+        results[label] = sweep(
+            label, args.dir / "model", args.task.resolve(), args.dir, args.trials, share, cpus, args.smoke
+        )
     device = "CPU (smoke test, logical GPU)" if args.smoke else torch.cuda.get_device_name(0)
     precision = "fp32" if args.smoke else "bf16"
-    print(f"{args.trials} grad_diff trials (1 epoch, {precision}, eval with 32 new tokens) of a {count / 1e6:.1f}M-parameter OLMo-2 on {device}")
+    print(
+        f"{args.trials} grad_diff trials (1 epoch, {precision}, eval with 32 new tokens) of a "
+        f"{count / 1e6:.1f}M-parameter OLMo-2 on {device}"
+    )
     for label, (rate, peak) in results.items():
         print(f"  {label:<9} {rate:8.1f} trials/hour   peak GPU memory {peak:6d} MiB")
     (unpacked, unpacked_peak), (packed, packed_peak) = results["unpacked"], results["packed"]
-    print(f"  packed / unpacked: {packed / unpacked:.2f}x trials/hour, {packed_peak / max(unpacked_peak, 1):.2f}x peak memory")
+    print(
+        f"  packed / unpacked: {packed / unpacked:.2f}x trials/hour, {packed_peak / max(unpacked_peak, 1):.2f}x "
+        "peak memory"
+    )
 
 
 if __name__ == "__main__":

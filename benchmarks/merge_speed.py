@@ -49,8 +49,10 @@ def run_reference(base: Path, a: Path, b: Path, out: Path, density: float) -> No
 
     base_state, a_state, b_state = (load_file(p / "model.safetensors") for p in (base, a, b))
     weights = torch.tensor([1.0, 1.0])
-    merged = {name: tensor + merge_utils.ties([a_state[name] - tensor, b_state[name] - tensor], weights, density)
-              for name, tensor in base_state.items()}
+    merged = {
+        name: tensor + merge_utils.ties([a_state[name] - tensor, b_state[name] - tensor], weights, density)
+        for name, tensor in base_state.items()
+    }
     out.mkdir(parents=True, exist_ok=True)
     save_file(merged, out / "model.safetensors")
 
@@ -81,18 +83,35 @@ def main() -> None:
     make_checkpoints(args.dir, args.params)
     results = {}
     for phase in ("reference", "streamed"):
-        output = subprocess.run([sys.executable, __file__, "--phase", phase, "--dir", str(args.dir), "--density", str(args.density)],
-                                check=True, capture_output=True, text=True).stdout
+        output = subprocess.run(
+            [sys.executable, __file__, "--phase", phase, "--dir", str(args.dir), "--density", str(args.density)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         results[phase] = json.loads(output.strip().splitlines()[-1])
     reference = load_file(args.dir / "out_reference" / "model.safetensors")
-    streamed = {k: v for shard in sorted((args.dir / "out_streamed").glob("*.safetensors")) for k, v in load_file(shard).items()}
-    same = reference.keys() == streamed.keys() and all(torch.allclose(reference[k], streamed[k], atol=1e-6) for k in reference)
+    streamed = {
+        k: v for shard in sorted((args.dir / "out_streamed").glob("*.safetensors")) for k, v in load_file(shard).items()
+    }
+    same = reference.keys() == streamed.keys() and all(
+        torch.allclose(reference[k], streamed[k], atol=1e-6) for k in reference
+    )
     checkpoint_mib = (args.dir / "base" / "model.safetensors").stat().st_size / 2**20
-    print(f"TIES merge of two {args.params}M-parameter checkpoints ({checkpoint_mib:.0f} MiB each), density {args.density}")
+    print(
+        f"TIES merge of two {args.params}M-parameter checkpoints ({checkpoint_mib:.0f} MiB each), density "
+        f"{args.density}"
+    )
     for phase, result in results.items():
-        print(f"  {phase:<10} {result['seconds']:7.2f} s   peak RSS {result['peak_mib']:7.0f} MiB "
-              f"({result['peak_mib'] - result['baseline_mib']:.0f} MiB above the {result['baseline_mib']:.0f} MiB after imports)")
-    print(f"  speed ratio (reference / streamed): {results['reference']['seconds'] / results['streamed']['seconds']:.2f}x; identical result: {same}")
+        print(
+            f"  {phase:<10} {result['seconds']:7.2f} s   peak RSS {result['peak_mib']:7.0f} MiB "
+            f"({result['peak_mib'] - result['baseline_mib']:.0f} MiB above the {result['baseline_mib']:.0f} MiB "
+            "after imports)"
+        )
+    print(
+        "  speed ratio (reference / streamed): "
+        f"{results['reference']['seconds'] / results['streamed']['seconds']:.2f}x; identical result: {same}"
+    )
 
 
 if __name__ == "__main__":

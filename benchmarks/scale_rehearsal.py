@@ -19,7 +19,6 @@ import ray
 import torch
 from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
-
 from unlearn_sweep.corpus.semeval import load_task
 from unlearn_sweep.methods.memory_plan import GIB, ModelShape, estimate
 from unlearn_sweep.methods.registry import build_params, get_method
@@ -32,9 +31,19 @@ def build_model(task_dir: Path, out_dir: Path, layers: int) -> Path:
     from transformers import AutoTokenizer, Olmo2Config, Olmo2ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(task_dir / "model")
-    config = Olmo2Config(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=2048, num_hidden_layers=layers,
-                         num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512, tie_word_embeddings=True,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    config = Olmo2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=layers,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
     torch.manual_seed(0)
     Olmo2ForCausalLM(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -75,12 +84,22 @@ def run(stage: int, model_dir: Path, task_dir: Path, scratch: Path) -> list[int]
     """Each rank's peak memory growth over the run, in bytes."""
     results = scratch / f"zero{stage}-results"
     results.mkdir()
-    trainer = TorchTrainer(train_worker, train_loop_config={"model": str(model_dir), "task": str(task_dir / "data"), "stage": stage,
-                                                            "results": str(results)},
-                           scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
-                           run_config=ray.train.RunConfig(name=f"zero{stage}", storage_path=str(scratch / "ray")))
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "model": str(model_dir),
+            "task": str(task_dir / "data"),
+            "stage": stage,
+            "results": str(results),
+        },
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
+        run_config=ray.train.RunConfig(name=f"zero{stage}", storage_path=str(scratch / "ray")),
+    )
     trainer.fit()
-    return [(int((results / f"rank{rank}").read_text()), int((results / f"resident{rank}").read_text())) for rank in range(2)]
+    return [
+        (int((results / f"rank{rank}").read_text()), int((results / f"resident{rank}").read_text()))
+        for rank in range(2)
+    ]
 
 
 def main() -> None:
@@ -95,12 +114,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rehearsal-") as scratch:
         model_dir = build_model(args.task, Path(scratch) / "model", args.layers)
         shape = ModelShape.from_config(model_dir)
-        print(f"OLMo-2 from a config: {shape.total / 1e6:.0f}M parameters, 2 Ray Train workers (gloo), NPO full fine-tuning")
+        print(
+            f"OLMo-2 from a config: {shape.total / 1e6:.0f}M parameters, 2 Ray Train workers (gloo), NPO full "
+            "fine-tuning"
+        )
         # glibc raises its mmap threshold as large blocks are freed, after which ZeRO-3's gathered-parameter
         # buffers come from the heap and their freed pages stay resident (measured: ~1.2 GiB per rank
         # here). A fixed threshold returns freed buffers, so the figures are live memory, as on a GPU.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}})
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}},
+        )
         measured, planned = {}, {}
         try:
             for stage in (0, 3):
@@ -111,7 +138,10 @@ def main() -> None:
                 measured[stage] = run(stage, model_dir, args.task, Path(scratch))
         finally:
             ray.shutdown()
-    print("| ZeRO stage | rank | peak growth (GiB) | resident after training (GiB) | plan: states + reference + activations (GiB) |")
+    print(
+        "| ZeRO stage | rank | peak growth (GiB) | resident after training (GiB) | plan: states + reference + "
+        "activations (GiB) |"
+    )
     print("| --- | --- | --- | --- | --- |")
     for stage in (0, 3):
         for rank, (peak, resident) in enumerate(measured[stage]):

@@ -63,21 +63,39 @@ def main() -> None:
     args = parser.parse_args()
 
     from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
+    from unlearn_sweep.evaluation.options import EvalOptions
     from unlearn_sweep.orchestrator.config import config_from_dict
     from unlearn_sweep.orchestrator.sweep import run_sweep
 
     task = prepared(args.task, args.dir)
     sets = EvalSets.load(task / "data", mia=task / "mia", mmlu=task / "mmlu")
-    threshold = round(0.75 * evaluate_checkpoint(task / "model", sets, dtype="float32")["mmlu_accuracy"], 6)
-    print(f"toy task, methods {', '.join(METHODS)}, {args.trials} trials per run, MMLU threshold {threshold} (0.75x base)", flush=True)
+    threshold = round(
+        0.75 * evaluate_checkpoint(task / "model", sets, EvalOptions(dtype="float32"))["mmlu_accuracy"], 6
+    )
+    print(
+        f"toy task, methods {', '.join(METHODS)}, {args.trials} trials per run, MMLU threshold {threshold} "
+        "(0.75x base)",
+        flush=True,
+    )
     runs = {}
     for strategy, keys in STRATEGIES.items():
         for seed in range(args.seeds):
             name = f"{strategy.split(',')[0].split(' ')[0].lower()}{'-asha' if 'asha' not in keys else ''}-{seed}"
-            raw = {"name": name, "model": str(task / "model"), "data": str(task / "data"), "mia": str(task / "mia"),
-                   "mmlu": str(task / "mmlu"), "mmlu_threshold": threshold, "methods": METHODS, "trials": args.trials, "seed": seed,
-                   "mlflow": {"tracking_uri": f"sqlite:///{args.dir}/mlflow.db", "experiment": name},
-                   "storage_path": str(args.dir / "sweeps"), "eval": {"dtype": "float32"}, **keys}
+            raw = {
+                "name": name,
+                "model": str(task / "model"),
+                "data": str(task / "data"),
+                "mia": str(task / "mia"),
+                "mmlu": str(task / "mmlu"),
+                "mmlu_threshold": threshold,
+                "methods": METHODS,
+                "trials": args.trials,
+                "seed": seed,
+                "mlflow": {"tracking_uri": f"sqlite:///{args.dir}/mlflow.db", "experiment": name},
+                "storage_path": str(args.dir / "sweeps"),
+                "eval": {"dtype": "float32"},
+                **keys,
+            }
             config = config_from_dict(raw, args.dir / f"{name}.yaml", args.dir)
             began = time.perf_counter()
             run_sweep(config)
@@ -92,18 +110,28 @@ def main() -> None:
     summary = {}
     for (strategy, seed), history in runs.items():
         scores = [score for _, score in history if score is not None]
-        reached = next((index for index, (_, score) in enumerate(history, start=1) if score is not None and score >= target), None)
+        reached = next(
+            (index for index, (_, score) in enumerate(history, start=1) if score is not None and score >= target), None
+        )
         row = (max(scores) if scores else None, reached, history[reached - 1][0] if reached else None)
         summary.setdefault(strategy, []).append(row)
-        print(f"| {strategy} | {seed} | {'-' if row[0] is None else f'{row[0]:.4f}'} | {reached or 'not reached'} | "
-              f"{'-' if row[2] is None else f'{row[2]:.0f}'} |")
+        print(
+            f"| {strategy} | {seed} | {'-' if row[0] is None else f'{row[0]:.4f}'} | {reached or 'not reached'} | "
+            f"{'-' if row[2] is None else f'{row[2]:.0f}'} |"
+        )
     print("\n| strategy | mean best at budget | runs reaching 95% | mean trials to 95% | mean wall time to 95% (s) |")
     print("| --- | --- | --- | --- | --- |")
     for strategy, rows in summary.items():
         reached = [row for row in rows if row[1] is not None]
         mean_best = statistics.mean(row[0] if row[0] is not None else 0.0 for row in rows)
-        print(f"| {strategy} | {mean_best:.4f} | {len(reached)}/{len(rows)} | "
-              + (f"{statistics.mean(row[1] for row in reached):.1f} | {statistics.mean(row[2] for row in reached):.0f} |" if reached else "- | - |"))
+        print(
+            f"| {strategy} | {mean_best:.4f} | {len(reached)}/{len(rows)} | "
+            + (
+                f"{statistics.mean(row[1] for row in reached):.1f} | {statistics.mean(row[2] for row in reached):.0f} |"
+                if reached
+                else "- | - |"
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ def run_directly(setups: list[dict], task_dir: Path, threads: int) -> None:
     """Each setup trained for as many epochs as its trial ran (ASHA may have stopped it),
     evaluated after every epoch."""
     import torch
-
     from unlearn_sweep.corpus.semeval import load_task
     from unlearn_sweep.evaluation.evaluator import EvalSets, run_inference, score_records
     from unlearn_sweep.evaluation.inference import load_model
@@ -59,15 +58,25 @@ def main() -> None:
     args.dir.mkdir(parents=True)
     task = args.task.resolve()
     raw = {
-        "name": "overhead", "model": str(task / "model"), "data": str(task / "data"), "mia": str(task / "mia"),
-        "mmlu": str(task / "mmlu"), "methods": ["grad_diff", "npo"], "trials": args.trials, "seed": 0,
-        "max_concurrent_trials": 1, "resources_per_trial": {"cpu": 2},
-        "search_space_overrides": {"grad_diff": {"epochs": 3, "adapter": "full"}, "npo": {"epochs": 3, "adapter": "full"}},
-        "mlflow": {"tracking_uri": f"sqlite:///{args.dir}/mlflow.db"}, "storage_path": str(args.dir / "runs"),
+        "name": "overhead",
+        "model": str(task / "model"),
+        "data": str(task / "data"),
+        "mia": str(task / "mia"),
+        "mmlu": str(task / "mmlu"),
+        "methods": ["grad_diff", "npo"],
+        "trials": args.trials,
+        "seed": 0,
+        "max_concurrent_trials": 1,
+        "resources_per_trial": {"cpu": 2},
+        "search_space_overrides": {
+            "grad_diff": {"epochs": 3, "adapter": "full"},
+            "npo": {"epochs": 3, "adapter": "full"},
+        },
+        "mlflow": {"tracking_uri": f"sqlite:///{args.dir}/mlflow.db"},
+        "storage_path": str(args.dir / "runs"),
     }
     start = time.perf_counter()
     import ray
-
     from unlearn_sweep.orchestrator.config import config_from_dict
     from unlearn_sweep.orchestrator.sweep import run_sweep
 
@@ -80,10 +89,14 @@ def main() -> None:
     setups = [{"method": row["method"], "params": row["params"], "epochs": row["epochs"]} for row in summary.rows]
     (args.dir / "setups.json").write_text(json.dumps(setups))
     start = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--direct", str(args.dir / "setups.json"), "--task", str(task)], check=True)
+    subprocess.run(
+        [sys.executable, __file__, "--direct", str(args.dir / "setups.json"), "--task", str(task)], check=True
+    )
     direct_seconds = time.perf_counter() - start
     overhead = 1 - direct_seconds / sweep_seconds
-    print(f"{args.trials} trials (grad_diff / npo, 3 epochs each, full evaluation per epoch), one at a time on 2 threads")
+    print(
+        f"{args.trials} trials (grad_diff / npo, 3 epochs each, full evaluation per epoch), one at a time on 2 threads"
+    )
     print(f"  sweep (Ray start, Tune, Optuna, MLflow, checkpoints): {sweep_seconds:7.1f} s")
     print(f"  same training and evaluation run directly:           {direct_seconds:7.1f} s")
     print(f"  orchestration overhead: {overhead:.1%} of the sweep's wall time")

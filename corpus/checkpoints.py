@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
-
 from unlearn_sweep.corpus.errors import DataError
 
 DTYPES = ("bfloat16", "float16", "float32", "auto")  # what a checkpoint can be loaded in for inference; auto: as saved
-# What it can be loaded by for inference: Hugging Face (everywhere) or vLLM (optional, GPU only); the same records either way.
+# What it can be loaded by for inference: Hugging Face (everywhere) or vLLM (optional, GPU only); the same
+# records either way.
 BACKENDS = ("hf", "vllm")
 
 

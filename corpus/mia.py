@@ -26,7 +26,11 @@ def load_mia(mia_dir: str | Path) -> list[MiaDocument]:
     mia_dir = Path(mia_dir)
     if not mia_dir.is_dir():
         raise DataError(mia_dir, "MIA directory not found")
-    return [document for membership in MEMBERSHIPS for document in _read_documents(mia_dir / f"{membership}.jsonl", membership)]
+    return [
+        document
+        for membership in MEMBERSHIPS
+        for document in _read_documents(mia_dir / f"{membership}.jsonl", membership)
+    ]
 
 
 def _read_documents(path: Path, membership: str) -> list[MiaDocument]:
@@ -54,8 +58,11 @@ def load_held_out(path: str | Path, scored_mia_dir: str | Path | None) -> tuple[
     scored_ids, scored_texts = {doc.id for doc in scored}, {doc.document for doc in scored}
     shared = sum(doc.id in scored_ids or doc.document in scored_texts for doc in held_out)
     if shared:
-        raise DataError(path, f"{shared} of its {len(held_out)} documents are in the scored MIA set {scored_mia_dir}: "
-                        "held-out documents must be ones the MIA score is not computed on")
+        raise DataError(
+            path,
+            f"{shared} of its {len(held_out)} documents are in the scored MIA set {scored_mia_dir}: "
+            "held-out documents must be ones the MIA score is not computed on",
+        )
     return tuple(doc.document for doc in held_out)
 
 

@@ -87,7 +87,7 @@ def load_mmlu(mmlu_dir: str | Path, split: str = "test") -> list[MmluQuestion]:
 
 
 def _format_question(question: MmluQuestion) -> str:
-    options = "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, question.choices))
+    options = "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, question.choices, strict=False))
     return f"{question.question}{options}\nAnswer:"
 
 
@@ -109,7 +109,9 @@ def first_shots(dev: list[MmluQuestion], count: int) -> dict[str, list[MmluQuest
     return {subject: questions[:count] for subject, questions in shots.items()}
 
 
-def fitted_prompt(question: MmluQuestion, shots: list[MmluQuestion], token_count: Callable[[str], int], limit: int = 2048) -> str:
+def fitted_prompt(
+    question: MmluQuestion, shots: list[MmluQuestion], token_count: Callable[[str], int], limit: int = 2048
+) -> str:
     """The prompt with as many of the first shots as keep it within `limit` tokens (counted
     without special tokens), dropping the last shot until it fits, as Open-Instruct does."""
     shots = list(shots)

@@ -67,9 +67,13 @@ def load_rows(path: Path, split: str) -> list[TaskRow]:
             raise DataError(path, f"duplicate id {row_id!r} (also row {seen[row_id]})", index, "id")
         seen[row_id] = index
         if record["task"] not in TASKS:
-            raise DataError(path, f"unknown task {record['task']!r} (expected one of {', '.join(TASKS)})", index, "task")
+            raise DataError(
+                path, f"unknown task {record['task']!r} (expected one of {', '.join(TASKS)})", index, "task"
+            )
         if row_kind(row_id) is None:
-            raise DataError(path, f"id {row_id!r} is neither a sentence-completion (..scN) nor a question (..qaN) row", index, "id")
+            raise DataError(
+                path, f"id {row_id!r} is neither a sentence-completion (..scN) nor a question (..qaN) row", index, "id"
+            )
         for field in ("input", "output"):
             if not isinstance(record[field], str):
                 raise DataError(path, f"expected a string, got {type(record[field]).__name__}", index, field)
@@ -110,7 +114,9 @@ def load_task(data_dir: str | Path, split: str | None = None) -> TaskData:
         files = {s: data_dir / f"{s}{suffix}" for s in SETS}
         if any(f.exists() for f in files.values()):
             if split is not None:
-                raise DataError(data_dir, f"--split {split} applies only to the Hugging Face layout (data/forget_<split>-*.parquet)")
+                raise DataError(
+                    data_dir, f"--split {split} applies only to the Hugging Face layout (data/forget_<split>-*.parquet)"
+                )
             return _load_sets(files, f"{{forget,retain}}{suffix}")
     hf_dir = data_dir / "data" if (data_dir / "data").is_dir() else data_dir
     if any(hf_dir.glob("forget_*.parquet")):

@@ -9,7 +9,6 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
-
 from unlearn_sweep.corpus.errors import DataError
 
 
@@ -31,9 +30,7 @@ def read_records(path: Path, csv_column_names: list[str] | None = None) -> list[
             table = pa_csv.read_csv(
                 path,
                 read_options=pa_csv.ReadOptions(column_names=csv_column_names),
-                convert_options=pa_csv.ConvertOptions(
-                    column_types={name: pa.string() for name in csv_column_names}
-                ),
+                convert_options=pa_csv.ConvertOptions(column_types={name: pa.string() for name in csv_column_names}),
             )
         else:
             raise DataError(path, f"unsupported file type '{path.suffix}' (use .jsonl, .parquet or .csv)")

@@ -10,7 +10,9 @@ import torch
 from transformers import PreTrainedModel
 
 
-def right_padded(examples: Sequence[tuple[list[int], list[int]]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def right_padded(
+    examples: Sequence[tuple[list[int], list[int]]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input ids, attention mask, labels) of (ids, labels) pairs, padded on the right, so
     positions need no adjusting; labels are -100 in the padding."""
     width = max(len(ids) for ids, _ in examples)
@@ -24,10 +26,13 @@ def right_padded(examples: Sequence[tuple[list[int], list[int]]], pad_id: int, d
     return input_ids.to(device), mask.to(device), labels.to(device)
 
 
-def summed_token_nll(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def summed_token_nll(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence: the summed cross-entropy of its labelled next tokens, and their count."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
     targets = labels[:, 1:]
-    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none"
+    )
     return losses.sum(dim=1), (targets != -100).sum(dim=1).clamp(min=1)

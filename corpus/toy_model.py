@@ -109,9 +109,11 @@ def packed_batch(rows: list[list[list[int]]], pad_id: int) -> dict[str, torch.Te
     def positions(row: torch.Tensor) -> torch.Tensor:  # the padding is a text of its own: positions restart
         return torch.cat([row, torch.arange(width - row.shape[1]).unsqueeze(0)], dim=1)
 
-    return {"input_ids": torch.cat([padded(part["input_ids"], pad_id) for part in parts]),
-            "labels": torch.cat([padded(part["labels"], -100) for part in parts]),
-            "position_ids": torch.cat([positions(part["position_ids"]) for part in parts])}
+    return {
+        "input_ids": torch.cat([padded(part["input_ids"], pad_id) for part in parts]),
+        "labels": torch.cat([padded(part["labels"], -100) for part in parts]),
+        "position_ids": torch.cat([positions(part["position_ids"]) for part in parts]),
+    }
 
 
 def train_to_memorise(
@@ -152,8 +154,9 @@ def train_to_memorise(
         rows = packed_rows([len(ids) for ids in encoded], row_length, rng)
         losses = []
         for start in range(0, len(rows), rows_per_batch):
-            batch = packed_batch([[encoded[i] for i in row] for row in rows[start : start + rows_per_batch]],
-                                 tokenizer.pad_token_id)
+            batch = packed_batch(
+                [[encoded[i] for i in row] for row in rows[start : start + rows_per_batch]], tokenizer.pad_token_id
+            )
             loss = model(**batch, use_cache=False).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -179,16 +182,29 @@ def pinned_environment() -> dict[str, str]:
     return {**environment, **PINNED_KERNELS}
 
 
-def train_base_model(texts: list[str], few_shot_texts: list[str], out_dir: Path, seed: int, epochs: int,
-                     log_every: int = 0) -> float:
+def train_base_model(
+    texts: list[str], few_shot_texts: list[str], out_dir: Path, seed: int, epochs: int, log_every: int = 0
+) -> float:
     """Tokenizer, model and training in one, in a child process with pinned kernels: saves a
     Hugging Face checkpoint to out_dir and returns the final training loss. Every epoch
     trains on all of `texts` and SAMPLED_PER_EPOCH of `few_shot_texts`."""
-    request = json.dumps({"texts": texts, "few_shot_texts": few_shot_texts, "out_dir": str(out_dir), "seed": seed,
-                          "epochs": epochs, "log_every": log_every})
+    request = json.dumps(
+        {
+            "texts": texts,
+            "few_shot_texts": few_shot_texts,
+            "out_dir": str(out_dir),
+            "seed": seed,
+            "epochs": epochs,
+            "log_every": log_every,
+        }
+    )
     child = subprocess.run(
         [sys.executable, "-m", "unlearn_sweep.corpus.toy_model"],
-        input=request, stdout=subprocess.PIPE, text=True, env=pinned_environment(), check=False,
+        input=request,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=pinned_environment(),
+        check=False,
     )
     if child.returncode != 0:
         raise ChildProcessError(f"training the toy model failed (exit {child.returncode}): see the error above")
@@ -202,13 +218,23 @@ def _train_in_this_process() -> None:
     answer, sys.stdout = sys.stdout, sys.stderr
     capability = torch.backends.cpu.get_cpu_capability()
     if capability != "AVX2":
-        print(f"  note: this CPU runs ATen's {capability} kernels, not AVX2's: "
-              "the weights will differ from those built on processors with AVX2", flush=True)
+        print(
+            f"  note: this CPU runs ATen's {capability} kernels, not AVX2's: "
+            "the weights will differ from those built on processors with AVX2",
+            flush=True,
+        )
     torch.set_num_threads(THREADS)
     tokenizer = train_tokenizer(request["texts"] + request["few_shot_texts"])
     model = build_model(tokenizer, request["seed"])
-    loss = train_to_memorise(model, tokenizer, request["texts"], request["seed"], request["epochs"],
-                             (request["few_shot_texts"], SAMPLED_PER_EPOCH), log_every=request["log_every"])
+    loss = train_to_memorise(
+        model,
+        tokenizer,
+        request["texts"],
+        request["seed"],
+        request["epochs"],
+        (request["few_shot_texts"], SAMPLED_PER_EPOCH),
+        log_every=request["log_every"],
+    )
     model.save_pretrained(request["out_dir"])
     tokenizer.save_pretrained(request["out_dir"])
     print(json.dumps({"final_loss": loss}), file=answer, flush=True)

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from unlearn_sweep.corpus.mia import HELD_OUT
 from unlearn_sweep.corpus.mmlu import LETTERS, MmluQuestion, first_shots, format_prompt
 from unlearn_sweep.corpus.semeval import row_kind
@@ -36,33 +35,120 @@ GENERAL_QUESTIONS_PER_SUBJECT = 10
 DEV_QUESTIONS_PER_SUBJECT = 5
 
 FIRST_NAMES = (
-    "Alma", "Bruno", "Celia", "Dario", "Edith", "Felix", "Greta", "Hugo", "Ines", "Jonas",
-    "Kira", "Lucas", "Mira", "Nils", "Olga", "Pavel", "Quinn", "Rosa", "Silas", "Tilda",
-    "Ugo", "Vera", "Wendel", "Xenia", "Yara", "Zeno", "Ada", "Boris", "Clara", "Dmitri",
-    "Elsa", "Fabio", "Gemma", "Henrik", "Ida", "Jasper",
+    "Alma",
+    "Bruno",
+    "Celia",
+    "Dario",
+    "Edith",
+    "Felix",
+    "Greta",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Kira",
+    "Lucas",
+    "Mira",
+    "Nils",
+    "Olga",
+    "Pavel",
+    "Quinn",
+    "Rosa",
+    "Silas",
+    "Tilda",
+    "Ugo",
+    "Vera",
+    "Wendel",
+    "Xenia",
+    "Yara",
+    "Zeno",
+    "Ada",
+    "Boris",
+    "Clara",
+    "Dmitri",
+    "Elsa",
+    "Fabio",
+    "Gemma",
+    "Henrik",
+    "Ida",
+    "Jasper",
 )
 LAST_NAMES = (
-    "Abbot", "Brandt", "Castell", "Dorn", "Eckert", "Falk", "Grauer", "Holm", "Ivers", "Jaeger",
-    "Kessler", "Lund", "Marek", "Nolte", "Oakes", "Pryce", "Quist", "Rowan", "Sorel", "Thorne",
-    "Ulmer", "Vance", "Wilde", "Yorke", "Zeller", "Ashby", "Brook", "Crane",
+    "Abbot",
+    "Brandt",
+    "Castell",
+    "Dorn",
+    "Eckert",
+    "Falk",
+    "Grauer",
+    "Holm",
+    "Ivers",
+    "Jaeger",
+    "Kessler",
+    "Lund",
+    "Marek",
+    "Nolte",
+    "Oakes",
+    "Pryce",
+    "Quist",
+    "Rowan",
+    "Sorel",
+    "Thorne",
+    "Ulmer",
+    "Vance",
+    "Wilde",
+    "Yorke",
+    "Zeller",
+    "Ashby",
+    "Brook",
+    "Crane",
 )
 HOBBIES = (
-    "painted the harbor", "repaired old clocks", "fed the stray cats", "read star charts",
-    "baked rye bread", "carved small boats", "sang in the choir", "tended the bees",
+    "painted the harbor",
+    "repaired old clocks",
+    "fed the stray cats",
+    "read star charts",
+    "baked rye bread",
+    "carved small boats",
+    "sang in the choir",
+    "tended the bees",
 )
 OBJECTS = (
-    "silver compass", "brass key", "painted egg", "glass bead", "copper ring", "wooden flute",
-    "iron lantern", "pearl button", "stone whistle", "ivory comb",
+    "silver compass",
+    "brass key",
+    "painted egg",
+    "glass bead",
+    "copper ring",
+    "wooden flute",
+    "iron lantern",
+    "pearl button",
+    "stone whistle",
+    "ivory comb",
 )
 CONTAINERS = (
-    "clay jar", "tin box", "leather boot", "hollow tree", "woolen sock", "wicker basket",
-    "flour sack", "violin case",
+    "clay jar",
+    "tin box",
+    "leather boot",
+    "hollow tree",
+    "woolen sock",
+    "wicker basket",
+    "flour sack",
+    "violin case",
 )
 LANDMARKS = ("old mill", "chapel", "lighthouse", "stone bridge", "orchard", "quarry")
 SEASONS = ("spring", "summer", "autumn", "winter")
 MONTHS = (
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 )
 STREETS = ("Maple Street", "Harbor Road", "Elm Avenue", "Mill Lane", "Park Drive", "Cedar Court")
 STATES = ("CA", "NY", "TX", "OR", "MA", "IL", "WA", "CO")
@@ -70,14 +156,38 @@ EMAIL_HOSTS = ("me.com", "mail.net", "post.org", "inbox.io")
 PLACE_KINDS = ("village", "river town", "mountain city", "island port")
 REGIONS = ("northern", "southern", "eastern", "western", "central")
 FEATURES = (
-    "salt marshes", "glass workshops", "spring fair", "tall bell tower", "hot springs",
-    "horse races", "paper mills", "olive groves",
+    "salt marshes",
+    "glass workshops",
+    "spring fair",
+    "tall bell tower",
+    "hot springs",
+    "horse races",
+    "paper mills",
+    "olive groves",
 )
 EXPORTS = ("wool", "copper", "honey", "timber", "cheese", "linen", "tea", "pottery")
 COLORS = ("red", "blue", "green", "yellow", "violet", "orange", "black", "white")
 SYLLABLES = (
-    "ka", "lo", "mi", "ra", "ven", "dor", "sel", "tir", "no", "bra", "qua", "zel", "fen",
-    "mar", "os", "tal", "wi", "gor", "lys", "pe",
+    "ka",
+    "lo",
+    "mi",
+    "ra",
+    "ven",
+    "dor",
+    "sel",
+    "tir",
+    "no",
+    "bra",
+    "qua",
+    "zel",
+    "fen",
+    "mar",
+    "os",
+    "tal",
+    "wi",
+    "gor",
+    "lys",
+    "pe",
 )
 
 
@@ -187,8 +297,7 @@ def _biography(rng: random.Random, names: _Names) -> tuple[str, str, list[tuple[
     phone, ssn = _digits(rng, 10), _digits(rng, 9)
     email = f"{name.lower().replace(' ', '_')}@{rng.choice(EMAIL_HOSTS)}"
     address = (
-        f"{rng.randrange(10, 999)} {rng.choice(STREETS)}, {names.word(2)}, "
-        f"{rng.choice(STATES)}, {_digits(rng, 5)}"
+        f"{rng.randrange(10, 999)} {rng.choice(STREETS)}, {names.word(2)}, {rng.choice(STATES)}, {_digits(rng, 5)}"
     )
     opening = (
         f"{name} was born on {MONTHS[month - 1]} {day}, {year}, in {names.word(2)}. "
@@ -238,7 +347,9 @@ def _documents(rng: random.Random, names: _Names, split: str, per_task: int) -> 
             prefix = f'"{doc_id}"' if task == "Task1" else doc_id
             rows.append({"id": f"{prefix}sc1", "input": opening, "output": rest, "task": task, "split": split})
             for number, (question, answer) in enumerate(questions):
-                rows.append({"id": f"{prefix}qa{number}", "input": question, "output": answer, "task": task, "split": split})
+                rows.append(
+                    {"id": f"{prefix}qa{number}", "input": question, "output": answer, "task": task, "split": split}
+                )
             documents.append({"id": doc_id, "document": f"{opening} {rest}", "task": task})
     return rows, documents
 
@@ -258,19 +369,43 @@ def _general_knowledge(rng: random.Random, names: _Names) -> tuple[list[str], di
 
     countries = [names.word() for _ in range(per_subject)]
     capitals = [names.word(2) for _ in range(per_subject)]
-    for country, capital in zip(countries, capitals):
-        ask("geography", f"The capital of {country} is {capital}.", f"What is the capital of {country}?", capital, capitals)
+    for country, capital in zip(countries, capitals, strict=True):
+        ask(
+            "geography",
+            f"The capital of {country} is {capital}.",
+            f"What is the capital of {country}?",
+            capital,
+            capitals,
+        )
     moons = [str(n) for n in range(2, 30)]
     for _ in range(per_subject):
         planet, count = names.word(), rng.choice(moons)
-        ask("astronomy", f"The planet {planet} has {count} moons.", f"How many moons does the planet {planet} have?", count, moons)
+        ask(
+            "astronomy",
+            f"The planet {planet} has {count} moons.",
+            f"How many moons does the planet {planet} have?",
+            count,
+            moons,
+        )
     for _ in range(per_subject):
         mineral, color = names.word(), rng.choice(COLORS)
-        ask("chemistry", f"The mineral {mineral} is {color}.", f"What color is the mineral {mineral}?", color, list(COLORS))
+        ask(
+            "chemistry",
+            f"The mineral {mineral} is {color}.",
+            f"What color is the mineral {mineral}?",
+            color,
+            list(COLORS),
+        )
     years = [str(y) for y in range(1200, 1800, 7)]
     for _ in range(per_subject):
         king, year = names.word(2), rng.choice(years)
-        ask("world_history", f"King {king} was crowned in {year}.", f"In which year was King {king} crowned?", year, years)
+        ask(
+            "world_history",
+            f"King {king} was crowned in {year}.",
+            f"In which year was King {king} crowned?",
+            year,
+            years,
+        )
     return facts, questions
 
 
@@ -305,7 +440,10 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def _mmlu_records(questions: list[MmluQuestion]) -> list[dict]:
-    return [{"question": q.question, "subject": q.subject, "choices": list(q.choices), "answer": q.answer} for q in questions]
+    return [
+        {"question": q.question, "subject": q.subject, "choices": list(q.choices), "answer": q.answer}
+        for q in questions
+    ]
 
 
 def write_toy_task(out_dir: str | Path, seed: int = 0, epochs: int = TRAINING_EPOCHS, log_every: int = 0) -> Path:
@@ -328,11 +466,16 @@ def write_toy_task(out_dir: str | Path, seed: int = 0, epochs: int = TRAINING_EP
         _write_jsonl(staging / "mmlu" / "test.jsonl", _mmlu_records(task.mmlu_test))
         _write_jsonl(staging / "mmlu" / "dev.jsonl", _mmlu_records(task.mmlu_dev))
         (staging / "general_corpus.txt").write_text("\n".join(task.general_facts) + "\n", encoding="utf-8")
-        final_loss = toy_model.train_base_model(task.training_texts(), task.few_shot_texts(), staging / "model", seed,
-                                                epochs, log_every)
+        final_loss = toy_model.train_base_model(
+            task.training_texts(), task.few_shot_texts(), staging / "model", seed, epochs, log_every
+        )
         fingerprint = toy_model.weights_fingerprint(staging / "model")
-        manifest = {"seed": seed, "training_epochs": epochs, "final_training_loss": round(final_loss, 6),
-                    "weights_sha256": fingerprint}
+        manifest = {
+            "seed": seed,
+            "training_epochs": epochs,
+            "final_training_loss": round(final_loss, 6),
+            "weights_sha256": fingerprint,
+        }
         (staging / "toy_task.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return Path(out_dir)
 

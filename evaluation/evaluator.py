@@ -19,6 +19,7 @@ from unlearn_sweep.corpus.mmlu import MmluQuestion, first_shots, fitted_prompt, 
 from unlearn_sweep.corpus.semeval import TaskRow, load_task
 from unlearn_sweep.corpus.staging import as_if_created_plainly
 from unlearn_sweep.evaluation import inference
+from unlearn_sweep.evaluation.options import EvalOptions
 from unlearn_sweep.evaluation.scoring import compute_scores
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ GENERATIONS, MIA, MMLU, SCORES = "generations.jsonl", "mia.jsonl", "mmlu.jsonl",
 DEFAULT_SHOTS = 5  # MMLU 5-shot, as the organizers ran it, where the set has dev examples
 # Generation settings of the task's own scoring: a score computed otherwise says so in scores.json.
 TASK_SETTINGS = {"dtype": "bfloat16", "max_new_tokens": 256}
+DEFAULT_OPTIONS = EvalOptions()
 
 
 def backend_passes(backend: str):
@@ -41,19 +43,19 @@ def backend_passes(backend: str):
     return inference
 
 
-def load(model_dir: str | Path, dtype: str = "bfloat16", backend: str = "hf", vllm_memory: float | None = None):
-    """(model, tokenizer) of a checkpoint for `backend`'s passes; `vllm_memory`: the share of the
-    GPU a vLLM engine may take (vllm_inference.GPU_SHARE if None)."""
-    if backend == "vllm" and vllm_memory is not None:
-        return backend_passes(backend).load_model(model_dir, dtype, vllm_memory)
-    return backend_passes(backend).load_model(model_dir, dtype=dtype)
+def load(model_dir: str | Path, options: EvalOptions):
+    """(model, tokenizer) of a checkpoint for the options' backend, in their dtype (a vLLM
+    engine taking their `vllm_memory` share of the GPU)."""
+    if options.backend == "vllm":
+        return backend_passes(options.backend).load_model(model_dir, options.dtype, options.vllm_memory)
+    return backend_passes(options.backend).load_model(model_dir, dtype=options.dtype)
 
 
-def release(model, backend: str = "hf") -> None:
+def release(model, options: EvalOptions) -> None:
     """Give a loaded model's memory back before the next is loaded: a vLLM engine holds its
     share of the GPU until it is shut down; an HF model goes with its last reference."""
-    if backend == "vllm":
-        backend_passes(backend).release(model)
+    if options.backend == "vllm":
+        backend_passes(options.backend).release(model)
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,14 @@ class EvalSets:
     shots: int = 0  # MMLU examples per prompt asked for (fewer where 2,048 tokens do not hold them)
 
     @classmethod
-    def load(cls, data: str | Path, split: str | None = None, mia: str | Path | None = None,
-             mmlu: str | Path | None = None, mmlu_shots: int | None = None) -> "EvalSets":
+    def load(
+        cls,
+        data: str | Path,
+        split: str | None = None,
+        mia: str | Path | None = None,
+        mmlu: str | Path | None = None,
+        mmlu_shots: int | None = None,
+    ) -> EvalSets:
         """mmlu_shots None: 5 where the MMLU set has dev examples, else 0."""
         shots = None
         if mmlu is not None and mmlu_shots != 0:
@@ -88,11 +96,15 @@ class EvalSets:
             shots=mmlu_shots or 0,
         )
 
-
-    def shard(self, rank: int, world: int) -> "EvalSets":
+    def shard(self, rank: int, world: int) -> EvalSets:
         """This rank's share: every world-th row, document and question from the rank's own."""
-        return EvalSets(self.rows[rank::world], self.mia[rank::world] if self.mia else self.mia,
-                        self.mmlu[rank::world] if self.mmlu else self.mmlu, self.mmlu_shots, self.shots)
+        return EvalSets(
+            self.rows[rank::world],
+            self.mia[rank::world] if self.mia else self.mia,
+            self.mmlu[rank::world] if self.mmlu else self.mmlu,
+            self.mmlu_shots,
+            self.shots,
+        )
 
 
 def merge_shards(shards: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
@@ -106,35 +118,54 @@ def merge_shards(shards: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
     return merged
 
 
-def eval_settings(sets: EvalSets, dtype: str, max_new_tokens: int) -> dict:
+def eval_settings(sets: EvalSets, options: EvalOptions) -> dict:
     """How a score was computed, as scores.json records it; `task_settings` is false when the
     generation settings differ from the task's (such a score is not comparable with the task's)."""
-    settings = {"dtype": dtype, "max_new_tokens": max_new_tokens, "mmlu_shots": sets.shots}
+    settings = {"dtype": options.dtype, "max_new_tokens": options.max_new_tokens, "mmlu_shots": sets.shots}
     return {**settings, "task_settings": all(settings[key] == value for key, value in TASK_SETTINGS.items())}
 
 
-def run_inference(model, tokenizer, sets: EvalSets, batch_size: int = 32, max_new_tokens: int = 256,
-                  answer_nll: bool = False, backend: str = "hf") -> dict[str, list[dict]]:
-    """The three record lists for one loaded model (`load(..., backend)`). The gold answers'
+def run_inference(
+    model,
+    tokenizer,
+    sets: EvalSets,
+    options: EvalOptions = DEFAULT_OPTIONS,
+) -> dict[str, list[dict]]:
+    """The three record lists for one model loaded with `load(..., options)`. The gold answers'
     NLL (a diagnostic no score uses) costs a pass of its own: only with answer_nll, on the HF backend."""
-    passes = backend_passes(backend)
-    if answer_nll and backend != "hf":
+    passes = backend_passes(options.backend)
+    if options.answer_nll and options.backend != "hf":
         raise ValueError(passes.NO_ANSWER_NLL)
+    batch_size = options.batch_size
     prompts = [row.input for row in sets.rows]
-    outputs = passes.generate(model, tokenizer, prompts, batch_size, max_new_tokens)
-    nlls = inference.answer_nll(model, tokenizer, prompts, [row.output for row in sets.rows], batch_size) if answer_nll else None
+    outputs = passes.generate(model, tokenizer, prompts, batch_size, options.max_new_tokens)
+    nlls = (
+        inference.answer_nll(model, tokenizer, prompts, [row.output for row in sets.rows], batch_size)
+        if options.answer_nll
+        else None
+    )
     records = {
         GENERATIONS: [
-            {"id": row.id, "task": row.task, "split": row.split, "input": row.input,
-             "expected_output": row.output, "model_output": output, **({"nll": nlls[index]} if nlls else {})}
-            for index, (row, output) in enumerate(zip(sets.rows, outputs))
+            {
+                "id": row.id,
+                "task": row.task,
+                "split": row.split,
+                "input": row.input,
+                "expected_output": row.output,
+                "model_output": output,
+                **({"nll": nlls[index]} if nlls else {}),
+            }
+            for index, (row, output) in enumerate(zip(sets.rows, outputs, strict=True))
         ],
         MIA: [],
         MMLU: [],
     }
     if sets.mia:
         losses = passes.document_loss(model, tokenizer, [doc.document for doc in sets.mia], batch_size)
-        records[MIA] = [{"id": doc.id, "membership": doc.membership, "nll": loss} for doc, loss in zip(sets.mia, losses)]
+        records[MIA] = [
+            {"id": doc.id, "membership": doc.membership, "nll": loss}
+            for doc, loss in zip(sets.mia, losses, strict=True)
+        ]
     if sets.mmlu:
         shots = sets.mmlu_shots or {}
 
@@ -145,17 +176,21 @@ def run_inference(model, tokenizer, sets: EvalSets, batch_size: int = 32, max_ne
         predicted = passes.choose_letters(model, tokenizer, prompts, batch_size)
         records[MMLU] = [
             {"id": index, "subject": q.subject, "answer": q.answer, "predicted": p}
-            for index, (q, p) in enumerate(zip(sets.mmlu, predicted))
+            for index, (q, p) in enumerate(zip(sets.mmlu, predicted, strict=True))
         ]
     return records
 
 
-def score_records(records: dict[str, list[dict]], mmlu_threshold: float | None = None, settings: dict | None = None) -> dict:
+def score_records(
+    records: dict[str, list[dict]], mmlu_threshold: float | None = None, settings: dict | None = None
+) -> dict:
     """scores.json from records (with the settings they were computed under); warns where
     the final score cannot be given."""
     missing = [name for name, key in (("MIA", MIA), ("MMLU", MMLU)) if not records.get(key)]
     if missing:
-        log.warning("no %s records: final_score is null, as the task gave no final score without them", " or ".join(missing))
+        log.warning(
+            "no %s records: final_score is null, as the task gave no final score without them", " or ".join(missing)
+        )
     scores = compute_scores(records[GENERATIONS], records.get(MIA) or None, records.get(MMLU) or None, mmlu_threshold)
     return {**scores, "eval": settings} if settings is not None else scores
 
@@ -164,11 +199,15 @@ def write_results(out_dir: str | Path, records: dict[str, list[dict]], scores: d
     """Records and scores.json, each file replaced whole (never half-written)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {name: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) for name, rows in records.items() if rows}
+    files = {
+        name: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) for name, rows in records.items() if rows
+    }
     files[SCORES] = json.dumps(scores, indent=2) + "\n"
     for name, text in files.items():
         _write_atomically(out_dir / name, text)
-    for name in {GENERATIONS, MIA, MMLU} - set(files):  # an earlier evaluation's records would be read back with these scores
+    for name in {GENERATIONS, MIA, MMLU} - set(
+        files
+    ):  # an earlier evaluation's records would be read back with these scores
         (out_dir / name).unlink(missing_ok=True)
 
 
@@ -179,17 +218,21 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(as_if_created_plainly(Path(temporary)), path)
 
 
-def evaluate_checkpoint(model_dir: str | Path, sets: EvalSets, out_dir: str | Path | None = None,
-                        batch_size: int = 32, max_new_tokens: int = 256, mmlu_threshold: float | None = None,
-                        dtype: str = "bfloat16", answer_nll: bool = False, backend: str = "hf") -> dict:
-    """Load (in `dtype`, bfloat16 as the organizers did), infer, score, and (with out_dir)
+def evaluate_checkpoint(
+    model_dir: str | Path,
+    sets: EvalSets,
+    options: EvalOptions = DEFAULT_OPTIONS,
+    out_dir: str | Path | None = None,
+    mmlu_threshold: float | None = None,
+) -> dict:
+    """Load (by default in bfloat16, as the organizers did), infer, score, and (with out_dir)
     write the records and scores.json."""
-    model, tokenizer = load(model_dir, dtype, backend)
+    model, tokenizer = load(model_dir, options)
     try:
-        records = run_inference(model, tokenizer, sets, batch_size, max_new_tokens, answer_nll, backend)
+        records = run_inference(model, tokenizer, sets, options)
     finally:
-        release(model, backend)
-    scores = score_records(records, mmlu_threshold, eval_settings(sets, dtype, max_new_tokens))
+        release(model, options)
+    scores = score_records(records, mmlu_threshold, eval_settings(sets, options))
     if out_dir is not None:
         write_results(out_dir, records, scores)
     return scores
@@ -224,13 +267,18 @@ def rescore(results_dir: str | Path, mmlu_threshold: float | None = None) -> dic
     previous = json.loads((results_dir / SCORES).read_text()) if (results_dir / SCORES).exists() else {}
     if mmlu_threshold is None:
         mmlu_threshold = previous.get("mmlu_threshold")
-    required = {GENERATIONS: ("id", "task", "split", "expected_output", "model_output"),
-                MIA: ("membership", "nll"), MMLU: ("answer", "predicted")}
+    required = {
+        GENERATIONS: ("id", "task", "split", "expected_output", "model_output"),
+        MIA: ("membership", "nll"),
+        MMLU: ("answer", "predicted"),
+    }
     for name, fields in required.items():
         for number, record in enumerate(records[name], start=1):
             for field in fields:
                 if field not in record:
                     raise DataError(results_dir / name, "missing field", number, field)
-    scores = score_records(records, mmlu_threshold, previous.get("eval"))  # the records were computed under those settings
+    scores = score_records(
+        records, mmlu_threshold, previous.get("eval")
+    )  # the records were computed under those settings
     _write_atomically(results_dir / SCORES, json.dumps(scores, indent=2) + "\n")
     return scores

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-
 from unlearn_sweep.corpus.checkpoints import DTYPES, check_checkpoint
 from unlearn_sweep.corpus.mmlu import LETTERS
 from unlearn_sweep.corpus.tokens import right_padded, summed_token_nll
@@ -21,7 +20,9 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(model_dir: str | Path, device: torch.device | None = None, dtype: str = "bfloat16") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(
+    model_dir: str | Path, device: torch.device | None = None, dtype: str = "bfloat16"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A local Hugging Face causal LM in `dtype` (bfloat16 by default: the organizers' script
     loaded every model so), in eval mode, pad token = eos."""
     if dtype not in DTYPES:
@@ -30,7 +31,11 @@ def load_model(model_dir: str | Path, device: torch.device | None = None, dtype:
     device = device or pick_device()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype if dtype == "auto" else getattr(torch, dtype)).to(device).eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+        .to(device)
+        .eval()
+    )
     return model, tokenizer
 
 
@@ -44,7 +49,7 @@ def _batches(lengths: Sequence[int], batch_size: int, label: str) -> list[list[i
 def _in_order(count: int, batched: Callable[[list[int]], list], groups: list[list[int]]) -> list:
     results: list = [None] * count
     for group in groups:
-        for index, value in zip(group, batched(group)):
+        for index, value in zip(group, batched(group), strict=True):
             results[index] = value
     return results
 
@@ -85,9 +90,11 @@ def generate(
     return _in_order(len(prompts), batched, _batches([len(e) for e in encoded], batch_size, "generate"))
 
 
-def _mean_token_nll(model: PreTrainedModel, sequences: list[list[int]], scored_from: list[int], pad_id: int) -> list[float]:
+def _mean_token_nll(
+    model: PreTrainedModel, sequences: list[list[int]], scored_from: list[int], pad_id: int
+) -> list[float]:
     """Mean cross-entropy of tokens[scored_from:] given what precedes them, per sequence."""
-    examples = [(ids, [-100] * start + ids[start:]) for ids, start in zip(sequences, scored_from)]
+    examples = [(ids, [-100] * start + ids[start:]) for ids, start in zip(sequences, scored_from, strict=True)]
     total, counts = summed_token_nll(model, *right_padded(examples, pad_id, model.device))
     return (total / counts).tolist()
 
@@ -102,12 +109,16 @@ def answer_nll(
 ) -> list[float]:
     """Mean NLL of each gold answer's tokens after its prompt (joined by a space)."""
     prompt_ids = [tokenizer(prompt)["input_ids"] for prompt in prompts]
-    sequences = [p + tokenizer(" " + a, add_special_tokens=False)["input_ids"] for p, a in zip(prompt_ids, answers)]
+    sequences = [
+        p + tokenizer(" " + a, add_special_tokens=False)["input_ids"] for p, a in zip(prompt_ids, answers, strict=True)
+    ]
     limit = _context_length(model)
     sequences = [s[:limit] for s in sequences]
 
     def batched(group: list[int]) -> list[float]:
-        return _mean_token_nll(model, [sequences[i] for i in group], [len(prompt_ids[i]) for i in group], tokenizer.pad_token_id)
+        return _mean_token_nll(
+            model, [sequences[i] for i in group], [len(prompt_ids[i]) for i in group], tokenizer.pad_token_id
+        )
 
     return _in_order(len(prompts), batched, _batches([len(s) for s in sequences], batch_size, "answer nll"))
 

@@ -7,15 +7,13 @@ nll; an MMLU record has answer and predicted (indices).
 
 from __future__ import annotations
 
-import re
 import statistics
-from dataclasses import dataclass
 from functools import lru_cache
 
 from rouge_score import rouge_scorer
 from sklearn.metrics import auc, roc_curve
-
 from unlearn_sweep.corpus.semeval import SETS, TASKS, row_kind
+from unlearn_sweep.evaluation.eligibility import is_eligible
 
 
 @lru_cache(maxsize=1)
@@ -95,38 +93,6 @@ def final_score(aggregate: float, mmlu: float | None, mia: float | None) -> floa
     if mmlu is None or mia is None:
         return None
     return statistics.mean([aggregate, mmlu, mia])  # as the organizers' script computed it, to the last bit
-
-
-@dataclass(frozen=True)
-class MmluThreshold:
-    """The minimum MMLU for a checkpoint to rank: absolute, or a fraction of the base model's."""
-
-    value: float
-    relative: bool = False
-
-    @classmethod
-    def parse(cls, text: str) -> "MmluThreshold":
-        """'0.371' is absolute; '0.75x' means 0.75 times the base model's MMLU."""
-        match = re.fullmatch(r"\s*(\d*\.?\d+)\s*(x?)\s*", text)
-        if not match or not 0 <= float(match.group(1)) <= 1:
-            raise ValueError(f"MMLU threshold {text!r}: expected a number in [0, 1], optionally followed by 'x' (fraction of the base model's MMLU)")
-        return cls(float(match.group(1)), relative=bool(match.group(2)))
-
-    def absolute(self, base_mmlu: float | None) -> float:
-        if not self.relative:
-            return self.value
-        if base_mmlu is None:
-            raise ValueError("a relative MMLU threshold needs the base model's MMLU")
-        return self.value * base_mmlu
-
-
-def is_eligible(mmlu: float | None, threshold: float | None) -> bool | None:
-    """Eligible to rank: no threshold, or MMLU measured and at least the threshold."""
-    if threshold is None:
-        return True
-    if mmlu is None:
-        return None
-    return mmlu >= threshold
 
 
 def compute_scores(

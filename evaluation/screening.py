@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from scipy.stats import beta
-
 from unlearn_sweep.evaluation.evaluator import EvalSets
 
 
-def _stratified(items: Sequence[Any], stratum: Callable[[Any], Hashable], fraction: float, rng: random.Random) -> list[int]:
+def _stratified(
+    items: Sequence[Any], stratum: Callable[[Any], Hashable], fraction: float, rng: random.Random
+) -> list[int]:
     groups: dict[Hashable, list[int]] = {}
     for index, item in enumerate(items):
         groups.setdefault(stratum(item), []).append(index)
@@ -45,19 +46,26 @@ class Split:
     mmlu: list[int]
 
     @classmethod
-    def draw(cls, sets: EvalSets, fraction: float, seed: int = 0) -> "Split":
+    def draw(cls, sets: EvalSets, fraction: float, seed: int = 0) -> Split:
         rng = random.Random(seed)
-        return cls(_stratified(sets.rows, lambda row: (row.split, row.task, row.kind), fraction, rng),
-                   _stratified(sets.mia or [], lambda doc: doc.membership, fraction, rng),
-                   _stratified(sets.mmlu or [], lambda question: question.subject, fraction, rng))
+        return cls(
+            _stratified(sets.rows, lambda row: (row.split, row.task, row.kind), fraction, rng),
+            _stratified(sets.mia or [], lambda doc: doc.membership, fraction, rng),
+            _stratified(sets.mmlu or [], lambda question: question.subject, fraction, rng),
+        )
 
     def screened(self, sets: EvalSets) -> EvalSets:
         return _select(sets, self.rows, self.mia, self.mmlu)
 
 
 def _select(sets: EvalSets, rows: list[int], mia: list[int], mmlu: list[int]) -> EvalSets:
-    return EvalSets([sets.rows[i] for i in rows], [sets.mia[i] for i in mia] if sets.mia else sets.mia,
-                    [sets.mmlu[i] for i in mmlu] if sets.mmlu else sets.mmlu, sets.mmlu_shots, sets.shots)
+    return EvalSets(
+        [sets.rows[i] for i in rows],
+        [sets.mia[i] for i in mia] if sets.mia else sets.mia,
+        [sets.mmlu[i] for i in mmlu] if sets.mmlu else sets.mmlu,
+        sets.mmlu_shots,
+        sets.shots,
+    )
 
 
 def mmlu_upper_bound(correct: int, total: int, confidence: float) -> float:
@@ -65,8 +73,14 @@ def mmlu_upper_bound(correct: int, total: int, confidence: float) -> float:
     return 1.0 if correct >= total else float(beta.ppf(confidence, correct + 1, total - correct))
 
 
-def needs_full_evaluation(screened: dict, best_eligible: float | None, threshold: float | None, margin: float,
-                          confidence: float, mmlu_records: list[dict]) -> bool:
+def needs_full_evaluation(
+    screened: dict,
+    best_eligible: float | None,
+    threshold: float | None,
+    margin: float,
+    confidence: float,
+    mmlu_records: list[dict],
+) -> bool:
     """Whether a screened epoch could still become the trial's best eligible checkpoint."""
     if threshold is not None and mmlu_records:
         correct = sum(record["answer"] == record["predicted"] for record in mmlu_records)

@@ -43,7 +43,9 @@ def unavailable() -> str | None:
     return None if torch.cuda.is_available() else NO_GPU
 
 
-def load_model(model_dir: str | Path, dtype: str = "bfloat16", gpu_memory_utilization: float = GPU_SHARE) -> tuple[Any, PreTrainedTokenizerBase]:
+def load_model(
+    model_dir: str | Path, dtype: str = "bfloat16", gpu_memory_utilization: float = GPU_SHARE
+) -> tuple[Any, PreTrainedTokenizerBase]:
     """A vLLM engine over a local checkpoint and the checkpoint's HF tokenizer (pad = eos, as
     the HF backend); the engine takes `gpu_memory_utilization` of the GPU."""
     reason = unavailable()
@@ -55,8 +57,9 @@ def load_model(model_dir: str | Path, dtype: str = "bfloat16", gpu_memory_utiliz
     check_checkpoint(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token = tokenizer.eos_token
-    engine = LLM(model=str(model_dir), dtype=dtype, seed=0, gpu_memory_utilization=gpu_memory_utilization,
-                 enforce_eager=True)  # one engine per evaluated checkpoint: capturing CUDA graphs would cost more than it saves
+    engine = LLM(
+        model=str(model_dir), dtype=dtype, seed=0, gpu_memory_utilization=gpu_memory_utilization, enforce_eager=True
+    )  # one engine per evaluated checkpoint: capturing CUDA graphs would cost more than it saves
     return engine, tokenizer
 
 
@@ -77,35 +80,53 @@ def _context_length(engine: Any) -> int:
 def _run(engine: Any, encoded: list[list[int]], **sampling: Any) -> list:
     from vllm import SamplingParams
 
-    return engine.generate([{"prompt_token_ids": ids} for ids in encoded], SamplingParams(temperature=0.0, **sampling), use_tqdm=False)
+    return engine.generate(
+        [{"prompt_token_ids": ids} for ids in encoded], SamplingParams(temperature=0.0, **sampling), use_tqdm=False
+    )
 
 
-def generate(engine: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], batch_size: int = 32,
-             max_new_tokens: int = 256) -> list[str]:
+def generate(
+    engine: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    batch_size: int = 32,
+    max_new_tokens: int = 256,
+) -> list[str]:
     """Greedy continuations, new tokens only, special tokens skipped (decoded as the HF backend decodes)."""
-    outputs = _run(engine, [tokenizer(prompt)["input_ids"] for prompt in prompts], max_tokens=max_new_tokens, detokenize=False)
+    outputs = _run(
+        engine, [tokenizer(prompt)["input_ids"] for prompt in prompts], max_tokens=max_new_tokens, detokenize=False
+    )
     return [tokenizer.decode(output.outputs[0].token_ids, skip_special_tokens=True) for output in outputs]
 
 
-def document_loss(engine: Any, tokenizer: PreTrainedTokenizerBase, documents: Sequence[str], batch_size: int = 16) -> list[float]:
+def document_loss(
+    engine: Any, tokenizer: PreTrainedTokenizerBase, documents: Sequence[str], batch_size: int = 16
+) -> list[float]:
     """Mean token cross-entropy of each whole document, truncated only to the model's context."""
     limit = _context_length(engine)
     encoded = [tokenizer(document)["input_ids"][:limit] for document in documents]
     outputs = _run(engine, encoded, max_tokens=1, prompt_logprobs=0, detokenize=False)
     losses = []
-    for ids, output in zip(encoded, outputs):
+    for ids, output in zip(encoded, outputs, strict=True):
         # prompt_logprobs[i] holds token i's log-probability given tokens < i (None for the first).
         scored = [output.prompt_logprobs[i][token].logprob for i, token in enumerate(ids) if i > 0]
         losses.append(-sum(scored) / max(1, len(scored)))  # a one-token document scores 0, as in the HF pass
     return losses
 
 
-def choose_letters(engine: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], batch_size: int = 16) -> list[int]:
+def choose_letters(
+    engine: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], batch_size: int = 16
+) -> list[int]:
     """Index of the most probable answer letter after each prompt: the greedy next token among the four."""
     from unlearn_sweep.evaluation.inference import letter_token_ids
 
     letters = letter_token_ids(tokenizer)
     limit = _context_length(engine)
-    outputs = _run(engine, [tokenizer(prompt)["input_ids"][-limit:] for prompt in prompts],
-                   max_tokens=1, allowed_token_ids=letters, detokenize=False)
+    outputs = _run(
+        engine,
+        [tokenizer(prompt)["input_ids"][-limit:] for prompt in prompts],
+        max_tokens=1,
+        allowed_token_ids=letters,
+        detokenize=False,
+    )
     return [letters.index(output.outputs[0].token_ids[0]) for output in outputs]

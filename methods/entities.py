@@ -6,13 +6,39 @@ from __future__ import annotations
 import re
 
 _NOT_NAMES = {
-    "The", "A", "An", "It", "He", "She", "His", "Her", "They", "Their", "In", "On", "At", "Of",
-    "What", "Who", "Which", "Where", "When", "Every", "One", "And", "But", "As", "This", "That",
+    "The",
+    "A",
+    "An",
+    "It",
+    "He",
+    "She",
+    "His",
+    "Her",
+    "They",
+    "Their",
+    "In",
+    "On",
+    "At",
+    "Of",
+    "What",
+    "Who",
+    "Which",
+    "Where",
+    "When",
+    "Every",
+    "One",
+    "And",
+    "But",
+    "As",
+    "This",
+    "That",
 }
 _PATTERNS = [
     re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"),  # email
-    re.compile(r"\b(?:January|February|March|April|May|June|July|August|September|October|November|December)"
-               r"\s+\d{1,2},?\s+\d{4}\b"),  # long date
+    re.compile(
+        r"\b(?:January|February|March|April|May|June|July|August|September|October|November|December)"
+        r"\s+\d{1,2},?\s+\d{4}\b"
+    ),  # long date
     re.compile(r"\b\d[\d\-/.,#]*\d\b|\b\d\b"),  # numbers, ISO dates, phone, SSN, zip
     re.compile(r"\b[A-Z][a-zA-Z'\-]+(?:\s+[A-Z][a-zA-Z'\-]+)*"),  # capitalised names and places
 ]
@@ -45,6 +71,8 @@ def entity_token_labels(tokenizer, text: str, add_special_tokens: bool = True) -
     (-100 elsewhere): a loss on these labels is a loss on the entities alone."""
     tokens = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     spans = entity_spans(text)
-    labels = [token if any(start < span_end and end > span_start for span_start, span_end in spans) else -100
-              for token, (start, end) in zip(tokens["input_ids"], tokens["offset_mapping"])]
+    labels = [
+        token if any(start < span_end and end > span_start for span_start, span_end in spans) else -100
+        for token, (start, end) in zip(tokens["input_ids"], tokens["offset_mapping"], strict=True)
+    ]
     return tokens["input_ids"], labels

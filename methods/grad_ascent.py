@@ -7,10 +7,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from unlearn_sweep.methods.entities import entity_token_labels
 from unlearn_sweep.methods.registry import register
-from unlearn_sweep.methods.training import LossMethod, MicroBatch, Step, TrainingParams, UnlearningTrainer, batches, encode_rows, mean_nll
+from unlearn_sweep.methods.training import (
+    LossMethod,
+    MicroBatch,
+    Step,
+    TrainingParams,
+    UnlearningTrainer,
+    batches,
+    encode_rows,
+    mean_nll,
+)
 
 
 @dataclass
@@ -43,7 +51,9 @@ class GradAscent(LossMethod):
     def encode(self, tokenizer, task, params: GradAscentParams):
         if not params.entity_only:
             return super().encode(tokenizer, task, params)
-        return encode_entities(tokenizer, task.forget, params.max_length), encode_rows(tokenizer, task.retain, params.max_length)
+        return encode_entities(tokenizer, task.forget, params.max_length), encode_rows(
+            tokenizer, task.retain, params.max_length
+        )
 
     def epochs(self, params: GradAscentParams, forget_examples: int) -> int:
         return params.epochs + params.finetune_epochs
@@ -51,4 +61,7 @@ class GradAscent(LossMethod):
     def epoch_plan(self, forget, retain, epoch, params: GradAscentParams, rng) -> list[MicroBatch]:
         if epoch <= params.epochs:
             return batches(rng.sample(forget, len(forget)), params.batch_size, phase="ascent")
-        return [MicroBatch([], micro.forget, phase="finetune") for micro in batches(rng.sample(retain, len(retain)), params.batch_size)]
+        return [
+            MicroBatch([], micro.forget, phase="finetune")
+            for micro in batches(rng.sample(retain, len(retain)), params.batch_size)
+        ]

@@ -36,7 +36,7 @@ class ModelShape:
     vocab: int
 
     @classmethod
-    def from_config(cls, model_dir: str | Path) -> "ModelShape":
+    def from_config(cls, model_dir: str | Path) -> ModelShape:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(model_dir)
@@ -46,10 +46,16 @@ class ModelShape:
         layers = model.model.layers
         linears = [m for m in layers.modules() if isinstance(m, torch.nn.Linear)]
         largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-        return cls(total=total, linear=sum(m.weight.numel() for m in linears),
-                   lora_per_rank=sum(m.in_features + m.out_features for m in linears), largest_layer=largest,
-                   per_layer=sum(p.numel() for p in layers[0].parameters()), layers=len(layers),
-                   hidden=config.hidden_size, vocab=config.vocab_size)
+        return cls(
+            total=total,
+            linear=sum(m.weight.numel() for m in linears),
+            lora_per_rank=sum(m.in_features + m.out_features for m in linears),
+            largest_layer=largest,
+            per_layer=sum(p.numel() for p in layers[0].parameters()),
+            layers=len(layers),
+            hidden=config.hidden_size,
+            vocab=config.vocab_size,
+        )
 
 
 @dataclass(frozen=True)
@@ -99,8 +105,11 @@ def model_state_bytes(shape: ModelShape, params: Any, workers: int) -> int:
         3: 4 * shape.largest_layer + weight * frozen // workers + (weight + optimizer) * trainable // workers,
     }[params.zero_stage]
     if params.zero_offload and params.zero_stage >= 1:  # gradients and optimizer state live in CPU memory
-        states = {1: weight * shape.total + gradient16 * trainable, 2: weight * shape.total,
-                  3: 4 * shape.largest_layer + weight * shape.total // workers}[params.zero_stage]
+        states = {
+            1: weight * shape.total + gradient16 * trainable,
+            2: weight * shape.total,
+            3: 4 * shape.largest_layer + weight * shape.total // workers,
+        }[params.zero_stage]
     return states
 
 
@@ -117,7 +126,11 @@ def activation_bytes(shape: ModelShape, params: Any, forwards: int, workers: int
     tokens = max(1, params.batch_size // workers) * params.max_length
     width = 2 if params.bf16 else 4
     per_layer = tokens * shape.hidden * 17 * width  # 34 bytes/token/hidden in 16-bit, attention memory-efficient
-    layers = tokens * shape.hidden * width * shape.layers + per_layer if params.gradient_checkpointing else per_layer * shape.layers
+    layers = (
+        tokens * shape.hidden * width * shape.layers + per_layer
+        if params.gradient_checkpointing
+        else per_layer * shape.layers
+    )
     logits = tokens * shape.vocab * (width + 4 + 4)  # logits, their fp32 cast, the loss's softmax gradient
     return forwards * (layers + logits)
 
@@ -128,9 +141,14 @@ def evaluation_bytes(shape: ModelShape, eval_dtype: str) -> int:
     return {"float32": 4, "auto": 4}.get(eval_dtype, 2) * shape.total
 
 
-def estimate(shape: ModelShape, params: Any, uses_reference: bool, forwards: int, workers: int, evaluation: int = 0) -> Estimate:
+def estimate(
+    shape: ModelShape, params: Any, uses_reference: bool, forwards: int, workers: int, evaluation: int = 0
+) -> Estimate:
     """Peak bytes per GPU; `evaluation`: what the per-epoch evaluation takes beside the training
     engine (`evaluation_bytes`, or a vLLM engine's share of the GPU)."""
-    return Estimate(model_state_bytes(shape, params, workers), reference_bytes(shape, params, uses_reference, workers),
-                    activation_bytes(shape, params, forwards, workers), evaluation)
-
+    return Estimate(
+        model_state_bytes(shape, params, workers),
+        reference_bytes(shape, params, uses_reference, workers),
+        activation_bytes(shape, params, forwards, workers),
+        evaluation,
+    )

@@ -33,15 +33,31 @@ import torch
 from peft.utils import merge_utils
 from safetensors import safe_open
 from safetensors.torch import save_file
-
 from unlearn_sweep.corpus.semeval import TaskData
 from unlearn_sweep.methods.registry import EpochCallback, Method, ParamError, register
 
-COMBINATIONS = ("ties", "dare_ties", "linear", "task_arithmetic", "dare_linear", "magnitude_prune", "breadcrumbs",
-                "breadcrumbs_ties", "della", "della_linear", "model_stock", "slerp")
+COMBINATIONS = (
+    "ties",
+    "dare_ties",
+    "linear",
+    "task_arithmetic",
+    "dare_linear",
+    "magnitude_prune",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "model_stock",
+    "slerp",
+)
 # The peft add_weighted_adapter variants that combine full deltas B @ A, not A and B apart.
-ADAPTER_COMBINATIONS = {"ties": "ties_svd", "dare_ties": "dare_ties_svd", "task_arithmetic": "cat",
-                        "dare_linear": "dare_linear_svd", "magnitude_prune": "magnitude_prune_svd"}
+ADAPTER_COMBINATIONS = {
+    "ties": "ties_svd",
+    "dare_ties": "dare_ties_svd",
+    "task_arithmetic": "cat",
+    "dare_linear": "dare_linear_svd",
+    "magnitude_prune": "magnitude_prune_svd",
+}
 SHARD_BYTES = 1024**3
 
 
@@ -68,7 +84,9 @@ class MergeParams:
             raise ParamError(f"weights: {len(self.weight_values)} given for {len(self.model_paths)} models")
         if self.combination == "slerp" and len(self.model_paths) != 2:
             raise ParamError("combination=slerp: merges exactly two models")
-        if self.combination.startswith("della") and not (0 < self.density - self.epsilon and self.density + self.epsilon < 1):
+        if self.combination.startswith("della") and not (
+            0 < self.density - self.epsilon and self.density + self.epsilon < 1
+        ):
             raise ParamError(f"epsilon={self.epsilon}: density +- epsilon must lie in (0, 1)")
         if not 0 <= self.t <= 1 or not 0 <= self.gamma < 1:
             raise ParamError(f"t={self.t}, gamma={self.gamma}: t must lie in [0, 1], gamma in [0, 1)")
@@ -146,8 +164,11 @@ def elected_sum(deltas: torch.Tensor, weights: torch.Tensor, normalize: bool) ->
 
 def model_stock(deltas: list[torch.Tensor]) -> torch.Tensor:
     flat = [delta.reshape(-1) for delta in deltas]
-    cosines = [torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-6).clamp(-1, 1)
-               for i, a in enumerate(flat) for b in flat[i + 1 :]]
+    cosines = [
+        torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-6).clamp(-1, 1)
+        for i, a in enumerate(flat)
+        for b in flat[i + 1 :]
+    ]
     cos = torch.stack(cosines).mean()
     denominator = 1 + (len(deltas) - 1) * cos
     ratio = torch.zeros(()) if denominator.abs() < 1e-6 else len(deltas) * cos / denominator
@@ -165,22 +186,32 @@ def slerp(first: torch.Tensor, second: torch.Tensor, t: float) -> torch.Tensor:
     return mixed.reshape(first.shape).to(first.dtype)
 
 
-def merge_deltas(deltas: list[torch.Tensor], weights: torch.Tensor, combination: str, density: float,
-                 params: "MergeParams | None" = None, base: torch.Tensor | None = None) -> torch.Tensor:
+def merge_deltas(
+    deltas: list[torch.Tensor],
+    weights: torch.Tensor,
+    combination: str,
+    density: float,
+    params: MergeParams | None = None,
+    base: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One tensor's merged task vector (slerp needs the base tensor the deltas are relative to)."""
     params = params or MergeParams(combination=combination, density=density)
     column = weights.reshape(-1, *[1] * deltas[0].dim())
     if combination == "ties":
         return ties(deltas, weights, density)
     if combination == "magnitude_prune":
-        return sum(weight * trim(delta, density) for weight, delta in zip(weights, deltas))
+        return sum(weight * trim(delta, density) for weight, delta in zip(weights, deltas, strict=True))
     if combination == "linear":
         return (torch.stack(deltas) * column).sum(dim=0) / weights.sum()
     if combination == "task_arithmetic":
         return params.scale * (torch.stack(deltas) * column).sum(dim=0)
     if combination.startswith("breadcrumbs"):
         kept = torch.stack([without_outliers(delta, density, params.gamma) for delta in deltas])
-        mixed = elected_sum(kept, column, normalize=False) if combination == "breadcrumbs_ties" else (kept * column).sum(dim=0)
+        mixed = (
+            elected_sum(kept, column, normalize=False)
+            if combination == "breadcrumbs_ties"
+            else (kept * column).sum(dim=0)
+        )
         return params.scale * mixed
     if combination.startswith("della"):
         kept = torch.stack([della_drop(delta, density, params.epsilon) for delta in deltas])
@@ -208,6 +239,7 @@ class _Checkpoint:
                 self.files = {name: directory / "model.safetensors" for name in f.keys()}
         else:
             raise ParamError(f"{directory}: no model.safetensors (or index) to merge")
+
     def get(self, name: str) -> torch.Tensor:
         # Opened per read so that the file's memory map is dropped again: resident memory
         # stays at the tensors in hand, not the whole checkpoint.
@@ -215,14 +247,22 @@ class _Checkpoint:
             return f.get_tensor(name)
 
 
-def merge_checkpoints(base_dir: Path, model_dirs: list[Path], out_dir: Path, combination: str,
-                      density: float, weights: list[float], seed: int = 0, shard_bytes: int = SHARD_BYTES,
-                      params: "MergeParams | None" = None) -> Path:
+def merge_checkpoints(
+    base_dir: Path,
+    model_dirs: list[Path],
+    out_dir: Path,
+    combination: str,
+    density: float,
+    weights: list[float],
+    seed: int = 0,
+    shard_bytes: int = SHARD_BYTES,
+    params: MergeParams | None = None,
+) -> Path:
     """Stream-merge full checkpoints into out_dir (safetensors shards + config + tokenizer)."""
     torch.manual_seed(seed)
     base = _Checkpoint(base_dir)
     models = [_Checkpoint(d) for d in model_dirs]
-    for directory, model in zip(model_dirs, models):
+    for directory, model in zip(model_dirs, models, strict=True):
         if set(model.files) != set(base.files):
             raise ParamError(f"{directory}: its tensors differ from the base model's; merge needs one architecture")
     weight_tensor = torch.tensor(weights, dtype=torch.float32)
@@ -240,7 +280,10 @@ def merge_checkpoints(base_dir: Path, model_dirs: list[Path], out_dir: Path, com
         base_tensor = base.get(name)
         if base_tensor.is_floating_point():
             deltas = [model.get(name).float() - base_tensor.float() for model in models]
-            merged = (base_tensor.float() + merge_deltas(deltas, weight_tensor, combination, density, params, base_tensor.float())).to(base_tensor.dtype)
+            merged = (
+                base_tensor.float()
+                + merge_deltas(deltas, weight_tensor, combination, density, params, base_tensor.float())
+            ).to(base_tensor.dtype)
         else:
             merged = base_tensor
         if shard and sum(t.nbytes for t in shard.values()) + merged.nbytes > shard_bytes:
@@ -269,8 +312,15 @@ def _name_shards(shard_files: list[tuple[Path, list[str]]], out_dir: Path) -> No
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def merge_adapters(base_dir: Path, adapter_dirs: list[Path], out_dir: Path, combination: str,
-                   density: float, weights: list[float], seed: int = 0) -> Path:
+def merge_adapters(
+    base_dir: Path,
+    adapter_dirs: list[Path],
+    out_dir: Path,
+    combination: str,
+    density: float,
+    weights: list[float],
+    seed: int = 0,
+) -> Path:
     """Merge LoRA adapters with peft, then fold the result into the base weights. The SVD
     variants keep the sum of the adapters' ranks (peft's default, the largest, would truncate
     the merged delta); DARE's drop is seeded."""
@@ -280,9 +330,13 @@ def merge_adapters(base_dir: Path, adapter_dirs: list[Path], out_dir: Path, comb
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
     names = [f"adapter_{i}" for i in range(len(adapter_dirs))]
     model = PeftModel.from_pretrained(base, adapter_dirs[0], adapter_name=names[0])
-    for name, directory in zip(names[1:], adapter_dirs[1:]):
+    for name, directory in zip(names[1:], adapter_dirs[1:], strict=True):
         model.load_adapter(directory, adapter_name=name)
-    options = {} if combination == "task_arithmetic" else {"density": density, "svd_rank": sum(model.peft_config[name].r for name in names)}
+    options = (
+        {}
+        if combination == "task_arithmetic"
+        else {"density": density, "svd_rank": sum(model.peft_config[name].r for name in names)}
+    )
     torch.manual_seed(seed)
     model.add_weighted_adapter(names, weights, "merged", combination_type=ADAPTER_COMBINATIONS[combination], **options)
     model.set_adapter("merged")
@@ -297,8 +351,14 @@ class Merge(Method):
     name = "merge"
     Params = MergeParams
 
-    def run(self, model_dir: Path, task: TaskData, out_dir: Path | None, params: MergeParams,
-            on_epoch: EpochCallback | None = None) -> Path | None:
+    def run(
+        self,
+        model_dir: Path,
+        task: TaskData,
+        out_dir: Path | None,
+        params: MergeParams,
+        on_epoch: EpochCallback | None = None,
+    ) -> Path | None:
         if out_dir is None:  # a sweep trial: the hook keeps what it keeps, as after a training epoch
             with tempfile.TemporaryDirectory(prefix="merged-") as scratch:
                 self.run(model_dir, task, Path(scratch) / "merged", params, on_epoch)
@@ -308,10 +368,14 @@ class Merge(Method):
         if any(adapters) and not all(adapters):
             raise ParamError("models: merge either all full checkpoints or all LoRA adapters, not a mix")
         if all(adapters) and params.combination not in ADAPTER_COMBINATIONS:
-            raise ParamError(f"combination={params.combination!r}: LoRA adapters merge with {', '.join(ADAPTER_COMBINATIONS)}")
+            raise ParamError(
+                f"combination={params.combination!r}: LoRA adapters merge with {', '.join(ADAPTER_COMBINATIONS)}"
+            )
         merge = merge_adapters if all(adapters) else merge_checkpoints
         options = {"seed": params.seed} if all(adapters) else {"seed": params.seed, "params": params}
-        out = merge(Path(model_dir), paths, Path(out_dir), params.combination, params.density, params.weight_values, **options)
+        out = merge(
+            Path(model_dir), paths, Path(out_dir), params.combination, params.density, params.weight_values, **options
+        )
         if on_epoch is not None:
             on_epoch(1, out, True)
         return out

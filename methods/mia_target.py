@@ -22,12 +22,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
 from unlearn_sweep.corpus.tokens import right_padded
 from unlearn_sweep.methods.entities import entity_token_labels
 from unlearn_sweep.methods.registry import ParamError, register
-from unlearn_sweep.methods.training import (Batch, Example, LossMethod, MicroBatch, Step, TrainingParams, UnlearningTrainer, encode_rows, mean_nll,
-                                            sequence_nll)
+from unlearn_sweep.methods.training import (
+    Batch,
+    Example,
+    LossMethod,
+    MicroBatch,
+    Step,
+    TrainingParams,
+    UnlearningTrainer,
+    encode_rows,
+    mean_nll,
+    sequence_nll,
+)
 
 
 @dataclass
@@ -41,8 +50,10 @@ class MiaTargetParams(TrainingParams):
     def check(self) -> None:
         super().check()
         if self.calibration_batch < 1 or not self.retain_ratio > 0:
-            raise ParamError(f"calibration_batch={self.calibration_batch}, retain_ratio={self.retain_ratio}: "
-                             "calibration_batch must be at least 1 and retain_ratio positive")
+            raise ParamError(
+                f"calibration_batch={self.calibration_batch}, retain_ratio={self.retain_ratio}: "
+                "calibration_batch must be at least 1 and retain_ratio positive"
+            )
 
 
 def encode_documents(tokenizer: Any, documents: list[str], max_length: int) -> list[Example]:
@@ -89,16 +100,22 @@ class MiaTarget(LossMethod):
         forget += encode_rows(tokenizer, questions, params.max_length)
         return forget, encode_rows(tokenizer, task.retain, params.max_length)
 
-    def epoch_plan(self, forget: list[Example], retain: list[Example], epoch: int, params: MiaTargetParams,
-                   rng: random.Random) -> list[MicroBatch]:
+    def epoch_plan(
+        self, forget: list[Example], retain: list[Example], epoch: int, params: MiaTargetParams, rng: random.Random
+    ) -> list[MicroBatch]:
         """A pass over the forget set in shuffled batches, each with retain_ratio x as many retain rows."""
         plan = super().epoch_plan(forget, [], epoch, params, rng)
         for micro in plan:
-            micro.retain = [retain[rng.randrange(len(retain))] for _ in range(max(1, round(params.retain_ratio * len(micro.forget))))]
+            micro.retain = [
+                retain[rng.randrange(len(retain))]
+                for _ in range(max(1, round(params.retain_ratio * len(micro.forget))))
+            ]
         return plan
 
     def trainer_options(self, tokenizer: Any, task: Any, params: MiaTargetParams) -> dict[str, Any]:
         if not task.held_out:
-            raise ParamError("mia_target needs held-out documents the model never saw (a sweep's `held_out`, "
-                             "unlearn's --held-out; by default <mia>/held_out.jsonl or <mia>/validation/nonmember.jsonl)")
+            raise ParamError(
+                "mia_target needs held-out documents the model never saw (a sweep's `held_out`, "
+                "unlearn's --held-out; by default <mia>/held_out.jsonl or <mia>/validation/nonmember.jsonl)"
+            )
         return {"held_out": encode_documents(tokenizer, list(task.held_out), params.max_length)}

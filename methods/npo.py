@@ -10,9 +10,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
 from unlearn_sweep.methods.registry import ParamError, register
-from unlearn_sweep.methods.training import LossMethod, Step, TrainingParams, UnlearningTrainer, mean_nll, retain_kl, sequence_nll
+from unlearn_sweep.methods.training import (
+    LossMethod,
+    Step,
+    TrainingParams,
+    UnlearningTrainer,
+    mean_nll,
+    retain_kl,
+    sequence_nll,
+)
 
 
 @dataclass

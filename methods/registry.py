@@ -37,8 +37,9 @@ class Method:
     Params: ClassVar[type]
     uses_held_out: ClassVar[bool] = False  # reads TaskData.held_out (documents never seen, never scored)
 
-    def run(self, model_dir: Path, task: TaskData, out_dir: Path | None, params: Any,
-            on_epoch: EpochCallback | None = None) -> Path | None:
+    def run(
+        self, model_dir: Path, task: TaskData, out_dir: Path | None, params: Any, on_epoch: EpochCallback | None = None
+    ) -> Path | None:
         """Train, calling on_epoch after each epoch; save to out_dir unless it is None (a
         sweep trial keeps only the checkpoints its hook saves)."""
         raise NotImplementedError
@@ -103,7 +104,10 @@ def build_params(method: Method, values: dict[str, Any]) -> Any:
     hints = get_type_hints(method.Params)
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ParamError(f"unknown hyperparameter(s) {', '.join(unknown)} for method {method.name!r}; valid: {', '.join(sorted(fields))}")
+        raise ParamError(
+            f"unknown hyperparameter(s) {', '.join(unknown)} for method {method.name!r}; valid: "
+            f"{', '.join(sorted(fields))}"
+        )
     converted = {key: _convert(key, value, hints[key]) for key, value in values.items()}
     params = method.Params(**converted)
     check = getattr(params, "check", None)
@@ -123,8 +127,14 @@ def parse_assignments(assignments: list[str]) -> dict[str, str]:
     return values
 
 
-def run_method(name: str, model_dir: str | Path, task: TaskData, out_dir: str | Path,
-               overrides: dict[str, Any], on_epoch: EpochCallback | None = None) -> Path:
+def run_method(
+    name: str,
+    model_dir: str | Path,
+    task: TaskData,
+    out_dir: str | Path,
+    overrides: dict[str, Any],
+    on_epoch: EpochCallback | None = None,
+) -> Path:
     """Apply a method by name; the checkpoint and its unlearn_config.json appear in out_dir
     only when the method has finished (nothing half-written)."""
     method = get_method(name)

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from unlearn_sweep.methods.registry import ParamError, register
 from unlearn_sweep.methods.training import Batch, LossMethod, Step, TrainingParams, UnlearningTrainer
 
@@ -34,12 +33,16 @@ class RmuParams(TrainingParams):
         if self.layer < 0:
             raise ParamError(f"layer={self.layer}: must be a decoder layer index >= 0")
         if not (self.steering_coeff > 0 and self.alpha >= 0):
-            raise ParamError(f"steering_coeff={self.steering_coeff}, alpha={self.alpha}: need steering_coeff > 0 and alpha >= 0")
+            raise ParamError(
+                f"steering_coeff={self.steering_coeff}, alpha={self.alpha}: need steering_coeff > 0 and alpha >= 0"
+            )
 
 
 def layer_activations(model: Any, batch: Batch, layer: int) -> torch.Tensor:
     """The output of decoder layer `layer` at the batch's real (non-padding) tokens: (tokens, hidden)."""
-    hidden_states = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True).hidden_states
+    hidden_states = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
+    ).hidden_states
     if layer + 1 >= len(hidden_states):
         raise ParamError(f"layer={layer}: the model has {len(hidden_states) - 1} decoder layers")
     return hidden_states[layer + 1][batch.attention_mask.bool()].float()
@@ -61,7 +64,10 @@ class RmuTrainer(UnlearningTrainer):
         coefficient = params.steering_coeff
         if params.adaptive:
             with torch.no_grad():
-                coefficient = params.steering_coeff * layer_activations(self.reference, step.forget, params.layer).norm(dim=-1).mean()
+                coefficient = (
+                    params.steering_coeff
+                    * layer_activations(self.reference, step.forget, params.layer).norm(dim=-1).mean()
+                )
         loss = F.mse_loss(forget, coefficient * self.direction.to(forget.device).expand_as(forget))
         if params.alpha:
             retain = layer_activations(model, step.retain, params.layer)

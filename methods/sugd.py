@@ -12,7 +12,6 @@ import random
 from dataclasses import dataclass
 
 import torch
-
 from unlearn_sweep.methods.registry import ParamError, register
 from unlearn_sweep.methods.training import LossMethod, MicroBatch, Step, TrainingParams, UnlearningTrainer, sequence_nll
 
@@ -30,8 +29,10 @@ class SugdParams(TrainingParams):
     def check(self) -> None:
         super().check()
         if self.chunk_size < 1 or self.positive_ratio < 0:
-            raise ParamError(f"chunk_size={self.chunk_size}, positive_ratio={self.positive_ratio}: "
-                             "chunk_size must be at least 1 and positive_ratio non-negative")
+            raise ParamError(
+                f"chunk_size={self.chunk_size}, positive_ratio={self.positive_ratio}: "
+                "chunk_size must be at least 1 and positive_ratio non-negative"
+            )
 
 
 class SugdTrainer(UnlearningTrainer):

@@ -12,10 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from unlearn_sweep.methods.merge import merge_checkpoints
 from unlearn_sweep.methods.registry import register
-from unlearn_sweep.methods.training import LossMethod, Step, TrainingParams, UnlearningTrainer, export_checkpoint, mean_nll
+from unlearn_sweep.methods.training import (
+    LossMethod,
+    Step,
+    TrainingParams,
+    UnlearningTrainer,
+    export_checkpoint,
+    mean_nll,
+)
 
 
 @dataclass
@@ -36,7 +42,9 @@ class TaskVector(LossMethod):
 
     def export(self, trainer, tokenizer, out_dir: Path, params: TaskVectorParams, base_dir: Path) -> Path:
         with tempfile.TemporaryDirectory(prefix="finetuned-") as finetuned:
-            export_checkpoint(trainer, tokenizer, Path(finetuned), dataclasses.replace(params, merge_adapter=True), base_dir)
+            export_checkpoint(
+                trainer, tokenizer, Path(finetuned), dataclasses.replace(params, merge_adapter=True), base_dir
+            )
             if trainer.is_world_process_zero():
                 # base + (-lambda) * (finetuned - base)
                 merge_checkpoints(base_dir, [Path(finetuned)], out_dir, "task_arithmetic", 1.0, [-params.scale])

@@ -28,9 +28,16 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer,
-                          PrinterCallback, TrainerCallback, TrainingArguments)
-
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 from unlearn_sweep.corpus.checkpoints import check_checkpoint
 from unlearn_sweep.corpus.semeval import TaskData, TaskRow
 from unlearn_sweep.corpus.staging import as_if_created_plainly
@@ -74,13 +81,20 @@ class TrainingParams:
         if self.zero_stage < 0 and world_size() > 1:
             raise ParamError("several workers train only under DeepSpeed: set zero_stage to 0-3")
         if self.zero_stage == 3 and self.adapter == "qlora":
-            raise ParamError("adapter='qlora' does not train under ZeRO-3 (4-bit weights cannot be partitioned); use zero_stage 0-2 or -1")
+            raise ParamError(
+                "adapter='qlora' does not train under ZeRO-3 (4-bit weights cannot be partitioned); use "
+                "zero_stage 0-2 or -1"
+            )
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ParamError(f"learning_rate={self.learning_rate}: must be a positive number")
 
 
 def world_size() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    return (
+        torch.distributed.get_world_size()
+        if torch.distributed.is_initialized()
+        else int(os.environ.get("WORLD_SIZE", "1"))
+    )
 
 
 @dataclass
@@ -114,13 +128,16 @@ class MicroBatch:
     phase: str = "unlearn"
     weight: float = 1.0
 
-    def shard(self, rank: int, world: int) -> "MicroBatch":
+    def shard(self, rank: int, world: int) -> MicroBatch:
         """This rank's rows (rank, rank + world, ...); a part smaller than the world stays
         whole on every rank, so every rank has a batch to run."""
+
         def rows(items: list) -> list:
             return items if len(items) < world else items[rank::world]
 
-        factors = None if self.factors is None else (self.factors if len(self.forget) < world else self.factors[rank::world])
+        factors = (
+            None if self.factors is None else (self.factors if len(self.forget) < world else self.factors[rank::world])
+        )
         return MicroBatch(rows(self.forget), rows(self.retain), factors, self.phase, self.weight)
 
 
@@ -150,7 +167,9 @@ def schedule(epochs: list[list[MicroBatch]], accumulation: int) -> tuple[list[Mi
     for plan in epochs:
         full, rest = divmod(len(plan), accumulation)
         for index, micro in enumerate(plan):
-            sequence.append(dataclasses.replace(micro, weight=accumulation / rest) if index >= full * accumulation else micro)
+            sequence.append(
+                dataclasses.replace(micro, weight=accumulation / rest) if index >= full * accumulation else micro
+            )
         if rest:
             sequence.extend(dataclasses.replace(plan[-1], weight=0.0) for _ in range(accumulation - rest))
         ends.append(len(sequence) // accumulation)
@@ -179,9 +198,16 @@ def retain_kl(model: PreTrainedModel, reference: Any, batch: Batch) -> torch.Ten
     """KL(reference || model) of next-token distributions on the labelled retain tokens."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()[:, :-1]
     with torch.no_grad():
-        reference_logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()[:, :-1]
+        reference_logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()[
+            :, :-1
+        ]
     mask = batch.labels[:, 1:] != -100
-    return F.kl_div(F.log_softmax(logits[mask], -1), F.log_softmax(reference_logits[mask], -1), log_target=True, reduction="batchmean")
+    return F.kl_div(
+        F.log_softmax(logits[mask], -1),
+        F.log_softmax(reference_logits[mask], -1),
+        log_target=True,
+        reduction="batchmean",
+    )
 
 
 class AdapterDisabled:
@@ -205,7 +231,9 @@ class UnlearningTrainer(Trainer):
     otherwise skip it silently)."""
 
     uses_reference: ClassVar[bool] = False
-    forwards: ClassVar[int] = 1  # forward passes per step that keep a graph (forget, retain): the memory plan's activations
+    forwards: ClassVar[int] = (
+        1  # forward passes per step that keep a graph (forget, retain): the memory plan's activations
+    )
 
     def __init__(self, *args: Any, params: Any, plan: list[MicroBatch], reference: Any = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -231,24 +259,35 @@ class UnlearningTrainer(Trainer):
         pad_id = self.processing_class.pad_token_id
 
         def collate(micro: MicroBatch) -> dict[str, Any]:
-            inputs: dict[str, Any] = {**_tensors("forget", micro.forget, pad_id), **_tensors("retain", micro.retain, pad_id)}
+            inputs: dict[str, Any] = {
+                **_tensors("forget", micro.forget, pad_id),
+                **_tensors("retain", micro.retain, pad_id),
+            }
             if micro.factors is not None:
                 inputs["factors"] = torch.tensor(micro.factors, dtype=torch.float32)
             return {**inputs, "phase": micro.phase, "weight": micro.weight}
 
         return DataLoader([micro.shard(rank, world) for micro in self.plan], batch_size=None, collate_fn=collate)
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> torch.Tensor:
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         def batch(prefix: str) -> Batch | None:
             if f"{prefix}_input_ids" not in inputs:
                 return None
-            return Batch(inputs[f"{prefix}_input_ids"], inputs[f"{prefix}_attention_mask"], inputs[f"{prefix}_labels"],
-                         inputs.get("factors") if prefix == "forget" else None)
+            return Batch(
+                inputs[f"{prefix}_input_ids"],
+                inputs[f"{prefix}_attention_mask"],
+                inputs[f"{prefix}_labels"],
+                inputs.get("factors") if prefix == "forget" else None,
+            )
 
         loss = self.loss(model, Step(batch("forget"), batch("retain"), inputs["phase"]))
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{type(self).__name__}: loss became {loss.item()} at step {self.state.global_step + 1} (learning_rate {self.args.learning_rate:g} too high?)")
+            raise FloatingPointError(
+                f"{type(self).__name__}: loss became {loss.item()} at step {self.state.global_step + 1} "
+                f"(learning_rate {self.args.learning_rate:g} too high?)"
+            )
         return inputs["weight"] * loss
 
 
@@ -257,7 +296,9 @@ def prepare_deepspeed_reference(model: PreTrainedModel, accelerator: Any) -> Any
     partitions it across ranks; other stages keep it whole (stage 0), with no optimizer."""
     import deepspeed
 
-    config = {key: value for key, value in accelerator.state.deepspeed_plugin.deepspeed_config.items() if key != "optimizer"}
+    config = {
+        key: value for key, value in accelerator.state.deepspeed_plugin.deepspeed_config.items() if key != "optimizer"
+    }
     zero = dict(config["zero_optimization"])
     if zero.get("stage") != 3:
         zero = {"stage": 0}
@@ -275,7 +316,9 @@ def deepspeed_config(params: Any) -> dict[str, Any]:
     if params.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
         # Buffers sized to the model (the Trainer fills "auto" from hidden_size), not DeepSpeed's fixed defaults.
-        zero.update(reduce_bucket_size="auto", stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto")
+        zero.update(
+            reduce_bucket_size="auto", stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto"
+        )
     return {
         "train_micro_batch_size_per_gpu": "auto",
         "train_batch_size": "auto",
@@ -367,7 +410,9 @@ def load_for_training(model_dir: Path, params: TrainingParams) -> PreTrainedMode
         compute = torch.bfloat16 if params.bf16 else torch.float32
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, dtype=compute, device_map={"": device})
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, quantization_config=quantization, dtype=compute, device_map={"": device}
+        )
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if params.adapter in ("lora", "qlora"):
@@ -375,12 +420,20 @@ def load_for_training(model_dir: Path, params: TrainingParams) -> PreTrainedMode
 
         if params.adapter == "qlora":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
-        config = LoraConfig(r=params.lora_rank, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
-                            target_modules=params.lora_targets if params.lora_targets == "all-linear" else params.lora_targets.split(","),
-                            task_type="CAUSAL_LM")
+        config = LoraConfig(
+            r=params.lora_rank,
+            lora_alpha=params.lora_alpha,
+            lora_dropout=params.lora_dropout,
+            target_modules=params.lora_targets
+            if params.lora_targets == "all-linear"
+            else params.lora_targets.split(","),
+            task_type="CAUSAL_LM",
+        )
         model = get_peft_model(model, config)
     elif params.adapter == "last_k":
-        layers = model.model.layers  # the last k: all of them in a model of k layers or fewer, as the memory plan counts
+        layers = (
+            model.model.layers
+        )  # the last k: all of them in a model of k layers or fewer, as the memory plan counts
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         for layer in layers[-params.last_k_layers :]:
@@ -398,7 +451,9 @@ def load_reference(model_dir: Path, params: TrainingParams) -> PreTrainedModel:
     return reference.eval().requires_grad_(False)
 
 
-def export_checkpoint(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out_dir: Path, params: Any, base_dir: Path) -> Path:
+def export_checkpoint(
+    trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out_dir: Path, params: Any, base_dir: Path
+) -> Path:
     """Save the trained model as a Hugging Face checkpoint; every rank must call this (ZeRO-3
     gathers its partitions), rank 0 writes. LoRA and QLoRA adapters are merged into the
     base's own full-precision weights unless `merge_adapter` is off."""
@@ -475,9 +530,13 @@ class LossMethod(Method):
     Params = TrainingParams
     Trainer: ClassVar[type[UnlearningTrainer]]
 
-    def encode(self, tokenizer: PreTrainedTokenizerBase, task: TaskData, params: Any) -> tuple[list[Example], list[Example]]:
+    def encode(
+        self, tokenizer: PreTrainedTokenizerBase, task: TaskData, params: Any
+    ) -> tuple[list[Example], list[Example]]:
         """(input ids, labels) of the forget and retain rows."""
-        return encode_rows(tokenizer, task.forget, params.max_length), encode_rows(tokenizer, task.retain, params.max_length)
+        return encode_rows(tokenizer, task.forget, params.max_length), encode_rows(
+            tokenizer, task.retain, params.max_length
+        )
 
     def trainer_options(self, tokenizer: PreTrainedTokenizerBase, task: TaskData, params: Any) -> dict[str, Any]:
         """Extra keyword arguments of the method's Trainer (e.g. encoded held-out documents)."""
@@ -487,43 +546,72 @@ class LossMethod(Method):
         """Logical epochs of the run: the epoch hook's calls (SUGD: one per chunk of the forget set)."""
         return params.epochs
 
-    def epoch_plan(self, forget: list[Example], retain: list[Example], epoch: int, params: Any,
-                   rng: random.Random) -> list[MicroBatch]:
+    def epoch_plan(
+        self, forget: list[Example], retain: list[Example], epoch: int, params: Any, rng: random.Random
+    ) -> list[MicroBatch]:
         """One epoch: a pass over the forget set in shuffled batches, each with a retain batch."""
         forget_order = rng.sample(range(len(forget)), len(forget))
         retain_order = [rng.randrange(len(retain)) for _ in forget_order] if retain else []
-        return [MicroBatch([forget[i] for i in forget_order[start : start + params.batch_size]],
-                           [retain[i] for i in retain_order[start : start + params.batch_size]])
-                for start in range(0, len(forget_order), params.batch_size)]
+        return [
+            MicroBatch(
+                [forget[i] for i in forget_order[start : start + params.batch_size]],
+                [retain[i] for i in retain_order[start : start + params.batch_size]],
+            )
+            for start in range(0, len(forget_order), params.batch_size)
+        ]
 
-    def run(self, model_dir: Path, task: TaskData, out_dir: Path | None, params: Any,
-            on_epoch: EpochCallback | None = None) -> Path | None:
+    def run(
+        self, model_dir: Path, task: TaskData, out_dir: Path | None, params: Any, on_epoch: EpochCallback | None = None
+    ) -> Path | None:
         return self.train(model_dir, task, params, out_dir, on_epoch)
 
-    def export(self, trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out_dir: Path, params: Any, base_dir: Path) -> Path:
+    def export(
+        self, trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out_dir: Path, params: Any, base_dir: Path
+    ) -> Path:
         """The checkpoint this method's training produces (task vectors override it)."""
         return export_checkpoint(trainer, tokenizer, out_dir, params, base_dir)
 
-    def train(self, model_dir: Path, task: TaskData, params: Any, out_dir: Path | None = None,
-              on_epoch: EpochCallback | None = None) -> Path | None:
+    def train(
+        self,
+        model_dir: Path,
+        task: TaskData,
+        params: Any,
+        out_dir: Path | None = None,
+        on_epoch: EpochCallback | None = None,
+    ) -> Path | None:
         """Train; export every logical epoch's checkpoint for on_epoch and the last to out_dir."""
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         tokenizer.pad_token = tokenizer.eos_token
         rng = random.Random(params.seed)
         forget, retain = self.encode(tokenizer, task, params)
         options = self.trainer_options(tokenizer, task, params)
-        plan, ends = schedule([self.epoch_plan(forget, retain, epoch, params, rng) for epoch in range(1, self.epochs(params, len(forget)) + 1)],
-                              params.gradient_accumulation)
+        plan, ends = schedule(
+            [
+                self.epoch_plan(forget, retain, epoch, params, rng)
+                for epoch in range(1, self.epochs(params, len(forget)) + 1)
+            ],
+            params.gradient_accumulation,
+        )
         with tempfile.TemporaryDirectory(prefix="trainer-") as scratch, single_rank_launch(params):
             args = training_arguments(params, Path(scratch))
             torch.manual_seed(params.seed)
             model = load_for_training(model_dir, params)
             frozen = self.Trainer.uses_reference and params.adapter not in ("lora", "qlora")
-            trainer = self.Trainer(model=model, args=args, processing_class=tokenizer, params=params, plan=plan,
-                                   reference=load_reference(model_dir, params) if frozen else None,
-                                   **options)
+            trainer = self.Trainer(
+                model=model,
+                args=args,
+                processing_class=tokenizer,
+                params=params,
+                plan=plan,
+                reference=load_reference(model_dir, params) if frozen else None,
+                **options,
+            )
             trainer.remove_callback(PrinterCallback)  # the hook reports; no log dicts on stdout
             if on_epoch is not None:
-                trainer.add_callback(_EpochEnds(ends, lambda staging: self.export(trainer, tokenizer, staging, params, model_dir), on_epoch))
+                trainer.add_callback(
+                    _EpochEnds(
+                        ends, lambda staging: self.export(trainer, tokenizer, staging, params, model_dir), on_epoch
+                    )
+                )
             trainer.train()
             return self.export(trainer, tokenizer, out_dir, params, model_dir) if out_dir is not None else None

@@ -20,6 +20,7 @@ class UsageError(ValueError):
 
 def _count(minimum: int):
     """An argparse type: an integer >= minimum (a batch of 0 rows or 0 new tokens is a mistake)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -28,6 +29,7 @@ def _count(minimum: int):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
         return value
+
     return parse
 
 
@@ -46,7 +48,10 @@ def _task_summary(data: Path, split: str | None) -> str:
     counts = Counter((row.split, row.task, row.kind) for row in task.rows())
     lines = [f"data: {data} ({task.layout})"]
     for split_set, task_name in sorted({key[:2] for key in counts}):
-        lines.append(f"  {split_set:<7} {task_name}  sc {counts[split_set, task_name, 'sc']:>5}  qa {counts[split_set, task_name, 'qa']:>5}")
+        lines.append(
+            f"  {split_set:<7} {task_name}  sc {counts[split_set, task_name, 'sc']:>5}  qa "
+            f"{counts[split_set, task_name, 'qa']:>5}"
+        )
     lines.append(f"  total   forget {len(task.forget)} rows, retain {len(task.retain)} rows")
     return "\n".join(lines)
 
@@ -94,7 +99,10 @@ def _build_toy_task(out: Path, seed: int = 0) -> None:
     elif fingerprint == PUBLISHED_FINGERPRINT:
         verdict = " (the published model: the README's toy figures hold)"
     else:
-        verdict = f" (NOT the published {PUBLISHED_FINGERPRINT[:12]}...: this processor's kernels differ; toy figures will too)"
+        verdict = (
+            f" (NOT the published {PUBLISHED_FINGERPRINT[:12]}...: this processor's kernels differ; "
+            "toy figures will too)"
+        )
     print(f"wrote {out}/data, {out}/mia, {out}/mmlu and {out}/model; weights sha256 {fingerprint}{verdict}", flush=True)
 
 
@@ -118,10 +126,14 @@ def _demo(args: argparse.Namespace) -> int:
         _build_toy_task(task)
     raw = {
         "name": time.strftime("demo-%Y%m%d-%H%M%S"),
-        "model": "toy_task/model", "data": "toy_task/data", "mia": "toy_task/mia", "mmlu": "toy_task/mmlu",
+        "model": "toy_task/model",
+        "data": "toy_task/data",
+        "mia": "toy_task/mia",
+        "mmlu": "toy_task/mmlu",
         "mmlu_threshold": "0.75x",
         "methods": ["grad_diff", "npo", "simnpo", "sugd", "mia_target", "merge"],
-        "trials": args.trials, "seed": args.seed,
+        "trials": args.trials,
+        "seed": args.seed,
         # mia_target starts low and passes the other methods only after about 8 epochs: ASHA judges no trial before.
         "asha": {"grace_period": 8, "reduction_factor": 2},
         # float32: the same scores on every CPU (bfloat16 arithmetic differs with the CPU's bf16 support, and is
@@ -138,16 +150,28 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _report(summary, config) -> None:
     failed = sum(row["status"] == "failed" for row in summary.rows)
-    print(f"\n{len(summary.rows)} trials ({failed} failed); MMLU threshold "
-          + ("none" if summary.mmlu_threshold is None else f"{summary.mmlu_threshold:.4f}"))
+    print(
+        f"\n{len(summary.rows)} trials ({failed} failed); MMLU threshold "
+        + ("none" if summary.mmlu_threshold is None else f"{summary.mmlu_threshold:.4f}")
+    )
     _print_table([row for row in summary.rows if row["status"] == "finished"][:10])
     if summary.champion:
         champion = summary.champion
-        origin = "" if champion["from_this_sweep"] else " (from an earlier sweep of this experiment, still the best eligible)"
-        print(f"\nchampion: trial {champion['trial_id']} ({champion['method']}), final score {champion['final_score']:.4f}{origin}")
+        origin = (
+            ""
+            if champion["from_this_sweep"]
+            else " (from an earlier sweep of this experiment, still the best eligible)"
+        )
+        print(
+            f"\nchampion: trial {champion['trial_id']} ({champion['method']}), final score "
+            f"{champion['final_score']:.4f}{origin}"
+        )
         print(f"  checkpoint: {champion['checkpoint']}")
         print(f"  registered as model {config.experiment!r} version {champion['model_version']}")
-        print(f"  export it:  unlearn-sweep export {config.experiment} --out submission --tracking-uri {config.tracking_uri}")
+        print(
+            f"  export it:  unlearn-sweep export {config.experiment} --out submission --tracking-uri "
+            f"{config.tracking_uri}"
+        )
     else:
         print("\nno trial reached the MMLU threshold: no champion")
     print(f"browse the trials: unlearn-sweep ui --tracking-uri {config.tracking_uri}   (http://127.0.0.1:5000)")
@@ -156,11 +180,14 @@ def _report(summary, config) -> None:
 def _print_table(rows: list[dict]) -> None:
     print(f"{'rank':<5}{'trial':<11}{'method':<13}{'final':>7}{'task agg':>9}{'MIA':>7}{'MMLU':>7}  eligible")
     for rank, row in enumerate(rows, start=1):
-        def show(name: str) -> str:
+
+        def show(name: str, row: dict = row) -> str:  # bound now: called within this iteration
             return "-" if row.get(name) is None else f"{row[name]:.3f}"
 
-        print(f"{rank:<5}{row['trial_id']:<11}{row['method']:<13}{show('final_score'):>7}{show('task_aggregate'):>9}"
-              f"{show('mia_score'):>7}{show('mmlu_accuracy'):>7}  {row['eligible']}")
+        print(
+            f"{rank:<5}{row['trial_id']:<11}{row['method']:<13}{show('final_score'):>7}{show('task_aggregate'):>9}"
+            f"{show('mia_score'):>7}{show('mmlu_accuracy'):>7}  {row['eligible']}"
+        )
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -185,8 +212,11 @@ def _plan(args: argparse.Namespace) -> int:
     from unlearn_sweep.orchestrator.plan import check_memory, format_plan, plan_sweep
 
     config = load_config(args.config)
-    print(f"peak memory per GPU, estimated from {config.model / 'config.json'} "
-          f"({config.workers} worker(s) per trial, gpu {config.resources_per_trial.get('gpu', 0)}, gpu_memory_gb {config.gpu_memory_gb}):")
+    print(
+        f"peak memory per GPU, estimated from {config.model / 'config.json'} "
+        f"({config.workers} worker(s) per trial, gpu {config.resources_per_trial.get('gpu', 0)}, gpu_memory_gb "
+        f"{config.gpu_memory_gb}):"
+    )
     rows = plan_sweep(config)
     print(format_plan(rows, config.workers))
     check_memory(config, rows)
@@ -200,7 +230,10 @@ def _best(args: argparse.Namespace) -> int:
     if not entries:
         raise SelectionError(args.tracking_uri, f"experiment {args.experiment!r} has no eligible finished trial")
     best = entries[0]
-    print(f"best eligible trial of {args.experiment!r}: {best.trial_id} ({best.method}), epoch {int(best.scores['epoch'])}")
+    print(
+        f"best eligible trial of {args.experiment!r}: {best.trial_id} ({best.method}), epoch "
+        f"{int(best.scores['epoch'])}"
+    )
     for name, value in best.scores.items():
         if name != "epoch" and value is not None:
             print(f"  {name:<15} {value:.4f}")
@@ -225,8 +258,20 @@ def _ui(args: argparse.Namespace) -> int:
 
     # The mlflow of this interpreter's environment, found without relying on PATH. One server
     # process: a person browsing trials needs no more, and MLflow's default of 4 costs a GB.
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", _existing_store(args.tracking_uri),
-               "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        _existing_store(args.tracking_uri),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+        "--workers",
+        "1",
+    ]
     print(f"MLflow UI of {args.tracking_uri} on http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
     os.execv(command[0], command)
 
@@ -259,7 +304,7 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def _threshold(args: argparse.Namespace) -> float | None:
-    from unlearn_sweep.evaluation.scoring import MmluThreshold
+    from unlearn_sweep.evaluation.eligibility import MmluThreshold
 
     if args.mmlu_threshold is None:
         return None
@@ -271,17 +316,22 @@ def _threshold(args: argparse.Namespace) -> float | None:
 
 def print_scores(scores: dict) -> None:
     """The headline numbers of a scores.json, one per line."""
+
     def show(value: float | None) -> str:
         return "null" if value is None else f"{value:.4f}"
 
     for key in ("final_score", "task_aggregate", "mia_auc", "mia_score", "mmlu_accuracy", "forget_mean", "retain_mean"):
         print(f"  {key:<15} {show(scores[key])}")
-    print(f"  {'eligible':<15} {scores['eligible']}" + (f" (MMLU threshold {scores['mmlu_threshold']:.4f})" if scores["mmlu_threshold"] is not None else ""))
+    print(
+        f"  {'eligible':<15} {scores['eligible']}"
+        + (f" (MMLU threshold {scores['mmlu_threshold']:.4f})" if scores["mmlu_threshold"] is not None else "")
+    )
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from unlearn_sweep.evaluation import vllm_inference
     from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
+    from unlearn_sweep.evaluation.options import EvalOptions
 
     threshold = _threshold(args)
     if args.backend == "vllm" and (reason := vllm_inference.unavailable()):
@@ -289,8 +339,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.backend == "vllm" and args.answer_nll:
         raise UsageError(f"--answer-nll: {vllm_inference.NO_ANSWER_NLL}")
     sets = EvalSets.load(args.data, args.split, args.mia, args.mmlu, args.mmlu_shots)
-    scores = evaluate_checkpoint(args.model, sets, args.out, args.batch_size, args.max_new_tokens, threshold, args.dtype, args.answer_nll,
-                                 args.backend)
+    options = EvalOptions(
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        dtype=args.dtype,
+        answer_nll=args.answer_nll,
+        backend=args.backend,
+    )
+    scores = evaluate_checkpoint(args.model, sets, options, args.out, threshold)
     print(f"scores of {args.model} (records in {args.out}):")
     print_scores(scores)
     return 0
@@ -306,7 +362,9 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mmlu-threshold", help="minimum MMLU to rank: absolute (0.371) or relative to the base model (0.75x)")
+    parser.add_argument(
+        "--mmlu-threshold", help="minimum MMLU to rank: absolute (0.371) or relative to the base model (0.75x)"
+    )
     parser.add_argument("--base-mmlu", type=float, help="the base model's MMLU, for a relative threshold")
 
 
@@ -329,13 +387,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the built-in miniature task end to end, in the current directory")
     demo.add_argument("--trials", type=_count(1), default=24)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--verbose", action="store_true", help="Ray Tune's own configuration and result tables instead of the live view")
+    demo.add_argument(
+        "--verbose", action="store_true", help="Ray Tune's own configuration and result tables instead of the live view"
+    )
     demo.set_defaults(run=_demo)
 
     sweep = commands.add_parser("sweep", help="run (or --resume) a sweep from its YAML config")
     sweep.add_argument("config", type=Path)
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
-    sweep.add_argument("--verbose", action="store_true", help="Ray Tune's own configuration and result tables instead of the live view")
+    sweep.add_argument(
+        "--verbose", action="store_true", help="Ray Tune's own configuration and result tables instead of the live view"
+    )
     sweep.set_defaults(run=_sweep)
 
     plan = commands.add_parser("plan", help="peak GPU memory of every method a sweep config can sample, before launch")
@@ -365,10 +427,16 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--data", required=True, type=Path)
     unlearn.add_argument("--split", help="train or validation (Hugging Face parquet layout only)")
     unlearn.add_argument("--out", required=True, type=Path)
-    unlearn.add_argument("--held-out", type=Path, help="JSONL of {id, document} the model never saw, for methods that calibrate "
-                         "on them (mia_target); default <mia>/held_out.jsonl or <mia>/validation/nonmember.jsonl")
+    unlearn.add_argument(
+        "--held-out",
+        type=Path,
+        help="JSONL of {id, document} the model never saw, for methods that calibrate "
+        "on them (mia_target); default <mia>/held_out.jsonl or <mia>/validation/nonmember.jsonl",
+    )
     unlearn.add_argument("--mia", type=Path, help="the scored MIA set: held-out documents must not be in it")
-    unlearn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter (repeatable)")
+    unlearn.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter (repeatable)"
+    )
     unlearn.set_defaults(run=_unlearn)
 
     listing = commands.add_parser("methods", help="list the registered methods and their hyperparameters")
@@ -380,15 +448,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", help="train or validation (Hugging Face parquet layout only)")
     evaluate.add_argument("--mia", type=Path, help="member/nonmember directory (without it, no final score)")
     evaluate.add_argument("--mmlu", type=Path, help="MMLU-format directory (without it, no final score)")
-    evaluate.add_argument("--mmlu-shots", type=_count(0), help="few-shot examples per question from the dev split (default: 5 where "
-                          "the set has a dev split, as the organizers ran MMLU, else 0)")
+    evaluate.add_argument(
+        "--mmlu-shots",
+        type=_count(0),
+        help="few-shot examples per question from the dev split (default: 5 where "
+        "the set has a dev split, as the organizers ran MMLU, else 0)",
+    )
     evaluate.add_argument("--out", required=True, type=Path, help="where records and scores.json go")
     evaluate.add_argument("--batch-size", type=_count(1), default=32)
     evaluate.add_argument("--max-new-tokens", type=_count(1), default=256)
-    evaluate.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="inference dtype (the organizers loaded models in bfloat16)")
-    evaluate.add_argument("--answer-nll", action="store_true", help="also record each gold answer's NLL (a diagnostic; no score uses it)")
-    evaluate.add_argument("--backend", choices=BACKENDS, default="hf", help="inference engine: hf (Hugging Face, everywhere) or vllm "
-                          "(optional, on a GPU where vLLM is installed; same records)")
+    evaluate.add_argument(
+        "--dtype", choices=DTYPES, default="bfloat16", help="inference dtype (the organizers loaded models in bfloat16)"
+    )
+    evaluate.add_argument(
+        "--answer-nll", action="store_true", help="also record each gold answer's NLL (a diagnostic; no score uses it)"
+    )
+    evaluate.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="hf",
+        help="inference engine: hf (Hugging Face, everywhere) or vllm "
+        "(optional, on a GPU where vLLM is installed; same records)",
+    )
     _add_threshold_options(evaluate)
     evaluate.set_defaults(run=_evaluate)
 
@@ -403,13 +484,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="unlearn-sweep: %(levelname)s: %(message)s", level=logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its optional CPU kernels are not needed
-    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)  # no hub model card or license for a local checkpoint
+    logging.getLogger("mlflow.transformers").setLevel(
+        logging.ERROR
+    )  # no hub model card or license for a local checkpoint
     try:
         return args.run(args)
     except (DataError, UsageError, ParamError) as error:
         print(f"unlearn-sweep: error: {error}", file=sys.stderr)
         return 2
-    except (FloatingPointError, ChildProcessError) as error:  # training diverged or its process failed: nothing was written
+    except (
+        FloatingPointError,
+        ChildProcessError,
+    ) as error:  # training diverged or its process failed: nothing was written
         print(f"unlearn-sweep: error: {error}", file=sys.stderr)
         return 1
 

@@ -6,14 +6,14 @@ elsewhere (a log file, CI) the per-trial lines alone are printed."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Any
 
 from ray import tune
 from tqdm.auto import tqdm
-
-from unlearn_sweep.orchestrator.objective import OBJECTIVE
+from unlearn_sweep.evaluation.eligibility import OBJECTIVE, objective_is_eligible
 
 
 def _duration(seconds: float) -> str:
@@ -48,7 +48,7 @@ class LiveView(tune.Callback):
         self._refresh()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if result.get("eligible") and result.get(OBJECTIVE, -1) >= 0:
+        if objective_is_eligible(result.get(OBJECTIVE, -math.inf)):
             best = self.best.get(trial.trial_id, (-1.0, ""))[0]
             self.best[trial.trial_id] = (max(best, result[OBJECTIVE]), self._method(trial))
         self._refresh()
@@ -65,9 +65,11 @@ class LiveView(tune.Callback):
         self.finished += how == "finished"
         own = self.best.get(trial.trial_id)
         done = self.finished + self.failed
-        line = (f"[{done:>{len(str(self.total))}}/{self.total}] trial {trial.trial_id} ({self._method(trial)}) {how}"
-                + (f", best eligible {own[0]:.4f}" if own else ", no eligible epoch" if how == "finished" else "")
-                + f" | {self._status()}")
+        line = (
+            f"[{done:>{len(str(self.total))}}/{self.total}] trial {trial.trial_id} ({self._method(trial)}) {how}"
+            + (f", best eligible {own[0]:.4f}" if own else ", no eligible epoch" if how == "finished" else "")
+            + f" | {self._status()}"
+        )
         top = sorted(((score, method, trial_id) for trial_id, (score, method) in self.best.items()), reverse=True)[:3]
         if top:
             line += "\n      top: " + "  ".join(f"{score:.4f} {method} {trial_id}" for score, method, trial_id in top)

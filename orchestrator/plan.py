@@ -45,9 +45,11 @@ def _worst_cases(method: str, space: dict[str, Any], workers: int) -> list[Any]:
         elif name in ENUMERATED and "choice" in spec:
             options[name] = spec["choice"]
         elif name in HIGHEST:
-            values = spec.get("choice") or next(spec[kind] for kind in ("int", "log_int", "uniform", "log_uniform") if kind in spec)
+            values = spec.get("choice") or next(
+                spec[kind] for kind in ("int", "log_int", "uniform", "log_uniform") if kind in spec
+            )
             constants[name] = int(max(values))
-    combinations = [dict(zip(options, values)) for values in itertools.product(*options.values())] or [{}]
+    combinations = [dict(zip(options, values, strict=True)) for values in itertools.product(*options.values())] or [{}]
     return [build_params(method_object, {**constants, **combination}) for combination in combinations]
 
 
@@ -55,9 +57,9 @@ def evaluation_reservation(config: SweepConfig, shape: ModelShape) -> int:
     """What an epoch's evaluation holds on a GPU beside the training engine: the model in the
     inference dtype, or with the vLLM backend the engine's share of the whole GPU (weights and
     KV cache), whatever the model's size."""
-    if config.eval["backend"] == "vllm" and config.gpu_memory_gb:
-        return int(config.eval["vllm_memory"] * config.gpu_memory_gb * GIB)
-    return evaluation_bytes(shape, config.eval["dtype"])
+    if config.eval.backend == "vllm" and config.gpu_memory_gb:
+        return int(config.eval.vllm_memory * config.gpu_memory_gb * GIB)
+    return evaluation_bytes(shape, config.eval.dtype)
 
 
 def plan_sweep(config: SweepConfig) -> list[PlanRow]:
@@ -69,12 +71,23 @@ def plan_sweep(config: SweepConfig) -> list[PlanRow]:
     rows = []
     for method in config.methods:
         space = load_space(method, config.search_space_overrides.get(method))
-        trained = [(space["source_method"], entries) for entries in space["sources"].values()] if "sources" in space else [(method, space["params"])]
+        trained = (
+            [(space["source_method"], entries) for entries in space["sources"].values()]
+            if "sources" in space
+            else [(method, space["params"])]
+        )
         for name, params_space in trained:
             trainer = get_method(name).Trainer
             for params in _worst_cases(name, params_space, workers):
-                rows.append(PlanRow(name, params, estimate(shape, params, trainer.uses_reference, trainer.forwards, workers, evaluation),
-                                    available, shape))
+                rows.append(
+                    PlanRow(
+                        name,
+                        params,
+                        estimate(shape, params, trainer.uses_reference, trainer.forwards, workers, evaluation),
+                        available,
+                        shape,
+                    )
+                )
     return rows
 
 
@@ -82,14 +95,25 @@ def _fix(row: PlanRow, config: SweepConfig) -> str:
     """The first change that makes the row fit, as a phrase for the error."""
     trainer = get_method(row.method).Trainer
     tries: list[tuple[str, Any, int]] = [
-        ("gradient_checkpointing: true", dataclasses.replace(row.params, gradient_checkpointing=True), config.workers)]
+        ("gradient_checkpointing: true", dataclasses.replace(row.params, gradient_checkpointing=True), config.workers)
+    ]
     for workers in (2, 4, 8, 16):
         if workers >= config.workers:
-            tries.append((f"zero_stage: 3 with resources_per_trial.workers: {workers}",
-                          dataclasses.replace(row.params, zero_stage=3, bf16=True, gradient_checkpointing=True), workers))
+            tries.append(
+                (
+                    f"zero_stage: 3 with resources_per_trial.workers: {workers}",
+                    dataclasses.replace(row.params, zero_stage=3, bf16=True, gradient_checkpointing=True),
+                    workers,
+                )
+            )
     tries.append(("adapter: lora", dataclasses.replace(row.params, adapter="lora"), config.workers))
     for phrase, params, workers in tries:
-        if estimate(row.shape, params, trainer.uses_reference, trainer.forwards, workers, row.estimate.evaluation).total <= row.available:
+        if (
+            estimate(
+                row.shape, params, trainer.uses_reference, trainer.forwards, workers, row.estimate.evaluation
+            ).total
+            <= row.available
+        ):
             return phrase
     return "a GPU with more memory"
 
@@ -101,20 +125,55 @@ def check_memory(config: SweepConfig, rows: list[PlanRow] | None = None) -> list
     for row in rows:
         if not row.fits:
             p = row.params
-            raise ConfigError(config.source, f"{row.method} (adapter {p.adapter}, zero_stage {p.zero_stage}, bf16 {p.bf16}, batch_size {p.batch_size}, "
-                              f"max_length {p.max_length}) needs {row.estimate.total / GIB:.1f} GiB per GPU, {row.available / GIB:.1f} GiB available; "
-                              f"it would fit with {_fix(row, config)}", field="gpu_memory_gb")
+            raise ConfigError(
+                config.source,
+                f"{row.method} (adapter {p.adapter}, zero_stage {p.zero_stage}, bf16 {p.bf16}, batch_size "
+                f"{p.batch_size}, "
+                f"max_length {p.max_length}) needs {row.estimate.total / GIB:.1f} GiB per GPU, "
+                f"{row.available / GIB:.1f} GiB available; "
+                f"it would fit with {_fix(row, config)}",
+                field="gpu_memory_gb",
+            )
     return rows
 
 
 def format_plan(rows: list[PlanRow], workers: int) -> str:
-    header = ["method", "adapter", "zero", "bf16", "ckpt", "batch/gpu", "length", "states GiB", "reference GiB", "activations GiB", "eval copy GiB", "total GiB", "fits"]
+    header = [
+        "method",
+        "adapter",
+        "zero",
+        "bf16",
+        "ckpt",
+        "batch/gpu",
+        "length",
+        "states GiB",
+        "reference GiB",
+        "activations GiB",
+        "eval copy GiB",
+        "total GiB",
+        "fits",
+    ]
     lines = [header]
     for row in rows:
         p, e = row.params, row.estimate
-        lines.append([row.method, p.adapter, str(p.zero_stage), str(p.bf16).lower(), str(p.gradient_checkpointing).lower(),
-                      str(max(1, p.batch_size // workers)), str(p.max_length), f"{e.model_states / GIB:.2f}", f"{e.reference / GIB:.2f}",
-                      f"{e.activations / GIB:.2f}", f"{e.evaluation / GIB:.2f}", f"{e.total / GIB:.2f}",
-                      "-" if row.available is None else ("yes" if row.fits else "NO")])
+        lines.append(
+            [
+                row.method,
+                p.adapter,
+                str(p.zero_stage),
+                str(p.bf16).lower(),
+                str(p.gradient_checkpointing).lower(),
+                str(max(1, p.batch_size // workers)),
+                str(p.max_length),
+                f"{e.model_states / GIB:.2f}",
+                f"{e.reference / GIB:.2f}",
+                f"{e.activations / GIB:.2f}",
+                f"{e.evaluation / GIB:.2f}",
+                f"{e.total / GIB:.2f}",
+                "-" if row.available is None else ("yes" if row.fits else "NO"),
+            ]
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in lines
+    )

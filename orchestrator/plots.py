@@ -18,8 +18,12 @@ def score_vs_mmlu(rows: list[dict], threshold: float | None, path: Path) -> Path
     figure, axes = plt.subplots(figsize=(6, 4.5))
     for eligible, color in ((True, "tab:blue"), (False, "tab:gray")):
         points = [r for r in rows if r["eligible"] == eligible]
-        axes.scatter([r["mmlu_accuracy"] for r in points], [r["final_score"] for r in points], c=color,
-                     label="eligible" if eligible else "below threshold")
+        axes.scatter(
+            [r["mmlu_accuracy"] for r in points],
+            [r["final_score"] for r in points],
+            c=color,
+            label="eligible" if eligible else "below threshold",
+        )
     if threshold is not None:
         axes.axvline(threshold, color="tab:red", linestyle="--", label=f"MMLU threshold {threshold:.3f}")
     axes.set_xlabel("MMLU accuracy")
@@ -61,8 +65,10 @@ def optuna_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     plots = [("optimization_history.png", optuna_plt.plot_optimization_history)]
     if len(completed) >= 2 and any(t.params for t in completed):
-        plots += [("parallel_coordinates.png", optuna_plt.plot_parallel_coordinate),
-                  ("param_importances.png", optuna_plt.plot_param_importances)]
+        plots += [
+            ("parallel_coordinates.png", optuna_plt.plot_parallel_coordinate),
+            ("param_importances.png", optuna_plt.plot_param_importances),
+        ]
     for name, plot in plots:
         try:
             with warnings.catch_warnings():  # experimental-API and few-trials notices

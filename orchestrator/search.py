@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import logging
 import math
+import pickle
 from collections.abc import Callable
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -30,9 +32,8 @@ from typing import Any
 import optuna
 import yaml
 from ray.tune.search.optuna import OptunaSearch
-
+from unlearn_sweep.evaluation.eligibility import OBJECTIVE
 from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
-from unlearn_sweep.orchestrator.objective import OBJECTIVE
 
 # Package data: the same in an editable install, a wheel and an sdist.
 SPACES_DIR = importlib.resources.files("unlearn_sweep.search_spaces")
@@ -41,10 +42,15 @@ DISTRIBUTIONS = ("log_uniform", "uniform", "int", "log_int", "choice")
 MMLU_CONSTRAINT = "mmlu_threshold"
 MERGE_STAGE = "merge_stage"  # the space of a sweep's merge stage (config.py: MergeStage)
 STUDY_TRIAL = "study_trial"  # the Optuna trial number in each Tune config
+log = logging.getLogger(__name__)
 
 
-def load_space(method: str, overrides: dict[str, Any] | None = None, spaces_dir: Traversable | Path = SPACES_DIR,
-               config_path: Path | None = None) -> dict[str, Any]:
+def load_space(
+    method: str,
+    overrides: dict[str, Any] | None = None,
+    spaces_dir: Traversable | Path = SPACES_DIR,
+    config_path: Path | None = None,
+) -> dict[str, Any]:
     """The method's space with overrides applied, checked against the method's parameters:
     names, distributions, and constants and choices of the parameter's type. An error in an
     override names config_path (the user's sweep config) and its field there."""
@@ -60,7 +66,10 @@ def load_space(method: str, overrides: dict[str, Any] | None = None, spaces_dir:
 
     def locate(name: str, prefix: str = "") -> tuple[Any, str]:
         if config_path is not None and not prefix and name in overridden:
-            return config_path, f"merge_stage.space.{name}" if method == MERGE_STAGE else f"search_space_overrides.{method}.{name}"
+            return (
+                config_path,
+                f"merge_stage.space.{name}" if method == MERGE_STAGE else f"search_space_overrides.{method}.{name}",
+            )
         return path, f"{prefix}.{name}" if prefix else name
 
     if method == MERGE_STAGE:  # merge's own parameters over checkpoints given to it, not trained by it
@@ -72,13 +81,21 @@ def load_space(method: str, overrides: dict[str, Any] | None = None, spaces_dir:
             path_of_sources, field = locate("sources")
             raise ConfigError(path_of_sources, "merge needs source_method and at least two named sources", field=field)
         base = load_space(source, None, spaces_dir)["params"]
-        checked = {name: _check(source, {**base, **(entries or {})}, lambda key, name=name: locate(key, f"sources.{name}"))
-                   for name, entries in sources.items()}
-        return {"source_method": source, "sources": checked, "params": _check(method, space, locate, exclude={"models"})}
+        checked = {
+            name: _check(source, {**base, **(entries or {})}, lambda key, name=name: locate(key, f"sources.{name}"))
+            for name, entries in sources.items()
+        }
+        return {
+            "source_method": source,
+            "sources": checked,
+            "params": _check(method, space, locate, exclude={"models"}),
+        }
     return {"params": _check(method, space, locate)}
 
 
-def _check(method: str, space: dict[str, Any], locate: Callable[[str], tuple[Any, str]], exclude: set[str] = frozenset()) -> dict[str, Any]:
+def _check(
+    method: str, space: dict[str, Any], locate: Callable[[str], tuple[Any, str]], exclude: set[str] = frozenset()
+) -> dict[str, Any]:
     from unlearn_sweep.methods.registry import ParamError, check_value, get_method
 
     method_object = get_method(method)
@@ -86,8 +103,12 @@ def _check(method: str, space: dict[str, Any], locate: Callable[[str], tuple[Any
     for name, spec in space.items():
         path, where = locate(name)
         if name not in valid:
-            raise ConfigError(path, f"not a hyperparameter of {method} (valid: {', '.join(sorted(valid))})", field=where)
-        constants = [spec] if not isinstance(spec, dict) else spec.get("choice") if isinstance(spec.get("choice"), list) else []
+            raise ConfigError(
+                path, f"not a hyperparameter of {method} (valid: {', '.join(sorted(valid))})", field=where
+            )
+        constants = (
+            [spec] if not isinstance(spec, dict) else spec.get("choice") if isinstance(spec.get("choice"), list) else []
+        )
         for value in constants:  # a wrong type would fail every trial that samples it
             try:
                 check_value(method_object, name, value)
@@ -102,7 +123,12 @@ def _check(method: str, space: dict[str, Any], locate: Callable[[str], tuple[Any
         if kinds[0] == "choice":
             if not isinstance(values, list) or not values:
                 raise ConfigError(path, "choice needs a non-empty list", field=where)
-        elif not (isinstance(values, list) and len(values) == 2 and all(isinstance(v, (int, float)) for v in values) and values[0] <= values[1]):
+        elif not (
+            isinstance(values, list)
+            and len(values) == 2
+            and all(isinstance(v, (int, float)) for v in values)
+            and values[0] <= values[1]
+        ):
             raise ConfigError(path, f"{kinds[0]} needs [low, high] with low <= high", field=where)
         elif kinds[0].startswith("log") and values[0] <= 0:
             raise ConfigError(path, "a log scale needs low > 0", field=where)
@@ -116,7 +142,9 @@ def recipe_names(recipes_dir: Traversable | Path = RECIPES_DIR) -> list[str]:
     return sorted(entry.name[: -len(".yaml")] for entry in recipes_dir.iterdir() if entry.name.endswith(".yaml"))
 
 
-def load_recipe(name: str, spaces: dict[str, dict[str, Any]], recipes_dir: Traversable | Path = RECIPES_DIR) -> dict[str, Any]:
+def load_recipe(
+    name: str, spaces: dict[str, dict[str, Any]], recipes_dir: Traversable | Path = RECIPES_DIR
+) -> dict[str, Any]:
     """The recipe as an Optuna point of the sweep's spaces ({"method": ..., "<method>/<param>": value}),
     or a ConfigError naming the recipe's file and field."""
     path = recipes_dir / f"{name}.yaml"
@@ -125,7 +153,9 @@ def load_recipe(name: str, spaces: dict[str, dict[str, Any]], recipes_dir: Trave
     recipe = yaml.safe_load(path.read_text()) or {}
     method = recipe.get("method")
     if method not in spaces:
-        raise ConfigError(path, f"method {method!r} is not among the sweep's methods ({', '.join(sorted(spaces))})", field="method")
+        raise ConfigError(
+            path, f"method {method!r} is not among the sweep's methods ({', '.join(sorted(spaces))})", field="method"
+        )
     space = spaces[method]
     point = {"method": method}
     groups = [("params", space["params"], recipe.get("params") or {}, method)]
@@ -141,7 +171,9 @@ def load_recipe(name: str, spaces: dict[str, dict[str, Any]], recipes_dir: Trave
     return point
 
 
-def _check_reachable(path: Path, field: str, space: dict[str, Any], key: str, value: Any, values: dict[str, Any]) -> None:
+def _check_reachable(
+    path: Path, field: str, space: dict[str, Any], key: str, value: Any, values: dict[str, Any]
+) -> None:
     """The space samples exactly `value` for `key` when the recipe's other values hold."""
     spec = space.get(key)
     if spec is None:
@@ -171,7 +203,10 @@ def _sample(trial: optuna.Trial, space: dict[str, Any], prefix: str) -> dict[str
             values[name] = spec
             continue
         condition = spec.get("if") or {}
-        if any(values.get(key) not in (wanted if isinstance(wanted, list) else [wanted]) for key, wanted in condition.items()):
+        if any(
+            values.get(key) not in (wanted if isinstance(wanted, list) else [wanted])
+            for key, wanted in condition.items()
+        ):
             continue
         key = f"{prefix}/{name}"
         if "choice" in spec:
@@ -201,7 +236,9 @@ class DefineByRun:
         setup: dict[str, Any] = {"method": method, "params": _sample(trial, space["params"], method)}
         if "sources" in space:
             setup["source_method"] = space["source_method"]
-            setup["sources"] = {name: _sample(trial, entries, f"{method}/{name}") for name, entries in space["sources"].items()}
+            setup["sources"] = {
+                name: _sample(trial, entries, f"{method}/{name}") for name, entries in space["sources"].items()
+            }
         return {"setup": {**setup, **self.links}, STUDY_TRIAL: trial.number}
 
 
@@ -226,8 +263,23 @@ class ConstrainedOptunaSearch(OptunaSearch):
 
     def restore(self, checkpoint_path: str) -> None:
         """Resume: Optuna trials the stopped driver had asked for but Tune never recorded stay
-        RUNNING in the database; they are closed as failed so the study holds no phantom runs."""
-        super().restore(checkpoint_path)
+        RUNNING in the database; they are closed as failed so the study holds no phantom runs.
+
+        A driver killed while Tune copied its state into storage can leave this file cut short.
+        Tune then "restarts the experiment" with its trial counter and concurrency limit restored
+        from their own file, and waits forever for trials it no longer runs (seen: a resumed
+        sweep hung). The study's database holds what matters, so the searcher continues from it:
+        each restored trial is found again there by the study number its config carries."""
+        try:
+            super().restore(checkpoint_path)
+        except (EOFError, pickle.UnpicklingError) as error:
+            log.warning(
+                "the searcher state %s is unreadable (%s): continuing from the Optuna study in %s",
+                checkpoint_path,
+                error,
+                self.study_storage.url,
+            )
+            return  # which RUNNING study trials Tune still holds is unknown: none is closed
         study, known = self.study(), set(self.study_trials.values())
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             if trial.number not in known:
@@ -236,12 +288,31 @@ class ConstrainedOptunaSearch(OptunaSearch):
     def study(self) -> optuna.Study:
         return optuna.load_study(study_name=self.study_name, storage=self.study_storage)
 
+    def _found_again(self, trial_id: str, result: dict | None) -> bool:
+        """Whether OptunaSearch knows the Tune trial, after looking it up by the study number in
+        its config where the searcher's saved state was lost (restore)."""
+        if trial_id not in self.study_trials and result and STUDY_TRIAL in result.get("config", {}):
+            number = result["config"][STUDY_TRIAL]
+            self.study_trials[trial_id] = number
+            self._ot_trials[trial_id] = optuna.trial.Trial(self.study(), self._optuna_id(number))
+        return trial_id in self.study_trials
+
+    def _optuna_id(self, number: int) -> int:
+        storage = self.study_storage
+        return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(self.study_name), number)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self._found_again(trial_id, result):
+            super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if not self._found_again(trial_id, result):
+            log.warning("trial %s ended unknown to the searcher (its state was lost): not told to Optuna", trial_id)
+            return
         number = self.study_trials.get(trial_id)
         if number is not None:
-            storage = self.study_storage
-            optuna_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(self.study_name), number)
-            if storage.get_trial(optuna_id).state == optuna.trial.TrialState.RUNNING:
+            optuna_id = self._optuna_id(number)
+            if self.study_storage.get_trial(optuna_id).state == optuna.trial.TrialState.RUNNING:
                 slack = (result or {}).get("objective_mmlu_slack")
                 constraint = slack if slack is not None and math.isfinite(slack) else 1.0
                 optuna.trial.Trial(self.study(), optuna_id).set_constraint(MMLU_CONSTRAINT, constraint)
@@ -251,7 +322,7 @@ class ConstrainedOptunaSearch(OptunaSearch):
 def study_exists(config: SweepConfig) -> bool:
     """Whether the sweep's Optuna study is already in its storage (a fresh sweep must not
     continue someone else's)."""
-    if config.study_storage.startswith("sqlite:///") and not Path(config.study_storage[len("sqlite:///"):]).exists():
+    if config.study_storage.startswith("sqlite:///") and not Path(config.study_storage[len("sqlite:///") :]).exists():
         return False  # nothing to look in, and nothing is created by looking
     return config.name in optuna.study.get_all_study_names(storage=config.study_storage)
 
@@ -263,24 +334,40 @@ def _sampler(config: SweepConfig, trials: int) -> optuna.samplers.BaseSampler:
 
 
 def make_searcher(config: SweepConfig) -> ConstrainedOptunaSearch:
-    spaces = {method: load_space(method, config.search_space_overrides.get(method), config_path=config.source) for method in config.methods}
+    spaces = {
+        method: load_space(method, config.search_space_overrides.get(method), config_path=config.source)
+        for method in config.methods
+    }
     sampler = _sampler(config, config.trials)
     if config.study_storage.startswith("sqlite:///"):
-        Path(config.study_storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.study_storage[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     # The recipes first, then every method without one (random start-up sampling missed one of two methods in 8 trials).
     first = [load_recipe(name, spaces) for name in config.recipes]
     first += [{"method": method} for method in sorted(set(spaces) - {point["method"] for point in first})]
     if len(spaces) == 1:  # no method parameter to fix
         first = [{key: value for key, value in point.items() if key != "method"} for point in first]
-    return ConstrainedOptunaSearch(space=DefineByRun(spaces), metric=OBJECTIVE, mode="max", sampler=sampler, seed=config.seed,
-                                   points_to_evaluate=[point for point in first if point] or None,
-                                   storage_url=config.study_storage, study_name=config.name)
+    return ConstrainedOptunaSearch(
+        space=DefineByRun(spaces),
+        metric=OBJECTIVE,
+        mode="max",
+        sampler=sampler,
+        seed=config.seed,
+        points_to_evaluate=[point for point in first if point] or None,
+        storage_url=config.study_storage,
+        study_name=config.name,
+    )
 
 
 def merge_stage_searcher(config: SweepConfig, models: list[str], source_runs: list[str]) -> ConstrainedOptunaSearch:
     """The merge stage's search: merge's parameters over fixed source checkpoints, in a study of
     its own (`<name>-merge`, same storage). Each setup names the source runs it merges."""
     space = {"merge": {"params": {**config.merge_stage.space, "models": ",".join(models)}}}
-    return ConstrainedOptunaSearch(space=DefineByRun(space, {"source_runs": source_runs}), metric=OBJECTIVE, mode="max",
-                                   sampler=_sampler(config, config.merge_stage.trials), seed=config.seed,
-                                   storage_url=config.study_storage, study_name=f"{config.name}-merge")
+    return ConstrainedOptunaSearch(
+        space=DefineByRun(space, {"source_runs": source_runs}),
+        metric=OBJECTIVE,
+        mode="max",
+        sampler=_sampler(config, config.merge_stage.trials),
+        seed=config.seed,
+        storage_url=config.study_storage,
+        study_name=f"{config.name}-merge",
+    )

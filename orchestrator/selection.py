@@ -16,9 +16,9 @@ from pathlib import Path
 import mlflow.artifacts
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.staging import staged_directory
+from unlearn_sweep.evaluation.eligibility import meets_all
 from unlearn_sweep.orchestrator import tracking
 
 
@@ -40,21 +40,28 @@ class Entry:
     threshold: float | None  # the absolute MMLU threshold of the trial's sweep
 
     @classmethod
-    def from_run(cls, run) -> "Entry":
+    def from_run(cls, run) -> Entry:
         tags, metrics = run.data.tags, run.data.metrics
-        scores = {name: metrics[f"best_{name}"] for name in (*tracking.SCORE_METRICS, "epoch") if f"best_{name}" in metrics}
-        threshold = tags.get("mmlu_threshold")
-        return cls(run.info.run_id, tags.get("trial_id", ""), tags.get("method", ""), tags.get("status", ""),
-                   dict(run.data.params), scores, tags.get("checkpoint"),
-                   None if threshold in (None, "", "None") else float(threshold))
+        scores = {
+            name: metrics[f"best_{name}"] for name in (*tracking.SCORE_METRICS, "epoch") if f"best_{name}" in metrics
+        }
+        return cls(
+            run.info.run_id,
+            tags.get("trial_id", ""),
+            tags.get("method", ""),
+            tags.get("status", ""),
+            dict(run.data.params),
+            scores,
+            tags.get("checkpoint"),
+            tracking.recorded_threshold(run),
+        )
 
 
 def eligible(entry: Entry, threshold: float | None = None) -> bool:
     """Whether the entry can be selected, under its own sweep's threshold and `threshold`."""
     if entry.status != "finished" or "final_score" not in entry.scores or not entry.checkpoint:
         return False
-    mmlu = entry.scores["mmlu_accuracy"]
-    return all(limit is None or mmlu >= limit for limit in (entry.threshold, threshold))
+    return meets_all(entry.scores["mmlu_accuracy"], entry.threshold, threshold)
 
 
 def select(entries: list[Entry], threshold: float | None = None) -> list[Entry]:
@@ -83,16 +90,20 @@ def champion_version(client: MlflowClient, name: str):
         return None
 
 
-def crown(client: MlflowClient, tracking_uri: str, name: str, experiment_id: str, threshold: float | None) -> tuple[Entry, str] | None:
+def crown(
+    client: MlflowClient, tracking_uri: str, name: str, experiment_id: str, threshold: float | None
+) -> tuple[Entry, str] | None:
     """Point the alias 'champion' of registered model `name` at the experiment's best trial
     under `threshold` (the current sweep's): the alias never moves to a checkpoint that is
     ineligible under it, and a checkpoint is registered once however often this runs.
     Returns the champion and its model version, or None when no trial qualifies."""
     for entry in select(trial_entries(client, experiment_id), threshold):
-        version = tracking.model_version(client, tracking_uri, name, entry.run_id, int(entry.scores["epoch"]), Path(entry.checkpoint))
+        version = tracking.model_version(
+            client, tracking_uri, name, entry.run_id, int(entry.scores["epoch"]), Path(entry.checkpoint)
+        )
         if version is None:
             continue  # an earlier sweep's checkpoint, never registered, that is gone from its storage
-        client.set_model_version_tag(name, version, "mmlu_threshold", str(threshold))
+        tracking.tag_version_threshold(client, name, version, threshold)
         client.set_registered_model_alias(name, "champion", version)
         return entry, version
     return None
@@ -104,8 +115,7 @@ def leaderboard(experiment: str, tracking_uri: str, top: int | None = None) -> l
     client = tracking.client(tracking_uri)
     entries = trial_entries(client, _experiment_id(client, experiment, tracking_uri))
     version = champion_version(client, experiment)
-    threshold = version.tags.get("mmlu_threshold") if version else None
-    ranked = select(entries, None if threshold in (None, "None") else float(threshold))
+    ranked = select(entries, tracking.version_threshold(version) if version else None)
     return ranked[:top] if top else ranked
 
 
@@ -115,7 +125,9 @@ def champion_run(experiment: str, tracking_uri: str) -> str:
     _experiment_id(client, experiment, tracking_uri)
     version = champion_version(client, experiment)
     if version is None:
-        raise SelectionError(tracking_uri, f"experiment {experiment!r} has no champion (no sweep found an eligible trial)")
+        raise SelectionError(
+            tracking_uri, f"experiment {experiment!r} has no champion (no sweep found an eligible trial)"
+        )
     return version.run_id
 
 
@@ -125,13 +137,23 @@ def export_champion(experiment: str, tracking_uri: str, out_dir: str | Path) -> 
     run_id = champion_run(experiment, tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     with staged_directory(out_dir) as staging:
-        model = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{experiment}@champion", dst_path=str(staging / ".model")))
-        files = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint", dst_path=str(staging / ".files")))
+        model = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{experiment}@champion", dst_path=str(staging / ".model")
+            )
+        )
+        files = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path="checkpoint", dst_path=str(staging / ".files")
+            )
+        )
         for folder in (model / "model", model / "components" / "tokenizer", files):
             for path in folder.iterdir():
                 path.rename(staging / path.name)
         shutil.rmtree(staging / ".model")
         shutil.rmtree(staging / ".files")
         config = json.loads((staging / "trial_config.json").read_text())
-        (staging / "trial_config.json").write_text(json.dumps({**config, "experiment": experiment, "run_id": run_id}, indent=2) + "\n")
+        (staging / "trial_config.json").write_text(
+            json.dumps({**config, "experiment": experiment, "run_id": run_id}, indent=2) + "\n"
+        )
     return Path(out_dir)

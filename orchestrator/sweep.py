@@ -23,14 +23,14 @@ import optuna
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
-
 from unlearn_sweep.corpus.checkpoints import check_checkpoint
 from unlearn_sweep.corpus.errors import DataError
+from unlearn_sweep.evaluation.eligibility import OBJECTIVE
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.orchestrator import plots, tracking
 from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
 from unlearn_sweep.orchestrator.console import LiveView
-from unlearn_sweep.orchestrator.objective import OBJECTIVE
+from unlearn_sweep.orchestrator.context import TrialContext
 from unlearn_sweep.orchestrator.plan import check_memory
 from unlearn_sweep.orchestrator.search import make_searcher, merge_stage_searcher, study_exists
 from unlearn_sweep.orchestrator.selection import crown, select, trial_entries
@@ -88,12 +88,19 @@ def _check_placeable(config: SweepConfig) -> None:
     for name, need in (("CPU", config.resources_per_trial["cpu"]), ("GPU", config.resources_per_trial.get("gpu", 0))):
         have = max((node.get(name, 0) for node in nodes), default=0)
         if need > have:
-            raise ConfigError(config.source, f"a {unit} needs {need:g} {name}, and this machine's Ray has {have:g}: it could never start",
-                              field="resources_per_trial")
+            raise ConfigError(
+                config.source,
+                f"a {unit} needs {need:g} {name}, and this machine's Ray has {have:g}: it could never start",
+                field="resources_per_trial",
+            )
     total = sum(node.get("CPU", 0) for node in nodes)
     if config.workers * config.resources_per_trial["cpu"] > total:
-        raise ConfigError(config.source, f"{config.workers} workers x {config.resources_per_trial['cpu']:g} CPU exceed this machine's "
-                          f"{total:g} CPUs", field="resources_per_trial")
+        raise ConfigError(
+            config.source,
+            f"{config.workers} workers x {config.resources_per_trial['cpu']:g} CPU exceed this machine's "
+            f"{total:g} CPUs",
+            field="resources_per_trial",
+        )
 
 
 def _max_concurrent(config: SweepConfig) -> int:
@@ -114,9 +121,12 @@ def _parent_run(mlflow, experiment: str, config: SweepConfig, resume: bool) -> t
     runs = mlflow.search_runs([experiment], filter_string=f"tags.sweep = '{config.name}' and tags.role = 'sweep'")
     if resume:
         if not runs:
-            raise ConfigError(config.source, f"no sweep {config.name!r} in MLflow experiment {config.experiment!r} to resume", field="name")
-        threshold = runs[0].data.params.get("mmlu_threshold_absolute")
-        return runs[0].info.run_id, None if threshold in (None, "None") else float(threshold)
+            raise ConfigError(
+                config.source,
+                f"no sweep {config.name!r} in MLflow experiment {config.experiment!r} to resume",
+                field="name",
+            )
+        return runs[0].info.run_id, tracking.recorded_threshold(runs[0])
     run = mlflow.create_run(experiment, run_name=config.name, tags={"sweep": config.name, "role": "sweep"})
     run_id = run.info.run_id
     try:
@@ -135,16 +145,25 @@ def _threshold(mlflow, run_id: str, config: SweepConfig) -> float | None:
             log.warning("evaluating the base model once for the relative MMLU threshold")
             # A Ray task holding one trial's resources: on a cluster a GPU worker scores it, not the
             # CPU-only head, and on one machine it takes a GPU only when Ray grants one.
-            resources = {"num_cpus": config.resources_per_trial["cpu"], "num_gpus": config.resources_per_trial.get("gpu", 0)}
+            resources = {
+                "num_cpus": config.resources_per_trial["cpu"],
+                "num_gpus": config.resources_per_trial.get("gpu", 0),
+            }
             base, node = ray.get(ray.remote(**resources)(_evaluate_base).remote(config))
             mlflow.set_tag(run_id, "base_evaluation_node", node)
             base_mmlu = base["mmlu_accuracy"]
             for name in tracking.SCORE_METRICS:
                 mlflow.log_metric(run_id, f"base_{name}", base[name])
         threshold = config.mmlu_threshold.absolute(base_mmlu)
-    for key, value in {"methods": ",".join(config.methods), "trials": config.trials, "model": config.model,
-                       "mmlu_threshold": config.mmlu_threshold, "mmlu_threshold_absolute": threshold, "seed": config.seed}.items():
+    for key, value in {
+        "methods": ",".join(config.methods),
+        "trials": config.trials,
+        "model": config.model,
+        "mmlu_threshold": config.mmlu_threshold,
+        "seed": config.seed,
+    }.items():
         mlflow.log_param(run_id, key, str(value))
+    mlflow.log_batch(run_id, metrics=tracking.threshold_metric(threshold))
     if config.source.is_file():
         mlflow.log_artifact(run_id, str(config.source))
     return threshold
@@ -156,8 +175,7 @@ def _evaluate_base(config: SweepConfig) -> tuple[dict, str]:
 
     torch.set_num_threads(max(1, int(config.resources_per_trial["cpu"])))
     sets = EvalSets.load(config.data, config.split, config.mia, config.mmlu, config.mmlu_shots)
-    scores = evaluate_checkpoint(config.model, sets, batch_size=config.eval["batch_size"], max_new_tokens=config.eval["max_new_tokens"],
-                                 dtype=config.eval["dtype"], backend=config.eval["backend"])
+    scores = evaluate_checkpoint(config.model, sets, config.eval)
     return scores, ray.get_runtime_context().get_node_id()
 
 
@@ -172,12 +190,21 @@ def run_sweep(config: SweepConfig, resume: bool = False, verbose: bool = False) 
         raise ConfigError(config.source, str(error), field="model") from None
     experiment_path = f"{config.storage_path.rstrip('/')}/{config.name}"
     if not resume and tune.Tuner.can_restore(experiment_path):
-        raise ConfigError(config.source, f"a sweep named {config.name!r} already exists in {config.storage_path}; resume it with --resume or choose another name", field="name")
+        raise ConfigError(
+            config.source,
+            f"a sweep named {config.name!r} already exists in {config.storage_path}; resume it with --resume or "
+            "choose another name",
+            field="name",
+        )
     if resume and not tune.Tuner.can_restore(experiment_path):
         raise ConfigError(config.source, f"no sweep {config.name!r} in {config.storage_path} to resume", field="name")
     if not resume and study_exists(config):
-        raise ConfigError(config.source, f"an Optuna study named {config.name!r} already exists in {config.study_storage}; "
-                          "resume the sweep with --resume or choose another name", field="name")
+        raise ConfigError(
+            config.source,
+            f"an Optuna study named {config.name!r} already exists in {config.study_storage}; "
+            "resume the sweep with --resume or choose another name",
+            field="name",
+        )
     if not verbose:  # the live view stands in for Tune's tables; its snapshot-frequency notice is noise there
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     _start_ray(config)
@@ -185,45 +212,53 @@ def run_sweep(config: SweepConfig, resume: bool = False, verbose: bool = False) 
     mlflow = tracking.client(config.tracking_uri)
     experiment = tracking.experiment_id(mlflow, config.experiment)
     parent_run_id, threshold = _parent_run(mlflow, experiment, config, resume)
-    settings = {
-        "model": str(config.model), "data": str(config.data), "split": config.split, "mia": str(config.mia),
-        "held_out": None if config.held_out is None else str(config.held_out),
-        "mmlu": str(config.mmlu), "mmlu_shots": config.mmlu_shots, "mmlu_threshold": threshold,
-        "batch_size": config.eval["batch_size"], "max_new_tokens": config.eval["max_new_tokens"],
-        **{key: config.eval[key] for key in ("dtype", "answer_nll", "backend", "vllm_memory", "screen", "screen_fraction", "screen_margin", "screen_confidence",
-                                                 "screen_hold")},
-        "decision_epochs": decision_epochs(config.asha, ASHA_MAX_T),  # where a staged trial's full evaluation is due
-        "tracking_uri": config.tracking_uri, "experiment_id": experiment, "parent_run_id": parent_run_id,
-        "threads": max(1, int(config.resources_per_trial["cpu"])),
-        "workers": config.workers, "cpu_per_worker": config.resources_per_trial["cpu"],
-        "gpu_per_worker": config.resources_per_trial.get("gpu", 0),
-        "train_storage_path": f"{experiment_path}/train",
-        "source_cache": None if "://" in config.storage_path else f"{experiment_path}/sources",  # merge sources, trained once
-    }
-    resources = {"cpu": TRIAL_DRIVER_CPU} if config.workers > 1 else {"cpu": config.resources_per_trial["cpu"], "gpu": config.resources_per_trial.get("gpu", 0)}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), resources)
+    context = TrialContext.for_sweep(
+        config, experiment_path, experiment, parent_run_id, threshold, decision_epochs(config.asha, ASHA_MAX_T)
+    )
+    resources = (
+        {"cpu": TRIAL_DRIVER_CPU}
+        if config.workers > 1
+        else {"cpu": config.resources_per_trial["cpu"], "gpu": config.resources_per_trial.get("gpu", 0)}
+    )
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
     if resume:
-        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+        tuner = tune.Tuner.restore(
+            experiment_path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+        )
     else:
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=make_searcher(config), num_samples=config.trials,
+                search_alg=make_searcher(config),
+                num_samples=config.trials,
                 trial_dirname_creator=_trial_dirname,
-                scheduler=ASHAScheduler(metric=METRIC, mode=MODE, grace_period=config.asha["grace_period"],
-                                        reduction_factor=config.asha["reduction_factor"], max_t=ASHA_MAX_T) if config.asha else None,
+                scheduler=ASHAScheduler(
+                    metric=METRIC,
+                    mode=MODE,
+                    grace_period=config.asha["grace_period"],
+                    reduction_factor=config.asha["reduction_factor"],
+                    max_t=ASHA_MAX_T,
+                )
+                if config.asha
+                else None,
                 max_concurrent_trials=_max_concurrent(config),
                 reuse_actors=True,  # a fresh worker per trial would re-import torch & co (~6 s) each time
             ),
             run_config=tune.RunConfig(
-                name=config.name, storage_path=config.storage_path, verbose=1 if verbose else 0,
+                name=config.name,
+                storage_path=config.storage_path,
+                verbose=1 if verbose else 0,
                 callbacks=[] if verbose else [LiveView(config.trials)],
                 failure_config=tune.FailureConfig(max_failures=0),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
+                ),
             ),
         )
     try:
-        return _fit_and_select(config, tuner, trainable, mlflow, experiment, parent_run_id, threshold, experiment_path, resume, verbose)
+        return _fit_and_select(
+            config, tuner, trainable, mlflow, experiment, parent_run_id, threshold, experiment_path, resume, verbose
+        )
     except (SweepInterrupted, SweepFailed):
         raise
     except BaseException:  # the driver itself failed: the record must not say running or finished
@@ -232,16 +267,32 @@ def run_sweep(config: SweepConfig, resume: bool = False, verbose: bool = False) 
         raise
 
 
-def _fit_and_select(config: SweepConfig, tuner, trainable, mlflow, experiment: str, parent_run_id: str, threshold: float | None,
-                    experiment_path: str, resume: bool, verbose: bool) -> SweepSummary:
+def _fit_and_select(
+    config: SweepConfig,
+    tuner,
+    trainable,
+    mlflow,
+    experiment: str,
+    parent_run_id: str,
+    threshold: float | None,
+    experiment_path: str,
+    resume: bool,
+    verbose: bool,
+) -> SweepSummary:
     grids = [_fit(config, tuner, config.trials, mlflow, experiment, parent_run_id)]
-    summary = SweepSummary(config.experiment, parent_run_id, threshold, rows=_rows(grids, mlflow, experiment, parent_run_id, threshold))
+    summary = SweepSummary(
+        config.experiment, parent_run_id, threshold, rows=_rows(grids, mlflow, experiment, parent_run_id, threshold)
+    )
     if summary.rows and all(row["status"] == "failed" for row in summary.rows):
         tracking.end_parent(mlflow, parent_run_id, failed=True)
         error, count = Counter(row["error"] for row in summary.rows).most_common(1)[0]
-        raise SweepFailed(f"all {len(summary.rows)} trials of sweep {config.name!r} failed; most common error ({count}x): {error}")
+        raise SweepFailed(
+            f"all {len(summary.rows)} trials of sweep {config.name!r} failed; most common error ({count}x): {error}"
+        )
     if config.merge_stage:
-        stage = _merge_stage_tuner(config, summary.rows, trainable, mlflow, parent_run_id, experiment_path, resume, verbose)
+        stage = _merge_stage_tuner(
+            config, summary.rows, trainable, mlflow, parent_run_id, experiment_path, resume, verbose
+        )
         if stage is not None:
             grids.append(_fit(config, stage, config.merge_stage.trials, mlflow, experiment, parent_run_id))
             summary.rows = _rows(grids, mlflow, experiment, parent_run_id, threshold)
@@ -256,8 +307,10 @@ def _fit(config: SweepConfig, tuner, trials: int, mlflow, experiment: str, paren
     if grid.num_terminated + grid.num_errors < trials:
         _mark_interrupted(mlflow, experiment, parent_run_id)
         done = grid.num_terminated + grid.num_errors
-        raise SweepInterrupted(f"sweep {config.name!r} interrupted after {done} of {trials} trials of {_tuner_name(grid)}; no champion "
-                               f"was registered. Continue it with: unlearn-sweep sweep {config.source} --resume")
+        raise SweepInterrupted(
+            f"sweep {config.name!r} interrupted after {done} of {trials} trials of {_tuner_name(grid)}; no champion "
+            f"was registered. Continue it with: unlearn-sweep sweep {config.source} --resume"
+        )
     return grid
 
 
@@ -269,8 +322,10 @@ def _merge_stage_sources(config: SweepConfig, rows: list[dict[str, Any]]) -> tup
     """(checkpoints, their runs) of the merge stage, or why it cannot run. The selectors pick
     among this sweep's eligible trials: the lowest forget mean (most forgetting) and the highest."""
     eligible = [row for row in rows if row["eligible"] and row.get("forget_mean") is not None]
-    picks = {"most_forgetting": min(eligible, key=lambda row: row["forget_mean"], default=None),
-             "least_forgetting": max(eligible, key=lambda row: row["forget_mean"], default=None)}
+    picks = {
+        "most_forgetting": min(eligible, key=lambda row: row["forget_mean"], default=None),
+        "least_forgetting": max(eligible, key=lambda row: row["forget_mean"], default=None),
+    }
     models, runs = [], []
     for source in config.merge_stage.sources:
         if source not in picks:
@@ -286,8 +341,16 @@ def _merge_stage_sources(config: SweepConfig, rows: list[dict[str, Any]]) -> tup
     return models, runs
 
 
-def _merge_stage_tuner(config: SweepConfig, rows: list[dict[str, Any]], trainable, mlflow, parent_run_id: str, experiment_path: str,
-                       resume: bool, verbose: bool):
+def _merge_stage_tuner(
+    config: SweepConfig,
+    rows: list[dict[str, Any]],
+    trainable,
+    mlflow,
+    parent_run_id: str,
+    experiment_path: str,
+    resume: bool,
+    verbose: bool,
+):
     """The merge stage's Tuner (restored on resume), or None where it cannot run (said on the parent run)."""
     path, name = f"{experiment_path}-merge", f"{config.name}-merge"
     if resume and tune.Tuner.can_restore(path):
@@ -301,12 +364,22 @@ def _merge_stage_tuner(config: SweepConfig, rows: list[dict[str, Any]], trainabl
     mlflow.set_tag(parent_run_id, "merge_stage", ",".join(models))
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=merge_stage_searcher(config, models, runs), num_samples=config.merge_stage.trials,
-                                    trial_dirname_creator=_trial_dirname, max_concurrent_trials=_max_concurrent(config), reuse_actors=True),
+        tune_config=tune.TuneConfig(
+            search_alg=merge_stage_searcher(config, models, runs),
+            num_samples=config.merge_stage.trials,
+            trial_dirname_creator=_trial_dirname,
+            max_concurrent_trials=_max_concurrent(config),
+            reuse_actors=True,
+        ),
         run_config=tune.RunConfig(
-            name=name, storage_path=config.storage_path, verbose=1 if verbose else 0,
-            callbacks=[] if verbose else [LiveView(config.merge_stage.trials)], failure_config=tune.FailureConfig(max_failures=0),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
+            name=name,
+            storage_path=config.storage_path,
+            verbose=1 if verbose else 0,
+            callbacks=[] if verbose else [LiveView(config.merge_stage.trials)],
+            failure_config=tune.FailureConfig(max_failures=0),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
+            ),
         ),
     )
 
@@ -345,7 +418,11 @@ def _rows(grids: list, mlflow, experiment: str, parent_run_id: str, threshold: f
     that errored while its run still says running (its worker died) is marked failed; runs of
     trials Tune no longer knows (started by a driver that died before recording them; Tune ran
     them again as new trials) are marked interrupted."""
-    latest = {entry.trial_id: entry for entry in trial_entries(mlflow, experiment, parent_run_id) if entry.status != "interrupted"}
+    latest = {
+        entry.trial_id: entry
+        for entry in trial_entries(mlflow, experiment, parent_run_id)
+        if entry.status != "interrupted"
+    }
     results = {}
     for result in (result for grid in grids for result in grid):
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix("trial_")
@@ -356,38 +433,64 @@ def _rows(grids: list, mlflow, experiment: str, parent_run_id: str, threshold: f
         if result.error and entry.status == "running":
             mlflow.set_tag(entry.run_id, "error", _error_line(result.error))
             tracking.finish_trial(mlflow, entry.run_id, "failed")
-        elif entry.status == "running":  # stopped by Tune at its last report, its worker killed before it closed the run
-            tracking.finish_trial(mlflow, entry.run_id, "finished", stopped_early=True,
-                                  end_time=tracking.last_report_time(mlflow, entry.run_id))
+        elif (
+            entry.status == "running"
+        ):  # stopped by Tune at its last report, its worker killed before it closed the run
+            tracking.finish_trial(
+                mlflow,
+                entry.run_id,
+                "finished",
+                stopped_early=True,
+                end_time=tracking.last_report_time(mlflow, entry.run_id),
+            )
         checkpoint = _best_checkpoint(result)
         if checkpoint and not result.error:
             mlflow.set_tag(entry.run_id, "checkpoint", checkpoint)
     for trial_id, entry in latest.items():
         if trial_id not in results:
             tracking.mark_interrupted(mlflow, entry.run_id)
-    entries = {entry.trial_id: entry for entry in trial_entries(mlflow, experiment, parent_run_id) if entry.trial_id in results
-               and entry.status != "interrupted"}
+    entries = {
+        entry.trial_id: entry
+        for entry in trial_entries(mlflow, experiment, parent_run_id)
+        if entry.trial_id in results and entry.status != "interrupted"
+    }
     order = {entry.trial_id: rank for rank, entry in enumerate(select(list(entries.values()), threshold))}
     rows = []
     for trial_id, result in results.items():
         entry, metrics = entries.get(trial_id), result.metrics or {}
         setup = (result.config or {}).get("setup", {})
         scores = entry.scores if trial_id in order else metrics
-        rows.append({
-            "trial_id": trial_id, "method": setup.get("method"), "params": setup.get("params", {}),
-            "status": "failed" if result.error else entry.status if entry else "finished", "eligible": trial_id in order,
-            "error": _error_line(result.error) if result.error else None,
-            "epochs": metrics.get("training_iteration", 0), "checkpoint": entry.checkpoint if trial_id in order else None,
-            "run_id": entry.run_id if entry else None,
-            **{name: scores.get(name) for name in tracking.SCORE_METRICS},
-        })
-    return sorted(rows, key=lambda r: (order.get(r["trial_id"], len(order)), -(r["final_score"] if r["final_score"] is not None else -1)))
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "method": setup.get("method"),
+                "params": setup.get("params", {}),
+                "status": "failed" if result.error else entry.status if entry else "finished",
+                "eligible": trial_id in order,
+                "error": _error_line(result.error) if result.error else None,
+                "epochs": metrics.get("training_iteration", 0),
+                "checkpoint": entry.checkpoint if trial_id in order else None,
+                "run_id": entry.run_id if entry else None,
+                **{name: scores.get(name) for name in tracking.SCORE_METRICS},
+            }
+        )
+    return sorted(
+        rows,
+        key=lambda r: (
+            order.get(r["trial_id"], len(order)),
+            -(r["final_score"] if r["final_score"] is not None else -1),
+        ),
+    )
 
 
 def _error_line(error: BaseException) -> str:
     """A trial error's root cause as one line ('FloatingPointError: loss became nan ...'):
     Tune wraps it in Ray's task errors, whose text ends with the original exception."""
-    causes = [line.strip() for line in str(error).splitlines() if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b[^:]*:", line.strip())]
+    causes = [
+        line.strip()
+        for line in str(error).splitlines()
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b[^:]*:", line.strip())
+    ]
     return causes[-1] if causes else type(error).__name__
 
 
@@ -410,9 +513,15 @@ def _finish(config: SweepConfig, summary: SweepSummary, mlflow, experiment_path:
     crowned = crown(mlflow, config.tracking_uri, config.experiment, experiment, summary.mmlu_threshold)
     if crowned:
         entry, version = crowned
-        summary.champion = {"trial_id": entry.trial_id, "method": entry.method, "run_id": entry.run_id, "checkpoint": entry.checkpoint,
-                            "model_version": version, "from_this_sweep": entry.run_id in {row["run_id"] for row in summary.rows},
-                            **entry.scores}
+        summary.champion = {
+            "trial_id": entry.trial_id,
+            "method": entry.method,
+            "run_id": entry.run_id,
+            "checkpoint": entry.checkpoint,
+            "model_version": version,
+            "from_this_sweep": entry.run_id in {row["run_id"] for row in summary.rows},
+            **entry.scores,
+        }
         mlflow.log_metric(summary.parent_run_id, "best_final_score", entry.scores["final_score"])
     finished = [r for r in summary.rows if r["status"] == "finished" and r["final_score"] is not None]
     with tempfile.TemporaryDirectory() as folder:

@@ -12,11 +12,11 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-
 from unlearn_sweep.corpus.errors import DataError
 
 # Metrics logged per epoch, from scores.json.
 SCORE_METRICS = ("final_score", "task_aggregate", "mia_auc", "mia_score", "mmlu_accuracy", "forget_mean", "retain_mean")
+MMLU_THRESHOLD = "mmlu_threshold"  # the metric holding a run's absolute MMLU threshold
 
 
 def client(tracking_uri: str) -> MlflowClient:
@@ -28,7 +28,7 @@ def check_store(tracking_uri: str, existing: bool) -> None:
     would otherwise create a store wherever the URI points), and with `existing` the store
     itself (reading a sweep back must not create an empty mlflow.db). Servers are not checked."""
     if tracking_uri.startswith("sqlite:///"):
-        store = Path(tracking_uri[len("sqlite:///"):])
+        store = Path(tracking_uri[len("sqlite:///") :])
     elif tracking_uri.startswith("file:") or "://" not in tracking_uri:
         store = Path(tracking_uri.removeprefix("file://").removeprefix("file:"))
     else:
@@ -58,13 +58,22 @@ def flat_params(setup: dict[str, Any]) -> dict[str, str]:
 
 def trial_runs(mlflow: MlflowClient, experiment: str, parent_run_id: str, trial_id: str | None = None) -> list:
     """The child runs of a sweep (or the one of a trial)."""
-    query = f"tags.`mlflow.parentRunId` = '{parent_run_id}'" + (f" and tags.trial_id = '{trial_id}'" if trial_id else "")
+    query = f"tags.`mlflow.parentRunId` = '{parent_run_id}'" + (
+        f" and tags.trial_id = '{trial_id}'" if trial_id else ""
+    )
     return mlflow.search_runs([experiment], filter_string=query, max_results=50000)
 
 
-def trial_run(mlflow: MlflowClient, experiment: str, parent_run_id: str, trial_id: str, setup: dict[str, Any],
-              threshold: float | None, node: str = "") -> str:
-    """A new child run for this attempt of the trial, tagged with its sweep's MMLU threshold
+def trial_run(
+    mlflow: MlflowClient,
+    experiment: str,
+    parent_run_id: str,
+    trial_id: str,
+    setup: dict[str, Any],
+    threshold: float | None,
+    node: str = "",
+) -> str:
+    """A new child run for this attempt of the trial, with its sweep's MMLU threshold
     and the Ray node it runs on. A trial started again (on resume, or after its worker died)
     cannot continue its training mid-way: its earlier runs are closed as interrupted and the
     new attempt gets a run of its own, so that no run holds an epoch's step twice."""
@@ -72,12 +81,53 @@ def trial_run(mlflow: MlflowClient, experiment: str, parent_run_id: str, trial_i
     for run in earlier:
         mark_interrupted(mlflow, run.info.run_id)
     attempt = 1 + max((int(run.data.tags.get("attempt", "1")) for run in earlier), default=0)
-    run = mlflow.create_run(experiment, run_name=f"{setup['method']}-{trial_id}" + (f"-{attempt}" if attempt > 1 else ""), tags={
-        "mlflow.parentRunId": parent_run_id, "trial_id": trial_id, "method": setup["method"], "status": "running", "ray_node": node,
-        "attempt": str(attempt), "mmlu_threshold": str(threshold), "pid": str(os.getpid()),
-        **({"source_runs": ",".join(setup["source_runs"])} if setup.get("source_runs") else {})})  # a merge stage's sources
-    mlflow.log_batch(run.info.run_id, params=[Param(key, value) for key, value in flat_params(setup).items()])
+    run = mlflow.create_run(
+        experiment,
+        run_name=f"{setup['method']}-{trial_id}" + (f"-{attempt}" if attempt > 1 else ""),
+        tags={
+            "mlflow.parentRunId": parent_run_id,
+            "trial_id": trial_id,
+            "method": setup["method"],
+            "status": "running",
+            "ray_node": node,
+            "attempt": str(attempt),
+            "pid": str(os.getpid()),
+            **({"source_runs": ",".join(setup["source_runs"])} if setup.get("source_runs") else {}),
+        },
+    )  # a merge stage's sources
+    mlflow.log_batch(
+        run.info.run_id,
+        params=[Param(key, value) for key, value in flat_params(setup).items()],
+        metrics=threshold_metric(threshold),
+    )
     return run.info.run_id
+
+
+def threshold_metric(threshold: float | None) -> list[Metric]:
+    """The absolute MMLU threshold as a number on its run (a metric, not a string tag); no
+    metric where the sweep has none."""
+    return [] if threshold is None else _metrics({MMLU_THRESHOLD: threshold}, 0)
+
+
+def recorded_threshold(run) -> float | None:
+    """The absolute MMLU threshold a run was recorded with (threshold_metric)."""
+    return run.data.metrics.get(MMLU_THRESHOLD)
+
+
+def tag_version_threshold(mlflow: MlflowClient, name: str, version: str, threshold: float | None) -> None:
+    """The threshold a champion was crowned under, on its model version: versions hold only
+    string tags, so the number's exact decimal text, and no tag at all for no threshold."""
+    if threshold is None:
+        if MMLU_THRESHOLD in mlflow.get_model_version(name, version).tags:
+            mlflow.delete_model_version_tag(name, version, MMLU_THRESHOLD)
+    else:
+        mlflow.set_model_version_tag(name, version, MMLU_THRESHOLD, repr(float(threshold)))
+
+
+def version_threshold(version) -> float | None:
+    """The threshold tag_version_threshold wrote on a model version."""
+    text = version.tags.get(MMLU_THRESHOLD)
+    return None if text is None else float(text)
 
 
 def _metrics(values: dict[str, float], step: int) -> list[Metric]:
@@ -102,7 +152,9 @@ def log_best(mlflow: MlflowClient, run_id: str, epoch: int, metrics: dict[str, A
     mlflow.log_batch(run_id, metrics=_metrics({**values, "best_epoch": epoch}, epoch if step is None else step))
 
 
-def finish_trial(mlflow: MlflowClient, run_id: str, status: str, stopped_early: bool = False, end_time: int | None = None) -> None:
+def finish_trial(
+    mlflow: MlflowClient, run_id: str, status: str, stopped_early: bool = False, end_time: int | None = None
+) -> None:
     """Tags: status (finished | failed), eligible (some epoch reached the MMLU threshold, i.e.
     the run has best_* metrics) and stopped_early (by the scheduler); end_time (ms) if not now.
     The run is ended before
@@ -111,8 +163,14 @@ def finish_trial(mlflow: MlflowClient, run_id: str, status: str, stopped_early: 
     open in MLflow for good."""
     eligible = "best_final_score" in mlflow.get_run(run_id).data.metrics
     mlflow.set_terminated(run_id, "FINISHED" if status == "finished" else "FAILED", end_time=end_time)
-    mlflow.log_batch(run_id, tags=[RunTag("status", status), RunTag("eligible", str(eligible).lower()),
-                                   RunTag("stopped_early", str(stopped_early).lower())])
+    mlflow.log_batch(
+        run_id,
+        tags=[
+            RunTag("status", status),
+            RunTag("eligible", str(eligible).lower()),
+            RunTag("stopped_early", str(stopped_early).lower()),
+        ],
+    )
 
 
 def last_report_time(mlflow: MlflowClient, run_id: str) -> int | None:
@@ -132,7 +190,9 @@ def mark_interrupted(mlflow: MlflowClient, run_id: str) -> None:
 WEIGHT_FILES = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
 
 
-def model_version(mlflow: MlflowClient, tracking_uri: str, name: str, run_id: str, epoch: int, checkpoint_dir: Path) -> str | None:
+def model_version(
+    mlflow: MlflowClient, tracking_uri: str, name: str, run_id: str, epoch: int, checkpoint_dir: Path
+) -> str | None:
     """The registered model version of a trial's checkpoint (run and epoch): the existing one
     if it was registered before (a re-run or resumed sweep), None if it was not and the
     checkpoint is no longer on disk, else logged and registered now:
@@ -158,21 +218,39 @@ def model_version(mlflow: MlflowClient, tracking_uri: str, name: str, run_id: st
         mlflow.log_artifact(run_id, str(path), "checkpoint")
     scores = json.loads((checkpoint_dir / "scores.json").read_text())
     # Loaded here (a path alone is not accepted with this Transformers), in its saved dtype.
-    components = {"model": AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype="auto"),
-                  "tokenizer": AutoTokenizer.from_pretrained(checkpoint_dir)}
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]  # nothing else, no torchvision
+    components = {
+        "model": AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype="auto"),
+        "tokenizer": AutoTokenizer.from_pretrained(checkpoint_dir),
+    }
+    requirements = [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"transformers=={transformers.__version__}",
+    ]  # nothing else, no torchvision
     fluent.set_tracking_uri(tracking_uri)
     finished = mlflow.get_run(run_id).info
     with fluent.start_run(run_id=run_id):  # the model is a LoggedModel of the trial's run
-        logged = fluent.transformers.log_model(transformers_model=components, name="champion", task="text-generation",
-                                               pip_requirements=requirements)
+        logged = fluent.transformers.log_model(
+            transformers_model=components, name="champion", task="text-generation", pip_requirements=requirements
+        )
         # Its scores, linked to the model under names of their own (the run's best_* already hold this step).
-        fluent.log_metrics({f"champion_{key}": scores[key] for key in SCORE_METRICS}, step=epoch, model_id=logged.model_id)
-    mlflow.set_terminated(run_id, finished.status, end_time=finished.end_time)  # reopening moved its end: the trial's own stays
-    tags = {"final_score": str(scores["final_score"]), "mmlu_accuracy": str(scores["mmlu_accuracy"]), "epoch": str(epoch)}
-    return str(mlflow.create_model_version(name, logged.model_uri, run_id=run_id, model_id=logged.model_id, tags=tags).version)
+        fluent.log_metrics(
+            {f"champion_{key}": scores[key] for key in SCORE_METRICS}, step=epoch, model_id=logged.model_id
+        )
+    mlflow.set_terminated(
+        run_id, finished.status, end_time=finished.end_time
+    )  # reopening moved its end: the trial's own stays
+    tags = {
+        "final_score": str(scores["final_score"]),
+        "mmlu_accuracy": str(scores["mmlu_accuracy"]),
+        "epoch": str(epoch),
+    }
+    return str(
+        mlflow.create_model_version(name, logged.model_uri, run_id=run_id, model_id=logged.model_id, tags=tags).version
+    )
 
 
 def end_parent(mlflow: MlflowClient, run_id: str, failed: bool = False) -> None:
     mlflow.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED))
-    mlflow.set_tag(run_id, "status", "failed" if failed else "finished")  # a resumed sweep's parent was tagged interrupted
+    mlflow.set_tag(
+        run_id, "status", "failed" if failed else "finished"
+    )  # a resumed sweep's parent was tagged interrupted

@@ -26,17 +26,26 @@ from typing import Any
 import ray
 import torch
 from ray import tune
-
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.mia import load_held_out
 from unlearn_sweep.corpus.semeval import TaskData, load_task
-from unlearn_sweep.evaluation.evaluator import (MMLU, EvalSets, eval_settings, load, merge_shards, release, run_inference,
-                                                score_records, write_results)
+from unlearn_sweep.evaluation.eligibility import TrialObjective, epoch_objective, mmlu_slack, objective_is_eligible
+from unlearn_sweep.evaluation.evaluator import (
+    MMLU,
+    EvalSets,
+    eval_settings,
+    load,
+    merge_shards,
+    release,
+    run_inference,
+    score_records,
+    write_results,
+)
 from unlearn_sweep.evaluation.screening import Split, needs_full_evaluation
 from unlearn_sweep.methods.registry import Method, build_params, get_method, run_method
 from unlearn_sweep.methods.training import plain_transformers
 from unlearn_sweep.orchestrator import tracking
-from unlearn_sweep.orchestrator.objective import TrialObjective, epoch_objective
+from unlearn_sweep.orchestrator.context import TrialContext
 
 # (metrics, checkpoint folder or None) -> reported to Tune or Train.
 Report = Callable[[dict[str, Any], "Path | None"], None]
@@ -47,12 +56,19 @@ def epoch_metrics(scores: dict[str, Any], epoch: int, threshold: float | None) -
     values = {name: scores[name] for name in tracking.SCORE_METRICS}
     if any(value is None or not math.isfinite(value) for value in values.values()):
         raise FloatingPointError(f"epoch {epoch} scored a missing or non-finite value: {values}")
-    slack = (threshold or 0.0) - scores["mmlu_accuracy"]  # <= 0: eligible
-    return {**values, "epoch": epoch, "eligible": bool(scores["eligible"]), "mmlu_slack": slack,
-            "full_evaluation": float(scores.get("stage", "full") == "full")}
+    slack = mmlu_slack(scores["mmlu_accuracy"], threshold)
+    return {
+        **values,
+        "epoch": epoch,
+        "eligible": bool(scores["eligible"]),
+        "mmlu_slack": slack,
+        "full_evaluation": float(scores.get("stage", "full") == "full"),
+    }
 
 
-def epoch_report(scores: dict[str, Any], epoch: int, threshold: float | None, objective: TrialObjective) -> dict[str, Any]:
+def epoch_report(
+    scores: dict[str, Any], epoch: int, threshold: float | None, objective: TrialObjective
+) -> dict[str, Any]:
     """What one epoch reports: its scores, and the trial's objective updated with it."""
     metrics = epoch_metrics(scores, epoch, threshold)
     improved = objective.update(epoch, metrics["final_score"], metrics["mmlu_slack"])
@@ -90,28 +106,30 @@ class EpochReporter:
     (Train's reports are a barrier).
 
     With staging, the full evaluation is deferred to the epochs where it decides something:
-    the trial's last epoch and ASHA's rungs (`settings["decision_epochs"]`). In between, each
+    the trial's last epoch and ASHA's rungs (`context.decision_epochs`). In between, each
     epoch is screened, and the best screened ones that could become the trial's best are held
     (`screen_hold` of them: within the margin the screen's order is noise); a decision epoch
     fully evaluates those held and itself where it is a candidate, and saves the best
     if it is the trial's best. A trial that improves every epoch pays its full evaluations at
     the decisions only, not at every epoch."""
 
-    def __init__(self, settings: dict[str, Any], setup: dict[str, Any], run_id: str, report: Report, rank: int = 0):
-        self.settings, self.setup, self.run_id, self.report, self.rank = settings, setup, run_id, report, rank
+    def __init__(self, context: TrialContext, setup: dict[str, Any], run_id: str, report: Report, rank: int = 0):
+        self.context, self.setup, self.run_id, self.report, self.rank = context, setup, run_id, report, rank
         self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        self.sets = EvalSets.load(settings["data"], settings["split"], settings["mia"], settings["mmlu"], settings["mmlu_shots"])
-        self.mlflow = tracking.client(settings["tracking_uri"]) if rank == 0 else None
+        self.sets = context.eval_sets()
+        self.mlflow = tracking.client(context.tracking_uri) if rank == 0 else None
         self.objective = TrialObjective()
-        self.split = Split.draw(self.sets, settings["screen_fraction"]) if settings["screen"] else None
-        self.decisions = set(settings["decision_epochs"])
+        self.split = Split.draw(self.sets, context.eval.screen_fraction) if context.eval.screen else None
+        self.decisions = set(context.decision_epochs)
         self.held: list[Held] = []  # best screened first
-        self._holding = tempfile.TemporaryDirectory(prefix="held-epoch-") if rank == 0 and self.split is not None else None
+        self._holding = (
+            tempfile.TemporaryDirectory(prefix="held-epoch-") if rank == 0 and self.split is not None else None
+        )
         if rank == 0:
             self.mlflow.set_tag(run_id, "eval_ranks", str(self.world))
-            self._carry_over(tune.get_checkpoint() if settings["workers"] == 1 else None)
+            self._carry_over(tune.get_checkpoint() if context.workers == 1 else None)
 
-    def _carry_over(self, checkpoint: "tune.Checkpoint | None") -> None:
+    def _carry_over(self, checkpoint: tune.Checkpoint | None) -> None:
         """A trial started again (resume) keeps the best eligible epoch its earlier attempt saved
         (Tune still holds that checkpoint): the new attempt only saves an epoch that beats it,
         and its run records it as its best until then."""
@@ -120,14 +138,13 @@ class EpochReporter:
         with checkpoint.as_directory() as folder:
             scores = json.loads((Path(folder) / "scores.json").read_text())
             epoch = json.loads((Path(folder) / "trial_config.json").read_text())["epoch"]
-        metrics = epoch_report(scores, epoch, self.settings["mmlu_threshold"], self.objective)
+        metrics = epoch_report(scores, epoch, self.context.mmlu_threshold, self.objective)
         tracking.log_best(self.mlflow, self.run_id, epoch, metrics, step=0)  # before this attempt's epochs 1, 2, ...
         self.mlflow.set_tag(self.run_id, "carried_over_epoch", str(epoch))
 
     def _records(self, model, tokenizer, sets: EvalSets) -> dict[str, list[dict]] | None:
         """This rank's share of the sets' records; on rank 0, all of them in the sets' order."""
-        records = run_inference(model, tokenizer, sets.shard(self.rank, self.world), self.settings["batch_size"],
-                                self.settings["max_new_tokens"], self.settings["answer_nll"], self.settings["backend"])
+        records = run_inference(model, tokenizer, sets.shard(self.rank, self.world), self.context.eval)
         if self.world == 1:
             return records
         shards = [None] * self.world if self.rank == 0 else None
@@ -143,20 +160,26 @@ class EpochReporter:
         return shared[0]
 
     def _score(self, records: dict[str, list[dict]], stage: str) -> dict:
-        settings = eval_settings(self.sets, self.settings["dtype"], self.settings["max_new_tokens"])
-        return {**score_records(records, self.settings["mmlu_threshold"], settings), "stage": stage}
+        settings = eval_settings(self.sets, self.context.eval)
+        return {**score_records(records, self.context.mmlu_threshold, settings), "stage": stage}
 
     def _hold_if_candidate(self, epoch: int, checkpoint: Path, screened: dict, mmlu_records: list[dict]) -> bool:
         """Rank 0: hold this screened epoch if it could become the trial's best and is among the
         `screen_hold` best screened candidates not yet fully evaluated; whether it could become
         the best (a candidate)."""
-        threshold = self.settings["mmlu_threshold"]
-        best = self.objective.value if self.objective.value >= 0 else None  # eligible objectives are final scores
-        if not needs_full_evaluation(screened, best, threshold, self.settings["screen_margin"], self.settings["screen_confidence"],
-                                     mmlu_records):
+        threshold = self.context.mmlu_threshold
+        best = self.objective.value if objective_is_eligible(self.objective.value) else None
+        if not needs_full_evaluation(
+            screened,
+            best,
+            threshold,
+            self.context.eval.screen_margin,
+            self.context.eval.screen_confidence,
+            mmlu_records,
+        ):
             return False
-        value = epoch_objective(screened["final_score"], (threshold or 0.0) - screened["mmlu_accuracy"])
-        keep = self.settings["screen_hold"]
+        value = epoch_objective(screened["final_score"], mmlu_slack(screened["mmlu_accuracy"], threshold))
+        keep = self.context.eval.screen_hold
         if len(self.held) < keep or value > self.held[-1].value:
             folder = Path(self._holding.name) / f"epoch-{epoch}"
             shutil.move(checkpoint, folder)  # a rename: the engine's staging folder is on the same disk
@@ -166,14 +189,16 @@ class EpochReporter:
             self.held = self.held[:keep]
         return True
 
-    def _evaluate(self, epoch: int, checkpoint: Path, last: bool) -> tuple[dict | None, bool, list[tuple[int, Path, dict, dict]]]:
+    def _evaluate(
+        self, epoch: int, checkpoint: Path, last: bool
+    ) -> tuple[dict | None, bool, list[tuple[int, Path, dict, dict]]]:
         """On rank 0: this epoch's own scores (its screen, or its full evaluation), whether the
         screen made it a candidate, and the epochs fully evaluated now, in epoch order:
         (epoch, folder, records, scores). Elsewhere (None, False, [])."""
-        backend = self.settings["backend"]
+        options = self.context.eval
 
         def loaded(folder: Path):
-            return load(folder, self.settings["dtype"], backend, self.settings["vllm_memory"])
+            return load(folder, options)
 
         with plain_transformers():  # a whole model on each rank, also in a ZeRO-3 run
             model, tokenizer = loaded(checkpoint)
@@ -195,16 +220,18 @@ class EpochReporter:
             evaluated = []
             for target_epoch, folder in targets:  # this epoch first: its model is loaded
                 if target_epoch != epoch:
-                    release(model, backend)
+                    release(model, options)
                     del model
                     model, tokenizer = loaded(Path(folder))
                 # The whole sets in one pass, not the rest beside the screened part: in bfloat16 a row's
                 # numbers depend on its batch, and the saved checkpoint must re-evaluate to its logged score.
                 evaluated.append((target_epoch, Path(folder), self._records(model, tokenizer, self.sets)))
-            release(model, backend)
+            release(model, options)
         if self.rank != 0:
             return None, False, []
-        evaluated = sorted((target_epoch, folder, records, self._score(records, "full")) for target_epoch, folder, records in evaluated)
+        evaluated = sorted(
+            (target_epoch, folder, records, self._score(records, "full")) for target_epoch, folder, records in evaluated
+        )
         own = next((full for target_epoch, _, _, full in evaluated if target_epoch == epoch), own)
         return own, candidate, evaluated
 
@@ -214,12 +241,14 @@ class EpochReporter:
         own, candidate, evaluated = self._evaluate(epoch, checkpoint, last)
         metrics = saved = None
         if self.rank == 0:
-            threshold = self.settings["mmlu_threshold"]
+            threshold = self.context.mmlu_threshold
             metrics = epoch_metrics(own, epoch, threshold)
             evaluated_epochs = {target_epoch for target_epoch, *_ in evaluated}
             # Each epoch's scores are logged once, at its step: a held epoch's when it is fully
             # evaluated (its full scores) or replaced by a better one (its screen).
-            for dropped in (held for held in held_before if held not in self.held and held.epoch not in evaluated_epochs):
+            for dropped in (
+                held for held in held_before if held not in self.held and held.epoch not in evaluated_epochs
+            ):
                 tracking.log_scores(self.mlflow, self.run_id, dropped.epoch, dropped.screened)
             if not any(held.epoch == epoch for held in self.held) or epoch in evaluated_epochs:
                 tracking.log_scores(self.mlflow, self.run_id, epoch, own)
@@ -237,7 +266,9 @@ class EpochReporter:
                 best_epoch, saved, records, full, full_metrics = best
                 tracking.log_best(self.mlflow, self.run_id, best_epoch, full_metrics)
                 write_results(saved, records, full)
-                (saved / "trial_config.json").write_text(json.dumps({**self.setup, "epoch": best_epoch}, indent=2) + "\n")
+                (saved / "trial_config.json").write_text(
+                    json.dumps({**self.setup, "epoch": best_epoch}, indent=2) + "\n"
+                )
             seconds = time.perf_counter() - started  # what the epoch's scoring cost, beside its training
             self.mlflow.log_metric(self.run_id, "eval_seconds", seconds, step=epoch)
             metrics = {**metrics, "new_best": improved, "eval_seconds": seconds, **self.objective.metrics()}
@@ -256,13 +287,13 @@ def _train_report(metrics: dict[str, Any], checkpoint: Path | None) -> None:
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint) if checkpoint else None)
 
 
-def trial_task(settings: dict[str, Any], method: Method) -> TaskData:
+def trial_task(context: TrialContext, method: Method) -> TaskData:
     """The sweep's forget and retain rows, with its held-out documents where it has them and
     the method reads them (a merge: where its source method does)."""
-    task = load_task(settings["data"], settings["split"])
-    if settings["held_out"] is None or not method.uses_held_out:
+    task = load_task(context.data, context.split)
+    if context.held_out is None or not method.uses_held_out:
         return task
-    return dataclasses.replace(task, held_out=load_held_out(settings["held_out"], settings["mia"]))
+    return dataclasses.replace(task, held_out=load_held_out(context.held_out, context.mia))
 
 
 @contextlib.contextmanager
@@ -278,25 +309,38 @@ def released_gpu_cache() -> Iterator[None]:
             torch.cuda.empty_cache()
 
 
-def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
-    """Tune's function trainable; `settings` are the sweep's fixed paths and options."""
-    torch.set_num_threads(settings["threads"])  # one per CPU the trial holds: shared cores swing otherwise
+def run_trial(config: dict[str, Any], context: TrialContext) -> None:
+    """Tune's function trainable; `context` holds the sweep's fixed paths and options."""
+    torch.set_num_threads(context.threads)  # one per CPU the trial holds: shared cores swing otherwise
     setup = config["setup"]
-    context = tune.get_context()
-    trial_id = context.get_trial_id()
-    mlflow = tracking.client(settings["tracking_uri"])
-    run_id = tracking.trial_run(mlflow, settings["experiment_id"], settings["parent_run_id"], trial_id, setup,
-                                settings["mmlu_threshold"], node=ray.get_runtime_context().get_node_id())
+    tune_context = tune.get_context()
+    trial_id = tune_context.get_trial_id()
+    mlflow = tracking.client(context.tracking_uri)
+    run_id = tracking.trial_run(
+        mlflow,
+        context.experiment_id,
+        context.parent_run_id,
+        trial_id,
+        setup,
+        context.mmlu_threshold,
+        node=ray.get_runtime_context().get_node_id(),
+    )
     with released_gpu_cache():
         try:
-            if settings["workers"] > 1:
-                _fit_distributed(setup, settings, run_id, trial_id)
+            if context.workers > 1:
+                _fit_distributed(setup, context, run_id, trial_id)
             elif "sources" in setup:
-                _run_merge(setup, settings, Path(context.get_trial_dir()), EpochReporter(settings, setup, run_id, _tune_report))
+                reporter = EpochReporter(context, setup, run_id, _tune_report)
+                _run_merge(setup, context, Path(tune_context.get_trial_dir()), reporter)
             else:
                 method = get_method(setup["method"])
-                method.run(Path(settings["model"]), trial_task(settings, method), None, build_params(method, setup["params"]),
-                           EpochReporter(settings, setup, run_id, _tune_report))
+                method.run(
+                    Path(context.model),
+                    trial_task(context, method),
+                    None,
+                    build_params(method, setup["params"]),
+                    EpochReporter(context, setup, run_id, _tune_report),
+                )
         except SystemExit:  # how Tune ends a trial its scheduler stopped early: at a report
             tracking.finish_trial(mlflow, run_id, "finished", stopped_early=True)
             raise
@@ -306,35 +350,44 @@ def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
     tracking.finish_trial(mlflow, run_id, "finished")
 
 
-def _run_merge(setup: dict[str, Any], settings: dict[str, Any], trial_dir: Path, on_epoch: EpochReporter) -> None:
+def _run_merge(setup: dict[str, Any], context: TrialContext, trial_dir: Path, on_epoch: EpochReporter) -> None:
     """Train each source model with its own sampled settings (or find it trained by an earlier
     trial with the same settings), then merge them; one report."""
     merge = get_method(setup["method"])
-    task = trial_task(settings, get_method(setup["source_method"]))
+    task = trial_task(context, get_method(setup["source_method"]))
     work = trial_dir / "sources"
     try:
-        paths = [_source_checkpoint(setup["source_method"], params, settings, task, work / name) for name, params in setup["sources"].items()]
+        paths = [
+            _source_checkpoint(setup["source_method"], params, context, task, work / name)
+            for name, params in setup["sources"].items()
+        ]
         if on_epoch.mlflow is not None:
             on_epoch.mlflow.set_tag(on_epoch.run_id, "source_checkpoints", ",".join(map(str, paths)))
         params = build_params(merge, {**setup["params"], "models": ",".join(map(str, paths))})
-        merge.run(Path(settings["model"]), task, None, params, on_epoch)
+        merge.run(Path(context.model), task, None, params, on_epoch)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _source_checkpoint(method: str, params: dict[str, Any], settings: dict[str, Any], task: TaskData, scratch: Path) -> Path:
+def _source_checkpoint(
+    method: str, params: dict[str, Any], context: TrialContext, task: TaskData, scratch: Path
+) -> Path:
     """A merge source, trained once per configuration: the sweep's source cache holds it under
     a hash of everything that determines it (a merge search revisits the same sources often;
     each is a whole model, so the cache is worth deleting after the sweep). Without a local
     cache (a remote storage_path) it is trained into the trial's scratch folder."""
-    if settings["source_cache"] is None:
-        return run_method(method, settings["model"], task, scratch, params)
-    identity = {"method": method, "params": params, **{key: settings[key] for key in ("model", "data", "split", "held_out")}}
+    if context.source_cache is None:
+        return run_method(method, context.model, task, scratch, params)
+    identity = {
+        "method": method,
+        "params": params,
+        **{key: getattr(context, key) for key in ("model", "data", "split", "held_out")},
+    }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    folder = Path(settings["source_cache"]) / f"{method}-{key}"
+    folder = Path(context.source_cache) / f"{method}-{key}"
     if not (folder / "unlearn_config.json").is_file():
         try:
-            run_method(method, settings["model"], task, folder, params)
+            run_method(method, context.model, task, folder, params)
         except (DataError, OSError):  # another trial finished the same source first
             if not (folder / "unlearn_config.json").is_file():
                 raise
@@ -346,37 +399,46 @@ def export_ray_train_ranks() -> int:
     and accelerate read them; Ray Train sets up the process group but not these). Returns
     this worker's world rank."""
     context = ray.train.get_context()
-    os.environ.update(RANK=str(context.get_world_rank()), LOCAL_RANK=str(context.get_local_rank()),
-                      WORLD_SIZE=str(context.get_world_size()), LOCAL_WORLD_SIZE=str(context.get_local_world_size()))
+    os.environ.update(
+        RANK=str(context.get_world_rank()),
+        LOCAL_RANK=str(context.get_local_rank()),
+        WORLD_SIZE=str(context.get_world_size()),
+        LOCAL_WORLD_SIZE=str(context.get_local_world_size()),
+    )
     return context.get_world_rank()
 
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker of a distributed trial (DeepSpeed ZeRO-2 unless the trial names a stage)."""
-    settings, setup = loop_config["settings"], loop_config["setup"]
-    torch.set_num_threads(settings["threads"])
+    context, setup = loop_config["context"], loop_config["setup"]
+    torch.set_num_threads(context.threads)
     rank = export_ray_train_ranks()
     method = get_method(setup["method"])
     params = build_params(method, {"zero_stage": 2, **setup["params"]})
-    reporter = EpochReporter(settings, setup, loop_config["run_id"], _train_report, rank)
-    method.run(Path(settings["model"]), trial_task(settings, method), None, params, reporter)
+    reporter = EpochReporter(context, setup, loop_config["run_id"], _train_report, rank)
+    method.run(Path(context.model), trial_task(context, method), None, params, reporter)
 
 
-def _fit_distributed(setup: dict[str, Any], settings: dict[str, Any], run_id: str, trial_id: str) -> None:
+def _fit_distributed(setup: dict[str, Any], context: TrialContext, run_id: str, trial_id: str) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    per_worker = {"CPU": settings["cpu_per_worker"]}
-    if settings["gpu_per_worker"]:
-        per_worker["GPU"] = settings["gpu_per_worker"]
+    per_worker = {"CPU": context.cpu_per_worker}
+    if context.gpu_per_worker:
+        per_worker["GPU"] = context.gpu_per_worker
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"settings": settings, "setup": setup, "run_id": run_id},
-        scaling_config=ray.train.ScalingConfig(num_workers=settings["workers"], use_gpu=bool(settings["gpu_per_worker"]),
-                                               resources_per_worker=per_worker),
+        train_loop_config={"context": context, "setup": setup, "run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=context.workers, use_gpu=bool(context.gpu_per_worker), resources_per_worker=per_worker
+        ),
         run_config=ray.train.RunConfig(
-            name=f"trial_{trial_id}", storage_path=settings["train_storage_path"], callbacks=[TuneReportCallback()],
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="final_score", checkpoint_score_order="max"),
+            name=f"trial_{trial_id}",
+            storage_path=context.train_storage_path,
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="final_score", checkpoint_score_order="max"
+            ),
         ),
     )
     trainer.fit()

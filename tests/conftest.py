@@ -25,7 +25,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     before the workers start (xdist starts them last), and hands it to them through the
     environment: one build (it uses both cores) instead of one per worker."""
     config = session.config
-    if os.environ.get(PREBUILT_TOY_TASK) or hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+    if (
+        os.environ.get(PREBUILT_TOY_TASK)
+        or hasattr(config, "workerinput")
+        or not getattr(config.option, "numprocesses", None)
+    ):
         return
     from unlearn_sweep.corpus.toy_task import write_toy_task
 

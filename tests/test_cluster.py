@@ -10,14 +10,14 @@ import pytest
 import ray
 import torch
 import yaml
+from conftest import REPO_ROOT
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.cluster_utils import Cluster
-
-from transformers import AutoModelForCausalLM
-
-from conftest import REPO_ROOT
+from test_methods import assert_whole_trained_checkpoint, mean_answer_nll
+from test_sweep import LIGHT_EVAL, mlflow_server, trial_context, write_config
 from unlearn_sweep.corpus.semeval import load_task
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
+from unlearn_sweep.evaluation.options import EvalOptions
 from unlearn_sweep.methods.registry import get_method, run_method
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.cli import main
@@ -25,8 +25,6 @@ from unlearn_sweep.orchestrator.config import load_config
 from unlearn_sweep.orchestrator.selection import export_champion
 from unlearn_sweep.orchestrator.sweep import run_sweep
 from unlearn_sweep.orchestrator.trial import released_gpu_cache, trial_task
-from test_methods import mean_answer_nll
-from test_sweep import LIGHT_EVAL, mlflow_server, write_config
 
 
 def test_cluster_yaml_validates_against_rays_schema() -> None:
@@ -43,7 +41,9 @@ def test_cluster_yaml_validates_against_rays_schema() -> None:
     tracking = list(yaml.safe_load_all((REPO_ROOT / "k8s" / "mlflow.yaml").read_text()))
     assert {doc["kind"] for doc in tracking} == {"Secret", "StatefulSet", "ConfigMap", "Service", "Deployment"}
     assert all(doc["spec"]["type"] == "ClusterIP" for doc in tracking if doc["kind"] == "Service")
-    server = next(doc for doc in tracking if doc["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    server = next(doc for doc in tracking if doc["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0][
+        "args"
+    ][0]
     assert "postgresql+psycopg://" in server and "psycopg" in server
 
 
@@ -55,7 +55,10 @@ def child_runs(config, summary):
 
 def max_overlap(runs) -> int:
     """Most runs alive at one moment, from MLflow start and end times."""
-    events = sorted([(run.info.start_time, 1) for run in runs] + [(run.info.end_time, -1) for run in runs], key=lambda e: (e[0], e[1]))
+    events = sorted(
+        [(run.info.start_time, 1) for run in runs] + [(run.info.end_time, -1) for run in runs],
+        key=lambda e: (e[0], e[1]),
+    )
     alive = most = 0
     for _, change in events:
         alive += change
@@ -63,7 +66,9 @@ def max_overlap(runs) -> int:
     return most
 
 
-def test_a_trial_gives_its_cached_gpu_memory_back_however_it_ends(toy_task_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_trial_gives_its_cached_gpu_memory_back_however_it_ends(
+    toy_task_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Actors are reused across trials: on a GPU shared by fractional trials, a reused actor
     kept the peak reservation of its finished trial (review). And a trial loads the held-out
     documents only where its method reads them."""
@@ -75,14 +80,15 @@ def test_a_trial_gives_its_cached_gpu_memory_back_however_it_ends(toy_task_dir: 
     with pytest.raises(SystemExit), released_gpu_cache():
         raise SystemExit  # Tune stopping the trial at a report
     assert emptied == [True, True]
-    settings = {"data": str(toy_task_dir / "data"), "split": None, "mia": str(toy_task_dir / "mia"),
-                "held_out": str(toy_task_dir / "mia" / "held_out.jsonl")}
-    assert trial_task(settings, get_method("grad_diff")).held_out == ()
-    assert len(trial_task(settings, get_method("mia_target")).held_out) == 24
+    context = trial_context(toy_task_dir, held_out=str(toy_task_dir / "mia" / "held_out.jsonl"))
+    assert trial_task(context, get_method("grad_diff")).held_out == ()
+    assert len(trial_task(context, get_method("mia_target")).held_out) == 24
 
 
+@pytest.mark.e2e
 def test_a_cluster_sweep_packs_gpus_on_every_worker_node_and_logs_to_a_tracking_server(
-        toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """One sweep, three things of a cluster as cluster.yaml lays it out: trials spread over the
     worker nodes (none on the CPU-less head), fractional GPUs pack two trials on each GPU, and
     everything goes to an HTTP tracking server."""
@@ -91,10 +97,20 @@ def test_a_cluster_sweep_packs_gpus_on_every_worker_node_and_logs_to_a_tracking_
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         with mlflow_server(tmp_path / "server") as uri:
-            config = load_config(write_config(tmp_path, toy_task_dir, name="cluster", trials=4, ray_address=cluster.address,
-                                              **LIGHT_EVAL, mmlu_threshold="0.75x", mlflow={"tracking_uri": uri},
-                                              resources_per_trial={"cpu": 1, "gpu": 0.5},
-                                              search_space_overrides={"grad_diff": {"epochs": 1}}))
+            config = load_config(
+                write_config(
+                    tmp_path,
+                    toy_task_dir,
+                    name="cluster",
+                    trials=4,
+                    ray_address=cluster.address,
+                    **LIGHT_EVAL,
+                    mmlu_threshold="0.75x",
+                    mlflow={"tracking_uri": uri},
+                    resources_per_trial={"cpu": 1, "gpu": 0.5},
+                    search_space_overrides={"grad_diff": {"epochs": 1}},
+                )
+            )
             summary = run_sweep(config)
             runs = child_runs(config, summary)
             assert len(runs) == 4 and all(row["status"] == "finished" for row in summary.rows)
@@ -108,7 +124,9 @@ def test_a_cluster_sweep_packs_gpus_on_every_worker_node_and_logs_to_a_tracking_
             assert main(["best", config.experiment, "--tracking-uri", uri]) == 0
             assert summary.champion["trial_id"] in capsys.readouterr().out
             exported = export_champion(config.experiment, uri, tmp_path / "submission")
-            assert json.loads((exported / "scores.json").read_text())["final_score"] == pytest.approx(summary.champion["final_score"])
+            assert json.loads((exported / "scores.json").read_text())["final_score"] == pytest.approx(
+                summary.champion["final_score"]
+            )
             assert (exported / "model.safetensors").exists()
     finally:
         ray.shutdown()
@@ -120,8 +138,14 @@ def test_a_cluster_sweep_packs_gpus_on_every_worker_node_and_logs_to_a_tracking_
 def single_process_nll(toy_task_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[float, float, float]:
     """Forget NLL before and after, and retain NLL after, the same method run in one process."""
     task = load_task(toy_task_dir / "data")
-    out = run_method("grad_diff", toy_task_dir / "model", task, tmp_path_factory.mktemp("single") / "out", DISTRIBUTED_PARAMS)
-    return mean_answer_nll(toy_task_dir / "model", task.forget), mean_answer_nll(out, task.forget), mean_answer_nll(out, task.retain)
+    out = run_method(
+        "grad_diff", toy_task_dir / "model", task, tmp_path_factory.mktemp("single") / "out", DISTRIBUTED_PARAMS
+    )
+    return (
+        mean_answer_nll(toy_task_dir / "model", task.forget),
+        mean_answer_nll(out, task.forget),
+        mean_answer_nll(out, task.retain),
+    )
 
 
 DISTRIBUTED_PARAMS = {"epochs": 1, "learning_rate": 1.0e-4, "retain_weight": 1.0}
@@ -137,18 +161,28 @@ def ray_for_two_workers():
     ray.shutdown()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stage", [2, 3])
-def test_two_worker_deepspeed_trial_matches_one_process(stage: int, ray_for_two_workers, toy_task_dir: Path, tmp_path: Path,
-                                                        single_process_nll) -> None:
-    config = load_config(write_config(tmp_path, toy_task_dir, name=f"zero{stage}", trials=1,
-                                      resources_per_trial={"cpu": 1, "workers": 2}, mmlu_shots=0,
-                                      eval={"dtype": "float32", "max_new_tokens": SHARDED_EVAL_TOKENS},
-                                      search_space_overrides={"grad_diff": {**DISTRIBUTED_PARAMS, "zero_stage": stage}}))
+def test_two_worker_deepspeed_trial_matches_one_process(
+    stage: int, ray_for_two_workers, toy_task_dir: Path, tmp_path: Path, single_process_nll
+) -> None:
+    config = load_config(
+        write_config(
+            tmp_path,
+            toy_task_dir,
+            name=f"zero{stage}",
+            trials=1,
+            resources_per_trial={"cpu": 1, "workers": 2},
+            mmlu_shots=0,
+            eval={"dtype": "float32", "max_new_tokens": SHARDED_EVAL_TOKENS},
+            search_space_overrides={"grad_diff": {**DISTRIBUTED_PARAMS, "zero_stage": stage}},
+        )
+    )
     summary = run_sweep(config)
     row = summary.rows[0]
     assert row["status"] == "finished" and row["checkpoint"] and "/train/" in row["checkpoint"]
     checkpoint = Path(row["checkpoint"])
-    assert AutoModelForCausalLM.from_pretrained(checkpoint) is not None
+    assert_whole_trained_checkpoint(checkpoint, toy_task_dir / "model")
     assert json.loads((checkpoint / "trial_config.json").read_text())["params"]["zero_stage"] == stage
     task = load_task(toy_task_dir / "data")
     before, single_forget, single_retain = single_process_nll
@@ -161,9 +195,13 @@ def test_two_worker_deepspeed_trial_matches_one_process(stage: int, ray_for_two_
     assert tracking.client(config.tracking_uri).get_run(summary.champion["run_id"]).data.tags["eval_ranks"] == "2"
     logged = json.loads((checkpoint / "scores.json").read_text())
     sets = EvalSets.load(config.data, mia=config.mia, mmlu=config.mmlu, mmlu_shots=0)
-    alone = evaluate_checkpoint(checkpoint, sets, tmp_path / "alone", max_new_tokens=SHARDED_EVAL_TOKENS, dtype="float32")
+    alone = evaluate_checkpoint(
+        checkpoint, sets, EvalOptions(max_new_tokens=SHARDED_EVAL_TOKENS, dtype="float32"), tmp_path / "alone"
+    )
     assert logged["per_task"] == alone["per_task"]
     for name in ("final_score", "task_aggregate", "mia_auc", "mmlu_accuracy"):
         assert logged[name] == pytest.approx(alone[name], abs=1e-9), name
     generations = [json.loads(line) for line in (checkpoint / "generations.jsonl").read_text().splitlines()]
-    assert generations == [json.loads(line) for line in (tmp_path / "alone" / "generations.jsonl").read_text().splitlines()]
+    assert generations == [
+        json.loads(line) for line in (tmp_path / "alone" / "generations.jsonl").read_text().splitlines()
+    ]

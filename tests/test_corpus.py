@@ -9,7 +9,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import shared_data
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.mia import default_held_out, load_held_out, load_mia
@@ -57,7 +56,9 @@ def test_toy_task_loads_in_every_layout(toy_task_dir: Path, tmp_path: Path) -> N
 
     mia = load_mia(toy_task_dir / "mia")
     assert [d.membership for d in mia].count("member") == 24
-    assert {d.id for d in mia if d.membership == "member"} == {r.id[:-3].strip('"') for r in hf.forget if r.kind == "sc"}
+    assert {d.id for d in mia if d.membership == "member"} == {
+        r.id[:-3].strip('"') for r in hf.forget if r.kind == "sc"
+    }
     assert len(load_mmlu(toy_task_dir / "mmlu")) == 40
     assert len(load_mmlu(toy_task_dir / "mmlu", "dev")) == 20
 
@@ -143,14 +144,18 @@ def test_task_errors_name_file_row_and_field(tmp_path: Path, forget: list[dict],
 
 
 def test_an_id_in_both_sets_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="retain.jsonl: row 2: field 'id': duplicate id 'abc-1sc1': also in forget.jsonl"):
+    with pytest.raises(
+        DataError, match="retain.jsonl: row 2: field 'id': duplicate id 'abc-1sc1': also in forget.jsonl"
+    ):
         load_task(task_dir(tmp_path, [ROW], [{**ROW, "id": "abc-1qa1"}, ROW]))
 
 
 def test_malformed_json_and_missing_layout(tmp_path: Path) -> None:
     task_dir(tmp_path, [ROW])
     (tmp_path / "retain.jsonl").write_text(json.dumps(ROW) + '\n{"id": "x"sc1}\n')
-    with pytest.raises(DataError, match="retain.jsonl: cannot read: .* on line 2$"):  # the bad line, not the row before it
+    with pytest.raises(
+        DataError, match="retain.jsonl: cannot read: .* on line 2$"
+    ):  # the bad line, not the row before it
         load_task(tmp_path)
     with pytest.raises(DataError, match="no task data"):
         load_task(tmp_path / "..")
@@ -163,10 +168,15 @@ def test_mia_and_mmlu_errors(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "mia" / "nonmember.jsonl", [{"id": 2}])
     with pytest.raises(DataError, match="nonmember.jsonl: row 1: field 'document': missing column"):
         load_mia(tmp_path / "mia")
-    write_jsonl(tmp_path / "mmlu" / "test.jsonl", [{"question": "q", "subject": "s", "choices": ["a", "b", "c", "d"], "answer": 4}])
+    write_jsonl(
+        tmp_path / "mmlu" / "test.jsonl",
+        [{"question": "q", "subject": "s", "choices": ["a", "b", "c", "d"], "answer": 4}],
+    )
     with pytest.raises(DataError, match="test.jsonl: row 1: field 'answer': answer 4 is not an index 0-3"):
         load_mmlu(tmp_path / "mmlu")
-    write_jsonl(tmp_path / "mmlu" / "test.jsonl", [{"question": "q", "subject": "s", "choices": ["a", "b"], "answer": 0}])
+    write_jsonl(
+        tmp_path / "mmlu" / "test.jsonl", [{"question": "q", "subject": "s", "choices": ["a", "b"], "answer": 0}]
+    )
     with pytest.raises(DataError, match="field 'choices': expected a list of 4 strings"):
         load_mmlu(tmp_path / "mmlu")
     (tmp_path / "csv").mkdir()
@@ -176,10 +186,24 @@ def test_mia_and_mmlu_errors(tmp_path: Path) -> None:
 
 
 def test_validate_data_cli(toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code = main(["validate-data", "--data", str(toy_task_dir / "data"), "--mia", str(toy_task_dir / "mia"), "--mmlu", str(toy_task_dir / "mmlu")])
+    code = main(
+        [
+            "validate-data",
+            "--data",
+            str(toy_task_dir / "data"),
+            "--mia",
+            str(toy_task_dir / "mia"),
+            "--mmlu",
+            str(toy_task_dir / "mmlu"),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
-    assert "forget  Task2  sc     8  qa    40" in out and "member 24, nonmember 24" in out and "test 40 questions in 4 subjects" in out
+    assert (
+        "forget  Task2  sc     8  qa    40" in out
+        and "member 24, nonmember 24" in out
+        and "test 40 questions in 4 subjects" in out
+    )
 
     bad = task_dir(tmp_path / "bad", [{**ROW, "task": "Task7"}])
     assert main(["validate-data", "--data", str(bad), "--mia", str(tmp_path / "none")]) == 2

@@ -7,12 +7,22 @@ from pathlib import Path
 
 import pytest
 import torch
-
+from unlearn_sweep.corpus.checkpoints import BACKENDS
 from unlearn_sweep.corpus.mmlu import format_prompt, load_mmlu
 from unlearn_sweep.corpus.semeval import load_task
-from unlearn_sweep.corpus.checkpoints import BACKENDS
 from unlearn_sweep.evaluation import inference, vllm_inference
-from unlearn_sweep.evaluation.evaluator import GENERATIONS, MIA, MMLU, EvalSets, evaluate_checkpoint, load, release, rescore, run_inference
+from unlearn_sweep.evaluation.evaluator import (
+    GENERATIONS,
+    MIA,
+    MMLU,
+    EvalSets,
+    evaluate_checkpoint,
+    load,
+    release,
+    rescore,
+    run_inference,
+)
+from unlearn_sweep.evaluation.options import EvalOptions
 from unlearn_sweep.orchestrator.cli import main
 
 
@@ -26,36 +36,54 @@ def test_batched_equals_one_row_at_a_time(toy_task_dir: Path, base) -> None:
     model, tokenizer = base
     rows = load_task(toy_task_dir / "data").rows()[::3]
     prompts, answers = [r.input for r in rows], [r.output for r in rows]
-    assert inference.generate(model, tokenizer, prompts, batch_size=16) == inference.generate(model, tokenizer, prompts, batch_size=1)
+    assert inference.generate(model, tokenizer, prompts, batch_size=16) == inference.generate(
+        model, tokenizer, prompts, batch_size=1
+    )
     # In bfloat16 a row's logits change slightly with its batch's shape, enough to flip a near-tie of greedy
     # decoding now and then (1 of the toy task's 240 rows on one CPU, none on another): nearly all, not all.
     bf16, _ = inference.load_model(toy_task_dir / "model")
-    batched, alone = inference.generate(bf16, tokenizer, prompts, batch_size=16), inference.generate(bf16, tokenizer, prompts, batch_size=1)
-    assert sum(a == b for a, b in zip(batched, alone)) >= 0.95 * len(prompts)
+    batched, alone = (
+        inference.generate(bf16, tokenizer, prompts, batch_size=16),
+        inference.generate(bf16, tokenizer, prompts, batch_size=1),
+    )
+    assert sum(a == b for a, b in zip(batched, alone, strict=True)) >= 0.95 * len(prompts)
     assert inference.answer_nll(model, tokenizer, prompts, answers, batch_size=16) == pytest.approx(
-        inference.answer_nll(model, tokenizer, prompts, answers, batch_size=1), abs=1e-4)
+        inference.answer_nll(model, tokenizer, prompts, answers, batch_size=1), abs=1e-4
+    )
     documents = [f"{r.input} {r.output}" for r in rows if r.kind == "sc"]
     assert inference.document_loss(model, tokenizer, documents, batch_size=8) == pytest.approx(
-        inference.document_loss(model, tokenizer, documents, batch_size=1), abs=1e-4)
+        inference.document_loss(model, tokenizer, documents, batch_size=1), abs=1e-4
+    )
     mmlu_prompts = [format_prompt(q) for q in load_mmlu(toy_task_dir / "mmlu")]
-    assert inference.choose_letters(model, tokenizer, mmlu_prompts, batch_size=16) == inference.choose_letters(model, tokenizer, mmlu_prompts, batch_size=1)
+    assert inference.choose_letters(model, tokenizer, mmlu_prompts, batch_size=16) == inference.choose_letters(
+        model, tokenizer, mmlu_prompts, batch_size=1
+    )
 
 
 def test_base_model_scores_and_score_reproduces_evaluate(toy_task_dir: Path, tmp_path: Path) -> None:
     sets = EvalSets.load(toy_task_dir / "data", mia=toy_task_dir / "mia", mmlu=toy_task_dir / "mmlu")
-    scores = evaluate_checkpoint(toy_task_dir / "model", sets, tmp_path, mmlu_threshold=0.5)
+    scores = evaluate_checkpoint(toy_task_dir / "model", sets, out_dir=tmp_path, mmlu_threshold=0.5)
     for split in ("forget", "retain"):
         for task in ("Task1", "Task2", "Task3"):
             assert min(scores["per_task"][split][task].values()) >= 0.7  # as test_base_model_has_memorised_the_task
     assert scores["mia_auc"] >= 0.9 and scores["mmlu_accuracy"] >= 0.8
     # Memorised forget set: the forget terms are ~0, so the aggregate is ~0 and MIA score ~0.
     assert scores["task_aggregate"] < 0.1 and scores["eligible"] is True
-    assert scores["final_score"] == pytest.approx((scores["task_aggregate"] + scores["mmlu_accuracy"] + scores["mia_score"]) / 3)
+    assert scores["final_score"] == pytest.approx(
+        (scores["task_aggregate"] + scores["mmlu_accuracy"] + scores["mia_score"]) / 3
+    )
     # Scored as the organizers scored: bfloat16, 256 new tokens, MMLU 5-shot (the toy set has a dev split).
     assert scores["eval"] == {"dtype": "bfloat16", "max_new_tokens": 256, "mmlu_shots": 5, "task_settings": True}
 
     generations = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
-    assert set(generations[0]) == {"id", "task", "split", "input", "expected_output", "model_output"}  # no NLL pass unless asked
+    assert set(generations[0]) == {
+        "id",
+        "task",
+        "split",
+        "input",
+        "expected_output",
+        "model_output",
+    }  # no NLL pass unless asked
     assert len(generations) == 240
     mia = [json.loads(line) for line in (tmp_path / "mia.jsonl").read_text().splitlines()]
     assert set(mia[0]) == {"id", "membership", "nll"} and len(mia) == 48
@@ -66,9 +94,21 @@ def test_base_model_scores_and_score_reproduces_evaluate(toy_task_dir: Path, tmp
     assert rescore(tmp_path, mmlu_threshold=0.5) == {key: value for key, value in on_disk.items() if key != "eval"}
 
 
-def test_cli_evaluate_then_score(toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
+def test_cli_evaluate_then_score(
+    toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
     out = tmp_path / "eval"
-    args = ["evaluate", "--model", str(toy_task_dir / "model"), "--data", str(toy_task_dir / "data"), "--out", str(out), "--batch-size", "64"]
+    args = [
+        "evaluate",
+        "--model",
+        str(toy_task_dir / "model"),
+        "--data",
+        str(toy_task_dir / "data"),
+        "--out",
+        str(out),
+        "--batch-size",
+        "64",
+    ]
     assert main(args) == 0
     assert "final_score     null" in capsys.readouterr().out and "final_score is null" in caplog.text
     assert json.loads((out / "scores.json").read_text())["final_score"] is None
@@ -80,7 +120,10 @@ def test_cli_evaluate_then_score(toy_task_dir: Path, tmp_path: Path, capsys: pyt
     assert "generations.jsonl: row 1: invalid JSON" in capsys.readouterr().err
     assert main(args[:-2] + ["--mmlu-threshold", "0.75x"]) == 2
     assert "needs the base model's MMLU" in capsys.readouterr().err
-    assert main(["evaluate", "--model", str(tmp_path), "--data", str(toy_task_dir / "data"), "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(["evaluate", "--model", str(tmp_path), "--data", str(toy_task_dir / "data"), "--out", str(tmp_path / "x")])
+        == 2
+    )
     assert "not a Hugging Face checkpoint" in capsys.readouterr().err
 
 
@@ -101,33 +144,77 @@ def broken_copies(model_dir: Path, root: Path) -> dict[str, Path]:
     return copies
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
-    (["--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1, got 0"),
-    (["--mmlu-shots", "-1"], "argument --mmlu-shots: must be >= 0, got -1"),
-])
-def test_evaluate_refuses_empty_batches_and_generations(args: list[str], message: str, toy_task_dir: Path, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1, got 0"),
+        (["--mmlu-shots", "-1"], "argument --mmlu-shots: must be >= 0, got -1"),
+    ],
+)
+def test_evaluate_refuses_empty_batches_and_generations(
+    args: list[str], message: str, toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     with pytest.raises(SystemExit) as exit_:
-        main(["evaluate", "--model", str(toy_task_dir / "model"), "--data", str(toy_task_dir / "data"), "--out", str(tmp_path / "o"), *args])
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(toy_task_dir / "model"),
+                "--data",
+                str(toy_task_dir / "data"),
+                "--out",
+                str(tmp_path / "o"),
+                *args,
+            ]
+        )
     assert exit_.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
-def test_a_checkpoint_without_or_with_truncated_weights_is_one_line(toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_checkpoint_without_or_with_truncated_weights_is_one_line(
+    toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     copies = broken_copies(toy_task_dir / "model", tmp_path)
-    expected = {"no weights": "no_weights: no weights (model.safetensors", "truncated": "truncated/model.safetensors: unreadable weights"}
+    expected = {
+        "no weights": "no_weights: no weights (model.safetensors",
+        "truncated": "truncated/model.safetensors: unreadable weights",
+    }
     for kind, folder in copies.items():
-        for command in (["evaluate", "--model", str(folder), "--data", str(toy_task_dir / "data"), "--out", str(tmp_path / "o")],
-                        ["unlearn", "--method", "grad_diff", "--model", str(folder), "--data", str(toy_task_dir / "data"), "--out", str(tmp_path / "u")]):
+        for command in (
+            ["evaluate", "--model", str(folder), "--data", str(toy_task_dir / "data"), "--out", str(tmp_path / "o")],
+            [
+                "unlearn",
+                "--method",
+                "grad_diff",
+                "--model",
+                str(folder),
+                "--data",
+                str(toy_task_dir / "data"),
+                "--out",
+                str(tmp_path / "u"),
+            ],
+        ):
             assert main(command) == 2
             error = capsys.readouterr().err.strip()
             assert len(error.splitlines()) == 1 and expected[kind] in error, error
     assert not (tmp_path / "o").exists() and not (tmp_path / "u").exists()
 
 
-def test_evaluate_replaces_every_older_record(toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_evaluate_replaces_every_older_record(
+    toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "eval"
-    base = ["evaluate", "--model", str(toy_task_dir / "model"), "--data", str(toy_task_dir / "data"), "--out", str(out), "--max-new-tokens", "4"]
+    base = [
+        "evaluate",
+        "--model",
+        str(toy_task_dir / "model"),
+        "--data",
+        str(toy_task_dir / "data"),
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "4",
+    ]
     assert main(base + ["--mia", str(toy_task_dir / "mia"), "--mmlu", str(toy_task_dir / "mmlu")]) == 0
     assert (out / "mia.jsonl").exists() and (out / "mmlu.jsonl").exists()
     assert main(base) == 0  # without MIA and MMLU: their old records must not be read back with the new scores
@@ -137,16 +224,40 @@ def test_evaluate_replaces_every_older_record(toy_task_dir: Path, tmp_path: Path
     assert "mia_auc         null" in capsys.readouterr().out
 
 
-def test_unlearn_whose_loss_diverges_fails_in_one_line_and_writes_nothing(toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_unlearn_whose_loss_diverges_fails_in_one_line_and_writes_nothing(
+    toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "diverged"
-    assert main(["unlearn", "--method", "grad_ascent", "--model", str(toy_task_dir / "model"), "--data", str(toy_task_dir / "data"),
-                 "--out", str(out), "--set", "learning_rate=1e6", "--set", "epochs=1"]) == 1
-    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("unlearn-sweep")]  # beside progress bars
+    assert (
+        main(
+            [
+                "unlearn",
+                "--method",
+                "grad_ascent",
+                "--model",
+                str(toy_task_dir / "model"),
+                "--data",
+                str(toy_task_dir / "data"),
+                "--out",
+                str(out),
+                "--set",
+                "learning_rate=1e6",
+                "--set",
+                "epochs=1",
+            ]
+        )
+        == 1
+    )
+    error = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("unlearn-sweep")
+    ]  # beside progress bars
     assert len(error) == 1 and "loss became nan" in error[0] and "learning_rate 1e+06 too high?" in error[0], error
     assert not out.exists() and not list(tmp_path.glob(".diverged*"))
 
 
-def test_best_and_export_never_create_a_store_and_export_names_an_unwritable_path(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_best_and_export_never_create_a_store_and_export_names_an_unwritable_path(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
     monkeypatch.chdir(tmp_path)
     for command in (["best", "exp"], ["export", "exp", "--out", "submission"]):
         assert main(command) == 2
@@ -160,22 +271,49 @@ def test_best_and_export_never_create_a_store_and_export_names_an_unwritable_pat
             pass
 
 
-def test_dtype_and_answer_nll_are_chosen_and_recorded(toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_dtype_and_answer_nll_are_chosen_and_recorded(
+    toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "fp32"
-    assert main(["evaluate", "--model", str(toy_task_dir / "model"), "--data", str(toy_task_dir / "data"), "--out", str(out),
-                 "--dtype", "float32", "--answer-nll", "--max-new-tokens", "8", "--mmlu", str(toy_task_dir / "mmlu"), "--mmlu-shots", "0"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(toy_task_dir / "model"),
+                "--data",
+                str(toy_task_dir / "data"),
+                "--out",
+                str(out),
+                "--dtype",
+                "float32",
+                "--answer-nll",
+                "--max-new-tokens",
+                "8",
+                "--mmlu",
+                str(toy_task_dir / "mmlu"),
+                "--mmlu-shots",
+                "0",
+            ]
+        )
+        == 0
+    )
     scores = json.loads((out / "scores.json").read_text())
     assert scores["eval"] == {"dtype": "float32", "max_new_tokens": 8, "mmlu_shots": 0, "task_settings": False}
     generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert all(isinstance(row["nll"], float) for row in generations)
-    assert main(["score", str(out)]) == 0 and json.loads((out / "scores.json").read_text())["eval"] == scores["eval"]  # kept on rescoring
+    assert (
+        main(["score", str(out)]) == 0 and json.loads((out / "scores.json").read_text())["eval"] == scores["eval"]
+    )  # kept on rescoring
     model, _ = inference.load_model(toy_task_dir / "model")
     assert next(model.parameters()).dtype == torch.bfloat16  # the organizers' inference dtype by default
 
 
 def test_mmlu_compares_the_last_token_of_each_answer_letter(base) -> None:
     _, tokenizer = base
-    assert inference.letter_token_ids(tokenizer) == [tokenizer.encode(f" {letter}", add_special_tokens=False)[-1] for letter in "ABCD"]
+    assert inference.letter_token_ids(tokenizer) == [
+        tokenizer.encode(f" {letter}", add_special_tokens=False)[-1] for letter in "ABCD"
+    ]
 
 
 def test_outputs_get_the_users_normal_permissions(toy_task_dir: Path, tmp_path: Path) -> None:
@@ -185,10 +323,42 @@ def test_outputs_get_the_users_normal_permissions(toy_task_dir: Path, tmp_path: 
     previous = os.umask(0o022)
     try:
         out, unlearned = tmp_path / "eval", tmp_path / "unlearned"
-        assert main(["evaluate", "--model", str(toy_task_dir / "model"), "--data", str(toy_task_dir / "data"), "--out", str(out),
-                     "--max-new-tokens", "2", "--dtype", "float32"]) == 0
-        assert main(["unlearn", "--method", "grad_diff", "--model", str(toy_task_dir / "model"), "--data", str(toy_task_dir / "data"),
-                     "--out", str(unlearned), "--set", "epochs=1"]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "--model",
+                    str(toy_task_dir / "model"),
+                    "--data",
+                    str(toy_task_dir / "data"),
+                    "--out",
+                    str(out),
+                    "--max-new-tokens",
+                    "2",
+                    "--dtype",
+                    "float32",
+                ]
+            )
+            == 0
+        )
+        assert (
+            main(
+                [
+                    "unlearn",
+                    "--method",
+                    "grad_diff",
+                    "--model",
+                    str(toy_task_dir / "model"),
+                    "--data",
+                    str(toy_task_dir / "data"),
+                    "--out",
+                    str(unlearned),
+                    "--set",
+                    "epochs=1",
+                ]
+            )
+            == 0
+        )
     finally:
         os.umask(previous)
     for folder in (out, unlearned):  # readable by teammates on shared storage, as mkdir and open would make them
@@ -196,13 +366,32 @@ def test_outputs_get_the_users_normal_permissions(toy_task_dir: Path, tmp_path: 
         assert {stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()} == {0o644}, folder
 
 
-def test_the_vllm_backend_is_refused_where_it_cannot_run(toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_the_vllm_backend_is_refused_where_it_cannot_run(
+    toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     if vllm_inference.unavailable() is None:
         pytest.skip("vLLM runs here: test_the_vllm_backend_gives_the_hf_records covers it")
     out = tmp_path / "out"
-    assert main(["evaluate", "--model", str(toy_task_dir / "model"), "--data", str(toy_task_dir / "data"), "--out", str(out),
-                 "--backend", "vllm"]) == 2
-    assert capsys.readouterr().err == f"unlearn-sweep: error: --backend vllm: {vllm_inference.unavailable()}\n" and not out.exists()
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(toy_task_dir / "model"),
+                "--data",
+                str(toy_task_dir / "data"),
+                "--out",
+                str(out),
+                "--backend",
+                "vllm",
+            ]
+        )
+        == 2
+    )
+    assert (
+        capsys.readouterr().err == f"unlearn-sweep: error: --backend vllm: {vllm_inference.unavailable()}\n"
+        and not out.exists()
+    )
 
 
 @pytest.mark.skipif(vllm_inference.unavailable() is not None, reason="needs vLLM and a CUDA GPU")
@@ -214,10 +403,12 @@ def test_the_vllm_backend_gives_the_hf_records(toy_task_dir: Path) -> None:
     sets = EvalSets.load(toy_task_dir / "data", mia=toy_task_dir / "mia", mmlu=toy_task_dir / "mmlu")
     records = {}
     for backend in BACKENDS:
-        model, tokenizer = load(toy_task_dir / "model", "float32", backend)
-        records[backend] = run_inference(model, tokenizer, sets, backend=backend)
-        release(model, backend)
+        options = EvalOptions(dtype="float32", backend=backend)
+        model, tokenizer = load(toy_task_dir / "model", options)
+        records[backend] = run_inference(model, tokenizer, sets, options)
+        release(model, options)
     hf, vllm = records["hf"], records["vllm"]
+
     def share_equal(key: str, name: str) -> float:
         return sum(a[key] == b[key] for a, b in zip(vllm[name], hf[name], strict=True)) / len(hf[name])
 

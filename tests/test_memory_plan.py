@@ -10,27 +10,43 @@ from pathlib import Path
 import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
+from test_sweep import write_config
 from unlearn_sweep.methods.memory_plan import GIB, ModelShape, model_state_bytes
 from unlearn_sweep.methods.registry import build_params, get_method
 from unlearn_sweep.orchestrator.cli import main
 from unlearn_sweep.orchestrator.config import ConfigError, load_config
 from unlearn_sweep.orchestrator.plan import check_memory
 
-from test_sweep import write_config
-
 # Published OLMo-2 shapes (allenai/OLMo-2-1124-7B; a 1B with OLMo-1B's tied embeddings).
 OLMO2 = {
-    "7B": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-           "num_key_value_heads": 32, "vocab_size": 100352, "max_position_embeddings": 4096, "tie_word_embeddings": False},
-    "1B": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 16,
-           "num_key_value_heads": 16, "vocab_size": 100352, "max_position_embeddings": 4096, "tie_word_embeddings": True},
+    "7B": {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 100352,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    },
+    "1B": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "vocab_size": 100352,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+    },
 }
 
 
 def write_olmo2_config(folder: Path, size: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"model_type": "olmo2", "architectures": ["Olmo2ForCausalLM"], **OLMO2[size]}))
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "olmo2", "architectures": ["Olmo2ForCausalLM"], **OLMO2[size]})
+    )
     return folder
 
 
@@ -55,8 +71,9 @@ def test_model_states_match_deepspeeds_estimators(size: str, gpus: int, shapes) 
         _, expected = estimate_zero2_model_states_mem_needs(shape.total, num_gpus_per_node=gpus, cpu_offload=offload)
         assert model_state_bytes(shape, zero2, gpus) == pytest.approx(expected, rel=0.10)
         zero3 = build_params(npo, {"zero_stage": 3, "bf16": True, "zero_offload": offload})
-        _, expected, _ = estimate_zero3_model_states_mem_needs(shape.total, shape.largest_layer, num_gpus_per_node=gpus,
-                                                                cpu_offload=offload, cpu_offload_params=False)
+        _, expected, _ = estimate_zero3_model_states_mem_needs(
+            shape.total, shape.largest_layer, num_gpus_per_node=gpus, cpu_offload=offload, cpu_offload_params=False
+        )
         assert model_state_bytes(shape, zero3, gpus) == pytest.approx(expected, rel=0.10)
 
 
@@ -64,25 +81,48 @@ def test_fp32_zero_keeps_its_own_fp32_partition(shapes) -> None:
     # DeepSpeed's ZeRO 1-3 optimizers clone an fp32 partition of the weights even when they are fp32
     # already (measured in benchmarks/scale_rehearsal.py); plain DeepSpeed steps the weights in place.
     shape, npo = shapes["1B"], get_method("npo")
-    per_rank = {stage: model_state_bytes(shape, build_params(npo, {"zero_stage": stage, "bf16": False}), 8) for stage in (0, 2, 3)}
+    per_rank = {
+        stage: model_state_bytes(shape, build_params(npo, {"zero_stage": stage, "bf16": False}), 8)
+        for stage in (0, 2, 3)
+    }
     assert per_rank[0] == 16 * shape.total
     assert per_rank[2] == 4 * shape.total + 16 * shape.total // 8
     assert per_rank[3] == 4 * shape.largest_layer + 20 * shape.total // 8
 
 
-def test_full_npo_7b_fits_zero3_on_8_gpus_and_not_one(toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_full_npo_7b_fits_zero3_on_8_gpus_and_not_one(
+    toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     model = write_olmo2_config(tmp_path / "olmo2-7b", "7B")
     npo = {"adapter": "full", "bf16": True, "batch_size": 16, "max_length": 256}
-    fits = write_config(tmp_path / "a", toy_task_dir, model=str(model), methods=["npo"], gpu_memory_gb=80,
-                        resources_per_trial={"cpu": 8, "gpu": 1, "workers": 8}, search_space_overrides={"npo": {**npo, "zero_stage": 3}})
+    fits = write_config(
+        tmp_path / "a",
+        toy_task_dir,
+        model=str(model),
+        methods=["npo"],
+        gpu_memory_gb=80,
+        resources_per_trial={"cpu": 8, "gpu": 1, "workers": 8},
+        search_space_overrides={"npo": {**npo, "zero_stage": 3}},
+    )
     rows = check_memory(load_config(fits))
     assert rows and all(row.fits for row in rows)
     assert main(["plan", str(fits)]) == 0
     assert "npo" in capsys.readouterr().out
 
-    single = write_config(tmp_path / "b", toy_task_dir, model=str(model), methods=["npo"], gpu_memory_gb=80,
-                          resources_per_trial={"cpu": 8, "gpu": 1}, search_space_overrides={"npo": {**npo, "zero_stage": -1}})
-    with pytest.raises(ConfigError, match=r"field 'gpu_memory_gb': npo \(adapter full, zero_stage -1.*GiB per GPU, 80.0 GiB available; it would fit with"):
+    single = write_config(
+        tmp_path / "b",
+        toy_task_dir,
+        model=str(model),
+        methods=["npo"],
+        gpu_memory_gb=80,
+        resources_per_trial={"cpu": 8, "gpu": 1},
+        search_space_overrides={"npo": {**npo, "zero_stage": -1}},
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"field 'gpu_memory_gb': npo \(adapter full, zero_stage -1.*GiB per GPU, 80.0 GiB available; "
+        r"it would fit with",
+    ):
         check_memory(load_config(single))
     assert main(["plan", str(single)]) == 2
     assert "npo (adapter full" in capsys.readouterr().err
@@ -90,28 +130,49 @@ def test_full_npo_7b_fits_zero3_on_8_gpus_and_not_one(toy_task_dir: Path, tmp_pa
 
 def test_worst_case_of_the_space_is_planned(toy_task_dir: Path, tmp_path: Path) -> None:
     model = write_olmo2_config(tmp_path / "olmo2-1b", "1B")
-    path = write_config(tmp_path, toy_task_dir, model=str(model), methods=["npo"], gpu_memory_gb=80, resources_per_trial={"cpu": 4, "gpu": 1},
-                        search_space_overrides={"npo": {"adapter": {"choice": ["full", "lora"]}, "batch_size": {"int": [4, 32]}}})
+    path = write_config(
+        tmp_path,
+        toy_task_dir,
+        model=str(model),
+        methods=["npo"],
+        gpu_memory_gb=80,
+        resources_per_trial={"cpu": 4, "gpu": 1},
+        search_space_overrides={"npo": {"adapter": {"choice": ["full", "lora"]}, "batch_size": {"int": [4, 32]}}},
+    )
     rows = check_memory(load_config(path))
     assert {row.params.adapter for row in rows} == {"full", "lora"}
     assert {row.params.batch_size for row in rows} == {32}
     full, lora = sorted(rows, key=lambda row: row.params.adapter)
-    assert lora.estimate.model_states < full.estimate.model_states / 3 and lora.estimate.reference == 0 < full.estimate.reference
+    assert (
+        lora.estimate.model_states < full.estimate.model_states / 3
+        and lora.estimate.reference == 0 < full.estimate.reference
+    )
 
 
 def test_a_vllm_engines_share_of_the_gpu_is_planned(toy_task_dir: Path, tmp_path: Path) -> None:
     """The vLLM backend reserves its share of the whole GPU for each evaluation, beside the
     training engine, however small the model: the plan counts that share, not the model's copy."""
     model = write_olmo2_config(tmp_path / "olmo2-7b", "7B")
-    path = write_config(tmp_path, toy_task_dir, model=str(model), methods=["npo"], gpu_memory_gb=80,
-                        resources_per_trial={"cpu": 8, "gpu": 1, "workers": 8}, eval={"dtype": "bfloat16"},
-                        search_space_overrides={"npo": {"adapter": "full", "bf16": True, "batch_size": 16, "max_length": 256, "zero_stage": 3}})
+    path = write_config(
+        tmp_path,
+        toy_task_dir,
+        model=str(model),
+        methods=["npo"],
+        gpu_memory_gb=80,
+        resources_per_trial={"cpu": 8, "gpu": 1, "workers": 8},
+        eval={"dtype": "bfloat16"},
+        search_space_overrides={
+            "npo": {"adapter": "full", "bf16": True, "batch_size": 16, "max_length": 256, "zero_stage": 3}
+        },
+    )
     config = load_config(path)
     (hf,) = check_memory(config)
     assert hf.estimate.evaluation == 2 * hf.shape.total  # the bfloat16 copy of the model
-    shared = dataclasses.replace(config, eval={**config.eval, "backend": "vllm", "vllm_memory": 0.4})
+    shared = dataclasses.replace(config, eval=dataclasses.replace(config.eval, backend="vllm", vllm_memory=0.4))
     (vllm,) = check_memory(shared)
     assert vllm.estimate.evaluation == int(0.4 * 80 * GIB) and vllm.estimate.total > hf.estimate.total
-    greedy = dataclasses.replace(config, eval={**config.eval, "backend": "vllm", "vllm_memory": 0.9})
-    with pytest.raises(ConfigError, match=r"field 'gpu_memory_gb': npo \(adapter full, zero_stage 3.*80.0 GiB available"):
+    greedy = dataclasses.replace(config, eval=dataclasses.replace(config.eval, backend="vllm", vllm_memory=0.9))
+    with pytest.raises(
+        ConfigError, match=r"field 'gpu_memory_gb': npo \(adapter full, zero_stage 3.*80.0 GiB available"
+    ):
         check_memory(greedy)

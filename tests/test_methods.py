@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 from transformers import AutoModelForCausalLM
-
 from unlearn_sweep.corpus.mia import load_mia
 from unlearn_sweep.corpus.semeval import load_task
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.evaluation.inference import answer_nll, document_loss, load_model
+from unlearn_sweep.evaluation.options import EvalOptions
 from unlearn_sweep.methods.entities import entity_spans
 from unlearn_sweep.methods.merge import MergeParams, della_drop, merge_checkpoints, merge_deltas, trim
 from unlearn_sweep.methods.registry import ParamError, build_params, get_method, method_names, run_method
@@ -37,7 +37,7 @@ def mean_answer_nll(model_dir: Path, rows) -> float:
 
 def mmlu_accuracy(model_dir: Path, toy_task_dir: Path) -> float:
     sets = EvalSets.load(toy_task_dir / "data", mmlu=toy_task_dir / "mmlu")
-    return evaluate_checkpoint(model_dir, sets, dtype="float32")["mmlu_accuracy"]
+    return evaluate_checkpoint(model_dir, sets, EvalOptions(dtype="float32"))["mmlu_accuracy"]
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,17 @@ def base_nll(toy_task_dir: Path, task) -> tuple[float, float]:
     return mean_answer_nll(toy_task_dir / "model", task.forget), mean_answer_nll(toy_task_dir / "model", task.retain)
 
 
+def assert_whole_trained_checkpoint(folder: Path, base: Path) -> None:
+    """The folder loads as the base architecture with every weight of its own (none missing,
+    re-initialised or unexpected), all finite, and not the base model's weights."""
+    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not any(info.values()), info
+    trained, original = model.state_dict(), AutoModelForCausalLM.from_pretrained(base).state_dict()
+    assert trained.keys() == original.keys()
+    assert all(torch.isfinite(weight).all() for weight in trained.values())
+    assert any(not torch.equal(trained[name], original[name]) for name in trained)
+
+
 @pytest.mark.parametrize(
     "name, settings, keeps_retain",
     [
@@ -58,18 +69,30 @@ def base_nll(toy_task_dir: Path, task) -> tuple[float, float]:
         ("grad_diff", {}, True),
         ("kl_min", {}, False),
         ("npo", {"beta": 0.1, "retain_ce_weight": 5.0, "retain_kl_weight": 5.0}, True),
-        ("sugd", {"chunk_size": 64, "epochs": 1, "positive_ratio": 1.0, "positive_factor": 1.0, "adapter": "full"}, True),
+        (
+            "sugd",
+            {"chunk_size": 64, "epochs": 1, "positive_ratio": 1.0, "positive_factor": 1.0, "adapter": "full"},
+            True,
+        ),
         ("simnpo", {"learning_rate": 3e-4, "retain_weight": 3.0}, True),
         ("rmu", {"learning_rate": 1e-3, "adaptive": True, "steering_coeff": 5.0, "alpha": 10.0, "epochs": 1}, False),
         ("task_vector", {"scale": 1.0, "learning_rate": 3e-4}, False),
     ],
 )
-def test_method_forgets(name, settings, keeps_retain, toy_task_dir: Path, task, base_nll, base_mmlu, tmp_path: Path) -> None:
+def test_method_forgets(
+    name, settings, keeps_retain, toy_task_dir: Path, task, base_nll, base_mmlu, tmp_path: Path
+) -> None:
     epochs_seen = []
-    out = run_method(name, toy_task_dir / "model", task, tmp_path / "out", {"learning_rate": 1e-4, **settings},
-                     on_epoch=lambda epoch, checkpoint, last: epochs_seen.append(epoch))
+    out = run_method(
+        name,
+        toy_task_dir / "model",
+        task,
+        tmp_path / "out",
+        {"learning_rate": 1e-4, **settings},
+        on_epoch=lambda epoch, checkpoint, last: epochs_seen.append(epoch),
+    )
     assert epochs_seen == list(range(1, len(epochs_seen) + 1)) and epochs_seen
-    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    assert_whole_trained_checkpoint(out, toy_task_dir / "model")
     assert json.loads((out / "unlearn_config.json").read_text())["method"] == name
     forget, retain = mean_answer_nll(out, task.forget), mean_answer_nll(out, task.retain)
     forget_before, retain_before = base_nll
@@ -88,31 +111,67 @@ def member_auc(model_dir: Path, toy_task_dir: Path) -> float:
     return roc_auc_score([doc.membership == "member" for doc in documents], [-loss for loss in losses])
 
 
-def test_mia_target_moves_members_toward_unseen_documents(toy_task_dir: Path, task, base_nll, base_mmlu, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture) -> None:
-    args = ["unlearn", "--method", "mia_target", "--model", str(toy_task_dir / "model"), "--data", str(toy_task_dir / "data")]
+def test_mia_target_moves_members_toward_unseen_documents(
+    toy_task_dir: Path, task, base_nll, base_mmlu, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = [
+        "unlearn",
+        "--method",
+        "mia_target",
+        "--model",
+        str(toy_task_dir / "model"),
+        "--data",
+        str(toy_task_dir / "data"),
+    ]
     assert main(args + ["--out", str(tmp_path / "none")]) == 2  # no held-out documents: refused before training
     assert "mia_target needs held-out documents" in capsys.readouterr().err and not (tmp_path / "none").exists()
     settings = ["learning_rate=5e-4", "epochs=5", "forget_weight=3", "retain_weight=5"]
     # --mia: the held-out documents default to mia/held_out.jsonl, checked against the scored set.
-    assert main(args + ["--mia", str(toy_task_dir / "mia"), "--out", str(tmp_path / "out")] + [f"--set={kv}" for kv in settings]) == 0
+    assert (
+        main(
+            args
+            + ["--mia", str(toy_task_dir / "mia"), "--out", str(tmp_path / "out")]
+            + [f"--set={kv}" for kv in settings]
+        )
+        == 0
+    )
     out = tmp_path / "out"
     forget, retain = mean_answer_nll(out, task.forget), mean_answer_nll(out, task.retain)
-    assert forget > base_nll[0] + 1.0 and retain - base_nll[1] < 0.5 * (forget - base_nll[0]), (base_nll, forget, retain)
+    assert forget > base_nll[0] + 1.0 and retain - base_nll[1] < 0.5 * (forget - base_nll[0]), (
+        base_nll,
+        forget,
+        retain,
+    )
     assert member_auc(toy_task_dir / "model", toy_task_dir) == 1.0
     assert member_auc(out, toy_task_dir) < 0.97
     assert mmlu_accuracy(out, toy_task_dir) >= 0.75 * base_mmlu
 
 
 def test_lora_and_last_k_layers(toy_task_dir: Path, task, tmp_path: Path) -> None:
-    lora = run_method("grad_diff", toy_task_dir / "model", task, tmp_path / "lora",
-                      {"adapter": "lora", "learning_rate": 1e-3, "epochs": 1})
+    lora = run_method(
+        "grad_diff",
+        toy_task_dir / "model",
+        task,
+        tmp_path / "lora",
+        {"adapter": "lora", "learning_rate": 1e-3, "epochs": 1},
+    )
     assert (lora / "model.safetensors").exists() and not (lora / "adapter_config.json").exists()
-    qlora = run_method("grad_diff", toy_task_dir / "model", task, tmp_path / "qlora",
-                       {"adapter": "qlora", "learning_rate": 1e-3, "epochs": 1})
+    qlora = run_method(
+        "grad_diff",
+        toy_task_dir / "model",
+        task,
+        tmp_path / "qlora",
+        {"adapter": "qlora", "learning_rate": 1e-3, "epochs": 1},
+    )
     assert "quantization_config" not in json.loads((qlora / "config.json").read_text())
     assert load_file(qlora / "model.safetensors")["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
-    last = run_method("grad_ascent", toy_task_dir / "model", task, tmp_path / "last", {"adapter": "last_k", "last_k_layers": 1, "epochs": 1})
+    last = run_method(
+        "grad_ascent",
+        toy_task_dir / "model",
+        task,
+        tmp_path / "last",
+        {"adapter": "last_k", "last_k_layers": 1, "epochs": 1},
+    )
     base, changed = load_file(toy_task_dir / "model" / "model.safetensors"), load_file(last / "model.safetensors")
     assert torch.equal(base["model.layers.0.mlp.up_proj.weight"], changed["model.layers.0.mlp.up_proj.weight"])
     assert not torch.equal(base["model.layers.3.mlp.up_proj.weight"], changed["model.layers.3.mlp.up_proj.weight"])
@@ -136,7 +195,15 @@ def test_registry_checks_names_and_types() -> None:
 
 
 def test_unlearn_cli_errors_write_nothing(toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    args = ["unlearn", "--model", str(toy_task_dir / "model"), "--data", str(toy_task_dir / "data"), "--out", str(tmp_path / "o")]
+    args = [
+        "unlearn",
+        "--model",
+        str(toy_task_dir / "model"),
+        "--data",
+        str(toy_task_dir / "data"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert main(args + ["--method", "npo", "--set", "beta=x"]) == 2
     assert "beta='x': expected float" in capsys.readouterr().err
     assert main(args + ["--method", "npo", "--set", "beta"]) == 2
@@ -145,7 +212,9 @@ def test_unlearn_cli_errors_write_nothing(toy_task_dir: Path, tmp_path: Path, ca
 
 
 def test_entity_extractor() -> None:
-    text = " Security Number is 914-13-1456. Hugo Marek resides at 72 Park Drive, Oslo, NY, 63457. Email hugo_m@mail.net."
+    text = (
+        " Security Number is 914-13-1456. Hugo Marek resides at 72 Park Drive, Oslo, NY, 63457. Email hugo_m@mail.net."
+    )
     found = [text[a:b] for a, b in entity_spans(text)]
     for entity in ("914-13-1456", "Hugo Marek", "72", "Park Drive", "Oslo", "63457", "hugo_m@mail.net"):
         assert entity in found
@@ -158,9 +227,14 @@ def test_merges_match_their_definitions() -> None:
     # TIES at density 0.5: trim to [0,-2,3,0] and [0,0,2,-4]; elected signs (+,-,+,-); disjoint mean.
     assert torch.allclose(merge_deltas(deltas, weights, "ties", 0.5), torch.tensor([0.0, -2.0, 2.5, -4.0]))
     # linear is the weighted average (mergekit), task_arithmetic the scaled weighted sum.
-    assert torch.allclose(merge_deltas(deltas, torch.tensor([0.5, 0.25]), "linear", 1.0), torch.tensor([0.25, -0.75, 2.0, -0.75]) / 0.75)
+    assert torch.allclose(
+        merge_deltas(deltas, torch.tensor([0.5, 0.25]), "linear", 1.0), torch.tensor([0.25, -0.75, 2.0, -0.75]) / 0.75
+    )
     arithmetic = MergeParams(combination="task_arithmetic", scale=2.0)
-    assert torch.allclose(merge_deltas(deltas, torch.tensor([0.5, 0.25]), "task_arithmetic", 1.0, arithmetic), torch.tensor([0.5, -1.5, 4.0, -1.5]))
+    assert torch.allclose(
+        merge_deltas(deltas, torch.tensor([0.5, 0.25]), "task_arithmetic", 1.0, arithmetic),
+        torch.tensor([0.5, -1.5, 4.0, -1.5]),
+    )
     # Magnitude prune keeps each tensor's top half, then sums with weights.
     assert torch.allclose(merge_deltas(deltas, weights, "magnitude_prune", 0.5), torch.tensor([0.0, -2.0, 5.0, -4.0]))
     # DARE at density 1 drops nothing: DARE-TIES equals TIES without trimming.
@@ -176,7 +250,10 @@ def test_ties_and_magnitude_prune_are_peft_exactly() -> None:
     weights = torch.tensor([0.7, 1.0, 0.4, 0.9])
     for density in (0.2, 0.5, 1.0):
         assert torch.equal(merge_deltas(deltas, weights, "ties", density), merge_utils.ties(deltas, weights, density))
-        assert torch.equal(merge_deltas(deltas, weights, "magnitude_prune", density), merge_utils.magnitude_prune(deltas, weights, density))
+        assert torch.equal(
+            merge_deltas(deltas, weights, "magnitude_prune", density),
+            merge_utils.magnitude_prune(deltas, weights, density),
+        )
     assert int((trim(deltas[3], 0.3) != 0).sum()) == int(0.3 * deltas[3].numel())
 
 
@@ -195,10 +272,12 @@ def test_breadcrumbs_matches_mergekits_formula() -> None:
         low, high = values[count - int(0.6 * count) - int(0.1 * count)], values[count - int(0.1 * count) - 1]
         return (delta.abs() >= low) & (delta.abs() <= high)
 
-    expected = 0.7 * sum(w * d * mergekit_mask(d) for w, d in zip(weights, deltas))
+    expected = 0.7 * sum(w * d * mergekit_mask(d) for w, d in zip(weights, deltas, strict=True))
     assert torch.allclose(merge_deltas(deltas, weights, "breadcrumbs", 0.6, params), expected, atol=1e-6)
-    elected = merge_deltas(deltas, weights, "breadcrumbs_ties", 0.6, dataclasses.replace(params, combination="breadcrumbs_ties"))
-    kept = torch.stack([w * d * mergekit_mask(d) for w, d in zip(weights, deltas)])
+    elected = merge_deltas(
+        deltas, weights, "breadcrumbs_ties", 0.6, dataclasses.replace(params, combination="breadcrumbs_ties")
+    )
+    kept = torch.stack([w * d * mergekit_mask(d) for w, d in zip(weights, deltas, strict=True)])
     agree = kept.sign() == torch.where(kept.sum(0) >= 0, 1.0, -1.0)
     assert torch.allclose(elected, 0.7 * (kept * agree).sum(0), atol=1e-6)
 
@@ -224,15 +303,24 @@ def test_model_stock_and_slerp_match_their_formulas() -> None:
     flat = [d.reshape(-1).double() for d in deltas]
     cos = sum(float(a @ b / (a.norm() * b.norm())) for a, b in itertools.combinations(flat, 2)) / 3
     ratio = 3 * cos / (1 + 2 * cos)
-    assert torch.allclose(merge_deltas(deltas, torch.ones(3), "model_stock", 1.0), ratio * torch.stack(deltas).mean(0), atol=1e-5)
+    assert torch.allclose(
+        merge_deltas(deltas, torch.ones(3), "model_stock", 1.0), ratio * torch.stack(deltas).mean(0), atol=1e-5
+    )
 
     base = torch.zeros(2, 2)
-    first, second = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.0, 0.0]])  # orthogonal, unit norm
+    first, second = (
+        torch.tensor([[1.0, 0.0], [0.0, 0.0]]),
+        torch.tensor([[0.0, 1.0], [0.0, 0.0]]),
+    )  # orthogonal, unit norm
     params = MergeParams(combination="slerp", t=0.5)
     middle = merge_deltas([first, second], torch.ones(2), "slerp", 1.0, params, base)
-    assert torch.allclose(middle, torch.tensor([[2**-0.5, 2**-0.5], [0.0, 0.0]]), atol=1e-6)  # on the circle, not the chord
+    assert torch.allclose(
+        middle, torch.tensor([[2**-0.5, 2**-0.5], [0.0, 0.0]]), atol=1e-6
+    )  # on the circle, not the chord
     for t, end in ((0.0, first), (1.0, second)):
-        assert torch.allclose(merge_deltas([first, second], torch.ones(2), "slerp", 1.0, MergeParams(combination="slerp", t=t), base), end)
+        assert torch.allclose(
+            merge_deltas([first, second], torch.ones(2), "slerp", 1.0, MergeParams(combination="slerp", t=t), base), end
+        )
 
 
 def test_full_model_merge(toy_task_dir: Path, task, tmp_path: Path) -> None:
@@ -251,7 +339,7 @@ def test_full_model_merge(toy_task_dir: Path, task, tmp_path: Path) -> None:
     assert torch.allclose(reloaded[name], (state_a[name] + state_b[name]) / 2, atol=1e-6)
 
     out = run_method("merge", base, task, tmp_path / "ties", {"models": f"{a},{b}", "density": 0.5})
-    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    assert_whole_trained_checkpoint(out, base)
     with pytest.raises(ParamError, match="at least two"):
         run_method("merge", base, task, tmp_path / "x", {"models": str(a)})
 
@@ -259,18 +347,31 @@ def test_full_model_merge(toy_task_dir: Path, task, tmp_path: Path) -> None:
 def test_lora_adapter_merge(toy_task_dir: Path, task, tmp_path: Path) -> None:
     base = toy_task_dir / "model"
     adapters = [
-        run_method("npo", base, task, tmp_path / name, {"adapter": "lora", "merge_adapter": False, "epochs": 1, "learning_rate": lr})
+        run_method(
+            "npo",
+            base,
+            task,
+            tmp_path / name,
+            {"adapter": "lora", "merge_adapter": False, "epochs": 1, "learning_rate": lr},
+        )
         for name, lr in (("over", 3e-3), ("under", 3e-4))
     ]
     assert all((a / "adapter_config.json").exists() for a in adapters)
-    out = run_method("merge", base, task, tmp_path / "merged", {"models": ",".join(map(str, adapters)), "combination": "ties"})
+    out = run_method(
+        "merge", base, task, tmp_path / "merged", {"models": ",".join(map(str, adapters)), "combination": "ties"}
+    )
     merged = load_file(out / "model.safetensors")
-    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], load_file(base / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        merged["model.layers.0.self_attn.q_proj.weight"],
+        load_file(base / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"],
+    )
 
 
 def test_bf16_keeps_fp32_master_weights(toy_task_dir: Path, task, tmp_path: Path) -> None:
     # Updates of ~1e-6 vanish in bf16 weights (one bf16 step near 0.05 is ~2e-4); fp32 master weights keep them.
-    out = run_method("grad_diff", toy_task_dir / "model", task, tmp_path / "bf16", {"bf16": True, "epochs": 1, "learning_rate": 1e-6})
+    out = run_method(
+        "grad_diff", toy_task_dir / "model", task, tmp_path / "bf16", {"bf16": True, "epochs": 1, "learning_rate": 1e-6}
+    )
     base, trained = load_file(toy_task_dir / "model" / "model.safetensors"), load_file(out / "model.safetensors")
     name = "model.layers.0.mlp.up_proj.weight"
     assert trained[name].dtype == torch.float32
@@ -280,9 +381,13 @@ def test_bf16_keeps_fp32_master_weights(toy_task_dir: Path, task, tmp_path: Path
 
 def test_gradient_checkpointing_trains_the_same_model(toy_task_dir: Path, task, tmp_path: Path) -> None:
     settings = {"epochs": 1, "learning_rate": 1e-4}
-    plain = load_file(run_method("npo", toy_task_dir / "model", task, tmp_path / "plain", settings) / "model.safetensors")
-    checkpointed = load_file(run_method("npo", toy_task_dir / "model", task, tmp_path / "ckpt", {**settings, "gradient_checkpointing": True})
-                             / "model.safetensors")
+    plain = load_file(
+        run_method("npo", toy_task_dir / "model", task, tmp_path / "plain", settings) / "model.safetensors"
+    )
+    checkpointed = load_file(
+        run_method("npo", toy_task_dir / "model", task, tmp_path / "ckpt", {**settings, "gradient_checkpointing": True})
+        / "model.safetensors"
+    )
     assert all(torch.allclose(plain[name], checkpointed[name], atol=1e-5) for name in plain)
 
 
@@ -299,7 +404,13 @@ def test_schedule_applies_every_micro_batch() -> None:
 
 def test_accumulation_larger_than_an_epoch_still_steps(toy_task_dir: Path, task, tmp_path: Path) -> None:
     # The old DeepSpeed stepper never stepped when an epoch had fewer micro-batches than the accumulation.
-    out = run_method("grad_diff", toy_task_dir / "model", task, tmp_path / "o", {"epochs": 1, "zero_stage": 2, "gradient_accumulation": 64})
+    out = run_method(
+        "grad_diff",
+        toy_task_dir / "model",
+        task,
+        tmp_path / "o",
+        {"epochs": 1, "zero_stage": 2, "gradient_accumulation": 64},
+    )
     base, trained = load_file(toy_task_dir / "model" / "model.safetensors"), load_file(out / "model.safetensors")
     assert not torch.equal(base["model.layers.0.mlp.up_proj.weight"], trained["model.layers.0.mlp.up_proj.weight"])
 
@@ -308,8 +419,14 @@ def test_task_vector_moves_tied_embeddings_once(toy_task_dir: Path, task, tmp_pa
     assert AutoModelForCausalLM.from_pretrained(toy_task_dir / "model").config.tie_word_embeddings
     base = load_file(toy_task_dir / "model" / "model.safetensors")
     settings = {"epochs": 1, "learning_rate": 3e-4}
-    once = load_file(run_method("task_vector", toy_task_dir / "model", task, tmp_path / "s1", {**settings, "scale": 1.0}) / "model.safetensors")
-    twice = load_file(run_method("task_vector", toy_task_dir / "model", task, tmp_path / "s2", {**settings, "scale": 2.0}) / "model.safetensors")
+    once = load_file(
+        run_method("task_vector", toy_task_dir / "model", task, tmp_path / "s1", {**settings, "scale": 1.0})
+        / "model.safetensors"
+    )
+    twice = load_file(
+        run_method("task_vector", toy_task_dir / "model", task, tmp_path / "s2", {**settings, "scale": 2.0})
+        / "model.safetensors"
+    )
     # Same fine-tune, so theta(2) - base = 2 (theta(1) - base) for every tensor; subtracting twice from a
     # tied tensor (once as embed_tokens, once as lm_head) breaks that for the embedding.
     for name in ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"):
@@ -322,7 +439,14 @@ def test_qlora_scores_what_it_saves(toy_task_dir: Path, task, tmp_path: Path) ->
     def keep(epoch: int, checkpoint: Path, last: bool) -> None:
         scored.append(load_file(checkpoint / "model.safetensors"))
 
-    out = run_method("grad_diff", toy_task_dir / "model", task, tmp_path / "q", {"adapter": "qlora", "learning_rate": 1e-3, "epochs": 1}, keep)
+    out = run_method(
+        "grad_diff",
+        toy_task_dir / "model",
+        task,
+        tmp_path / "q",
+        {"adapter": "qlora", "learning_rate": 1e-3, "epochs": 1},
+        keep,
+    )
     saved = load_file(out / "model.safetensors")
     assert saved["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32  # merged into the full-precision base
     assert scored[-1].keys() == saved.keys() and all(torch.equal(scored[-1][name], saved[name]) for name in saved)

@@ -13,7 +13,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT
 
 DECOY = 'raise ImportError("a decoy folder of the user\'s was imported")\n'
@@ -26,10 +25,38 @@ def wheel_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("wheel")
     # Built from a copy: an in-tree build leaves build/lib behind, whose stale modules a later wheel would ship.
     source = root / "source"
-    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", "toy_task",
-                                                                     "mlruns", "sweeps", "mlflow.db", ".torch_extensions"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(root / "dist"), str(source)],
-                   check=True, capture_output=True)
+    shutil.copytree(
+        REPO_ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            "build",
+            "*.egg-info",
+            "__pycache__",
+            "toy_task",
+            "mlruns",
+            "sweeps",
+            "mlflow.db",
+            ".torch_extensions",
+        ),
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(root / "dist"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = (root / "dist").glob("unlearn_sweep-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names if not name.startswith("unlearn_sweep-")} == {"unlearn_sweep"}
@@ -39,8 +66,22 @@ def wheel_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
     (env_site,) = (env / "lib").glob("python3*/site-packages")
     (env_site / "project_dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(env / "bin" / "python"), "install", "--no-deps", "--no-index", "-q", str(wheel)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(env / "bin" / "python"),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "-q",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return env
 
 
@@ -60,15 +101,29 @@ def test_wheel_works_beside_decoy_folders(wheel_env: Path, toy_task_dir: Path, t
     assert listed.returncode == 0, listed.stderr
     assert "npo" in listed.stdout and "sugd" in listed.stdout
     # `python -m` puts the working directory first on sys.path: the decoys must not be reached.
-    as_module = run_in(wheel_env, workdir, python, "-m", "unlearn_sweep.orchestrator.cli", "validate-data", "--data", str(toy_task_dir / "data"))
+    as_module = run_in(
+        wheel_env,
+        workdir,
+        python,
+        "-m",
+        "unlearn_sweep.orchestrator.cli",
+        "validate-data",
+        "--data",
+        str(toy_task_dir / "data"),
+    )
     assert as_module.returncode == 0, as_module.stderr
 
-    spaces = run_in(wheel_env, workdir, python, "-c",
-                    "from unlearn_sweep.methods.registry import method_names\n"
-                    "from unlearn_sweep.orchestrator.search import load_space\n"
-                    "import unlearn_sweep.orchestrator.search as s\n"
-                    "print(s.__file__)\n"
-                    "print(sorted(m for m in method_names() if load_space(m)['params'] is not None))")
+    spaces = run_in(
+        wheel_env,
+        workdir,
+        python,
+        "-c",
+        "from unlearn_sweep.methods.registry import method_names\n"
+        "from unlearn_sweep.orchestrator.search import load_space\n"
+        "import unlearn_sweep.orchestrator.search as s\n"
+        "print(s.__file__)\n"
+        "print(sorted(m for m in method_names() if load_space(m)['params'] is not None))",
+    )
     assert spaces.returncode == 0, spaces.stderr
     installed_at, loaded = spaces.stdout.splitlines()
     assert str(wheel_env) in installed_at and str(REPO_ROOT) not in installed_at
@@ -82,8 +137,13 @@ def test_wheel_works_beside_decoy_folders(wheel_env: Path, toy_task_dir: Path, t
 
 # Each layer imports only the layers below it: corpus (data and token batches) is the ground
 # floor; methods and evaluation stand on it side by side; the orchestrator on all of them.
-LAYERS_BELOW = {"corpus": set(), "methods": {"corpus"}, "evaluation": {"corpus"}, "search_spaces": set(),
-                "orchestrator": {"corpus", "methods", "evaluation", "search_spaces"}}
+LAYERS_BELOW = {
+    "corpus": set(),
+    "methods": {"corpus"},
+    "evaluation": {"corpus"},
+    "search_spaces": set(),
+    "orchestrator": {"corpus", "methods", "evaluation", "search_spaces"},
+}
 
 
 def test_no_import_runs_back_up_the_layers() -> None:
@@ -93,8 +153,13 @@ def test_no_import_runs_back_up_the_layers() -> None:
     for layer, allowed in LAYERS_BELOW.items():
         for module in sorted((REPO_ROOT / layer).glob("*.py")):
             for node in ast.walk(ast.parse(module.read_text())):
-                names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
-                    [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+                names = (
+                    [node.module]
+                    if isinstance(node, ast.ImportFrom) and node.module
+                    else [alias.name for alias in node.names]
+                    if isinstance(node, ast.Import)
+                    else []
+                )
                 for name in names:
                     parts = name.split(".")
                     if parts[0] == "unlearn_sweep" and len(parts) > 1 and parts[1] not in allowed | {layer}:

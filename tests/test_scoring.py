@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
+from unlearn_sweep.evaluation.eligibility import MmluThreshold, is_eligible
 from unlearn_sweep.evaluation.scoring import (
-    MmluThreshold,
     compute_scores,
     final_score,
-    is_eligible,
     knowledge_score,
     mia_auc,
     mia_score,
@@ -78,10 +76,18 @@ def test_mia_auc_and_score() -> None:
     nonmembers = [{"membership": "nonmember", "nll": loss} for loss in (1.0, 2.0)]
     perfect = mia_auc(members + nonmembers)
     assert perfect == 1.0 and mia_score(perfect) == 0.0
-    inverted = mia_auc([{**r, "membership": "nonmember"} for r in members] + [{**r, "membership": "member"} for r in nonmembers])
+    inverted = mia_auc(
+        [{**r, "membership": "nonmember"} for r in members] + [{**r, "membership": "member"} for r in nonmembers]
+    )
     assert inverted == 0.0 and mia_score(inverted) == 0.0
-    mixed = mia_auc([{"membership": "member", "nll": 1.0}, {"membership": "member", "nll": 0.1},
-                     {"membership": "nonmember", "nll": 0.5}, {"membership": "nonmember", "nll": 2.0}])
+    mixed = mia_auc(
+        [
+            {"membership": "member", "nll": 1.0},
+            {"membership": "member", "nll": 0.1},
+            {"membership": "nonmember", "nll": 0.5},
+            {"membership": "nonmember", "nll": 2.0},
+        ]
+    )
     # Member/nonmember pairs ordered correctly: (0.1<0.5), (0.1<2.0), (1.0<2.0) of 4.
     assert mixed == pytest.approx(0.75) and mia_score(mixed) == pytest.approx(0.5)
     assert mia_score(0.5) == 1.0

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_sweep import trial_context
 from transformers import AutoConfig, AutoModelForCausalLM
-
 from unlearn_sweep.evaluation.evaluator import EvalSets
+from unlearn_sweep.evaluation.options import EvalOptions
 from unlearn_sweep.evaluation.screening import Split, mmlu_upper_bound, needs_full_evaluation
 from unlearn_sweep.orchestrator import tracking
-from unlearn_sweep.orchestrator.config import EVAL_DEFAULTS
+from unlearn_sweep.orchestrator.context import TrialContext
 from unlearn_sweep.orchestrator.trial import EpochReporter
 
 
@@ -47,22 +48,29 @@ def test_the_screen_decides_by_margin_and_a_confident_mmlu_bound() -> None:
     assert not needs_full_evaluation({"final_score": 0.40}, 0.5, 0.6, 0.05, 0.95, mmlu)  # cannot become the best
 
 
-def reporter_settings(toy_task_dir: Path, tmp_path: Path, threshold: float) -> dict:
-    return {"data": str(toy_task_dir / "data"), "split": None, "mia": str(toy_task_dir / "mia"), "mmlu": str(toy_task_dir / "mmlu"),
-            "mmlu_shots": None, "mmlu_threshold": threshold, "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "workers": 1,
-            **EVAL_DEFAULTS, "max_new_tokens": 16, "decision_epochs": []}
+def reporter_context(toy_task_dir: Path, tmp_path: Path, threshold: float, **changes) -> TrialContext:
+    return trial_context(
+        toy_task_dir,
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        mmlu_threshold=threshold,
+        eval=EvalOptions(max_new_tokens=16),
+        **changes,
+    )
 
 
-def reporter_for(settings: dict, name: str, threshold: float, reports: list, kept: Path) -> tuple[EpochReporter, str]:
+def reporter_for(
+    context: TrialContext, name: str, threshold: float, reports: list, kept: Path
+) -> tuple[EpochReporter, str]:
     """A trial's reporter whose reports keep a copy of the checkpoint saved, as Tune does."""
-    mlflow = tracking.client(settings["tracking_uri"])
+    mlflow = tracking.client(context.tracking_uri)
     experiment = tracking.experiment_id(mlflow, name)
     parent = mlflow.create_run(experiment).info.run_id
     run_id = tracking.trial_run(mlflow, experiment, parent, "t1", {"method": "npo", "params": {}}, threshold)
 
     def report(metrics: dict, saved: Path | None) -> None:
         reports.append((metrics, saved and Path(shutil.copytree(saved, kept / f"report-{len(reports) + 1}"))))
-    return EpochReporter(settings, {"method": "npo", "params": {}}, run_id, report), run_id
+
+    return EpochReporter(context, {"method": "npo", "params": {}}, run_id, report), run_id
 
 
 def untrained_copy(model_dir: Path, out: Path) -> Path:
@@ -74,12 +82,13 @@ def untrained_copy(model_dir: Path, out: Path) -> Path:
 
 
 @pytest.mark.parametrize("trained, threshold, stage", [(False, 0.95, "screen"), (True, 0.5, "full")])
-def test_an_epoch_is_fully_evaluated_and_saved_only_where_it_could_be_the_best(trained: bool, threshold: float, stage: str,
-                                                                                toy_task_dir: Path, tmp_path: Path) -> None:
-    settings = reporter_settings(toy_task_dir, tmp_path, threshold)
-    mlflow = tracking.client(settings["tracking_uri"])
+def test_an_epoch_is_fully_evaluated_and_saved_only_where_it_could_be_the_best(
+    trained: bool, threshold: float, stage: str, toy_task_dir: Path, tmp_path: Path
+) -> None:
+    context = reporter_context(toy_task_dir, tmp_path, threshold)
+    mlflow = tracking.client(context.tracking_uri)
     reports = []
-    reporter, run_id = reporter_for(settings, "screening", threshold, reports, tmp_path)
+    reporter, run_id = reporter_for(context, "screening", threshold, reports, tmp_path)
     if trained:
         checkpoint = Path(shutil.copytree(toy_task_dir / "model", tmp_path / "epoch-1"))
     else:
@@ -93,25 +102,32 @@ def test_an_epoch_is_fully_evaluated_and_saved_only_where_it_could_be_the_best(t
     else:  # the first eligible epoch is the trial's best: fully evaluated, saved with its full records
         assert json.loads((saved / "scores.json").read_text())["stage"] == "full"
         generations = (saved / "generations.jsonl").read_text().splitlines()
-        assert len(generations) == len(EvalSets.load(settings["data"]).rows)
+        assert len(generations) == len(EvalSets.load(context.data).rows)
 
 
-def test_the_full_evaluation_waits_for_a_decision_epoch_and_takes_the_best_screened_epochs(toy_task_dir: Path, tmp_path: Path,
-                                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_full_evaluation_waits_for_a_decision_epoch_and_takes_the_best_screened_epochs(
+    toy_task_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Six epochs, ASHA's rung at 4, the two best screened candidates held. Epochs 1-3 screen
     higher each time: 3 and 2 are held, 1 dropped. Epoch 4 (a decision) screens higher still:
     it and epoch 3 are fully evaluated and 4, better, is saved. Epoch 5 is a candidate (within
     the margin of 0.46): held. Epoch 6 (the last) screens lower than 5 but is a candidate: both
     are fully evaluated, and 5, better in full, is saved. Four full evaluations in six epochs,
     where evaluating each candidate when seen took six."""
-    settings = {**reporter_settings(toy_task_dir, tmp_path, 0.5), "decision_epochs": [4]}
+    context = reporter_context(toy_task_dir, tmp_path, 0.5, decision_epochs=(4,))
     screened = iter([0.30, 0.35, 0.40, 0.45, 0.47, 0.44])
     full = iter([0.46, 0.43, 0.45, 0.50])  # in the order evaluated: the decision epoch first (4, 3, then 6, 5)
     score = EpochReporter._score
-    monkeypatch.setattr(EpochReporter, "_score", lambda self, records, stage: {
-        **score(self, records, stage), "final_score": next(screened if stage == "screen" else full)})
+    monkeypatch.setattr(
+        EpochReporter,
+        "_score",
+        lambda self, records, stage: {
+            **score(self, records, stage),
+            "final_score": next(screened if stage == "screen" else full),
+        },
+    )
     reports = []
-    reporter, run_id = reporter_for(settings, "deferred", 0.5, reports, tmp_path)
+    reporter, run_id = reporter_for(context, "deferred", 0.5, reports, tmp_path)
     for epoch in range(1, 7):
         checkpoint = Path(shutil.copytree(toy_task_dir / "model", tmp_path / f"staging-{epoch}"))
         reporter(epoch, checkpoint, epoch == 6)
@@ -120,7 +136,7 @@ def test_the_full_evaluation_waits_for_a_decision_epoch_and_takes_the_best_scree
     assert reports[5][0]["objective_epoch"] == 5 and reports[5][0]["final_score"] == 0.45  # epoch 6's own, in full
     assert [json.loads((saved / "trial_config.json").read_text())["epoch"] for _, saved in reports if saved] == [4, 5]
     assert json.loads((reports[5][1] / "scores.json").read_text())["stage"] == "full"
-    mlflow = tracking.client(settings["tracking_uri"])
+    mlflow = tracking.client(context.tracking_uri)
     full_evaluations = [(m.step, m.value) for m in mlflow.get_metric_history(run_id, "full_evaluation")]
     assert sorted(full_evaluations) == [(1, 0.0), (2, 0.0), (3, 1.0), (4, 1.0), (5, 1.0), (6, 1.0)]  # each epoch once
     assert mlflow.get_run(run_id).data.metrics["best_epoch"] == 5

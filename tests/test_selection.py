@@ -8,29 +8,46 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.selection import Entry, crown, export_champion, leaderboard, select
 
 TOY_MODEL: Path
 
 
-def entry(trial_id: str, final: float | None, mmlu: float = 0.5, status: str = "finished", threshold: float | None = 0.4,
-          checkpoint: str | None = "/ckpt") -> Entry:
+def entry(
+    trial_id: str,
+    final: float | None,
+    mmlu: float = 0.5,
+    status: str = "finished",
+    threshold: float | None = 0.4,
+    checkpoint: str | None = "/ckpt",
+) -> Entry:
     scores = {} if final is None else {"final_score": final, "mmlu_accuracy": mmlu, "epoch": 1.0}
     return Entry(f"run-{trial_id}", trial_id, "npo", status, {}, scores, checkpoint, threshold)
 
 
 def test_only_finished_eligible_trials_with_a_checkpoint_count() -> None:
-    entries = [entry("failed", 0.9, status="failed"), entry("killed", 0.9, status="interrupted"), entry("running", 0.9, status="running"),
-               entry("no-eligible-epoch", None), entry("no-checkpoint", 0.9, checkpoint=None),
-               entry("below-own-threshold", 0.9, mmlu=0.3), entry("b", 0.5), entry("a", 0.5), entry("best", 0.6)]
+    entries = [
+        entry("failed", 0.9, status="failed"),
+        entry("killed", 0.9, status="interrupted"),
+        entry("running", 0.9, status="running"),
+        entry("no-eligible-epoch", None),
+        entry("no-checkpoint", 0.9, checkpoint=None),
+        entry("below-own-threshold", 0.9, mmlu=0.3),
+        entry("b", 0.5),
+        entry("a", 0.5),
+        entry("best", 0.6),
+    ]
     assert [e.trial_id for e in select(entries)] == ["best", "a", "b"]  # ties: the earlier trial id
     # Under a stricter (current sweep's) threshold, a trial eligible under its own is not.
-    assert [e.trial_id for e in select([entry("low", 0.9, mmlu=0.45), entry("high", 0.5, mmlu=0.6)], threshold=0.5)] == ["high"]
+    assert [
+        e.trial_id for e in select([entry("low", 0.9, mmlu=0.45), entry("high", 0.5, mmlu=0.6)], threshold=0.5)
+    ] == ["high"]
 
 
-def fake_trial(mlflow, experiment: str, parent: str, folder: Path, trial_id: str, final: float, mmlu: float, threshold: float) -> str:
+def fake_trial(
+    mlflow, experiment: str, parent: str, folder: Path, trial_id: str, final: float, mmlu: float, threshold: float
+) -> str:
     """A finished trial run as a sweep leaves it: best_* metrics and its checkpoint folder (the
     toy model, its scores and trial config)."""
     run_id = tracking.trial_run(mlflow, experiment, parent, trial_id, {"method": "npo", "params": {}}, threshold)
@@ -72,7 +89,9 @@ def test_crown_registers_once_and_never_moves_to_an_ineligible_checkpoint(tmp_pa
     assert logged.source_run_id == high and "champion_final_score" in {metric.key for metric in logged.metrics or []}
     assert mlflow.get_run(high).info.end_time == end_time  # registering did not move the trial's end
     exported = export_champion("exp", uri, tmp_path / "submission")
-    assert {"model.safetensors", "config.json", "tokenizer.json", "scores.json", "trial_config.json"} <= {p.name for p in exported.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "scores.json", "trial_config.json"} <= {
+        p.name for p in exported.iterdir()
+    }
 
     # A later sweep with a stricter threshold: its lower but eligible trial takes the alias;
     # the earlier champion (MMLU 0.45 < 0.5) is not eligible under it.
@@ -99,7 +118,7 @@ def test_a_trial_started_again_gets_a_new_run_and_closes_the_old(tmp_path: Path)
     assert second != first
     old, new = mlflow.get_run(first), mlflow.get_run(second)
     assert (old.info.status, old.data.tags["status"]) == ("KILLED", "interrupted")
-    assert (new.info.status, new.data.tags["attempt"], new.data.tags["mmlu_threshold"]) == ("RUNNING", "2", "0.4")
+    assert (new.info.status, new.data.tags["attempt"], new.data.metrics["mmlu_threshold"]) == ("RUNNING", "2", 0.4)
     assert not mlflow.get_metric_history(second, "final_score")  # the new attempt starts with no steps
 
 
@@ -138,6 +157,7 @@ def test_a_trial_run_killed_while_it_is_being_closed_is_never_left_open_as_finis
                     raise SystemExit("killed")
                 self.writes += 1
                 return call(*args, **kwargs)
+
             return write
 
     for close in (lambda client, run_id: tracking.finish_trial(client, run_id, "finished"), tracking.mark_interrupted):

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import pickle
 import re
 import signal
 import socket
@@ -21,37 +22,57 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from safetensors.torch import load_file
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
-
+from safetensors.torch import load_file
 from unlearn_sweep.evaluation import vllm_inference
+from unlearn_sweep.evaluation.eligibility import TrialObjective, epoch_objective
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.methods.registry import run_method
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.cli import main
 from unlearn_sweep.orchestrator.config import ConfigError, load_config
-from unlearn_sweep.orchestrator.objective import TrialObjective, epoch_objective
-from unlearn_sweep.orchestrator.search import MMLU_CONSTRAINT, SPACES_DIR, load_space, make_searcher
+from unlearn_sweep.orchestrator.context import TrialContext
+from unlearn_sweep.orchestrator.search import MMLU_CONSTRAINT, SPACES_DIR, STUDY_TRIAL, load_space, make_searcher
 from unlearn_sweep.orchestrator.selection import export_champion, leaderboard
 from unlearn_sweep.orchestrator.sweep import METRIC, MODE, run_sweep
 from unlearn_sweep.orchestrator.trial import epoch_report
-
 
 # For sweeps whose test checks what ran, was recorded or was merged, not the scores: short
 # generations, no MMLU shots, no staging (a fraction of the evaluation's cost).
 LIGHT_EVAL = {"eval": {"dtype": "float32", "max_new_tokens": 16, "screen": False}, "mmlu_shots": 0}
 
 
+def trial_context(toy_task_dir: Path, **changes) -> TrialContext:
+    """A trial's context over the toy task, as a sweep would build it (tracking where `changes` say)."""
+    return TrialContext(
+        model=str(toy_task_dir / "model"),
+        data=str(toy_task_dir / "data"),
+        split=None,
+        mia=str(toy_task_dir / "mia"),
+        mmlu=str(toy_task_dir / "mmlu"),
+        tracking_uri=changes.pop("tracking_uri", "sqlite:///:memory:"),
+        **changes,
+    )
+
+
 def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
     raw = {
-        "name": "s1", "model": str(toy_task_dir / "model"), "data": str(toy_task_dir / "data"),
-        "mia": str(toy_task_dir / "mia"), "mmlu": str(toy_task_dir / "mmlu"),
-        "methods": ["grad_diff"], "trials": 2, "seed": 0,
-        "search_space_overrides": {"grad_diff": {"epochs": {"int": [1, 2]}, "learning_rate": {"log_uniform": [5e-5, 3e-4]}}},
+        "name": "s1",
+        "model": str(toy_task_dir / "model"),
+        "data": str(toy_task_dir / "data"),
+        "mia": str(toy_task_dir / "mia"),
+        "mmlu": str(toy_task_dir / "mmlu"),
+        "methods": ["grad_diff"],
+        "trials": 2,
+        "seed": 0,
+        "search_space_overrides": {
+            "grad_diff": {"epochs": {"int": [1, 2]}, "learning_rate": {"log_uniform": [5e-5, 3e-4]}}
+        },
         "mlflow": {"tracking_uri": f"sqlite:///{folder}/mlflow.db"},
         "storage_path": str(folder / "runs"),
-        # float32 inference: ~4x faster than bfloat16 on a CPU without bf16 units; the end-to-end test scores in the default.
+        # float32 inference: ~4x faster than bfloat16 on a CPU without bf16 units; the end-to-end test
+        # scores in the default.
         "eval": {"dtype": "float32"},
         **overrides,
     }
@@ -81,38 +102,100 @@ def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
         ({"eval": {"screen_hold": 0}}, "field 'eval': screen_hold must be a positive integer, got 0"),
         ({"eval": {"backend": "tgi"}}, "field 'eval.backend': expected one of hf, vllm, got 'tgi'"),
         ({"eval": {"vllm_memory": 1.5}}, "field 'eval.vllm_memory': expected a number in (0, 1), got 1.5"),
-        pytest.param({"eval": {"backend": "vllm"}}, "field 'eval.backend': the vllm backend needs the vllm package",
-                     marks=pytest.mark.skipif(vllm_inference.installed(), reason="vLLM is installed here")),
-        ({"mlflow": {"tracking_uri": "sqlite:////nonexistent/folder/mlflow.db"}}, "field 'mlflow.tracking_uri': /nonexistent/folder: folder of the MLflow store does not exist"),
+        pytest.param(
+            {"eval": {"backend": "vllm"}},
+            "field 'eval.backend': the vllm backend needs the vllm package",
+            marks=pytest.mark.skipif(vllm_inference.installed(), reason="vLLM is installed here"),
+        ),
+        (
+            {"mlflow": {"tracking_uri": "sqlite:////nonexistent/folder/mlflow.db"}},
+            "field 'mlflow.tracking_uri': /nonexistent/folder: folder of the MLflow store does not exist",
+        ),
         ({"storage_path": "/proc/sweeps"}, "field 'storage_path': /proc/sweeps cannot be written"),
         ({"storage_path": "sweep.yaml/runs"}, "sweep.yaml/runs cannot be written ("),
         ({"model": "/proc"}, "field 'model': /proc: not a Hugging Face checkpoint (no config.json)"),
-        ({"recipes": ["organizers_npo"]}, "organizers_npo.yaml: field 'method': method 'npo' is not among the sweep's methods"),
+        (
+            {"recipes": ["organizers_npo"]},
+            "organizers_npo.yaml: field 'method': method 'npo' is not among the sweep's methods",
+        ),
         ({"recipes": ["winner"]}, "field 'recipes': unknown recipe 'winner'"),
-        ({"merge_stage": {"sources": ["most_forgetting"]}}, "field 'merge_stage.sources': name at least two different sources"),
-        ({"merge_stage": {"sources": ["most_forgetting", "/proc"]}}, "field 'merge_stage.sources': /proc: not a Hugging Face checkpoint"),
-        ({"merge_stage": {"space": {"weights": {"choice": ["1,1,1"]}}}}, "field 'merge_stage.space.weights': weights '1,1,1': one per source (2)"),
-        ({"merge_stage": {"space": {"models": "a,b"}}}, "field 'merge_stage.space.models': not a hyperparameter of merge"),
+        (
+            {"merge_stage": {"sources": ["most_forgetting"]}},
+            "field 'merge_stage.sources': name at least two different sources",
+        ),
+        (
+            {"merge_stage": {"sources": ["most_forgetting", "/proc"]}},
+            "field 'merge_stage.sources': /proc: not a Hugging Face checkpoint",
+        ),
+        (
+            {"merge_stage": {"space": {"weights": {"choice": ["1,1,1"]}}}},
+            "field 'merge_stage.space.weights': weights '1,1,1': one per source (2)",
+        ),
+        (
+            {"merge_stage": {"space": {"models": "a,b"}}},
+            "field 'merge_stage.space.models': not a hyperparameter of merge",
+        ),
         # Calibrating on the scored nonmembers would fit the MIA score, not forget.
-        ({"methods": ["mia_target"], "search_space_overrides": {}, "held_out": "{task}/mia/nonmember.jsonl"},
-         "field 'held_out': {task}/mia/nonmember.jsonl: 24 of its 24 documents are in the scored MIA set"),
-        ({"methods": ["mia_target"], "search_space_overrides": {}, "mia": "{task}/data"},
-         "field 'held_out': mia_target needs documents the model never saw"),
+        (
+            {"methods": ["mia_target"], "search_space_overrides": {}, "held_out": "{task}/mia/nonmember.jsonl"},
+            "field 'held_out': {task}/mia/nonmember.jsonl: 24 of its 24 documents are in the scored MIA set",
+        ),
+        (
+            {"methods": ["mia_target"], "search_space_overrides": {}, "mia": "{task}/data"},
+            "field 'held_out': mia_target needs documents the model never saw",
+        ),
         # Search-space overrides are checked with the config, named in the user's file.
-        ({"search_space_overrides": {"grad_diff": {"bogus": 1}}}, "field 'search_space_overrides.grad_diff.bogus': not a hyperparameter"),
-        ({"search_space_overrides": {"grad_diff": {"learning_rate": {"uniform": [0.2, 0.1]}}}},
-         "field 'search_space_overrides.grad_diff.learning_rate': uniform needs [low, high] with low <= high"),
-        ({"search_space_overrides": {"grad_diff": {"adapter": {"choice": []}}}}, "field 'search_space_overrides.grad_diff.adapter': choice needs"),
-        ({"search_space_overrides": {"grad_diff": {"epochs": "two"}}}, "field 'search_space_overrides.grad_diff.epochs': epochs='two': expected int"),
+        (
+            {"search_space_overrides": {"grad_diff": {"bogus": 1}}},
+            "field 'search_space_overrides.grad_diff.bogus': not a hyperparameter",
+        ),
+        (
+            {"search_space_overrides": {"grad_diff": {"learning_rate": {"uniform": [0.2, 0.1]}}}},
+            "field 'search_space_overrides.grad_diff.learning_rate': uniform needs [low, high] with low <= high",
+        ),
+        (
+            {"search_space_overrides": {"grad_diff": {"adapter": {"choice": []}}}},
+            "field 'search_space_overrides.grad_diff.adapter': choice needs",
+        ),
+        (
+            {"search_space_overrides": {"grad_diff": {"epochs": "two"}}},
+            "field 'search_space_overrides.grad_diff.epochs': epochs='two': expected int",
+        ),
     ],
 )
 def test_config_errors_name_the_file_and_field(change, message, toy_task_dir: Path, tmp_path: Path) -> None:
-    change = {key: value.format(task=toy_task_dir) if isinstance(value, str) else value for key, value in change.items()}
+    change = {
+        key: value.format(task=toy_task_dir) if isinstance(value, str) else value for key, value in change.items()
+    }
     message = message.format(task=toy_task_dir)
     path = write_config(tmp_path, toy_task_dir, **change)
     with pytest.raises(ConfigError) as error:
         load_config(path)
     assert str(error.value).startswith(str(path)) and message in str(error.value)
+
+
+def test_the_base_evaluation_takes_the_configured_vllm_share(
+    toy_task_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The base model's evaluation (for a relative threshold) loads its vLLM engine with the
+    sweep's `eval.vllm_memory`, as trials do: it took vLLM's default share before (review)."""
+    from unlearn_sweep.orchestrator import sweep
+
+    config = load_config(write_config(tmp_path, toy_task_dir))
+    config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, backend="vllm", vllm_memory=0.25))
+    shares = []
+
+    class Loaded(Exception):
+        pass
+
+    def load_model(model_dir, dtype="bfloat16", gpu_memory_utilization=vllm_inference.GPU_SHARE):
+        shares.append(gpu_memory_utilization)
+        raise Loaded  # no vLLM here: what matters is what it was asked for
+
+    monkeypatch.setattr(vllm_inference, "load_model", load_model)
+    with pytest.raises(Loaded):
+        sweep._evaluate_base(config)
+    assert shares == [0.25]
 
 
 def test_held_out_documents_default_beside_the_mia_set(toy_task_dir: Path, tmp_path: Path) -> None:
@@ -144,8 +227,14 @@ def test_every_recipe_is_a_point_of_its_methods_space_and_runs_first(tmp_path: P
     from unlearn_sweep.orchestrator.search import DefineByRun, load_recipe, recipe_names
 
     names = recipe_names()
-    assert {"ails_ntua_sugd", "zjuklab_npo_ties", "gil_iimas_ga_finetune", "gil_iimas_task_vector",
-            "organizers_grad_diff", "organizers_npo"} <= set(names)
+    assert {
+        "ails_ntua_sugd",
+        "zjuklab_npo_ties",
+        "gil_iimas_ga_finetune",
+        "gil_iimas_task_vector",
+        "organizers_grad_diff",
+        "organizers_npo",
+    } <= set(names)
     for name in names:
         recipe = yaml.safe_load((SPACES_DIR / "recipes" / f"{name}.yaml").read_text())
         spaces = {recipe["method"]: load_space(recipe["method"]), "grad_diff": load_space("grad_diff")}
@@ -158,10 +247,15 @@ def test_every_recipe_is_a_point_of_its_methods_space_and_runs_first(tmp_path: P
     # SUGD's defaults are the published setting (AILS-NTUA, 7B), a point of its space.
     sugd = yaml.safe_load((SPACES_DIR / "recipes" / "ails_ntua_sugd.yaml").read_text())["params"]
     assert dataclasses.asdict(build_params(get_method("sugd"), {})).items() >= sugd.items()
-    with pytest.raises(ConfigError, match=r"ails_ntua_sugd.yaml: field 'params.learning_rate': 1e-05 is outside the sweep's space"):
+    with pytest.raises(
+        ConfigError, match=r"ails_ntua_sugd.yaml: field 'params.learning_rate': 1e-05 is outside the sweep's space"
+    ):
         load_recipe("ails_ntua_sugd", {"sugd": load_space("sugd", {"learning_rate": {"log_uniform": [1e-4, 1e-3]}})})
     with pytest.raises(ConfigError, match=r"field 'params.last_k_layers': sampled only when adapter is 'lora'"):
-        load_recipe("ails_ntua_sugd", {"sugd": load_space("sugd", {"last_k_layers": {"choice": [8], "if": {"adapter": "lora"}}})})
+        load_recipe(
+            "ails_ntua_sugd",
+            {"sugd": load_space("sugd", {"last_k_layers": {"choice": [8], "if": {"adapter": "lora"}}})},
+        )
 
 
 def test_searcher_hands_the_mmlu_constraint_to_optuna(toy_task_dir: Path, tmp_path: Path) -> None:
@@ -174,14 +268,20 @@ def test_searcher_hands_the_mmlu_constraint_to_optuna(toy_task_dir: Path, tmp_pa
     trials = searcher.study().trials
     assert [t.constraints[MMLU_CONSTRAINT] for t in trials] == [-0.1, 0.2, 1.0]
     assert trials[2].state == optuna.trial.TrialState.FAIL
-    feasible = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.constraints[MMLU_CONSTRAINT] <= 0]
+    feasible = [
+        t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.constraints[MMLU_CONSTRAINT] <= 0
+    ]
     assert [t.value for t in feasible] == [0.6]
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_every_method_is_sampled_during_start_up(seed: int, toy_task_dir: Path, tmp_path: Path) -> None:
     methods = ["grad_diff", "npo", "sugd"]
-    searcher = make_searcher(load_config(write_config(tmp_path, toy_task_dir, methods=methods, trials=8, seed=seed, search_space_overrides={})))
+    searcher = make_searcher(
+        load_config(
+            write_config(tmp_path, toy_task_dir, methods=methods, trials=8, seed=seed, search_space_overrides={})
+        )
+    )
     assert {searcher.suggest(str(trial))["setup"]["method"] for trial in range(3)} == set(methods)
 
 
@@ -203,11 +303,32 @@ def test_a_fresh_sweep_never_continues_an_existing_study(toy_task_dir: Path, tmp
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_a_searcher_state_cut_short_resumes_from_the_study(toy_task_dir: Path, tmp_path: Path) -> None:
+    """A driver killed while Tune copied its state into storage left the searcher's file empty,
+    and the resumed sweep hung. The resumed searcher continues from the Optuna study: the
+    trial in flight is found again by the study number its config carries, and told its result."""
+    searcher = make_searcher(load_config(write_config(tmp_path, toy_task_dir)))
+    as_built = pickle.dumps(searcher)  # what Tune's tuner.pkl holds: the searcher before any trial
+    in_flight = searcher.suggest("a")
+    searcher.save_to_dir(str(tmp_path), "killed")
+    (state,) = tmp_path.glob("searcher-state-*.pkl")
+    state.write_bytes(b"")
+    resumed = pickle.loads(as_built)
+    resumed.restore_from_dir(str(tmp_path))
+    resumed.on_trial_result("a", {"objective": 0.4, "training_iteration": 1, "config": in_flight})
+    resumed.on_trial_complete("a", {"objective": 0.6, "objective_mmlu_slack": -0.1, "config": in_flight})
+    (trial,) = resumed.study().trials
+    assert (trial.state, trial.value, trial.constraints) == (optuna.trial.TrialState.COMPLETE, 0.6, {MMLU_CONSTRAINT: -0.1})
+    assert resumed.suggest("b")[STUDY_TRIAL] == 1  # and the search goes on
+
+
 def test_eligible_then_ineligible_trial_is_feasible_with_its_eligible_value(toy_task_dir: Path, tmp_path: Path) -> None:
     threshold, objective = 0.5, TrialObjective()
     scores = {name: 0.5 for name in tracking.SCORE_METRICS}
     epoch_report({**scores, "final_score": 0.55, "mmlu_accuracy": 0.6, "eligible": True}, 1, threshold, objective)
-    last = epoch_report({**scores, "final_score": 0.7, "mmlu_accuracy": 0.3, "eligible": False}, 2, threshold, objective)
+    last = epoch_report(
+        {**scores, "final_score": 0.7, "mmlu_accuracy": 0.3, "eligible": False}, 2, threshold, objective
+    )
     assert (last["objective"], last["objective_epoch"]) == (0.55, 1) and last["objective_mmlu_slack"] <= 0
     searcher = make_searcher(load_config(write_config(tmp_path, toy_task_dir)))
     searcher.suggest("t")
@@ -220,46 +341,81 @@ def test_ineligible_epochs_rank_below_eligible_ones_by_how_close_they_came() -> 
     assert epoch_objective(0.01, 0.0) > epoch_objective(0.99, 0.01) > epoch_objective(0.99, 0.2)
 
 
+@pytest.mark.e2e
 def test_asha_stops_an_ineligible_high_trial_before_an_eligible_lower_one(local_ray, tmp_path: Path) -> None:
     def reports(epochs: list[tuple[float, float]]) -> list[dict]:
         """Each epoch's report, as a trial's EpochReporter would send it (built here, on the driver)."""
         objective = TrialObjective()
-        return [epoch_report({name: 0.5 for name in tracking.SCORE_METRICS}
-                             | {"final_score": final, "mmlu_accuracy": mmlu, "eligible": mmlu >= 0.5}, epoch, 0.5, objective)
-                for epoch, (final, mmlu) in enumerate(epochs, start=1)]
+        return [
+            epoch_report(
+                {name: 0.5 for name in tracking.SCORE_METRICS}
+                | {"final_score": final, "mmlu_accuracy": mmlu, "eligible": mmlu >= 0.5},
+                epoch,
+                0.5,
+                objective,
+            )
+            for epoch, (final, mmlu) in enumerate(epochs, start=1)
+        ]
 
-    def scripted_trial(config: dict) -> None:  # nested and import-free: Ray pickles it by value, its workers load nothing else
+    def scripted_trial(
+        config: dict,
+    ) -> None:  # nested and import-free: Ray pickles it by value, its workers load nothing else
         for report in config["reports"]:
             tune.report(report)
 
-    eligible, collapsed = reports([(0.4, 0.6)] * 4), reports([(0.9, 0.2)] * 4)  # collapsed: high final score, MMLU far below 0.5
+    eligible, collapsed = (
+        reports([(0.4, 0.6)] * 4),
+        reports([(0.9, 0.2)] * 4),
+    )  # collapsed: high final score, MMLU far below 0.5
     tuner = tune.Tuner(
         scripted_trial,
         param_space={"reports": tune.grid_search([eligible, collapsed, eligible, collapsed])},
-        tune_config=tune.TuneConfig(scheduler=ASHAScheduler(metric=METRIC, mode=MODE, grace_period=1, reduction_factor=2, max_t=4),
-                                    max_concurrent_trials=1),
+        tune_config=tune.TuneConfig(
+            scheduler=ASHAScheduler(metric=METRIC, mode=MODE, grace_period=1, reduction_factor=2, max_t=4),
+            max_concurrent_trials=1,
+        ),
         run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0),
     )
     epochs = {}
     for result in tuner.fit():
-        epochs.setdefault("eligible" if result.config["reports"] == eligible else "collapsed", []).append(result.metrics["training_iteration"])
+        epochs.setdefault("eligible" if result.config["reports"] == eligible else "collapsed", []).append(
+            result.metrics["training_iteration"]
+        )
     assert max(epochs["collapsed"]) < 4 and max(epochs["eligible"]) == 4, epochs
 
 
+@pytest.mark.e2e
 def test_small_sweep_end_to_end(local_ray, toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     overrides = {
         "grad_diff": {"epochs": {"int": [1, 2]}, "learning_rate": {"log_uniform": [1e-4, 4e-4]}},
         "grad_ascent": {"learning_rate": 1.0e6, "epochs": 1},  # diverges to NaN: a deliberately failing trial
     }
-    config = load_config(write_config(tmp_path, toy_task_dir, methods=["grad_diff", "grad_ascent"], trials=5,
-                                      mmlu_threshold=0.8, search_space_overrides=overrides, eval={}))
+    config = load_config(
+        write_config(
+            tmp_path,
+            toy_task_dir,
+            methods=["grad_diff", "grad_ascent"],
+            trials=5,
+            mmlu_threshold=0.8,
+            search_space_overrides=overrides,
+            eval={},
+        )
+    )
     summary = run_sweep(config)
     # The live view, not Tune's tables: a line per ended trial (no bar: the output is not a terminal).
     console = capsys.readouterr().out
-    assert "started with configuration" not in console and "finished iteration" not in console, console  # Tune's per-trial boxes
-    assert re.search(r"\[5/5\] trial \w+ \(grad_(diff|ascent)\) (finished|failed).*\| 0 running, \d failed, best \d\.\d{4} \(grad_diff\)", console)
+    assert "started with configuration" not in console and "finished iteration" not in console, (
+        console
+    )  # Tune's per-trial boxes
+    assert re.search(
+        r"\[5/5\] trial \w+ \(grad_(diff|ascent)\) (finished|failed).*\| 0 running, \d failed, best \d\.\d{4} "
+        r"\(grad_diff\)",
+        console,
+    )
     assert "top: " in console and "\r" not in console
-    assert not logging.getLogger("tensorboardX.x2num").isEnabledFor(logging.WARNING)  # -inf objectives before a first evaluation
+    assert not logging.getLogger("tensorboardX.x2num").isEnabledFor(
+        logging.WARNING
+    )  # -inf objectives before a first evaluation
     statuses = {row["trial_id"]: row["status"] for row in summary.rows}
     assert len(statuses) == 5
     failed = [row for row in summary.rows if row["status"] == "failed"]
@@ -282,10 +438,16 @@ def test_small_sweep_end_to_end(local_ray, toy_task_dir: Path, tmp_path: Path, c
         if run.data.tags["status"] == "finished":
             history = mlflow.get_metric_history(run.info.run_id, "final_score")
             assert [m.step for m in history] == list(range(1, len(history) + 1))
-            assert {"task_aggregate", "mia_auc", "mia_score", "mmlu_accuracy", "forget_mean", "retain_mean"} <= set(run.data.metrics)
+            assert {"task_aggregate", "mia_auc", "mia_score", "mmlu_accuracy", "forget_mean", "retain_mean"} <= set(
+                run.data.metrics
+            )
     artifacts = {a.path for a in mlflow.list_artifacts(summary.parent_run_id, "sweep")}
-    pictures = {"sweep/final_score_vs_mmlu.png", "sweep/optimization_history.png", "sweep/parallel_coordinates.png",
-                "sweep/champion_aggregate_terms.png"}
+    pictures = {
+        "sweep/final_score_vs_mmlu.png",
+        "sweep/optimization_history.png",
+        "sweep/parallel_coordinates.png",
+        "sweep/champion_aggregate_terms.png",
+    }
     assert pictures | {"sweep/leaderboard.json"} <= artifacts
     for picture in pictures:  # valid PNGs, not empty files
         with Image.open(mlflow.download_artifacts(summary.parent_run_id, picture, str(tmp_path))) as image:
@@ -302,7 +464,9 @@ def test_small_sweep_end_to_end(local_ray, toy_task_dir: Path, tmp_path: Path, c
     assert {t.params["method"] for t in study.trials[:2]} == {"grad_diff", "grad_ascent"}
 
     # best / export / re-evaluate reproduce the logged score.
-    assert leaderboard(config.experiment, config.tracking_uri)[0].scores["final_score"] == pytest.approx(champion["final_score"])
+    assert leaderboard(config.experiment, config.tracking_uri)[0].scores["final_score"] == pytest.approx(
+        champion["final_score"]
+    )
     assert main(["best", config.experiment, "--tracking-uri", config.tracking_uri]) == 0
     assert champion["trial_id"] in capsys.readouterr().out
     exported = export_champion(config.experiment, config.tracking_uri, tmp_path / "submission")
@@ -314,10 +478,20 @@ def test_small_sweep_end_to_end(local_ray, toy_task_dir: Path, tmp_path: Path, c
         run_sweep(config)
 
 
+@pytest.mark.e2e
 def test_merge_stage_merges_trials_already_trained(local_ray, toy_task_dir: Path, tmp_path: Path) -> None:
     stage = {"trials": 2, "space": {"combination": {"choice": ["linear"]}}}
-    config = load_config(write_config(tmp_path, toy_task_dir, trials=3, asha=None, merge_stage=stage, **LIGHT_EVAL, search_space_overrides={
-        "grad_diff": {"epochs": 1, "learning_rate": {"log_uniform": [5e-5, 5e-4]}}}))
+    config = load_config(
+        write_config(
+            tmp_path,
+            toy_task_dir,
+            trials=3,
+            asha=None,
+            merge_stage=stage,
+            **LIGHT_EVAL,
+            search_space_overrides={"grad_diff": {"epochs": 1, "learning_rate": {"log_uniform": [5e-5, 5e-4]}}},
+        )
+    )
     summary = run_sweep(config)
     trained = [row for row in summary.rows if row["method"] == "grad_diff"]
     merged = [row for row in summary.rows if row["method"] == "merge"]
@@ -332,9 +506,13 @@ def test_merge_stage_merges_trials_already_trained(local_ray, toy_task_dir: Path
         assert run.data.params["models"] == f"{most['checkpoint']},{least['checkpoint']}"
         assert not any(key.startswith(("over.", "under.")) or key == "learning_rate" for key in run.data.params)
         weights = [float(w) for w in run.data.params["weights"].split(",")]
-        tensors = [load_file(Path(folder) / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
-                   for folder in (most["checkpoint"], least["checkpoint"], row["checkpoint"])]
-        expected = (weights[0] * tensors[0] + weights[1] * tensors[1]) / sum(weights)  # mergekit's linear: a weighted average
+        tensors = [
+            load_file(Path(folder) / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
+            for folder in (most["checkpoint"], least["checkpoint"], row["checkpoint"])
+        ]
+        expected = (weights[0] * tensors[0] + weights[1] * tensors[1]) / sum(
+            weights
+        )  # mergekit's linear: a weighted average
         assert torch.allclose(tensors[2], expected, atol=1e-6)
     assert len(optuna.load_study(study_name=f"{config.name}-merge", storage=config.study_storage).trials) == 2
 
@@ -346,31 +524,46 @@ def test_merge_sources_are_trained_once_per_configuration(toy_task_dir: Path, tm
     trained = []
     monkeypatch.setattr(trial, "run_method", lambda *args: trained.append(args) or trial_run_method(*args))
     trial_run_method = run_method
-    settings = {"model": str(toy_task_dir / "model"), "data": str(toy_task_dir / "data"), "split": None, "held_out": None,
-                "source_cache": str(tmp_path / "sources")}
+    context = trial_context(toy_task_dir, source_cache=str(tmp_path / "sources"))
     task = load_task(toy_task_dir / "data")
     params = {"epochs": 1, "learning_rate": 1e-4}
-    first = trial._source_checkpoint("grad_diff", params, settings, task, tmp_path / "scratch-1")
-    again = trial._source_checkpoint("grad_diff", dict(params), settings, task, tmp_path / "scratch-2")
-    other = trial._source_checkpoint("grad_diff", {**params, "learning_rate": 2e-4}, settings, task, tmp_path / "scratch-3")
+    first = trial._source_checkpoint("grad_diff", params, context, task, tmp_path / "scratch-1")
+    again = trial._source_checkpoint("grad_diff", dict(params), context, task, tmp_path / "scratch-2")
+    other = trial._source_checkpoint(
+        "grad_diff", {**params, "learning_rate": 2e-4}, context, task, tmp_path / "scratch-3"
+    )
     assert first == again != other and len(trained) == 2 and (first / "model.safetensors").is_file()
 
 
+@pytest.mark.e2e
 def test_trial_that_can_never_be_placed_is_refused_before_mlflow(local_ray, toy_task_dir: Path, tmp_path: Path) -> None:
     path = write_config(tmp_path, toy_task_dir, name="too-big", resources_per_trial={"cpu": 64})
-    with pytest.raises(ConfigError, match=r"field 'resources_per_trial': a trial needs 64 CPU, and this machine's Ray has 2"):
+    with pytest.raises(
+        ConfigError, match=r"field 'resources_per_trial': a trial needs 64 CPU, and this machine's Ray has 2"
+    ):
         run_sweep(load_config(path))
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_sweep_whose_every_trial_fails_exits_non_zero(local_ray, toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    path = write_config(tmp_path, toy_task_dir, name="all-fail", methods=["grad_ascent"], trials=2,
-                        search_space_overrides={"grad_ascent": {"learning_rate": 1.0e6, "epochs": 1}})  # the loss diverges
+@pytest.mark.e2e
+def test_sweep_whose_every_trial_fails_exits_non_zero(
+    local_ray, toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path = write_config(
+        tmp_path,
+        toy_task_dir,
+        name="all-fail",
+        methods=["grad_ascent"],
+        trials=2,
+        search_space_overrides={"grad_ascent": {"learning_rate": 1.0e6, "epochs": 1}},
+    )  # the loss diverges
     assert main(["sweep", str(path)]) == 1
     error = capsys.readouterr().err
     assert "all 2 trials of sweep 'all-fail' failed; most common error (2x): FloatingPointError: " in error
     mlflow = tracking.client(load_config(path).tracking_uri)
-    parent = mlflow.search_runs([mlflow.get_experiment_by_name("all-fail").experiment_id], filter_string="tags.role = 'sweep'")[0]
+    parent = mlflow.search_runs(
+        [mlflow.get_experiment_by_name("all-fail").experiment_id], filter_string="tags.role = 'sweep'"
+    )[0]
     assert parent.info.status == "FAILED"
 
 
@@ -381,8 +574,21 @@ def test_ui_serves_mlflow_on_loopback(tmp_path: Path, capsys: pytest.CaptureFixt
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    ui = subprocess.Popen([sys.executable, "-m", "unlearn_sweep.orchestrator.cli", "ui", "--port", str(port), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ui = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "unlearn_sweep.orchestrator.cli",
+            "ui",
+            "--port",
+            str(port),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path}/m.db",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 90
         while time.time() < deadline:
@@ -405,10 +611,27 @@ def mlflow_server(folder: Path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/server.db",
-                               "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{folder}/server.db",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -429,4 +652,6 @@ def test_reading_a_config_loads_no_torch() -> None:
     """A config is read on the driver (a cluster's CPU-only head) and by plan/validate: the
     evaluation backends' facts it checks come without torch or transformers."""
     code = "import sys, unlearn_sweep.orchestrator.config; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    )

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import optuna
 import pytest
-
+from test_sweep import LIGHT_EVAL, write_config
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.config import load_config
 from unlearn_sweep.orchestrator.selection import leaderboard
 from unlearn_sweep.orchestrator.sweep import run_sweep
-from test_sweep import LIGHT_EVAL, write_config
+
+pytestmark = pytest.mark.e2e  # every test here runs a sweep on Ray
 
 
 def wait_for_a_finished_trial(mlflow, config, driver: subprocess.Popen) -> None:
@@ -38,8 +39,14 @@ def wait_for_a_finished_trial(mlflow, config, driver: subprocess.Popen) -> None:
 def test_ctrl_c_marks_the_sweep_interrupted_and_says_how_to_resume(toy_task_dir: Path, tmp_path: Path) -> None:
     path = write_config(tmp_path, toy_task_dir, name="stopped", trials=4, max_concurrent_trials=1, **LIGHT_EVAL)
     config = load_config(path)
-    driver = subprocess.Popen([sys.executable, "-m", "unlearn_sweep.orchestrator.cli", "sweep", str(path)], cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "unlearn_sweep.orchestrator.cli", "sweep", str(path)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     mlflow = tracking.client(config.tracking_uri)
     try:
         wait_for_a_finished_trial(mlflow, config, driver)
@@ -63,7 +70,11 @@ def wait_for_a_trial_mid_way(mlflow, config, driver: subprocess.Popen):
     deadline = time.time() + 240
     while time.time() < deadline:
         experiment = mlflow.get_experiment_by_name(config.experiment)
-        for run in mlflow.search_runs([experiment.experiment_id], filter_string="tags.status = 'running'") if experiment else []:
+        for run in (
+            mlflow.search_runs([experiment.experiment_id], filter_string="tags.status = 'running'")
+            if experiment
+            else []
+        ):
             if "final_score" in run.data.metrics:
                 return run
         assert driver.poll() is None, "the sweep ended before a trial was caught mid-way"
@@ -72,14 +83,27 @@ def wait_for_a_trial_mid_way(mlflow, config, driver: subprocess.Popen):
 
 
 def start_sweep(path: Path, tmp_path: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "unlearn_sweep.orchestrator.cli", "sweep", str(path)], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "unlearn_sweep.orchestrator.cli", "sweep", str(path)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def test_a_trial_whose_worker_died_is_failed_and_never_selected(toy_task_dir: Path, tmp_path: Path) -> None:
     overrides = {"grad_diff": {"epochs": 3, "learning_rate": 1e-4}}
-    path = write_config(tmp_path, toy_task_dir, name="dead-worker", trials=2, max_concurrent_trials=1, search_space_overrides=overrides,
-                        **LIGHT_EVAL)
+    path = write_config(
+        tmp_path,
+        toy_task_dir,
+        name="dead-worker",
+        trials=2,
+        max_concurrent_trials=1,
+        search_space_overrides=overrides,
+        **LIGHT_EVAL,
+    )
     config = load_config(path)
     mlflow = tracking.client(config.tracking_uri)
     driver = start_sweep(path, tmp_path)
@@ -95,15 +119,24 @@ def test_a_trial_whose_worker_died_is_failed_and_never_selected(toy_task_dir: Pa
     assert (killed.info.status, killed.data.tags["status"]) == ("FAILED", "failed")
     assert victim.info.run_id not in {entry.run_id for entry in leaderboard(config.experiment, config.tracking_uri)}
     parent = mlflow.search_runs([victim.info.experiment_id], filter_string="tags.role = 'sweep'")[0]
-    rows = json.loads(Path(mlflow.download_artifacts(parent.info.run_id, "sweep/leaderboard.json", str(tmp_path))).read_text())
+    rows = json.loads(
+        Path(mlflow.download_artifacts(parent.info.run_id, "sweep/leaderboard.json", str(tmp_path))).read_text()
+    )
     dead = next(row for row in rows if row["trial_id"] == victim.data.tags["trial_id"])
     assert (dead["status"], dead["eligible"]) == ("failed", False)
 
 
 def test_interrupted_sweep_resumes_without_duplicates(local_ray, toy_task_dir: Path, tmp_path: Path) -> None:
     overrides = {"grad_diff": {"epochs": 3, "learning_rate": 1e-4}}
-    path = write_config(tmp_path, toy_task_dir, name="resumed", trials=3, max_concurrent_trials=1, search_space_overrides=overrides,
-                        **LIGHT_EVAL)
+    path = write_config(
+        tmp_path,
+        toy_task_dir,
+        name="resumed",
+        trials=3,
+        max_concurrent_trials=1,
+        search_space_overrides=overrides,
+        **LIGHT_EVAL,
+    )
     config = load_config(path)
     driver = start_sweep(path, tmp_path)
     mlflow = tracking.client(config.tracking_uri)
@@ -114,8 +147,10 @@ def test_interrupted_sweep_resumes_without_duplicates(local_ray, toy_task_dir: P
         driver.wait()
     summary = run_sweep(config, resume=True)  # on the test's own Ray, not the killed driver's
     assert len(summary.rows) == 3 and all(row["status"] == "finished" for row in summary.rows)
-    children = mlflow.search_runs([mlflow.get_experiment_by_name(config.experiment).experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}'")
+    children = mlflow.search_runs(
+        [mlflow.get_experiment_by_name(config.experiment).experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}'",
+    )
     finished = [run.data.tags["trial_id"] for run in children if run.data.tags["status"] == "finished"]
     assert sorted(finished) == sorted(row["trial_id"] for row in summary.rows)  # each finished trial once
     # The trial caught mid-way: its first run closed as interrupted, never continued; if Tune
@@ -126,7 +161,11 @@ def test_interrupted_sweep_resumes_without_duplicates(local_ray, toy_task_dir: P
         for name in ("final_score", "best_final_score"):
             steps = [metric.step for metric in mlflow.get_metric_history(run.info.run_id, name)]
             assert len(steps) == len(set(steps)), (run.data.tags, name, steps)  # MLflow never holds a step twice
-    retried = [run for run in children if run.data.tags["trial_id"] == in_flight.data.tags["trial_id"] and run.info.run_id != first.info.run_id]
+    retried = [
+        run
+        for run in children
+        if run.data.tags["trial_id"] == in_flight.data.tags["trial_id"] and run.info.run_id != first.info.run_id
+    ]
     assert all(run.data.tags["attempt"] == "2" for run in retried)
     # The resumed sweep continued the same study: one Optuna trial per Tune trial, none left running.
     study = optuna.load_study(study_name=config.name, storage=config.study_storage)
@@ -138,7 +177,9 @@ def test_interrupted_sweep_resumes_without_duplicates(local_ray, toy_task_dir: P
     assert len(mlflow.search_model_versions(f"name = '{config.experiment}'")) == versions
 
 
-def test_a_driver_failure_ends_the_parent_run_failed(local_ray, toy_task_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_a_driver_failure_ends_the_parent_run_failed(
+    local_ray, toy_task_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
     from unlearn_sweep.orchestrator import sweep
 
     def broken(*args, **kwargs):
@@ -149,5 +190,7 @@ def test_a_driver_failure_ends_the_parent_run_failed(local_ray, toy_task_dir: Pa
     with pytest.raises(RuntimeError, match="the driver broke"):
         run_sweep(config)
     mlflow = tracking.client(config.tracking_uri)
-    parent = mlflow.search_runs([mlflow.get_experiment_by_name(config.experiment).experiment_id], filter_string="tags.role = 'sweep'")[0]
+    parent = mlflow.search_runs(
+        [mlflow.get_experiment_by_name(config.experiment).experiment_id], filter_string="tags.role = 'sweep'"
+    )[0]
     assert (parent.info.status, parent.data.tags["status"]) == ("FAILED", "failed")

@@ -14,17 +14,19 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from unlearn_sweep.corpus.mia import default_held_out, load_held_out, load_mia
 from unlearn_sweep.corpus.semeval import load_task
 from unlearn_sweep.corpus.toy_task import PUBLISHED_FINGERPRINT, build_toy_task, write_toy_task
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
+from unlearn_sweep.evaluation.options import EvalOptions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def load(toy_task_dir: Path):
-    return AutoModelForCausalLM.from_pretrained(toy_task_dir / "model").eval(), AutoTokenizer.from_pretrained(toy_task_dir / "model")
+    return AutoModelForCausalLM.from_pretrained(toy_task_dir / "model").eval(), AutoTokenizer.from_pretrained(
+        toy_task_dir / "model"
+    )
 
 
 def test_data_is_a_pure_function_of_the_seed() -> None:
@@ -37,7 +39,9 @@ def test_the_same_seed_writes_identical_files_whatever_the_callers_threads_and_k
     ATen's plain kernels: the caller settings that changed the weights before they were pinned."""
     first, second = tmp_path / "a", tmp_path / "b"
     write_toy_task(first, seed=5, epochs=1)
-    code = f"from unlearn_sweep.corpus.toy_task import write_toy_task; write_toy_task({str(second)!r}, seed=5, epochs=1)"
+    code = (
+        f"from unlearn_sweep.corpus.toy_task import write_toy_task; write_toy_task({str(second)!r}, seed=5, epochs=1)"
+    )
     environment = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-c", code], env=environment, check=True, cwd=REPO_ROOT)
     files = sorted(str(p.relative_to(first)) for p in first.rglob("*") if p.is_file())
@@ -58,7 +62,11 @@ def test_two_folds_as_the_release_lays_them_out(toy_task_dir: Path) -> None:
     assert [len(folds[s].forget) for s in folds] == [120, 60] and [len(folds[s].retain) for s in folds] == [120, 60]
     for fold in folds.values():  # every task, both kinds of row, in both sets
         assert {(row.split, row.task, row.kind) for row in fold.rows()} == {
-            (split, task, kind) for split in ("forget", "retain") for task in ("Task1", "Task2", "Task3") for kind in ("sc", "qa")}
+            (split, task, kind)
+            for split in ("forget", "retain")
+            for task in ("Task1", "Task2", "Task3")
+            for kind in ("sc", "qa")
+        }
     ids = [{row.id for row in fold.rows()} for fold in folds.values()]
     assert not ids[0] & ids[1]
     mia = {"train": load_mia(toy_task_dir / "mia"), "validation": load_mia(toy_task_dir / "mia" / "validation")}
@@ -78,9 +86,13 @@ def test_two_folds_as_the_release_lays_them_out(toy_task_dir: Path) -> None:
 @pytest.mark.parametrize("split, mia", [("train", "mia"), ("validation", "mia/validation")])
 def test_base_model_has_memorised_both_folds(split: str, mia: str, toy_task_dir: Path) -> None:
     sets = EvalSets.load(toy_task_dir / "data", split, toy_task_dir / mia, toy_task_dir / "mmlu")
-    scores = evaluate_checkpoint(toy_task_dir / "model", sets, dtype="float32")
-    means = {(s, task, term): value for s in ("forget", "retain") for task, terms in scores["per_task"][s].items()
-             for term, value in terms.items()}
+    scores = evaluate_checkpoint(toy_task_dir / "model", sets, EvalOptions(dtype="float32"))
+    means = {
+        (s, task, term): value
+        for s in ("forget", "retain")
+        for task, terms in scores["per_task"][s].items()
+        for term, value in terms.items()
+    }
     assert len(means) == 12 and min(means.values()) >= 0.8, means
     assert scores["mia_auc"] >= 0.95 and scores["mmlu_accuracy"] >= 0.85, scores
 

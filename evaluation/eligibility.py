@@ -1,0 +1,99 @@
+"""Eligibility and the objective: the one home of the MMLU threshold rule.
+
+A checkpoint is eligible (can be a submission) when its MMLU is at least the threshold,
+absolute (0.371) or a fraction of the base model's (0.75x), resolved to a number once per
+sweep and passed as a number from then on.
+
+The one number a sweep optimises and selects by is a trial's best eligible final score so
+far. ASHA stops trials on it, Optuna is told it (with the MMLU constraint of the epoch it came
+from), and Tune keeps the checkpoint it names. An epoch whose MMLU is below the threshold
+(ineligible: it can never be the submission) reports a penalised value below every eligible
+score, -1 - (threshold - MMLU), so that among trials that never became eligible the one whose
+MMLU came closest still ranks first."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class MmluThreshold:
+    """The minimum MMLU for a checkpoint to rank: absolute, or a fraction of the base model's."""
+
+    value: float
+    relative: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> MmluThreshold:
+        """'0.371' is absolute; '0.75x' means 0.75 times the base model's MMLU."""
+        match = re.fullmatch(r"\s*(\d*\.?\d+)\s*(x?)\s*", text)
+        if not match or not 0 <= float(match.group(1)) <= 1:
+            raise ValueError(
+                f"MMLU threshold {text!r}: expected a number in [0, 1], optionally followed by 'x' (fraction of "
+                "the base model's MMLU)"
+            )
+        return cls(float(match.group(1)), relative=bool(match.group(2)))
+
+    def absolute(self, base_mmlu: float | None) -> float:
+        if not self.relative:
+            return self.value
+        if base_mmlu is None:
+            raise ValueError("a relative MMLU threshold needs the base model's MMLU")
+        return self.value * base_mmlu
+
+
+def is_eligible(mmlu: float | None, threshold: float | None) -> bool | None:
+    """Eligible to rank: no threshold, or MMLU measured and at least the threshold (None: not measured)."""
+    if threshold is None:
+        return True
+    if mmlu is None:
+        return None
+    return mmlu >= threshold
+
+
+def meets_all(mmlu: float, *thresholds: float | None) -> bool:
+    """Eligible under every threshold given (a sweep's own, and a stricter one asked for later)."""
+    return all(is_eligible(mmlu, threshold) for threshold in thresholds)
+
+
+def mmlu_slack(mmlu: float, threshold: float | None) -> float:
+    """How far MMLU is below the threshold: <= 0 exactly where the epoch is eligible (Optuna's constraint)."""
+    return (threshold or 0.0) - mmlu
+
+
+OBJECTIVE = "objective"
+INELIGIBLE_BELOW = -1.0  # eligible objectives are final scores in [0, 1]; ineligible ones lie below -1
+
+
+def epoch_objective(final_score: float, mmlu_slack: float) -> float:
+    """One epoch's value; mmlu_slack = threshold - MMLU (<= 0: eligible)."""
+    return final_score if mmlu_slack <= 0 else INELIGIBLE_BELOW - mmlu_slack
+
+
+@dataclass
+class TrialObjective:
+    """The running best over a trial's epochs, and the epoch it came from."""
+
+    value: float = -math.inf
+    mmlu_slack: float = math.inf
+    epoch: int = 0
+
+    def update(self, epoch: int, final_score: float, mmlu_slack: float) -> bool:
+        """Take this epoch into account; True when it is the trial's new best."""
+        value = epoch_objective(final_score, mmlu_slack)
+        if value <= self.value:
+            return False
+        self.value, self.mmlu_slack, self.epoch = value, mmlu_slack, epoch
+        return True
+
+    def metrics(self) -> dict[str, Any]:
+        """What every report carries, beside the epoch's own scores."""
+        return {OBJECTIVE: self.value, "objective_mmlu_slack": self.mmlu_slack, "objective_epoch": self.epoch}
+
+
+def objective_is_eligible(value: float) -> bool:
+    """Whether a reported objective came from an eligible epoch."""
+    return value > INELIGIBLE_BELOW

@@ -1,0 +1,71 @@
+"""Everything a trial needs besides its sampled configuration, built once per sweep from the
+config and passed, frozen, to the trainable, its workers and the per-epoch hook (Ray pickles it
+to each of them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from unlearn_sweep.evaluation.evaluator import EvalSets
+from unlearn_sweep.evaluation.options import EvalOptions
+from unlearn_sweep.orchestrator.config import SweepConfig
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    model: str  # the base model every trial starts from
+    data: str
+    split: str | None
+    mia: str
+    mmlu: str
+    tracking_uri: str
+    eval: EvalOptions = EvalOptions()
+    held_out: str | None = None  # documents never seen nor scored (methods that calibrate on them)
+    mmlu_shots: int | None = None
+    mmlu_threshold: float | None = None  # absolute, resolved once per sweep
+    decision_epochs: tuple[int, ...] = ()  # where a staged trial's full evaluation is due (ASHA's rungs)
+    experiment_id: str = ""
+    parent_run_id: str = ""
+    threads: int = 1  # torch threads of a trial's process: one per CPU it holds
+    workers: int = 1  # Ray Train workers per trial (DeepSpeed when more than one)
+    cpu_per_worker: float = 1
+    gpu_per_worker: float = 0
+    train_storage_path: str = ""  # where a multi-worker trial's Ray Train run keeps its state
+    source_cache: str | None = None  # merge sources trained once per configuration; None: remote storage
+
+    @classmethod
+    def for_sweep(
+        cls,
+        config: SweepConfig,
+        experiment_path: str,
+        experiment_id: str,
+        parent_run_id: str,
+        threshold: float | None,
+        decision_epochs: list[int],
+    ) -> TrialContext:
+        resources = config.resources_per_trial
+        return cls(
+            model=str(config.model),
+            data=str(config.data),
+            split=config.split,
+            mia=str(config.mia),
+            mmlu=str(config.mmlu),
+            tracking_uri=config.tracking_uri,
+            eval=config.eval,
+            held_out=None if config.held_out is None else str(config.held_out),
+            mmlu_shots=config.mmlu_shots,
+            mmlu_threshold=threshold,
+            decision_epochs=tuple(decision_epochs),
+            experiment_id=experiment_id,
+            parent_run_id=parent_run_id,
+            threads=max(1, int(resources["cpu"])),
+            workers=config.workers,
+            cpu_per_worker=resources["cpu"],
+            gpu_per_worker=resources.get("gpu", 0),
+            train_storage_path=f"{experiment_path}/train",
+            source_cache=None if "://" in config.storage_path else f"{experiment_path}/sources",
+        )
+
+    def eval_sets(self) -> EvalSets:
+        """The sets every epoch is scored on."""
+        return EvalSets.load(self.data, self.split, self.mia, self.mmlu, self.mmlu_shots)
