@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unlearn_sweep.corpus.checkpoints import check_checkpoint
+from unlearn_sweep.corpus.compat import shutdown_vllm_engine
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -68,7 +69,7 @@ def release(engine: Any) -> None:
     evaluated checkpoint)."""
     import torch
 
-    engine.llm_engine.engine_core.shutdown()
+    shutdown_vllm_engine(engine)
     gc.collect()
     torch.cuda.empty_cache()
 

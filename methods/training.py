@@ -39,6 +39,7 @@ from transformers import (
     TrainingArguments,
 )
 from unlearn_sweep.corpus.checkpoints import check_checkpoint
+from unlearn_sweep.corpus.compat import reset_accelerate_state, without_hf_deepspeed_config
 from unlearn_sweep.corpus.semeval import TaskData, TaskRow
 from unlearn_sweep.corpus.staging import as_if_created_plainly
 from unlearn_sweep.corpus.tokens import right_padded, summed_token_nll
@@ -355,14 +356,12 @@ def single_rank_launch(params: Any) -> Iterator[None]:
     try:
         yield
     finally:
-        from accelerate.state import AcceleratorState, GradientState
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()
         os.environ.clear()
         os.environ.update(environment)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -475,28 +474,13 @@ def export_checkpoint(
             if trainer.is_world_process_zero():
                 from peft import PeftModel
 
-                with plain_transformers():
+                with without_hf_deepspeed_config():  # rank 0 alone saves a whole model
                     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
                     PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(out_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(out_dir)
         (out_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle: a safetensors checkpoint leaves it out
     return out_dir
-
-
-@contextlib.contextmanager
-def plain_transformers() -> Iterator[None]:
-    """Inside, transformers acts as if no ZeRO-3 run were active: from_pretrained loads whole
-    models (rather than partitions) and generate does not wait on the other ranks (rank 0
-    alone evaluates)."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 class _EpochEnds(TrainerCallback):

@@ -32,6 +32,7 @@ from typing import Any
 import optuna
 import yaml
 from ray.tune.search.optuna import OptunaSearch
+from unlearn_sweep.corpus.compat import optuna_trial, remember_optuna_trial
 from unlearn_sweep.evaluation.eligibility import OBJECTIVE
 from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
 
@@ -294,7 +295,7 @@ class ConstrainedOptunaSearch(OptunaSearch):
         if trial_id not in self.study_trials and result and STUDY_TRIAL in result.get("config", {}):
             number = result["config"][STUDY_TRIAL]
             self.study_trials[trial_id] = number
-            self._ot_trials[trial_id] = optuna.trial.Trial(self.study(), self._optuna_id(number))
+            remember_optuna_trial(self, trial_id, optuna_trial(self.study(), self._optuna_id(number)))
         return trial_id in self.study_trials
 
     def _optuna_id(self, number: int) -> int:
@@ -315,7 +316,7 @@ class ConstrainedOptunaSearch(OptunaSearch):
             if self.study_storage.get_trial(optuna_id).state == optuna.trial.TrialState.RUNNING:
                 slack = (result or {}).get("objective_mmlu_slack")
                 constraint = slack if slack is not None and math.isfinite(slack) else 1.0
-                optuna.trial.Trial(self.study(), optuna_id).set_constraint(MMLU_CONSTRAINT, constraint)
+                optuna_trial(self.study(), optuna_id).set_constraint(MMLU_CONSTRAINT, constraint)
         super().on_trial_complete(trial_id, result, error)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import ray
 import torch
 from ray import tune
+from unlearn_sweep.corpus.compat import TUNE_STOPPED_TRIAL, without_hf_deepspeed_config
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.mia import load_held_out
 from unlearn_sweep.corpus.semeval import TaskData, load_task
@@ -43,7 +44,6 @@ from unlearn_sweep.evaluation.evaluator import (
 )
 from unlearn_sweep.evaluation.screening import Split, needs_full_evaluation
 from unlearn_sweep.methods.registry import Method, build_params, get_method, run_method
-from unlearn_sweep.methods.training import plain_transformers
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.context import TrialContext
 
@@ -200,7 +200,7 @@ class EpochReporter:
         def loaded(folder: Path):
             return load(folder, options)
 
-        with plain_transformers():  # a whole model on each rank, also in a ZeRO-3 run
+        with without_hf_deepspeed_config():  # a whole model on each rank, also in a ZeRO-3 run
             model, tokenizer = loaded(checkpoint)
             own, candidate, targets = None, True, [(epoch, str(checkpoint))]
             if self.split is not None:
@@ -341,7 +341,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
                     build_params(method, setup["params"]),
                     EpochReporter(context, setup, run_id, _tune_report),
                 )
-        except SystemExit:  # how Tune ends a trial its scheduler stopped early: at a report
+        except TUNE_STOPPED_TRIAL:  # raised at a report when the scheduler stopped the trial early
             tracking.finish_trial(mlflow, run_id, "finished", stopped_early=True)
             raise
         except BaseException:

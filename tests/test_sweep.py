@@ -25,6 +25,7 @@ from PIL import Image
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from safetensors.torch import load_file
+from unlearn_sweep.corpus.compat import TUNE_STOPPED_TRIAL
 from unlearn_sweep.evaluation import vllm_inference
 from unlearn_sweep.evaluation.eligibility import TrialObjective, epoch_objective
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
@@ -318,7 +319,8 @@ def test_a_searcher_state_cut_short_resumes_from_the_study(toy_task_dir: Path, t
     resumed.on_trial_result("a", {"objective": 0.4, "training_iteration": 1, "config": in_flight})
     resumed.on_trial_complete("a", {"objective": 0.6, "objective_mmlu_slack": -0.1, "config": in_flight})
     (trial,) = resumed.study().trials
-    assert (trial.state, trial.value, trial.constraints) == (optuna.trial.TrialState.COMPLETE, 0.6, {MMLU_CONSTRAINT: -0.1})
+    assert (trial.state, trial.value) == (optuna.trial.TrialState.COMPLETE, 0.6)
+    assert trial.constraints == {MMLU_CONSTRAINT: -0.1}
     assert resumed.suggest("b")[STUDY_TRIAL] == 1  # and the search goes on
 
 
@@ -357,19 +359,23 @@ def test_asha_stops_an_ineligible_high_trial_before_an_eligible_lower_one(local_
             for epoch, (final, mmlu) in enumerate(epochs, start=1)
         ]
 
-    def scripted_trial(
-        config: dict,
-    ) -> None:  # nested and import-free: Ray pickles it by value, its workers load nothing else
-        for report in config["reports"]:
-            tune.report(report)
+    def scripted_trial(config: dict) -> None:  # nested and import-free: Ray pickles it by value
+        try:
+            for report in config["reports"]:
+                tune.report(report)
+        except BaseException as stop:  # how Tune ends a trial ASHA stopped (corpus/compat.py)
+            with open(config["stops"], "a") as record:
+                record.write(type(stop).__name__ + "\n")
+            raise
 
-    eligible, collapsed = (
-        reports([(0.4, 0.6)] * 4),
-        reports([(0.9, 0.2)] * 4),
-    )  # collapsed: high final score, MMLU far below 0.5
+    # collapsed: a high final score, MMLU far below 0.5
+    eligible, collapsed = reports([(0.4, 0.6)] * 4), reports([(0.9, 0.2)] * 4)
     tuner = tune.Tuner(
         scripted_trial,
-        param_space={"reports": tune.grid_search([eligible, collapsed, eligible, collapsed])},
+        param_space={
+            "reports": tune.grid_search([eligible, collapsed, eligible, collapsed]),
+            "stops": str(tmp_path / "stops.txt"),
+        },
         tune_config=tune.TuneConfig(
             scheduler=ASHAScheduler(metric=METRIC, mode=MODE, grace_period=1, reduction_factor=2, max_t=4),
             max_concurrent_trials=1,
@@ -382,6 +388,8 @@ def test_asha_stops_an_ineligible_high_trial_before_an_eligible_lower_one(local_
             result.metrics["training_iteration"]
         )
     assert max(epochs["collapsed"]) < 4 and max(epochs["eligible"]) == 4, epochs
+    # Every trial here is stopped by ASHA at a report: the collapsed ones early, the others at max_t.
+    assert (tmp_path / "stops.txt").read_text().split() == [TUNE_STOPPED_TRIAL.__name__] * 4
 
 
 @pytest.mark.e2e

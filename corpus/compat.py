@@ -1,0 +1,61 @@
+"""Every use of a dependency's private API, in one place (tests/test_compat.py pins each), so
+that an upgrade that changes one fails there first. It lives in `corpus`, the layer every other
+imports; each dependency is imported only when its function is called.
+
+Why each is needed:
+- Transformers keeps the active DeepSpeed config behind a module-level weak reference; rank 0
+  of a ZeRO-3 run must load whole models and generate alone to evaluate an epoch.
+- Accelerate's state is a process-wide singleton: a Ray actor reused for the next trial must
+  start it again with that trial's settings.
+- vLLM frees an engine's GPU memory only when its engine core is shut down.
+- Ray's OptunaSearch keeps the Optuna trial of each Tune trial in a private map: a searcher
+  whose saved state was lost finds its trials again through the study.
+- Ray Tune ends a trial its scheduler stopped by raising SystemExit inside `tune.report`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+# What `tune.report` raises in a trial's function when its scheduler (ASHA) stops it.
+TUNE_STOPPED_TRIAL: type[BaseException] = SystemExit
+
+
+@contextlib.contextmanager
+def without_hf_deepspeed_config() -> Iterator[None]:
+    """Inside, Transformers acts as if no DeepSpeed (ZeRO-3) run were active."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide state, so the next Trainer sets it up anew."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def shutdown_vllm_engine(engine: Any) -> None:
+    """Stop a vLLM engine's core process, which holds the engine's GPU memory."""
+    engine.llm_engine.engine_core.shutdown()
+
+
+def optuna_trial(study: Any, trial_id: int) -> Any:
+    """The live `optuna.trial.Trial` of a study's trial, by its storage id (to set a constraint
+    on a trial that is still running; Optuna builds these itself in `ask`)."""
+    import optuna
+
+    return optuna.trial.Trial(study, trial_id)
+
+
+def remember_optuna_trial(searcher: Any, tune_trial_id: str, trial: Any) -> None:
+    """Tell Ray's OptunaSearch which Optuna trial a Tune trial is."""
+    searcher._ot_trials[tune_trial_id] = trial

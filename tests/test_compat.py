@@ -1,0 +1,67 @@
+"""Pins, one per use of a dependency's private API (corpus/compat.py): the behaviour each
+relies on, so that an upgrade that changes it fails here first."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import optuna
+import pytest
+from unlearn_sweep.corpus import compat
+
+
+def test_without_hf_deepspeed_config_hides_an_active_zero3_run() -> None:
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    active = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    assert is_deepspeed_zero3_enabled()
+    with compat.without_hf_deepspeed_config():
+        assert not is_deepspeed_zero3_enabled()
+    assert is_deepspeed_zero3_enabled()
+    del active
+
+
+def test_reset_accelerate_state_lets_the_next_trainer_start_it_again() -> None:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    Accelerator(cpu=True, gradient_accumulation_steps=2)
+    assert AcceleratorState().initialized and GradientState().num_steps == 2
+    compat.reset_accelerate_state()
+    assert not (AcceleratorState._shared_state or PartialState._shared_state or GradientState._shared_state)
+    Accelerator(cpu=True, gradient_accumulation_steps=3)
+    assert GradientState().num_steps == 3
+    compat.reset_accelerate_state()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM")
+def test_a_vllm_engine_has_a_core_to_shut_down() -> None:
+    import inspect
+
+    from vllm import LLM
+    from vllm.v1.engine.core_client import EngineCoreClient
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    assert "self.llm_engine" in inspect.getsource(LLM.__init__)
+    assert "self.engine_core" in inspect.getsource(LLMEngine.__init__)
+    assert callable(EngineCoreClient.shutdown)
+
+
+def test_an_optuna_trial_built_from_its_id_sets_constraints_on_the_running_trial() -> None:
+    study = optuna.create_study()
+    asked = study.ask()
+    compat.optuna_trial(study, asked._trial_id).set_constraint("limit", 0.25)
+    study.tell(asked, 1.0)
+    assert study.trials[0].constraints == {"limit": 0.25}
+
+
+def test_ray_optuna_search_keeps_each_tune_trials_optuna_trial_in_the_map_compat_writes() -> None:
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch(space={"x": tune.uniform(0, 1)}, metric="objective", mode="max")
+    searcher.suggest("a")
+    study_trial = searcher._ot_trials["a"]
+    compat.remember_optuna_trial(searcher, "b", study_trial)
+    searcher.on_trial_complete("b", {"objective": 0.5})
+    assert searcher._ot_study.trials[0].value == 0.5
