@@ -29,6 +29,7 @@ eval: {batch_size: 32, max_new_tokens: 256, dtype: bfloat16, answer_nll: false,
        backend: hf, vllm_memory: 0.4,   # vllm: the optional GPU backend, taking vllm_memory of each GPU
        screen: true, screen_fraction: 0.2, screen_margin: 0.05, screen_confidence: 0.95, screen_hold: 2}
 mlflow: {tracking_uri: sqlite:///mlflow.db, experiment: null}   # experiment defaults to name
+                                # relative paths, a SQLite file's included, are from this file's folder
 ray_address: local              # or auto, on a cluster
 storage_path: sweeps            # shared storage (NFS, S3) on a multi-node cluster
 optuna_storage: null            # the Optuna study's database; default sqlite in storage_path/<name>/optuna.db
@@ -275,7 +276,7 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
             "to a database URL (e.g. the MLflow server's PostgreSQL)",
             field="optuna_storage",
         )
-    tracking_uri = absolute_tracking_uri(mlflow.get("tracking_uri") or "sqlite:///mlflow.db")
+    tracking_uri = absolute_tracking_uri(mlflow.get("tracking_uri") or "sqlite:///mlflow.db", base_dir)
     try:
         check_store(tracking_uri, existing=False)
     except DataError as error:
@@ -443,12 +444,13 @@ def _require_writable(path: Path, key: str, folder: Path) -> None:
         raise ConfigError(path, f"{folder} cannot be written ({existing}: {error.strerror})", field=key) from None
 
 
-def absolute_tracking_uri(uri: str) -> str:
-    """A relative SQLite path made absolute from the working directory, so that trials
-    (which run in their own folders) write to the same store as the driver."""
+def absolute_tracking_uri(uri: str, base_dir: Path) -> str:
+    """A relative SQLite path made absolute from base_dir (the config file's folder, as every
+    other relative path of the config), so that trials (which run in their own folders) write to
+    the same store as the driver, wherever the sweep was started from."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix) :]).resolve())
+        return prefix + str((base_dir / uri[len(prefix) :]).resolve())
     return uri
 
 

@@ -199,6 +199,20 @@ def test_the_base_evaluation_takes_the_configured_vllm_share(
     assert shares == [0.25]
 
 
+def test_every_relative_path_of_a_config_is_from_its_folder(
+    toy_task_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SQLite tracking URI was taken from the working directory, every other path from the
+    config's folder: started from elsewhere, a sweep wrote its runs to another store."""
+    path = write_config(
+        tmp_path / "sweep", toy_task_dir, mlflow={"tracking_uri": "sqlite:///mlflow.db"}, storage_path="runs"
+    )
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    config = load_config(path)
+    assert config.tracking_uri == f"sqlite:///{tmp_path / 'sweep' / 'mlflow.db'}"
+    assert config.storage_path == str(tmp_path / "sweep" / "runs")
+
+
 def test_held_out_documents_default_beside_the_mia_set(toy_task_dir: Path, tmp_path: Path) -> None:
     assert load_config(write_config(tmp_path / "a", toy_task_dir)).held_out is None  # no method reads them
     config = load_config(write_config(tmp_path / "b", toy_task_dir, methods=["mia_target"], search_space_overrides={}))
