@@ -17,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ from unlearn_sweep.corpus.compat import TUNE_STOPPED_TRIAL, without_hf_deepspeed
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.mia import load_held_out
 from unlearn_sweep.corpus.semeval import TaskData, load_task
-from unlearn_sweep.evaluation.eligibility import TrialObjective, epoch_objective, mmlu_slack, objective_is_eligible
+from unlearn_sweep.evaluation.eligibility import TrialObjective, mmlu_slack
 from unlearn_sweep.evaluation.evaluator import (
     MMLU,
     EvalSets,
@@ -42,7 +41,8 @@ from unlearn_sweep.evaluation.evaluator import (
     score_records,
     write_results,
 )
-from unlearn_sweep.evaluation.screening import Split, needs_full_evaluation
+from unlearn_sweep.evaluation.screening import Split
+from unlearn_sweep.evaluation.staged import Evaluated, StagedEvaluation
 from unlearn_sweep.methods.registry import Method, build_params, get_method, run_method
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.context import TrialContext
@@ -87,43 +87,23 @@ def decision_epochs(asha: dict[str, int] | None, max_t: int) -> list[int]:
     return [*rungs, max_t]
 
 
-@dataclasses.dataclass
-class Held:
-    """A screened epoch that could become the trial's best, kept on disk (rank 0) until the
-    next decision epoch fully evaluates it, unless a better screened epoch replaces it first."""
-
-    epoch: int
-    folder: Path
-    screened: dict[str, Any]  # its screened scores
-    value: float  # their objective
-
-
 class EpochReporter:
-    """The per-epoch hook of a trial: score, log to MLflow, save the epoch if it is eligible
-    and the trial's best so far, report. Under several ranks every rank evaluates its share of
-    the rows, MIA documents and MMLU questions on the exported checkpoint, rank 0 gathers the
-    records, scores, logs and saves; the others receive its metrics and report them too
-    (Train's reports are a barrier).
-
-    With staging, the full evaluation is deferred to the epochs where it decides something:
-    the trial's last epoch and ASHA's rungs (`context.decision_epochs`). In between, each
-    epoch is screened, and the best screened ones that could become the trial's best are held
-    (`screen_hold` of them: within the margin the screen's order is noise); a decision epoch
-    fully evaluates those held and itself where it is a candidate, and saves the best
-    if it is the trial's best. A trial that improves every epoch pays its full evaluations at
-    the decisions only, not at every epoch."""
+    """The per-epoch hook of a trial, glue around its StagedEvaluation (evaluation/staged.py):
+    compute the records it asks for, score them, log to MLflow, save the epoch it names as the
+    trial's best, report. Under several ranks every rank evaluates its share of the rows, MIA
+    documents and MMLU questions of each checkpoint; rank 0 gathers the records and decides,
+    scores, logs and saves; the others follow its decisions and report its metrics too (Train's
+    reports are a barrier)."""
 
     def __init__(self, context: TrialContext, setup: dict[str, Any], run_id: str, report: Report, rank: int = 0):
         self.context, self.setup, self.run_id, self.report, self.rank = context, setup, run_id, report, rank
         self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.sets = context.eval_sets()
-        self.mlflow = tracking.client(context.tracking_uri) if rank == 0 else None
-        self.objective = TrialObjective()
         self.split = Split.draw(self.sets, context.eval.screen_fraction) if context.eval.screen else None
-        self.decisions = set(context.decision_epochs)
-        self.held: list[Held] = []  # best screened first
-        self._holding = (
-            tempfile.TemporaryDirectory(prefix="held-epoch-") if rank == 0 and self.split is not None else None
+        self.mlflow = tracking.client(context.tracking_uri) if rank == 0 else None
+        # Rank 0 decides; the others evaluate the epochs it names.
+        self.staging = (
+            StagedEvaluation(context.eval, context.mmlu_threshold, context.decision_epochs) if rank == 0 else None
         )
         if rank == 0:
             self.mlflow.set_tag(run_id, "eval_ranks", str(self.world))
@@ -138,7 +118,7 @@ class EpochReporter:
         with checkpoint.as_directory() as folder:
             scores = json.loads((Path(folder) / "scores.json").read_text())
             epoch = json.loads((Path(folder) / "trial_config.json").read_text())["epoch"]
-        metrics = epoch_report(scores, epoch, self.context.mmlu_threshold, self.objective)
+        metrics = epoch_report(scores, epoch, self.context.mmlu_threshold, self.staging.objective)
         tracking.log_best(self.mlflow, self.run_id, epoch, metrics, step=0)  # before this attempt's epochs 1, 2, ...
         self.mlflow.set_tag(self.run_id, "carried_over_epoch", str(epoch))
 
@@ -163,120 +143,63 @@ class EpochReporter:
         settings = eval_settings(self.sets, self.context.eval)
         return {**score_records(records, self.context.mmlu_threshold, settings), "stage": stage}
 
-    def _hold_if_candidate(self, epoch: int, checkpoint: Path, screened: dict, mmlu_records: list[dict]) -> bool:
-        """Rank 0: hold this screened epoch if it could become the trial's best and is among the
-        `screen_hold` best screened candidates not yet fully evaluated; whether it could become
-        the best (a candidate)."""
-        threshold = self.context.mmlu_threshold
-        best = self.objective.value if objective_is_eligible(self.objective.value) else None
-        if not needs_full_evaluation(
-            screened,
-            best,
-            threshold,
-            self.context.eval.screen_margin,
-            self.context.eval.screen_confidence,
-            mmlu_records,
-        ):
-            return False
-        value = epoch_objective(screened["final_score"], mmlu_slack(screened["mmlu_accuracy"], threshold))
-        keep = self.context.eval.screen_hold
-        if len(self.held) < keep or value > self.held[-1].value:
-            folder = Path(self._holding.name) / f"epoch-{epoch}"
-            shutil.move(checkpoint, folder)  # a rename: the engine's staging folder is on the same disk
-            self.held = sorted([*self.held, Held(epoch, folder, screened, value)], key=lambda held: -held.value)
-            for dropped in self.held[keep:]:
-                shutil.rmtree(dropped.folder)
-            self.held = self.held[:keep]
-        return True
-
-    def _evaluate(
-        self, epoch: int, checkpoint: Path, last: bool
-    ) -> tuple[dict | None, bool, list[tuple[int, Path, dict, dict]]]:
-        """On rank 0: this epoch's own scores (its screen, or its full evaluation), whether the
-        screen made it a candidate, and the epochs fully evaluated now, in epoch order:
-        (epoch, folder, records, scores). Elsewhere (None, False, [])."""
+    def _evaluate(self, epoch: int, checkpoint: Path, last: bool) -> tuple[dict | None, list[Evaluated]]:
+        """On rank 0: this epoch's screened scores (None without staging) and the full
+        evaluations staging asked for. Elsewhere (None, [])."""
         options = self.context.eval
-
-        def loaded(folder: Path):
-            return load(folder, options)
-
         with without_hf_deepspeed_config():  # a whole model on each rank, also in a ZeRO-3 run
-            model, tokenizer = loaded(checkpoint)
-            own, candidate, targets = None, True, [(epoch, str(checkpoint))]
+            model, tokenizer = load(checkpoint, options)
+            screened, targets = None, [(epoch, checkpoint)]
             if self.split is not None:
-                screened = self._records(model, tokenizer, self.split.screened(self.sets))
-                targets = []
+                records = self._records(model, tokenizer, self.split.screened(self.sets))
                 if self.rank == 0:
-                    own = self._score(screened, "screen")
-                    candidate = self._hold_if_candidate(epoch, checkpoint, own, screened.get(MMLU, []))
-                    if last or epoch in self.decisions:
-                        # The epochs held, and this one where it is a candidate, held or not: within
-                        # the margin, the screen's order is not to be trusted.
-                        folders = {held.epoch: held.folder for held in self.held}
-                        if candidate:
-                            targets.append((epoch, str(folders.pop(epoch, checkpoint))))
-                        targets += [(held_epoch, str(folder)) for held_epoch, folder in folders.items()]
+                    screened = self._score(records, "screen")
+                    targets = self.staging.plan(epoch, checkpoint, screened, records.get(MMLU, []), last)
                 targets = self._share(targets)
             evaluated = []
             for target_epoch, folder in targets:  # this epoch first: its model is loaded
                 if target_epoch != epoch:
                     release(model, options)
                     del model
-                    model, tokenizer = loaded(Path(folder))
+                    model, tokenizer = load(folder, options)
                 # The whole sets in one pass, not the rest beside the screened part: in bfloat16 a row's
                 # numbers depend on its batch, and the saved checkpoint must re-evaluate to its logged score.
                 evaluated.append((target_epoch, Path(folder), self._records(model, tokenizer, self.sets)))
             release(model, options)
         if self.rank != 0:
-            return None, False, []
-        evaluated = sorted(
-            (target_epoch, folder, records, self._score(records, "full")) for target_epoch, folder, records in evaluated
-        )
-        own = next((full for target_epoch, _, _, full in evaluated if target_epoch == epoch), own)
-        return own, candidate, evaluated
+            return None, []
+        return screened, [
+            Evaluated(e, folder, records, self._score(records, "full")) for e, folder, records in evaluated
+        ]
 
     def __call__(self, epoch: int, checkpoint: Path | None, last: bool) -> None:
         started = time.perf_counter()
-        held_before = list(self.held)
-        own, candidate, evaluated = self._evaluate(epoch, checkpoint, last)
+        screened, evaluated = self._evaluate(epoch, checkpoint, last)
         metrics = saved = None
         if self.rank == 0:
             threshold = self.context.mmlu_threshold
-            metrics = epoch_metrics(own, epoch, threshold)
-            evaluated_epochs = {target_epoch for target_epoch, *_ in evaluated}
-            # Each epoch's scores are logged once, at its step: a held epoch's when it is fully
-            # evaluated (its full scores) or replaced by a better one (its screen).
-            for dropped in (
-                held for held in held_before if held not in self.held and held.epoch not in evaluated_epochs
-            ):
-                tracking.log_scores(self.mlflow, self.run_id, dropped.epoch, dropped.screened)
-            if not any(held.epoch == epoch for held in self.held) or epoch in evaluated_epochs:
-                tracking.log_scores(self.mlflow, self.run_id, epoch, own)
-            # A candidate's screen does not move the objective: it counts once fully evaluated.
-            improved = not candidate and self.objective.update(epoch, metrics["final_score"], metrics["mmlu_slack"])
-            best = None
-            for target_epoch, folder, records, full in evaluated:
-                full_metrics = metrics if target_epoch == epoch else epoch_metrics(full, target_epoch, threshold)
-                if target_epoch != epoch:
-                    tracking.log_scores(self.mlflow, self.run_id, target_epoch, full)
-                if self.objective.update(target_epoch, full_metrics["final_score"], full_metrics["mmlu_slack"]):
-                    improved, best = True, (target_epoch, folder, records, full, full_metrics)
-            # The checkpoint kept is the epoch the objective names: the trial's best eligible one, fully evaluated.
-            if best is not None and best[4]["eligible"]:
-                best_epoch, saved, records, full, full_metrics = best
-                tracking.log_best(self.mlflow, self.run_id, best_epoch, full_metrics)
-                write_results(saved, records, full)
-                (saved / "trial_config.json").write_text(
-                    json.dumps({**self.setup, "epoch": best_epoch}, indent=2) + "\n"
+            for entry in evaluated:
+                epoch_metrics(entry.scores, entry.epoch, threshold)  # refuses a missing or non-finite score
+            outcome = self.staging.conclude(epoch, screened, evaluated)
+            metrics = epoch_metrics(outcome.own, epoch, threshold)
+            for logged_epoch, scores in outcome.to_log:
+                tracking.log_scores(self.mlflow, self.run_id, logged_epoch, scores)
+            if outcome.best is not None:
+                best = outcome.best
+                tracking.log_best(
+                    self.mlflow, self.run_id, best.epoch, epoch_metrics(best.scores, best.epoch, threshold)
                 )
+                saved = best.folder
+                write_results(saved, best.records, best.scores)
+                config = {**self.setup, "epoch": best.epoch}
+                (saved / "trial_config.json").write_text(json.dumps(config, indent=2) + "\n")
             seconds = time.perf_counter() - started  # what the epoch's scoring cost, beside its training
             self.mlflow.log_metric(self.run_id, "eval_seconds", seconds, step=epoch)
-            metrics = {**metrics, "new_best": improved, "eval_seconds": seconds, **self.objective.metrics()}
+            objective = self.staging.objective.metrics()
+            metrics = {**metrics, "new_best": outcome.improved, "eval_seconds": seconds, **objective}
         self.report(self._share(metrics), saved)
         if self.rank == 0 and evaluated:
-            for held in self.held:
-                shutil.rmtree(held.folder)  # fully evaluated now, reported (Tune copied it) or not the best
-            self.held = []
+            self.staging.discard_evaluated()  # fully evaluated now, reported (Tune copied it) or not the best
 
 
 def _tune_report(metrics: dict[str, Any], checkpoint: Path | None) -> None:

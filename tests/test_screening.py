@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from unlearn_sweep.evaluation.evaluator import EvalSets
 from unlearn_sweep.evaluation.options import EvalOptions
 from unlearn_sweep.evaluation.screening import Split, mmlu_upper_bound, needs_full_evaluation
+from unlearn_sweep.evaluation.staged import Evaluated, StagedEvaluation
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.context import TrialContext
 from unlearn_sweep.orchestrator.trial import EpochReporter
@@ -140,4 +141,54 @@ def test_the_full_evaluation_waits_for_a_decision_epoch_and_takes_the_best_scree
     full_evaluations = [(m.step, m.value) for m in mlflow.get_metric_history(run_id, "full_evaluation")]
     assert sorted(full_evaluations) == [(1, 0.0), (2, 0.0), (3, 1.0), (4, 1.0), (5, 1.0), (6, 1.0)]  # each epoch once
     assert mlflow.get_run(run_id).data.metrics["best_epoch"] == 5
-    assert reporter.held == [] and not any(Path(reporter._holding.name).iterdir())  # nothing left on disk
+    assert reporter.staging.held == [] and not any(
+        Path(reporter.staging._holding.name).iterdir()
+    )  # nothing left on disk
+
+
+def scores(final: float, mmlu: float, threshold: float = 0.5) -> dict:
+    return {"final_score": final, "mmlu_accuracy": mmlu, "eligible": mmlu >= threshold}
+
+
+def test_staging_holds_the_best_screens_and_fully_evaluates_them_at_a_decision_epoch(tmp_path: Path) -> None:
+    """StagedEvaluation alone, on made-up scores: no model, backend, MLflow or Tune."""
+    staging = StagedEvaluation(EvalOptions(screen_hold=2), threshold=0.5, decision_epochs=(3,))
+    folders = {epoch: tmp_path / f"epoch-{epoch}" for epoch in (1, 2, 3)}
+    for folder in folders.values():
+        folder.mkdir()
+    screens = {1: scores(0.40, 0.6), 2: scores(0.50, 0.6), 3: scores(0.30, 0.6)}
+    for epoch in (1, 2):  # candidates (no best yet), held, not evaluated: nothing logged yet
+        assert staging.plan(epoch, folders[epoch], screens[epoch], [], last=False) == []
+        outcome = staging.conclude(epoch, screens[epoch], [])
+        assert (outcome.own, outcome.improved, outcome.best, outcome.to_log) == (screens[epoch], False, None, [])
+    assert [held.epoch for held in staging.held] == [2, 1] and not folders[1].exists()  # moved into holding
+    targets = staging.plan(3, folders[3], screens[3], [], last=False)  # a decision: itself, then those held
+    assert [epoch for epoch, _ in targets] == [3, 2, 1] and targets[0][1] == folders[3]
+    full = {1: scores(0.41, 0.6), 2: scores(0.52, 0.6), 3: scores(0.31, 0.6)}
+    evaluated = [Evaluated(epoch, folder, {}, full[epoch]) for epoch, folder in targets]
+    outcome = staging.conclude(3, screens[3], evaluated)
+    assert outcome.own == full[3] and outcome.improved and outcome.best.epoch == 2
+    assert outcome.to_log == [(3, full[3]), (1, full[1]), (2, full[2])]  # each epoch once, full scores
+    assert staging.objective.value == 0.52 and staging.objective.epoch == 2
+    staging.discard_evaluated()
+    assert staging.held == [] and not any(Path(staging._holding.name).iterdir())
+
+
+def test_staging_judges_a_confidently_ineligible_screen_without_a_full_evaluation(tmp_path: Path) -> None:
+    staging = StagedEvaluation(EvalOptions(), threshold=0.9, decision_epochs=())
+    (tmp_path / "epoch-1").mkdir()
+    mmlu = [{"answer": 0, "predicted": 1}] * 20  # 0 of 20: confidently below 0.9
+    assert staging.plan(1, tmp_path / "epoch-1", scores(0.8, 0.0, 0.9), mmlu, last=True) == []
+    outcome = staging.conclude(1, scores(0.8, 0.0, 0.9), [])
+    assert outcome.best is None and outcome.to_log == [(1, scores(0.8, 0.0, 0.9))] and outcome.improved
+    assert staging.held == [] and (tmp_path / "epoch-1").exists()  # never held
+
+
+def test_without_staging_every_epoch_is_fully_evaluated_and_the_best_eligible_kept(tmp_path: Path) -> None:
+    staging = StagedEvaluation(EvalOptions(screen=False), threshold=0.5)
+    first = staging.conclude(1, None, [Evaluated(1, tmp_path, {}, scores(0.7, 0.4))])  # ineligible
+    second = staging.conclude(2, None, [Evaluated(2, tmp_path, {}, scores(0.3, 0.6))])
+    third = staging.conclude(3, None, [Evaluated(3, tmp_path, {}, scores(0.2, 0.6))])
+    assert (first.improved, first.best) == (True, None)  # the best ineligible value so far, nothing kept
+    assert second.improved and second.best.epoch == 2
+    assert not third.improved and third.best is None
