@@ -46,8 +46,8 @@ class Split:
     mmlu: list[int]
 
     @classmethod
-    def draw(cls, sets: EvalSets, fraction: float, seed: int = 0) -> Split:
-        rng = random.Random(seed)
+    def draw(cls, sets: EvalSets, fraction: float) -> Split:
+        rng = random.Random(0)  # one fixed draw: every trial of every sweep on these sets screens the same items
         return cls(
             _stratified(sets.rows, lambda row: (row.split, row.task, row.kind), fraction, rng),
             _stratified(sets.mia or [], lambda doc: doc.membership, fraction, rng),

@@ -18,6 +18,7 @@ import dataclasses
 import math
 import os
 import random
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -486,10 +487,12 @@ def export_checkpoint(
 class _EpochEnds(TrainerCallback):
     """Calls the epoch hook at the optimizer steps that end the method's logical epochs, with
     the checkpoint exported at that point (on every rank: rank 0's folder); stops training
-    when the hook returns False."""
+    when the hook returns False. With `keep_last`, the last epoch's checkpoint, where the hook
+    left it in place, becomes the run's output there rather than being exported again."""
 
-    def __init__(self, ends: list[int], export: Any, on_epoch: EpochCallback):
-        self.ends, self.export, self.on_epoch = ends, export, on_epoch
+    def __init__(self, ends: list[int], export: Any, on_epoch: EpochCallback, keep_last: Path | None = None):
+        self.ends, self.export, self.on_epoch, self.keep_last = ends, export, on_epoch, keep_last
+        self.kept_last = False
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> Any:
         if state.global_step in self.ends:
@@ -501,11 +504,35 @@ class _EpochEnds(TrainerCallback):
                     shared = [str(checkpoint)]
                     torch.distributed.broadcast_object_list(shared, src=0)
                     checkpoint = Path(shared[0])
-                if self.on_epoch(epoch, checkpoint, epoch == len(self.ends)) is False:
+                last = epoch == len(self.ends)
+                if self.on_epoch(epoch, checkpoint, last) is False:
                     control.should_training_stop = True
+                if last and self.keep_last is not None:
+                    self.kept_last = self._keep(checkpoint)
                 if torch.distributed.is_initialized():
                     torch.distributed.barrier()  # rank 0 removes the folder only when every rank is done with it
         return control
+
+    def _keep(self, checkpoint: Path) -> bool:
+        """Rank 0 moves the checkpoint to keep_last unless the hook took it; every rank learns whether it did."""
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        kept = [rank == 0 and checkpoint.exists()]
+        if kept[0]:
+            _move_into(checkpoint, self.keep_last)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.broadcast_object_list(kept, src=0)
+        return kept[0]
+
+
+def _move_into(source: Path, target: Path) -> None:
+    """The folder's files into target: a rename where target is new or empty (one disk), else a copy over it."""
+    if target.exists() and any(target.iterdir()):
+        shutil.copytree(source, target, dirs_exist_ok=True)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        target.rmdir()
+    shutil.move(source, target)
 
 
 class LossMethod(Method):
@@ -591,11 +618,13 @@ class LossMethod(Method):
                 **options,
             )
             trainer.remove_callback(PrinterCallback)  # the hook reports; no log dicts on stdout
+            epoch_ends = None
             if on_epoch is not None:
-                trainer.add_callback(
-                    _EpochEnds(
-                        ends, lambda staging: self.export(trainer, tokenizer, staging, params, model_dir), on_epoch
-                    )
+                epoch_ends = _EpochEnds(
+                    ends, lambda staging: self.export(trainer, tokenizer, staging, params, model_dir), on_epoch, out_dir
                 )
+                trainer.add_callback(epoch_ends)
             trainer.train()
-            return self.export(trainer, tokenizer, out_dir, params, model_dir) if out_dir is not None else None
+            if out_dir is None or (epoch_ends is not None and epoch_ends.kept_last):
+                return out_dir  # none asked for, or the last epoch's export, kept (a 7B export is minutes)
+            return self.export(trainer, tokenizer, out_dir, params, model_dir)

@@ -462,3 +462,25 @@ def test_deepspeed_zero_matches_plain_torch(stage: int, toy_task_dir: Path, task
     expected, actual = load_file(plain / "model.safetensors"), load_file(zero / "model.safetensors")
     assert expected.keys() == actual.keys()
     assert all(torch.allclose(expected[name], actual[name], atol=1e-5) for name in expected)
+
+
+def test_the_last_epoch_is_exported_once_when_a_hook_and_an_output_folder_are_both_given(
+    toy_task_dir: Path, task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last epoch's export (handed to the hook) becomes the output; it was exported a
+    second time into the output folder (review: at 7B a consolidated save more per run)."""
+    method = get_method("grad_diff")
+    exports, last_weights = [], {}
+    export = type(method).export
+    monkeypatch.setattr(type(method), "export", lambda self, *args: exports.append(args[2]) or export(self, *args))
+
+    def on_epoch(epoch: int, checkpoint: Path, last: bool) -> None:
+        if last:
+            last_weights.update(load_file(checkpoint / "model.safetensors"))
+
+    out = run_method("grad_diff", toy_task_dir / "model", task, tmp_path / "out", {"epochs": 2}, on_epoch=on_epoch)
+    assert len(exports) == 2 and tmp_path / "out" not in exports  # one per epoch, none more
+    saved = load_file(out / "model.safetensors")
+    assert saved.keys() == last_weights.keys() and all(torch.equal(saved[k], last_weights[k]) for k in saved)
+    assert (out / "tokenizer.json").is_file()
+    assert json.loads((out / "unlearn_config.json").read_text())["method"] == "grad_diff"
