@@ -14,7 +14,7 @@ import signal
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,10 +62,6 @@ class SweepSummary:
     mmlu_threshold: float | None
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per trial, best first
     champion: dict[str, Any] | None = None
-
-
-def _trial_dirname(trial) -> str:
-    return f"trial_{trial.trial_id}"
 
 
 def _start_ray(config: SweepConfig) -> None:
@@ -183,139 +179,263 @@ def run_sweep(config: SweepConfig, resume: bool = False, verbose: bool = False) 
     """Run (or resume) the sweep to the end and pick the champion. The console shows the live
     view (console.py), or with `verbose` Tune's own tables; a resumed sweep keeps the choice
     made at its start (Tune restores its run settings, callbacks not included)."""
-    check_memory(config)  # before anything starts: trials that cannot fit their GPUs are refused
-    try:
-        check_checkpoint(config.model)  # weights present and whole, not found missing in every trial
-    except DataError as error:
-        raise ConfigError(config.source, str(error), field="model") from None
-    experiment_path = f"{config.storage_path.rstrip('/')}/{config.name}"
-    if not resume and tune.Tuner.can_restore(experiment_path):
-        raise ConfigError(
-            config.source,
-            f"a sweep named {config.name!r} already exists in {config.storage_path}; resume it with --resume or "
-            "choose another name",
-            field="name",
+    return Sweep(config, resume, verbose).run()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One Tune run of a sweep: its search, then (optionally) its merge stage."""
+
+    label: str  # as messages name it
+    name: str  # the Tune experiment's, under the sweep's storage_path
+    trials: int
+
+
+def trial_folder(trial) -> str:
+    """The folder of a Tune trial (Tune's `trial_dirname_creator`); `trial_id_of` reads it back."""
+    return f"trial_{trial.trial_id}"
+
+
+def trial_id_of(result) -> str:
+    """The Tune trial id of a result: in its metrics once it reported, else from its folder
+    (a trial that failed before its first report has no metrics)."""
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix("trial_")
+
+
+class Sweep:
+    """One sweep's driver: it holds the MLflow client, the parent run, the MMLU threshold and
+    the trainable, runs each stage's Tuner, keeps MLflow in step with what Tune reports, and
+    selects."""
+
+    def __init__(self, config: SweepConfig, resume: bool = False, verbose: bool = False):
+        self.config, self.resume, self.verbose = config, resume, verbose
+        self.storage = config.storage_path.rstrip("/")
+        self.search = Stage("its search", config.name, config.trials)
+        self.merge = (
+            Stage("its merge stage", f"{config.name}-merge", config.merge_stage.trials) if config.merge_stage else None
         )
-    if resume and not tune.Tuner.can_restore(experiment_path):
-        raise ConfigError(config.source, f"no sweep {config.name!r} in {config.storage_path} to resume", field="name")
-    if not resume and study_exists(config):
-        raise ConfigError(
-            config.source,
-            f"an Optuna study named {config.name!r} already exists in {config.study_storage}; "
-            "resume the sweep with --resume or choose another name",
-            field="name",
+
+    def _path(self, stage: Stage) -> str:
+        return f"{self.storage}/{stage.name}"
+
+    def _refuse_a_bad_start(self) -> None:
+        config = self.config
+        check_memory(config)  # before anything starts: trials that cannot fit their GPUs are refused
+        try:
+            check_checkpoint(config.model)  # weights present and whole, not found missing in every trial
+        except DataError as error:
+            raise ConfigError(config.source, str(error), field="model") from None
+        exists = tune.Tuner.can_restore(self._path(self.search))
+        if not self.resume and exists:
+            raise ConfigError(
+                config.source,
+                f"a sweep named {config.name!r} already exists in {config.storage_path}; resume it with --resume or "
+                "choose another name",
+                field="name",
+            )
+        if self.resume and not exists:
+            raise ConfigError(
+                config.source, f"no sweep {config.name!r} in {config.storage_path} to resume", field="name"
+            )
+        if not self.resume and study_exists(config):
+            raise ConfigError(
+                config.source,
+                f"an Optuna study named {config.name!r} already exists in {config.study_storage}; "
+                "resume the sweep with --resume or choose another name",
+                field="name",
+            )
+
+    def run(self) -> SweepSummary:
+        config = self.config
+        self._refuse_a_bad_start()
+        if not self.verbose:  # the live view stands in for Tune's tables; its snapshot-frequency notice is noise there
+            os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        _start_ray(config)
+        _check_placeable(config)  # before MLflow is touched: nothing is left behind by a bad config
+        self.mlflow = tracking.client(config.tracking_uri)
+        self.experiment = tracking.experiment_id(self.mlflow, config.experiment)
+        self.parent_run_id, self.threshold = _parent_run(self.mlflow, self.experiment, config, self.resume)
+        context = TrialContext.for_sweep(
+            config,
+            self._path(self.search),
+            self.experiment,
+            self.parent_run_id,
+            self.threshold,
+            decision_epochs(config.asha, ASHA_MAX_T),
         )
-    if not verbose:  # the live view stands in for Tune's tables; its snapshot-frequency notice is noise there
-        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    _start_ray(config)
-    _check_placeable(config)  # before MLflow is touched: nothing is left behind by a bad config
-    mlflow = tracking.client(config.tracking_uri)
-    experiment = tracking.experiment_id(mlflow, config.experiment)
-    parent_run_id, threshold = _parent_run(mlflow, experiment, config, resume)
-    context = TrialContext.for_sweep(
-        config, experiment_path, experiment, parent_run_id, threshold, decision_epochs(config.asha, ASHA_MAX_T)
-    )
-    resources = (
-        {"cpu": TRIAL_DRIVER_CPU}
-        if config.workers > 1
-        else {"cpu": config.resources_per_trial["cpu"], "gpu": config.resources_per_trial.get("gpu", 0)}
-    )
-    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
-    if resume:
-        tuner = tune.Tuner.restore(
-            experiment_path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+        resources = (
+            {"cpu": TRIAL_DRIVER_CPU}
+            if config.workers > 1
+            else {"cpu": config.resources_per_trial["cpu"], "gpu": config.resources_per_trial.get("gpu", 0)}
         )
-    else:
-        tuner = tune.Tuner(
-            trainable,
+        self.trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
+        try:
+            return self._run_stages()
+        except (SweepInterrupted, SweepFailed):
+            raise
+        except BaseException:  # the driver itself failed: the record must not say running or finished
+            _interrupt_open_trials(self.mlflow, self.experiment, self.parent_run_id)
+            tracking.end_parent(self.mlflow, self.parent_run_id, failed=True)
+            raise
+
+    def _run_stages(self) -> SweepSummary:
+        config = self.config
+        asha = (
+            ASHAScheduler(
+                metric=METRIC,
+                mode=MODE,
+                grace_period=config.asha["grace_period"],
+                reduction_factor=config.asha["reduction_factor"],
+                max_t=ASHA_MAX_T,
+            )
+            if config.asha
+            else None
+        )
+        grids = [self._fit(self.search, self._tuner(self.search, lambda: make_searcher(config), asha))]
+        summary = SweepSummary(config.experiment, self.parent_run_id, self.threshold, rows=self._settled_rows(grids))
+        if summary.rows and all(row["status"] == "failed" for row in summary.rows):
+            tracking.end_parent(self.mlflow, self.parent_run_id, failed=True)
+            error, count = Counter(row["error"] for row in summary.rows).most_common(1)[0]
+            raise SweepFailed(
+                f"all {len(summary.rows)} trials of sweep {config.name!r} failed; most common error ({count}x): {error}"
+            )
+        if self.merge is not None:
+            tuner = self._merge_tuner(summary.rows)
+            if tuner is not None:
+                grids.append(self._fit(self.merge, tuner))
+                summary.rows = self._settled_rows(grids)
+        _finish(config, summary, self.mlflow)
+        return summary
+
+    def _tuner(self, stage: Stage, searcher: Callable[[], Any], scheduler: Any = None) -> tune.Tuner:
+        """The stage's Tuner: restored where a resumed sweep had started it, else new."""
+        if self.resume and tune.Tuner.can_restore(self._path(stage)):
+            return tune.Tuner.restore(
+                self._path(stage), self.trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+            )
+        return tune.Tuner(
+            self.trainable,
             tune_config=tune.TuneConfig(
-                search_alg=make_searcher(config),
-                num_samples=config.trials,
-                trial_dirname_creator=_trial_dirname,
-                scheduler=ASHAScheduler(
-                    metric=METRIC,
-                    mode=MODE,
-                    grace_period=config.asha["grace_period"],
-                    reduction_factor=config.asha["reduction_factor"],
-                    max_t=ASHA_MAX_T,
-                )
-                if config.asha
-                else None,
-                max_concurrent_trials=_max_concurrent(config),
+                search_alg=searcher(),
+                num_samples=stage.trials,
+                trial_dirname_creator=trial_folder,
+                scheduler=scheduler,
+                max_concurrent_trials=_max_concurrent(self.config),
                 reuse_actors=True,  # a fresh worker per trial would re-import torch & co (~6 s) each time
             ),
             run_config=tune.RunConfig(
-                name=config.name,
-                storage_path=config.storage_path,
-                verbose=1 if verbose else 0,
-                callbacks=[] if verbose else [LiveView(config.trials)],
+                name=stage.name,
+                storage_path=self.config.storage_path,
+                verbose=1 if self.verbose else 0,
+                callbacks=[] if self.verbose else [LiveView(stage.trials)],
                 failure_config=tune.FailureConfig(max_failures=0),
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
                 ),
             ),
         )
-    try:
-        return _fit_and_select(
-            config, tuner, trainable, mlflow, experiment, parent_run_id, threshold, experiment_path, resume, verbose
-        )
-    except (SweepInterrupted, SweepFailed):
-        raise
-    except BaseException:  # the driver itself failed: the record must not say running or finished
-        _interrupt_open_trials(mlflow, experiment, parent_run_id)
-        tracking.end_parent(mlflow, parent_run_id, failed=True)
-        raise
 
+    def _merge_tuner(self, rows: list[dict[str, Any]]) -> tune.Tuner | None:
+        """The merge stage's Tuner, or None where it cannot run (said on the parent run)."""
+        if self.resume and tune.Tuner.can_restore(self._path(self.merge)):
+            return self._tuner(self.merge, lambda: None)
+        sources = _merge_stage_sources(self.config, rows)
+        if isinstance(sources, str):
+            log.warning("merge stage skipped: %s", sources)
+            self.mlflow.set_tag(self.parent_run_id, "merge_stage", f"skipped: {sources}")
+            return None
+        models, runs = sources
+        self.mlflow.set_tag(self.parent_run_id, "merge_stage", ",".join(models))
+        return self._tuner(self.merge, lambda: merge_stage_searcher(self.config, models, runs))
 
-def _fit_and_select(
-    config: SweepConfig,
-    tuner,
-    trainable,
-    mlflow,
-    experiment: str,
-    parent_run_id: str,
-    threshold: float | None,
-    experiment_path: str,
-    resume: bool,
-    verbose: bool,
-) -> SweepSummary:
-    grids = [_fit(config, tuner, config.trials, mlflow, experiment, parent_run_id)]
-    summary = SweepSummary(
-        config.experiment, parent_run_id, threshold, rows=_rows(grids, mlflow, experiment, parent_run_id, threshold)
-    )
-    if summary.rows and all(row["status"] == "failed" for row in summary.rows):
-        tracking.end_parent(mlflow, parent_run_id, failed=True)
-        error, count = Counter(row["error"] for row in summary.rows).most_common(1)[0]
-        raise SweepFailed(
-            f"all {len(summary.rows)} trials of sweep {config.name!r} failed; most common error ({count}x): {error}"
-        )
-    if config.merge_stage:
-        stage = _merge_stage_tuner(
-            config, summary.rows, trainable, mlflow, parent_run_id, experiment_path, resume, verbose
-        )
-        if stage is not None:
-            grids.append(_fit(config, stage, config.merge_stage.trials, mlflow, experiment, parent_run_id))
-            summary.rows = _rows(grids, mlflow, experiment, parent_run_id, threshold)
-    _finish(config, summary, mlflow, experiment_path)
-    return summary
-
-
-def _fit(config: SweepConfig, tuner, trials: int, mlflow, experiment: str, parent_run_id: str):
-    """Run a Tuner to its end; a stop before it (Ctrl-C, SIGTERM) is an interrupted sweep."""
-    with _sigterm_as_sigint():
-        grid = tuner.fit()  # Tune stops gracefully on SIGINT, saving its state, and returns
-    if grid.num_terminated + grid.num_errors < trials:
-        _mark_interrupted(mlflow, experiment, parent_run_id)
+    def _fit(self, stage: Stage, tuner: tune.Tuner):
+        """Run a stage's Tuner to its end; a stop before it (Ctrl-C, SIGTERM) is an interrupted sweep."""
+        with _sigterm_as_sigint():
+            grid = tuner.fit()  # Tune stops gracefully on SIGINT, saving its state, and returns
         done = grid.num_terminated + grid.num_errors
-        raise SweepInterrupted(
-            f"sweep {config.name!r} interrupted after {done} of {trials} trials of {_tuner_name(grid)}; no champion "
-            f"was registered. Continue it with: unlearn-sweep sweep {config.source} --resume"
+        if done < stage.trials:
+            _mark_interrupted(self.mlflow, self.experiment, self.parent_run_id)
+            raise SweepInterrupted(
+                f"sweep {self.config.name!r} interrupted after {done} of {stage.trials} trials of {stage.label}; no "
+                f"champion was registered. Continue it with: unlearn-sweep sweep {self.config.source} --resume"
+            )
+        return grid
+
+    def _settled_rows(self, grids: list) -> list[dict[str, Any]]:
+        results = {trial_id_of(result): result for grid in grids for result in grid}
+        self._reconcile(results)
+        return self._rows(results)
+
+    def _reconcile(self, results: dict[str, Any]) -> None:
+        """Bring MLflow in step with what Tune reports: a trial that errored while its run still
+        says running (its worker died) is marked failed; one Tune stopped at its last report,
+        whose worker was killed before it closed its run, finished; runs of trials Tune no
+        longer knows (started by a driver that died before recording them; Tune ran them again
+        as new trials) are marked interrupted. Each finished trial's run is tagged with its
+        best checkpoint."""
+        mlflow = self.mlflow
+        latest = {
+            entry.trial_id: entry
+            for entry in trial_entries(mlflow, self.experiment, self.parent_run_id)
+            if entry.status != "interrupted"
+        }
+        for trial_id, result in results.items():
+            entry = latest.get(trial_id)
+            if entry is None:
+                continue
+            if result.error and entry.status == "running":
+                mlflow.set_tag(entry.run_id, "error", _error_line(result.error))
+                tracking.finish_trial(mlflow, entry.run_id, "failed")
+            elif entry.status == "running":
+                tracking.finish_trial(
+                    mlflow,
+                    entry.run_id,
+                    "finished",
+                    stopped_early=True,
+                    end_time=tracking.last_report_time(mlflow, entry.run_id),
+                )
+            checkpoint = _best_checkpoint(result)
+            if checkpoint and not result.error:
+                mlflow.set_tag(entry.run_id, "checkpoint", checkpoint)
+        for trial_id, entry in latest.items():
+            if trial_id not in results:
+                tracking.mark_interrupted(mlflow, entry.run_id)
+
+    def _rows(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """Per trial of the sweep, best first by the selection rule: its best eligible epoch's
+        scores if it has one, else its last report."""
+        entries = {
+            entry.trial_id: entry
+            for entry in trial_entries(self.mlflow, self.experiment, self.parent_run_id)
+            if entry.trial_id in results and entry.status != "interrupted"
+        }
+        order = {entry.trial_id: rank for rank, entry in enumerate(select(list(entries.values()), self.threshold))}
+        rows = []
+        for trial_id, result in results.items():
+            entry, metrics = entries.get(trial_id), result.metrics or {}
+            setup = (result.config or {}).get("setup", {})
+            scores = entry.scores if trial_id in order else metrics
+            rows.append(
+                {
+                    "trial_id": trial_id,
+                    "method": setup.get("method"),
+                    "params": setup.get("params", {}),
+                    "status": "failed" if result.error else entry.status if entry else "finished",
+                    "eligible": trial_id in order,
+                    "error": _error_line(result.error) if result.error else None,
+                    "epochs": metrics.get("training_iteration", 0),
+                    "checkpoint": entry.checkpoint if trial_id in order else None,
+                    "run_id": entry.run_id if entry else None,
+                    **{name: scores.get(name) for name in tracking.SCORE_METRICS},
+                }
+            )
+        return sorted(
+            rows,
+            key=lambda r: (
+                order.get(r["trial_id"], len(order)),
+                -(r["final_score"] if r["final_score"] is not None else -1),
+            ),
         )
-    return grid
-
-
-def _tuner_name(grid) -> str:
-    return "its merge stage" if grid.experiment_path.rstrip("/").endswith("-merge") else "its search"
 
 
 def _merge_stage_sources(config: SweepConfig, rows: list[dict[str, Any]]) -> tuple[list[str], list[str]] | str:
@@ -339,49 +459,6 @@ def _merge_stage_sources(config: SweepConfig, rows: list[dict[str, Any]]) -> tup
     if len(set(models)) < len(models):
         return "its sources are the same checkpoint (one eligible trial)"
     return models, runs
-
-
-def _merge_stage_tuner(
-    config: SweepConfig,
-    rows: list[dict[str, Any]],
-    trainable,
-    mlflow,
-    parent_run_id: str,
-    experiment_path: str,
-    resume: bool,
-    verbose: bool,
-):
-    """The merge stage's Tuner (restored on resume), or None where it cannot run (said on the parent run)."""
-    path, name = f"{experiment_path}-merge", f"{config.name}-merge"
-    if resume and tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
-    sources = _merge_stage_sources(config, rows)
-    if isinstance(sources, str):
-        log.warning("merge stage skipped: %s", sources)
-        mlflow.set_tag(parent_run_id, "merge_stage", f"skipped: {sources}")
-        return None
-    models, runs = sources
-    mlflow.set_tag(parent_run_id, "merge_stage", ",".join(models))
-    return tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=merge_stage_searcher(config, models, runs),
-            num_samples=config.merge_stage.trials,
-            trial_dirname_creator=_trial_dirname,
-            max_concurrent_trials=_max_concurrent(config),
-            reuse_actors=True,
-        ),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=config.storage_path,
-            verbose=1 if verbose else 0,
-            callbacks=[] if verbose else [LiveView(config.merge_stage.trials)],
-            failure_config=tune.FailureConfig(max_failures=0),
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
-            ),
-        ),
-    )
 
 
 @contextlib.contextmanager
@@ -412,77 +489,6 @@ def _mark_interrupted(mlflow, experiment: str, parent_run_id: str) -> None:
     mlflow.set_terminated(parent_run_id, "KILLED")
 
 
-def _rows(grids: list, mlflow, experiment: str, parent_run_id: str, threshold: float | None) -> list[dict[str, Any]]:
-    """Per trial of the sweep, best first by the selection rule: its best eligible epoch's
-    scores if it has one, else its last report. MLflow is reconciled with Tune first: a trial
-    that errored while its run still says running (its worker died) is marked failed; runs of
-    trials Tune no longer knows (started by a driver that died before recording them; Tune ran
-    them again as new trials) are marked interrupted."""
-    latest = {
-        entry.trial_id: entry
-        for entry in trial_entries(mlflow, experiment, parent_run_id)
-        if entry.status != "interrupted"
-    }
-    results = {}
-    for result in (result for grid in grids for result in grid):
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix("trial_")
-        results[trial_id] = result
-        entry = latest.get(trial_id)
-        if entry is None:
-            continue
-        if result.error and entry.status == "running":
-            mlflow.set_tag(entry.run_id, "error", _error_line(result.error))
-            tracking.finish_trial(mlflow, entry.run_id, "failed")
-        elif (
-            entry.status == "running"
-        ):  # stopped by Tune at its last report, its worker killed before it closed the run
-            tracking.finish_trial(
-                mlflow,
-                entry.run_id,
-                "finished",
-                stopped_early=True,
-                end_time=tracking.last_report_time(mlflow, entry.run_id),
-            )
-        checkpoint = _best_checkpoint(result)
-        if checkpoint and not result.error:
-            mlflow.set_tag(entry.run_id, "checkpoint", checkpoint)
-    for trial_id, entry in latest.items():
-        if trial_id not in results:
-            tracking.mark_interrupted(mlflow, entry.run_id)
-    entries = {
-        entry.trial_id: entry
-        for entry in trial_entries(mlflow, experiment, parent_run_id)
-        if entry.trial_id in results and entry.status != "interrupted"
-    }
-    order = {entry.trial_id: rank for rank, entry in enumerate(select(list(entries.values()), threshold))}
-    rows = []
-    for trial_id, result in results.items():
-        entry, metrics = entries.get(trial_id), result.metrics or {}
-        setup = (result.config or {}).get("setup", {})
-        scores = entry.scores if trial_id in order else metrics
-        rows.append(
-            {
-                "trial_id": trial_id,
-                "method": setup.get("method"),
-                "params": setup.get("params", {}),
-                "status": "failed" if result.error else entry.status if entry else "finished",
-                "eligible": trial_id in order,
-                "error": _error_line(result.error) if result.error else None,
-                "epochs": metrics.get("training_iteration", 0),
-                "checkpoint": entry.checkpoint if trial_id in order else None,
-                "run_id": entry.run_id if entry else None,
-                **{name: scores.get(name) for name in tracking.SCORE_METRICS},
-            }
-        )
-    return sorted(
-        rows,
-        key=lambda r: (
-            order.get(r["trial_id"], len(order)),
-            -(r["final_score"] if r["final_score"] is not None else -1),
-        ),
-    )
-
-
 def _error_line(error: BaseException) -> str:
     """A trial error's root cause as one line ('FloatingPointError: loss became nan ...'):
     Tune wraps it in Ray's task errors, whose text ends with the original exception."""
@@ -506,7 +512,7 @@ def _best_checkpoint(result) -> str | None:
     return None if saved.empty else saved.loc[saved[METRIC].idxmax(), "checkpoint_path"]
 
 
-def _finish(config: SweepConfig, summary: SweepSummary, mlflow, experiment_path: str) -> None:
+def _finish(config: SweepConfig, summary: SweepSummary, mlflow) -> None:
     """Champion registration (by the selection rule, over the experiment), plots and the
     leaderboard on the parent run."""
     experiment = mlflow.get_run(summary.parent_run_id).info.experiment_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import pickle
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -423,7 +425,12 @@ def test_small_sweep_end_to_end(local_ray, toy_task_dir: Path, tmp_path: Path, c
             eval={},
         )
     )
-    summary = run_sweep(config)
+    tracking.client(config.tracking_uri).search_experiments()  # the store exists: the UI starts beside the sweep
+    with ui_serving(config.tracking_uri) as ui:
+        summary = run_sweep(config)
+        # The UI, on loopback, browses the sweep's store.
+        found = json.loads(answer(f"{ui}/api/2.0/mlflow/experiments/get-by-name?experiment_name={config.experiment}"))
+        assert found["experiment"]["name"] == config.experiment
     # The live view, not Tune's tables: a line per ended trial (no bar: the output is not a terminal).
     console = capsys.readouterr().out
     assert "started with configuration" not in console and "finished iteration" not in console, (
@@ -589,42 +596,44 @@ def test_sweep_whose_every_trial_fails_exits_non_zero(
     assert parent.info.status == "FAILED"
 
 
-def test_ui_serves_mlflow_on_loopback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_ui_refuses_a_store_that_does_not_exist(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """(Serving a sweep's store on loopback: test_small_sweep_end_to_end.)"""
     assert main(["ui", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2  # no store there: refused, none created
     assert "no MLflow store here" in capsys.readouterr().err and not (tmp_path / "m.db").exists()
-    tracking.client(f"sqlite:///{tmp_path}/m.db").search_experiments()  # a sweep's store
+
+
+@contextlib.contextmanager
+def ui_serving(tracking_uri: str) -> Iterator[str]:
+    """`unlearn-sweep ui` on a free loopback port, in the background; its address."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "unlearn_sweep.orchestrator.cli", "ui", "--port", str(port)]
     ui = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "unlearn_sweep.orchestrator.cli",
-            "ui",
-            "--port",
-            str(port),
-            "--tracking-uri",
-            f"sqlite:///{tmp_path}/m.db",
-        ],
+        [*command, "--tracking-uri", tracking_uri],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    assert response.status == 200
-                    return
-            except OSError:
-                assert ui.poll() is None, "the UI exited"
-                time.sleep(1)
-        pytest.fail("the MLflow UI did not answer within 90 s")
+        yield f"http://127.0.0.1:{port}"
+        assert ui.poll() is None, "the UI exited"
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait()
+
+
+def answer(url: str, seconds: float = 120) -> bytes:
+    """What a server answers at url, waiting for it to start."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.read()
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
 
 
 @contextlib.contextmanager
@@ -656,14 +665,7 @@ def mlflow_server(folder: Path):
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                    break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "the MLflow server did not start"
-                time.sleep(1)
+        answer(f"{uri}/health")
         yield uri
     finally:
         os.killpg(server.pid, signal.SIGTERM)

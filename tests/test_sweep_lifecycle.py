@@ -185,7 +185,7 @@ def test_a_driver_failure_ends_the_parent_run_failed(
     def broken(*args, **kwargs):
         raise RuntimeError("the driver broke")
 
-    monkeypatch.setattr(sweep, "_fit_and_select", broken)
+    monkeypatch.setattr(sweep.Sweep, "_run_stages", broken)
     config = load_config(write_config(tmp_path, toy_task_dir, name="driver-fails"))
     with pytest.raises(RuntimeError, match="the driver broke"):
         run_sweep(config)
