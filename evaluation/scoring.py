@@ -41,7 +41,10 @@ def per_task_means(records: list[dict]) -> dict[str, dict[str, dict[str, float]]
     """{split: {task: {"regurgitation": mean, "knowledge": mean}}}; absent kinds are left out."""
     sums: dict[tuple[str, str, str], list[float]] = {}
     for record in records:
-        metric = "regurgitation" if row_kind(record["id"]) == "sc" else "knowledge"
+        kind = row_kind(record["id"])
+        if kind is None:
+            continue  # neither sc nor qa: the organizers' script scores it as neither
+        metric = "regurgitation" if kind == "sc" else "knowledge"
         sums.setdefault((record["split"], record["task"], metric), []).append(row_score(record))
     means: dict[str, dict[str, dict[str, float]]] = {}
     for split in SETS:

@@ -42,6 +42,16 @@ def test_quoted_ids_keep_their_kind() -> None:
     assert per_task_means(records) == {"forget": {"Task1": {"regurgitation": 0.5, "knowledge": 1.0}}}
 
 
+def test_an_id_neither_sc_nor_qa_counts_for_nothing_as_in_the_organizers_script() -> None:
+    """It counted as a question (review): a miss there lowered the forget knowledge mean."""
+    records = [
+        gen("d sc1", "forget", "Task1", "a b c d", "a b"),
+        gen("d qa0", "forget", "Task1", "Madera", "madera"),
+        gen("d xx0", "forget", "Task1", "Fresno", "no"),
+    ]
+    assert per_task_means(records) == {"forget": {"Task1": {"regurgitation": 0.5, "knowledge": 1.0}}}
+
+
 def test_task_aggregate_inverts_forget_and_takes_the_harmonic_mean() -> None:
     means = {
         "forget": {"Task1": {"regurgitation": 0.2, "knowledge": 0.5}},
