@@ -9,8 +9,10 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from unlearn_sweep.corpus.checkpoints import BACKENDS
 from unlearn_sweep.corpus.errors import DataError
@@ -31,9 +33,21 @@ TASK_SETTINGS = {"dtype": "bfloat16", "max_new_tokens": 256}
 DEFAULT_OPTIONS = EvalOptions()
 
 
-def backend_passes(backend: str):
-    """The module holding `backend`'s load_model, generate, document_loss and choose_letters:
-    `evaluation.inference` (Hugging Face) or `evaluation.vllm_inference`."""
+class InferenceBackend(Protocol):
+    """What a backend module provides, with these signatures: `evaluation.inference` (Hugging
+    Face) and `evaluation.vllm_inference` (vLLM)."""
+
+    def open_model(self, model_dir: str | Path, options: EvalOptions) -> tuple[Any, Any]: ...
+    def generate(
+        self, model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int, max_new_tokens: int
+    ) -> list[str]: ...
+    def document_loss(self, model: Any, tokenizer: Any, documents: Sequence[str], batch_size: int) -> list[float]: ...
+    def choose_letters(self, model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int) -> list[int]: ...
+    def release(self, model: Any) -> None: ...
+
+
+def backend_passes(backend: str) -> InferenceBackend:
+    """The module implementing InferenceBackend for `backend`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend == "vllm":
@@ -46,16 +60,13 @@ def backend_passes(backend: str):
 def load(model_dir: str | Path, options: EvalOptions):
     """(model, tokenizer) of a checkpoint for the options' backend, in their dtype (a vLLM
     engine taking their `vllm_memory` share of the GPU)."""
-    if options.backend == "vllm":
-        return backend_passes(options.backend).load_model(model_dir, options.dtype, options.vllm_memory)
-    return backend_passes(options.backend).load_model(model_dir, dtype=options.dtype)
+    return backend_passes(options.backend).open_model(model_dir, options)
 
 
 def release(model, options: EvalOptions) -> None:
     """Give a loaded model's memory back before the next is loaded: a vLLM engine holds its
-    share of the GPU until it is shut down; an HF model goes with its last reference."""
-    if options.backend == "vllm":
-        backend_passes(options.backend).release(model)
+    share of the GPU until it is shut down."""
+    backend_passes(options.backend).release(model)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from unlearn_sweep.corpus.checkpoints import DTYPES, check_checkpoint
 from unlearn_sweep.corpus.mmlu import LETTERS
 from unlearn_sweep.corpus.tokens import right_padded, summed_token_nll
+from unlearn_sweep.evaluation.options import EvalOptions
 
 
 def pick_device() -> torch.device:
@@ -37,6 +38,16 @@ def load_model(
         .eval()
     )
     return model, tokenizer
+
+
+def open_model(model_dir: str | Path, options: EvalOptions) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The backend interface's loader (evaluator.InferenceBackend): the model in the options' dtype."""
+    return load_model(model_dir, dtype=options.dtype)
+
+
+def release(model: PreTrainedModel) -> None:
+    """The backend interface's release: nothing to do. An HF model's memory goes with its last
+    reference (the caller's), and the allocator's cached blocks serve the next checkpoint."""
 
 
 def _batches(lengths: Sequence[int], batch_size: int, label: str) -> list[list[int]]:

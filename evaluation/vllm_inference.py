@@ -23,6 +23,7 @@ from unlearn_sweep.corpus.compat import shutdown_vllm_engine
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+    from unlearn_sweep.evaluation.options import EvalOptions  # which imports this module's GPU_SHARE
 
 # The sweep's config reads the facts below: torch and transformers load only with a model.
 GPU_SHARE = 0.4  # of a GPU, weights and KV cache together, by default: in a trial the training engine holds the rest
@@ -62,6 +63,12 @@ def load_model(
         model=str(model_dir), dtype=dtype, seed=0, gpu_memory_utilization=gpu_memory_utilization, enforce_eager=True
     )  # one engine per evaluated checkpoint: capturing CUDA graphs would cost more than it saves
     return engine, tokenizer
+
+
+def open_model(model_dir: str | Path, options: EvalOptions) -> tuple[Any, PreTrainedTokenizerBase]:
+    """The backend interface's loader (evaluator.InferenceBackend): an engine in the options'
+    dtype taking their `vllm_memory` share of the GPU."""
+    return load_model(model_dir, options.dtype, options.vllm_memory)
 
 
 def release(engine: Any) -> None:

@@ -414,3 +414,19 @@ def test_the_vllm_backend_gives_the_hf_records(toy_task_dir: Path) -> None:
 
     assert share_equal("model_output", GENERATIONS) >= 0.95 and share_equal("predicted", MMLU) >= 0.95
     assert [row["nll"] for row in vllm[MIA]] == pytest.approx([row["nll"] for row in hf[MIA]], abs=1e-3)
+
+
+def test_both_backends_implement_one_interface_with_the_same_signatures() -> None:
+    import inspect
+
+    from unlearn_sweep.evaluation.evaluator import InferenceBackend, backend_passes
+
+    def shape(function) -> list[tuple[int, str, object]]:  # position, name (after the model's), default
+        parameters = list(inspect.signature(function).parameters.values())
+        return [(i, p.name if i else "model", p.default) for i, p in enumerate(parameters)]
+
+    names = [name for name in vars(InferenceBackend) if not name.startswith("_")]
+    assert sorted(names) == ["choose_letters", "document_loss", "generate", "open_model", "release"]
+    hf, vllm = backend_passes("hf"), backend_passes("vllm")
+    for name in names:
+        assert shape(getattr(hf, name)) == shape(getattr(vllm, name)), name
