@@ -178,17 +178,15 @@ class EpochReporter:
         metrics = saved = None
         if self.rank == 0:
             threshold = self.context.mmlu_threshold
-            for entry in evaluated:
-                epoch_metrics(entry.scores, entry.epoch, threshold)  # refuses a missing or non-finite score
+            # epoch_metrics refuses a missing or non-finite score, before the objective takes it
+            full = {entry.epoch: epoch_metrics(entry.scores, entry.epoch, threshold) for entry in evaluated}
             outcome = self.staging.conclude(epoch, screened, evaluated)
             metrics = epoch_metrics(outcome.own, epoch, threshold)
             for logged_epoch, scores in outcome.to_log:
                 tracking.log_scores(self.mlflow, self.run_id, logged_epoch, scores)
             if outcome.best is not None:
                 best = outcome.best
-                tracking.log_best(
-                    self.mlflow, self.run_id, best.epoch, epoch_metrics(best.scores, best.epoch, threshold)
-                )
+                tracking.log_best(self.mlflow, self.run_id, best.epoch, full[best.epoch])
                 saved = best.folder
                 write_results(saved, best.records, best.scores)
                 config = {**self.setup, "epoch": best.epoch}
