@@ -39,9 +39,9 @@ def make_checkpoints(directory: Path, million: int) -> list[Path]:
 
 
 def run_streamed(base: Path, a: Path, b: Path, out: Path, density: float) -> None:
-    from unlearn_sweep.methods.merge import merge_checkpoints
+    from unlearn_sweep.methods.merge import MergeParams, merge_checkpoints
 
-    merge_checkpoints(base, [a, b], out, "ties", density, [1.0, 1.0], shard_bytes=256 * 2**20)
+    merge_checkpoints(base, out, MergeParams(models=f"{a},{b}", density=density), shard_bytes=256 * 2**20)
 
 
 def run_reference(base: Path, a: Path, b: Path, out: Path, density: float) -> None:

@@ -3,20 +3,11 @@ model). Full checkpoints merge their task vectors relative to the base, tensor b
 streamed from safetensors and written in shards, so that peak memory stays at one tensor
 per input plus one output shard (a 7B model merges in bounded memory).
 
-Combinations, per tensor (delta_i = model_i - base, w_i the weights, lambda the scale):
-- ties, magnitude_prune, dare_ties, dare_linear: peft's definitions (`merge_utils`; the trim
-  keeps exactly the top-k entries, as peft's does).
-- linear: the weighted average of the models (mergekit's `linear`): base + sum w_i delta_i / sum w_i.
-- task_arithmetic: base + lambda * sum w_i delta_i (mergekit's).
-- breadcrumbs (+ _ties): mergekit's; each delta keeps the `density` fraction of its entries
-  after dropping the `gamma` fraction largest in magnitude, then summed (with TIES's sign
-  election for _ties), times lambda.
-- della (+ _linear): mergekit's; each entry kept with a probability that grows with its
-  magnitude rank (density +- epsilon), rescaled to the delta's L1 norm; della elects signs and
-  averages (normalised by the weights kept), della_linear sums; times lambda.
-- model_stock: mergekit's (Jang et al. 2024): base + t * mean delta_i with t = N cos / (1 + (N - 1) cos),
-  cos the mean pairwise cosine of the deltas.
-- slerp: two models, spherical interpolation between them at `t` on each flattened tensor.
+Each combination is a small class (mergekit's shape): the MergeParams knobs it reads, its
+formula per tensor on the stacked deltas (delta_i = model_i - base, w_i the weights), and the
+peft variant for LoRA adapters where one exists. They share one trim, one DARE drop and one
+sign election. A new combination is a class here registered with @combination; the sweep
+samples each knob only for the combinations that declare it (Merge.conditions).
 LoRA adapters merge with peft's `add_weighted_adapter`, in the variants that act on the full
 weight delta."""
 
@@ -25,39 +16,18 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from peft.utils import merge_utils
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import Tensor
 from unlearn_sweep.corpus.semeval import TaskData
 from unlearn_sweep.methods.registry import EpochCallback, Method, ParamError, register
 
-COMBINATIONS = (
-    "ties",
-    "dare_ties",
-    "linear",
-    "task_arithmetic",
-    "dare_linear",
-    "magnitude_prune",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-    "model_stock",
-    "slerp",
-)
-# The peft add_weighted_adapter variants that combine full deltas B @ A, not A and B apart.
-ADAPTER_COMBINATIONS = {
-    "ties": "ties_svd",
-    "dare_ties": "dare_ties_svd",
-    "task_arithmetic": "cat",
-    "dare_linear": "dare_linear_svd",
-    "magnitude_prune": "magnitude_prune_svd",
-}
 SHARD_BYTES = 1024**3
 
 
@@ -65,7 +35,7 @@ SHARD_BYTES = 1024**3
 class MergeParams:
     models: str = ""  # comma-separated checkpoints or LoRA adapters to merge
     combination: str = "ties"
-    density: float = 0.5
+    density: float = 0.5  # the fraction of each delta's entries kept (combinations that drop)
     weights: str = ""  # comma-separated, one per model; default 1.0 each
     scale: float = 1.0  # lambda of task_arithmetic, breadcrumbs and della
     gamma: float = 0.01  # breadcrumbs: the fraction of largest entries dropped
@@ -78,18 +48,9 @@ class MergeParams:
             raise ParamError("models: give at least two checkpoints, comma-separated")
         if self.combination not in COMBINATIONS:
             raise ParamError(f"combination={self.combination!r}: expected one of {', '.join(COMBINATIONS)}")
-        if not 0 < self.density <= 1:
-            raise ParamError(f"density={self.density}: must be in (0, 1]")
         if self.weights and len(self.weight_values) != len(self.model_paths):
             raise ParamError(f"weights: {len(self.weight_values)} given for {len(self.model_paths)} models")
-        if self.combination == "slerp" and len(self.model_paths) != 2:
-            raise ParamError("combination=slerp: merges exactly two models")
-        if self.combination.startswith("della") and not (
-            0 < self.density - self.epsilon and self.density + self.epsilon < 1
-        ):
-            raise ParamError(f"epsilon={self.epsilon}: density +- epsilon must lie in (0, 1)")
-        if not 0 <= self.t <= 1 or not 0 <= self.gamma < 1:
-            raise ParamError(f"t={self.t}, gamma={self.gamma}: t must lie in [0, 1], gamma in [0, 1)")
+        COMBINATIONS[self.combination].check(self)
 
     @property
     def model_paths(self) -> list[Path]:
@@ -105,6 +66,35 @@ class MergeParams:
             raise ParamError(f"weights={self.weights!r}: expected comma-separated numbers") from None
 
 
+class Combination:
+    """One way to merge task vectors, tensor by tensor (mergekit's merge methods). `knobs` are
+    the MergeParams fields it reads beyond the models: a sweep samples a knob only for the
+    combinations that read it (Merge.conditions)."""
+
+    name: ClassVar[str]
+    knobs: ClassVar[tuple[str, ...]] = ()
+    adapter_type: ClassVar[str | None] = None  # peft's add_weighted_adapter variant on full deltas B @ A
+
+    @classmethod
+    def check(cls, params: MergeParams) -> None:
+        if "density" in cls.knobs and not 0 < params.density <= 1:
+            raise ParamError(f"density={params.density}: must be in (0, 1]")
+
+    @classmethod
+    def merge(cls, deltas: Tensor, weights: Tensor, params: MergeParams, base: Tensor) -> Tensor:
+        """The merged delta from the stacked deltas (models x tensor) and a weight column that
+        broadcasts over them; `base` is the tensor the deltas are relative to."""
+        raise NotImplementedError
+
+
+COMBINATIONS: dict[str, type[Combination]] = {}
+
+
+def combination(cls: type[Combination]) -> type[Combination]:
+    COMBINATIONS[cls.name] = cls
+    return cls
+
+
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep exactly the int(density * n) entries largest in magnitude, zero the rest (TIES's
     trim and peft's magnitude pruning, which take the top k)."""
@@ -116,14 +106,37 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     return delta * mask.reshape(delta.shape)
 
 
-def ties(deltas: list[torch.Tensor], weights: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES-merging (Yadav et al. 2023): trim each, elect the sign with the larger total mass,
-    average the weighted entries that agree with it (peft's definition, sign from unweighted)."""
-    trimmed = torch.stack([trim(delta, density) for delta in deltas])
-    elected = torch.where(trimmed.sum(dim=0) >= 0, 1.0, -1.0)
-    agrees = trimmed.sign() == elected
-    weighted = trimmed * weights.reshape(-1, *[1] * deltas[0].dim())
-    return (weighted * agrees).sum(dim=0) / agrees.sum(dim=0).clamp(min=1)
+def agrees_with_majority(deltas: torch.Tensor) -> torch.Tensor:
+    """TIES's sign election, the one every combination uses: per entry, the sign of the larger
+    total mass over the models; True where a model's entry has that sign."""
+    return deltas.sign() == torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0)
+
+
+def disjoint_mean(kept: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """peft's TIES and DARE-TIES: signs elected on the unweighted deltas, the weighted entries
+    that agree averaged over how many agree."""
+    agrees = agrees_with_majority(kept)
+    return (kept * weights * agrees).sum(dim=0) / agrees.sum(dim=0).clamp(min=1)
+
+
+def weighted_consensus(kept: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Mergekit's TIES consensus: signs elected on the weighted deltas, the agreeing entries
+    summed, and (normalize) divided by the weight they carry."""
+    weighted = kept * weights
+    agrees = agrees_with_majority(weighted)
+    mixed = (weighted * agrees).sum(dim=0)
+    if not normalize:
+        return mixed
+    divisor = (weights * agrees).sum(dim=0)
+    return mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+
+
+def dare_drop(deltas: torch.Tensor, density: float) -> torch.Tensor:
+    """DARE (Yu et al. 2023): each entry kept with probability density, rescaled by 1 / density
+    (peft's random pruning, one draw per model in order)."""
+    if density >= 1:
+        return deltas
+    return torch.stack([merge_utils.random_pruning(delta, density, rescale=True) for delta in deltas])
 
 
 def without_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -150,80 +163,177 @@ def della_drop(delta: torch.Tensor, density: float, epsilon: float) -> torch.Ten
     return kept * (before / after) if before > 1e-7 and after > 1e-7 else kept
 
 
-def elected_sum(deltas: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """Mergekit's TIES consensus over weighted deltas: the entries agreeing with the sign of
-    their weighted sum, summed, and (normalize) divided by the weight they carry."""
-    weighted = deltas * weights
-    agrees = weighted.sign() == torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
-    mixed = (weighted * agrees).sum(dim=0)
-    if not normalize:
-        return mixed
-    divisor = (weights * agrees).sum(dim=0)
-    return mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+@combination
+class Ties(Combination):
+    """TIES-merging (Yadav et al. 2023): trim each delta to its top `density`, elect signs,
+    average the agreeing weighted entries (peft's definition)."""
+
+    name, knobs, adapter_type = "ties", ("density", "weights"), "ties_svd"
+
+    @classmethod
+    def merge(cls, deltas: Tensor, weights: Tensor, params: MergeParams, base: Tensor) -> Tensor:
+        return disjoint_mean(torch.stack([trim(delta, params.density) for delta in deltas]), weights)
 
 
-def model_stock(deltas: list[torch.Tensor]) -> torch.Tensor:
-    flat = [delta.reshape(-1) for delta in deltas]
-    cosines = [
-        torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-6).clamp(-1, 1)
-        for i, a in enumerate(flat)
-        for b in flat[i + 1 :]
-    ]
-    cos = torch.stack(cosines).mean()
-    denominator = 1 + (len(deltas) - 1) * cos
-    ratio = torch.zeros(()) if denominator.abs() < 1e-6 else len(deltas) * cos / denominator
-    return ratio * torch.stack(deltas).mean(dim=0)
+@combination
+class DareTies(Combination):
+    name, knobs, adapter_type = "dare_ties", ("density", "weights", "seed"), "dare_ties_svd"
+
+    @classmethod
+    def merge(cls, deltas: Tensor, weights: Tensor, params: MergeParams, base: Tensor) -> Tensor:
+        return disjoint_mean(dare_drop(deltas, params.density), weights)
 
 
-def slerp(first: torch.Tensor, second: torch.Tensor, t: float) -> torch.Tensor:
-    """Spherical interpolation of two flattened tensors (linear where they are near collinear)."""
-    a, b = first.reshape(-1).double(), second.reshape(-1).double()
-    dot = (a / a.norm().clamp(min=1e-8) * (b / b.norm().clamp(min=1e-8))).sum().clamp(-1, 1)
-    if dot.abs() > 0.9995:
-        return ((1 - t) * first.double() + t * second.double()).to(first.dtype)
-    theta = torch.arccos(dot)
-    mixed = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
-    return mixed.reshape(first.shape).to(first.dtype)
+@combination
+class DareLinear(Combination):
+    name, knobs, adapter_type = "dare_linear", ("density", "weights", "seed"), "dare_linear_svd"
+
+    @classmethod
+    def merge(cls, deltas: Tensor, weights: Tensor, params: MergeParams, base: Tensor) -> Tensor:
+        return (dare_drop(deltas, params.density) * weights).sum(dim=0)
+
+
+@combination
+class MagnitudePrune(Combination):
+    name, knobs, adapter_type = "magnitude_prune", ("density", "weights"), "magnitude_prune_svd"
+
+    @classmethod
+    def merge(cls, deltas: Tensor, weights: Tensor, params: MergeParams, base: Tensor) -> Tensor:
+        return (torch.stack([trim(delta, params.density) for delta in deltas]) * weights).sum(dim=0)
+
+
+@combination
+class Linear(Combination):
+    """The weighted average of the models (mergekit's `linear`): base + sum w_i delta_i / sum w_i."""
+
+    name, knobs = "linear", ("weights",)
+
+    @classmethod
+    def merge(cls, deltas: Tensor, weights: Tensor, params: MergeParams, base: Tensor) -> Tensor:
+        return (deltas * weights).sum(dim=0) / weights.sum()
+
+
+@combination
+class TaskArithmetic(Combination):
+    """base + scale * sum w_i delta_i (mergekit's)."""
+
+    name, knobs, adapter_type = "task_arithmetic", ("weights", "scale"), "cat"
+
+    @classmethod
+    def merge(cls, deltas: Tensor, weights: Tensor, params: MergeParams, base: Tensor) -> Tensor:
+        return params.scale * (deltas * weights).sum(dim=0)
+
+
+@combination
+class Breadcrumbs(Combination):
+    """Mergekit's: each delta keeps the `density` fraction of its entries after dropping the
+    `gamma` fraction largest in magnitude; the weighted sum times scale."""
+
+    name, knobs = "breadcrumbs", ("density", "weights", "scale", "gamma")
+    elect = False
+
+    @classmethod
+    def check(cls, params: MergeParams) -> None:
+        super().check(params)
+        if not 0 <= params.gamma < 1:
+            raise ParamError(f"gamma={params.gamma}: must lie in [0, 1)")
+
+    @classmethod
+    def merge(cls, deltas: Tensor, weights: Tensor, params: MergeParams, base: Tensor) -> Tensor:
+        kept = torch.stack([without_outliers(delta, params.density, params.gamma) for delta in deltas])
+        mixed = weighted_consensus(kept, weights, normalize=False) if cls.elect else (kept * weights).sum(dim=0)
+        return params.scale * mixed
+
+
+@combination
+class BreadcrumbsTies(Breadcrumbs):
+    """Breadcrumbs with TIES's sign election."""
+
+    name, elect = "breadcrumbs_ties", True
+
+
+@combination
+class Della(Combination):
+    """Mergekit's DELLA: MAGPRUNE drops, elected signs, averaged over the weight kept; times scale."""
+
+    name, knobs = "della", ("density", "weights", "scale", "epsilon", "seed")
+    elect = True
+
+    @classmethod
+    def check(cls, params: MergeParams) -> None:
+        super().check(params)
+        if not (0 < params.density - params.epsilon and params.density + params.epsilon < 1):
+            raise ParamError(f"epsilon={params.epsilon}: density +- epsilon must lie in (0, 1)")
+
+    @classmethod
+    def merge(cls, deltas: Tensor, weights: Tensor, params: MergeParams, base: Tensor) -> Tensor:
+        kept = torch.stack([della_drop(delta, params.density, params.epsilon) for delta in deltas])
+        mixed = weighted_consensus(kept, weights, normalize=True) if cls.elect else (kept * weights).sum(dim=0)
+        return params.scale * mixed
+
+
+@combination
+class DellaLinear(Della):
+    """DELLA's drops, summed without sign election."""
+
+    name, elect = "della_linear", False
+
+
+@combination
+class ModelStock(Combination):
+    """Mergekit's Model Stock (Jang et al. 2024): base + t * mean delta_i with
+    t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of the deltas."""
+
+    name = "model_stock"
+
+    @classmethod
+    def merge(cls, deltas: Tensor, weights: Tensor, params: MergeParams, base: Tensor) -> Tensor:
+        flat = deltas.reshape(len(deltas), -1)
+        cosines = [
+            torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-6).clamp(-1, 1)
+            for i, a in enumerate(flat)
+            for b in flat[i + 1 :]
+        ]
+        cos = torch.stack(cosines).mean()
+        denominator = 1 + (len(deltas) - 1) * cos
+        ratio = torch.zeros(()) if denominator.abs() < 1e-6 else len(deltas) * cos / denominator
+        return ratio * deltas.mean(dim=0)
+
+
+@combination
+class Slerp(Combination):
+    """Two models, spherical interpolation at `t` on each flattened tensor (linear where they
+    are near collinear)."""
+
+    name, knobs = "slerp", ("t",)
+
+    @classmethod
+    def check(cls, params: MergeParams) -> None:
+        if len(params.model_paths) != 2:
+            raise ParamError("combination=slerp: merges exactly two models")
+        if not 0 <= params.t <= 1:
+            raise ParamError(f"t={params.t}: must lie in [0, 1]")
+
+    @classmethod
+    def merge(cls, deltas: Tensor, weights: Tensor, params: MergeParams, base: Tensor) -> Tensor:
+        first, second, t = base + deltas[0], base + deltas[1], params.t
+        a, b = first.reshape(-1).double(), second.reshape(-1).double()
+        dot = (a / a.norm().clamp(min=1e-8) * (b / b.norm().clamp(min=1e-8))).sum().clamp(-1, 1)
+        if dot.abs() > 0.9995:
+            mixed = (1 - t) * first.double() + t * second.double()
+        else:
+            theta = torch.arccos(dot)
+            mixed = ((torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)).reshape(base.shape)
+        return mixed.to(base.dtype) - base
 
 
 def merge_deltas(
-    deltas: list[torch.Tensor],
-    weights: torch.Tensor,
-    combination: str,
-    density: float,
-    params: MergeParams | None = None,
-    base: torch.Tensor | None = None,
+    deltas: list[torch.Tensor], weights: torch.Tensor, params: MergeParams, base: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """One tensor's merged task vector (slerp needs the base tensor the deltas are relative to)."""
-    params = params or MergeParams(combination=combination, density=density)
-    column = weights.reshape(-1, *[1] * deltas[0].dim())
-    if combination == "ties":
-        return ties(deltas, weights, density)
-    if combination == "magnitude_prune":
-        return sum(weight * trim(delta, density) for weight, delta in zip(weights, deltas, strict=True))
-    if combination == "linear":
-        return (torch.stack(deltas) * column).sum(dim=0) / weights.sum()
-    if combination == "task_arithmetic":
-        return params.scale * (torch.stack(deltas) * column).sum(dim=0)
-    if combination.startswith("breadcrumbs"):
-        kept = torch.stack([without_outliers(delta, density, params.gamma) for delta in deltas])
-        mixed = (
-            elected_sum(kept, column, normalize=False)
-            if combination == "breadcrumbs_ties"
-            else (kept * column).sum(dim=0)
-        )
-        return params.scale * mixed
-    if combination.startswith("della"):
-        kept = torch.stack([della_drop(delta, density, params.epsilon) for delta in deltas])
-        mixed = elected_sum(kept, column, normalize=True) if combination == "della" else (kept * column).sum(dim=0)
-        return params.scale * mixed
-    if combination == "model_stock":
-        return model_stock(deltas)
-    if combination == "slerp":
-        return slerp(base + deltas[0], base + deltas[1], params.t) - base
-    with warnings.catch_warnings():  # peft warns that density 1 drops nothing, which is meant
-        warnings.simplefilter("ignore", UserWarning)
-        return getattr(merge_utils, combination)(deltas, weights, density)
+    """One tensor's merged task vector (base: the tensor the deltas are relative to, zero if None)."""
+    column = weights.reshape(-1, *[1] * deltas[0].dim()).to(deltas[0].dtype)
+    base = torch.zeros_like(deltas[0]) if base is None else base
+    return COMBINATIONS[params.combination].merge(torch.stack(deltas), column, params, base)
 
 
 class _Checkpoint:
@@ -247,25 +357,17 @@ class _Checkpoint:
             return f.get_tensor(name)
 
 
-def merge_checkpoints(
-    base_dir: Path,
-    model_dirs: list[Path],
-    out_dir: Path,
-    combination: str,
-    density: float,
-    weights: list[float],
-    seed: int = 0,
-    shard_bytes: int = SHARD_BYTES,
-    params: MergeParams | None = None,
-) -> Path:
-    """Stream-merge full checkpoints into out_dir (safetensors shards + config + tokenizer)."""
-    torch.manual_seed(seed)
+def merge_checkpoints(base_dir: Path, out_dir: Path, params: MergeParams, shard_bytes: int = SHARD_BYTES) -> Path:
+    """Stream-merge the full checkpoints params.models into out_dir (safetensors shards +
+    config + tokenizer)."""
+    torch.manual_seed(params.seed)
+    model_dirs = params.model_paths
     base = _Checkpoint(base_dir)
     models = [_Checkpoint(d) for d in model_dirs]
     for directory, model in zip(model_dirs, models, strict=True):
         if set(model.files) != set(base.files):
             raise ParamError(f"{directory}: its tensors differ from the base model's; merge needs one architecture")
-    weight_tensor = torch.tensor(weights, dtype=torch.float32)
+    weights = torch.tensor(params.weight_values, dtype=torch.float32)
     out_dir.mkdir(parents=True, exist_ok=True)
     shard_files: list[tuple[Path, list[str]]] = []
     shard: dict[str, torch.Tensor] = {}
@@ -279,11 +381,9 @@ def merge_checkpoints(
     for name in sorted(base.files):
         base_tensor = base.get(name)
         if base_tensor.is_floating_point():
-            deltas = [model.get(name).float() - base_tensor.float() for model in models]
-            merged = (
-                base_tensor.float()
-                + merge_deltas(deltas, weight_tensor, combination, density, params, base_tensor.float())
-            ).to(base_tensor.dtype)
+            original = base_tensor.float()
+            deltas = [model.get(name).float() - original for model in models]
+            merged = (original + merge_deltas(deltas, weights, params, original)).to(base_tensor.dtype)
         else:
             merged = base_tensor
         if shard and sum(t.nbytes for t in shard.values()) + merged.nbytes > shard_bytes:
@@ -312,33 +412,30 @@ def _name_shards(shard_files: list[tuple[Path, list[str]]], out_dir: Path) -> No
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def merge_adapters(
-    base_dir: Path,
-    adapter_dirs: list[Path],
-    out_dir: Path,
-    combination: str,
-    density: float,
-    weights: list[float],
-    seed: int = 0,
-) -> Path:
+def merge_adapters(base_dir: Path, out_dir: Path, params: MergeParams) -> Path:
     """Merge LoRA adapters with peft, then fold the result into the base weights. The SVD
     variants keep the sum of the adapters' ranks (peft's default, the largest, would truncate
     the merged delta); DARE's drop is seeded."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    combination, adapter_dirs = COMBINATIONS[params.combination], params.model_paths
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
     names = [f"adapter_{i}" for i in range(len(adapter_dirs))]
     model = PeftModel.from_pretrained(base, adapter_dirs[0], adapter_name=names[0])
     for name, directory in zip(names[1:], adapter_dirs[1:], strict=True):
         model.load_adapter(directory, adapter_name=name)
     options = (
-        {}
-        if combination == "task_arithmetic"
-        else {"density": density, "svd_rank": sum(model.peft_config[name].r for name in names)}
+        {"density": params.density, "svd_rank": sum(model.peft_config[name].r for name in names)}
+        if "density" in combination.knobs
+        else {}
     )
-    torch.manual_seed(seed)
-    model.add_weighted_adapter(names, weights, "merged", combination_type=ADAPTER_COMBINATIONS[combination], **options)
+    torch.manual_seed(params.seed)
+    # peft's cat scales each adapter's B @ A by its weight: task arithmetic's scale goes there
+    weights = [weight * params.scale for weight in params.weight_values] if "scale" in combination.knobs else None
+    model.add_weighted_adapter(
+        names, weights or params.weight_values, "merged", combination_type=combination.adapter_type, **options
+    )
     model.set_adapter("merged")
     merged = model.merge_and_unload()
     merged.save_pretrained(out_dir)
@@ -350,6 +447,15 @@ def merge_adapters(
 class Merge(Method):
     name = "merge"
     Params = MergeParams
+
+    @classmethod
+    def conditions(cls) -> dict[str, dict[str, list[str]]]:
+        """Each knob sampled only for the combinations that read it."""
+        knobs = {knob for combination in COMBINATIONS.values() for knob in combination.knobs}
+        return {
+            knob: {"combination": [name for name, combination in COMBINATIONS.items() if knob in combination.knobs]}
+            for knob in sorted(knobs)
+        }
 
     def run(
         self,
@@ -367,15 +473,13 @@ class Merge(Method):
         adapters = [(path / "adapter_config.json").exists() for path in paths]
         if any(adapters) and not all(adapters):
             raise ParamError("models: merge either all full checkpoints or all LoRA adapters, not a mix")
-        if all(adapters) and params.combination not in ADAPTER_COMBINATIONS:
-            raise ParamError(
-                f"combination={params.combination!r}: LoRA adapters merge with {', '.join(ADAPTER_COMBINATIONS)}"
-            )
-        merge = merge_adapters if all(adapters) else merge_checkpoints
-        options = {"seed": params.seed} if all(adapters) else {"seed": params.seed, "params": params}
-        out = merge(
-            Path(model_dir), paths, Path(out_dir), params.combination, params.density, params.weight_values, **options
-        )
+        if all(adapters):
+            if COMBINATIONS[params.combination].adapter_type is None:
+                usable = [name for name, combination in COMBINATIONS.items() if combination.adapter_type]
+                raise ParamError(f"combination={params.combination!r}: LoRA adapters merge with {', '.join(usable)}")
+            out = merge_adapters(Path(model_dir), Path(out_dir), params)
+        else:
+            out = merge_checkpoints(Path(model_dir), Path(out_dir), params)
         if on_epoch is not None:
             on_epoch(1, out, True)
         return out

@@ -37,6 +37,12 @@ class Method:
     Params: ClassVar[type]
     uses_held_out: ClassVar[bool] = False  # reads TaskData.held_out (documents never seen, never scored)
 
+    @classmethod
+    def conditions(cls) -> dict[str, dict[str, list[Any]]]:
+        """Parameters read only for some values of another ({param: {other: [values]}}): a
+        search samples them only then, unless its space states its own `if`."""
+        return {}
+
     def run(
         self, model_dir: Path, task: TaskData, out_dir: Path | None, params: Any, on_epoch: EpochCallback | None = None
     ) -> Path | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from unlearn_sweep.methods.merge import merge_checkpoints
+from unlearn_sweep.methods.merge import MergeParams, merge_checkpoints
 from unlearn_sweep.methods.registry import register
 from unlearn_sweep.methods.training import (
     LossMethod,
@@ -47,5 +47,6 @@ class TaskVector(LossMethod):
             )
             if trainer.is_world_process_zero():
                 # base + (-lambda) * (finetuned - base)
-                merge_checkpoints(base_dir, [Path(finetuned)], out_dir, "task_arithmetic", 1.0, [-params.scale])
+                negated = MergeParams(models=finetuned, combination="task_arithmetic", weights=str(-params.scale))
+                merge_checkpoints(base_dir, out_dir, negated)
         return out_dir

@@ -297,9 +297,15 @@ def _methods(args: argparse.Namespace) -> int:
 
     from unlearn_sweep.methods.registry import get_method, method_names
 
+    from unlearn_sweep.methods.merge import COMBINATIONS
+
     for name in method_names():
         fields = dataclasses.fields(get_method(name).Params)
         print(f"{name}: " + ", ".join(f"{f.name}={f.default!r}" for f in fields))
+    print("merge combinations (--set combination=NAME) and the parameters each reads:")
+    for name, combination in COMBINATIONS.items():
+        lora = f"; LoRA adapters: peft's {combination.adapter_type}" if combination.adapter_type else ""
+        print(f"  {name}: {', '.join(combination.knobs) or 'no parameters'}{lora}")
     return 0
 
 

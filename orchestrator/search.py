@@ -27,7 +27,7 @@ import pickle
 from collections.abc import Callable
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import yaml
@@ -35,6 +35,9 @@ from ray.tune.search.optuna import OptunaSearch
 from unlearn_sweep.corpus.compat import optuna_trial, remember_optuna_trial
 from unlearn_sweep.evaluation.eligibility import OBJECTIVE
 from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
+
+if TYPE_CHECKING:
+    from unlearn_sweep.methods.registry import Method
 
 # Package data: the same in an editable install, a wheel and an sdist.
 SPACES_DIR = importlib.resources.files("unlearn_sweep.search_spaces")
@@ -136,7 +139,23 @@ def _check(
         condition = spec.get("if")
         if condition is not None and (not isinstance(condition, dict) or set(condition) - set(space)):
             raise ConfigError(path, "'if' must map other parameters of this space to values", field=where)
-    return space
+    return _with_derived_conditions(method_object, space)
+
+
+def _with_derived_conditions(method: Method, space: dict[str, Any]) -> dict[str, Any]:
+    """The method's own conditions (Method.conditions) on each distribution that states none,
+    the parameters they depend on moved first so that they are sampled before."""
+    derived = {
+        name: {**spec, "if": method.conditions()[name]}
+        if isinstance(spec, dict)
+        and "if" not in spec
+        and name in method.conditions()
+        and set(method.conditions()[name]) <= set(space)
+        else spec
+        for name, spec in space.items()
+    }
+    first = {other for spec in derived.values() if isinstance(spec, dict) for other in spec.get("if") or {}}
+    return {**{name: derived[name] for name in space if name in first}, **derived}
 
 
 def recipe_names(recipes_dir: Traversable | Path = RECIPES_DIR) -> list[str]:

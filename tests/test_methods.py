@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -221,24 +222,31 @@ def test_entity_extractor() -> None:
     assert entity_spans("The end of it.") == []
 
 
+def merged(
+    deltas: list[torch.Tensor], weights: torch.Tensor, combination: str, base: torch.Tensor | None = None, **knobs: Any
+) -> torch.Tensor:
+    return merge_deltas(deltas, weights, MergeParams(combination=combination, **knobs), base)
+
+
 def test_merges_match_their_definitions() -> None:
     deltas = [torch.tensor([1.0, -2.0, 3.0, 0.5]), torch.tensor([-1.0, 1.0, 2.0, -4.0])]
     weights = torch.tensor([1.0, 1.0])
     # TIES at density 0.5: trim to [0,-2,3,0] and [0,0,2,-4]; elected signs (+,-,+,-); disjoint mean.
-    assert torch.allclose(merge_deltas(deltas, weights, "ties", 0.5), torch.tensor([0.0, -2.0, 2.5, -4.0]))
+    assert torch.allclose(merged(deltas, weights, "ties", density=0.5), torch.tensor([0.0, -2.0, 2.5, -4.0]))
     # linear is the weighted average (mergekit), task_arithmetic the scaled weighted sum.
     assert torch.allclose(
-        merge_deltas(deltas, torch.tensor([0.5, 0.25]), "linear", 1.0), torch.tensor([0.25, -0.75, 2.0, -0.75]) / 0.75
+        merged(deltas, torch.tensor([0.5, 0.25]), "linear"), torch.tensor([0.25, -0.75, 2.0, -0.75]) / 0.75
     )
-    arithmetic = MergeParams(combination="task_arithmetic", scale=2.0)
     assert torch.allclose(
-        merge_deltas(deltas, torch.tensor([0.5, 0.25]), "task_arithmetic", 1.0, arithmetic),
+        merged(deltas, torch.tensor([0.5, 0.25]), "task_arithmetic", scale=2.0),
         torch.tensor([0.5, -1.5, 4.0, -1.5]),
     )
     # Magnitude prune keeps each tensor's top half, then sums with weights.
-    assert torch.allclose(merge_deltas(deltas, weights, "magnitude_prune", 0.5), torch.tensor([0.0, -2.0, 5.0, -4.0]))
+    assert torch.allclose(merged(deltas, weights, "magnitude_prune", density=0.5), torch.tensor([0.0, -2.0, 5.0, -4.0]))
     # DARE at density 1 drops nothing: DARE-TIES equals TIES without trimming.
-    assert torch.allclose(merge_deltas(deltas, weights, "dare_ties", 1.0), merge_deltas(deltas, weights, "ties", 1.0))
+    assert torch.allclose(
+        merged(deltas, weights, "dare_ties", density=1.0), merged(deltas, weights, "ties", density=1.0)
+    )
 
 
 def test_ties_and_magnitude_prune_are_peft_exactly() -> None:
@@ -249,12 +257,17 @@ def test_ties_and_magnitude_prune_are_peft_exactly() -> None:
     deltas.append(torch.randint(-2, 3, (64, 48), generator=generator).float())  # many equal magnitudes: exactly k kept
     weights = torch.tensor([0.7, 1.0, 0.4, 0.9])
     for density in (0.2, 0.5, 1.0):
-        assert torch.equal(merge_deltas(deltas, weights, "ties", density), merge_utils.ties(deltas, weights, density))
+        assert torch.equal(merged(deltas, weights, "ties", density=density), merge_utils.ties(deltas, weights, density))
         assert torch.equal(
-            merge_deltas(deltas, weights, "magnitude_prune", density),
+            merged(deltas, weights, "magnitude_prune", density=density),
             merge_utils.magnitude_prune(deltas, weights, density),
         )
     assert int((trim(deltas[3], 0.3) != 0).sum()) == int(0.3 * deltas[3].numel())
+    for combination in ("dare_ties", "dare_linear"):  # DARE's random drop, drawn in the same order as peft's
+        torch.manual_seed(5)
+        ours = merged(deltas, weights, combination, density=0.4)
+        torch.manual_seed(5)
+        assert torch.equal(ours, getattr(merge_utils, combination)(deltas, weights, 0.4))
 
 
 def random_deltas(count: int = 3, shape: tuple[int, ...] = (32, 24)) -> list[torch.Tensor]:
@@ -273,10 +286,8 @@ def test_breadcrumbs_matches_mergekits_formula() -> None:
         return (delta.abs() >= low) & (delta.abs() <= high)
 
     expected = 0.7 * sum(w * d * mergekit_mask(d) for w, d in zip(weights, deltas, strict=True))
-    assert torch.allclose(merge_deltas(deltas, weights, "breadcrumbs", 0.6, params), expected, atol=1e-6)
-    elected = merge_deltas(
-        deltas, weights, "breadcrumbs_ties", 0.6, dataclasses.replace(params, combination="breadcrumbs_ties")
-    )
+    assert torch.allclose(merge_deltas(deltas, weights, params), expected, atol=1e-6)
+    elected = merge_deltas(deltas, weights, dataclasses.replace(params, combination="breadcrumbs_ties"))
     kept = torch.stack([w * d * mergekit_mask(d) for w, d in zip(weights, deltas, strict=True)])
     agree = kept.sign() == torch.where(kept.sum(0) >= 0, 1.0, -1.0)
     assert torch.allclose(elected, 0.7 * (kept * agree).sum(0), atol=1e-6)
@@ -293,9 +304,9 @@ def test_della_keeps_by_magnitude_rank_and_l1_norm() -> None:
     assert torch.isclose(kept.abs().sum(), delta.abs().sum(), rtol=1e-5)  # rescaled to the L1 norm (mergekit's rescale)
     deltas, weights = random_deltas(2), torch.tensor([1.0, 1.0])
     torch.manual_seed(3)
-    merged = merge_deltas(deltas, weights, "della_linear", 0.5, MergeParams(combination="della_linear", epsilon=0.1))
+    result = merged(deltas, weights, "della_linear", density=0.5, epsilon=0.1)
     torch.manual_seed(3)
-    assert torch.allclose(merged, della_drop(deltas[0], 0.5, 0.1) + della_drop(deltas[1], 0.5, 0.1))
+    assert torch.allclose(result, della_drop(deltas[0], 0.5, 0.1) + della_drop(deltas[1], 0.5, 0.1))
 
 
 def test_model_stock_and_slerp_match_their_formulas() -> None:
@@ -303,35 +314,32 @@ def test_model_stock_and_slerp_match_their_formulas() -> None:
     flat = [d.reshape(-1).double() for d in deltas]
     cos = sum(float(a @ b / (a.norm() * b.norm())) for a, b in itertools.combinations(flat, 2)) / 3
     ratio = 3 * cos / (1 + 2 * cos)
-    assert torch.allclose(
-        merge_deltas(deltas, torch.ones(3), "model_stock", 1.0), ratio * torch.stack(deltas).mean(0), atol=1e-5
-    )
+    assert torch.allclose(merged(deltas, torch.ones(3), "model_stock"), ratio * torch.stack(deltas).mean(0), atol=1e-5)
 
     base = torch.zeros(2, 2)
     first, second = (
         torch.tensor([[1.0, 0.0], [0.0, 0.0]]),
         torch.tensor([[0.0, 1.0], [0.0, 0.0]]),
     )  # orthogonal, unit norm
-    params = MergeParams(combination="slerp", t=0.5)
-    middle = merge_deltas([first, second], torch.ones(2), "slerp", 1.0, params, base)
+    middle = merged([first, second], torch.ones(2), "slerp", base, t=0.5)
     assert torch.allclose(
         middle, torch.tensor([[2**-0.5, 2**-0.5], [0.0, 0.0]]), atol=1e-6
     )  # on the circle, not the chord
     for t, end in ((0.0, first), (1.0, second)):
-        assert torch.allclose(
-            merge_deltas([first, second], torch.ones(2), "slerp", 1.0, MergeParams(combination="slerp", t=t), base), end
-        )
+        assert torch.allclose(merged([first, second], torch.ones(2), "slerp", base, t=t), end)
 
 
 def test_full_model_merge(toy_task_dir: Path, task, tmp_path: Path) -> None:
     base = toy_task_dir / "model"
-    same = merge_checkpoints(base, [base, base], tmp_path / "same", "ties", 1.0, [1.0, 1.0])
+    same = merge_checkpoints(base, tmp_path / "same", MergeParams(models=f"{base},{base}", density=1.0))
     original, merged = load_file(base / "model.safetensors"), load_file(same / "model.safetensors")
     assert all(torch.equal(original[name], merged[name]) for name in original)
 
     a = run_method("grad_ascent", base, task, tmp_path / "a", {"epochs": 1})
     b = run_method("grad_diff", base, task, tmp_path / "b", {"epochs": 1})
-    sharded = merge_checkpoints(base, [a, b], tmp_path / "sharded", "linear", 1.0, [0.5, 0.5], shard_bytes=200_000)
+    sharded = merge_checkpoints(
+        base, tmp_path / "sharded", MergeParams(models=f"{a},{b}", combination="linear"), shard_bytes=200_000
+    )
     assert (sharded / "model.safetensors.index.json").exists()
     state_a, state_b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     reloaded = AutoModelForCausalLM.from_pretrained(sharded).state_dict()
@@ -360,11 +368,16 @@ def test_lora_adapter_merge(toy_task_dir: Path, task, tmp_path: Path) -> None:
     out = run_method(
         "merge", base, task, tmp_path / "merged", {"models": ",".join(map(str, adapters)), "combination": "ties"}
     )
-    merged = load_file(out / "model.safetensors")
-    assert not torch.equal(
-        merged["model.layers.0.self_attn.q_proj.weight"],
-        load_file(base / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"],
-    )
+    name = "model.layers.0.self_attn.q_proj.weight"
+    original = load_file(base / "model.safetensors")[name]
+    assert not torch.equal(load_file(out / "model.safetensors")[name], original)
+    # task arithmetic's scale reaches peft's cat: twice the scale, twice the merged delta
+    deltas = []
+    for scale in (1.0, 2.0):
+        settings = {"models": ",".join(map(str, adapters)), "combination": "task_arithmetic", "scale": scale}
+        scaled = run_method("merge", base, task, tmp_path / f"arithmetic-{scale}", settings)
+        deltas.append(load_file(scaled / "model.safetensors")[name] - original)
+    assert deltas[0].abs().max() > 0 and torch.allclose(deltas[1], 2 * deltas[0], atol=1e-6)
 
 
 def test_bf16_keeps_fp32_master_weights(toy_task_dir: Path, task, tmp_path: Path) -> None:

@@ -99,7 +99,7 @@ def test_wheel_works_beside_decoy_folders(wheel_env: Path, toy_task_dir: Path, t
 
     listed = run_in(wheel_env, workdir, cli, "methods")
     assert listed.returncode == 0, listed.stderr
-    assert "npo" in listed.stdout and "sugd" in listed.stdout
+    assert "npo" in listed.stdout and "sugd" in listed.stdout and "  slerp: t\n" in listed.stdout
     # `python -m` puts the working directory first on sys.path: the decoys must not be reached.
     as_module = run_in(
         wheel_env,

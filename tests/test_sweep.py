@@ -239,6 +239,26 @@ def test_search_space_errors_and_conditions(tmp_path: Path) -> None:
     assert set(merge["sources"]) == {"over", "under"} and merge["source_method"] == "npo"
 
 
+def test_merge_knobs_are_sampled_only_for_the_combinations_that_read_them() -> None:
+    from unlearn_sweep.methods.merge import COMBINATIONS
+    from unlearn_sweep.orchestrator.search import MERGE_STAGE, DefineByRun
+
+    space = load_space(MERGE_STAGE)
+    assert list(space["params"])[0] == "combination"  # sampled before the knobs that depend on it
+    assert set(space["params"]["t"]["if"]["combination"]) == {"slerp"}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(60):
+        params = DefineByRun({"merge": space})(study.ask())["setup"]["params"]
+        read = set(COMBINATIONS[params["combination"]].knobs) | {"combination"}
+        assert set(params) <= read, params  # e.g. no density for linear, no weights for slerp
+        seen.add(params["combination"])
+    assert {"linear", "slerp", "ties"} <= seen
+    # a condition the space states itself is kept
+    own = load_space(MERGE_STAGE, {"t": {"uniform": [0.3, 0.7], "if": {"combination": ["slerp", "linear"]}}})
+    assert own["params"]["t"]["if"] == {"combination": ["slerp", "linear"]}
+
+
 def test_every_recipe_is_a_point_of_its_methods_space_and_runs_first(tmp_path: Path) -> None:
     from unlearn_sweep.methods.registry import build_params, get_method
     from unlearn_sweep.orchestrator.search import DefineByRun, load_recipe, recipe_names
