@@ -1,30 +1,36 @@
 """How a checkpoint is evaluated: one frozen value, read from a sweep config's `eval` mapping
 (or the `evaluate` command's options) and passed whole to every evaluation, the base model's
-included. Importing it loads neither torch nor transformers (a config is read on a CPU head)."""
+included. Each field's setting() says what a config may hold there. Importing it loads
+neither torch nor transformers (a config is read on a CPU head)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
+from unlearn_sweep.corpus.checkpoints import BACKENDS, DTYPES
+from unlearn_sweep.corpus.settings import setting
 from unlearn_sweep.evaluation.vllm_inference import GPU_SHARE
+
+
+def _positive(value: int) -> bool:
+    return value > 0
 
 
 @dataclass(frozen=True)
 class EvalOptions:
-    batch_size: int = 32  # evaluation batch (generation, document losses, MMLU), not the training one
-    max_new_tokens: int = 256
-    dtype: str = "bfloat16"
-    answer_nll: bool = False  # also record the gold answers' NLL (a diagnostic pass no score uses)
-    backend: str = "hf"  # hf | vllm (the optional GPU backend)
-    vllm_memory: float = GPU_SHARE  # the share of a GPU a vLLM engine may take
+    # the evaluation batch (generation, document losses, MMLU), not the training one
+    batch_size: int = setting(32, kind=int, what="a positive integer", valid=_positive)
+    max_new_tokens: int = setting(256, kind=int, what="a positive integer", valid=_positive)
+    dtype: str = setting("bfloat16", kind=str, what=f"one of {', '.join(DTYPES)}", valid=lambda v: v in DTYPES)
+    # also record the gold answers' NLL (a diagnostic pass no score uses)
+    answer_nll: bool = setting(False, kind=bool, what="true or false")
+    # hf | vllm (the optional GPU backend)
+    backend: str = setting("hf", kind=str, what=f"one of {', '.join(BACKENDS)}", valid=lambda v: v in BACKENDS)
+    # the share of a GPU a vLLM engine may take
+    vllm_memory: float = setting(GPU_SHARE, kind=float, what="a number in (0, 1)", valid=lambda v: 0 < v < 1)
     # Staged evaluation (evaluation/screening.py): screen each epoch on a stratified subset first.
-    screen: bool = True
-    screen_fraction: float = 0.2
-    screen_margin: float = 0.05
-    screen_confidence: float = 0.95
-    screen_hold: int = 2
-
-
-EVAL_DEFAULTS: dict[str, Any] = dataclasses.asdict(EvalOptions())
+    screen: bool = setting(True, kind=bool, what="true or false")
+    screen_fraction: float = setting(0.2, kind=float, what="a number in (0, 1]", valid=lambda v: 0 < v <= 1)
+    screen_margin: float = setting(0.05, kind=float, what="a number in [0, 1)", valid=lambda v: 0 <= v < 1)
+    screen_confidence: float = setting(0.95, kind=float, what="a number in [0.5, 1)", valid=lambda v: 0.5 <= v < 1)
+    screen_hold: int = setting(2, kind=int, what="a positive integer", valid=_positive)

@@ -214,7 +214,7 @@ def _plan(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     print(
         f"peak memory per GPU, estimated from {config.model / 'config.json'} "
-        f"({config.workers} worker(s) per trial, gpu {config.resources_per_trial.get('gpu', 0)}, gpu_memory_gb "
+        f"({config.workers} worker(s) per trial, gpu {config.resources_per_trial.gpu:g}, gpu_memory_gb "
         f"{config.gpu_memory_gb}):"
     )
     rows = plan_sweep(config)
@@ -295,9 +295,8 @@ def _unlearn(args: argparse.Namespace) -> int:
 def _methods(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from unlearn_sweep.methods.registry import get_method, method_names
-
     from unlearn_sweep.methods.merge import COMBINATIONS
+    from unlearn_sweep.methods.registry import get_method, method_names
 
     for name in method_names():
         fields = dataclasses.fields(get_method(name).Params)

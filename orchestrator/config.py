@@ -40,77 +40,116 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-from unlearn_sweep.corpus.checkpoints import BACKENDS, DTYPES
-from unlearn_sweep.corpus.errors import DataError
+from unlearn_sweep.corpus.settings import ConfigError, field_errors, read_section, read_yaml, setting
 from unlearn_sweep.evaluation import vllm_inference
 from unlearn_sweep.evaluation.eligibility import MmluThreshold
-from unlearn_sweep.evaluation.options import EVAL_DEFAULTS, EvalOptions
+from unlearn_sweep.evaluation.options import EvalOptions
 from unlearn_sweep.orchestrator.tracking import check_store
 
 SEARCHERS = ("tpe", "random")
-ASHA_DEFAULTS = {"grace_period": 1, "reduction_factor": 2}
-
-
-class ConfigError(DataError):
-    """A bad sweep config value: names the file and the field."""
-
-
+SPLITS = ("train", "validation")  # the folds of the Hugging Face layout
 STAGE_SELECTORS = ("most_forgetting", "least_forgetting")  # this sweep's eligible trials, by forget mean
+__all__ = ["ConfigError", "SweepConfig", "load_config"]
 
 
-@dataclass
+def _positive(value: Any) -> bool:
+    return value > 0
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one trial holds, per worker (a multi-worker trial is a Ray Train DeepSpeed run)."""
+
+    cpu: float = setting(1.0, kind=float, what="a positive number of CPUs", valid=_positive)
+    gpu: float = setting(0.0, kind=float, what="a number of GPUs >= 0", valid=lambda v: v >= 0)
+    workers: int = setting(1, kind=int, what="a positive integer", valid=_positive)
+
+
+@dataclass(frozen=True)
+class Asha:
+    """Ray Tune's ASHA scheduler: a trial may be stopped at epochs grace_period x factor^k."""
+
+    grace_period: int = setting(1, kind=int, what="a positive integer", valid=_positive)
+    reduction_factor: int = setting(2, kind=int, what="an integer >= 2", valid=lambda v: v >= 2)
+
+
+@dataclass(frozen=True)
+class Tracking:
+    tracking_uri: str = setting("sqlite:///mlflow.db", kind=str, what="an MLflow tracking URI")
+    experiment: str | None = setting(None, kind=str, what="an experiment name")
+
+
+@dataclass(frozen=True)
 class MergeStage:
     """Merge trials over source checkpoints trained once, searched after the main trials."""
 
-    trials: int
-    sources: list[str]  # STAGE_SELECTORS entries or absolute checkpoint folders
-    space: dict[str, Any]  # the checked merge space (search_spaces/merge_stage.yaml with overrides)
+    trials: int = setting(8, kind=int, what="a positive integer", valid=_positive)
+    sources: tuple[str, ...] = setting(
+        STAGE_SELECTORS,
+        kind=list,
+        what=f"a list of {' or '.join(STAGE_SELECTORS)} or checkpoint folders",
+        valid=lambda v: all(isinstance(source, str) for source in v),
+    )
+    space: dict[str, Any] = setting(
+        factory=dict, kind=dict, what="a mapping of parameters"
+    )  # merge_stage.yaml's overrides
 
 
 @dataclass
 class SweepConfig:
-    name: str
-    model: Path
-    data: Path
-    mia: Path
-    mmlu: Path
-    methods: list[str]
-    split: str | None = None
-    held_out: Path | None = None
-    mmlu_shots: int | None = None
-    mmlu_threshold: MmluThreshold | None = None
-    search_space_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    recipes: list[str] = field(default_factory=list)
-    merge_stage: MergeStage | None = None
-    trials: int = 8
-    max_concurrent_trials: int | None = None
-    resources_per_trial: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
-    gpu_memory_gb: float | None = None
-    seed: int = 0
-    searcher: str = "tpe"
-    asha: dict[str, int] | None = field(default_factory=lambda: dict(ASHA_DEFAULTS))
-    eval: EvalOptions = field(default_factory=EvalOptions)
-    mlflow: dict[str, str | None] = field(
-        default_factory=lambda: {"tracking_uri": "sqlite:///mlflow.db", "experiment": None}
+    """A sweep, as its YAML file gives it (module docstring); each field's setting() says what
+    the file may hold there. Paths are absolute once read."""
+
+    name: str = setting(
+        kind=str,
+        what="a name of letters, digits, '.', '_' and '-'",
+        required=True,
+        valid=lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v) is not None,
     )
-    ray_address: str = "local"
-    storage_path: str = "sweeps"  # absolute local path or a URI (s3://, gs://)
-    optuna_storage: str | None = None  # a database URL; None: SQLite beside the sweep's Tune state
+    model: Path = setting(kind=str, what="a path", required=True)
+    data: Path = setting(kind=str, what="a path", required=True)
+    mia: Path = setting(kind=str, what="a path", required=True)
+    mmlu: Path = setting(kind=str, what="a path", required=True)
+    methods: list[str] = setting(kind=(list, str), what="method names", required=True)
+    split: str | None = setting(
+        None, kind=str, what="train or validation", valid=lambda v: v in ("train", "validation")
+    )
+    held_out: Path | None = setting(None, kind=str, what="a path")
+    mmlu_shots: int | None = setting(None, kind=int, what="an integer >= 0", valid=lambda v: v >= 0)
+    mmlu_threshold: MmluThreshold | None = setting(None, kind=(str, float, int), what="0.371 or 0.75x")
+    search_space_overrides: dict[str, dict[str, Any]] = setting(
+        factory=dict, kind=dict, what="a mapping of method to parameters"
+    )
+    recipes: list[str] = setting(factory=list, kind=list, what="a list of recipe names")
+    merge_stage: MergeStage | None = setting(None, kind=dict, what="a mapping", section=MergeStage, nullable=True)
+    trials: int = setting(8, kind=int, what="a positive integer", valid=_positive)
+    max_concurrent_trials: int | None = setting(None, kind=int, what="a positive integer", valid=_positive)
+    resources_per_trial: Resources = setting(factory=Resources, kind=dict, what="a mapping", section=Resources)
+    gpu_memory_gb: float | None = setting(None, kind=float, what="a positive number of GB", valid=_positive)
+    seed: int = setting(0, kind=int, what="an integer")
+    searcher: str = setting("tpe", kind=str, what=f"one of {', '.join(SEARCHERS)}", valid=lambda v: v in SEARCHERS)
+    asha: Asha | None = setting(factory=Asha, kind=dict, what="a mapping or null", section=Asha, nullable=True)
+    eval: EvalOptions = setting(factory=EvalOptions, kind=dict, what="a mapping", section=EvalOptions)
+    mlflow: Tracking = setting(factory=Tracking, kind=dict, what="a mapping", section=Tracking)
+    ray_address: str = setting("local", kind=str, what="local, auto or an address")
+    storage_path: str = setting("sweeps", kind=str, what="a path or URI")  # absolute local path or a URI (s3://)
+    optuna_storage: str | None = setting(
+        None, kind=str, what="a database URL (sqlite:///..., postgresql://...)", valid=lambda v: "://" in v
+    )  # None: SQLite beside the sweep's Tune state
     source: Path = Path("<memory>")
 
     @property
     def experiment(self) -> str:
-        return self.mlflow.get("experiment") or self.name
+        return self.mlflow.experiment or self.name
 
     @property
     def workers(self) -> int:
         """Ray Train workers per trial; each holds resources_per_trial's cpu and gpu."""
-        return int(self.resources_per_trial.get("workers", 1))
+        return self.resources_per_trial.workers
 
     @property
     def study_storage(self) -> str:
@@ -119,226 +158,95 @@ class SweepConfig:
 
     @property
     def tracking_uri(self) -> str:
-        return self.mlflow.get("tracking_uri") or "sqlite:///mlflow.db"
-
-
-_KNOWN = {
-    "name",
-    "model",
-    "data",
-    "split",
-    "mia",
-    "held_out",
-    "mmlu",
-    "mmlu_shots",
-    "mmlu_threshold",
-    "methods",
-    "search_space_overrides",
-    "recipes",
-    "merge_stage",
-    "trials",
-    "max_concurrent_trials",
-    "resources_per_trial",
-    "gpu_memory_gb",
-    "seed",
-    "searcher",
-    "asha",
-    "eval",
-    "mlflow",
-    "ray_address",
-    "storage_path",
-    "optuna_storage",
-}
-
-
-def _expect(path: Path, key: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-        raise ConfigError(path, f"expected {what}, got {value!r}", field=key)
-    return value
-
-
-def _positive_ints(path: Path, key: str, mapping: Any, allowed: set[str]) -> dict[str, int]:
-    _expect(path, key, mapping, dict, "a mapping")
-    for name, value in mapping.items():
-        if name not in allowed:
-            raise ConfigError(path, f"unknown key {name!r} (valid: {', '.join(sorted(allowed))})", field=key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(path, f"{name} must be a positive integer, got {value!r}", field=key)
-    return mapping
+        return self.mlflow.tracking_uri
 
 
 def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> SweepConfig:
-    """Validate a parsed config; relative paths are taken from base_dir (the file's folder)."""
-    from unlearn_sweep.methods.registry import ParamError, get_method
-
+    """Validate a parsed config: each key against its setting(), then what relates keys to each
+    other and to the files they name. Relative paths are from base_dir (the file's folder)."""
     base_dir = base_dir or path.parent
-    if not isinstance(raw, dict):
-        raise ConfigError(path, "expected a mapping of config keys")
-    unknown = sorted(set(raw) - _KNOWN)
-    if unknown:
-        raise ConfigError(path, f"unknown key(s) {', '.join(unknown)} (valid: {', '.join(sorted(_KNOWN))})")
-    for key in ("name", "model", "data", "mia", "mmlu", "methods"):
-        if raw.get(key) in (None, "", []):
-            raise ConfigError(path, "required", field=key)
-    name = _expect(path, "name", raw["name"], str, "a name")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise ConfigError(path, "use letters, digits, '.', '_' and '-'", field="name")
-    paths = {}
-    for key in ("model", "data", "mia", "mmlu"):
-        paths[key] = (base_dir / _expect(path, key, raw[key], str, "a path")).resolve()
-        if not paths[key].exists():
-            raise ConfigError(path, f"{paths[key]} does not exist", field=key)
-    if not (paths["model"] / "config.json").is_file():  # all the memory plan reads; a sweep checks the weights too
-        raise ConfigError(path, f"{paths['model']}: not a Hugging Face checkpoint (no config.json)", field="model")
-    methods = raw["methods"] if isinstance(raw["methods"], list) else [raw["methods"]]
-    for method in methods:
-        try:
-            get_method(_expect(path, "methods", method, str, "method names"))
-        except ParamError as error:
-            raise ConfigError(path, str(error), field="methods") from None
-    held_out = _held_out(path, raw, paths["mia"], base_dir, methods)
-    overrides = _expect(
-        path,
-        "search_space_overrides",
-        raw.get("search_space_overrides") or {},
-        dict,
-        "a mapping of method to parameters",
-    )
-    for method, space in overrides.items():
-        if method not in methods:
-            raise ConfigError(path, f"method {method!r} is not among methods {methods}", field="search_space_overrides")
-        _expect(path, f"search_space_overrides.{method}", space, dict, "a mapping of parameters")
-    from unlearn_sweep.orchestrator.search import load_recipe, load_space, recipe_names
-
-    # Every space checked now, with overrides, before anything starts; and every recipe against them.
-    spaces = {method: load_space(method, overrides.get(method), config_path=path) for method in methods}
-    recipes = _expect(path, "recipes", raw.get("recipes") or [], list, "a list of recipe names")
-    for recipe in recipes:
-        if _expect(path, "recipes", recipe, str, "recipe names") not in recipe_names():
-            raise ConfigError(path, f"unknown recipe {recipe!r} (valid: {', '.join(recipe_names())})", field="recipes")
-        try:
-            load_recipe(recipe, spaces)
-        except ConfigError as error:  # the recipe's file and field, after the user's
-            raise ConfigError(path, str(error), field="recipes") from None
-    merge_stage = None if raw.get("merge_stage") is None else _merge_stage(path, raw["merge_stage"], base_dir)
-    threshold = raw.get("mmlu_threshold")
-    if threshold is not None:
-        try:
-            threshold = MmluThreshold.parse(str(threshold))
-        except ValueError as error:
-            raise ConfigError(path, str(error), field="mmlu_threshold") from None
-    resources = _expect(
-        path, "resources_per_trial", raw.get("resources_per_trial") or {"cpu": 1, "gpu": 0}, dict, "a mapping"
-    )
-    for key, value in resources.items():
-        if key not in ("cpu", "gpu", "workers"):
-            raise ConfigError(path, f"unknown resource {key!r} (valid: cpu, gpu, workers)", field="resources_per_trial")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ConfigError(path, f"{key} must be a non-negative number, got {value!r}", field="resources_per_trial")
-    if resources.get("cpu", 1) <= 0:
-        raise ConfigError(path, "cpu must be positive", field="resources_per_trial")
-    workers = resources.get("workers", 1)
-    if not isinstance(workers, int) or workers < 1:
-        raise ConfigError(path, f"workers must be a positive integer, got {workers!r}", field="resources_per_trial")
-    if workers > 1 and "merge" in methods:
+    values = read_section(path, raw, SweepConfig)
+    for key in ("model", "data", "mia", "mmlu", "held_out"):
+        if key in values:
+            values[key] = (base_dir / values[key]).resolve()
+            if not values[key].exists():
+                raise ConfigError(path, f"{values[key]} does not exist", field=key)
+    if not (values["model"] / "config.json").is_file():  # all the memory plan reads; a sweep checks the weights too
+        raise ConfigError(path, f"{values['model']}: not a Hugging Face checkpoint (no config.json)", field="model")
+    methods = values["methods"] = _methods(path, values["methods"])
+    values["held_out"] = _held_out(path, values.get("held_out"), values["mia"], methods)
+    if any(not isinstance(recipe, str) for recipe in values.get("recipes", [])):
+        raise ConfigError(path, f"expected a list of recipe names, got {values['recipes']!r}", field="recipes")
+    _spaces(path, values.get("search_space_overrides", {}), methods, values.get("recipes", []))
+    if "mmlu_threshold" in values:
+        with field_errors(path, "mmlu_threshold"):
+            values["mmlu_threshold"] = MmluThreshold.parse(str(values["mmlu_threshold"]))
+    if values.get("merge_stage") is not None:
+        values["merge_stage"] = _merge_stage(path, values["merge_stage"], base_dir)
+    if "resources_per_trial" in values and values["resources_per_trial"].workers > 1 and "merge" in methods:
         raise ConfigError(
             path, "merge trials run in one process: use workers 1 or drop merge", field="resources_per_trial"
         )
-    gpu_memory = raw.get("gpu_memory_gb")
-    if gpu_memory is not None and (_expect(path, "gpu_memory_gb", gpu_memory, (int, float), "a number of GB") <= 0):
-        raise ConfigError(path, "expected a positive number of GB", field="gpu_memory_gb")
-    trials = _expect(path, "trials", raw.get("trials", 8), int, "a positive integer")
-    if trials < 1:
-        raise ConfigError(path, "expected a positive integer", field="trials")
-    concurrent = raw.get("max_concurrent_trials")
-    if concurrent is not None and (_expect(path, "max_concurrent_trials", concurrent, int, "a positive integer") < 1):
-        raise ConfigError(path, "expected a positive integer", field="max_concurrent_trials")
-    mlflow = _expect(path, "mlflow", raw.get("mlflow") or {}, dict, "a mapping")
-    if set(mlflow) - {"tracking_uri", "experiment"}:
-        raise ConfigError(path, "valid keys: tracking_uri, experiment", field="mlflow")
-    storage = _expect(path, "storage_path", raw.get("storage_path", "sweeps"), str, "a path or URI")
+    if "eval" in values:
+        _check_backend(path, values["eval"])
+    storage = values.get("storage_path", "sweeps")
     if "://" not in storage:
-        storage = str((base_dir / storage).resolve())
+        storage = values["storage_path"] = str((base_dir / storage).resolve())
         _require_writable(path, "storage_path", Path(storage))
-    optuna_storage = raw.get("optuna_storage")
-    if optuna_storage is not None and "://" not in _expect(
-        path, "optuna_storage", optuna_storage, str, "a database URL"
-    ):
-        raise ConfigError(
-            path,
-            f"expected a database URL (sqlite:///..., postgresql://...), got {optuna_storage!r}",
-            field="optuna_storage",
-        )
-    if optuna_storage is None and "://" in storage:
+    elif values.get("optuna_storage") is None:
         raise ConfigError(
             path,
             "a remote storage_path cannot hold the Optuna study's SQLite file: set optuna_storage "
             "to a database URL (e.g. the MLflow server's PostgreSQL)",
             field="optuna_storage",
         )
-    tracking_uri = absolute_tracking_uri(mlflow.get("tracking_uri") or "sqlite:///mlflow.db", base_dir)
-    try:
+    tracking = values.get("mlflow", Tracking())
+    tracking_uri = absolute_tracking_uri(tracking.tracking_uri, base_dir)
+    with field_errors(path, "mlflow.tracking_uri"):
         check_store(tracking_uri, existing=False)
-    except DataError as error:
-        raise ConfigError(path, str(error), field="mlflow.tracking_uri") from None
-    return SweepConfig(
-        name=name,
-        model=paths["model"],
-        data=paths["data"],
-        mia=paths["mia"],
-        mmlu=paths["mmlu"],
-        methods=methods,
-        split=raw.get("split"),
-        held_out=held_out,
-        mmlu_shots=None if raw.get("mmlu_shots") is None else _non_negative(path, "mmlu_shots", raw["mmlu_shots"]),
-        mmlu_threshold=threshold,
-        search_space_overrides=overrides,
-        recipes=recipes,
-        merge_stage=merge_stage,
-        trials=trials,
-        max_concurrent_trials=concurrent,
-        resources_per_trial={"cpu": 1, "gpu": 0, **resources},
-        gpu_memory_gb=gpu_memory,
-        seed=_expect(path, "seed", raw.get("seed", 0), int, "an integer"),
-        searcher=_one_of(path, "searcher", raw.get("searcher", "tpe"), SEARCHERS),
-        asha=None
-        if raw.get("asha", {}) is None
-        else _positive_ints(
-            path,
-            "asha",
-            {**ASHA_DEFAULTS, **_expect(path, "asha", raw.get("asha", {}), dict, "a mapping or null")},
-            set(ASHA_DEFAULTS),
-        ),
-        eval=_eval_options(path, raw.get("eval") or {}),
-        mlflow={"experiment": None, **mlflow, "tracking_uri": tracking_uri},
-        ray_address=_expect(path, "ray_address", raw.get("ray_address", "local"), str, "local, auto or an address"),
-        storage_path=storage,
-        optuna_storage=optuna_storage,
-        source=path,
-    )
+    values["mlflow"] = Tracking(tracking_uri, tracking.experiment)
+    return SweepConfig(**values, source=path)
 
 
-def _merge_stage(path: Path, raw: Any, base_dir: Path) -> MergeStage:
+def _methods(path: Path, raw: list | str) -> list[str]:
+    from unlearn_sweep.methods.registry import get_method
+
+    methods = raw if isinstance(raw, list) else [raw]
+    for method in methods:
+        if not isinstance(method, str):
+            raise ConfigError(path, f"expected method names, got {method!r}", field="methods")
+        with field_errors(path, "methods"):
+            get_method(method)
+    return methods
+
+
+def _spaces(path: Path, overrides: dict[str, Any], methods: list[str], recipes: list[str]) -> None:
+    """Every space checked with its overrides now (before anything starts), and every recipe
+    against them."""
+    from unlearn_sweep.orchestrator.search import load_recipe, load_space, recipe_names
+
+    for method, space in overrides.items():
+        if method not in methods:
+            raise ConfigError(path, f"method {method!r} is not among methods {methods}", field="search_space_overrides")
+        if not isinstance(space, dict):
+            field = f"search_space_overrides.{method}"
+            raise ConfigError(path, f"expected a mapping of parameters, got {space!r}", field=field)
+    spaces = {method: load_space(method, overrides.get(method), config_path=path) for method in methods}
+    for recipe in recipes:
+        if recipe not in recipe_names():
+            raise ConfigError(path, f"unknown recipe {recipe!r} (valid: {', '.join(recipe_names())})", field="recipes")
+        with field_errors(path, "recipes"):  # the recipe's file and field, after the user's
+            load_recipe(recipe, spaces)
+
+
+def _merge_stage(path: Path, stage: MergeStage, base_dir: Path) -> MergeStage:
     from unlearn_sweep.orchestrator.search import load_space
 
-    _expect(path, "merge_stage", raw, dict, "a mapping")
-    unknown = sorted(set(raw) - {"trials", "sources", "space"})
-    if unknown:
-        raise ConfigError(
-            path, f"unknown key(s) {', '.join(unknown)} (valid: trials, sources, space)", field="merge_stage"
-        )
-    trials = _expect(path, "merge_stage.trials", raw.get("trials", 8), int, "a positive integer")
-    if trials < 1:
-        raise ConfigError(path, "expected a positive integer", field="merge_stage.trials")
-    sources = _expect(path, "merge_stage.sources", raw.get("sources", list(STAGE_SELECTORS)), list, "a list")
-    if len(sources) < 2 or len(set(sources)) < len(sources):
+    if len(stage.sources) < 2 or len(set(stage.sources)) < len(stage.sources):
         raise ConfigError(path, "name at least two different sources", field="merge_stage.sources")
     resolved = []
-    for source in sources:
-        if (
-            _expect(path, "merge_stage.sources", source, str, f"{' or '.join(STAGE_SELECTORS)} or a checkpoint folder")
-            in STAGE_SELECTORS
-        ):
+    for source in stage.sources:
+        if source in STAGE_SELECTORS:
             resolved.append(source)
             continue
         folder = (base_dir / source).resolve()
@@ -349,27 +257,26 @@ def _merge_stage(path: Path, raw: Any, base_dir: Path) -> MergeStage:
                 field="merge_stage.sources",
             )
         resolved.append(str(folder))
-    overrides = _expect(path, "merge_stage.space", raw.get("space") or {}, dict, "a mapping of parameters")
-    space = load_space("merge_stage", overrides, config_path=path)["params"]
+    space = load_space("merge_stage", stage.space, config_path=path)["params"]
     weights = space.get("weights")
     for value in weights.get("choice", []) if isinstance(weights, dict) else [weights] if weights else []:
         if len(str(value).split(",")) != len(resolved):
             raise ConfigError(
                 path, f"weights {value!r}: one per source ({len(resolved)})", field="merge_stage.space.weights"
             )
-    return MergeStage(trials, resolved, space)
+    return MergeStage(stage.trials, tuple(resolved), space)
 
 
-def _held_out(path: Path, raw: dict, mia: Path, base_dir: Path, methods: list[str]) -> Path | None:
+def _held_out(path: Path, held_out: Path | None, mia: Path, methods: list[str]) -> Path | None:
     """The held-out documents, checked now (readable, none in the scored MIA set) where a
     method of the sweep reads them; None where none does."""
     from unlearn_sweep.corpus.mia import default_held_out, load_held_out
     from unlearn_sweep.methods.registry import get_method
 
     users = [method for method in methods if get_method(method).uses_held_out]
-    if raw.get("held_out") is not None:
-        held_out = (base_dir / _expect(path, "held_out", raw["held_out"], str, "a path")).resolve()
-    elif users:
+    if held_out is None and not users:
+        return None
+    if held_out is None:
         held_out = default_held_out(mia)
         if held_out is None:
             raise ConfigError(
@@ -378,58 +285,17 @@ def _held_out(path: Path, raw: dict, mia: Path, base_dir: Path, methods: list[st
                 f"(no {mia}/held_out.jsonl or {mia}/validation/nonmember.jsonl): name a JSONL of {{id, document}}",
                 field="held_out",
             )
-    else:
-        return None
-    try:
+    with field_errors(path, "held_out"):
         load_held_out(held_out, mia)
-    except DataError as error:
-        raise ConfigError(path, str(error), field="held_out") from None
     return held_out
 
 
-def _eval_options(path: Path, raw: Any) -> EvalOptions:
-    options = {**EVAL_DEFAULTS, **_expect(path, "eval", raw, dict, "a mapping")}
-    unknown = sorted(set(options) - set(EVAL_DEFAULTS))
-    if unknown:
-        raise ConfigError(
-            path, f"unknown key(s) {', '.join(unknown)} (valid: {', '.join(EVAL_DEFAULTS)})", field="eval"
-        )
-    _positive_ints(
-        path,
-        "eval",
-        {key: options[key] for key in ("batch_size", "max_new_tokens", "screen_hold")},
-        {"batch_size", "max_new_tokens", "screen_hold"},
-    )
-    _one_of(path, "eval.dtype", options["dtype"], DTYPES)
-    for key in ("answer_nll", "screen"):
-        _expect(path, f"eval.{key}", options[key], bool, "true or false")
-    if _one_of(path, "eval.backend", options["backend"], BACKENDS) == "vllm":
+def _check_backend(path: Path, options: EvalOptions) -> None:
+    if options.backend == "vllm":
         if not vllm_inference.installed():
             raise ConfigError(path, vllm_inference.MISSING, field="eval.backend")
-        if options["answer_nll"]:
+        if options.answer_nll:
             raise ConfigError(path, vllm_inference.NO_ANSWER_NLL, field="eval.answer_nll")
-    ranges = {
-        "vllm_memory": ("in (0, 1)", lambda v: 0 < v < 1),
-        "screen_fraction": ("in (0, 1]", lambda v: 0 < v <= 1),
-        "screen_margin": ("in [0, 1)", lambda v: 0 <= v < 1),
-        "screen_confidence": ("in [0.5, 1)", lambda v: 0.5 <= v < 1),
-    }
-    for key, (interval, valid) in ranges.items():
-        if not valid(_expect(path, f"eval.{key}", options[key], (int, float), "a number")):
-            raise ConfigError(path, f"expected a number {interval}, got {options[key]!r}", field=f"eval.{key}")
-    return EvalOptions(**options)
-
-
-def _one_of(path: Path, key: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ConfigError(path, f"expected one of {', '.join(allowed)}, got {value!r}", field=key)
-    return value
-
-
-def _non_negative(path: Path, key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(path, f"expected an integer >= 0, got {value!r}", field=key)
-    return value
 
 
 def _require_writable(path: Path, key: str, folder: Path) -> None:
@@ -458,8 +324,4 @@ def load_config(path: str | Path) -> SweepConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(path, "config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(path, f"invalid YAML: {str(error).splitlines()[0]}") from None
-    return config_from_dict(raw, path)
+    return config_from_dict(read_yaml(path), path)

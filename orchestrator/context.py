@@ -58,10 +58,10 @@ class TrialContext:
             decision_epochs=tuple(decision_epochs),
             experiment_id=experiment_id,
             parent_run_id=parent_run_id,
-            threads=max(1, int(resources["cpu"])),
+            threads=max(1, int(resources.cpu)),
             workers=config.workers,
-            cpu_per_worker=resources["cpu"],
-            gpu_per_worker=resources.get("gpu", 0),
+            cpu_per_worker=resources.cpu,
+            gpu_per_worker=resources.gpu,
             train_storage_path=f"{experiment_path}/train",
             source_cache=None if "://" in config.storage_path else f"{experiment_path}/sources",
         )

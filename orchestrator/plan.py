@@ -66,7 +66,7 @@ def plan_sweep(config: SweepConfig) -> list[PlanRow]:
     shape = ModelShape.from_config(config.model)
     evaluation = evaluation_reservation(config, shape)
     workers = config.workers
-    gpu = config.resources_per_trial.get("gpu", 0)
+    gpu = config.resources_per_trial.gpu
     available = config.gpu_memory_gb * GIB * min(gpu, 1) if config.gpu_memory_gb and gpu else None
     rows = []
     for method in config.methods:

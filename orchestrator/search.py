@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
-import yaml
 from ray.tune.search.optuna import OptunaSearch
 from unlearn_sweep.corpus.compat import optuna_trial, remember_optuna_trial
+from unlearn_sweep.corpus.settings import read_yaml
 from unlearn_sweep.evaluation.eligibility import OBJECTIVE
 from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
 
@@ -61,10 +61,7 @@ def load_space(
     path = spaces_dir / f"{method}.yaml"
     if not path.is_file():
         raise ConfigError(path, f"no search space for method {method!r}")
-    try:
-        space = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(path, f"invalid YAML: {str(error).splitlines()[0]}") from None
+    space = read_yaml(path) or {}
     overridden = set(overrides or {})
     space = {**space, **(overrides or {})}
 
@@ -170,7 +167,7 @@ def load_recipe(
     path = recipes_dir / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(path, f"no recipe {name!r} (recipes: {', '.join(recipe_names(recipes_dir))})")
-    recipe = yaml.safe_load(path.read_text()) or {}
+    recipe = read_yaml(path) or {}
     method = recipe.get("method")
     if method not in spaces:
         raise ConfigError(

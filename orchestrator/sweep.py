@@ -81,7 +81,7 @@ def _check_placeable(config: SweepConfig) -> None:
         return
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     unit = "trial worker" if config.workers > 1 else "trial"
-    for name, need in (("CPU", config.resources_per_trial["cpu"]), ("GPU", config.resources_per_trial.get("gpu", 0))):
+    for name, need in (("CPU", config.resources_per_trial.cpu), ("GPU", config.resources_per_trial.gpu)):
         have = max((node.get(name, 0) for node in nodes), default=0)
         if need > have:
             raise ConfigError(
@@ -90,11 +90,10 @@ def _check_placeable(config: SweepConfig) -> None:
                 field="resources_per_trial",
             )
     total = sum(node.get("CPU", 0) for node in nodes)
-    if config.workers * config.resources_per_trial["cpu"] > total:
+    if config.workers * config.resources_per_trial.cpu > total:
         raise ConfigError(
             config.source,
-            f"{config.workers} workers x {config.resources_per_trial['cpu']:g} CPU exceed this machine's "
-            f"{total:g} CPUs",
+            f"{config.workers} workers x {config.resources_per_trial.cpu:g} CPU exceed this machine's {total:g} CPUs",
             field="resources_per_trial",
         )
 
@@ -105,10 +104,10 @@ def _max_concurrent(config: SweepConfig) -> int:
         return config.max_concurrent_trials
     total = ray.cluster_resources()
     workers = config.workers
-    trial_cpu = workers * config.resources_per_trial["cpu"] + (TRIAL_DRIVER_CPU if workers > 1 else 0)
+    trial_cpu = workers * config.resources_per_trial.cpu + (TRIAL_DRIVER_CPU if workers > 1 else 0)
     limits = [math.floor(total.get("CPU", 1) / trial_cpu + 1e-9)]
-    if config.resources_per_trial.get("gpu"):
-        limits.append(math.floor(total.get("GPU", 0) / (workers * config.resources_per_trial["gpu"]) + 1e-9))
+    if config.resources_per_trial.gpu:
+        limits.append(math.floor(total.get("GPU", 0) / (workers * config.resources_per_trial.gpu) + 1e-9))
     return max(1, min(limits))
 
 
@@ -142,8 +141,8 @@ def _threshold(mlflow, run_id: str, config: SweepConfig) -> float | None:
             # A Ray task holding one trial's resources: on a cluster a GPU worker scores it, not the
             # CPU-only head, and on one machine it takes a GPU only when Ray grants one.
             resources = {
-                "num_cpus": config.resources_per_trial["cpu"],
-                "num_gpus": config.resources_per_trial.get("gpu", 0),
+                "num_cpus": config.resources_per_trial.cpu,
+                "num_gpus": config.resources_per_trial.gpu,
             }
             base, node = ray.get(ray.remote(**resources)(_evaluate_base).remote(config))
             mlflow.set_tag(run_id, "base_evaluation_node", node)
@@ -169,7 +168,7 @@ def _evaluate_base(config: SweepConfig) -> tuple[dict, str]:
     """The base model's scores under the sweep's evaluation settings, and the Ray node that computed them."""
     import torch
 
-    torch.set_num_threads(max(1, int(config.resources_per_trial["cpu"])))
+    torch.set_num_threads(max(1, int(config.resources_per_trial.cpu)))
     sets = EvalSets.load(config.data, config.split, config.mia, config.mmlu, config.mmlu_shots)
     scores = evaluate_checkpoint(config.model, sets, config.eval)
     return scores, ray.get_runtime_context().get_node_id()
@@ -266,7 +265,7 @@ class Sweep:
         resources = (
             {"cpu": TRIAL_DRIVER_CPU}
             if config.workers > 1
-            else {"cpu": config.resources_per_trial["cpu"], "gpu": config.resources_per_trial.get("gpu", 0)}
+            else {"cpu": config.resources_per_trial.cpu, "gpu": config.resources_per_trial.gpu}
         )
         self.trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
         try:
@@ -284,8 +283,8 @@ class Sweep:
             ASHAScheduler(
                 metric=METRIC,
                 mode=MODE,
-                grace_period=config.asha["grace_period"],
-                reduction_factor=config.asha["reduction_factor"],
+                grace_period=config.asha.grace_period,
+                reduction_factor=config.asha.reduction_factor,
                 max_t=ASHA_MAX_T,
             )
             if config.asha

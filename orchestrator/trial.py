@@ -45,6 +45,7 @@ from unlearn_sweep.evaluation.screening import Split
 from unlearn_sweep.evaluation.staged import Evaluated, StagedEvaluation
 from unlearn_sweep.methods.registry import Method, build_params, get_method, run_method
 from unlearn_sweep.orchestrator import tracking
+from unlearn_sweep.orchestrator.config import Asha
 from unlearn_sweep.orchestrator.context import TrialContext
 
 # (metrics, checkpoint folder or None) -> reported to Tune or Train.
@@ -75,15 +76,15 @@ def epoch_report(
     return {**metrics, "new_best": improved, **objective.metrics()}
 
 
-def decision_epochs(asha: dict[str, int] | None, max_t: int) -> list[int]:
+def decision_epochs(asha: Asha | None, max_t: int) -> list[int]:
     """The epochs at which ASHA may stop a trial on its objective (its rungs, and max_t): a
     staged trial's objective must be fully evaluated by then."""
     if asha is None:
         return []
-    rungs, milestone = [], asha["grace_period"]
+    rungs, milestone = [], asha.grace_period
     while milestone < max_t:
         rungs.append(milestone)
-        milestone *= asha["reduction_factor"]
+        milestone *= asha.reduction_factor
     return [*rungs, max_t]
 
 

@@ -93,7 +93,7 @@ def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
         ({"methods": ["nope"]}, "field 'methods': unknown method 'nope'"),
         ({"mmlu_threshold": "2x"}, "field 'mmlu_threshold'"),
         ({"trials": 0}, "field 'trials'"),
-        ({"resources_per_trial": {"cpu": 1, "tpu": 1}}, "unknown resource 'tpu'"),
+        ({"resources_per_trial": {"cpu": 1, "tpu": 1}}, "field 'resources_per_trial': unknown key(s) tpu (valid: cpu,"),
         ({"search_space_overrides": {"npo": {}}}, "method 'npo' is not among methods"),
         ({"data": "/nonexistent"}, "field 'data': /nonexistent does not exist"),
         ({"mmlu_shots": -1}, "field 'mmlu_shots': expected an integer >= 0, got -1"),
@@ -102,7 +102,10 @@ def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
         ({"eval": {"screen_fraction": 0}}, "field 'eval.screen_fraction': expected a number in (0, 1], got 0"),
         ({"eval": {"dtype": "fp8"}}, "field 'eval.dtype': expected one of bfloat16, float16, float32, auto, got 'fp8'"),
         ({"eval": {"screen": "yes"}}, "field 'eval.screen': expected true or false, got 'yes'"),
-        ({"eval": {"screen_hold": 0}}, "field 'eval': screen_hold must be a positive integer, got 0"),
+        ({"eval": {"screen_hold": 0}}, "field 'eval.screen_hold': expected a positive integer, got 0"),
+        ({"split": "test"}, "field 'split': expected train or validation, got 'test'"),
+        ({"merge_stage": {"trials": 0}}, "field 'merge_stage.trials': expected a positive integer, got 0"),
+        ({"asha": {"reduction_factor": 1}}, "field 'asha.reduction_factor': expected an integer >= 2, got 1"),
         ({"eval": {"backend": "tgi"}}, "field 'eval.backend': expected one of hf, vllm, got 'tgi'"),
         ({"eval": {"vllm_memory": 1.5}}, "field 'eval.vllm_memory': expected a number in (0, 1), got 1.5"),
         pytest.param(
@@ -175,6 +178,23 @@ def test_config_errors_name_the_file_and_field(change, message, toy_task_dir: Pa
     with pytest.raises(ConfigError) as error:
         load_config(path)
     assert str(error.value).startswith(str(path)) and message in str(error.value)
+
+
+def test_yaml_numbers_without_a_dot_are_numbers_and_bad_yaml_names_its_line(toy_task_dir: Path, tmp_path: Path) -> None:
+    """PyYAML reads 5e-05 as the string '5e-05' (YAML 1.1); a user means a number (YAML 1.2)."""
+    path = write_config(tmp_path, toy_task_dir, search_space_overrides={})
+    text = path.read_text()
+    assert "search_space_overrides: {}\n" in text
+    numbers = (
+        "gpu_memory_gb: 8e+1\nsearch_space_overrides:\n  grad_diff: {learning_rate: {log_uniform: [5e-05, 3E-4]}}\n"
+    )
+    path.write_text(text.replace("search_space_overrides: {}\n", numbers))
+    config = load_config(path)
+    assert config.gpu_memory_gb == 80.0
+    assert config.search_space_overrides["grad_diff"]["learning_rate"] == {"log_uniform": [5e-05, 3e-4]}
+    path.write_text(text + "trials: [1\n")
+    with pytest.raises(ConfigError, match=r"sweep.yaml: invalid YAML at line \d+: "):
+        load_config(path)
 
 
 def test_the_base_evaluation_takes_the_configured_vllm_share(
