@@ -101,6 +101,22 @@ def _load_sets(files: dict[str, Path], layout: str) -> TaskData:
     return TaskData(forget, retain, layout=layout)
 
 
+def load_task_files(forget: str | Path, retain: str | Path) -> TaskData:
+    """The forget and retain sets as two files (.jsonl or .parquet), or two folders holding
+    one such file each: how SemEval handed sets to a submission."""
+
+    def one_file(path: Path, split_set: str) -> Path:
+        if not path.is_dir():
+            return path
+        found = sorted(f for f in path.iterdir() if f.suffix in (".jsonl", ".parquet"))
+        if len(found) != 1:
+            raise DataError(path, f"expected one .jsonl or .parquet file of the {split_set} set, found {len(found)}")
+        return found[0]
+
+    files = {"forget": one_file(Path(forget), "forget"), "retain": one_file(Path(retain), "retain")}
+    return _load_sets(files, "files")
+
+
 def load_task(data_dir: str | Path, split: str | None = None) -> TaskData:
     """Forget and retain rows of a task directory in any supported layout.
 

@@ -1,21 +1,23 @@
-"""Eligibility and the objective: the one home of the MMLU threshold rule.
+"""Eligibility and the objective: the one home of the rules a submission must meet.
 
 A checkpoint is eligible (can be a submission) when its MMLU is at least the threshold,
 absolute (0.371) or a fraction of the base model's (0.75x), resolved to a number once per
-sweep and passed as a number from then on.
+sweep and passed as a number from then on, and, where the sweep sets `time_limit_s`, when its
+unlearning took at most that long (SemEval discarded submissions over their time limit):
+training wall time up to that epoch, evaluation excluded.
 
 The one number a sweep optimises and selects by is a trial's best eligible final score so
-far. ASHA stops trials on it, Optuna is told it (with the MMLU constraint of the epoch it came
-from), and Tune keeps the checkpoint it names. An epoch whose MMLU is below the threshold
-(ineligible: it can never be the submission) reports a penalised value below every eligible
-score, -1 - (threshold - MMLU), so that among trials that never became eligible the one whose
-MMLU came closest still ranks first."""
+far. ASHA stops trials on it, Optuna is told it (with the constraints of the epoch it came
+from: each limit's slack, <= 0 where met), and Tune keeps the checkpoint it names. An
+ineligible epoch (it can never be the submission) reports a penalised value below every
+eligible score, -1 - its largest slack (MMLU: threshold - MMLU), so that among trials that
+never became eligible the one that came closest still ranks first."""
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -60,38 +62,63 @@ def meets_all(mmlu: float, *thresholds: float | None) -> bool:
 
 
 def mmlu_slack(mmlu: float, threshold: float | None) -> float:
-    """How far MMLU is below the threshold: <= 0 exactly where the epoch is eligible (Optuna's constraint)."""
+    """How far MMLU is below the threshold: <= 0 exactly where the epoch meets it (Optuna's constraint)."""
     return (threshold or 0.0) - mmlu
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What an epoch must meet to be a submission."""
+
+    mmlu_threshold: float | None = None  # absolute
+    time_limit_s: float | None = None  # unlearning wall time, evaluation excluded
+
+    def slacks(self, scores: dict[str, Any]) -> dict[str, float]:
+        """Each limit's slack, <= 0 where it is met: MMLU below the threshold, and the training
+        seconds over the time limit as a fraction of it (-1 without a limit)."""
+        seconds = scores.get("train_seconds")
+        over = -1.0 if self.time_limit_s is None or seconds is None else seconds / self.time_limit_s - 1
+        return {"mmlu_slack": mmlu_slack(scores["mmlu_accuracy"], self.mmlu_threshold), "time_slack": over}
+
+    def slack(self, scores: dict[str, Any]) -> float:
+        return max(self.slacks(scores).values())
+
+    def eligible(self, scores: dict[str, Any]) -> bool:
+        return self.slack(scores) <= 0
 
 
 OBJECTIVE = "objective"
 INELIGIBLE_BELOW = -1.0  # eligible objectives are final scores in [0, 1]; ineligible ones lie below -1
 
 
-def epoch_objective(final_score: float, mmlu_slack: float) -> float:
-    """One epoch's value; mmlu_slack = threshold - MMLU (<= 0: eligible)."""
-    return final_score if mmlu_slack <= 0 else INELIGIBLE_BELOW - mmlu_slack
+def epoch_objective(final_score: float, slack: float) -> float:
+    """One epoch's value; slack = the largest of its limits' slacks (<= 0: eligible)."""
+    return final_score if slack <= 0 else INELIGIBLE_BELOW - slack
+
+
+UNKNOWN_SLACKS = {"mmlu_slack": math.inf, "time_slack": math.inf}
 
 
 @dataclass
 class TrialObjective:
-    """The running best over a trial's epochs, and the epoch it came from."""
+    """The running best over a trial's epochs, the epoch it came from and its slacks."""
 
     value: float = -math.inf
-    mmlu_slack: float = math.inf
+    slacks: dict[str, float] = field(default_factory=lambda: dict(UNKNOWN_SLACKS))
     epoch: int = 0
 
-    def update(self, epoch: int, final_score: float, mmlu_slack: float) -> bool:
+    def update(self, epoch: int, final_score: float, slacks: dict[str, float]) -> bool:
         """Take this epoch into account; True when it is the trial's new best."""
-        value = epoch_objective(final_score, mmlu_slack)
+        value = epoch_objective(final_score, max(slacks.values()))
         if value <= self.value:
             return False
-        self.value, self.mmlu_slack, self.epoch = value, mmlu_slack, epoch
+        self.value, self.slacks, self.epoch = value, dict(slacks), epoch
         return True
 
     def metrics(self) -> dict[str, Any]:
         """What every report carries, beside the epoch's own scores."""
-        return {OBJECTIVE: self.value, "objective_mmlu_slack": self.mmlu_slack, "objective_epoch": self.epoch}
+        slacks = {f"objective_{name}": value for name, value in self.slacks.items()}
+        return {OBJECTIVE: self.value, **slacks, "objective_epoch": self.epoch}
 
 
 def objective_is_eligible(value: float) -> bool:

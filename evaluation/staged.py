@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unlearn_sweep.evaluation.eligibility import TrialObjective, epoch_objective, mmlu_slack, objective_is_eligible
+from unlearn_sweep.evaluation.eligibility import Limits, TrialObjective, epoch_objective, objective_is_eligible
 from unlearn_sweep.evaluation.options import EvalOptions
 from unlearn_sweep.evaluation.screening import needs_full_evaluation
 
@@ -59,8 +59,8 @@ class StagedEvaluation:
     then `conclude` with the full evaluations of the epochs `plan` named, then, once the saved
     best was handed on, `discard_evaluated`."""
 
-    def __init__(self, options: EvalOptions, threshold: float | None, decision_epochs: tuple[int, ...] = ()):
-        self.options, self.threshold, self.decisions = options, threshold, set(decision_epochs)
+    def __init__(self, options: EvalOptions, limits: Limits, decision_epochs: tuple[int, ...] = ()):
+        self.options, self.limits, self.decisions = options, limits, set(decision_epochs)
         self.objective = TrialObjective()
         self.held: list[Held] = []  # best screened first
         self._holding = tempfile.TemporaryDirectory(prefix="held-epoch-") if options.screen else None
@@ -68,7 +68,7 @@ class StagedEvaluation:
         self._screen_candidate = True
 
     def _value(self, scores: dict[str, Any]) -> float:
-        return epoch_objective(scores["final_score"], mmlu_slack(scores["mmlu_accuracy"], self.threshold))
+        return epoch_objective(scores["final_score"], self.limits.slack(scores))
 
     def plan(
         self, epoch: int, checkpoint: Path, screened: dict[str, Any], mmlu_records: list[dict], last: bool
@@ -78,8 +78,10 @@ class StagedEvaluation:
         self._held_before = list(self.held)
         best = self.objective.value if objective_is_eligible(self.objective.value) else None
         options = self.options
-        self._screen_candidate = needs_full_evaluation(
-            screened, best, self.threshold, options.screen_margin, options.screen_confidence, mmlu_records
+        # past the time limit no later epoch can be eligible either: its screen is what it reports
+        in_time = self.limits.slacks(screened)["time_slack"] <= 0
+        self._screen_candidate = in_time and needs_full_evaluation(
+            screened, best, self.limits.mmlu_threshold, options.screen_margin, options.screen_confidence, mmlu_records
         )
         if self._screen_candidate:
             value = self._value(screened)
@@ -124,7 +126,7 @@ class StagedEvaluation:
         return EpochOutcome(own, improved, best if best is not None and best.scores["eligible"] else None, to_log)
 
     def _update(self, epoch: int, scores: dict[str, Any]) -> bool:
-        return self.objective.update(epoch, scores["final_score"], mmlu_slack(scores["mmlu_accuracy"], self.threshold))
+        return self.objective.update(epoch, scores["final_score"], self.limits.slacks(scores))
 
     def discard_evaluated(self) -> None:
         """After a decision epoch's report (Tune copied the checkpoint kept): the held epochs are

@@ -155,6 +155,8 @@ def _report(summary, config) -> None:
         + ("none" if summary.mmlu_threshold is None else f"{summary.mmlu_threshold:.4f}")
     )
     _print_table([row for row in summary.rows if row["status"] == "finished"][:10])
+    if summary.confirmations:
+        _print_confirmations(summary.confirmations)
     if summary.champion:
         champion = summary.champion
         origin = (
@@ -162,8 +164,12 @@ def _report(summary, config) -> None:
             if champion["from_this_sweep"]
             else " (from an earlier sweep of this experiment, still the best eligible)"
         )
+        held_out = champion.get("held_out")
+        rule = (
+            f"held-out final score {held_out['final_score']:.4f} (chosen by it), tuned " if held_out else "final score "
+        )
         print(
-            f"\nchampion: trial {champion['trial_id']} ({champion['method']}), final score "
+            f"\nchampion: trial {champion['trial_id']} ({champion['method']}), {rule}"
             f"{champion['final_score']:.4f}{origin}"
         )
         print(f"  checkpoint: {champion['checkpoint']}")
@@ -175,6 +181,22 @@ def _report(summary, config) -> None:
     else:
         print("\nno trial reached the MMLU threshold: no champion")
     print(f"browse the trials: unlearn-sweep ui --tracking-uri {config.tracking_uri}   (http://127.0.0.1:5000)")
+
+
+def _print_confirmations(confirmations: list[dict]) -> None:
+    """The configurations re-run on the held-out fold: tuned against held-out scores."""
+    print("\nconfirmed on the held-out fold (each configuration re-run from the base model):")
+    print(f"{'trial':<11}{'method':<13}{'tuned':>7}{'held-out':>9}{'optimism':>9}  eligible")
+    for row in confirmations:
+        held_out, optimism = row["held_out_final_score"], row["optimism"]
+        print(
+            f"{row['trial_id']:<11}{row['method']:<13}{row['tuned_final_score']:>7.3f}"
+            f"{'-' if held_out is None else f'{held_out:.3f}':>9}{'-' if optimism is None else f'{optimism:+.3f}':>9}"
+            f"  {row['held_out_eligible']}" + (f"  ({row['error']})" if row["error"] else "")
+        )
+    measured = [row["optimism"] for row in confirmations if row["optimism"] is not None]
+    if measured:
+        print(f"mean optimism (tuned - held-out): {sum(measured) / len(measured):+.3f}")
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -250,6 +272,8 @@ def _export(args: argparse.Namespace) -> int:
     out = export_champion(args.experiment, _existing_store(args.tracking_uri), args.out)
     scores = json.loads((out / "scores.json").read_text())
     print(f"exported the champion of {args.experiment!r} to {out} (final score {scores['final_score']:.4f})")
+    script = out / "unlearn.py"
+    print(f"  its configuration runs on new sets: python {script} INPUT_MODEL RETAIN_SET FORGET_SET OUTPUT_DIR")
     return 0
 
 

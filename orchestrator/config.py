@@ -15,6 +15,11 @@ search_space_overrides:         # per method, entries replacing search_spaces/<m
   npo: {beta: {uniform: [0.05, 0.3]}}
 recipes: [organizers_npo]       # published settings tried first (search_spaces/recipes/<name>.yaml)
 trials: 16
+time_limit_s: null              # a run whose unlearning (evaluation excluded) takes longer is ineligible
+confirm: {top_k: 5, split: validation, mia: toy_task/mia/validation}   # after the search (and merge stage),
+                                # the best top_k configurations run again on the held-out fold; default on
+                                # where the data has the other fold, null: off
+select_by: held_out             # the champion: best eligible held-out score; tuned: best on the searched fold
 merge_stage: null               # after the search, merges of checkpoints already trained (no retraining):
                                 # {trials: 8, sources: [most_forgetting, least_forgetting]} (this sweep's
                                 # eligible trials by forget mean) or checkpoint folders; space: overrides of
@@ -37,6 +42,7 @@ optuna_storage: null            # the Optuna study's database; default sqlite in
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tempfile
@@ -44,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.settings import ConfigError, field_errors, read_section, read_yaml, setting
 from unlearn_sweep.evaluation import vllm_inference
 from unlearn_sweep.evaluation.eligibility import MmluThreshold
@@ -52,6 +59,7 @@ from unlearn_sweep.orchestrator.tracking import check_store
 
 SEARCHERS = ("tpe", "random")
 SPLITS = ("train", "validation")  # the folds of the Hugging Face layout
+SELECT_BY = ("held_out", "tuned")
 STAGE_SELECTORS = ("most_forgetting", "least_forgetting")  # this sweep's eligible trials, by forget mean
 __all__ = ["ConfigError", "SweepConfig", "load_config"]
 
@@ -99,6 +107,19 @@ class MergeStage:
     )  # merge_stage.yaml's overrides
 
 
+@dataclass(frozen=True)
+class Confirm:
+    """The confirmation stage: the best configurations run again, from the base model, on a
+    held-out fold (SemEval ran each team's code on forget and retain sets it never saw)."""
+
+    top_k: int = setting(5, kind=int, what="a positive integer", valid=_positive)
+    split: str = setting("validation", kind=str, what="train or validation", valid=lambda v: v in SPLITS)
+    mia: Path | None = setting(None, kind=str, what="a path")  # default <mia>/validation for the validation fold
+    # for methods that read held-out documents: none may be scored there; default the sweep's
+    # held_out where it is not in the fold's MIA set, else <mia>/nonmember.jsonl (not scored there)
+    held_out: Path | None = setting(None, kind=str, what="a path")
+
+
 @dataclass
 class SweepConfig:
     """A sweep, as its YAML file gives it (module docstring); each field's setting() says what
@@ -126,7 +147,13 @@ class SweepConfig:
     )
     recipes: list[str] = setting(factory=list, kind=list, what="a list of recipe names")
     merge_stage: MergeStage | None = setting(None, kind=dict, what="a mapping", section=MergeStage, nullable=True)
+    # null: off; absent: on where the data has the other fold (the HF layout) and its MIA set
+    confirm: Confirm | None = setting(None, kind=dict, what="a mapping or null", section=Confirm, nullable=True)
+    # which score picks the champion: held_out (its confirmation's) or tuned (the fold searched on)
+    select_by: str = setting("tuned", kind=str, what="held_out or tuned", valid=lambda v: v in SELECT_BY)
     trials: int = setting(8, kind=int, what="a positive integer", valid=_positive)
+    # SemEval's rule: a run whose unlearning (evaluation excluded) takes longer is ineligible
+    time_limit_s: float | None = setting(None, kind=float, what="a positive number of seconds", valid=_positive)
     max_concurrent_trials: int | None = setting(None, kind=int, what="a positive integer", valid=_positive)
     resources_per_trial: Resources = setting(factory=Resources, kind=dict, what="a mapping", section=Resources)
     gpu_memory_gb: float | None = setting(None, kind=float, what="a positive number of GB", valid=_positive)
@@ -183,6 +210,10 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
             values["mmlu_threshold"] = MmluThreshold.parse(str(values["mmlu_threshold"]))
     if values.get("merge_stage") is not None:
         values["merge_stage"] = _merge_stage(path, values["merge_stage"], base_dir)
+    values["confirm"] = _confirm(path, raw, values, base_dir)
+    if values.get("select_by") == "held_out" and values["confirm"] is None:
+        raise ConfigError(path, "held_out needs a confirmation stage (confirm)", field="select_by")
+    values.setdefault("select_by", "held_out" if values["confirm"] else "tuned")
     if "resources_per_trial" in values and values["resources_per_trial"].workers > 1 and "merge" in methods:
         raise ConfigError(
             path, "merge trials run in one process: use workers 1 or drop merge", field="resources_per_trial"
@@ -265,6 +296,63 @@ def _merge_stage(path: Path, stage: MergeStage, base_dir: Path) -> MergeStage:
                 path, f"weights {value!r}: one per source ({len(resolved)})", field="merge_stage.space.weights"
             )
     return MergeStage(stage.trials, tuple(resolved), space)
+
+
+def _confirm(path: Path, raw: dict, values: dict[str, Any], base_dir: Path) -> Confirm | None:
+    """The confirmation stage with its paths resolved and checked, or None. Absent from the
+    file, it is on where the data has the other fold and that fold's MIA set is found."""
+    from unlearn_sweep.corpus.mia import load_mia
+    from unlearn_sweep.corpus.semeval import load_task
+
+    tuned = values.get("split") or "train"
+    confirm = values.get("confirm")
+    if "confirm" not in raw:
+        other = "validation" if tuned == "train" else None
+        if other is None or not (values["mia"] / other).is_dir():
+            return None
+        try:
+            load_task(values["data"], other)
+        except DataError:
+            return None  # one fold only: nothing held out to confirm on
+        confirm = Confirm(split=other)
+    if confirm is None:
+        return None
+    if confirm.split == tuned:
+        raise ConfigError(path, f"{confirm.split} is the fold the sweep searches on", field="confirm.split")
+    with field_errors(path, "confirm.split"):
+        load_task(values["data"], confirm.split)
+    mia = (base_dir / confirm.mia).resolve() if confirm.mia else values["mia"] / confirm.split
+    with field_errors(path, "confirm.mia"):
+        load_mia(mia)
+    held_out = None
+    if values["held_out"] is not None:
+        held_out = _confirm_held_out(path, confirm, values["held_out"], values["mia"], mia, base_dir)
+    return dataclasses.replace(confirm, mia=mia, held_out=held_out)
+
+
+def _confirm_held_out(
+    path: Path, confirm: Confirm, sweep_held_out: Path, mia: Path, confirm_mia: Path, base_dir: Path
+) -> Path:
+    """Held-out documents for the confirmation runs: none of them scored in the fold's MIA set."""
+    from unlearn_sweep.corpus.mia import load_held_out
+
+    if confirm.held_out is not None:
+        held_out = (base_dir / confirm.held_out).resolve()
+        with field_errors(path, "confirm.held_out"):
+            load_held_out(held_out, confirm_mia)
+        return held_out
+    for candidate in (sweep_held_out, mia / "nonmember.jsonl"):
+        try:
+            load_held_out(candidate, confirm_mia)
+            return candidate
+        except DataError:
+            continue
+    raise ConfigError(
+        path,
+        f"neither {sweep_held_out} nor {mia / 'nonmember.jsonl'} is free of the documents {confirm_mia} scores: "
+        "name a JSONL of {id, document}",
+        field="confirm.held_out",
+    )
 
 
 def _held_out(path: Path, held_out: Path | None, mia: Path, methods: list[str]) -> Path | None:

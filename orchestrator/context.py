@@ -4,11 +4,13 @@ to each of them)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from unlearn_sweep.evaluation.eligibility import Limits
 from unlearn_sweep.evaluation.evaluator import EvalSets
 from unlearn_sweep.evaluation.options import EvalOptions
-from unlearn_sweep.orchestrator.config import SweepConfig
+from unlearn_sweep.orchestrator.config import Confirm, SweepConfig
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,7 @@ class TrialContext:
     held_out: str | None = None  # documents never seen nor scored (methods that calibrate on them)
     mmlu_shots: int | None = None
     mmlu_threshold: float | None = None  # absolute, resolved once per sweep
+    time_limit_s: float | None = None  # unlearning wall time of one run, evaluation excluded
     decision_epochs: tuple[int, ...] = ()  # where a staged trial's full evaluation is due (ASHA's rungs)
     experiment_id: str = ""
     parent_run_id: str = ""
@@ -32,6 +35,7 @@ class TrialContext:
     gpu_per_worker: float = 0
     train_storage_path: str = ""  # where a multi-worker trial's Ray Train run keeps its state
     source_cache: str | None = None  # merge sources trained once per configuration; None: remote storage
+    final_epoch_only: bool = False  # a confirmation run: only its last epoch is evaluated, as a submission's
 
     @classmethod
     def for_sweep(
@@ -55,6 +59,7 @@ class TrialContext:
             held_out=None if config.held_out is None else str(config.held_out),
             mmlu_shots=config.mmlu_shots,
             mmlu_threshold=threshold,
+            time_limit_s=config.time_limit_s,
             decision_epochs=tuple(decision_epochs),
             experiment_id=experiment_id,
             parent_run_id=parent_run_id,
@@ -65,6 +70,23 @@ class TrialContext:
             train_storage_path=f"{experiment_path}/train",
             source_cache=None if "://" in config.storage_path else f"{experiment_path}/sources",
         )
+
+    def confirming(self, confirm: Confirm) -> TrialContext:
+        """The context of a confirmation run: the held-out fold, its MIA set (and held-out
+        documents), every run evaluated once, fully, at its last epoch."""
+        return dataclasses.replace(
+            self,
+            split=confirm.split,
+            mia=str(confirm.mia),
+            held_out=None if confirm.held_out is None else str(confirm.held_out),
+            eval=dataclasses.replace(self.eval, screen=False),
+            decision_epochs=(),
+            final_epoch_only=True,
+        )
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.mmlu_threshold, self.time_limit_s)
 
     def eval_sets(self) -> EvalSets:
         """The sets every epoch is scored on."""

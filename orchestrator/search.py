@@ -1,5 +1,5 @@
 """Search spaces (data in search_spaces/<method>.yaml) and the Optuna searcher that also
-hands the MMLU constraint to Optuna.
+hands the constraints (MMLU threshold, time limit) to Optuna.
 
 A search space maps each hyperparameter of the method to a constant or a distribution:
     learning_rate: {log_uniform: [1.0e-5, 1.0e-3]}
@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 SPACES_DIR = importlib.resources.files("unlearn_sweep.search_spaces")
 RECIPES_DIR = SPACES_DIR / "recipes"
 DISTRIBUTIONS = ("log_uniform", "uniform", "int", "log_int", "choice")
-MMLU_CONSTRAINT = "mmlu_threshold"
+# Optuna's constraint names and the reported slacks they take (<= 0 feasible; eligibility.py: Limits)
+CONSTRAINTS = {"mmlu_threshold": "objective_mmlu_slack", "time_limit_s": "objective_time_slack"}
 MERGE_STAGE = "merge_stage"  # the space of a sweep's merge stage (config.py: MergeStage)
 STUDY_TRIAL = "study_trial"  # the Optuna trial number in each Tune config
 log = logging.getLogger(__name__)
@@ -260,13 +261,14 @@ class DefineByRun:
 
 
 class ConstrainedOptunaSearch(OptunaSearch):
-    """OptunaSearch over a persistent study (an RDB storage) that sets the MMLU constraint on
-    the Optuna trial before it is told its result (Ray's OptunaSearch drops constraints). A
-    trial is told its objective (its best eligible final score so far, see objective.py) with
-    the constraint of the epoch that objective came from: `objective_mmlu_slack` = threshold -
-    MMLU, <= 0 feasible. A trial that ends without a report (failed before its first epoch
-    was scored) is infeasible. Optuna trials are reached through the study's storage by their
-    number (which each Tune config carries), not through OptunaSearch's private state."""
+    """OptunaSearch over a persistent study (an RDB storage) that sets the constraints on the
+    Optuna trial before it is told its result (Ray's OptunaSearch drops constraints). A trial is
+    told its objective (its best eligible final score so far, see eligibility.py) with the
+    constraints of the epoch that objective came from: `objective_mmlu_slack` = threshold -
+    MMLU and `objective_time_slack` (training time over the limit), <= 0 feasible. A trial that
+    ends without a report (failed before its first epoch was scored) is infeasible. Optuna
+    trials are reached through the study's storage by their number (which each Tune config
+    carries), not through OptunaSearch's private state."""
 
     def __init__(self, *args: Any, storage_url: str, study_name: str, **kwargs: Any):
         self.study_storage, self.study_name, self.study_trials = optuna.storages.RDBStorage(storage_url), study_name, {}
@@ -330,9 +332,10 @@ class ConstrainedOptunaSearch(OptunaSearch):
         if number is not None:
             optuna_id = self._optuna_id(number)
             if self.study_storage.get_trial(optuna_id).state == optuna.trial.TrialState.RUNNING:
-                slack = (result or {}).get("objective_mmlu_slack")
-                constraint = slack if slack is not None and math.isfinite(slack) else 1.0
-                optuna_trial(self.study(), optuna_id).set_constraint(MMLU_CONSTRAINT, constraint)
+                trial = optuna_trial(self.study(), optuna_id)
+                for constraint, slack_metric in CONSTRAINTS.items():
+                    slack = (result or {}).get(slack_metric)
+                    trial.set_constraint(constraint, slack if slack is not None and math.isfinite(slack) else 1.0)
         super().on_trial_complete(trial_id, result, error)
 
 

@@ -4,10 +4,17 @@ Every answer to "which trial is best" comes from `select`: the sweep's own leade
 champion, `unlearn-sweep best`, `export` (the champion alias) and the alias itself. A trial
 counts when it finished (an early stop by the scheduler is a finish; failed, killed and
 interrupted runs never count), has a saved best eligible checkpoint, and is eligible under the
-MMLU threshold of the sweep that produced it and, where given, under a stricter one."""
+MMLU threshold of the sweep that produced it and, where given, under a stricter one.
+
+Trials rank by one of two scores (the sweep's `select_by`, recorded with the champion):
+- held_out: the final score of the trial's confirmation run, its configuration re-run from the
+  base model on the held-out fold; only trials whose confirmation is eligible count;
+- tuned: the trial's own best eligible final score, on the fold it was searched on (optimistic:
+  the best of many noisy trials, measured where it was picked)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -20,6 +27,7 @@ from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.staging import staged_directory
 from unlearn_sweep.evaluation.eligibility import meets_all
 from unlearn_sweep.orchestrator import tracking
+from unlearn_sweep.orchestrator.submission import write_submission
 
 
 class SelectionError(DataError):
@@ -38,6 +46,8 @@ class Entry:
     scores: dict[str, float]  # final_score, ..., epoch; empty when no epoch was eligible
     checkpoint: str | None
     threshold: float | None  # the absolute MMLU threshold of the trial's sweep
+    confirms: str | None = None  # a confirmation run: the run of the trial it re-ran on the held-out fold
+    held_out: dict[str, float] | None = None  # a trial's: its eligible confirmation's scores (select fills it)
 
     @classmethod
     def from_run(cls, run) -> Entry:
@@ -54,6 +64,7 @@ class Entry:
             scores,
             tags.get("checkpoint"),
             tracking.recorded_threshold(run),
+            tags.get(tracking.CONFIRMS),
         )
 
 
@@ -64,9 +75,17 @@ def eligible(entry: Entry, threshold: float | None = None) -> bool:
     return meets_all(entry.scores["mmlu_accuracy"], entry.threshold, threshold)
 
 
-def select(entries: list[Entry], threshold: float | None = None) -> list[Entry]:
-    """The selectable entries, best final score first (ties: the earlier trial id)."""
-    return sorted((e for e in entries if eligible(e, threshold)), key=lambda e: (-e.scores["final_score"], e.trial_id))
+def select(entries: list[Entry], threshold: float | None = None, by: str = "tuned") -> list[Entry]:
+    """The selectable trials, best first by the rule `by` (ties: the earlier trial id); under
+    held_out each carries its confirmation's scores."""
+    trials = [e for e in entries if e.confirms is None and eligible(e, threshold)]
+    if by == "tuned":
+        return sorted(trials, key=lambda e: (-e.scores["final_score"], e.trial_id))
+    confirmations = {e.confirms: e for e in entries if e.confirms is not None and eligible(e, threshold)}
+    confirmed = [
+        dataclasses.replace(e, held_out=confirmations[e.run_id].scores) for e in trials if e.run_id in confirmations
+    ]
+    return sorted(confirmed, key=lambda e: (-e.held_out["final_score"], -e.scores["final_score"], e.trial_id))
 
 
 def _experiment_id(client: MlflowClient, experiment: str, tracking_uri: str) -> str:
@@ -91,31 +110,37 @@ def champion_version(client: MlflowClient, name: str):
 
 
 def crown(
-    client: MlflowClient, tracking_uri: str, name: str, experiment_id: str, threshold: float | None
+    client: MlflowClient,
+    tracking_uri: str,
+    name: str,
+    experiment_id: str,
+    threshold: float | None,
+    by: str = "tuned",
 ) -> tuple[Entry, str] | None:
-    """Point the alias 'champion' of registered model `name` at the experiment's best trial
-    under `threshold` (the current sweep's): the alias never moves to a checkpoint that is
-    ineligible under it, and a checkpoint is registered once however often this runs.
+    """Point the alias 'champion' of registered model `name` at the experiment's best trial by
+    the rule (`threshold` and `by`, the current sweep's): the alias never moves to a checkpoint
+    that is ineligible under it, and a checkpoint is registered once however often this runs.
     Returns the champion and its model version, or None when no trial qualifies."""
-    for entry in select(trial_entries(client, experiment_id), threshold):
+    for entry in select(trial_entries(client, experiment_id), threshold, by):
         version = tracking.model_version(
             client, tracking_uri, name, entry.run_id, int(entry.scores["epoch"]), Path(entry.checkpoint)
         )
         if version is None:
             continue  # an earlier sweep's checkpoint, never registered, that is gone from its storage
-        tracking.tag_version_threshold(client, name, version, threshold)
+        tracking.tag_version_rule(client, name, version, threshold, by)
         client.set_registered_model_alias(name, "champion", version)
         return entry, version
     return None
 
 
 def leaderboard(experiment: str, tracking_uri: str, top: int | None = None) -> list[Entry]:
-    """The experiment's selectable trials, best first, under the threshold of the sweep that
-    last chose the champion (so that the first entry is the champion), else each under its own."""
+    """The experiment's selectable trials, best first, by the rule of the sweep that last chose
+    the champion (so that the first entry is the champion), else each under its own threshold
+    by its tuned score."""
     client = tracking.client(tracking_uri)
     entries = trial_entries(client, _experiment_id(client, experiment, tracking_uri))
     version = champion_version(client, experiment)
-    ranked = select(entries, tracking.version_threshold(version) if version else None)
+    ranked = select(entries, *(tracking.version_rule(version) if version else (None, "tuned")))
     return ranked[:top] if top else ranked
 
 
@@ -133,7 +158,8 @@ def champion_run(experiment: str, tracking_uri: str) -> str:
 
 def export_champion(experiment: str, tracking_uri: str, out_dir: str | Path) -> Path:
     """The champion checkpoint (safetensors + tokenizer, from the registered MLflow model), its
-    scores.json, records and trial_config.json, written to out_dir whole or not at all."""
+    scores.json, records and trial_config.json, and the runnable submission (its configuration
+    and unlearn.py, submission.py), written to out_dir whole or not at all."""
     run_id = champion_run(experiment, tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     with staged_directory(out_dir) as staging:
@@ -156,4 +182,5 @@ def export_champion(experiment: str, tracking_uri: str, out_dir: str | Path) -> 
         (staging / "trial_config.json").write_text(
             json.dumps({**config, "experiment": experiment, "run_id": run_id}, indent=2) + "\n"
         )
+        write_submission(staging, config)
     return Path(out_dir)

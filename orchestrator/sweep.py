@@ -34,6 +34,7 @@ from unlearn_sweep.orchestrator.context import TrialContext
 from unlearn_sweep.orchestrator.plan import check_memory
 from unlearn_sweep.orchestrator.search import make_searcher, merge_stage_searcher, study_exists
 from unlearn_sweep.orchestrator.selection import crown, select, trial_entries
+from unlearn_sweep.orchestrator.submission import submitted_setup
 from unlearn_sweep.orchestrator.trial import decision_epochs, run_trial
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,10 @@ class SweepSummary:
     mmlu_threshold: float | None
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per trial, best first
     champion: dict[str, Any] | None = None
+    selected_by: str = "tuned"  # held_out: by the confirmation runs' scores (config.select_by)
+    # one per configuration re-run on the held-out fold, best tuned score first: its tuned and
+    # held-out scores and the optimism (tuned - held-out)
+    confirmations: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _start_ray(config: SweepConfig) -> None:
@@ -148,7 +153,8 @@ def _threshold(mlflow, run_id: str, config: SweepConfig) -> float | None:
             mlflow.set_tag(run_id, "base_evaluation_node", node)
             base_mmlu = base["mmlu_accuracy"]
             for name in tracking.SCORE_METRICS:
-                mlflow.log_metric(run_id, f"base_{name}", base[name])
+                if name in base:  # all but train_seconds
+                    mlflow.log_metric(run_id, f"base_{name}", base[name])
         threshold = config.mmlu_threshold.absolute(base_mmlu)
     for key, value in {
         "methods": ",".join(config.methods),
@@ -158,7 +164,7 @@ def _threshold(mlflow, run_id: str, config: SweepConfig) -> float | None:
         "seed": config.seed,
     }.items():
         mlflow.log_param(run_id, key, str(value))
-    mlflow.log_batch(run_id, metrics=tracking.threshold_metric(threshold))
+    mlflow.log_batch(run_id, metrics=tracking.limit_metrics(threshold, config.time_limit_s))
     if config.source.is_file():
         mlflow.log_artifact(run_id, str(config.source))
     return threshold
@@ -268,6 +274,9 @@ class Sweep:
             else {"cpu": config.resources_per_trial.cpu, "gpu": config.resources_per_trial.gpu}
         )
         self.trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
+        if config.confirm is not None:
+            confirming = context.confirming(config.confirm)
+            self.confirm_trainable = tune.with_resources(tune.with_parameters(run_trial, context=confirming), resources)
         try:
             return self._run_stages()
         except (SweepInterrupted, SweepFailed):
@@ -291,7 +300,13 @@ class Sweep:
             else None
         )
         grids = [self._fit(self.search, self._tuner(self.search, lambda: make_searcher(config), asha))]
-        summary = SweepSummary(config.experiment, self.parent_run_id, self.threshold, rows=self._settled_rows(grids))
+        summary = SweepSummary(
+            config.experiment,
+            self.parent_run_id,
+            self.threshold,
+            rows=self._settled_rows(grids),
+            selected_by=config.select_by,
+        )
         if summary.rows and all(row["status"] == "failed" for row in summary.rows):
             tracking.end_parent(self.mlflow, self.parent_run_id, failed=True)
             error, count = Counter(row["error"] for row in summary.rows).most_common(1)[0]
@@ -303,20 +318,31 @@ class Sweep:
             if tuner is not None:
                 grids.append(self._fit(self.merge, tuner))
                 summary.rows = self._settled_rows(grids)
+        if config.confirm is not None:
+            summary.confirmations = self._confirm(summary.rows, grids)
         _finish(config, summary, self.mlflow)
         return summary
 
-    def _tuner(self, stage: Stage, searcher: Callable[[], Any], scheduler: Any = None) -> tune.Tuner:
+    def _tuner(
+        self,
+        stage: Stage,
+        searcher: Callable[[], Any],
+        scheduler: Any = None,
+        trainable: Any = None,
+        param_space: dict[str, Any] | None = None,
+    ) -> tune.Tuner:
         """The stage's Tuner: restored where a resumed sweep had started it, else new."""
+        trainable = trainable or self.trainable
         if self.resume and tune.Tuner.can_restore(self._path(stage)):
             return tune.Tuner.restore(
-                self._path(stage), self.trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+                self._path(stage), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
             )
         return tune.Tuner(
-            self.trainable,
+            trainable,
+            param_space=param_space,
             tune_config=tune.TuneConfig(
                 search_alg=searcher(),
-                num_samples=stage.trials,
+                num_samples=1 if param_space else stage.trials,  # a grid runs each of its points once
                 trial_dirname_creator=trial_folder,
                 scheduler=scheduler,
                 max_concurrent_trials=_max_concurrent(self.config),
@@ -347,6 +373,55 @@ class Sweep:
         self.mlflow.set_tag(self.parent_run_id, "merge_stage", ",".join(models))
         return self._tuner(self.merge, lambda: merge_stage_searcher(self.config, models, runs))
 
+    def _confirm(self, rows: list[dict[str, Any]], grids: list) -> list[dict[str, Any]]:
+        """The confirmation stage: the best top_k distinct configurations of the search (and
+        merge stage) run again from the base model on the held-out fold, each evaluated once,
+        fully, at its last epoch. Returns them with their tuned and held-out scores."""
+        results = {trial_id_of(result): result for grid in grids for result in grid}
+        setups = confirmation_setups(rows, results, self.config.confirm.top_k)
+        if not setups:
+            log.warning("confirmation stage skipped: no eligible trial to confirm")
+            self.mlflow.set_tag(self.parent_run_id, "confirm", "skipped: no eligible trial to confirm")
+            return []
+        stage = Stage("its confirmation stage", f"{self.config.name}-confirm", len(setups))
+        tuner = self._tuner(
+            stage, lambda: None, trainable=self.confirm_trainable, param_space={"setup": tune.grid_search(setups)}
+        )
+        confirmed = {trial_id_of(result): result for result in self._fit(stage, tuner)}
+        self._reconcile(confirmed, confirmations=True)
+        runs = {row["run_id"]: row for row in rows}
+        entries = {
+            entry.trial_id: entry
+            for entry in trial_entries(self.mlflow, self.experiment, self.parent_run_id)
+            if entry.confirms is not None and entry.status != "interrupted"
+        }
+        confirmations = []
+        for trial_id, result in confirmed.items():
+            metrics, tuned = result.metrics or {}, runs[result.config["setup"][tracking.CONFIRMS]]
+            held_out = metrics.get("final_score")
+            optimism = None if held_out is None else tuned["final_score"] - held_out
+            if optimism is not None and trial_id in entries:
+                self.mlflow.log_metric(entries[trial_id].run_id, "optimism", optimism)
+            confirmations.append(
+                {
+                    "trial_id": tuned["trial_id"],
+                    "method": tuned["method"],
+                    "run_id": entries[trial_id].run_id if trial_id in entries else None,
+                    "tuned_final_score": tuned["final_score"],
+                    "held_out_final_score": held_out,
+                    "held_out_mmlu_accuracy": metrics.get("mmlu_accuracy"),
+                    "held_out_eligible": bool(metrics.get("eligible")) and not result.error,
+                    "train_seconds": metrics.get("train_seconds"),
+                    "optimism": optimism,
+                    "error": _error_line(result.error) if result.error else None,
+                }
+            )
+        confirmations.sort(key=lambda row: -row["tuned_final_score"])
+        measured = [row["optimism"] for row in confirmations if row["optimism"] is not None]
+        if measured:
+            self.mlflow.log_metric(self.parent_run_id, "optimism_mean", sum(measured) / len(measured))
+        return confirmations
+
     def _fit(self, stage: Stage, tuner: tune.Tuner):
         """Run a stage's Tuner to its end; a stop before it (Ctrl-C, SIGTERM) is an interrupted sweep."""
         with _sigterm_as_sigint():
@@ -365,18 +440,18 @@ class Sweep:
         self._reconcile(results)
         return self._rows(results)
 
-    def _reconcile(self, results: dict[str, Any]) -> None:
+    def _reconcile(self, results: dict[str, Any], confirmations: bool = False) -> None:
         """Bring MLflow in step with what Tune reports: a trial that errored while its run still
         says running (its worker died) is marked failed; one Tune stopped at its last report,
         whose worker was killed before it closed its run, finished; runs of trials Tune no
         longer knows (started by a driver that died before recording them; Tune ran them again
         as new trials) are marked interrupted. Each finished trial's run is tagged with its
-        best checkpoint."""
+        best checkpoint. The search's trials and the confirmation runs are reconciled apart."""
         mlflow = self.mlflow
         latest = {
             entry.trial_id: entry
             for entry in trial_entries(mlflow, self.experiment, self.parent_run_id)
-            if entry.status != "interrupted"
+            if entry.status != "interrupted" and (entry.confirms is not None) == confirmations
         }
         for trial_id, result in results.items():
             entry = latest.get(trial_id)
@@ -406,7 +481,7 @@ class Sweep:
         entries = {
             entry.trial_id: entry
             for entry in trial_entries(self.mlflow, self.experiment, self.parent_run_id)
-            if entry.trial_id in results and entry.status != "interrupted"
+            if entry.trial_id in results and entry.status != "interrupted" and entry.confirms is None
         }
         order = {entry.trial_id: rank for rank, entry in enumerate(select(list(entries.values()), self.threshold))}
         rows = []
@@ -424,6 +499,7 @@ class Sweep:
                     "error": _error_line(result.error) if result.error else None,
                     "epochs": metrics.get("training_iteration", 0),
                     "checkpoint": entry.checkpoint if trial_id in order else None,
+                    "best_epoch": int(entry.scores["epoch"]) if trial_id in order else None,
                     "run_id": entry.run_id if entry else None,
                     **{name: scores.get(name) for name in tracking.SCORE_METRICS},
                 }
@@ -435,6 +511,27 @@ class Sweep:
                 -(r["final_score"] if r["final_score"] is not None else -1),
             ),
         )
+
+
+def confirmation_setups(rows: list[dict[str, Any]], results: dict[str, Any], top_k: int) -> list[dict[str, Any]]:
+    """The setups the confirmation stage runs: the best `top_k` distinct configurations among
+    the eligible trials (rows, best first), each as a submission would run it: trained to the
+    epoch its trial was selected at. Merge-stage trials merge checkpoints of the searched fold,
+    not a configuration that could run elsewhere: they are not confirmed."""
+    setups, seen = [], set()
+    for row in rows:
+        setup = (results[row["trial_id"]].config or {}).get("setup", {})
+        if not row["eligible"] or setup.get("source_runs"):
+            continue
+        configuration = submitted_setup(setup, row["best_epoch"])
+        key = json.dumps(configuration, sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        setups.append({**configuration, tracking.CONFIRMS: row["run_id"]})
+        if len(setups) == top_k:
+            break
+    return setups
 
 
 def _merge_stage_sources(config: SweepConfig, rows: list[dict[str, Any]]) -> tuple[list[str], list[str]] | str:
@@ -515,7 +612,10 @@ def _finish(config: SweepConfig, summary: SweepSummary, mlflow) -> None:
     """Champion registration (by the selection rule, over the experiment), plots and the
     leaderboard on the parent run."""
     experiment = mlflow.get_run(summary.parent_run_id).info.experiment_id
-    crowned = crown(mlflow, config.tracking_uri, config.experiment, experiment, summary.mmlu_threshold)
+    crowned = crown(
+        mlflow, config.tracking_uri, config.experiment, experiment, summary.mmlu_threshold, config.select_by
+    )
+    mlflow.set_tag(summary.parent_run_id, tracking.SELECTED_BY, config.select_by)
     if crowned:
         entry, version = crowned
         summary.champion = {
@@ -526,12 +626,17 @@ def _finish(config: SweepConfig, summary: SweepSummary, mlflow) -> None:
             "model_version": version,
             "from_this_sweep": entry.run_id in {row["run_id"] for row in summary.rows},
             **entry.scores,
+            "held_out": entry.held_out,  # its confirmation's scores, where selected by them
         }
         mlflow.log_metric(summary.parent_run_id, "best_final_score", entry.scores["final_score"])
+        if entry.held_out:
+            mlflow.log_metric(summary.parent_run_id, "best_held_out_final_score", entry.held_out["final_score"])
     finished = [r for r in summary.rows if r["status"] == "finished" and r["final_score"] is not None]
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         (folder / "leaderboard.json").write_text(json.dumps(summary.rows, indent=2, default=str) + "\n")
+        if summary.confirmations:
+            (folder / "confirmations.json").write_text(json.dumps(summary.confirmations, indent=2) + "\n")
         plots.score_vs_mmlu(finished, summary.mmlu_threshold, folder / "final_score_vs_mmlu.png")
         plots.optuna_plots(optuna.load_study(study_name=config.name, storage=config.study_storage), folder)
         if summary.champion:

@@ -15,8 +15,20 @@ from mlflow.tracking import MlflowClient
 from unlearn_sweep.corpus.errors import DataError
 
 # Metrics logged per epoch, from scores.json.
-SCORE_METRICS = ("final_score", "task_aggregate", "mia_auc", "mia_score", "mmlu_accuracy", "forget_mean", "retain_mean")
+SCORE_METRICS = (
+    "final_score",
+    "task_aggregate",
+    "mia_auc",
+    "mia_score",
+    "mmlu_accuracy",
+    "forget_mean",
+    "retain_mean",
+    "train_seconds",  # the trial's unlearning wall time up to the epoch, evaluation excluded
+)
 MMLU_THRESHOLD = "mmlu_threshold"  # the metric holding a run's absolute MMLU threshold
+TIME_LIMIT = "time_limit_s"  # the metric holding a run's time limit
+SELECTED_BY = "selected_by"  # a champion version's tag: held_out or tuned (selection.py)
+CONFIRMS = "confirms_run"  # a confirmation run's tag (and setup key): the run of the trial it confirms
 
 
 def client(tracking_uri: str) -> MlflowClient:
@@ -72,6 +84,7 @@ def trial_run(
     setup: dict[str, Any],
     threshold: float | None,
     node: str = "",
+    time_limit_s: float | None = None,
 ) -> str:
     """A new child run for this attempt of the trial, with its sweep's MMLU threshold
     and the Ray node it runs on. A trial started again (on resume, or after its worker died)
@@ -92,42 +105,46 @@ def trial_run(
             "ray_node": node,
             "attempt": str(attempt),
             "pid": str(os.getpid()),
-            **({"source_runs": ",".join(setup["source_runs"])} if setup.get("source_runs") else {}),
+            **({"source_runs": ",".join(setup["source_runs"])} if setup.get("source_runs") else {}),  # merge stage
+            **({CONFIRMS: setup[CONFIRMS]} if setup.get(CONFIRMS) else {}),  # a confirmation run
         },
-    )  # a merge stage's sources
+    )
     mlflow.log_batch(
         run.info.run_id,
         params=[Param(key, value) for key, value in flat_params(setup).items()],
-        metrics=threshold_metric(threshold),
+        metrics=limit_metrics(threshold, time_limit_s),
     )
     return run.info.run_id
 
 
-def threshold_metric(threshold: float | None) -> list[Metric]:
-    """The absolute MMLU threshold as a number on its run (a metric, not a string tag); no
-    metric where the sweep has none."""
-    return [] if threshold is None else _metrics({MMLU_THRESHOLD: threshold}, 0)
+def limit_metrics(threshold: float | None, time_limit_s: float | None = None) -> list[Metric]:
+    """The absolute MMLU threshold and the time limit as numbers on their run (metrics, not
+    string tags); none for a limit the sweep does not set."""
+    limits = {MMLU_THRESHOLD: threshold, TIME_LIMIT: time_limit_s}
+    return _metrics({name: value for name, value in limits.items() if value is not None}, 0)
 
 
 def recorded_threshold(run) -> float | None:
-    """The absolute MMLU threshold a run was recorded with (threshold_metric)."""
+    """The absolute MMLU threshold a run was recorded with (limit_metrics)."""
     return run.data.metrics.get(MMLU_THRESHOLD)
 
 
-def tag_version_threshold(mlflow: MlflowClient, name: str, version: str, threshold: float | None) -> None:
-    """The threshold a champion was crowned under, on its model version: versions hold only
-    string tags, so the number's exact decimal text, and no tag at all for no threshold."""
+def tag_version_rule(mlflow: MlflowClient, name: str, version: str, threshold: float | None, by: str) -> None:
+    """The rule a champion was crowned under, on its model version: the threshold (versions
+    hold only string tags, so the number's exact decimal text, no tag for no threshold) and
+    the score it was selected by."""
     if threshold is None:
         if MMLU_THRESHOLD in mlflow.get_model_version(name, version).tags:
             mlflow.delete_model_version_tag(name, version, MMLU_THRESHOLD)
     else:
         mlflow.set_model_version_tag(name, version, MMLU_THRESHOLD, repr(float(threshold)))
+    mlflow.set_model_version_tag(name, version, SELECTED_BY, by)
 
 
-def version_threshold(version) -> float | None:
-    """The threshold tag_version_threshold wrote on a model version."""
+def version_rule(version) -> tuple[float | None, str]:
+    """The (threshold, selected by) tag_version_rule wrote on a model version."""
     text = version.tags.get(MMLU_THRESHOLD)
-    return None if text is None else float(text)
+    return None if text is None else float(text), version.tags.get(SELECTED_BY, "tuned")
 
 
 def _metrics(values: dict[str, float], step: int) -> list[Metric]:
@@ -234,7 +251,9 @@ def model_version(
         )
         # Its scores, linked to the model under names of their own (the run's best_* already hold this step).
         fluent.log_metrics(
-            {f"champion_{key}": scores[key] for key in SCORE_METRICS}, step=epoch, model_id=logged.model_id
+            {f"champion_{key}": scores[key] for key in SCORE_METRICS if key in scores},
+            step=epoch,
+            model_id=logged.model_id,
         )
     mlflow.set_terminated(
         run_id, finished.status, end_time=finished.end_time

@@ -29,7 +29,7 @@ from unlearn_sweep.corpus.compat import TUNE_STOPPED_TRIAL, without_hf_deepspeed
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.mia import load_held_out
 from unlearn_sweep.corpus.semeval import TaskData, load_task
-from unlearn_sweep.evaluation.eligibility import TrialObjective, mmlu_slack
+from unlearn_sweep.evaluation.eligibility import Limits, TrialObjective
 from unlearn_sweep.evaluation.evaluator import (
     MMLU,
     EvalSets,
@@ -52,27 +52,24 @@ from unlearn_sweep.orchestrator.context import TrialContext
 Report = Callable[[dict[str, Any], "Path | None"], None]
 
 
-def epoch_metrics(scores: dict[str, Any], epoch: int, threshold: float | None) -> dict[str, Any]:
-    """One epoch's scores as reported, with its eligibility and MMLU slack."""
+def epoch_metrics(scores: dict[str, Any], epoch: int, limits: Limits) -> dict[str, Any]:
+    """One epoch's scores as reported, with its eligibility and its limits' slacks."""
     values = {name: scores[name] for name in tracking.SCORE_METRICS}
     if any(value is None or not math.isfinite(value) for value in values.values()):
         raise FloatingPointError(f"epoch {epoch} scored a missing or non-finite value: {values}")
-    slack = mmlu_slack(scores["mmlu_accuracy"], threshold)
     return {
         **values,
         "epoch": epoch,
         "eligible": bool(scores["eligible"]),
-        "mmlu_slack": slack,
+        **limits.slacks(scores),
         "full_evaluation": float(scores.get("stage", "full") == "full"),
     }
 
 
-def epoch_report(
-    scores: dict[str, Any], epoch: int, threshold: float | None, objective: TrialObjective
-) -> dict[str, Any]:
+def epoch_report(scores: dict[str, Any], epoch: int, limits: Limits, objective: TrialObjective) -> dict[str, Any]:
     """What one epoch reports: its scores, and the trial's objective updated with it."""
-    metrics = epoch_metrics(scores, epoch, threshold)
-    improved = objective.update(epoch, metrics["final_score"], metrics["mmlu_slack"])
+    metrics = epoch_metrics(scores, epoch, limits)
+    improved = objective.update(epoch, metrics["final_score"], limits.slacks(scores))
     return {**metrics, "new_best": improved, **objective.metrics()}
 
 
@@ -103,9 +100,10 @@ class EpochReporter:
         self.split = Split.draw(self.sets, context.eval.screen_fraction) if context.eval.screen else None
         self.mlflow = tracking.client(context.tracking_uri) if rank == 0 else None
         # Rank 0 decides; the others evaluate the epochs it names.
-        self.staging = (
-            StagedEvaluation(context.eval, context.mmlu_threshold, context.decision_epochs) if rank == 0 else None
-        )
+        self.staging = StagedEvaluation(context.eval, context.limits, context.decision_epochs) if rank == 0 else None
+        # The unlearning clock: from here (the method loads the model next) to each epoch's end,
+        # less the time this hook took. Rank 0's is the trial's.
+        self.clock_start, self.hook_seconds, self.train_seconds = time.perf_counter(), 0.0, {}
         if rank == 0:
             self.mlflow.set_tag(run_id, "eval_ranks", str(self.world))
             self._carry_over(tune.get_checkpoint() if context.workers == 1 else None)
@@ -119,7 +117,7 @@ class EpochReporter:
         with checkpoint.as_directory() as folder:
             scores = json.loads((Path(folder) / "scores.json").read_text())
             epoch = json.loads((Path(folder) / "trial_config.json").read_text())["epoch"]
-        metrics = epoch_report(scores, epoch, self.context.mmlu_threshold, self.staging.objective)
+        metrics = epoch_report(scores, epoch, self.context.limits, self.staging.objective)
         tracking.log_best(self.mlflow, self.run_id, epoch, metrics, step=0)  # before this attempt's epochs 1, 2, ...
         self.mlflow.set_tag(self.run_id, "carried_over_epoch", str(epoch))
 
@@ -140,9 +138,12 @@ class EpochReporter:
         torch.distributed.broadcast_object_list(shared, src=0)
         return shared[0]
 
-    def _score(self, records: dict[str, list[dict]], stage: str) -> dict:
+    def _score(self, records: dict[str, list[dict]], stage: str, epoch: int) -> dict:
+        """The epoch's scores, with its training seconds and eligibility under every limit."""
         settings = eval_settings(self.sets, self.context.eval)
-        return {**score_records(records, self.context.mmlu_threshold, settings), "stage": stage}
+        scores = {**score_records(records, self.context.mmlu_threshold, settings), "stage": stage}
+        scores["train_seconds"] = self.train_seconds[epoch]
+        return {**scores, "eligible": self.context.limits.eligible(scores)}
 
     def _evaluate(self, epoch: int, checkpoint: Path, last: bool) -> tuple[dict | None, list[Evaluated]]:
         """On rank 0: this epoch's screened scores (None without staging) and the full
@@ -154,7 +155,7 @@ class EpochReporter:
             if self.split is not None:
                 records = self._records(model, tokenizer, self.split.screened(self.sets))
                 if self.rank == 0:
-                    screened = self._score(records, "screen")
+                    screened = self._score(records, "screen", epoch)
                     targets = self.staging.plan(epoch, checkpoint, screened, records.get(MMLU, []), last)
                 targets = self._share(targets)
             evaluated = []
@@ -170,19 +171,22 @@ class EpochReporter:
         if self.rank != 0:
             return None, []
         return screened, [
-            Evaluated(e, folder, records, self._score(records, "full")) for e, folder, records in evaluated
+            Evaluated(e, folder, records, self._score(records, "full", e)) for e, folder, records in evaluated
         ]
 
     def __call__(self, epoch: int, checkpoint: Path | None, last: bool) -> None:
         started = time.perf_counter()
+        self.train_seconds[epoch] = started - self.clock_start - self.hook_seconds
+        if self.context.final_epoch_only and not last:
+            return
         screened, evaluated = self._evaluate(epoch, checkpoint, last)
         metrics = saved = None
         if self.rank == 0:
-            threshold = self.context.mmlu_threshold
+            limits = self.context.limits
             # epoch_metrics refuses a missing or non-finite score, before the objective takes it
-            full = {entry.epoch: epoch_metrics(entry.scores, entry.epoch, threshold) for entry in evaluated}
+            full = {entry.epoch: epoch_metrics(entry.scores, entry.epoch, limits) for entry in evaluated}
             outcome = self.staging.conclude(epoch, screened, evaluated)
-            metrics = epoch_metrics(outcome.own, epoch, threshold)
+            metrics = epoch_metrics(outcome.own, epoch, limits)
             for logged_epoch, scores in outcome.to_log:
                 tracking.log_scores(self.mlflow, self.run_id, logged_epoch, scores)
             if outcome.best is not None:
@@ -191,6 +195,8 @@ class EpochReporter:
                 saved = best.folder
                 write_results(saved, best.records, best.scores)
                 config = {**self.setup, "epoch": best.epoch}
+                if self.context.held_out is not None:  # what an exported submission bundles for methods that read it
+                    config["held_out"] = self.context.held_out
                 (saved / "trial_config.json").write_text(json.dumps(config, indent=2) + "\n")
             seconds = time.perf_counter() - started  # what the epoch's scoring cost, beside its training
             self.mlflow.log_metric(self.run_id, "eval_seconds", seconds, step=epoch)
@@ -199,6 +205,7 @@ class EpochReporter:
         self.report(self._share(metrics), saved)
         if self.rank == 0 and evaluated:
             self.staging.discard_evaluated()  # fully evaluated now, reported (Tune copied it) or not the best
+        self.hook_seconds += time.perf_counter() - started
 
 
 def _tune_report(metrics: dict[str, Any], checkpoint: Path | None) -> None:
@@ -246,6 +253,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
         setup,
         context.mmlu_threshold,
         node=ray.get_runtime_context().get_node_id(),
+        time_limit_s=context.time_limit_s,
     )
     with released_gpu_cache():
         try:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from test_sweep import trial_context
 from transformers import AutoConfig, AutoModelForCausalLM
+from unlearn_sweep.evaluation.eligibility import Limits
 from unlearn_sweep.evaluation.evaluator import EvalSets
 from unlearn_sweep.evaluation.options import EvalOptions
 from unlearn_sweep.evaluation.screening import Split, mmlu_upper_bound, needs_full_evaluation
@@ -122,8 +123,8 @@ def test_the_full_evaluation_waits_for_a_decision_epoch_and_takes_the_best_scree
     monkeypatch.setattr(
         EpochReporter,
         "_score",
-        lambda self, records, stage: {
-            **score(self, records, stage),
+        lambda self, records, stage, epoch: {
+            **score(self, records, stage, epoch),
             "final_score": next(screened if stage == "screen" else full),
         },
     )
@@ -152,7 +153,7 @@ def scores(final: float, mmlu: float, threshold: float = 0.5) -> dict:
 
 def test_staging_holds_the_best_screens_and_fully_evaluates_them_at_a_decision_epoch(tmp_path: Path) -> None:
     """StagedEvaluation alone, on made-up scores: no model, backend, MLflow or Tune."""
-    staging = StagedEvaluation(EvalOptions(screen_hold=2), threshold=0.5, decision_epochs=(3,))
+    staging = StagedEvaluation(EvalOptions(screen_hold=2), Limits(0.5), decision_epochs=(3,))
     folders = {epoch: tmp_path / f"epoch-{epoch}" for epoch in (1, 2, 3)}
     for folder in folders.values():
         folder.mkdir()
@@ -175,7 +176,7 @@ def test_staging_holds_the_best_screens_and_fully_evaluates_them_at_a_decision_e
 
 
 def test_staging_judges_a_confidently_ineligible_screen_without_a_full_evaluation(tmp_path: Path) -> None:
-    staging = StagedEvaluation(EvalOptions(), threshold=0.9, decision_epochs=())
+    staging = StagedEvaluation(EvalOptions(), Limits(0.9), decision_epochs=())
     (tmp_path / "epoch-1").mkdir()
     mmlu = [{"answer": 0, "predicted": 1}] * 20  # 0 of 20: confidently below 0.9
     assert staging.plan(1, tmp_path / "epoch-1", scores(0.8, 0.0, 0.9), mmlu, last=True) == []
@@ -185,10 +186,21 @@ def test_staging_judges_a_confidently_ineligible_screen_without_a_full_evaluatio
 
 
 def test_without_staging_every_epoch_is_fully_evaluated_and_the_best_eligible_kept(tmp_path: Path) -> None:
-    staging = StagedEvaluation(EvalOptions(screen=False), threshold=0.5)
+    staging = StagedEvaluation(EvalOptions(screen=False), Limits(0.5))
     first = staging.conclude(1, None, [Evaluated(1, tmp_path, {}, scores(0.7, 0.4))])  # ineligible
     second = staging.conclude(2, None, [Evaluated(2, tmp_path, {}, scores(0.3, 0.6))])
     third = staging.conclude(3, None, [Evaluated(3, tmp_path, {}, scores(0.2, 0.6))])
     assert (first.improved, first.best) == (True, None)  # the best ineligible value so far, nothing kept
     assert second.improved and second.best.epoch == 2
     assert not third.improved and third.best is None
+
+
+def test_an_epoch_over_the_time_limit_is_never_held_nor_kept(tmp_path: Path) -> None:
+    """Past the time limit no later epoch can be eligible: its screen is what it reports."""
+    staging = StagedEvaluation(EvalOptions(), Limits(0.5, time_limit_s=100), decision_epochs=())
+    (tmp_path / "epoch-1").mkdir()
+    late = {**scores(0.9, 0.8), "train_seconds": 120.0, "eligible": False}
+    assert staging.plan(1, tmp_path / "epoch-1", late, [], last=True) == []
+    outcome = staging.conclude(1, late, [])
+    assert outcome.best is None and staging.held == [] and staging.objective.value < 0
+    assert staging.objective.slacks["time_slack"] == pytest.approx(0.2)

@@ -29,14 +29,14 @@ from ray.tune.schedulers import ASHAScheduler
 from safetensors.torch import load_file
 from unlearn_sweep.corpus.compat import TUNE_STOPPED_TRIAL
 from unlearn_sweep.evaluation import vllm_inference
-from unlearn_sweep.evaluation.eligibility import TrialObjective, epoch_objective
+from unlearn_sweep.evaluation.eligibility import Limits, TrialObjective, epoch_objective
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.methods.registry import run_method
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.cli import main
 from unlearn_sweep.orchestrator.config import ConfigError, load_config
 from unlearn_sweep.orchestrator.context import TrialContext
-from unlearn_sweep.orchestrator.search import MMLU_CONSTRAINT, SPACES_DIR, STUDY_TRIAL, load_space, make_searcher
+from unlearn_sweep.orchestrator.search import CONSTRAINTS, SPACES_DIR, STUDY_TRIAL, load_space, make_searcher
 from unlearn_sweep.orchestrator.selection import export_champion, leaderboard
 from unlearn_sweep.orchestrator.sweep import METRIC, MODE, run_sweep
 from unlearn_sweep.orchestrator.trial import epoch_report
@@ -59,6 +59,9 @@ def trial_context(toy_task_dir: Path, **changes) -> TrialContext:
     )
 
 
+MMLU_CONSTRAINT, TIME_CONSTRAINT = CONSTRAINTS
+
+
 def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
     raw = {
         "name": "s1",
@@ -73,6 +76,7 @@ def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
             "grad_diff": {"epochs": {"int": [1, 2]}, "learning_rate": {"log_uniform": [5e-5, 3e-4]}}
         },
         "mlflow": {"tracking_uri": f"sqlite:///{folder}/mlflow.db"},
+        "confirm": None,  # the toy task has a second fold: a test that confirms says so
         "storage_path": str(folder / "runs"),
         # float32 inference: ~4x faster than bfloat16 on a CPU without bf16 units; the end-to-end test
         # scores in the default.
@@ -319,11 +323,12 @@ def test_searcher_hands_the_mmlu_constraint_to_optuna(toy_task_dir: Path, tmp_pa
     searcher = make_searcher(load_config(write_config(tmp_path, toy_task_dir)))
     for trial_id in ("a", "b", "c"):
         assert searcher.suggest(trial_id)["setup"]["method"] == "grad_diff"
-    searcher.on_trial_complete("a", {"objective": 0.6, "objective_mmlu_slack": -0.1})
-    searcher.on_trial_complete("b", {"objective": -1.2, "objective_mmlu_slack": 0.2})
+    searcher.on_trial_complete("a", {"objective": 0.6, "objective_mmlu_slack": -0.1, "objective_time_slack": -0.5})
+    searcher.on_trial_complete("b", {"objective": -1.2, "objective_mmlu_slack": 0.2, "objective_time_slack": 0.3})
     searcher.on_trial_complete("c", None, error=True)  # failed before its first score
     trials = searcher.study().trials
     assert [t.constraints[MMLU_CONSTRAINT] for t in trials] == [-0.1, 0.2, 1.0]
+    assert [t.constraints[TIME_CONSTRAINT] for t in trials] == [-0.5, 0.3, 1.0]  # the time limit, a second constraint
     assert trials[2].state == optuna.trial.TrialState.FAIL
     feasible = [
         t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.constraints[MMLU_CONSTRAINT] <= 0
@@ -376,17 +381,15 @@ def test_a_searcher_state_cut_short_resumes_from_the_study(toy_task_dir: Path, t
     resumed.on_trial_complete("a", {"objective": 0.6, "objective_mmlu_slack": -0.1, "config": in_flight})
     (trial,) = resumed.study().trials
     assert (trial.state, trial.value) == (optuna.trial.TrialState.COMPLETE, 0.6)
-    assert trial.constraints == {MMLU_CONSTRAINT: -0.1}
+    assert trial.constraints == {MMLU_CONSTRAINT: -0.1, TIME_CONSTRAINT: 1.0}
     assert resumed.suggest("b")[STUDY_TRIAL] == 1  # and the search goes on
 
 
 def test_eligible_then_ineligible_trial_is_feasible_with_its_eligible_value(toy_task_dir: Path, tmp_path: Path) -> None:
-    threshold, objective = 0.5, TrialObjective()
+    limits, objective = Limits(0.5), TrialObjective()
     scores = {name: 0.5 for name in tracking.SCORE_METRICS}
-    epoch_report({**scores, "final_score": 0.55, "mmlu_accuracy": 0.6, "eligible": True}, 1, threshold, objective)
-    last = epoch_report(
-        {**scores, "final_score": 0.7, "mmlu_accuracy": 0.3, "eligible": False}, 2, threshold, objective
-    )
+    epoch_report({**scores, "final_score": 0.55, "mmlu_accuracy": 0.6, "eligible": True}, 1, limits, objective)
+    last = epoch_report({**scores, "final_score": 0.7, "mmlu_accuracy": 0.3, "eligible": False}, 2, limits, objective)
     assert (last["objective"], last["objective_epoch"]) == (0.55, 1) and last["objective_mmlu_slack"] <= 0
     searcher = make_searcher(load_config(write_config(tmp_path, toy_task_dir)))
     searcher.suggest("t")
@@ -399,6 +402,21 @@ def test_ineligible_epochs_rank_below_eligible_ones_by_how_close_they_came() -> 
     assert epoch_objective(0.01, 0.0) > epoch_objective(0.99, 0.01) > epoch_objective(0.99, 0.2)
 
 
+def test_a_run_over_the_time_limit_is_ineligible_as_one_under_the_mmlu_threshold() -> None:
+    limits = Limits(mmlu_threshold=0.5, time_limit_s=100.0)
+    scores = {"mmlu_accuracy": 0.6, "train_seconds": 80.0}
+    assert limits.slacks(scores) == pytest.approx({"mmlu_slack": -0.1, "time_slack": -0.2})
+    assert limits.eligible(scores) and not limits.eligible({**scores, "train_seconds": 130.0})
+    assert not limits.eligible({**scores, "mmlu_accuracy": 0.4})
+    assert Limits(0.5).eligible({**scores, "train_seconds": 1e9})  # no limit set
+    objective = TrialObjective()
+    base = {name: 0.5 for name in tracking.SCORE_METRICS} | {"mmlu_accuracy": 0.6}
+    epoch_report({**base, "final_score": 0.4, "train_seconds": 50.0, "eligible": True}, 1, limits, objective)
+    late = epoch_report({**base, "final_score": 0.9, "train_seconds": 150.0, "eligible": False}, 2, limits, objective)
+    assert (late["objective"], late["objective_epoch"], late["time_slack"]) == (0.4, 1, 0.5)
+    assert late["objective_time_slack"] == pytest.approx(-0.5)
+
+
 @pytest.mark.e2e
 def test_asha_stops_an_ineligible_high_trial_before_an_eligible_lower_one(local_ray, tmp_path: Path) -> None:
     def reports(epochs: list[tuple[float, float]]) -> list[dict]:
@@ -409,7 +427,7 @@ def test_asha_stops_an_ineligible_high_trial_before_an_eligible_lower_one(local_
                 {name: 0.5 for name in tracking.SCORE_METRICS}
                 | {"final_score": final, "mmlu_accuracy": mmlu, "eligible": mmlu >= 0.5},
                 epoch,
-                0.5,
+                Limits(0.5),
                 objective,
             )
             for epoch, (final, mmlu) in enumerate(epochs, start=1)
@@ -545,6 +563,92 @@ def test_small_sweep_end_to_end(local_ray, toy_task_dir: Path, tmp_path: Path, c
 
     with pytest.raises(ConfigError, match="already exists"):
         run_sweep(config)
+
+
+@pytest.mark.e2e
+def test_the_champion_is_the_configuration_that_held_on_the_held_out_fold(
+    local_ray, toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Tuned on the train fold, the best configurations re-run on the validation fold; the
+    champion is the best there, and its exported script reproduces its confirmation run."""
+    config = load_config(
+        write_config(
+            tmp_path,
+            toy_task_dir,
+            trials=3,
+            asha=None,
+            **LIGHT_EVAL,
+            confirm={"top_k": 2},
+            time_limit_s=3600,
+            search_space_overrides={
+                "grad_diff": {"epochs": {"int": [1, 3]}, "learning_rate": {"log_uniform": [1e-4, 6e-4]}}
+            },
+        )
+    )
+    assert config.select_by == "held_out" and config.confirm.mia == toy_task_dir / "mia" / "validation"
+    summary = run_sweep(config)
+    assert all(row["status"] == "finished" for row in summary.rows)
+    eligible = [row for row in summary.rows if row["eligible"]]
+    assert len(summary.confirmations) == min(2, len(eligible)) >= 1
+    mlflow = tracking.client(config.tracking_uri)
+    by_run = {row["run_id"]: row for row in summary.rows}
+    for confirmation in summary.confirmations:
+        run = mlflow.get_run(confirmation["run_id"])
+        tuned = by_run[run.data.tags["confirms_run"]]
+        assert confirmation["trial_id"] == tuned["trial_id"] and tuned["eligible"]
+        assert run.data.params["epochs"] == str(tuned["best_epoch"])  # re-run as it would be submitted
+        assert run.data.metrics["optimism"] == pytest.approx(
+            tuned["final_score"] - confirmation["held_out_final_score"]
+        )
+        assert run.data.metrics["time_limit_s"] == 3600 and 0 < run.data.metrics["train_seconds"] < 3600
+    champion = summary.champion
+    held_out = [c for c in summary.confirmations if c["held_out_eligible"]]
+    best = max(held_out, key=lambda c: c["held_out_final_score"])
+    assert champion["trial_id"] == best["trial_id"]
+    assert champion["held_out"]["final_score"] == pytest.approx(best["held_out_final_score"])
+    assert leaderboard(config.experiment, config.tracking_uri)[0].trial_id == best["trial_id"]  # best/export: same rule
+    version = mlflow.get_model_version_by_alias(config.experiment, "champion")
+    assert version.tags["selected_by"] == "held_out"
+    parent = mlflow.get_run(summary.parent_run_id).data
+    assert parent.metrics["best_held_out_final_score"] == pytest.approx(best["held_out_final_score"])
+    assert "optimism_mean" in parent.metrics
+    capsys.readouterr()
+    from unlearn_sweep.orchestrator.cli import _report
+
+    _report(summary, config)  # what `unlearn-sweep sweep` prints after the sweep
+    report = capsys.readouterr().out
+    assert "confirmed on the held-out fold" in report and "mean optimism (tuned - held-out): " in report
+    assert all(c["trial_id"] in report for c in summary.confirmations) and "chosen by it" in report
+
+    # The export runs: the script, on the validation fold, gives the confirmation run's score.
+    assert (
+        main(
+            ["export", config.experiment, "--out", str(tmp_path / "submission"), "--tracking-uri", config.tracking_uri]
+        )
+        == 0
+    )
+    exported = tmp_path / "submission"
+    configuration = json.loads((exported / "configuration.json").read_text())
+    assert configuration["params"]["epochs"] == champion["epoch"]
+    data = toy_task_dir / "data"
+    unlearned = tmp_path / "unlearned"
+    script = subprocess.run(
+        [
+            sys.executable,
+            str(exported / "unlearn.py"),
+            str(config.model),
+            str(next(data.glob("retain_validation-*.parquet"))),
+            str(next(data.glob("forget_validation-*.parquet"))),
+            str(unlearned),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # as the trial ran: one thread per CPU it held
+    )
+    assert script.returncode == 0, script.stderr
+    sets = EvalSets.load(config.data, "validation", config.confirm.mia, config.mmlu, config.mmlu_shots)
+    again = evaluate_checkpoint(unlearned, sets, config.eval)
+    assert again["final_score"] == pytest.approx(best["held_out_final_score"], abs=1e-6)
 
 
 @pytest.mark.e2e
