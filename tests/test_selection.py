@@ -3,6 +3,7 @@ alias: which trial runs count, in which order, and registration that never repea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -43,6 +44,21 @@ def test_only_finished_eligible_trials_with_a_checkpoint_count() -> None:
     assert [
         e.trial_id for e in select([entry("low", 0.9, mmlu=0.45), entry("high", 0.5, mmlu=0.6)], threshold=0.5)
     ] == ["high"]
+
+
+def test_by_held_out_only_confirmed_trials_count_ranked_by_their_confirmation() -> None:
+    """The rule SemEval judged by: the configuration's score on data it was not tuned on."""
+    tuned = [entry("a", 0.9), entry("b", 0.7), entry("c", 0.8), entry("unconfirmed", 0.95)]
+
+    def confirmation(of: str, final: float, mmlu: float = 0.5) -> Entry:
+        return dataclasses.replace(entry(f"confirm-{of}", final, mmlu), confirms=f"run-{of}")
+
+    confirmations = [confirmation("a", 0.5), confirmation("b", 0.6), confirmation("c", 0.9, mmlu=0.2)]
+    entries = tuned + confirmations
+    assert [e.trial_id for e in select(entries)] == ["unconfirmed", "a", "c", "b"]  # tuned: confirmations never rank
+    ranked = select(entries, by="held_out")
+    assert [e.trial_id for e in ranked] == ["b", "a"]  # c's confirmation is below its MMLU threshold
+    assert ranked[0].held_out["final_score"] == 0.6 and ranked[0].scores["final_score"] == 0.7
 
 
 def fake_trial(

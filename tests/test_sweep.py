@@ -10,6 +10,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,7 +35,7 @@ from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.methods.registry import run_method
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.cli import main
-from unlearn_sweep.orchestrator.config import ConfigError, load_config
+from unlearn_sweep.orchestrator.config import ConfigError, Confirm, load_config
 from unlearn_sweep.orchestrator.context import TrialContext
 from unlearn_sweep.orchestrator.search import CONSTRAINTS, SPACES_DIR, STUDY_TRIAL, load_space, make_searcher
 from unlearn_sweep.orchestrator.selection import export_champion, leaderboard
@@ -99,6 +100,11 @@ def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
         ({"trials": 0}, "field 'trials'"),
         ({"resources_per_trial": {"cpu": 1, "tpu": 1}}, "field 'resources_per_trial': unknown key(s) tpu (valid: cpu,"),
         ({"search_space_overrides": {"npo": {}}}, "method 'npo' is not among methods"),
+        ({"select_by": "held_out"}, "field 'select_by': held_out needs a confirmation stage (confirm)"),
+        ({"confirm": {"split": "train"}}, "field 'confirm.split': train is the fold the sweep searches on"),
+        ({"confirm": {"mia": "{task}/mmlu"}}, "field 'confirm.mia': "),
+        ({"confirm": {"top_k": 0}}, "field 'confirm.top_k': expected a positive integer, got 0"),
+        ({"time_limit_s": -5}, "field 'time_limit_s': expected a positive number of seconds, got -5"),
         ({"data": "/nonexistent"}, "field 'data': /nonexistent does not exist"),
         ({"mmlu_shots": -1}, "field 'mmlu_shots': expected an integer >= 0, got -1"),
         ({"searcher": "grid"}, "field 'searcher': expected one of tpe, random, got 'grid'"),
@@ -237,6 +243,63 @@ def test_every_relative_path_of_a_config_is_from_its_folder(
     config = load_config(path)
     assert config.tracking_uri == f"sqlite:///{tmp_path / 'sweep' / 'mlflow.db'}"
     assert config.storage_path == str(tmp_path / "sweep" / "runs")
+
+
+def test_the_confirmation_stage_is_on_where_the_data_has_another_fold(toy_task_dir: Path, tmp_path: Path) -> None:
+    def without_confirm(path: Path) -> Path:
+        raw = yaml.safe_load(path.read_text())
+        del raw["confirm"]
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    config = load_config(without_confirm(write_config(tmp_path / "a", toy_task_dir)))
+    assert config.confirm == Confirm(top_k=5, split="validation", mia=toy_task_dir / "mia" / "validation")
+    assert config.select_by == "held_out"
+    one_fold = tmp_path / "one-fold"  # the official layout holds one fold: nothing to confirm on
+    one_fold.mkdir()
+    for name in ("forget", "retain"):
+        shutil.copy(next((toy_task_dir / "data").glob(f"{name}_train-*.parquet")), one_fold / f"{name}.parquet")
+    config = load_config(without_confirm(write_config(tmp_path / "b", toy_task_dir, data=str(one_fold))))
+    assert config.confirm is None and config.select_by == "tuned"
+    # mia_target's held-out documents are scored in neither fold's MIA set
+    config = load_config(
+        write_config(tmp_path / "c", toy_task_dir, methods=["mia_target"], search_space_overrides={}, confirm={})
+    )
+    assert config.confirm.held_out == toy_task_dir / "mia" / "held_out.jsonl"
+
+
+def test_confirmation_setups_are_distinct_submitted_configurations() -> None:
+    from unlearn_sweep.orchestrator.sweep import confirmation_setups
+
+    class Result:
+        def __init__(self, setup: dict) -> None:
+            self.config = {"setup": setup}
+
+    def row(trial_id: str, eligible: bool = True, best_epoch: int = 2) -> dict:
+        return {"trial_id": trial_id, "eligible": eligible, "best_epoch": best_epoch, "run_id": f"run-{trial_id}"}
+
+    npo = {"method": "npo", "params": {"epochs": 5, "beta": 0.1}}
+    results = {
+        "a": Result(npo),
+        "same-at-its-best-epoch": Result({**npo, "params": {"epochs": 3, "beta": 0.1}}),
+        "ineligible": Result({"method": "npo", "params": {"epochs": 5, "beta": 0.3}}),
+        "merge-stage": Result({"method": "merge", "params": {"models": "/x,/y"}, "source_runs": ["r1", "r2"]}),
+        "b": Result({"method": "npo", "params": {"epochs": 5, "beta": 0.2}}),
+        "c": Result({"method": "npo", "params": {"epochs": 5, "beta": 0.4}}),
+    }
+    rows = [
+        row("a"),
+        row("same-at-its-best-epoch"),
+        row("ineligible", eligible=False),
+        row("merge-stage"),
+        row("b", best_epoch=4),
+        row("c"),
+    ]
+    setups = confirmation_setups(rows, results, top_k=2)
+    assert setups == [
+        {"method": "npo", "params": {"epochs": 2, "beta": 0.1}, "confirms_run": "run-a"},
+        {"method": "npo", "params": {"epochs": 4, "beta": 0.2}, "confirms_run": "run-b"},
+    ]
 
 
 def test_held_out_documents_default_beside_the_mia_set(toy_task_dir: Path, tmp_path: Path) -> None:
