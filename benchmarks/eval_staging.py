@@ -52,6 +52,7 @@ def main() -> None:
         print(f"{args.measure[1]}: {share:.1%} of trial time in evaluation, {full} of {epochs} epochs fully evaluated")
         return
 
+    from unlearn_sweep.orchestrator.cli import TOY_TASK_SPACES
     from unlearn_sweep.orchestrator.config import config_from_dict
     from unlearn_sweep.orchestrator.sweep import run_sweep
 
@@ -68,6 +69,10 @@ def main() -> None:
             "mmlu": str(task / "mmlu"),
             "mmlu_threshold": "0.75x",
             "methods": METHODS,
+            "search_space_overrides": {
+                method: TOY_TASK_SPACES[method] for method in METHODS if method in TOY_TASK_SPACES
+            },
+            "confirm": None,  # measured without the confirmation stage, as before it existed
             "trials": args.trials,
             "seed": 0,
             "searcher": "random",

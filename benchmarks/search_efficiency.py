@@ -64,6 +64,7 @@ def main() -> None:
 
     from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
     from unlearn_sweep.evaluation.options import EvalOptions
+    from unlearn_sweep.orchestrator.cli import TOY_TASK_SPACES
     from unlearn_sweep.orchestrator.config import config_from_dict
     from unlearn_sweep.orchestrator.sweep import run_sweep
 
@@ -89,6 +90,10 @@ def main() -> None:
                 "mmlu": str(task / "mmlu"),
                 "mmlu_threshold": threshold,
                 "methods": METHODS,
+                "search_space_overrides": {
+                    method: TOY_TASK_SPACES[method] for method in METHODS if method in TOY_TASK_SPACES
+                },
+                "confirm": None,  # measured without the confirmation stage, as before it existed
                 "trials": args.trials,
                 "seed": seed,
                 "mlflow": {"tracking_uri": f"sqlite:///{args.dir}/mlflow.db", "experiment": name},

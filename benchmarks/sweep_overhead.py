@@ -69,9 +69,10 @@ def main() -> None:
         "max_concurrent_trials": 1,
         "resources_per_trial": {"cpu": 2},
         "search_space_overrides": {
-            "grad_diff": {"epochs": 3, "adapter": "full"},
-            "npo": {"epochs": 3, "adapter": "full"},
+            "grad_diff": {"epochs": 3, "adapter": "full", "learning_rate": {"log_uniform": [1e-5, 5e-4]}},
+            "npo": {"epochs": 3, "adapter": "full", "learning_rate": {"log_uniform": [1e-5, 5e-4]}},
         },
+        "confirm": None,
         "mlflow": {"tracking_uri": f"sqlite:///{args.dir}/mlflow.db"},
         "storage_path": str(args.dir / "runs"),
     }

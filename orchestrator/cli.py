@@ -114,16 +114,47 @@ def _toy_task(args: argparse.Namespace) -> int:
 DEMO_EXPERIMENT = "unlearn-sweep-demo"
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """The toy task end to end in the current directory: build, sweep, report."""
+def _log_uniform(low: float, high: float) -> dict:
+    return {"log_uniform": [low, high]}
+
+
+# The toy task's ranges: search_spaces/ hold OLMo-1B/7B's (1e-5 for full fine-tuning), and the
+# 1M-parameter toy model needs 10-50 times those learning rates to forget anything.
+TOY_TASK_SPACES = {
+    "grad_diff": {"learning_rate": _log_uniform(1e-5, 5e-4), "epochs": {"int": [1, 4]}},
+    "npo": {
+        "learning_rate": _log_uniform(1e-5, 5e-4),
+        "epochs": {"int": [1, 4]},
+        "lora_rank": {"choice": [4, 8, 16], "if": {"adapter": "lora"}},
+        "lora_alpha": {"choice": [16, 32], "if": {"adapter": "lora"}},
+    },
+    "simnpo": {"learning_rate": _log_uniform(2e-5, 5e-4)},
+    "sugd": {
+        "learning_rate": _log_uniform(1e-5, 5e-4),
+        "epochs": {"int": [1, 8]},
+        "last_k_layers": {"choice": [1, 2, 8], "if": {"adapter": "last_k"}},
+    },
+    "mia_target": {"learning_rate": _log_uniform(1e-4, 6e-4), "epochs": {"int": [8, 14]}},
+    "merge": {
+        "sources": {
+            name: {
+                "learning_rate": _log_uniform(*bounds),
+                "adapter": {"choice": ["full", "lora"]},
+                "lora_rank": {"choice": [8, 16, 32], "if": {"adapter": "lora"}},
+            }
+            for name, bounds in (("over", (1e-4, 5e-4)), ("under", (2e-5, 1e-4)))
+        }
+    },
+}
+
+
+def demo_config(folder: Path, trials: int, seed: int):
+    """The demo's sweep over the toy task built in folder/toy_task: its methods at the toy's
+    ranges, confirmed on the toy's validation fold (on by default: the toy has two folds)."""
     import time
 
     from unlearn_sweep.orchestrator.config import config_from_dict
-    from unlearn_sweep.orchestrator.sweep import run_sweep
 
-    task = Path("toy_task")
-    if not (task / "toy_task.json").exists():
-        _build_toy_task(task)
     raw = {
         "name": time.strftime("demo-%Y%m%d-%H%M%S"),
         "model": "toy_task/model",
@@ -132,8 +163,9 @@ def _demo(args: argparse.Namespace) -> int:
         "mmlu": "toy_task/mmlu",
         "mmlu_threshold": "0.75x",
         "methods": ["grad_diff", "npo", "simnpo", "sugd", "mia_target", "merge"],
-        "trials": args.trials,
-        "seed": args.seed,
+        "search_space_overrides": TOY_TASK_SPACES,
+        "trials": trials,
+        "seed": seed,
         # mia_target starts low and passes the other methods only after about 8 epochs: ASHA judges no trial before.
         "asha": {"grace_period": 8, "reduction_factor": 2},
         # float32: the same scores on every CPU (bfloat16 arithmetic differs with the CPU's bf16 support, and is
@@ -142,7 +174,17 @@ def _demo(args: argparse.Namespace) -> int:
         "mlflow": {"tracking_uri": "sqlite:///mlflow.db", "experiment": DEMO_EXPERIMENT},
         "storage_path": "sweeps",
     }
-    config = config_from_dict(raw, Path("demo"), Path.cwd())
+    return config_from_dict(raw, folder / "demo", folder)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """The toy task end to end in the current directory: build, sweep, report."""
+    from unlearn_sweep.orchestrator.sweep import run_sweep
+
+    task = Path("toy_task")
+    if not (task / "toy_task.json").exists():
+        _build_toy_task(task)
+    config = demo_config(Path.cwd(), args.trials, args.seed)
     print(f"sweeping {', '.join(config.methods)} with {config.trials} trials on the toy task", flush=True)
     _report(run_sweep(config, verbose=args.verbose), config)
     return 0

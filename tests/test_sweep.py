@@ -268,6 +268,25 @@ def test_the_confirmation_stage_is_on_where_the_data_has_another_fold(toy_task_d
     assert config.confirm.held_out == toy_task_dir / "mia" / "held_out.jsonl"
 
 
+def test_default_spaces_are_for_the_real_task_and_the_demo_brings_the_toys(toy_task_dir: Path, tmp_path: Path) -> None:
+    """search_spaces/ hold OLMo-1B/7B ranges (the toy's learning rates, up to 6e-4 in full
+    fine-tuning, destroy a 7B model); the demo passes the toy's as overrides."""
+    from unlearn_sweep.methods.registry import method_names
+    from unlearn_sweep.orchestrator.cli import TOY_TASK_SPACES, demo_config
+
+    for method in method_names():
+        space = load_space(method)
+        spaces = [space["params"], *space.get("sources", {}).values()]
+        for params in (params for params in spaces if "learning_rate" in params):
+            low, high = params["learning_rate"]["log_uniform"]
+            lora_only = params.get("adapter") == "lora" or method == "task_vector"  # a descent, then negated
+            assert high <= (4e-4 if lora_only else 3e-4 if method == "npo" else 1e-4), (method, high)
+    (tmp_path / "toy_task").symlink_to(toy_task_dir)
+    config = demo_config(tmp_path, trials=24, seed=0)
+    assert config.search_space_overrides == TOY_TASK_SPACES and config.confirm.split == "validation"
+    assert config.select_by == "held_out"
+
+
 def test_confirmation_setups_are_distinct_submitted_configurations() -> None:
     from unlearn_sweep.orchestrator.sweep import confirmation_setups
 
