@@ -28,7 +28,8 @@ max_concurrent_trials: null     # default: what the cluster's resources allow
 resources_per_trial: {cpu: 1, gpu: 0}   # + workers: N for a multi-worker (DeepSpeed) trial
 gpu_memory_gb: null             # memory of one GPU: a trial planned not to fit is refused
 seed: 0
-searcher: tpe                   # tpe (constrained TPE) | random (Optuna's random sampler, same constraint handling)
+searcher: tpe                   # tpe (constrained TPE) | tpe_grouped (multivariate, grouped, constant liar) |
+                                # random (Optuna's random sampler, same constraint handling)
 asha: {grace_period: 1, reduction_factor: 2}    # null: no early stopping (every trial runs all its epochs)
 eval: {batch_size: 32, max_new_tokens: 256, dtype: bfloat16, answer_nll: false,
        backend: hf, vllm_memory: 0.4,   # vllm: the optional GPU backend, taking vllm_memory of each GPU
@@ -57,7 +58,7 @@ from unlearn_sweep.evaluation.eligibility import MmluThreshold
 from unlearn_sweep.evaluation.options import EvalOptions
 from unlearn_sweep.orchestrator.tracking import check_store
 
-SEARCHERS = ("tpe", "random")
+SEARCHERS = ("tpe", "tpe_grouped", "random")
 SPLITS = ("train", "validation")  # the folds of the Hugging Face layout
 SELECT_BY = ("held_out", "tuned")
 STAGE_SELECTORS = ("most_forgetting", "least_forgetting")  # this sweep's eligible trials, by forget mean

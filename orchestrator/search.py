@@ -350,7 +350,14 @@ def study_exists(config: SweepConfig) -> bool:
 def _sampler(config: SweepConfig, trials: int) -> optuna.samplers.BaseSampler:
     if config.searcher == "random":
         return optuna.samplers.RandomSampler(seed=config.seed)
-    return optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=max(2, min(10, trials // 3)))
+    startup = max(2, min(10, trials // 3))
+    if config.searcher == "tpe_grouped":
+        # Every method's parameters are conditional on the method: multivariate TPE over each
+        # group of parameters sampled together, and a constant liar for the trials still running.
+        return optuna.samplers.TPESampler(
+            seed=config.seed, n_startup_trials=startup, multivariate=True, group=True, constant_liar=True
+        )
+    return optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=startup)
 
 
 def make_searcher(config: SweepConfig) -> ConstrainedOptunaSearch:

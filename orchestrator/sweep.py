@@ -288,17 +288,7 @@ class Sweep:
 
     def _run_stages(self) -> SweepSummary:
         config = self.config
-        asha = (
-            ASHAScheduler(
-                metric=METRIC,
-                mode=MODE,
-                grace_period=config.asha.grace_period,
-                reduction_factor=config.asha.reduction_factor,
-                max_t=ASHA_MAX_T,
-            )
-            if config.asha
-            else None
-        )
+        asha = asha_scheduler(config)
         grids = [self._fit(self.search, self._tuner(self.search, lambda: make_searcher(config), asha))]
         summary = SweepSummary(
             config.experiment,
@@ -511,6 +501,19 @@ class Sweep:
                 -(r["final_score"] if r["final_score"] is not None else -1),
             ),
         )
+
+
+def asha_scheduler(config: SweepConfig) -> ASHAScheduler | None:
+    """The search's early stopping, or None (benchmarks/search_replay.py replays this one)."""
+    if config.asha is None:
+        return None
+    return ASHAScheduler(
+        metric=METRIC,
+        mode=MODE,
+        grace_period=config.asha.grace_period,
+        reduction_factor=config.asha.reduction_factor,
+        max_t=ASHA_MAX_T,
+    )
 
 
 def confirmation_setups(rows: list[dict[str, Any]], results: dict[str, Any], top_k: int) -> list[dict[str, Any]]:
