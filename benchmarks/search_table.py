@@ -24,12 +24,12 @@ from typing import Any
 
 DTYPE = "float32"  # as the demo scores
 MMLU_THRESHOLD = "0.75x"  # as the demo
-LEARNING_RATES = {  # four points across each method's toy range (cli.TOY_TASK_SPACES), log-spaced
-    "grad_diff": [1e-5, 4e-5, 1.5e-4, 5e-4],
-    "npo": [1e-5, 4e-5, 1.5e-4, 5e-4],
-    "simnpo": [2e-5, 7e-5, 2e-4, 5e-4],
-    "sugd": [1e-5, 4e-5, 1.5e-4, 5e-4],
-    "mia_target": [1e-4, 2e-4, 3.5e-4, 6e-4],
+LEARNING_RATES = {  # five points across each method's toy range (cli.TOY_TASK_SPACES), log-spaced
+    "grad_diff": [1e-5, 2.7e-5, 7e-5, 1.9e-4, 5e-4],
+    "npo": [1e-5, 2.7e-5, 7e-5, 1.9e-4, 5e-4],
+    "simnpo": [2e-5, 4.5e-5, 1e-4, 2.2e-4, 5e-4],
+    "sugd": [1e-5, 2.7e-5, 7e-5, 1.9e-4, 5e-4],
+    "mia_target": [1e-4, 1.6e-4, 2.4e-4, 3.8e-4, 6e-4],
 }
 # Each method's grid: its searched parameters at a few values, the others at their defaults;
 # `epochs` at the top of the method's toy range (a trial of fewer epochs is the curve cut short:
@@ -47,7 +47,7 @@ GRID: dict[str, dict[str, list[Any]]] = {
     "mia_target": {
         "learning_rate": LEARNING_RATES["mia_target"],
         "forget_weight": [1.5, 5.0],
-        "retain_weight": [4.0, 12.0],
+        "retain_weight": [3.0, 7.0, 16.0],
         "epochs": [14],
     },
     "merge": {

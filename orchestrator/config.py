@@ -215,9 +215,17 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
     if values.get("select_by") == "held_out" and values["confirm"] is None:
         raise ConfigError(path, "held_out needs a confirmation stage (confirm)", field="select_by")
     values.setdefault("select_by", "held_out" if values["confirm"] else "tuned")
-    if "resources_per_trial" in values and values["resources_per_trial"].workers > 1 and "merge" in methods:
+    resources = values.get("resources_per_trial", Resources())
+    if resources.workers > 1 and "merge" in methods:
         raise ConfigError(
             path, "merge trials run in one process: use workers 1 or drop merge", field="resources_per_trial"
+        )
+    if resources.workers > 1 and 0 < resources.gpu < 1:
+        raise ConfigError(
+            path,
+            f"{resources.workers} workers of gpu {resources.gpu:g} would share one GPU, which NCCL refuses "
+            "('Duplicate GPU detected'): give each worker a whole GPU (gpu: 1) or use workers: 1",
+            field="resources_per_trial",
         )
     if "eval" in values:
         _check_backend(path, values["eval"])

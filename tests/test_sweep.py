@@ -105,6 +105,10 @@ def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
         ({"confirm": {"mia": "{task}/mmlu"}}, "field 'confirm.mia': "),
         ({"confirm": {"top_k": 0}}, "field 'confirm.top_k': expected a positive integer, got 0"),
         ({"time_limit_s": -5}, "field 'time_limit_s': expected a positive number of seconds, got -5"),
+        (
+            {"resources_per_trial": {"cpu": 1, "gpu": 0.5, "workers": 2}},
+            "field 'resources_per_trial': 2 workers of gpu 0.5 would share one GPU, which NCCL refuses",
+        ),
         ({"data": "/nonexistent"}, "field 'data': /nonexistent does not exist"),
         ({"mmlu_shots": -1}, "field 'mmlu_shots': expected an integer >= 0, got -1"),
         ({"searcher": "grid"}, "field 'searcher': expected one of tpe, tpe_grouped, random, got 'grid'"),
