@@ -241,6 +241,7 @@ def released_gpu_cache() -> Iterator[None]:
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     """Tune's function trainable; `context` holds the sweep's fixed paths and options."""
     torch.set_num_threads(context.threads)  # one per CPU the trial holds: shared cores swing otherwise
+    only_the_gpus_ray_gave()
     setup = config["setup"]
     tune_context = tune.get_context()
     trial_id = tune_context.get_trial_id()
@@ -324,6 +325,15 @@ def _source_checkpoint(
     return folder
 
 
+def only_the_gpus_ray_gave() -> None:
+    """A trial sees exactly the GPUs Ray assigned it. Ray (2.60) no longer blanks
+    CUDA_VISIBLE_DEVICES for a worker given no GPU: a `gpu: 0` trial on a GPU host saw them all,
+    and the Trainer then spread it over every one (DataParallel), beside the trials holding
+    them. Called before anything initialises CUDA in the worker."""
+    if not ray.get_gpu_ids():
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def export_ray_train_ranks() -> int:
     """In a Ray Train worker, the launcher variables torchrun would set (DeepSpeed's zero.Init
     and accelerate read them; Ray Train sets up the process group but not these). Returns
@@ -342,6 +352,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker of a distributed trial (DeepSpeed ZeRO-2 unless the trial names a stage)."""
     context, setup = loop_config["context"], loop_config["setup"]
     torch.set_num_threads(context.threads)
+    only_the_gpus_ray_gave()
     rank = export_ray_train_ranks()
     method = get_method(setup["method"])
     params = build_params(method, {"zero_stage": 2, **setup["params"]})

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import ray
 import torch
 import yaml
 from PIL import Image
@@ -735,6 +736,21 @@ def test_the_champion_is_the_configuration_that_held_on_the_held_out_fold(
     sets = EvalSets.load(config.data, "validation", config.confirm.mia, config.mmlu, config.mmlu_shots)
     again = evaluate_checkpoint(unlearned, sets, config.eval)
     assert again["final_score"] == pytest.approx(best["held_out_final_score"], abs=1e-6)
+
+
+@pytest.mark.e2e
+def test_a_trial_given_no_gpu_sees_none(local_ray) -> None:
+    """Ray 2.60 leaves CUDA_VISIBLE_DEVICES as the node has it for a worker given no GPU: a
+    `gpu: 0` trial on a GPU host saw every GPU and the Trainer spread over them all."""
+    from unlearn_sweep.orchestrator.trial import only_the_gpus_ray_gave
+
+    @ray.remote(num_cpus=1, num_gpus=0, runtime_env={"env_vars": {"CUDA_VISIBLE_DEVICES": "0,1"}})
+    def devices_seen() -> tuple[str, str]:
+        before = os.environ["CUDA_VISIBLE_DEVICES"]
+        only_the_gpus_ray_gave()
+        return before, os.environ["CUDA_VISIBLE_DEVICES"]
+
+    assert ray.get(devices_seen.remote()) == ("0,1", "")
 
 
 @pytest.mark.e2e
