@@ -31,6 +31,9 @@ CHECKPOINTS = (8, 16, 32, 64)  # trials after which the best so far is reported
 # The best hand-set configuration of benchmarks/methods_toy.py (docs/methods.md: adaptive RMU).
 HAND_SET_BEST = 0.599
 CONCURRENCY = 2  # the sweep on 2 cores: two one-CPU trials at a time
+# SUGD's epochs are passes over each chunk and its epochs reported are the chunks: a run of fewer
+# epochs is another curve, not this one cut short. The replay searches it at the table's.
+EPOCHS_NOT_A_PREFIX = {"sugd"}
 STRATEGIES: dict[str, dict[str, Any]] = {
     "random": {"searcher": "random", "asha": None},
     "TPE": {"searcher": "tpe", "asha": None},
@@ -66,6 +69,8 @@ class Table:
             else:  # nearest on a log scale: every searched number here is a positive, log-spread one
                 params[name] = min(values, key=lambda value: abs(math.log(value) - math.log(sampled[name])))
         epochs = self.rows[key_of({"method": method, "params": params})]
+        if method in EPOCHS_NOT_A_PREFIX:
+            return epochs, len(epochs)
         return epochs, min(int(sampled.get("epochs", 1)), len(epochs))
 
 
@@ -85,6 +90,8 @@ def replay_space(task: Path) -> dict[str, dict[str, Any]]:
         for name, spec in space["params"].items():
             if name in grid and isinstance(grid[name][0], str):
                 entries[name] = {"choice": list(grid[name])}
+            elif name == "epochs" and method in EPOCHS_NOT_A_PREFIX:
+                entries[name] = grid[name][0]
             elif name not in grid and name not in ("epochs", "batch_size") and isinstance(spec, dict):
                 entries[name] = defaults[name]
         if "sources" in space:
