@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 STRATEGIES = {  # name -> config keys
-    "TPE + ASHA": {"searcher": "tpe"},
+    "TPE + ASHA": {"searcher": "tpe", "asha": {"grace_period": 1, "reduction_factor": 2}},
     "TPE, no ASHA": {"searcher": "tpe", "asha": None},
     "random, no ASHA": {"searcher": "random", "asha": None},
 }

@@ -135,6 +135,7 @@ TOY_TASK_SPACES = {
         "last_k_layers": {"choice": [1, 2, 8], "if": {"adapter": "last_k"}},
     },
     "mia_target": {"learning_rate": _log_uniform(1e-4, 6e-4), "epochs": {"int": [8, 14]}},
+    "task_vector": {"learning_rate": _log_uniform(5e-5, 1e-3), "scale": {"uniform": [0.5, 3.0]}},  # toy benchmarks
     "merge": {
         "sources": {
             name: {
@@ -146,6 +147,9 @@ TOY_TASK_SPACES = {
         }
     },
 }
+
+
+DEMO_METHODS = ["grad_diff", "npo", "simnpo", "sugd", "mia_target", "merge"]
 
 
 def demo_config(folder: Path, trials: int, seed: int):
@@ -162,12 +166,10 @@ def demo_config(folder: Path, trials: int, seed: int):
         "mia": "toy_task/mia",
         "mmlu": "toy_task/mmlu",
         "mmlu_threshold": "0.75x",
-        "methods": ["grad_diff", "npo", "simnpo", "sugd", "mia_target", "merge"],
-        "search_space_overrides": TOY_TASK_SPACES,
+        "methods": DEMO_METHODS,
+        "search_space_overrides": {method: TOY_TASK_SPACES[method] for method in DEMO_METHODS},
         "trials": trials,
         "seed": seed,
-        # mia_target starts low and passes the other methods only after about 8 epochs: ASHA judges no trial before.
-        "asha": {"grace_period": 8, "reduction_factor": 2},
         # float32: the same scores on every CPU (bfloat16 arithmetic differs with the CPU's bf16 support, and is
         # about 4x slower where it has none).
         "eval": {"dtype": "float32"},

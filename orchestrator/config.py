@@ -28,9 +28,10 @@ max_concurrent_trials: null     # default: what the cluster's resources allow
 resources_per_trial: {cpu: 1, gpu: 0}   # + workers: N for a multi-worker (DeepSpeed) trial
 gpu_memory_gb: null             # memory of one GPU: a trial planned not to fit is refused
 seed: 0
-searcher: tpe                   # tpe (constrained TPE) | tpe_grouped (multivariate, grouped, constant liar) |
-                                # random (Optuna's random sampler, same constraint handling)
-asha: {grace_period: 1, reduction_factor: 2}    # null: no early stopping (every trial runs all its epochs)
+searcher: tpe_grouped           # constrained TPE, multivariate over each group of parameters sampled together,
+                                # a constant liar for running trials | tpe (independent) | random
+asha: null                      # no early stopping (every trial runs all its epochs), or
+                                # {grace_period: 1, reduction_factor: 2}
 eval: {batch_size: 32, max_new_tokens: 256, dtype: bfloat16, answer_nll: false,
        backend: hf, vllm_memory: 0.4,   # vllm: the optional GPU backend, taking vllm_memory of each GPU
        screen: true, screen_fraction: 0.2, screen_margin: 0.05, screen_confidence: 0.95, screen_hold: 2}
@@ -159,8 +160,12 @@ class SweepConfig:
     resources_per_trial: Resources = setting(factory=Resources, kind=dict, what="a mapping", section=Resources)
     gpu_memory_gb: float | None = setting(None, kind=float, what="a positive number of GB", valid=_positive)
     seed: int = setting(0, kind=int, what="an integer")
-    searcher: str = setting("tpe", kind=str, what=f"one of {', '.join(SEARCHERS)}", valid=lambda v: v in SEARCHERS)
-    asha: Asha | None = setting(factory=Asha, kind=dict, what="a mapping or null", section=Asha, nullable=True)
+    # The defaults are the best strategy of the tabular replay (benchmarks/search_replay.py) at 32 trials:
+    # grouped multivariate TPE, no early stopping.
+    searcher: str = setting(
+        "tpe_grouped", kind=str, what=f"one of {', '.join(SEARCHERS)}", valid=lambda v: v in SEARCHERS
+    )
+    asha: Asha | None = setting(None, kind=dict, what="a mapping or null", section=Asha, nullable=True)
     eval: EvalOptions = setting(factory=EvalOptions, kind=dict, what="a mapping", section=EvalOptions)
     mlflow: Tracking = setting(factory=Tracking, kind=dict, what="a mapping", section=Tracking)
     ray_address: str = setting("local", kind=str, what="local, auto or an address")

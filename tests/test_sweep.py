@@ -288,7 +288,8 @@ def test_default_spaces_are_for_the_real_task_and_the_demo_brings_the_toys(toy_t
             assert high <= (4e-4 if lora_only else 3e-4 if method == "npo" else 1e-4), (method, high)
     (tmp_path / "toy_task").symlink_to(toy_task_dir)
     config = demo_config(tmp_path, trials=24, seed=0)
-    assert config.search_space_overrides == TOY_TASK_SPACES and config.confirm.split == "validation"
+    assert config.search_space_overrides == {method: TOY_TASK_SPACES[method] for method in config.methods}
+    assert config.confirm.split == "validation"
     assert config.select_by == "held_out"
 
 
