@@ -424,6 +424,16 @@ def test_searcher_hands_the_mmlu_constraint_to_optuna(toy_task_dir: Path, tmp_pa
     assert [t.value for t in feasible] == [0.6]
 
 
+def test_the_default_search_is_the_replays_best_strategy(toy_task_dir: Path, tmp_path: Path) -> None:
+    """benchmarks/search_replay.py: grouped multivariate TPE without early stopping was the best
+    at 32 trials (README, "Which search")."""
+    config = load_config(write_config(tmp_path, toy_task_dir, methods=["grad_diff", "npo"], search_space_overrides={}))
+    assert (config.searcher, config.asha) == ("tpe_grouped", None)
+    searcher = make_searcher(config)
+    setups = [searcher.suggest(str(trial))["setup"] for trial in range(4)]
+    assert {setup["method"] for setup in setups[:2]} == {"grad_diff", "npo"}  # each method first, as before
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_every_method_is_sampled_during_start_up(seed: int, toy_task_dir: Path, tmp_path: Path) -> None:
     methods = ["grad_diff", "npo", "sugd"]
