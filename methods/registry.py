@@ -22,8 +22,8 @@ from unlearn_sweep.corpus.staging import staged_directory
 
 # Called after every epoch with (epoch, checkpoint folder, whether it is the run's last
 # epoch): the model as it would be saved then (rank 0's folder; the folder is removed after
-# the call, so a hook moves or copies what it keeps). Returning False stops training.
-EpochCallback = Callable[[int, "Path | None", bool], "bool | None"]
+# the call, so a hook moves or copies what it keeps).
+EpochCallback = Callable[[int, "Path | None", bool], None]
 
 
 class ParamError(ValueError):

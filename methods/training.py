@@ -486,9 +486,9 @@ def export_checkpoint(
 
 class _EpochEnds(TrainerCallback):
     """Calls the epoch hook at the optimizer steps that end the method's logical epochs, with
-    the checkpoint exported at that point (on every rank: rank 0's folder); stops training
-    when the hook returns False. With `keep_last`, the last epoch's checkpoint, where the hook
-    left it in place, becomes the run's output there rather than being exported again."""
+    the checkpoint exported at that point (on every rank: rank 0's folder). With `keep_last`,
+    the last epoch's checkpoint, where the hook left it in place, becomes the run's output there
+    rather than being exported again."""
 
     def __init__(self, ends: list[int], export: Any, on_epoch: EpochCallback, keep_last: Path | None = None):
         self.ends, self.export, self.on_epoch, self.keep_last = ends, export, on_epoch, keep_last
@@ -505,8 +505,7 @@ class _EpochEnds(TrainerCallback):
                     torch.distributed.broadcast_object_list(shared, src=0)
                     checkpoint = Path(shared[0])
                 last = epoch == len(self.ends)
-                if self.on_epoch(epoch, checkpoint, last) is False:
-                    control.should_training_stop = True
+                self.on_epoch(epoch, checkpoint, last)
                 if last and self.keep_last is not None:
                     self.kept_last = self._keep(checkpoint)
                 if torch.distributed.is_initialized():
