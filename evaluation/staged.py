@@ -115,6 +115,7 @@ class StagedEvaluation:
         if not any(held.epoch == epoch for held in self.held) or epoch in full:
             to_log.append((epoch, own))
         to_log += [(entry.epoch, entry.scores) for entry in evaluated if entry.epoch != epoch]
+        to_log.sort(key=lambda logged: logged[0])  # a run's history in epoch order
         # A candidate's screen does not move the objective: it counts once fully evaluated.
         improved = screened is not None and not self._screen_candidate and self._update(epoch, screened)
         best = None

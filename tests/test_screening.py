@@ -169,7 +169,7 @@ def test_staging_holds_the_best_screens_and_fully_evaluates_them_at_a_decision_e
     evaluated = [Evaluated(epoch, folder, {}, full[epoch]) for epoch, folder in targets]
     outcome = staging.conclude(3, screens[3], evaluated)
     assert outcome.own == full[3] and outcome.improved and outcome.best.epoch == 2
-    assert outcome.to_log == [(3, full[3]), (1, full[1]), (2, full[2])]  # each epoch once, full scores
+    assert outcome.to_log == [(1, full[1]), (2, full[2]), (3, full[3])]  # each epoch once, full scores, in order
     assert staging.objective.value == 0.52 and staging.objective.epoch == 2
     staging.discard_evaluated()
     assert staging.held == [] and not any(Path(staging._holding.name).iterdir())

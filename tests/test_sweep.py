@@ -622,7 +622,8 @@ def test_small_sweep_end_to_end(local_ray, toy_task_dir: Path, tmp_path: Path, c
         assert run.data.tags["method"] in ("grad_diff", "grad_ascent")
         if run.data.tags["status"] == "finished":
             history = mlflow.get_metric_history(run.info.run_id, "final_score")
-            assert [m.step for m in history] == list(range(1, len(history) + 1))
+            # each epoch once (a held epoch is logged when its decision epoch evaluates it)
+            assert sorted(m.step for m in history) == list(range(1, len(history) + 1))
             assert {"task_aggregate", "mia_auc", "mia_score", "mmlu_accuracy", "forget_mean", "retain_mean"} <= set(
                 run.data.metrics
             )
@@ -674,7 +675,6 @@ def test_the_champion_is_the_configuration_that_held_on_the_held_out_fold(
             tmp_path,
             toy_task_dir,
             trials=3,
-            asha=None,
             **LIGHT_EVAL,
             confirm={"top_k": 2},
             time_limit_s=3600,
