@@ -9,9 +9,15 @@ class DataError(ValueError):
     """Bad or missing input data. The CLI prints it on one line and exits 2."""
 
     def __init__(self, path: str | Path, problem: str, row: int | None = None, field: str | None = None):
+        self.parts = (path, problem, row, field)
         where = str(path)
         if row is not None:
             where += f": row {row}"
         if field is not None:
             where += f": field '{field}'"
         super().__init__(f"{where}: {problem}")
+
+    def __reduce__(self) -> tuple:
+        # Rebuilt from its parts: a Ray task or actor that raises it sends it pickled to the
+        # driver, and the default (the message alone) does not fit this constructor.
+        return type(self), self.parts

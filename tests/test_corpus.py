@@ -217,3 +217,19 @@ def test_toy_task_refuses_a_non_empty_output_without_writing(tmp_path: Path, cap
     assert "output directory exists and is not empty" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
     shutil.rmtree(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["DataError", "ConfigError", "SelectionError"])
+def test_bad_input_errors_survive_pickling(kind: str) -> None:
+    """A Ray task or actor that raises one sends it pickled to the driver: the default reduce
+    (the message alone) did not fit the constructor, and unpickling raised a TypeError."""
+    import pickle
+
+    from unlearn_sweep.corpus.settings import ConfigError
+    from unlearn_sweep.orchestrator.selection import SelectionError
+
+    error = {"DataError": DataError, "ConfigError": ConfigError, "SelectionError": SelectionError}[kind](
+        "tasks.jsonl", "duplicate id 'x'", 3, "id"
+    )
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and str(copy) == str(error) == "tasks.jsonl: row 3: field 'id': duplicate id 'x'"
