@@ -37,9 +37,9 @@ EPOCHS_NOT_A_PREFIX = {"sugd"}
 STRATEGIES: dict[str, dict[str, Any]] = {
     "random": {"searcher": "random", "asha": None},
     "TPE": {"searcher": "tpe", "asha": None},
-    "TPE + ASHA (grace 1, the default)": {"searcher": "tpe", "asha": {"grace_period": 1, "reduction_factor": 2}},
-    "TPE + ASHA (grace 8, the demo's)": {"searcher": "tpe", "asha": {"grace_period": 8, "reduction_factor": 2}},
-    "grouped TPE": {"searcher": "tpe_grouped", "asha": None},
+    "TPE + ASHA (grace 1, the old default)": {"searcher": "tpe", "asha": {"grace_period": 1, "reduction_factor": 2}},
+    "TPE + ASHA (grace 8, the old demo's)": {"searcher": "tpe", "asha": {"grace_period": 8, "reduction_factor": 2}},
+    "grouped TPE (the default)": {"searcher": "tpe_grouped", "asha": None},
     "grouped TPE + ASHA (grace 8)": {"searcher": "tpe_grouped", "asha": {"grace_period": 8, "reduction_factor": 2}},
 }
 
@@ -106,6 +106,7 @@ def replay_space(task: Path) -> dict[str, dict[str, Any]]:
 
 def sweep_config(task: Path, strategy: dict[str, Any], seed: int, budget: int, folder: Path):
     from unlearn_sweep.orchestrator.cli import demo_config
+    from unlearn_sweep.orchestrator.config import Asha
 
     (folder / "toy_task").symlink_to(task)
     config = demo_config(folder, budget, seed)
@@ -117,7 +118,7 @@ def sweep_config(task: Path, strategy: dict[str, Any], seed: int, budget: int, f
         config,
         search_space_overrides=overrides,
         searcher=strategy["searcher"],
-        asha=None if strategy["asha"] is None else type(config.asha)(**strategy["asha"]),
+        asha=None if strategy["asha"] is None else Asha(**strategy["asha"]),
         optuna_storage=f"sqlite:///{folder}/optuna.db",
         confirm=None,
     )
