@@ -61,15 +61,17 @@ def setting(
     a number), `valid` a check beyond the type, `what` what to write, said as "expected <what>";
     `section` a nested schema read the same way (`nullable`: null stands for None, otherwise
     for the section's defaults)."""
-    metadata = {"kind": kind, "what": what, "valid": valid, "required": required, "section": section}
-    metadata["nullable"] = nullable
+    metadata = {
+        "kind": kind,
+        "what": what,
+        "valid": valid,
+        "required": required,
+        "section": section,
+        "nullable": nullable,
+    }
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
-
-
-def schema_keys(schema: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(schema) if "what" in f.metadata]
 
 
 def read_section(path: Path, raw: Any, schema: type, where: str = "") -> dict[str, Any]:
@@ -97,13 +99,12 @@ def read_section(path: Path, raw: Any, schema: type, where: str = "") -> dict[st
                 raise ConfigError(path, f"expected {rules['what']}, got {value!r}", field=key)
             values[name] = rules["section"](**read_section(path, value, rules["section"], key))
             continue
-        kind = rules["kind"]
-        number = kind in (int, float) or (isinstance(kind, tuple) and (int in kind or float in kind))
-        if float in (kind if isinstance(kind, tuple) else (kind,)) and type(value) is int:
+        kinds = rules["kind"] if isinstance(rules["kind"], tuple) else (rules["kind"],)
+        if float in kinds and type(value) is int:
             value = float(value)
-        if (isinstance(value, bool) and number and kind is not bool) or not isinstance(value, kind):
-            raise ConfigError(path, f"expected {rules['what']}, got {value!r}", field=key)
-        if rules["valid"] is not None and not rules["valid"](value):
+        # bool is an int to Python, never a number to a user
+        wrong_type = not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
+        if wrong_type or (rules["valid"] is not None and not rules["valid"](value)):
             raise ConfigError(path, f"expected {rules['what']}, got {value!r}", field=key)
         values[name] = value
     return values

@@ -63,7 +63,6 @@ class SweepSummary:
     mmlu_threshold: float | None
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per trial, best first
     champion: dict[str, Any] | None = None
-    selected_by: str = "tuned"  # held_out: by the confirmation runs' scores (config.select_by)
     # one per configuration re-run on the held-out fold, best tuned score first: its tuned and
     # held-out scores and the optimism (tuned - held-out)
     confirmations: list[dict[str, Any]] = field(default_factory=list)
@@ -290,13 +289,7 @@ class Sweep:
         config = self.config
         asha = asha_scheduler(config)
         grids = [self._fit(self.search, self._tuner(self.search, lambda: make_searcher(config), asha))]
-        summary = SweepSummary(
-            config.experiment,
-            self.parent_run_id,
-            self.threshold,
-            rows=self._settled_rows(grids),
-            selected_by=config.select_by,
-        )
+        summary = SweepSummary(config.experiment, self.parent_run_id, self.threshold, rows=self._settled_rows(grids))
         if summary.rows and all(row["status"] == "failed" for row in summary.rows):
             tracking.end_parent(self.mlflow, self.parent_run_id, failed=True)
             error, count = Counter(row["error"] for row in summary.rows).most_common(1)[0]
