@@ -138,16 +138,19 @@ class SweepConfig:
     mia: Path = setting(kind=str, what="a path", required=True)
     mmlu: Path = setting(kind=str, what="a path", required=True)
     methods: list[str] = setting(kind=(list, str), what="method names", required=True)
-    split: str | None = setting(
-        None, kind=str, what="train or validation", valid=lambda v: v in ("train", "validation")
-    )
+    split: str | None = setting(None, kind=str, what="train or validation", valid=lambda v: v in SPLITS)
     held_out: Path | None = setting(None, kind=str, what="a path")
     mmlu_shots: int | None = setting(None, kind=int, what="an integer >= 0", valid=lambda v: v >= 0)
     mmlu_threshold: MmluThreshold | None = setting(None, kind=(str, float, int), what="0.371 or 0.75x")
     search_space_overrides: dict[str, dict[str, Any]] = setting(
         factory=dict, kind=dict, what="a mapping of method to parameters"
     )
-    recipes: list[str] = setting(factory=list, kind=list, what="a list of recipe names")
+    recipes: list[str] = setting(
+        factory=list,
+        kind=list,
+        what="a list of recipe names",
+        valid=lambda v: all(isinstance(recipe, str) for recipe in v),
+    )
     merge_stage: MergeStage | None = setting(None, kind=dict, what="a mapping", section=MergeStage, nullable=True)
     # null: off; absent: on where the data has the other fold (the HF layout) and its MIA set
     confirm: Confirm | None = setting(None, kind=dict, what="a mapping or null", section=Confirm, nullable=True)
@@ -208,8 +211,6 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
         raise ConfigError(path, f"{values['model']}: not a Hugging Face checkpoint (no config.json)", field="model")
     methods = values["methods"] = _methods(path, values["methods"])
     values["held_out"] = _held_out(path, values.get("held_out"), values["mia"], methods)
-    if any(not isinstance(recipe, str) for recipe in values.get("recipes", [])):
-        raise ConfigError(path, f"expected a list of recipe names, got {values['recipes']!r}", field="recipes")
     _spaces(path, values.get("search_space_overrides", {}), methods, values.get("recipes", []))
     if "mmlu_threshold" in values:
         with field_errors(path, "mmlu_threshold"):
@@ -321,20 +322,20 @@ def _confirm(path: Path, raw: dict, values: dict[str, Any], base_dir: Path) -> C
     tuned = values.get("split") or "train"
     confirm = values.get("confirm")
     if "confirm" not in raw:
-        other = "validation" if tuned == "train" else None
-        if other is None or not (values["mia"] / other).is_dir():
+        if tuned != "train" or not (values["mia"] / "validation").is_dir():
             return None
         try:
-            load_task(values["data"], other)
+            load_task(values["data"], "validation")
         except DataError:
             return None  # one fold only: nothing held out to confirm on
-        confirm = Confirm(split=other)
-    if confirm is None:
+        confirm = Confirm(split="validation")
+    elif confirm is None:
         return None
-    if confirm.split == tuned:
+    elif confirm.split == tuned:
         raise ConfigError(path, f"{confirm.split} is the fold the sweep searches on", field="confirm.split")
-    with field_errors(path, "confirm.split"):
-        load_task(values["data"], confirm.split)
+    else:
+        with field_errors(path, "confirm.split"):
+            load_task(values["data"], confirm.split)
     mia = (base_dir / confirm.mia).resolve() if confirm.mia else values["mia"] / confirm.split
     with field_errors(path, "confirm.mia"):
         load_mia(mia)
