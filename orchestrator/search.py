@@ -143,12 +143,10 @@ def _check(
 def _with_derived_conditions(method: Method, space: dict[str, Any]) -> dict[str, Any]:
     """The method's own conditions (Method.conditions) on each distribution that states none,
     the parameters they depend on moved first so that they are sampled before."""
+    conditions = method.conditions()
     derived = {
-        name: {**spec, "if": method.conditions()[name]}
-        if isinstance(spec, dict)
-        and "if" not in spec
-        and name in method.conditions()
-        and set(method.conditions()[name]) <= set(space)
+        name: {**spec, "if": conditions[name]}
+        if isinstance(spec, dict) and "if" not in spec and name in conditions and set(conditions[name]) <= set(space)
         else spec
         for name, spec in space.items()
     }

@@ -45,7 +45,7 @@ def submitted_setup(setup: dict[str, Any], epoch: int) -> dict[str, Any]:
     params = dict(setup["params"])
     if "epochs" in params:
         params["epochs"] = epoch
-    return {key: value for key, value in {**setup, "params": params}.items() if key != "held_out"}
+    return {**setup, "params": params}
 
 
 def uses_held_out(setup: dict[str, Any]) -> bool:
