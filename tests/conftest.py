@@ -14,7 +14,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+# One torch thread per xdist worker: two workers of two threads each on two cores spin against each
+# other (the non-e2e tests ran 3:11 that way); one thread each when run alone is needlessly slow.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 PREBUILT_TOY_TASK = "UNLEARN_SWEEP_TEST_TOY_TASK"  # a built task to reuse (`unlearn-sweep toy-task --out DIR`)
