@@ -97,7 +97,7 @@ def sweep(
         "methods": ["grad_diff"],
         "trials": trials,
         "seed": 0,
-        "search_space_overrides": {"grad_diff": {"epochs": 1, "bf16": not smoke, "batch_size": 8}},
+        "search_space_overrides": {"grad_diff": {"epochs": 1, "batch_size": 8}},
         "resources_per_trial": {"cpu": max(1, cpus * gpu_share // 1) if not smoke else 1, "gpu": gpu_share},
         "eval": {"batch_size": 32, "max_new_tokens": 32},  # an untrained model never stops: bound generation
         "mlflow": {"tracking_uri": f"sqlite:///{work}/mlflow.db"},
@@ -146,7 +146,7 @@ def main() -> None:
             label, args.dir / "model", args.task.resolve(), args.dir, args.trials, share, cpus, args.smoke
         )
     device = "CPU (smoke test, logical GPU)" if args.smoke else torch.cuda.get_device_name(0)
-    precision = "fp32" if args.smoke else "bf16"
+    precision = "fp32" if args.smoke else "bf16, the default on this GPU"
     print(
         f"{args.trials} grad_diff trials (1 epoch, {precision}, eval with 32 new tokens) of a "
         f"{count / 1e6:.1f}M-parameter OLMo-2 on {device}"

@@ -13,9 +13,10 @@ import dataclasses
 import importlib
 import json
 import pkgutil
+import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, get_type_hints
+from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from unlearn_sweep.corpus.semeval import TaskData
 from unlearn_sweep.corpus.staging import staged_directory
@@ -50,6 +51,11 @@ class Method:
         sweep trial keeps only the checkpoints its hook saves)."""
         raise NotImplementedError
 
+    def for_this_device(self, params: Any) -> Any:
+        """The params with every device-dependent default (`None`) decided for the device this
+        process trains on; unchanged where there is none."""
+        return params
+
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -79,8 +85,17 @@ def method_names() -> list[str]:
     return sorted(METHODS)
 
 
-def _convert(key: str, value: Any, kind: type) -> Any:
-    """A CLI string or a sweep value as the field's type (int, float, bool or str)."""
+def _convert(key: str, value: Any, kind: Any) -> Any:
+    """A CLI string or a sweep value as the field's type (int, float, bool or str); a field
+    typed `X | None` also takes None or "auto" (decided on the training device)."""
+    if get_origin(kind) in (Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+            return None
+        inner = next(arg for arg in get_args(kind) if arg is not type(None))
+        try:
+            return _convert(key, value, inner)
+        except ParamError:
+            raise ParamError(f"{key}={value!r}: expected {inner.__name__} or auto") from None
     if isinstance(value, str) and kind is not str:
         text = value.strip().lower()
         if kind is bool:
@@ -144,7 +159,7 @@ def run_method(
     """Apply a method by name; the checkpoint and its unlearn_config.json appear in out_dir
     only when the method has finished (nothing half-written)."""
     method = get_method(name)
-    params = build_params(method, overrides)
+    params = method.for_this_device(build_params(method, overrides))
     with staged_directory(out_dir) as staging:
         method.run(Path(model_dir), task, staging, params, on_epoch)
         config = {"method": name, "base_model": str(model_dir), "params": dataclasses.asdict(params)}

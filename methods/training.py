@@ -60,7 +60,9 @@ class TrainingParams:
     gradient_accumulation: int = 1
     max_length: int = 256
     seed: int = 0
-    bf16: bool = False  # bf16 mixed precision; the optimizer keeps fp32 master weights
+    # bf16 mixed precision (the optimizer keeps fp32 master weights); None: bf16 with TF32
+    # matmuls on a GPU with bf16 units (Ampere or newer), fp32 elsewhere (see `bf16_device`)
+    bf16: bool | None = None
     gradient_checkpointing: bool = False
     adapter: str = "full"  # full | lora | qlora | last_k
     lora_rank: int = 8
@@ -89,6 +91,12 @@ class TrainingParams:
             )
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ParamError(f"learning_rate={self.learning_rate}: must be a positive number")
+
+
+def bf16_device() -> bool:
+    """Whether this process trains on a GPU with bf16 units (what `bf16: None` decides on);
+    a CPU trains in fp32: its bf16 arithmetic is slow without bf16 units and differs with them."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def world_size() -> int:
@@ -385,6 +393,9 @@ def training_arguments(params: Any, output_dir: Path) -> TrainingArguments:
         max_grad_norm=1.0,
         num_train_epochs=1,  # one pass over the plan, which holds every logical epoch
         bf16=params.bf16,
+        # TF32 for the fp32 master-weight matmuls where bf16 was the device's default; float32
+        # asked for explicitly stays IEEE float32.
+        tf32=True if params.bf16 and not cpu else None,
         gradient_checkpointing=params.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if params.gradient_checkpointing else None,
         deepspeed=deepspeed_config(params) if params.zero_stage >= 0 else None,
@@ -573,7 +584,10 @@ class LossMethod(Method):
     def run(
         self, model_dir: Path, task: TaskData, out_dir: Path | None, params: Any, on_epoch: EpochCallback | None = None
     ) -> Path | None:
-        return self.train(model_dir, task, params, out_dir, on_epoch)
+        return self.train(model_dir, task, self.for_this_device(params), out_dir, on_epoch)
+
+    def for_this_device(self, params: Any) -> Any:
+        return params if params.bf16 is not None else dataclasses.replace(params, bf16=bf16_device())
 
     def export(
         self, trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out_dir: Path, params: Any, base_dir: Path

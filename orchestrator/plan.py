@@ -50,7 +50,10 @@ def _worst_cases(method: str, space: dict[str, Any], workers: int) -> list[Any]:
             )
             constants[name] = int(max(values))
     combinations = [dict(zip(options, values, strict=True)) for values in itertools.product(*options.values())] or [{}]
-    return [build_params(method_object, {**constants, **combination}) for combination in combinations]
+    planned = [build_params(method_object, {**constants, **combination}) for combination in combinations]
+    # bf16's default follows the device; the plan is for GPUs, and those it is made for (Ampere or
+    # newer: A100, H100, H200) have bf16 units.
+    return [dataclasses.replace(p, bf16=True) if getattr(p, "bf16", False) is None else p for p in planned]
 
 
 def evaluation_reservation(config: SweepConfig, shape: ModelShape) -> int:

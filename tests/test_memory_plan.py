@@ -141,6 +141,7 @@ def test_worst_case_of_the_space_is_planned(toy_task_dir: Path, tmp_path: Path) 
     )
     rows = check_memory(load_config(path))
     assert {row.params.adapter for row in rows} == {"full", "lora"}
+    assert {row.params.bf16 for row in rows} == {True}  # the default on the GPUs a plan is for
     assert {row.params.batch_size for row in rows} == {32}
     full, lora = sorted(rows, key=lambda row: row.params.adapter)
     assert (

@@ -195,6 +195,20 @@ def test_registry_checks_names_and_types() -> None:
         build_params(npo, {"adapter": "prefix"})
 
 
+def test_bf16_is_decided_by_the_training_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Left unset (or "auto"), bf16 is on where the device has bf16 units and off on a CPU;
+    an explicit value stays whatever the device."""
+    npo = get_method("npo")
+    assert build_params(npo, {}).bf16 is None and build_params(npo, {"bf16": "auto"}).bf16 is None
+    assert npo.for_this_device(build_params(npo, {})).bf16 is False  # this machine: no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert npo.for_this_device(build_params(npo, {})).bf16 is True
+    assert npo.for_this_device(build_params(npo, {"bf16": "false"})).bf16 is False
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)  # a V100
+    assert npo.for_this_device(build_params(npo, {})).bf16 is False
+
+
 def test_unlearn_cli_errors_write_nothing(toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     args = [
         "unlearn",
