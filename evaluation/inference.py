@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from unlearn_sweep.corpus.checkpoints import DTYPES, check_checkpoint
 from unlearn_sweep.corpus.mmlu import LETTERS
 from unlearn_sweep.corpus.tokens import right_padded, summed_token_nll
-from unlearn_sweep.evaluation.options import EvalOptions
+from unlearn_sweep.evaluation.options import LOGIT_ELEMENTS, PLAIN_HEAD_MODELS, TOKENS_PER_ROW, EvalOptions
 
 
 def pick_device() -> torch.device:
@@ -51,9 +51,18 @@ def release(model: PreTrainedModel) -> None:
 
 
 def _batches(lengths: Sequence[int], batch_size: int, label: str) -> list[list[int]]:
-    """Indices grouped longest first, so a batch holds rows of similar length."""
+    """Indices grouped longest first, so a batch holds rows of similar length, each batch
+    within the row and token bounds above (a row over the token bound alone)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    budget = batch_size * TOKENS_PER_ROW
+    groups: list[list[int]] = []
+    for index in order:
+        group = groups[-1] if groups else None
+        # Sorted longest first: a group's first row sets its padded width.
+        if group is None or len(group) == batch_size or (len(group) + 1) * lengths[group[0]] > budget:
+            groups.append([index])
+        else:
+            group.append(index)
     return tqdm(groups, desc=label, disable=None, leave=False)
 
 
@@ -98,7 +107,8 @@ def generate(
         )
         return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
-    return _in_order(len(prompts), batched, _batches([len(e) for e in encoded], batch_size, "generate"))
+    lengths = [len(e) + max_new_tokens for e in encoded]  # the KV cache holds prompt and new tokens
+    return _in_order(len(prompts), batched, _batches(lengths, batch_size, "generate"))
 
 
 def _mean_token_nll(
@@ -106,8 +116,31 @@ def _mean_token_nll(
 ) -> list[float]:
     """Mean cross-entropy of tokens[scored_from:] given what precedes them, per sequence."""
     examples = [(ids, [-100] * start + ids[start:]) for ids, start in zip(sequences, scored_from, strict=True)]
-    total, counts = summed_token_nll(model, *right_padded(examples, pad_id, model.device))
+    batch = right_padded(examples, pad_id, model.device)
+    if model.config.model_type in PLAIN_HEAD_MODELS:
+        total, counts = chunked_token_nll(model, *batch)
+    else:
+        total, counts = summed_token_nll(model, *batch)
     return (total / counts).tolist()
+
+
+def chunked_token_nll(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`summed_token_nll` with the output layer applied a slice of positions at a time: at most
+    LOGIT_ELEMENTS logits exist at once (for a plain-head model: the same values)."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    head = model.get_output_embeddings()
+    rows, width = input_ids.shape
+    step = max(1, LOGIT_ELEMENTS // (rows * head.out_features))
+    total = torch.zeros(rows, device=hidden.device)
+    for start in range(0, width - 1, step):
+        logits = head(hidden[:, start : start + step]).float()
+        targets = labels[:, start + 1 : start + 1 + step]
+        total += torch.nn.functional.cross_entropy(
+            logits[:, : targets.shape[1]].transpose(1, 2), targets, ignore_index=-100, reduction="none"
+        ).sum(dim=1)
+    return total, (labels[:, 1:] != -100).sum(dim=1).clamp(min=1)
 
 
 @torch.inference_mode()

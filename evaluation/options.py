@@ -11,6 +11,17 @@ from unlearn_sweep.corpus.checkpoints import BACKENDS, DTYPES
 from unlearn_sweep.corpus.settings import setting
 from unlearn_sweep.evaluation.vllm_inference import GPU_SHARE
 
+# Every pass's batch holds at most `batch_size` rows and `batch_size * TOKENS_PER_ROW` padded
+# tokens (a generated row counts its new tokens): longer rows go in smaller batches, so the
+# evaluation's memory is bounded by the options alone, whatever the data (the memory plan counts it).
+TOKENS_PER_ROW = 512
+# The loss pass applies the output layer to this many (row, position) logits at a time:
+# batch x length x vocabulary logits in float32 would be ~10 GiB for a 7B model at batch 32.
+LOGIT_ELEMENTS = 2**26
+# Architectures whose logits are the output layer applied to the decoder's last hidden state,
+# nothing else (no soft-capping or scaling): their loss pass is sliced; others take one pass.
+PLAIN_HEAD_MODELS = frozenset({"olmo", "olmo2", "olmo3", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "phi3"})
+
 
 def _positive(value: int) -> bool:
     return value > 0

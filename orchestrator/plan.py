@@ -56,13 +56,14 @@ def _worst_cases(method: str, space: dict[str, Any], workers: int) -> list[Any]:
     return [dataclasses.replace(p, bf16=True) if getattr(p, "bf16", False) is None else p for p in planned]
 
 
-def evaluation_reservation(config: SweepConfig, shape: ModelShape) -> int:
-    """What an epoch's evaluation holds on a GPU beside the training engine: the model in the
-    inference dtype, or with the vLLM backend the engine's share of the whole GPU (weights and
-    KV cache), whatever the model's size."""
+def evaluation_reservation(config: SweepConfig, shape: ModelShape) -> tuple[int, int]:
+    """What an epoch's evaluation holds on a GPU beside the training engine, (copy, working
+    set): the model in the inference dtype and its passes' largest working set, or with the
+    vLLM backend the engine's share of the whole GPU (weights, KV cache and all), whatever the
+    model's size."""
     if config.eval.backend == "vllm" and config.gpu_memory_gb:
-        return int(config.eval.vllm_memory * config.gpu_memory_gb * GIB)
-    return evaluation_bytes(shape, config.eval.dtype)
+        return int(config.eval.vllm_memory * config.gpu_memory_gb * GIB), 0
+    return evaluation_bytes(shape, config.eval.dtype, config.eval.batch_size)
 
 
 def plan_sweep(config: SweepConfig) -> list[PlanRow]:
@@ -113,7 +114,12 @@ def _fix(row: PlanRow, config: SweepConfig) -> str:
     for phrase, params, workers in tries:
         if (
             estimate(
-                row.shape, params, trainer.uses_reference, trainer.forwards, workers, row.estimate.evaluation
+                row.shape,
+                params,
+                trainer.uses_reference,
+                trainer.forwards,
+                workers,
+                (row.estimate.evaluation, row.estimate.evaluation_work),
             ).total
             <= row.available
         ):
@@ -153,6 +159,7 @@ def format_plan(rows: list[PlanRow], workers: int) -> str:
         "reference GiB",
         "activations GiB",
         "eval copy GiB",
+        "eval work GiB",
         "total GiB",
         "fits",
     ]
@@ -172,6 +179,7 @@ def format_plan(rows: list[PlanRow], workers: int) -> str:
                 f"{e.reference / GIB:.2f}",
                 f"{e.activations / GIB:.2f}",
                 f"{e.evaluation / GIB:.2f}",
+                f"{e.evaluation_work / GIB:.2f}",
                 f"{e.total / GIB:.2f}",
                 "-" if row.available is None else ("yes" if row.fits else "NO"),
             ]

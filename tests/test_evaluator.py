@@ -10,6 +10,7 @@ import torch
 from unlearn_sweep.corpus.checkpoints import BACKENDS
 from unlearn_sweep.corpus.mmlu import format_prompt, load_mmlu
 from unlearn_sweep.corpus.semeval import load_task
+from unlearn_sweep.corpus.tokens import right_padded, summed_token_nll
 from unlearn_sweep.evaluation import inference, vllm_inference
 from unlearn_sweep.evaluation.evaluator import (
     GENERATIONS,
@@ -58,6 +59,32 @@ def test_batched_equals_one_row_at_a_time(toy_task_dir: Path, base) -> None:
     assert inference.choose_letters(model, tokenizer, mmlu_prompts, batch_size=16) == inference.choose_letters(
         model, tokenizer, mmlu_prompts, batch_size=1
     )
+
+
+def test_the_loss_pass_in_slices_of_logits_equals_the_whole_pass(
+    toy_task_dir: Path, base, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most LOGIT_ELEMENTS logits exist at once (here a few positions per slice), and the
+    losses are those of the full-vocabulary pass over the whole batch."""
+    model, tokenizer = base
+    rows = load_task(toy_task_dir / "data").rows()[:12]
+    examples = [(ids, [-100] * 3 + ids[3:]) for ids in (tokenizer(f"{r.input} {r.output}")["input_ids"] for r in rows)]
+    batch = right_padded(examples, tokenizer.pad_token_id, model.device)
+    with torch.inference_mode():
+        whole = summed_token_nll(model, *batch)
+        monkeypatch.setattr(inference, "LOGIT_ELEMENTS", 5 * len(rows) * model.config.vocab_size)
+        sliced = inference.chunked_token_nll(model, *batch)
+    assert batch[0].shape[1] > 20  # several slices of 5 positions
+    assert torch.equal(whole[1], sliced[1]) and torch.allclose(whole[0], sliced[0], rtol=1e-5)
+
+
+def test_a_batch_holds_at_most_batch_size_rows_and_their_token_budget() -> None:
+    budget = 4 * inference.TOKENS_PER_ROW
+    lengths = [budget, 10, budget // 2, budget // 2 + 1, 30, 20, 10, 10, 10]
+    groups = list(inference._batches(lengths, 4, "test"))
+    assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+    assert all(len(group) <= 4 and len(group) * lengths[group[0]] <= budget for group in groups[1:])
+    assert groups[:4] == [[0], [3], [2, 4], [5, 1, 6, 7]]  # longest first, within the budget
 
 
 def test_base_model_scores_and_score_reproduces_evaluate(toy_task_dir: Path, tmp_path: Path) -> None:

@@ -169,9 +169,14 @@ def test_a_vllm_engines_share_of_the_gpu_is_planned(toy_task_dir: Path, tmp_path
     config = load_config(path)
     (hf,) = check_memory(config)
     assert hf.estimate.evaluation == 2 * hf.shape.total  # the bfloat16 copy of the model
+    # Its passes' working set: at batch 32, 32 x 512 tokens of KV cache (2 x 32 layers x 4096 x 2 bytes
+    # each: 8 GiB) and one layer's activations; the loss pass's logits come a slice at a time.
+    assert 8 * GIB < hf.estimate.evaluation_work < 11 * GIB
+    halved = dataclasses.replace(config, eval=dataclasses.replace(config.eval, batch_size=16))
+    assert check_memory(halved)[0].estimate.evaluation_work == hf.estimate.evaluation_work // 2
     shared = dataclasses.replace(config, eval=dataclasses.replace(config.eval, backend="vllm", vllm_memory=0.4))
     (vllm,) = check_memory(shared)
-    assert vllm.estimate.evaluation == int(0.4 * 80 * GIB) and vllm.estimate.total > hf.estimate.total
+    assert vllm.estimate.evaluation == int(0.4 * 80 * GIB) and vllm.estimate.evaluation_work == 0
     greedy = dataclasses.replace(config, eval=dataclasses.replace(config.eval, backend="vllm", vllm_memory=0.9))
     with pytest.raises(
         ConfigError, match=r"field 'gpu_memory_gb': npo \(adapter full, zero_stage 3.*80.0 GiB available"
