@@ -12,9 +12,11 @@ tokens allowed (the argmax of their logits). vLLM schedules its own batches, so
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +32,9 @@ GPU_SHARE = 0.4  # of a GPU, weights and KV cache together, by default: in a tri
 MISSING = "the vllm backend needs the vllm package (pip install vllm, on a machine with a CUDA GPU)"
 NO_GPU = "the vllm backend needs a CUDA GPU, and torch sees none"
 NO_ANSWER_NLL = "the gold answers' NLL is computed by the hf backend only"
+# vLLM measures the GPU's free memory while it starts and fails when another process frees
+# memory meanwhile, as a neighbouring trial on a shared GPU does at any time.
+SHARED_GPU = "the vllm backend needs whole GPUs (resources_per_trial.gpu >= 1): trials sharing one would fail its start"
 
 
 def installed() -> bool:
@@ -49,7 +54,7 @@ def load_model(
     model_dir: str | Path, dtype: str = "bfloat16", gpu_memory_utilization: float = GPU_SHARE
 ) -> tuple[Any, PreTrainedTokenizerBase]:
     """A vLLM engine over a local checkpoint and the checkpoint's HF tokenizer (pad = eos, as
-    the HF backend); the engine takes `gpu_memory_utilization` of the GPU."""
+    the HF backend); the engine takes `gpu_memory_utilization` of the GPU this process uses."""
     reason = unavailable()
     if reason:
         raise RuntimeError(reason)
@@ -59,10 +64,47 @@ def load_model(
     check_checkpoint(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token = tokenizer.eos_token
-    engine = LLM(
-        model=str(model_dir), dtype=dtype, seed=0, gpu_memory_utilization=gpu_memory_utilization, enforce_eager=True
-    )  # one engine per evaluated checkpoint: capturing CUDA graphs would cost more than it saves
+    with _engine_device(gpu_memory_utilization):
+        engine = LLM(
+            model=str(model_dir),
+            dtype=dtype,
+            seed=0,
+            gpu_memory_utilization=gpu_memory_utilization,
+            # one engine per evaluated checkpoint: capturing CUDA graphs would cost more than it saves
+            enforce_eager=True,
+            # prompt log-probabilities under prefix caching depend on the order of requests (vLLM issue 42019)
+            enable_prefix_caching=False,
+        )
     return engine, tokenizer
+
+
+@contextlib.contextmanager
+def _engine_device(share: float) -> Iterator[None]:
+    """While an engine starts: this process's cached GPU blocks given back (a trial's training
+    left them; vLLM's engine process cannot use them and counts them as taken), refused in
+    one line if the share is not free, and the engine process shown only the GPU this
+    process uses (it opens its first visible GPU: in a multi-worker trial every rank's
+    would open the same one)."""
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    if free < share * total:
+        raise RuntimeError(
+            f"the vllm backend needs {share:g} of the GPU free ({share * total / 2**30:.1f} GiB), "
+            f"{free / 2**30:.1f} GiB is: lower eval.vllm_memory or the training's memory (unlearn-sweep plan)"
+        )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    index = torch.cuda.current_device()
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[index] if visible else str(index)
+    try:
+        yield
+    finally:
+        if visible is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
 
 
 def open_model(model_dir: str | Path, options: EvalOptions) -> tuple[Any, PreTrainedTokenizerBase]:

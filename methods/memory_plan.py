@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from unlearn_sweep.evaluation.options import LOGIT_ELEMENTS, PLAIN_HEAD_MODELS, TOKENS_PER_ROW
 
 GIB = 1024**3
 CUDA_CONTEXT_BYTES = 1 * GIB  # CUDA context, NCCL buffers, allocator slack
@@ -36,7 +35,7 @@ class ModelShape:
     hidden: int
     vocab: int
     kv_width: int = 0  # key/value heads x head size: one layer's KV cache per token is 2 x this
-    plain_head: bool = True  # logits are the output layer on the last hidden state (the loss pass is sliced)
+    model_type: str = ""  # config.json's model_type
 
     @classmethod
     def from_config(cls, model_dir: str | Path) -> ModelShape:
@@ -60,7 +59,7 @@ class ModelShape:
             vocab=config.vocab_size,
             kv_width=(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
             * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads),
-            plain_head=config.model_type in PLAIN_HEAD_MODELS,
+            model_type=config.model_type,
         )
 
 
@@ -148,22 +147,6 @@ def activation_bytes(shape: ModelShape, params: Any, forwards: int, workers: int
     return forwards * (layers + logits)
 
 
-def evaluation_bytes(shape: ModelShape, eval_dtype: str, batch_size: int) -> tuple[int, int]:
-    """(the scored copy of the model in the inference dtype, the largest working set of its
-    passes). A batch holds at most batch_size x TOKENS_PER_ROW padded tokens (evaluation/
-    inference.py), so the working set is bounded by the options: generation's KV cache of
-    those tokens, or the loss pass's last hidden states with one slice of float32 logits
-    (the whole batch's logits for a model whose head is not plain); each with one layer's
-    transient activations."""
-    width = {"float32": 4, "auto": 4}.get(eval_dtype, 2)
-    tokens = batch_size * TOKENS_PER_ROW
-    layer = tokens * shape.hidden * 17 * width  # as in training, without anything kept for a backward pass
-    kv_cache = tokens * 2 * shape.layers * shape.kv_width * width
-    logits = LOGIT_ELEMENTS if shape.plain_head else tokens * shape.vocab
-    loss_pass = tokens * shape.hidden * width + logits * (width + 4 + 4)  # logits, float32 cast, log-softmax
-    return width * shape.total, layer + max(kv_cache, loss_pass)
-
-
 def estimate(
     shape: ModelShape,
     params: Any,
@@ -173,7 +156,7 @@ def estimate(
     evaluation: tuple[int, int] = (0, 0),
 ) -> Estimate:
     """Peak bytes per GPU; `evaluation`: what the per-epoch evaluation takes beside the training
-    engine, (copy, working set): `evaluation_bytes`, or a vLLM engine's share of the GPU."""
+    engine, (copy, working set): see orchestrator/plan.py."""
     return Estimate(
         model_state_bytes(shape, params, workers),
         reference_bytes(shape, params, uses_reference, workers),

@@ -234,7 +234,7 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
             field="resources_per_trial",
         )
     if "eval" in values:
-        _check_backend(path, values["eval"])
+        _check_backend(path, values["eval"], resources)
     storage = values.get("storage_path", "sweeps")
     if "://" not in storage:
         storage = values["storage_path"] = str((base_dir / storage).resolve())
@@ -393,12 +393,14 @@ def _held_out(path: Path, held_out: Path | None, mia: Path, methods: list[str]) 
     return held_out
 
 
-def _check_backend(path: Path, options: EvalOptions) -> None:
+def _check_backend(path: Path, options: EvalOptions, resources: Resources) -> None:
     if options.backend == "vllm":
         if not vllm_inference.installed():
             raise ConfigError(path, vllm_inference.MISSING, field="eval.backend")
         if options.answer_nll:
             raise ConfigError(path, vllm_inference.NO_ANSWER_NLL, field="eval.answer_nll")
+        if resources.gpu < 1:
+            raise ConfigError(path, vllm_inference.SHARED_GPU, field="eval.backend")
 
 
 def _require_writable(path: Path, key: str, folder: Path) -> None:

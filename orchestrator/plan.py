@@ -10,7 +10,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from unlearn_sweep.methods.memory_plan import GIB, Estimate, ModelShape, estimate, evaluation_bytes
+from unlearn_sweep.evaluation.options import LOGIT_ELEMENTS, PLAIN_HEAD_MODELS, TOKENS_PER_ROW
+from unlearn_sweep.methods.memory_plan import GIB, Estimate, ModelShape, estimate
 from unlearn_sweep.methods.registry import build_params, get_method
 from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
 from unlearn_sweep.orchestrator.search import load_space
@@ -54,6 +55,22 @@ def _worst_cases(method: str, space: dict[str, Any], workers: int) -> list[Any]:
     # bf16's default follows the device; the plan is for GPUs, and those it is made for (Ampere or
     # newer: A100, H100, H200) have bf16 units.
     return [dataclasses.replace(p, bf16=True) if getattr(p, "bf16", False) is None else p for p in planned]
+
+
+def evaluation_bytes(shape: ModelShape, eval_dtype: str, batch_size: int) -> tuple[int, int]:
+    """(the scored copy of the model in the inference dtype, the largest working set of its
+    passes). A batch holds at most batch_size x TOKENS_PER_ROW padded tokens (evaluation/
+    inference.py), so the working set is bounded by the options: generation's KV cache of
+    those tokens, or the loss pass's last hidden states with one slice of float32 logits
+    (the whole batch's logits for a model whose head is not plain); each with one layer's
+    transient activations."""
+    width = {"float32": 4, "auto": 4}.get(eval_dtype, 2)
+    tokens = batch_size * TOKENS_PER_ROW
+    layer = tokens * shape.hidden * 17 * width  # as in training, without anything kept for a backward pass
+    kv_cache = tokens * 2 * shape.layers * shape.kv_width * width
+    logits = LOGIT_ELEMENTS if shape.model_type in PLAIN_HEAD_MODELS else tokens * shape.vocab
+    loss_pass = tokens * shape.hidden * width + logits * (width + 4 + 4)  # logits, float32 cast, log-softmax
+    return width * shape.total, layer + max(kv_cache, loss_pass)
 
 
 def evaluation_reservation(config: SweepConfig, shape: ModelShape) -> tuple[int, int]:

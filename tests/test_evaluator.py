@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -421,12 +424,45 @@ def test_the_vllm_backend_is_refused_where_it_cannot_run(
     )
 
 
+def test_a_vllm_engine_starts_on_this_ranks_gpu_after_trainings_cache_is_released(
+    toy_task_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without vLLM or a GPU: a stand-in engine records its arguments and what it saw when it
+    started. The training process's cached blocks go back first (vLLM counts them as taken),
+    the engine process sees only this rank's GPU (device 1 of "4,6" here), prefix caching is off
+    (prompt log-probabilities depend on request order with it), and a GPU without the share free
+    is refused in one line."""
+    started = []
+    calls = []
+
+    class Engine:
+        def __init__(self, **arguments) -> None:
+            started.append((arguments, os.environ["CUDA_VISIBLE_DEVICES"], list(calls)))
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=Engine))
+    monkeypatch.setattr(vllm_inference, "unavailable", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (50 * 2**30, 80 * 2**30))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    vllm_inference.load_model(toy_task_dir / "model", "float32", 0.4)
+    ((arguments, visible, before),) = started
+    assert visible == "6" and before == ["empty_cache"] and os.environ["CUDA_VISIBLE_DEVICES"] == "4,6"
+    assert arguments["enable_prefix_caching"] is False and arguments["enforce_eager"] is True
+    assert (arguments["gpu_memory_utilization"], arguments["dtype"]) == (0.4, "float32")
+    with pytest.raises(RuntimeError, match=r"needs 0.7 of the GPU free \(56.0 GiB\), 50.0 GiB is"):
+        vllm_inference.load_model(toy_task_dir / "model", "float32", 0.7)
+    assert len(started) == 1
+
+
 @pytest.mark.skipif(vllm_inference.unavailable() is not None, reason="needs vLLM and a CUDA GPU")
-def test_the_vllm_backend_gives_the_hf_records(toy_task_dir: Path) -> None:
+def test_the_vllm_backend_gives_the_hf_records(toy_task_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU with vLLM: the same greedy generations, MMLU letters and document losses as the HF
-    backend, in float32 (in bfloat16 two engines' kernels round differently, as batches do). As for
-    HF's own batches in bfloat16, a near-tie may flip a row; a pass defined differently (decoding,
+    backend, in float32 (in bfloat16 two engines' kernels round differently, as batches do), eager
+    and batch-invariant (vLLM's VLLM_BATCH_INVARIANT, where its version has it). As for HF's own
+    batches in bfloat16, a near-tie may flip a row; a pass defined differently (decoding,
     positions, truncation, letter ids) would change most of them."""
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
     sets = EvalSets.load(toy_task_dir / "data", mia=toy_task_dir / "mia", mmlu=toy_task_dir / "mmlu")
     records = {}
     for backend in BACKENDS:

@@ -195,6 +195,19 @@ def test_config_errors_name_the_file_and_field(change, message, toy_task_dir: Pa
     assert str(error.value).startswith(str(path)) and message in str(error.value)
 
 
+def test_the_vllm_backend_is_refused_on_a_shared_gpu(
+    toy_task_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM fails its start when a neighbour frees GPU memory while it profiles: fractional GPUs
+    (trials sharing one) are refused with it, whole GPUs accepted (vLLM stands in as installed)."""
+    monkeypatch.setattr(vllm_inference, "installed", lambda: True)
+    shared = write_config(tmp_path, toy_task_dir, eval={"backend": "vllm"}, resources_per_trial={"cpu": 1, "gpu": 0.5})
+    with pytest.raises(ConfigError, match=r"field 'eval.backend': the vllm backend needs whole GPUs"):
+        load_config(shared)
+    whole = write_config(tmp_path, toy_task_dir, eval={"backend": "vllm"}, resources_per_trial={"cpu": 1, "gpu": 1})
+    assert load_config(whole).eval.backend == "vllm"
+
+
 def test_yaml_numbers_without_a_dot_are_numbers_and_bad_yaml_names_its_line(toy_task_dir: Path, tmp_path: Path) -> None:
     """PyYAML reads 5e-05 as the string '5e-05' (YAML 1.1); a user means a number (YAML 1.2)."""
     path = write_config(tmp_path, toy_task_dir, search_space_overrides={})
