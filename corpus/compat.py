@@ -10,7 +10,10 @@ Why each is needed:
 - vLLM frees an engine's GPU memory only when its engine core is shut down.
 - Ray's OptunaSearch keeps the Optuna trial of each Tune trial in a private map: a searcher
   whose saved state was lost finds its trials again through the study.
-- Ray Tune ends a trial its scheduler stopped by raising SystemExit inside `tune.report`."""
+- Ray Tune ends a trial its scheduler stopped by raising SystemExit inside `tune.report`.
+- Transformers' Trainer wraps the model in nn.DataParallel over every visible GPU when a lone
+  process sees several; it sets TrainingArguments' private `_n_gpu` to 1 itself to avoid that
+  for model parallelism, and so does `one_gpu_per_process`."""
 
 from __future__ import annotations
 
@@ -41,6 +44,13 @@ def reset_accelerate_state() -> None:
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def one_gpu_per_process(args: Any) -> None:
+    """A Trainer with these TrainingArguments trains on one GPU (its device), never wraps the
+    model in nn.DataParallel over the others it sees (several GPUs train as ranks, each its own)."""
+    args.n_gpu  # noqa: B018 -- resolves the device, which sets _n_gpu to the visible GPU count
+    args._n_gpu = min(args._n_gpu, 1)
 
 
 def shutdown_vllm_engine(engine: Any) -> None:

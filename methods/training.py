@@ -40,7 +40,7 @@ from transformers import (
     TrainingArguments,
 )
 from unlearn_sweep.corpus.checkpoints import check_checkpoint
-from unlearn_sweep.corpus.compat import reset_accelerate_state, without_hf_deepspeed_config
+from unlearn_sweep.corpus.compat import one_gpu_per_process, reset_accelerate_state, without_hf_deepspeed_config
 from unlearn_sweep.corpus.semeval import TaskData, TaskRow
 from unlearn_sweep.corpus.staging import as_if_created_plainly
 from unlearn_sweep.corpus.tokens import right_padded, summed_token_nll
@@ -383,7 +383,7 @@ def training_arguments(params: Any, output_dir: Path) -> TrainingArguments:
         if params.batch_size % world:
             raise ParamError(f"batch_size={params.batch_size}: must be a multiple of the {world} workers")
     cpu = not torch.cuda.is_available()
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=max(1, params.batch_size // world),
         gradient_accumulation_steps=params.gradient_accumulation,
@@ -409,6 +409,8 @@ def training_arguments(params: Any, output_dir: Path) -> TrainingArguments:
         disable_tqdm=True,
         remove_unused_columns=False,
     )
+    one_gpu_per_process(args)  # `unlearn` on a host of several GPUs ran DataParallel over all of them
+    return args
 
 
 def load_for_training(model_dir: Path, params: TrainingParams) -> PreTrainedModel:

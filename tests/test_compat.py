@@ -4,9 +4,11 @@ relies on, so that an upgrade that changes it fails here first."""
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from unlearn_sweep.corpus import compat
 
 
@@ -65,3 +67,21 @@ def test_ray_optuna_search_keeps_each_tune_trials_optuna_trial_in_the_map_compat
     compat.remember_optuna_trial(searcher, "b", study_trial)
     searcher.on_trial_complete("b", {"objective": 0.5})
     assert searcher._ot_study.trials[0].value == 0.5
+
+
+def test_one_gpu_per_process_keeps_the_trainer_from_data_parallel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TrainingArguments count every visible GPU into the private `_n_gpu` (4 simulated here),
+    and the Trainer wraps the model in nn.DataParallel when `n_gpu > 1`."""
+    import inspect
+
+    from transformers import Trainer, TrainingArguments
+    from unlearn_sweep.corpus.compat import one_gpu_per_process
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    assert args.n_gpu == 4
+    one_gpu_per_process(args)
+    assert args.n_gpu == 1 and args.device.type == "cpu"
+    assert "if args.n_gpu > 1:" in inspect.getsource(Trainer) and "nn.DataParallel" in inspect.getsource(Trainer)
