@@ -10,7 +10,12 @@ Why each is needed:
 - vLLM frees an engine's GPU memory only when its engine core is shut down.
 - Ray's OptunaSearch keeps the Optuna trial of each Tune trial in a private map: a searcher
   whose saved state was lost finds its trials again through the study.
-- Ray Tune ends a trial its scheduler stopped by raising SystemExit inside `tune.report`.
+- Ray Tune ends a trial its scheduler stopped by raising SystemExit inside `tune.report`, and
+  ends the trials still running at Ctrl-C the same way: which trials an interrupted run left
+  unfinished is kept only in a ResultGrid's private experiment analysis.
+- Ray decides whether a local instance is for this machine alone (listening on 127.0.0.1) by a
+  constant read from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when ray is imported; the processes
+  `ray.init` starts read the variable itself.
 - Transformers' Trainer wraps the model in nn.DataParallel over every visible GPU when a lone
   process sees several; it sets TrainingArguments' private `_n_gpu` to 1 itself to avoid that
   for model parallelism, and so does `one_gpu_per_process`."""
@@ -51,6 +56,43 @@ def one_gpu_per_process(args: Any) -> None:
     model in nn.DataParallel over the others it sees (several GPUs train as ranks, each its own)."""
     args.n_gpu  # noqa: B018 -- resolves the device, which sets _n_gpu to the visible GPU count
     args._n_gpu = min(args._n_gpu, 1)
+
+
+LOOPBACK_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def ray_on_loopback() -> Iterator[None]:
+    """A local Ray instance started inside listens on 127.0.0.1 only: its GCS, raylet, workers
+    and agents (the dashboard's too). Never around joining a cluster, whose nodes must reach
+    this one."""
+    import os
+
+    from ray._private import ray_constants
+
+    saved_constant, saved_variable = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(LOOPBACK_VARIABLE)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ[LOOPBACK_VARIABLE] = "0"
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_constant
+        if saved_variable is None:
+            del os.environ[LOOPBACK_VARIABLE]
+        else:
+            os.environ[LOOPBACK_VARIABLE] = saved_variable
+
+
+def unfinished_trial_ids(grid: Any) -> set[str]:
+    """The trials of a Tune ResultGrid that had neither ended nor failed when its run stopped
+    (Ctrl-C): the ones a resumed run starts again."""
+    from ray.tune.experiment import Trial
+
+    return {
+        trial.trial_id
+        for trial in grid._experiment_analysis.trials
+        if trial.status not in (Trial.TERMINATED, Trial.ERROR)
+    }
 
 
 def shutdown_vllm_engine(engine: Any) -> None:

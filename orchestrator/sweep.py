@@ -24,6 +24,7 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from unlearn_sweep.corpus.checkpoints import check_checkpoint
+from unlearn_sweep.corpus.compat import ray_on_loopback, unfinished_trial_ids
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.evaluation.eligibility import OBJECTIVE
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
@@ -73,7 +74,8 @@ def _start_ray(config: SweepConfig) -> None:
         return
     if config.ray_address == "local":
         # Ray Train (multi-worker trials) needs the dashboard to clean up after early stops.
-        ray.init(address="local", include_dashboard=config.workers > 1, log_to_driver=False)
+        with ray_on_loopback():  # a local instance serves this machine alone
+            ray.init(address="local", include_dashboard=config.workers > 1, log_to_driver=False)
     else:
         ray.init(address=config.ray_address, log_to_driver=False)
 
@@ -125,7 +127,15 @@ def _parent_run(mlflow, experiment: str, config: SweepConfig, resume: bool) -> t
                 f"no sweep {config.name!r} in MLflow experiment {config.experiment!r} to resume",
                 field="name",
             )
-        return runs[0].info.run_id, tracking.recorded_threshold(runs[0])
+        run_id = runs[0].info.run_id
+        # Nothing of the sweep runs now: a trial run left open, or closed otherwise than it
+        # was tagged (an older version's Ctrl-C), is an interrupted one.
+        for run in tracking.trial_runs(mlflow, experiment, run_id):
+            if run.info.status == "RUNNING" or (
+                run.data.tags.get("status") == "interrupted" and run.info.status != "KILLED"
+            ):
+                tracking.mark_interrupted(mlflow, run.info.run_id)
+        return run_id, tracking.recorded_threshold(runs[0])
     run = mlflow.create_run(experiment, run_name=config.name, tags={"sweep": config.name, "role": "sweep"})
     run_id = run.info.run_id
     try:
@@ -411,6 +421,9 @@ class Sweep:
             grid = tuner.fit()  # Tune stops gracefully on SIGINT, saving its state, and returns
         done = grid.num_terminated + grid.num_errors
         if done < stage.trials:
+            for trial_id in unfinished_trial_ids(grid):  # stopped by the interrupt, not by the scheduler
+                for run in tracking.trial_runs(self.mlflow, self.experiment, self.parent_run_id, trial_id):
+                    tracking.mark_interrupted(self.mlflow, run.info.run_id)
             _mark_interrupted(self.mlflow, self.experiment, self.parent_run_id)
             raise SweepInterrupted(
                 f"sweep {self.config.name!r} interrupted after {done} of {stage.trials} trials of {stage.label}; no "

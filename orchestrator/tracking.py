@@ -197,9 +197,11 @@ def last_report_time(mlflow: MlflowClient, run_id: str) -> int | None:
 
 
 def mark_interrupted(mlflow: MlflowClient, run_id: str) -> None:
-    """A trial run whose sweep lost track of it: excluded from leaderboards (ended first, as in
-    finish_trial)."""
-    if mlflow.get_run(run_id).info.status == "RUNNING":
+    """A trial run stopped before its end (Ctrl-C, or a sweep that lost track of it): KILLED and
+    tagged interrupted, whatever it recorded itself (Tune's graceful stop looks like a
+    scheduler's early stop from inside a trial); excluded from leaderboards. Ended first, as
+    in finish_trial."""
+    if mlflow.get_run(run_id).info.status != "KILLED":
         mlflow.set_terminated(run_id, "KILLED")
     mlflow.set_tag(run_id, "status", "interrupted")
 

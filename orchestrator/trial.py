@@ -273,7 +273,11 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
                     EpochReporter(context, setup, run_id, _tune_report),
                 )
         except TUNE_STOPPED_TRIAL:  # raised at a report when the scheduler stopped the trial early
+            # (or Ctrl-C did: the driver then marks the run interrupted, knowing which it was)
             tracking.finish_trial(mlflow, run_id, "finished", stopped_early=True)
+            raise
+        except KeyboardInterrupt:  # Ctrl-C sent to the whole process group reached this worker
+            tracking.mark_interrupted(mlflow, run_id)
             raise
         except BaseException:
             tracking.finish_trial(mlflow, run_id, "failed")

@@ -85,3 +85,30 @@ def test_one_gpu_per_process_keeps_the_trainer_from_data_parallel(
     one_gpu_per_process(args)
     assert args.n_gpu == 1 and args.device.type == "cpu"
     assert "if args.n_gpu > 1:" in inspect.getsource(Trainer) and "nn.DataParallel" in inspect.getsource(Trainer)
+
+
+def test_ray_takes_loopback_for_a_local_instance_while_the_cluster_constant_is_off() -> None:
+    """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER into a constant at import; a process it starts
+    reads the variable; with the constant off a node's address is 127.0.0.1."""
+    import os
+
+    import ray
+    from ray._private import ray_constants, services
+
+    assert not ray.is_initialized()
+    before = (ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(compat.LOOPBACK_VARIABLE))
+    with compat.ray_on_loopback():
+        assert services.get_node_ip_address() == "127.0.0.1"
+        assert os.environ[compat.LOOPBACK_VARIABLE] == "0"
+    assert (ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(compat.LOOPBACK_VARIABLE)) == before
+    assert ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR == compat.LOOPBACK_VARIABLE
+
+
+def test_a_result_grid_keeps_its_trials_and_their_status_where_compat_reads_them() -> None:
+    import inspect
+
+    from ray.tune import ResultGrid
+    from ray.tune.experiment import Trial
+
+    assert "self._experiment_analysis.trials" in inspect.getsource(ResultGrid.num_terminated.fget)
+    assert {Trial.TERMINATED, Trial.ERROR} == {"TERMINATED", "ERROR"}

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import optuna
+import psutil
 import pytest
 from test_sweep import LIGHT_EVAL, write_config
 from unlearn_sweep.orchestrator import tracking
@@ -36,34 +37,6 @@ def wait_for_a_finished_trial(mlflow, config, driver: subprocess.Popen) -> None:
     pytest.fail("no trial finished in time")
 
 
-def test_ctrl_c_marks_the_sweep_interrupted_and_says_how_to_resume(toy_task_dir: Path, tmp_path: Path) -> None:
-    path = write_config(tmp_path, toy_task_dir, name="stopped", trials=4, max_concurrent_trials=1, **LIGHT_EVAL)
-    config = load_config(path)
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "unlearn_sweep.orchestrator.cli", "sweep", str(path)],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    mlflow = tracking.client(config.tracking_uri)
-    try:
-        wait_for_a_finished_trial(mlflow, config, driver)
-        driver.send_signal(signal.SIGINT)  # Ctrl-C reaches the driver
-        _, error = driver.communicate(timeout=180)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(driver.pid, signal.SIGKILL)  # the Ray cluster the driver started, if still there
-    assert driver.returncode == 130, error
-    assert "--resume" in error.splitlines()[-1] and "no champion was registered" in error
-    runs = mlflow.search_runs([mlflow.get_experiment_by_name(config.experiment).experiment_id])
-    parent = next(run for run in runs if run.data.tags.get("role") == "sweep")
-    assert parent.info.status == "KILLED" and parent.data.tags["status"] == "interrupted"
-    assert not any(run.info.status == "RUNNING" for run in runs)
-    assert not mlflow.search_registered_models(f"name = '{config.experiment}'")
-
-
 def wait_for_a_trial_mid_way(mlflow, config, driver: subprocess.Popen):
     """Until a trial of the sweep that driver runs has logged its first epoch and is still
     running (at most 240 s); returns its run."""
@@ -82,15 +55,73 @@ def wait_for_a_trial_mid_way(mlflow, config, driver: subprocess.Popen):
     pytest.fail("no trial reached its first epoch in time")
 
 
-def start_sweep(path: Path, tmp_path: Path) -> subprocess.Popen:
+def start_sweep(path: Path, tmp_path: Path, resume: bool = False) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "unlearn_sweep.orchestrator.cli", "sweep", str(path)],
+        [sys.executable, "-m", "unlearn_sweep.orchestrator.cli", "sweep", str(path)] + (["--resume"] if resume else []),
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def listening_addresses(pid: int) -> set[str]:
+    """The addresses the process and every process under it listen on (TCP)."""
+    root = psutil.Process(pid)
+    addresses = set()
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            addresses |= {c.laddr.ip for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    return addresses
+
+
+def test_ctrl_c_mid_epoch_ends_the_open_trial_run_killed_every_time(toy_task_dir: Path, tmp_path: Path) -> None:
+    """Ctrl-C while a trial is mid-epoch, to the driver alone and to its whole process group, on
+    the sweep and on its resumed runs: each time the open trial run ends KILLED and tagged
+    interrupted (Tune's graceful stop looks like a scheduler's early stop from inside the trial,
+    which recorded it as finished before), nothing is left running, the parent is interrupted
+    and the driver says how to resume. The local Ray the driver starts listens on loopback only."""
+    overrides = {"grad_diff": {"epochs": 3, "learning_rate": 1e-4}}
+    path = write_config(
+        tmp_path,
+        toy_task_dir,
+        name="stopped",
+        trials=3,
+        max_concurrent_trials=1,
+        search_space_overrides=overrides,
+        **LIGHT_EVAL,
+    )
+    config = load_config(path)
+    mlflow = tracking.client(config.tracking_uri)
+    for attempt, target in enumerate(("driver", "process group", "driver")):
+        driver = start_sweep(path, tmp_path, resume=attempt > 0)
+        try:
+            in_flight = wait_for_a_trial_mid_way(mlflow, config, driver)
+            if attempt == 0:
+                addresses = listening_addresses(driver.pid)
+                assert addresses and addresses <= LOOPBACK, addresses
+            if target == "driver":
+                driver.send_signal(signal.SIGINT)
+            else:
+                os.killpg(driver.pid, signal.SIGINT)
+            _, error = driver.communicate(timeout=180)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(driver.pid, signal.SIGKILL)  # the Ray cluster the driver started, if still there
+        assert driver.returncode == 130, (target, error)
+        assert "--resume" in error.splitlines()[-1] and "no champion was registered" in error
+        stopped = mlflow.get_run(in_flight.info.run_id)
+        assert (stopped.info.status, stopped.data.tags["status"]) == ("KILLED", "interrupted"), target
+        runs = mlflow.search_runs([in_flight.info.experiment_id])
+        parent = next(run for run in runs if run.data.tags.get("role") == "sweep")
+        assert parent.info.status == "KILLED" and parent.data.tags["status"] == "interrupted"
+        assert not any(run.info.status == "RUNNING" for run in runs)
+        assert all(run.info.status == "KILLED" for run in runs if run.data.tags.get("status") == "interrupted")
+    assert not mlflow.search_registered_models(f"name = '{config.experiment}'")
 
 
 def test_a_trial_whose_worker_died_is_failed_and_never_selected(toy_task_dir: Path, tmp_path: Path) -> None:
