@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -396,8 +397,8 @@ def training_arguments(params: Any, output_dir: Path) -> TrainingArguments:
         # TF32 for the fp32 master-weight matmuls where bf16 was the device's default; float32
         # asked for explicitly stays IEEE float32.
         tf32=True if params.bf16 and not cpu else None,
-        gradient_checkpointing=params.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if params.gradient_checkpointing else None,
+        activation_checkpointing=params.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if params.gradient_checkpointing else None,
         deepspeed=deepspeed_config(params) if params.zero_stage >= 0 else None,
         use_cpu=cpu,
         ddp_backend="gloo" if cpu and params.zero_stage >= 0 else None,
@@ -406,7 +407,7 @@ def training_arguments(params: Any, output_dir: Path) -> TrainingArguments:
         save_strategy="no",
         logging_strategy="no",
         report_to=[],
-        disable_tqdm=True,
+        disable_tqdm=not sys.stderr.isatty(),  # the steps' progress on a terminal (`unlearn`); none in a trial
         remove_unused_columns=False,
     )
     one_gpu_per_process(args)  # `unlearn` on a host of several GPUs ran DataParallel over all of them

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -461,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--trials", type=_count(1), default=24)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
-        "--verbose", action="store_true", help="Ray Tune's own configuration and result tables instead of the live view"
+        "--verbose", action="store_true", help="Ray Tune's own tables instead of the live view, and the libraries' messages on the console "
+        "(otherwise in the sweep's libraries.log)"
     )
     demo.set_defaults(run=_demo)
 
@@ -469,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("config", type=Path)
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     sweep.add_argument(
-        "--verbose", action="store_true", help="Ray Tune's own configuration and result tables instead of the live view"
+        "--verbose", action="store_true", help="Ray Tune's own tables instead of the live view, and the libraries' messages on the console "
+        "(otherwise in the sweep's libraries.log)"
     )
     sweep.set_defaults(run=_sweep)
 
@@ -553,6 +556,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _name_deepspeeds_accelerator() -> None:
+    """On a machine where torch sees no GPU, DeepSpeed is told it runs on the CPU (its processes
+    and Ray's workers inherit the variable); guessing, it warns on the console at every import."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="unlearn-sweep: %(levelname)s: %(message)s", level=logging.WARNING)
@@ -560,6 +572,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("mlflow.transformers").setLevel(
         logging.ERROR
     )  # no hub model card or license for a local checkpoint
+    if args.run in (_toy_task, _demo, _sweep, _plan, _export, _unlearn, _evaluate):
+        _name_deepspeeds_accelerator()
+        if not sys.stderr.isatty():  # weight-loading and shard-writing bars are for a terminal
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
     try:
         return args.run(args)
     except (DataError, UsageError, ParamError) as error:

@@ -2,18 +2,80 @@
 (which `--verbose` brings back): a progress bar of trials done, running and failed with the
 elapsed time and an estimate of the rest, the best eligible score so far and its method, and
 a line per finished trial with the current top three. The bar is drawn only on a terminal;
-elsewhere (a log file, CI) the per-trial lines alone are printed."""
+elsewhere (a log file, CI) the per-trial lines alone are printed. Library notices go to a log
+file meanwhile (`library_messages_to`), so the sweep's own lines are all the console shows."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
 import sys
 import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from ray import tune
 from tqdm.auto import tqdm
 from unlearn_sweep.evaluation.eligibility import OBJECTIVE, objective_is_eligible
+
+# Loggers of the libraries a sweep drives, each with a handler of its own (or propagating to
+# the root's last resort): inside `library_messages_to` their records go to the log file.
+LIBRARY_LOGGERS = ("ray", "mlflow", "optuna", "alembic", "transformers", "accelerate", "torch", "py.warnings")
+# DeepSpeed's logger gets its console handler when deepspeed is first imported, which may happen
+# inside: a filter on the logger itself (which sees every record it makes) redirects them.
+LATE_LOGGERS = ("DeepSpeed",)
+
+
+class _ToFile(logging.Filter):
+    def __init__(self, handler: logging.Handler):
+        super().__init__()
+        self.handler = handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.handler.handle(record)
+        return False  # not to the logger's own (console) handlers
+
+
+@contextlib.contextmanager
+def library_messages_to(path: Path) -> Iterator[None]:
+    """Inside, the libraries' log records and Python warnings are appended to `path` instead of
+    the console, and Tune prints no configuration box or TensorBoard hint (its legacy reporter,
+    silent at verbosity 0, stands in for the one that prints them at every verbosity)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as log:
+        handler = logging.StreamHandler(log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        saved = [(logger, logger.handlers[:], logger.propagate) for logger in map(logging.getLogger, LIBRARY_LOGGERS)]
+        for logger, _, _ in saved:
+            logger.handlers, logger.propagate = [handler], False
+        to_file = _ToFile(handler)
+        for name in LATE_LOGGERS:
+            logging.getLogger(name).addFilter(to_file)
+        # A record no handler takes (ray.init without configure_logging clears the "ray" logger's)
+        # goes to the last resort, which is the console otherwise.
+        last_resort, logging.lastResort = logging.lastResort, handler
+        previous_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        logging.captureWarnings(True)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("default")  # each warning once per place, into the log
+                yield
+        finally:
+            logging.captureWarnings(False)
+            logging.lastResort = last_resort
+            if previous_output is None:
+                del os.environ["RAY_AIR_NEW_OUTPUT"]
+            else:
+                os.environ["RAY_AIR_NEW_OUTPUT"] = previous_output
+            for name in LATE_LOGGERS:
+                logging.getLogger(name).removeFilter(to_file)
+            for logger, handlers, propagate in saved:
+                logger.handlers, logger.propagate = handlers, propagate
 
 
 def _duration(seconds: float) -> str:

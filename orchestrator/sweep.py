@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import tempfile
 import threading
@@ -30,7 +31,7 @@ from unlearn_sweep.evaluation.eligibility import OBJECTIVE
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.orchestrator import plots, tracking
 from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
-from unlearn_sweep.orchestrator.console import LiveView
+from unlearn_sweep.orchestrator.console import LiveView, library_messages_to
 from unlearn_sweep.orchestrator.context import TrialContext
 from unlearn_sweep.orchestrator.plan import check_memory
 from unlearn_sweep.orchestrator.search import make_searcher, merge_stage_searcher, study_exists
@@ -69,15 +70,21 @@ class SweepSummary:
     confirmations: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _start_ray(config: SweepConfig) -> None:
+def _start_ray(config: SweepConfig, verbose: bool) -> None:
+    """Ray for the sweep; unless verbose, its logging stays as the console quieting set it."""
     if ray.is_initialized():
         return
     if config.ray_address == "local":
         # Ray Train (multi-worker trials) needs the dashboard to clean up after early stops.
         with ray_on_loopback():  # a local instance serves this machine alone
-            ray.init(address="local", include_dashboard=config.workers > 1, log_to_driver=False)
+            ray.init(
+                address="local",
+                include_dashboard=config.workers > 1,
+                log_to_driver=False,
+                configure_logging=verbose,
+            )
     else:
-        ray.init(address=config.ray_address, log_to_driver=False)
+        ray.init(address=config.ray_address, log_to_driver=False, configure_logging=verbose)
 
 
 def _check_placeable(config: SweepConfig) -> None:
@@ -259,12 +266,38 @@ class Sweep:
                 field="name",
             )
 
+    def library_log(self) -> Path:
+        """Where library notices go unless verbose: the sweep's folder, or with remote storage
+        the temporary folder."""
+        if "://" in self.storage:
+            return Path(tempfile.gettempdir()) / "unlearn-sweep" / f"{self.config.name}.log"
+        return Path(self.storage) / self.config.name / "libraries.log"
+
     def run(self) -> SweepSummary:
         config = self.config
         self._refuse_a_bad_start()
-        if not self.verbose:  # the live view stands in for Tune's tables; its snapshot-frequency notice is noise there
-            os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-        _start_ray(config)
+        if self.verbose:
+            return self._run()
+        # The live view stands in for Tune's tables; its snapshot-frequency notice is noise there.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        log = self.library_log()
+        created = not log.parent.exists()
+        print(
+            f"sweep {config.name!r}{' resumed' if self.resume else ''}: {config.trials} trials of "
+            f"{', '.join(config.methods)} on {config.model}; library messages go to {log}",
+            flush=True,
+        )
+        try:
+            with library_messages_to(log):
+                return self._run()
+        except ConfigError:  # refused before anything ran (a trial that can never be placed)
+            if created:
+                shutil.rmtree(log.parent, ignore_errors=True)
+            raise
+
+    def _run(self) -> SweepSummary:
+        config = self.config
+        _start_ray(config, self.verbose)
         _check_placeable(config)  # before MLflow is touched: nothing is left behind by a bad config
         self.mlflow = tracking.client(config.tracking_uri)
         self.experiment = tracking.experiment_id(self.mlflow, config.experiment)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ from unlearn_sweep.evaluation.options import EvalOptions
 from unlearn_sweep.methods.entities import entity_spans
 from unlearn_sweep.methods.merge import MergeParams, della_drop, merge_checkpoints, merge_deltas, trim
 from unlearn_sweep.methods.registry import ParamError, build_params, get_method, method_names, run_method
-from unlearn_sweep.methods.training import MicroBatch, schedule
+from unlearn_sweep.methods.training import MicroBatch, schedule, training_arguments
 from unlearn_sweep.orchestrator.cli import main
 
 
@@ -193,6 +196,28 @@ def test_registry_checks_names_and_types() -> None:
         build_params(npo, {"bf16": "maybe"})
     with pytest.raises(ParamError, match="adapter='prefix'"):
         build_params(npo, {"adapter": "prefix"})
+
+
+def test_unlearn_prints_what_it_wrote_and_no_library_notice(toy_task_dir: Path, tmp_path: Path) -> None:
+    """DeepSpeed, imported by the Trainer, warned on the console that it guessed the CPU."""
+    environment = {key: value for key, value in os.environ.items() if key != "DS_ACCELERATOR"}
+    command = ["unlearn", "--method", "grad_ascent", "--model", str(toy_task_dir / "model")]
+    command += ["--data", str(toy_task_dir / "data"), "--out", str(tmp_path / "out"), "--set", "epochs=1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "unlearn_sweep.orchestrator.cli", *command],
+        capture_output=True,
+        text=True,
+        env=environment,
+        check=True,
+    )
+    assert (done.stdout, done.stderr) == (f"grad_ascent: wrote {tmp_path / 'out'}\n", "")
+
+
+def test_training_shows_its_steps_on_a_terminal_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    params = build_params(get_method("grad_diff"), {})
+    assert training_arguments(params, tmp_path).disable_tqdm  # a trial's worker, a pipe, a log file
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert not training_arguments(params, tmp_path).disable_tqdm  # `unlearn` on a terminal
 
 
 def test_bf16_is_decided_by_the_training_device(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -59,7 +59,7 @@ def start_sweep(path: Path, tmp_path: Path, resume: bool = False) -> subprocess.
     return subprocess.Popen(
         [sys.executable, "-m", "unlearn_sweep.orchestrator.cli", "sweep", str(path)] + (["--resume"] if resume else []),
         cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
@@ -67,6 +67,17 @@ def start_sweep(path: Path, tmp_path: Path, resume: bool = False) -> subprocess.
 
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+# What Ray, Optuna, MLflow and Tune printed before the live view (the first two are logged by
+# every fresh sweep; MLflow's where the sweep creates its store), DeepSpeed when imported.
+LIBRARY_NOTICES = (
+    "Token authentication is enabled",
+    "A new study created",
+    "Creating initial MLflow database tables",
+    "Configuration for experiment",
+    "tensorboard",
+    "Setting accelerator to CPU",
+    "Started a local Ray instance",
+)
 
 
 def listening_addresses(pid: int) -> set[str]:
@@ -108,11 +119,19 @@ def test_ctrl_c_mid_epoch_ends_the_open_trial_run_killed_every_time(toy_task_dir
                 driver.send_signal(signal.SIGINT)
             else:
                 os.killpg(driver.pid, signal.SIGINT)
-            _, error = driver.communicate(timeout=180)
+            output, error = driver.communicate(timeout=180)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(driver.pid, signal.SIGKILL)  # the Ray cluster the driver started, if still there
         assert driver.returncode == 130, (target, error)
+        # A quiet console: the sweep's own header first, no library's notices (they are in its log).
+        log = Path(config.storage_path) / config.name / "libraries.log"
+        assert output.startswith(f"sweep 'stopped'{' resumed' if attempt else ''}: 3 trials of grad_diff on ")
+        assert f"library messages go to {log}" in output.splitlines()[0]
+        for notice in LIBRARY_NOTICES:
+            assert notice not in output + error, notice
+        if attempt == 0:
+            assert all(notice in log.read_text() for notice in LIBRARY_NOTICES[:2])
         assert "--resume" in error.splitlines()[-1] and "no champion was registered" in error
         stopped = mlflow.get_run(in_flight.info.run_id)
         assert (stopped.info.status, stopped.data.tags["status"]) == ("KILLED", "interrupted"), target
