@@ -442,6 +442,12 @@ def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-mmlu", type=float, help="the base model's MMLU, for a relative threshold")
 
 
+VERBOSE_HELP = (
+    "Ray Tune's own tables instead of the live view, and the libraries' messages on the console "
+    "(otherwise in the sweep's libraries.log)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unlearn-sweep", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -462,8 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--trials", type=_count(1), default=24)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
-        "--verbose", action="store_true", help="Ray Tune's own tables instead of the live view, and the libraries' messages on the console "
-        "(otherwise in the sweep's libraries.log)"
+        "--verbose",
+        action="store_true",
+        help=VERBOSE_HELP,
     )
     demo.set_defaults(run=_demo)
 
@@ -471,8 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("config", type=Path)
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     sweep.add_argument(
-        "--verbose", action="store_true", help="Ray Tune's own tables instead of the live view, and the libraries' messages on the console "
-        "(otherwise in the sweep's libraries.log)"
+        "--verbose",
+        action="store_true",
+        help=VERBOSE_HELP,
     )
     sweep.set_defaults(run=_sweep)
 
