@@ -21,3 +21,15 @@ class DataError(ValueError):
         # Rebuilt from its parts: a Ray task or actor that raises it sends it pickled to the
         # driver, and the default (the message alone) does not fit this constructor.
         return type(self), self.parts
+
+
+def read_text(path: Path) -> str:
+    """A file's text as UTF-8, or a DataError naming the file and the first byte that is not."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError(
+            path, f"not UTF-8 text (byte 0x{data[error.start]:02x} on line {line}): save it as UTF-8"
+        ) from None

@@ -26,11 +26,21 @@ def load_mia(mia_dir: str | Path) -> list[MiaDocument]:
     mia_dir = Path(mia_dir)
     if not mia_dir.is_dir():
         raise DataError(mia_dir, "MIA directory not found")
-    return [
-        document
-        for membership in MEMBERSHIPS
-        for document in _read_documents(mia_dir / f"{membership}.jsonl", membership)
-    ]
+    documents = []
+    seen_ids: dict[str, str] = {}
+    seen_texts: dict[str, str] = {}
+    for membership in MEMBERSHIPS:
+        path = mia_dir / f"{membership}.jsonl"
+        for number, document in enumerate(_read_documents(path, membership), start=1):
+            # One document counted twice, or as both member and nonmember, would bend the AUC.
+            if document.id in seen_ids:
+                raise DataError(path, f"id {document.id!r} again (first in {seen_ids[document.id]})", number, "id")
+            if document.document in seen_texts:
+                raise DataError(path, f"the same document as id {seen_texts[document.document]!r}", number, "document")
+            seen_ids[document.id] = f"{membership}.jsonl"
+            seen_texts[document.document] = document.id
+            documents.append(document)
+    return documents
 
 
 def _read_documents(path: Path, membership: str) -> list[MiaDocument]:

@@ -69,6 +69,10 @@ def _from_columns(path: Path) -> list[MmluQuestion]:
     return questions
 
 
+def has_split(mmlu_dir: str | Path, split: str) -> bool:
+    return Path(mmlu_dir).is_dir() and bool(_split_files(Path(mmlu_dir), split))
+
+
 def load_mmlu(mmlu_dir: str | Path, split: str = "test") -> list[MmluQuestion]:
     """All questions of one split, in file order."""
     mmlu_dir = Path(mmlu_dir)

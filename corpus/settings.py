@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from unlearn_sweep.corpus.errors import DataError
+from unlearn_sweep.corpus.errors import DataError, read_text
 
 
 class ConfigError(DataError):
@@ -25,7 +25,19 @@ class ConfigError(DataError):
 
 
 class _Yaml12Loader(yaml.SafeLoader):
-    """Safe loading, with floats as YAML 1.2 writes them (1e-5, 5E+3 without a dot)."""
+    """Safe loading, with floats as YAML 1.2 writes them (1e-5, 5E+3 without a dot), and a key
+    given twice in one mapping refused (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _Yaml12Loader.add_implicit_resolver(
@@ -38,7 +50,11 @@ _Yaml12Loader.add_implicit_resolver(
 def read_yaml(path: Path | Any) -> Any:
     """A YAML file's content; a syntax error names the file and the line."""
     try:
-        return yaml.load(path.read_text(), Loader=_Yaml12Loader)
+        text = read_text(Path(path))
+    except DataError as error:
+        raise ConfigError(*error.parts) from None
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -30,13 +30,28 @@ def as_if_created_plainly(path: Path) -> Path:
     return path
 
 
+def check_output_folder(out_dir: str | Path, may_exist: bool = False) -> None:
+    """A DataError now, before any work, if out_dir could not be written as a folder later: it
+    is a file, lies under a file, or its nearest existing folder cannot be written; unless
+    `may_exist`, a folder with something in it."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(out_dir, "is a file, not a folder")
+    if not may_exist and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise DataError(out_dir, "output directory exists and is not empty")
+    existing = next(parent for parent in (out_dir, *out_dir.parents) if parent.exists())
+    if not existing.is_dir():
+        raise DataError(out_dir, f"cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(out_dir, f"cannot be created: {existing} is not writable")
+
+
 @contextmanager
 def staged_directory(out_dir: str | Path) -> Iterator[Path]:
     """Yields an empty folder next to out_dir; on success it is renamed to out_dir, on any
     error removed. A non-empty out_dir is refused before anything is written."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise DataError(out_dir, "output directory exists and is not empty")
+    check_output_folder(out_dir)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = as_if_created_plainly(Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent)))

@@ -44,6 +44,8 @@ class MmluThreshold:
             return self.value
         if base_mmlu is None:
             raise ValueError("a relative MMLU threshold needs the base model's MMLU")
+        if not (math.isfinite(base_mmlu) and 0 <= base_mmlu <= 1):
+            raise ValueError(f"the base model's MMLU {base_mmlu}: expected an accuracy in [0, 1]")
         return self.value * base_mmlu
 
 

@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from unlearn_sweep.corpus.checkpoints import BACKENDS
-from unlearn_sweep.corpus.errors import DataError
-from unlearn_sweep.corpus.mia import load_mia
-from unlearn_sweep.corpus.mmlu import MmluQuestion, first_shots, fitted_prompt, load_mmlu
-from unlearn_sweep.corpus.semeval import TaskRow, load_task
+from unlearn_sweep.corpus.errors import DataError, read_text
+from unlearn_sweep.corpus.mia import MEMBERSHIPS, load_mia
+from unlearn_sweep.corpus.mmlu import LETTERS, MmluQuestion, first_shots, fitted_prompt, has_split, load_mmlu
+from unlearn_sweep.corpus.semeval import SETS, TASKS, TaskRow, load_task
 from unlearn_sweep.corpus.staging import as_if_created_plainly
 from unlearn_sweep.evaluation import inference
 from unlearn_sweep.evaluation.options import EvalOptions
@@ -91,12 +92,9 @@ class EvalSets:
         """mmlu_shots None: 5 where the MMLU set has dev examples, else 0."""
         shots = None
         if mmlu is not None and mmlu_shots != 0:
-            try:
-                dev = load_mmlu(mmlu, "dev")
-            except DataError:
-                if mmlu_shots is not None:  # shots asked for, and no dev split to take them from
-                    raise
-                dev = []
+            # A set without a dev split is asked 0-shot by default; a dev split that is there is
+            # read and checked like the test split (a bad one is an error, not 0-shot).
+            dev = load_mmlu(mmlu, "dev") if mmlu_shots is not None or has_split(mmlu, "dev") else []
             mmlu_shots = DEFAULT_SHOTS if mmlu_shots is None and dev else mmlu_shots or 0
             shots = first_shots(dev, mmlu_shots) if mmlu_shots else None
         return cls(
@@ -260,7 +258,7 @@ def read_records(results_dir: str | Path) -> dict[str, list[dict]]:
             records[name] = []
             continue
         rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(read_text(path).splitlines(), start=1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -270,24 +268,71 @@ def read_records(results_dir: str | Path) -> dict[str, list[dict]]:
     return records
 
 
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_letter_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(LETTERS)
+
+
+# What `score` requires of each record, field by field (a record a score would silently drop or
+# miscount is refused): the check and what it expects.
+RECORD_FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    GENERATIONS: {
+        "id": (lambda value: isinstance(value, str | int) and not isinstance(value, bool), "a string or integer"),
+        "task": (lambda value: value in TASKS, f"one of {', '.join(TASKS)}"),
+        "split": (lambda value: value in SETS, f"one of {', '.join(SETS)}"),
+        "expected_output": (_is_text, "a string"),
+        "model_output": (_is_text, "a string"),
+    },
+    MIA: {
+        "membership": (lambda value: value in MEMBERSHIPS, f"one of {', '.join(MEMBERSHIPS)}"),
+        "nll": (_is_finite_number, "a finite number"),
+    },
+    MMLU: {
+        "answer": (_is_letter_index, "an answer index 0-3"),
+        "predicted": (_is_letter_index, "an answer index 0-3"),
+    },
+}
+
+
+def _previous_scores(path: Path) -> dict:
+    """The scores.json a rescore replaces ({} where there is none)."""
+    if not path.exists():
+        return {}
+    try:
+        previous = json.loads(read_text(path))
+    except json.JSONDecodeError as error:
+        raise DataError(path, f"not JSON ({error.msg} at line {error.lineno}): delete it to rescore") from None
+    if not isinstance(previous, dict):
+        raise DataError(path, "expected a JSON object: delete it to rescore")
+    return previous
+
+
 def rescore(results_dir: str | Path, mmlu_threshold: float | None = None) -> dict:
     """Recompute scores.json from the records in results_dir; the threshold defaults to the
     one recorded in the existing scores.json."""
     results_dir = Path(results_dir)
     records = read_records(results_dir)
-    previous = json.loads((results_dir / SCORES).read_text()) if (results_dir / SCORES).exists() else {}
+    previous = _previous_scores(results_dir / SCORES)
     if mmlu_threshold is None:
         mmlu_threshold = previous.get("mmlu_threshold")
-    required = {
-        GENERATIONS: ("id", "task", "split", "expected_output", "model_output"),
-        MIA: ("membership", "nll"),
-        MMLU: ("answer", "predicted"),
-    }
-    for name, fields in required.items():
+    for name, fields in RECORD_FIELDS.items():
+        if name == GENERATIONS and not records[name]:
+            raise DataError(results_dir / name, "no records")
         for number, record in enumerate(records[name], start=1):
-            for field in fields:
+            if not isinstance(record, dict):
+                raise DataError(results_dir / name, "expected a JSON object", number)
+            for field, (valid, expected) in fields.items():
                 if field not in record:
                     raise DataError(results_dir / name, "missing field", number, field)
+                if not valid(record[field]):
+                    raise DataError(results_dir / name, f"{record[field]!r}: expected {expected}", number, field)
     scores = score_records(
         records, mmlu_threshold, previous.get("eval")
     )  # the records were computed under those settings

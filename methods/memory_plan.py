@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from unlearn_sweep.corpus.checkpoints import read_model_config
 
 GIB = 1024**3
 CUDA_CONTEXT_BYTES = 1 * GIB  # CUDA context, NCCL buffers, allocator slack
@@ -41,6 +42,7 @@ class ModelShape:
     def from_config(cls, model_dir: str | Path) -> ModelShape:
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        read_model_config(model_dir)  # a folder that is not a model's: one line, not a loader's traceback
         config = AutoConfig.from_pretrained(model_dir)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import pkgutil
 import types
 from collections.abc import Callable
@@ -103,11 +104,17 @@ def _convert(key: str, value: Any, kind: Any) -> Any:
                 return text in ("true", "1", "yes")
         else:
             try:
-                return kind(text)
+                converted = kind(text)
             except ValueError:
                 pass
+            else:
+                if kind is float and not math.isfinite(converted):
+                    raise ParamError(f"{key}={value!r}: expected a finite number")
+                return converted
     elif kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    elif kind is float and isinstance(value, float) and not math.isfinite(value):
+        raise ParamError(f"{key}={value!r}: expected a finite number")
     elif isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
         return value
     raise ParamError(f"{key}={value!r}: expected {kind.__name__}")

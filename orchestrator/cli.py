@@ -10,8 +10,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from unlearn_sweep.corpus.checkpoints import BACKENDS, DTYPES
+from unlearn_sweep.corpus.checkpoints import BACKENDS, DTYPES, check_checkpoint
 from unlearn_sweep.corpus.errors import DataError
+from unlearn_sweep.corpus.staging import check_output_folder
 from unlearn_sweep.methods.registry import ParamError
 
 
@@ -352,6 +353,8 @@ def _unlearn(args: argparse.Namespace) -> int:
     from unlearn_sweep.corpus.semeval import load_task
     from unlearn_sweep.methods.registry import parse_assignments, run_method
 
+    check_output_folder(args.out)  # before the model and data are read, as the run's own checks
+    check_checkpoint(args.model)  # a folder that does not exist is no hub id to Transformers here
     task = load_task(args.data, args.split)
     held_out = args.held_out or (default_held_out(args.mia) if args.mia else None)
     if held_out is not None:
@@ -412,6 +415,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"--backend vllm: {reason}")
     if args.backend == "vllm" and args.answer_nll:
         raise UsageError(f"--answer-nll: {vllm_inference.NO_ANSWER_NLL}")
+    check_output_folder(args.out, may_exist=True)  # its records are replaced: refused now, not after the evaluation
+    check_checkpoint(args.model)
     sets = EvalSets.load(args.data, args.split, args.mia, args.mmlu, args.mmlu_shots)
     options = EvalOptions(
         batch_size=args.batch_size,

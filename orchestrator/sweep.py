@@ -246,6 +246,9 @@ class Sweep:
             check_checkpoint(config.model)  # weights present and whole, not found missing in every trial
         except DataError as error:
             raise ConfigError(config.source, str(error), field="model") from None
+        # The data read once, whole, before Ray or MLflow is touched: a fault in it is one line
+        # now, not the same error in every trial.
+        EvalSets.load(config.data, config.split, config.mia, config.mmlu, config.mmlu_shots)
         exists = tune.Tuner.can_restore(self._path(self.search))
         if not self.resume and exists:
             raise ConfigError(

@@ -3,6 +3,7 @@ trial id on resume, never duplicated), the champion as a registered model versio
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -39,16 +40,36 @@ def check_store(tracking_uri: str, existing: bool) -> None:
     """A local store (SQLite file or file: folder) that is usable: its folder exists (MLflow
     would otherwise create a store wherever the URI points), and with `existing` the store
     itself (reading a sweep back must not create an empty mlflow.db). Servers are not checked."""
+    scheme = tracking_uri.partition("://")[0].partition("+")[0]
+    if scheme in DATABASE_DRIVERS:
+        drivers = DATABASE_DRIVERS[scheme]
+        if not any(importlib.util.find_spec(module) for module in drivers):
+            raise DataError(tracking_uri, f"a {scheme} store needs a driver MLflow can use: pip install {drivers[0]}")
     if tracking_uri.startswith("sqlite:///"):
         store = Path(tracking_uri[len("sqlite:///") :])
+        if store.is_dir():
+            raise DataError(store, f"is a folder, not an SQLite file (tracking URI {tracking_uri})")
+        if store.is_file() and store.stat().st_size and not _is_sqlite(store):
+            raise DataError(store, f"not an SQLite database (tracking URI {tracking_uri})")
     elif tracking_uri.startswith("file:") or "://" not in tracking_uri:
         store = Path(tracking_uri.removeprefix("file://").removeprefix("file:"))
+        if store.exists() and not store.is_dir():
+            raise DataError(store, f"is a file, not an MLflow folder store (tracking URI {tracking_uri})")
     else:
         return
     if existing and not store.exists():
         raise DataError(store, f"no MLflow store here (tracking URI {tracking_uri}); pass the sweep's --tracking-uri")
     if not store.parent.is_dir():
         raise DataError(store.parent, f"folder of the MLflow store does not exist (tracking URI {tracking_uri})")
+
+
+# SQLAlchemy's driver modules for the database stores MLflow takes, the one to install first.
+DATABASE_DRIVERS = {"postgresql": ("psycopg2", "psycopg"), "mysql": ("pymysql", "MySQLdb"), "mssql": ("pyodbc",)}
+
+
+def _is_sqlite(path: Path) -> bool:
+    with path.open("rb") as file:
+        return file.read(16) == b"SQLite format 3\x00"
 
 
 def experiment_id(mlflow: MlflowClient, name: str) -> str:
