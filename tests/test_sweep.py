@@ -439,7 +439,7 @@ def test_searcher_hands_the_mmlu_constraint_to_optuna(toy_task_dir: Path, tmp_pa
 
 def test_the_default_search_is_the_replays_best_strategy(toy_task_dir: Path, tmp_path: Path) -> None:
     """benchmarks/search_replay.py: grouped multivariate TPE without early stopping was the best
-    at 32 trials (README, "Which search")."""
+    at 32 trials (docs/benchmarks.md, "Which search")."""
     config = load_config(write_config(tmp_path, toy_task_dir, methods=["grad_diff", "npo"], search_space_overrides={}))
     assert (config.searcher, config.asha) == ("tpe_grouped", None)
     searcher = make_searcher(config)
