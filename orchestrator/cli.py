@@ -315,6 +315,7 @@ def _best(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from unlearn_sweep.orchestrator.selection import export_champion
 
+    check_output_folder(args.out)
     out = export_champion(args.experiment, _existing_store(args.tracking_uri), args.out)
     scores = json.loads((out / "scores.json").read_text())
     print(f"exported the champion of {args.experiment!r} to {out} (final score {scores['final_score']:.4f})")
