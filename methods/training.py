@@ -605,8 +605,10 @@ class LossMethod(Method):
         params: Any,
         out_dir: Path | None = None,
         on_epoch: EpochCallback | None = None,
+        callbacks: tuple[TrainerCallback, ...] = (),
     ) -> Path | None:
-        """Train; export every logical epoch's checkpoint for on_epoch and the last to out_dir."""
+        """Train; export every logical epoch's checkpoint for on_epoch and the last to out_dir;
+        `callbacks` join the Trainer's (a benchmark's step timer)."""
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         tokenizer.pad_token = tokenizer.eos_token
         rng = random.Random(params.seed)
@@ -634,6 +636,8 @@ class LossMethod(Method):
                 **options,
             )
             trainer.remove_callback(PrinterCallback)  # the hook reports; no log dicts on stdout
+            for callback in callbacks:
+                trainer.add_callback(callback)
             epoch_ends = None
             if on_epoch is not None:
                 epoch_ends = _EpochEnds(

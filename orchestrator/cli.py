@@ -589,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.run in (_toy_task, _demo, _sweep, _plan, _export, _unlearn, _evaluate):
         _name_deepspeeds_accelerator()
         if not sys.stderr.isatty():  # weight-loading and shard-writing bars are for a terminal
+            # the variable for the processes this one starts (the toy build's, Ray's workers)
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
             from transformers.utils import logging as transformers_logging
 
             transformers_logging.disable_progress_bar()

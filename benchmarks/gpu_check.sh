@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The first GPU run, as one script: versions, the CUDA-relevant tests, training throughput of
+# an OLMo-2 1B (full bf16, ZeRO-2, QLoRA: tokens/s, MFU, peak memory against the plan), the
+# real-size evaluation at 1B (tokens/s per stage, projected minutes per evaluation and screen),
+# and a packed against an unpacked sweep of a 150M model (trials/hour, peak memory). Each step
+# has its own time limit (about 7 minutes in all on one H200) and the next runs whatever it
+# ends with; every figure goes to OUT (default: $OUT, else ./gpu_check).
+#
+#   bash benchmarks/gpu_check.sh [OUT]          # on a GPU machine with the project installed
+#   SMOKE=1 bash benchmarks/gpu_check.sh [OUT]  # on a CPU: tiny sizes, checks the script
+#
+# TASK names a built toy task to reuse (`unlearn-sweep toy-task --out DIR`); else it is built.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-gpu_check}}
+SMOKE=${SMOKE:-0}
+TASK=${TASK:-$OUT/toy_task}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON=${PYTHON:-python}
+printf 'step\tseconds\texit\n' > "$OUT/steps.tsv"
+
+step() {  # step NAME SECONDS COMMAND...: its output in OUT/NAME.txt, its time and exit code in steps.tsv
+    local name=$1 limit=$2 start code
+    shift 2
+    start=$(date +%s)
+    echo "== $name (at most ${limit}s)"
+    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+    code=$?
+    printf '%s\t%s\t%s\n' "$name" "$(( $(date +%s) - start ))" "$code" >> "$OUT/steps.tsv"
+    tail -n 8 "$OUT/$name.txt"
+}
+
+step versions 60 "$PYTHON" - <<'EOF'
+import importlib.metadata as metadata, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda)
+print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)")
+for package in ("transformers", "accelerate", "peft", "deepspeed", "bitsandbytes", "ray", "optuna", "mlflow", "vllm"):
+    try:
+        print(package, metadata.version(package))
+    except metadata.PackageNotFoundError:
+        print(package, "not installed")
+EOF
+
+if [ ! -f "$TASK/toy_task.json" ]; then
+    step toy_task 240 "$PYTHON" -m unlearn_sweep.orchestrator.cli toy-task --out "$TASK"
+fi
+export UNLEARN_SWEEP_TEST_TOY_TASK="$PWD/$TASK"
+
+if [ "$SMOKE" = 1 ]; then
+    step tests 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_compat.py tests/test_memory_plan.py
+    step train 300 "$PYTHON" benchmarks/train_throughput.py --smoke --task "$TASK" --dir "$OUT/models" \
+        --json "$OUT/train.json"
+    step sweep 400 "$PYTHON" benchmarks/gpu_sweep.py --smoke --task "$TASK" --dir "$OUT/sweep"
+else
+    # The tests whose path differs on a GPU: vLLM, bf16 and TF32, QLoRA, DeepSpeed, device placement.
+    step tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_compat.py tests/test_evaluator.py \
+        tests/test_methods.py -k "vllm or bf16 or qlora or deepspeed or lora or gpu or device"
+    step train 120 "$PYTHON" benchmarks/train_throughput.py --size 1B --task "$TASK" --dir "$OUT/models" \
+        --json "$OUT/train.json"
+    step evaluation 60 "$PYTHON" benchmarks/eval_real_size.py --size 1B --fraction 0.05
+    step sweep 120 "$PYTHON" benchmarks/gpu_sweep.py --params 150M --trials 8 --pack 4 --task "$TASK" \
+        --dir "$OUT/sweep"
+fi
+echo "== steps (seconds, exit code; 124: its time limit)"
+column -t "$OUT/steps.tsv"
