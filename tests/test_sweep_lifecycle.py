@@ -37,6 +37,21 @@ def wait_for_a_finished_trial(mlflow, config, driver: subprocess.Popen) -> None:
     pytest.fail("no trial finished in time")
 
 
+def three_epoch_sweep(tmp_path: Path, toy_task_dir: Path, name: str, trials: int) -> tuple[Path, object]:
+    """A sweep of grad_diff trials of three epochs, one at a time: long enough to catch one mid-way."""
+    overrides = {"grad_diff": {"epochs": 3, "learning_rate": 1e-4}}
+    path = write_config(
+        tmp_path,
+        toy_task_dir,
+        name=name,
+        trials=trials,
+        max_concurrent_trials=1,
+        search_space_overrides=overrides,
+        **LIGHT_EVAL,
+    )
+    return path, load_config(path)
+
+
 def wait_for_a_trial_mid_way(mlflow, config, driver: subprocess.Popen):
     """Until a trial of the sweep that driver runs has logged its first epoch and is still
     running (at most 240 s); returns its run."""
@@ -96,17 +111,7 @@ def test_ctrl_c_mid_epoch_ends_the_open_trial_run_killed_every_time(toy_task_dir
     interrupted (Tune's graceful stop looks like a scheduler's early stop from inside the trial,
     which recorded it as finished before), nothing is left running, the parent is interrupted
     and the driver says how to resume. The local Ray the driver starts listens on loopback only."""
-    overrides = {"grad_diff": {"epochs": 3, "learning_rate": 1e-4}}
-    path = write_config(
-        tmp_path,
-        toy_task_dir,
-        name="stopped",
-        trials=3,
-        max_concurrent_trials=1,
-        search_space_overrides=overrides,
-        **LIGHT_EVAL,
-    )
-    config = load_config(path)
+    path, config = three_epoch_sweep(tmp_path, toy_task_dir, "stopped", 3)
     mlflow = tracking.client(config.tracking_uri)
     for attempt, target in enumerate(("driver", "process group", "driver")):
         driver = start_sweep(path, tmp_path, resume=attempt > 0)
@@ -144,17 +149,7 @@ def test_ctrl_c_mid_epoch_ends_the_open_trial_run_killed_every_time(toy_task_dir
 
 
 def test_a_trial_whose_worker_died_is_failed_and_never_selected(toy_task_dir: Path, tmp_path: Path) -> None:
-    overrides = {"grad_diff": {"epochs": 3, "learning_rate": 1e-4}}
-    path = write_config(
-        tmp_path,
-        toy_task_dir,
-        name="dead-worker",
-        trials=2,
-        max_concurrent_trials=1,
-        search_space_overrides=overrides,
-        **LIGHT_EVAL,
-    )
-    config = load_config(path)
+    path, config = three_epoch_sweep(tmp_path, toy_task_dir, "dead-worker", 2)
     mlflow = tracking.client(config.tracking_uri)
     driver = start_sweep(path, tmp_path)
     try:
@@ -177,17 +172,7 @@ def test_a_trial_whose_worker_died_is_failed_and_never_selected(toy_task_dir: Pa
 
 
 def test_interrupted_sweep_resumes_without_duplicates(local_ray, toy_task_dir: Path, tmp_path: Path) -> None:
-    overrides = {"grad_diff": {"epochs": 3, "learning_rate": 1e-4}}
-    path = write_config(
-        tmp_path,
-        toy_task_dir,
-        name="resumed",
-        trials=3,
-        max_concurrent_trials=1,
-        search_space_overrides=overrides,
-        **LIGHT_EVAL,
-    )
-    config = load_config(path)
+    path, config = three_epoch_sweep(tmp_path, toy_task_dir, "resumed", 3)
     driver = start_sweep(path, tmp_path)
     mlflow = tracking.client(config.tracking_uri)
     try:
