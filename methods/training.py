@@ -90,6 +90,13 @@ class TrainingParams:
                 "adapter='qlora' does not train under ZeRO-3 (4-bit weights cannot be partitioned); use "
                 "zero_stage 0-2 or -1"
             )
+        if self.adapter == "qlora" and self.zero_stage >= 0 and self.bf16 is not False:
+            # DeepSpeed's bf16 engine casts the whole model to bf16 after peft has upcast the norms,
+            # embeddings and adapters to fp32: numerics and memory neither peft nor the plan assume.
+            raise ParamError(
+                "adapter='qlora' under DeepSpeed runs only with bf16 false (its bf16 engine would cast the fp32 "
+                "norms and adapters to bf16); or train QLoRA without DeepSpeed (zero_stage -1, one worker)"
+            )
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ParamError(f"learning_rate={self.learning_rate}: must be a positive number")
 

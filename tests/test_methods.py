@@ -220,6 +220,15 @@ def test_training_shows_its_steps_on_a_terminal_only(tmp_path: Path, monkeypatch
     assert not training_arguments(params, tmp_path).disable_tqdm  # `unlearn` on a terminal
 
 
+def test_qlora_under_deepspeed_is_refused_where_its_bf16_engine_would_cast_the_fp32_parts() -> None:
+    npo = get_method("npo")
+    for bf16 in ("auto", "true"):  # auto: bf16 on a GPU with bf16 units
+        with pytest.raises(ParamError, match="adapter='qlora' under DeepSpeed runs only with bf16 false"):
+            build_params(npo, {"adapter": "qlora", "zero_stage": 2, "bf16": bf16})
+    assert build_params(npo, {"adapter": "qlora", "zero_stage": 2, "bf16": "false"}).zero_stage == 2
+    assert build_params(npo, {"adapter": "qlora"}).bf16 is None  # without DeepSpeed: peft's own mixed precision
+
+
 def test_bf16_is_decided_by_the_training_device(monkeypatch: pytest.MonkeyPatch) -> None:
     """Left unset (or "auto"), bf16 is on where the device has bf16 units and off on a CPU;
     an explicit value stays whatever the device."""
