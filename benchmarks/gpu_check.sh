@@ -45,7 +45,8 @@ EOF
 if [ ! -f "$TASK/toy_task.json" ]; then
     step toy_task 240 "$PYTHON" -m unlearn_sweep.orchestrator.cli toy-task --out "$TASK"
 fi
-export UNLEARN_SWEEP_TEST_TOY_TASK="$PWD/$TASK"
+TASK=$(cd "$TASK" && pwd)
+export UNLEARN_SWEEP_TEST_TOY_TASK="$TASK"
 
 if [ "$SMOKE" = 1 ]; then
     step tests 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_compat.py tests/test_memory_plan.py
