@@ -10,9 +10,9 @@ Why each is needed:
 - vLLM frees an engine's GPU memory only when its engine core is shut down.
 - Ray's OptunaSearch keeps the Optuna trial of each Tune trial in a private map: a searcher
   whose saved state was lost finds its trials again through the study.
-- Ray Tune ends a trial its scheduler stopped by raising SystemExit inside `tune.report`, and
-  ends the trials still running at Ctrl-C the same way: which trials an interrupted run left
-  unfinished is kept only in a ResultGrid's private experiment analysis.
+- Ray Tune ends a trial its scheduler stopped by raising SystemExit inside `tune.report` (and
+  the trials still running at Ctrl-C the same way: the driver tells them apart by when the
+  interrupt came, orchestrator/sweep.py).
 - Ray decides whether a local instance is for this machine alone (listening on 127.0.0.1) by a
   constant read from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when ray is imported; the processes
   `ray.init` starts read the variable itself.
@@ -81,18 +81,6 @@ def ray_on_loopback() -> Iterator[None]:
             del os.environ[LOOPBACK_VARIABLE]
         else:
             os.environ[LOOPBACK_VARIABLE] = saved_variable
-
-
-def unfinished_trial_ids(grid: Any) -> set[str]:
-    """The trials of a Tune ResultGrid that had neither ended nor failed when its run stopped
-    (Ctrl-C): the ones a resumed run starts again."""
-    from ray.tune.experiment import Trial
-
-    return {
-        trial.trial_id
-        for trial in grid._experiment_analysis.trials
-        if trial.status not in (Trial.TERMINATED, Trial.ERROR)
-    }
 
 
 def shutdown_vllm_engine(engine: Any) -> None:

@@ -14,6 +14,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from unlearn_sweep.corpus.checkpoints import check_checkpoint
-from unlearn_sweep.corpus.compat import ray_on_loopback, unfinished_trial_ids
+from unlearn_sweep.corpus.compat import ray_on_loopback
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.evaluation.eligibility import OBJECTIVE
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
@@ -453,13 +454,16 @@ class Sweep:
 
     def _fit(self, stage: Stage, tuner: tune.Tuner):
         """Run a stage's Tuner to its end; a stop before it (Ctrl-C, SIGTERM) is an interrupted sweep."""
-        with _sigterm_as_sigint():
-            grid = tuner.fit()  # Tune stops gracefully on SIGINT, saving its state, and returns
+        with _recorded_interrupt() as interrupt:
+            grid = tuner.fit()  # Tune stops gracefully on the interrupt, saving its state, and returns
         done = grid.num_terminated + grid.num_errors
         if done < stage.trials:
-            for trial_id in unfinished_trial_ids(grid):  # stopped by the interrupt, not by the scheduler
-                for run in tracking.trial_runs(self.mlflow, self.experiment, self.parent_run_id, trial_id):
-                    tracking.mark_interrupted(self.mlflow, run.info.run_id)
+            if interrupt.at_ms is not None:
+                # Every trial run open at the interrupt was stopped by it, however it closed
+                # itself: Tune's graceful stop looks like a scheduler's early stop from inside.
+                for run in tracking.trial_runs(self.mlflow, self.experiment, self.parent_run_id):
+                    if run.info.start_time <= interrupt.at_ms <= (run.info.end_time or math.inf):
+                        tracking.mark_interrupted(self.mlflow, run.info.run_id)
             _mark_interrupted(self.mlflow, self.experiment, self.parent_run_id)
             raise SweepInterrupted(
                 f"sweep {self.config.name!r} interrupted after {done} of {stage.trials} trials of {stage.label}; no "
@@ -602,17 +606,40 @@ def _merge_stage_sources(config: SweepConfig, rows: list[dict[str, Any]]) -> tup
     return models, runs
 
 
+@dataclass
+class Interrupt:
+    at_ms: int | None = None  # when Ctrl-C or SIGTERM reached the driver (ms since the epoch, as MLflow's times)
+
+
 @contextlib.contextmanager
-def _sigterm_as_sigint() -> Iterator[None]:
-    """SIGTERM (a scheduler's or `kill`'s stop) takes the path of Ctrl-C: Tune's graceful stop."""
+def _recorded_interrupt() -> Iterator[Interrupt]:
+    """Ctrl-C and SIGTERM (a scheduler's or `kill`'s stop) are recorded, then handed to Tune's
+    graceful stop, which also listens on SIGUSR1: Tune's own SIGINT handler is switched off
+    (TUNE_DISABLE_SIGINT_HANDLER), since it would not say when the stop came. A second one
+    stops at once, as Tune's second Ctrl-C does."""
+    interrupt = Interrupt()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield interrupt
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+
+    def record(signum: int, frame: Any) -> None:
+        if interrupt.at_ms is not None:
+            raise KeyboardInterrupt
+        interrupt.at_ms = int(time.time() * 1000)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = {number: signal.signal(number, record) for number in (signal.SIGINT, signal.SIGTERM)}
+    saved = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
-        yield
+        yield interrupt
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if saved is None:
+            del os.environ["TUNE_DISABLE_SIGINT_HANDLER"]
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved
 
 
 def _interrupt_open_trials(mlflow, experiment: str, parent_run_id: str) -> None:

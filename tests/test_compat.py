@@ -102,13 +102,3 @@ def test_ray_takes_loopback_for_a_local_instance_while_the_cluster_constant_is_o
         assert os.environ[compat.LOOPBACK_VARIABLE] == "0"
     assert (ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(compat.LOOPBACK_VARIABLE)) == before
     assert ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR == compat.LOOPBACK_VARIABLE
-
-
-def test_a_result_grid_keeps_its_trials_and_their_status_where_compat_reads_them() -> None:
-    import inspect
-
-    from ray.tune import ResultGrid
-    from ray.tune.experiment import Trial
-
-    assert "self._experiment_analysis.trials" in inspect.getsource(ResultGrid.num_terminated.fget)
-    assert {Trial.TERMINATED, Trial.ERROR} == {"TERMINATED", "ERROR"}

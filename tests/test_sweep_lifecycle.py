@@ -82,16 +82,17 @@ def start_sweep(path: Path, tmp_path: Path, resume: bool = False) -> subprocess.
 
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
-# What Ray, Optuna, MLflow and Tune printed before the live view (the first two are logged by
-# every fresh sweep; MLflow's where the sweep creates its store), DeepSpeed when imported.
+# What Ray, Optuna, MLflow, Tune and DeepSpeed printed before the live view; the first two are
+# logged by every fresh sweep's driver (Ray's token notice only where RAY_AUTH_MODE is unset,
+# MLflow's where the sweep creates its store).
 LIBRARY_NOTICES = (
-    "Token authentication is enabled",
+    "Started a local Ray instance",
     "A new study created",
+    "Token authentication is enabled",
     "Creating initial MLflow database tables",
     "Configuration for experiment",
     "tensorboard",
     "Setting accelerator to CPU",
-    "Started a local Ray instance",
 )
 
 
