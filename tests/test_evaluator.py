@@ -90,6 +90,28 @@ def test_a_batch_holds_at_most_batch_size_rows_and_their_token_budget() -> None:
     assert groups[:4] == [[0], [3], [2, 4], [5, 1, 6, 7]]  # longest first, within the budget
 
 
+def test_mmlu_prompts_are_fitted_once_per_trial_not_per_epoch(toy_task_dir: Path, monkeypatch) -> None:
+    """Every epoch's checkpoint comes with its own copy of the tokenizer: the 5-shot prompts
+    fitted to 2,048 tokens for the first are the next's, without tokenizing them again."""
+    from unlearn_sweep.evaluation import evaluator
+
+    sets = EvalSets.load(toy_task_dir / "data", mmlu=toy_task_dir / "mmlu")
+    fitted = []
+    monkeypatch.setattr(evaluator, "_FITTED_PROMPTS", {})  # this test's stand-in prompts stay in it
+    monkeypatch.setattr(evaluator, "fitted_prompt", lambda *args: fitted.append(args) or "prompt")
+    first = inference.load_model(toy_task_dir / "model", dtype="float32")[1]
+    second = inference.load_model(toy_task_dir / "model", dtype="float32")[1]
+    assert first is not second
+    assert evaluator.mmlu_prompts(sets, first) == evaluator.mmlu_prompts(sets, second) == ["prompt"] * len(sets.mmlu)
+    assert len(fitted) == len(sets.mmlu)  # once for both
+    # A trial hands each epoch a new copy of its (shard of the) sets: equal questions, no refit.
+    evaluator.mmlu_prompts(sets.shard(0, 1), second)
+    assert len(fitted) == len(sets.mmlu)
+    half = sets.shard(0, 2)  # other questions: fitted for them
+    evaluator.mmlu_prompts(half, second)
+    assert len(fitted) == len(sets.mmlu) + len(half.mmlu)
+
+
 def test_base_model_scores_and_score_reproduces_evaluate(toy_task_dir: Path, tmp_path: Path) -> None:
     sets = EvalSets.load(toy_task_dir / "data", mia=toy_task_dir / "mia", mmlu=toy_task_dir / "mmlu")
     scores = evaluate_checkpoint(toy_task_dir / "model", sets, out_dir=tmp_path, mmlu_threshold=0.5)
