@@ -222,7 +222,8 @@ def trial_task(context: TrialContext, method: Method) -> TaskData:
     task = load_task(context.data, context.split)
     if context.held_out is None or not method.uses_held_out:
         return task
-    return dataclasses.replace(task, held_out=load_held_out(context.held_out, context.mia))
+    # Checked against the scored MIA set once, when the config was read: not in every trial and rank.
+    return dataclasses.replace(task, held_out=load_held_out(context.held_out, None))
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.cluster_utils import Cluster
 from test_methods import assert_whole_trained_checkpoint, mean_answer_nll
 from test_sweep import LIGHT_EVAL, mlflow_server, trial_context, write_config
+from unlearn_sweep.corpus import mia
 from unlearn_sweep.corpus.semeval import load_task
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.evaluation.options import EvalOptions
@@ -82,6 +83,8 @@ def test_a_trial_gives_its_cached_gpu_memory_back_however_it_ends(
     assert emptied == [True, True]
     context = trial_context(toy_task_dir, held_out=str(toy_task_dir / "mia" / "held_out.jsonl"))
     assert trial_task(context, get_method("grad_diff")).held_out == ()
+    # The scored MIA set is not read again to check them: the config's reading did (review).
+    monkeypatch.setattr(mia, "load_mia", lambda *args: pytest.fail("the scored MIA set was read in a trial"))
     assert len(trial_task(context, get_method("mia_target")).held_out) == 24
 
 
