@@ -26,6 +26,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from unlearn_sweep.corpus.environment import environment
+
 # What `tune.report` raises in a trial's function when its scheduler (ASHA) stops it.
 TUNE_STOPPED_TRIAL: type[BaseException] = SystemExit
 
@@ -66,21 +68,15 @@ def ray_on_loopback() -> Iterator[None]:
     """A local Ray instance started inside listens on 127.0.0.1 only: its GCS, raylet, workers
     and agents (the dashboard's too). Never around joining a cluster, whose nodes must reach
     this one."""
-    import os
-
     from ray._private import ray_constants
 
-    saved_constant, saved_variable = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(LOOPBACK_VARIABLE)
+    saved_constant = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
-    os.environ[LOOPBACK_VARIABLE] = "0"
     try:
-        yield
+        with environment(**{LOOPBACK_VARIABLE: "0"}):
+            yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_constant
-        if saved_variable is None:
-            del os.environ[LOOPBACK_VARIABLE]
-        else:
-            os.environ[LOOPBACK_VARIABLE] = saved_variable
 
 
 def shutdown_vllm_engine(engine: Any) -> None:

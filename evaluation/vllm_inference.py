@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from unlearn_sweep.corpus.checkpoints import check_checkpoint
 from unlearn_sweep.corpus.compat import shutdown_vllm_engine
+from unlearn_sweep.corpus.environment import environment
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -95,16 +96,9 @@ def _engine_device(share: float) -> Iterator[None]:
             f"the vllm backend needs {share:g} of the GPU free ({share * total / 2**30:.1f} GiB), "
             f"{free / 2**30:.1f} GiB is: lower eval.vllm_memory or the training's memory (unlearn-sweep plan)"
         )
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    index = torch.cuda.current_device()
-    os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[index] if visible else str(index)
-    try:
+    visible, index = os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.current_device()
+    with environment(CUDA_VISIBLE_DEVICES=visible.split(",")[index] if visible else str(index)):
         yield
-    finally:
-        if visible is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = visible
 
 
 def open_model(model_dir: str | Path, options: EvalOptions) -> tuple[Any, PreTrainedTokenizerBase]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import sys
 import time
 import warnings
@@ -20,6 +19,7 @@ from typing import Any
 
 from ray import tune
 from tqdm.auto import tqdm
+from unlearn_sweep.corpus.environment import environment
 from unlearn_sweep.evaluation.eligibility import OBJECTIVE, objective_is_eligible
 
 # Loggers of the libraries a sweep drives, each with a handler of its own (or propagating to
@@ -58,20 +58,14 @@ def library_messages_to(path: Path) -> Iterator[None]:
         # A record no handler takes (ray.init without configure_logging clears the "ray" logger's)
         # goes to the last resort, which is the console otherwise.
         last_resort, logging.lastResort = logging.lastResort, handler
-        previous_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         logging.captureWarnings(True)
         try:
-            with warnings.catch_warnings():
+            with environment(RAY_AIR_NEW_OUTPUT="0"), warnings.catch_warnings():
                 warnings.simplefilter("default")  # each warning once per place, into the log
                 yield
         finally:
             logging.captureWarnings(False)
             logging.lastResort = last_resort
-            if previous_output is None:
-                del os.environ["RAY_AIR_NEW_OUTPUT"]
-            else:
-                os.environ["RAY_AIR_NEW_OUTPUT"] = previous_output
             for name in LATE_LOGGERS:
                 logging.getLogger(name).removeFilter(to_file)
             for logger, handlers, propagate in saved:

@@ -27,6 +27,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from unlearn_sweep.corpus.checkpoints import check_checkpoint
 from unlearn_sweep.corpus.compat import ray_on_loopback
+from unlearn_sweep.corpus.environment import environment
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.evaluation.eligibility import OBJECTIVE
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
@@ -629,17 +630,12 @@ def _recorded_interrupt() -> Iterator[Interrupt]:
         os.kill(os.getpid(), signal.SIGUSR1)
 
     previous = {number: signal.signal(number, record) for number in (signal.SIGINT, signal.SIGTERM)}
-    saved = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
-        yield interrupt
+        with environment(TUNE_DISABLE_SIGINT_HANDLER="1"):
+            yield interrupt
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-        if saved is None:
-            del os.environ["TUNE_DISABLE_SIGINT_HANDLER"]
-        else:
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved
 
 
 def _interrupt_open_trials(mlflow, experiment: str, parent_run_id: str) -> None:
