@@ -97,6 +97,13 @@ def _convert(key: str, value: Any, kind: Any) -> Any:
             return _convert(key, value, inner)
         except ParamError:
             raise ParamError(f"{key}={value!r}: expected {inner.__name__} or auto") from None
+    converted = _as_type(key, value, kind)
+    if kind is float and not math.isfinite(converted):
+        raise ParamError(f"{key}={value!r}: expected a finite number")
+    return converted
+
+
+def _as_type(key: str, value: Any, kind: type) -> Any:
     if isinstance(value, str) and kind is not str:
         text = value.strip().lower()
         if kind is bool:
@@ -104,17 +111,11 @@ def _convert(key: str, value: Any, kind: Any) -> Any:
                 return text in ("true", "1", "yes")
         else:
             try:
-                converted = kind(text)
+                return kind(text)
             except ValueError:
                 pass
-            else:
-                if kind is float and not math.isfinite(converted):
-                    raise ParamError(f"{key}={value!r}: expected a finite number")
-                return converted
     elif kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    elif kind is float and isinstance(value, float) and not math.isfinite(value):
-        raise ParamError(f"{key}={value!r}: expected a finite number")
     elif isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
         return value
     raise ParamError(f"{key}={value!r}: expected {kind.__name__}")
