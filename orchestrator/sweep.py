@@ -137,13 +137,7 @@ def _parent_run(mlflow, experiment: str, config: SweepConfig, resume: bool) -> t
                 field="name",
             )
         run_id = runs[0].info.run_id
-        # Nothing of the sweep runs now: a trial run left open, or closed otherwise than it
-        # was tagged (an older version's Ctrl-C), is an interrupted one.
-        for run in tracking.trial_runs(mlflow, experiment, run_id):
-            if run.info.status == "RUNNING" or (
-                run.data.tags.get("status") == "interrupted" and run.info.status != "KILLED"
-            ):
-                tracking.mark_interrupted(mlflow, run.info.run_id)
+        _interrupt_open_trials(mlflow, experiment, run_id)  # nothing of the sweep runs now
         return run_id, tracking.recorded_threshold(runs[0])
     run = mlflow.create_run(experiment, run_name=config.name, tags={"sweep": config.name, "role": "sweep"})
     run_id = run.info.run_id
@@ -459,13 +453,7 @@ class Sweep:
             grid = tuner.fit()  # Tune stops gracefully on the interrupt, saving its state, and returns
         done = grid.num_terminated + grid.num_errors
         if done < stage.trials:
-            if interrupt.at_ms is not None:
-                # Every trial run open at the interrupt was stopped by it, however it closed
-                # itself: Tune's graceful stop looks like a scheduler's early stop from inside.
-                for run in tracking.trial_runs(self.mlflow, self.experiment, self.parent_run_id):
-                    if run.info.start_time <= interrupt.at_ms <= (run.info.end_time or math.inf):
-                        tracking.mark_interrupted(self.mlflow, run.info.run_id)
-            _mark_interrupted(self.mlflow, self.experiment, self.parent_run_id)
+            _mark_interrupted(self.mlflow, self.experiment, self.parent_run_id, interrupt.at_ms)
             raise SweepInterrupted(
                 f"sweep {self.config.name!r} interrupted after {done} of {stage.trials} trials of {stage.label}; no "
                 f"champion was registered. Continue it with: unlearn-sweep sweep {self.config.source} --resume"
@@ -638,17 +626,25 @@ def _recorded_interrupt() -> Iterator[Interrupt]:
             signal.signal(number, handler)
 
 
-def _interrupt_open_trials(mlflow, experiment: str, parent_run_id: str) -> None:
-    """Trial runs still open end KILLED: nothing is left RUNNING that no longer runs."""
+def _interrupt_open_trials(mlflow, experiment: str, parent_run_id: str, at_ms: int | None = None) -> None:
+    """Trial runs that no longer run and say otherwise end KILLED, tagged interrupted: one still
+    RUNNING; one open at the interrupt `at_ms`, however it closed itself (Tune's graceful stop
+    looks like a scheduler's early stop from inside a trial); one tagged interrupted but not
+    KILLED (an older version's Ctrl-C)."""
     for run in tracking.trial_runs(mlflow, experiment, parent_run_id):
-        if run.info.status == "RUNNING":
-            tracking.mark_interrupted(mlflow, run.info.run_id)
+        info = run.info
+        if (
+            info.status == "RUNNING"
+            or (at_ms is not None and info.start_time <= at_ms <= (info.end_time or math.inf))
+            or (run.data.tags.get("status") == "interrupted" and info.status != "KILLED")
+        ):
+            tracking.mark_interrupted(mlflow, info.run_id)
 
 
-def _mark_interrupted(mlflow, experiment: str, parent_run_id: str) -> None:
-    """Trial runs still open, and the parent, end KILLED: nothing is left RUNNING or FINISHED
-    that did not finish."""
-    _interrupt_open_trials(mlflow, experiment, parent_run_id)
+def _mark_interrupted(mlflow, experiment: str, parent_run_id: str, at_ms: int | None) -> None:
+    """Trial runs the interrupt at `at_ms` stopped, and the parent, end KILLED: nothing is left
+    RUNNING or FINISHED that did not finish."""
+    _interrupt_open_trials(mlflow, experiment, parent_run_id, at_ms)
     mlflow.set_tag(parent_run_id, "status", "interrupted")
     mlflow.set_terminated(parent_run_id, "KILLED")
 
