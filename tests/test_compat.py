@@ -73,13 +73,17 @@ def test_one_gpu_per_process_keeps_the_trainer_from_data_parallel(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """TrainingArguments count every visible GPU into the private `_n_gpu` (4 simulated here),
-    and the Trainer wraps the model in nn.DataParallel when `n_gpu > 1`."""
+    and the Trainer wraps the model in nn.DataParallel when `n_gpu > 1`. The device stays the
+    CPU: once DeepSpeed is imported (it sets PYTORCH_NVML_BASED_CUDA_CHECK), a CUDA build's
+    `is_available` counts through the patched `device_count` and the arguments would select a
+    simulated GPU (seen in a Python 3.12 venv, whose torch is PyPI's CUDA build)."""
     import inspect
 
     from transformers import Trainer, TrainingArguments
     from unlearn_sweep.corpus.compat import one_gpu_per_process
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
     assert args.n_gpu == 4
     one_gpu_per_process(args)
