@@ -5,6 +5,7 @@ checkpoint becomes the registered champion. Thin glue over search, trial and tra
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -449,7 +450,8 @@ class Sweep:
 
     def _fit(self, stage: Stage, tuner: tune.Tuner):
         """Run a stage's Tuner to its end; a stop before it (Ctrl-C, SIGTERM) is an interrupted sweep."""
-        with _recorded_interrupt() as interrupt:
+        record = functools.partial(tracking.record_interrupt, self.mlflow, self.parent_run_id)
+        with _recorded_interrupt(record) as interrupt:
             grid = tuner.fit()  # Tune stops gracefully on the interrupt, saving its state, and returns
         done = grid.num_terminated + grid.num_errors
         if done < stage.trials:
@@ -601,27 +603,42 @@ class Interrupt:
 
 
 @contextlib.contextmanager
-def _recorded_interrupt() -> Iterator[Interrupt]:
-    """Ctrl-C and SIGTERM (a scheduler's or `kill`'s stop) are recorded, then handed to Tune's
-    graceful stop, which also listens on SIGUSR1: Tune's own SIGINT handler is switched off
-    (TUNE_DISABLE_SIGINT_HANDLER), since it would not say when the stop came. A second one
-    stops at once, as Tune's second Ctrl-C does."""
+def _recorded_interrupt(on_interrupt: Callable[[int], None]) -> Iterator[Interrupt]:
+    """Ctrl-C and SIGTERM (a scheduler's or `kill`'s stop) are recorded, told to `on_interrupt`
+    (with the time, from a thread: the signal may arrive inside the call it would make), then
+    handed to Tune's graceful stop, which also listens on SIGUSR1: Tune's own SIGINT handler is
+    switched off (TUNE_DISABLE_SIGINT_HANDLER), since it would not say when the stop came. A
+    second one stops at once, as Tune's second Ctrl-C does."""
     interrupt = Interrupt()
     if threading.current_thread() is not threading.main_thread():
         yield interrupt
         return
 
+    def tell_then_stop() -> None:
+        try:
+            on_interrupt(interrupt.at_ms)
+        except Exception as error:  # the stop must not wait on a store that is down
+            log.warning("could not record the interrupt: %s", error)
+        finally:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    telling = threading.Thread(target=tell_then_stop, daemon=True)
+
     def record(signum: int, frame: Any) -> None:
         if interrupt.at_ms is not None:
             raise KeyboardInterrupt
         interrupt.at_ms = int(time.time() * 1000)
-        os.kill(os.getpid(), signal.SIGUSR1)
+        telling.start()
 
     previous = {number: signal.signal(number, record) for number in (signal.SIGINT, signal.SIGTERM)}
+    # Until Tune listens (and after it ran), SIGUSR1's default would end the process.
+    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         with environment(TUNE_DISABLE_SIGINT_HANDLER="1"):
             yield interrupt
     finally:
+        if telling.is_alive():
+            telling.join(timeout=60)  # the interrupt is on record before its trials are marked
         for number, handler in previous.items():
             signal.signal(number, handler)
 

@@ -217,6 +217,25 @@ def last_report_time(mlflow: MlflowClient, run_id: str) -> int | None:
     return max((metric.timestamp for metric in history), default=None)
 
 
+INTERRUPTED_AT = "interrupted_at_ms"  # the parent's tag: when Ctrl-C or SIGTERM reached the driver
+
+
+def record_interrupt(mlflow: MlflowClient, parent_run_id: str, at_ms: int) -> None:
+    """Say on the sweep's run when it was interrupted, for its trials to read before they close."""
+    mlflow.set_tag(parent_run_id, INTERRUPTED_AT, str(at_ms))
+
+
+def close_stopped_trial(mlflow: MlflowClient, run_id: str, parent_run_id: str) -> None:
+    """A trial run Tune stopped at a report: interrupted if the sweep was interrupted after the
+    run started (Tune's graceful stop looks, from inside a trial, like a scheduler's), else
+    finished early. An interrupt of a resumed sweep's earlier driver came before the run."""
+    at_ms = mlflow.get_run(parent_run_id).data.tags.get(INTERRUPTED_AT)
+    if at_ms is not None and mlflow.get_run(run_id).info.start_time <= int(at_ms):
+        mark_interrupted(mlflow, run_id)
+    else:
+        finish_trial(mlflow, run_id, "finished", stopped_early=True)
+
+
 def mark_interrupted(mlflow: MlflowClient, run_id: str) -> None:
     """A trial run stopped before its end (Ctrl-C, or a sweep that lost track of it): KILLED and
     tagged interrupted, whatever it recorded itself (Tune's graceful stop looks like a

@@ -273,9 +273,10 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
                     build_params(method, setup["params"]),
                     EpochReporter(context, setup, run_id, _tune_report),
                 )
-        except TUNE_STOPPED_TRIAL:  # raised at a report when the scheduler stopped the trial early
-            # (or Ctrl-C did: the driver then marks the run interrupted, knowing which it was)
-            tracking.finish_trial(mlflow, run_id, "finished", stopped_early=True)
+        except TUNE_STOPPED_TRIAL:  # raised at a report when the scheduler stopped the trial early,
+            # or Ctrl-C did: the driver says so on its run before it asks Tune to stop. Decided here,
+            # since this worker may still be closing its run after the driver marked it.
+            tracking.close_stopped_trial(mlflow, run_id, context.parent_run_id)
             raise
         except KeyboardInterrupt:  # Ctrl-C sent to the whole process group reached this worker
             tracking.mark_interrupted(mlflow, run_id)

@@ -20,7 +20,7 @@ from test_sweep import LIGHT_EVAL, write_config
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.config import load_config
 from unlearn_sweep.orchestrator.selection import leaderboard
-from unlearn_sweep.orchestrator.sweep import run_sweep
+from unlearn_sweep.orchestrator.sweep import _recorded_interrupt, run_sweep
 
 pytestmark = pytest.mark.e2e  # every test here runs a sweep on Ray
 
@@ -144,9 +144,56 @@ def test_ctrl_c_mid_epoch_ends_the_open_trial_run_killed_every_time(toy_task_dir
         runs = mlflow.search_runs([in_flight.info.experiment_id])
         parent = next(run for run in runs if run.data.tags.get("role") == "sweep")
         assert parent.info.status == "KILLED" and parent.data.tags["status"] == "interrupted"
+        assert int(parent.data.tags[tracking.INTERRUPTED_AT]) <= stopped.info.end_time
         assert not any(run.info.status == "RUNNING" for run in runs)
         assert all(run.info.status == "KILLED" for run in runs if run.data.tags.get("status") == "interrupted")
     assert not mlflow.search_registered_models(f"name = '{config.experiment}'")
+
+
+def test_an_interrupt_is_on_record_before_tune_is_asked_to_stop() -> None:
+    """The driver tells the sweep's run when Ctrl-C came before it hands the stop to Tune (its
+    SIGUSR1), so that every trial Tune then stops can read it; a second Ctrl-C stops at once;
+    the handlers are the caller's again afterwards."""
+    told, stops = [], []
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    with _recorded_interrupt(told.append) as interrupt:
+        signal.signal(signal.SIGUSR1, lambda signum, frame: stops.append(list(told)))  # Tune's, set in fit()
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.time() + 10
+        while not stops and time.time() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    assert interrupt.at_ms and stops == [[interrupt.at_ms]]
+    assert {number: signal.getsignal(number) for number in before} == before
+
+
+def test_a_trial_tune_stops_after_an_interrupt_closes_itself_interrupted(tmp_path: Path) -> None:
+    """Tune's graceful stop looks, inside a trial, like a scheduler's early stop, and the trial's
+    worker may close its run after the driver marked it (a Python 3.12 run of the Ctrl-C test:
+    FINISHED/finished): the trial reads the interrupt on the sweep's run. A stop with no
+    interrupt, or after one of a resumed sweep's earlier driver, is the scheduler's."""
+    mlflow = tracking.client(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = tracking.experiment_id(mlflow, "exp")
+    parent = mlflow.create_run(experiment).info.run_id
+
+    def stopped_trial(trial_id: str) -> tuple[str, str, str]:
+        run_id = tracking.trial_run(mlflow, experiment, parent, trial_id, {"method": "npo", "params": {}}, None)
+        tracking.close_stopped_trial(mlflow, run_id, parent)
+        run = mlflow.get_run(run_id)
+        return run.info.status, run.data.tags["status"], run.data.tags.get("stopped_early")
+
+    assert stopped_trial("early") == ("FINISHED", "finished", "true")
+    running = tracking.trial_run(mlflow, experiment, parent, "stopped", {"method": "npo", "params": {}}, None)
+    time.sleep(0.01)
+    tracking.record_interrupt(mlflow, parent, int(time.time() * 1000))
+    tracking.mark_interrupted(mlflow, running)  # the driver, before the trial's worker closed it
+    tracking.close_stopped_trial(mlflow, running, parent)
+    run = mlflow.get_run(running)
+    assert (run.info.status, run.data.tags["status"]) == ("KILLED", "interrupted")
+    time.sleep(0.01)
+    assert stopped_trial("resumed") == ("FINISHED", "finished", "true")
 
 
 def test_a_trial_whose_worker_died_is_failed_and_never_selected(toy_task_dir: Path, tmp_path: Path) -> None:
