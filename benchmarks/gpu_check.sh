@@ -9,15 +9,35 @@
 #   bash benchmarks/gpu_check.sh [OUT]          # on a GPU machine with the project installed
 #   SMOKE=1 bash benchmarks/gpu_check.sh [OUT]  # on a CPU: tiny sizes, checks the script
 #
-# TASK names a built toy task to reuse (`unlearn-sweep toy-task --out DIR`); else it is built.
+# On the lent machine, which lacks most of the stack: build the carry folder here first
+# (`python benchmarks/gpu_bundle.py`, into .gpu_bundle), carry it, and this script unpacks it and
+# installs the project from the working tree (BUNDLE names another folder).
+# TASK names a built toy task to reuse (`unlearn-sweep toy-task --out DIR`); else the bundle's,
+# else it is built. DATA: the SemEval data the evaluation step reads (the bundle carries a copy of
+# ../shared/data/semeval25, which does not travel).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-gpu_check}}
 SMOKE=${SMOKE:-0}
-TASK=${TASK:-$OUT/toy_task}
+BUNDLE=${BUNDLE:-.gpu_bundle}
+PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
+if [ -f "$BUNDLE/site.tar.xz" ]; then
+    WORK=$(mktemp -d)
+    trap 'rm -rf "$WORK"' EXIT
+    SITE=$WORK/site
+    # The project is built from a copy: a build in the tree leaves build/lib, which later wheels ship.
+    mkdir -p "$SITE" "$WORK/source" &&
+        cp -r pyproject.toml README.md orchestrator methods evaluation corpus search_spaces "$WORK/source" &&
+        tar -xJf "$BUNDLE/site.tar.xz" -C "$SITE" &&
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --target "$SITE" "$WORK/source" ||
+        { echo "gpu_check: $BUNDLE/site.tar.xz did not install"; exit 1; }
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH"
+    TASK=${TASK:-$BUNDLE/toy_task}
+    [ -d "$BUNDLE/semeval25" ] && DATA=${DATA:-$BUNDLE/semeval25}
+fi
+TASK=${TASK:-$OUT/toy_task}
 export PYTHONPATH="$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
-PYTHON=${PYTHON:-python}
 printf 'step\tseconds\texit\n' > "$OUT/steps.tsv"
 
 step() {  # step NAME SECONDS COMMAND...: its output in OUT/NAME.txt, its time and exit code in steps.tsv
@@ -31,7 +51,7 @@ step() {  # step NAME SECONDS COMMAND...: its output in OUT/NAME.txt, its time a
     tail -n 8 "$OUT/$name.txt"
 }
 
-step versions 60 "$PYTHON" - <<'EOF'
+step versions 30 "$PYTHON" - <<'EOF'
 import importlib.metadata as metadata, platform, torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda)
 print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)")
@@ -59,7 +79,7 @@ else
         tests/test_methods.py -k "vllm or bf16 or qlora or deepspeed or lora or gpu or device"
     step train 120 "$PYTHON" benchmarks/train_throughput.py --size 1B --task "$TASK" --dir "$OUT/models" \
         --json "$OUT/train.json"
-    step evaluation 60 "$PYTHON" benchmarks/eval_real_size.py --size 1B --fraction 0.05
+    step evaluation 60 "$PYTHON" benchmarks/eval_real_size.py --size 1B --fraction 0.05 ${DATA:+--data "$DATA"}
     step sweep 120 "$PYTHON" benchmarks/gpu_sweep.py --params 150M --trials 8 --pack 4 --task "$TASK" \
         --dir "$OUT/sweep"
 fi

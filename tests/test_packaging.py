@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
+from packaging.requirements import Requirement
 
 DECOY = 'raise ImportError("a decoy folder of the user\'s was imported")\n'
 
@@ -165,3 +166,46 @@ def test_no_import_runs_back_up_the_layers() -> None:
                     if parts[0] == "unlearn_sweep" and len(parts) > 1 and parts[1] not in allowed | {layer}:
                         wrong.append(f"{module.relative_to(REPO_ROOT)} imports {name}")
     assert not wrong, wrong
+
+
+def gpu_bundle():
+    """benchmarks/gpu_bundle.py, the carry folder for the lent GPU machine."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        import gpu_bundle
+    finally:
+        sys.path.pop(0)
+    return gpu_bundle
+
+
+def test_the_gpu_bundle_resolves_the_projects_pins_against_the_machines_versions() -> None:
+    """Resolved for the machine: its torch (never carried), its versions where the project's
+    pins take them; Transformers carried, as the machine's 5.17 is older than the pin; Ray
+    without the cluster extras; nothing the check never imports."""
+    bundle = gpu_bundle()
+    wanted, machine_pins = bundle.requirements()
+    names = {Requirement(line).name for line in wanted}
+    assert "torch" not in names and "datasets" not in names and "transformers" in names
+    assert any(line.startswith("ray[tune]") for line in wanted)
+    assert "torch==2.11.0" in machine_pins and "accelerate==1.15.0" in machine_pins
+    assert not any(pin.startswith("transformers") for pin in machine_pins)
+    closure = {"torch": "2.11.0", "transformers": "5.23.0", "accelerate": "1.15.0", "peft": "0.21.2", "ray": "2.60.0"}
+    assert sorted(bundle.carried(closure, machine_pins)) == ["peft", "ray", "transformers"]
+
+
+def test_the_gpu_bundle_keeps_bitsandbytes_for_the_machines_cuda_only(tmp_path: Path) -> None:
+    bundle = gpu_bundle()
+    kept = ["bitsandbytes/libbitsandbytes_cuda130.so", "bitsandbytes/libbitsandbytes_cpu.so", "ray/tune/tune.py"]
+    cut = [
+        "bitsandbytes/libbitsandbytes_cuda128.so",
+        "bitsandbytes/libbitsandbytes_cuda132.so",
+        "bitsandbytes/libbitsandbytes_rocm715.so",
+        "ray/jars/ray_dist.jar",
+        "mlflow/server/js/build/index.html",
+        "bin/ray",
+    ]
+    for name in kept + cut:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    assert bundle.trim(tmp_path) == len(cut)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)
