@@ -11,6 +11,7 @@ from unlearn_sweep.evaluation.eligibility import Limits
 from unlearn_sweep.evaluation.evaluator import EvalSets
 from unlearn_sweep.evaluation.options import EvalOptions
 from unlearn_sweep.orchestrator.config import Confirm, SweepConfig
+from unlearn_sweep.orchestrator.search import load_space, sources_can_recur
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,8 @@ class TrialContext:
     cpu_per_worker: float = 1
     gpu_per_worker: float = 0
     train_storage_path: str = ""  # where a multi-worker trial's Ray Train run keeps its state
-    source_cache: str | None = None  # merge sources trained once per configuration; None: remote storage
+    # Merge sources trained once per configuration; None: a remote storage_path, or sources that cannot recur.
+    source_cache: str | None = None
     final_epoch_only: bool = False  # a confirmation run: only its last epoch is evaluated, as a submission's
 
     @classmethod
@@ -68,7 +70,7 @@ class TrialContext:
             cpu_per_worker=resources.cpu,
             gpu_per_worker=resources.gpu,
             train_storage_path=f"{experiment_path}/train",
-            source_cache=None if "://" in config.storage_path else f"{experiment_path}/sources",
+            source_cache=f"{experiment_path}/sources" if _caches_sources(config) else None,
         )
 
     def confirming(self, confirm: Confirm) -> TrialContext:
@@ -91,3 +93,13 @@ class TrialContext:
     def eval_sets(self) -> EvalSets:
         """The sets every epoch is scored on."""
         return EvalSets.load(self.data, self.split, self.mia, self.mmlu, self.mmlu_shots)
+
+
+def _caches_sources(config: SweepConfig) -> bool:
+    """A merge search keeps its trained sources to reuse where a source can be drawn again, on
+    local storage; the sweep deletes them when it completes."""
+    return (
+        "merge" in config.methods
+        and "://" not in config.storage_path
+        and sources_can_recur(load_space("merge", config.search_space_overrides.get("merge")))
+    )

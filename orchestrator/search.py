@@ -211,6 +211,17 @@ def _check_reachable(
             raise ConfigError(path, f"sampled only when {other} is {wanted!r}", field=field)
 
 
+def sources_can_recur(space: dict[str, Any]) -> bool:
+    """Whether two merge trials can draw the same source (each a whole trained model): only if no
+    source setting is sampled from a continuous range. The default space's are (the learning
+    rates, NPO's beta and weights), so a cache of trained sources would only grow."""
+    return not any(
+        isinstance(spec, dict) and ("uniform" in spec or "log_uniform" in spec)
+        for source in space.get("sources", {}).values()
+        for spec in source.values()
+    )
+
+
 def _sample(trial: optuna.Trial, space: dict[str, Any], prefix: str) -> dict[str, Any]:
     """Constants as they are, distributions sampled in order, conditions on earlier values."""
     values: dict[str, Any] = {}

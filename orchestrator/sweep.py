@@ -320,13 +320,16 @@ class Sweep:
             confirming = context.confirming(config.confirm)
             self.confirm_trainable = tune.with_resources(tune.with_parameters(run_trial, context=confirming), resources)
         try:
-            return self._run_stages()
+            summary = self._run_stages()
         except (SweepInterrupted, SweepFailed):
             raise
         except BaseException:  # the driver itself failed: the record must not say running or finished
             _interrupt_open_trials(self.mlflow, self.experiment, self.parent_run_id)
             tracking.end_parent(self.mlflow, self.parent_run_id, failed=True)
             raise
+        if context.source_cache:  # whole models no trial of this sweep will merge again (kept for --resume)
+            shutil.rmtree(context.source_cache, ignore_errors=True)
+        return summary
 
     def _run_stages(self) -> SweepSummary:
         config = self.config

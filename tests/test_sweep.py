@@ -38,7 +38,14 @@ from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.cli import main
 from unlearn_sweep.orchestrator.config import ConfigError, Confirm, load_config
 from unlearn_sweep.orchestrator.context import TrialContext
-from unlearn_sweep.orchestrator.search import CONSTRAINTS, SPACES_DIR, STUDY_TRIAL, load_space, make_searcher
+from unlearn_sweep.orchestrator.search import (
+    CONSTRAINTS,
+    SPACES_DIR,
+    STUDY_TRIAL,
+    load_space,
+    make_searcher,
+    sources_can_recur,
+)
 from unlearn_sweep.orchestrator.selection import export_champion, leaderboard
 from unlearn_sweep.orchestrator.sweep import METRIC, MODE, run_sweep
 from unlearn_sweep.orchestrator.trial import epoch_report
@@ -832,6 +839,66 @@ def test_merge_sources_are_trained_once_per_configuration(toy_task_dir: Path, tm
         "grad_diff", {**params, "learning_rate": 2e-4}, context, task, tmp_path / "scratch-3"
     )
     assert first == again != other and len(trained) == 2 and (first / "model.safetensors").is_file()
+
+
+# Every NPO source setting fixed: a merge search whose sources recur (trial after trial alike).
+FIXED_NPO = {
+    "learning_rate": 1e-4,
+    "epochs": 1,
+    "beta": 0.1,
+    "retain_kl_weight": 1.0,
+    "retain_ce_weight": 1.0,
+    "adapter": "full",
+}
+
+
+def test_merge_sources_are_kept_only_where_they_can_recur(toy_task_dir: Path, tmp_path: Path) -> None:
+    """A trained source is a whole model (14 GB at 7B in bf16): the default merge space samples
+    its learning rates, so no two trials train the same one and a cache would only grow."""
+    assert not sources_can_recur(load_space("merge"))
+    fixed = {"sources": {"over": {**FIXED_NPO, "adapter": {"choice": ["full", "lora"]}}, "under": FIXED_NPO}}
+    assert sources_can_recur(load_space("merge", fixed))
+
+    def source_cache(**overrides) -> str | None:
+        config = load_config(write_config(tmp_path, toy_task_dir, methods=["merge"], **overrides))
+        return TrialContext.for_sweep(config, str(tmp_path / "runs" / "s1"), "0", "parent", None, [1]).source_cache
+
+    assert source_cache(search_space_overrides={}) is None
+    assert source_cache(search_space_overrides={"merge": fixed}) == str(tmp_path / "runs" / "s1" / "sources")
+    assert (
+        source_cache(
+            search_space_overrides={"merge": fixed},
+            storage_path="s3://bucket/runs",
+            optuna_storage=f"sqlite:///{tmp_path}/optuna.db",
+        )
+        is None
+    )
+
+
+@pytest.mark.e2e
+def test_a_completed_merge_search_trained_its_sources_once_and_deletes_them(
+    local_ray, toy_task_dir: Path, tmp_path: Path
+) -> None:
+    fixed = {"sources": {"over": FIXED_NPO, "under": {**FIXED_NPO, "learning_rate": 5e-5}}, "combination": "linear"}
+    config = load_config(
+        write_config(
+            tmp_path,
+            toy_task_dir,
+            methods=["merge"],
+            trials=2,
+            max_concurrent_trials=1,
+            search_space_overrides={"merge": fixed},
+            **LIGHT_EVAL,
+        )
+    )
+    summary = run_sweep(config)
+    assert [row["status"] for row in summary.rows] == ["finished", "finished"]
+    mlflow = tracking.client(config.tracking_uri)
+    used = {mlflow.get_run(row["run_id"]).data.tags["source_checkpoints"] for row in summary.rows}
+    assert len(used) == 1  # the second trial merged the first one's sources
+    cache = Path(config.storage_path) / config.name / "sources"
+    assert all(Path(path).parent == cache for path in next(iter(used)).split(","))
+    assert not cache.exists()
 
 
 @pytest.mark.e2e
