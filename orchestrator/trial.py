@@ -310,9 +310,8 @@ def _source_checkpoint(
     method: str, params: dict[str, Any], context: TrialContext, task: TaskData, scratch: Path
 ) -> Path:
     """A merge source, trained once per configuration: the sweep's source cache holds it under
-    a hash of everything that determines it (a merge search revisits the same sources often;
-    each is a whole model, so the cache is worth deleting after the sweep). Without a local
-    cache (a remote storage_path) it is trained into the trial's scratch folder."""
+    a hash of everything that determines it. Without a cache (sources that cannot recur, or a
+    remote storage_path) it is trained into the trial's scratch folder."""
     if context.source_cache is None:
         return run_method(method, context.model, task, scratch, params)
     identity = {
