@@ -25,7 +25,7 @@ from typing import Any
 import ray
 import torch
 from ray import tune
-from unlearn_sweep.corpus.compat import TUNE_STOPPED_TRIAL, without_hf_deepspeed_config
+from unlearn_sweep.corpus.compat import TUNE_STOPPED_TRIAL, checkpoint_weights_linked, without_hf_deepspeed_config
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.mia import load_held_out
 from unlearn_sweep.corpus.semeval import TaskData, load_task
@@ -208,12 +208,15 @@ class EpochReporter:
         self.hook_seconds += time.perf_counter() - started
 
 
+# Ray persists a reported checkpoint into storage_path by copying it; the trial then deletes its own.
 def _tune_report(metrics: dict[str, Any], checkpoint: Path | None) -> None:
-    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint) if checkpoint else None)
+    with checkpoint_weights_linked():
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint) if checkpoint else None)
 
 
 def _train_report(metrics: dict[str, Any], checkpoint: Path | None) -> None:
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint) if checkpoint else None)
+    with checkpoint_weights_linked():
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint) if checkpoint else None)
 
 
 def trial_task(context: TrialContext, method: Method) -> TaskData:

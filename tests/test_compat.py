@@ -106,3 +106,37 @@ def test_ray_takes_loopback_for_a_local_instance_while_the_cluster_constant_is_o
         assert os.environ[compat.LOOPBACK_VARIABLE] == "0"
     assert (ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(compat.LOOPBACK_VARIABLE)) == before
     assert ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR == compat.LOOPBACK_VARIABLE
+
+
+def test_a_checkpoint_persisted_on_the_same_disk_shares_its_weights(tmp_path: Path) -> None:
+    """Tune's and Ray Train's storage copy a reported checkpoint with their module's
+    `_pyarrow_fs_copy_files`: inside `checkpoint_weights_linked` the weights are the exported
+    file itself (one inode, nothing written), the other files copies; outside it, copies."""
+    from ray.train import Checkpoint
+    from ray.train._internal.storage import StorageContext as TuneStorage
+    from ray.train.v2._internal.execution.storage import StorageContext as TrainStorage
+
+    export = tmp_path / "export"
+    (export / "nested").mkdir(parents=True)
+    (export / "model.safetensors").write_bytes(b"w" * 4096)
+    (export / "scores.json").write_text('{"final_score": 0.5}')
+    (export / "nested" / "adapter_model.safetensors").write_bytes(b"a" * 64)
+
+    def tune_storage(index: int) -> TuneStorage:
+        return TuneStorage(str(tmp_path / "runs"), "sweep", trial_dir_name="trial", current_checkpoint_index=index)
+
+    with compat.checkpoint_weights_linked():
+        persisted = [
+            tune_storage(0).persist_current_checkpoint(Checkpoint.from_directory(export)),
+            TrainStorage(str(tmp_path / "runs"), "train").persist_current_checkpoint(
+                Checkpoint.from_directory(export), "checkpoint_0"
+            ),
+        ]
+    copied = tune_storage(1).persist_current_checkpoint(Checkpoint.from_directory(export))
+    for checkpoint in persisted:
+        folder = Path(checkpoint.path)
+        for weights in ("model.safetensors", "nested/adapter_model.safetensors"):
+            assert (folder / weights).stat().st_ino == (export / weights).stat().st_ino, weights
+        assert (folder / "scores.json").read_text() == (export / "scores.json").read_text()
+        assert (folder / "scores.json").stat().st_ino != (export / "scores.json").stat().st_ino
+    assert Path(copied.path, "model.safetensors").stat().st_ino != (export / "model.safetensors").stat().st_ino
