@@ -87,8 +87,9 @@ MACHINE = set(MACHINE_VERSIONS) | {
 # Requirements the check never imports, and the extras it needs of the others.
 NOT_IMPORTED = {"datasets"}
 EXTRAS = {"ray": "[tune]"}  # not [default]: the dashboard and cluster agents of a multi-node Ray
-# The machine's peft version is unknown, and peft follows Transformers' internals: carried.
-ALWAYS_CARRIED = {"peft"}
+# The machine's versions of these are unknown: peft follows Transformers' internals, and the
+# project's build needs a setuptools that reads its license field.
+ALWAYS_CARRIED = {"peft", "setuptools"}
 SOURCE_ONLY = {"deepspeed", "rouge-score"}  # published as sdists; pure Python, built here
 # What the check never loads, relative to the unpacked site folder.
 TRIM = [
@@ -106,9 +107,11 @@ TRIM = [
 
 
 def requirements() -> tuple[list[str], list[str]]:
-    """The check's requirements and the pins to the machine's versions, from pyproject.toml."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted, machine_pins = [], [f"torch=={MACHINE_VERSIONS['torch']}"]
+    """The check's requirements (the project's and its build's) and the pins to the machine's
+    versions, from pyproject.toml."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = pyproject["project"]
+    wanted, machine_pins = list(pyproject["build-system"]["requires"]), [f"torch=={MACHINE_VERSIONS['torch']}"]
     for line in project["dependencies"]:
         requirement = Requirement(line)
         name = canonicalize_name(requirement.name)
@@ -269,8 +272,6 @@ def check(out: Path, python: str) -> None:
             *machine_side,
             "pytest",
             "pytest-xdist",
-            "setuptools",
-            "wheel",
         ],
         check=True,
         env={**os.environ, "PIP_CONSTRAINT": ""},

@@ -30,7 +30,8 @@ if [ -f "$BUNDLE/site.tar.xz" ]; then
     mkdir -p "$SITE" "$WORK/source" &&
         cp -r pyproject.toml README.md orchestrator methods evaluation corpus search_spaces "$WORK/source" &&
         tar -xJf "$BUNDLE/site.tar.xz" -C "$SITE" &&
-        "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --target "$SITE" "$WORK/source" ||
+        PYTHONPATH="$SITE" "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --target "$SITE" \
+            "$WORK/source" ||
         { echo "gpu_check: $BUNDLE/site.tar.xz did not install"; exit 1; }
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH"
     TASK=${TASK:-$BUNDLE/toy_task}

@@ -209,3 +209,15 @@ def test_the_gpu_bundle_keeps_bitsandbytes_for_the_machines_cuda_only(tmp_path: 
         (tmp_path / name).write_text("x")
     assert bundle.trim(tmp_path) == len(cut)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)
+
+
+def test_the_build_requirement_admits_no_setuptools_that_rejects_the_license_field() -> None:
+    """`license = "Apache-2.0"` (an SPDX expression) is read by setuptools 77 and later; 76
+    stops at `project.license must be valid exactly by one definition` (seen with pip wheel
+    --no-build-isolation, as the GPU check installs the project beside a machine's setuptools)."""
+    import tomllib
+
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert isinstance(pyproject["project"]["license"], str)
+    (setuptools,) = [Requirement(line) for line in pyproject["build-system"]["requires"]]
+    assert setuptools.name == "setuptools" and not setuptools.specifier.contains("76.1.0")
