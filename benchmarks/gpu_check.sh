@@ -4,7 +4,7 @@
 # real-size evaluation at 1B (tokens/s per stage, projected minutes per evaluation and screen),
 # and a packed against an unpacked sweep of a 150M model (trials/hour, peak memory). Each step
 # has its own time limit (about 7 minutes in all on one H200) and the next runs whatever it
-# ends with; every figure goes to OUT (default: $OUT, else ./gpu_check).
+# ends with; every figure goes to OUT (default: $OUT, else ./gpu_check), at most 8 files.
 #
 #   bash benchmarks/gpu_check.sh [OUT]          # on a GPU machine with the project installed
 #   SMOKE=1 bash benchmarks/gpu_check.sh [OUT]  # on a CPU: tiny sizes, checks the script
@@ -22,9 +22,11 @@ SMOKE=${SMOKE:-0}
 BUNDLE=${BUNDLE:-.gpu_bundle}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
+# Models, sweeps and the unpacked bundle go to a scratch folder: OUT holds the figures alone (a
+# device run returns at most 8 files of 16 MiB from it).
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
 if [ -f "$BUNDLE/site.tar.xz" ]; then
-    WORK=$(mktemp -d)
-    trap 'rm -rf "$WORK"' EXIT
     SITE=$WORK/site
     # The project is built from a copy: a build in the tree leaves build/lib, which later wheels ship.
     mkdir -p "$SITE" "$WORK/source" &&
@@ -37,7 +39,7 @@ if [ -f "$BUNDLE/site.tar.xz" ]; then
     TASK=${TASK:-$BUNDLE/toy_task}
     [ -d "$BUNDLE/semeval25" ] && DATA=${DATA:-$BUNDLE/semeval25}
 fi
-TASK=${TASK:-$OUT/toy_task}
+TASK=${TASK:-$WORK/toy_task}
 export PYTHONPATH="$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 printf 'step\tseconds\texit\n' > "$OUT/steps.tsv"
 
@@ -71,18 +73,18 @@ export UNLEARN_SWEEP_TEST_TOY_TASK="$TASK"
 
 if [ "$SMOKE" = 1 ]; then
     step tests 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_compat.py tests/test_memory_plan.py
-    step train 300 "$PYTHON" benchmarks/train_throughput.py --smoke --task "$TASK" --dir "$OUT/models" \
+    step train 300 "$PYTHON" benchmarks/train_throughput.py --smoke --task "$TASK" --dir "$WORK/models" \
         --json "$OUT/train.json"
-    step sweep 400 "$PYTHON" benchmarks/gpu_sweep.py --smoke --task "$TASK" --dir "$OUT/sweep"
+    step sweep 400 "$PYTHON" benchmarks/gpu_sweep.py --smoke --task "$TASK" --dir "$WORK/sweep"
 else
     # The tests whose path differs on a GPU: vLLM, bf16 and TF32, QLoRA, DeepSpeed, device placement.
     step tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_compat.py tests/test_evaluator.py \
         tests/test_methods.py -k "vllm or bf16 or qlora or deepspeed or lora or gpu or device"
-    step train 120 "$PYTHON" benchmarks/train_throughput.py --size 1B --task "$TASK" --dir "$OUT/models" \
+    step train 120 "$PYTHON" benchmarks/train_throughput.py --size 1B --task "$TASK" --dir "$WORK/models" \
         --json "$OUT/train.json"
     step evaluation 60 "$PYTHON" benchmarks/eval_real_size.py --size 1B --fraction 0.05 ${DATA:+--data "$DATA"}
     step sweep 120 "$PYTHON" benchmarks/gpu_sweep.py --params 150M --trials 8 --pack 4 --task "$TASK" \
-        --dir "$OUT/sweep"
+        --dir "$WORK/sweep"
 fi
 echo "== steps (seconds, exit code; 124: its time limit)"
 column -t "$OUT/steps.tsv"
