@@ -655,7 +655,7 @@ def _interrupt_open_trials(mlflow, experiment: str, parent_run_id: str, at_ms: i
         info = run.info
         if (
             info.status == "RUNNING"
-            or (at_ms is not None and info.start_time <= at_ms <= (info.end_time or math.inf))
+            or (at_ms is not None and tracking.open_at(info, at_ms))
             or (run.data.tags.get("status") == "interrupted" and info.status != "KILLED")
         ):
             tracking.mark_interrupted(mlflow, info.run_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -225,12 +226,17 @@ def record_interrupt(mlflow: MlflowClient, parent_run_id: str, at_ms: int) -> No
     mlflow.set_tag(parent_run_id, INTERRUPTED_AT, str(at_ms))
 
 
+def open_at(info: Any, at_ms: int) -> bool:
+    """Whether the run (its RunInfo) was open at that time (ms since the epoch)."""
+    return info.start_time <= at_ms <= (info.end_time or math.inf)
+
+
 def close_stopped_trial(mlflow: MlflowClient, run_id: str, parent_run_id: str) -> None:
-    """A trial run Tune stopped at a report: interrupted if the sweep was interrupted after the
-    run started (Tune's graceful stop looks, from inside a trial, like a scheduler's), else
+    """A trial run Tune stopped at a report: interrupted if it was open when the sweep was
+    interrupted (Tune's graceful stop looks, from inside a trial, like a scheduler's), else
     finished early. An interrupt of a resumed sweep's earlier driver came before the run."""
     at_ms = mlflow.get_run(parent_run_id).data.tags.get(INTERRUPTED_AT)
-    if at_ms is not None and mlflow.get_run(run_id).info.start_time <= int(at_ms):
+    if at_ms is not None and open_at(mlflow.get_run(run_id).info, int(at_ms)):
         mark_interrupted(mlflow, run_id)
     else:
         finish_trial(mlflow, run_id, "finished", stopped_early=True)
