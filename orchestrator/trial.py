@@ -202,21 +202,19 @@ class EpochReporter:
             self.mlflow.log_metric(self.run_id, "eval_seconds", seconds, step=epoch)
             objective = self.staging.objective.metrics()
             metrics = {**metrics, "new_best": outcome.improved, "eval_seconds": seconds, **objective}
-        self.report(self._share(metrics), saved)
+        with checkpoint_weights_linked():  # Ray copies a reported checkpoint into storage_path; ours is deleted next
+            self.report(self._share(metrics), saved)
         if self.rank == 0 and evaluated:
             self.staging.discard_evaluated()  # fully evaluated now, reported (Tune copied it) or not the best
         self.hook_seconds += time.perf_counter() - started
 
 
-# Ray persists a reported checkpoint into storage_path by copying it; the trial then deletes its own.
 def _tune_report(metrics: dict[str, Any], checkpoint: Path | None) -> None:
-    with checkpoint_weights_linked():
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint) if checkpoint else None)
+    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint) if checkpoint else None)
 
 
 def _train_report(metrics: dict[str, Any], checkpoint: Path | None) -> None:
-    with checkpoint_weights_linked():
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint) if checkpoint else None)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint) if checkpoint else None)
 
 
 def trial_task(context: TrialContext, method: Method) -> TaskData:
