@@ -110,18 +110,20 @@ def requirements() -> tuple[list[str], list[str]]:
     """The check's requirements (the project's and its build's) and the pins to the machine's
     versions, from pyproject.toml."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    project = pyproject["project"]
-    wanted, machine_pins = list(pyproject["build-system"]["requires"]), [f"torch=={MACHINE_VERSIONS['torch']}"]
-    for line in project["dependencies"]:
-        requirement = Requirement(line)
-        name = canonicalize_name(requirement.name)
-        if name in NOT_IMPORTED or name == "torch":
-            continue
-        wanted.append(f"{name}{EXTRAS.get(name, '')}{requirement.specifier}")
-    pinned = {canonicalize_name(Requirement(line).name): Requirement(line) for line in project["dependencies"]}
-    for name, version in MACHINE_VERSIONS.items():
-        if name != "torch" and (name not in pinned or pinned[name].specifier.contains(version)):
-            machine_pins.append(f"{name}=={version}")
+    pinned = {
+        canonicalize_name(requirement.name): requirement.specifier
+        for requirement in map(Requirement, pyproject["project"]["dependencies"])
+    }
+    wanted = list(pyproject["build-system"]["requires"]) + [
+        f"{name}{EXTRAS.get(name, '')}{specifier}"
+        for name, specifier in pinned.items()
+        if name not in NOT_IMPORTED and name != "torch"
+    ]
+    machine_pins = [f"torch=={MACHINE_VERSIONS['torch']}"] + [
+        f"{name}=={version}"
+        for name, version in MACHINE_VERSIONS.items()
+        if name != "torch" and (name not in pinned or pinned[name].contains(version))
+    ]
     return wanted, machine_pins
 
 
