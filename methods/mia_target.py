@@ -35,6 +35,7 @@ from unlearn_sweep.methods.training import (
     UnlearningTrainer,
     encode_rows,
     mean_nll,
+    row_mean,
     sequence_nll,
 )
 
@@ -82,7 +83,7 @@ class MiaTargetTrainer(UnlearningTrainer):
 
     def loss(self, model: Any, step: Step) -> torch.Tensor:
         total, counts = sequence_nll(model, step.forget)
-        flood = (total / counts - self.target(model)).abs().mean()
+        flood = row_mean((total / counts - self.target(model)).abs(), step.forget)
         return self.params.forget_weight * flood + self.params.retain_weight * mean_nll(model, step.retain)
 
 

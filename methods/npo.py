@@ -18,6 +18,7 @@ from unlearn_sweep.methods.training import (
     UnlearningTrainer,
     mean_nll,
     retain_kl,
+    row_mean,
     sequence_nll,
 )
 
@@ -44,7 +45,7 @@ class NpoTrainer(UnlearningTrainer):
         log_p = -sequence_nll(model, step.forget)[0]
         with torch.no_grad():
             log_p_reference = -sequence_nll(self.reference, step.forget)[0]
-        npo = -(2 / params.beta) * F.logsigmoid(-params.beta * (log_p - log_p_reference)).mean()
+        npo = -(2 / params.beta) * row_mean(F.logsigmoid(-params.beta * (log_p - log_p_reference)), step.forget)
         loss = params.npo_weight * npo
         if params.retain_kl_weight:
             loss = loss + params.retain_kl_weight * retain_kl(model, self.reference, step.retain)

@@ -48,6 +48,25 @@ def layer_activations(model: Any, batch: Batch, layer: int) -> torch.Tensor:
     return hidden_states[layer + 1][batch.attention_mask.bool()].float()
 
 
+def activation_mse(activations: torch.Tensor, target: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The squared error's mean over the part's real tokens and hidden units (every rank's,
+    where they split the part)."""
+    if batch.whole is None:
+        return F.mse_loss(activations, target)
+    return F.mse_loss(activations, target, reduction="sum") / (batch.whole.tokens * activations.shape[-1])
+
+
+def mean_norm(activations: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The activations' mean norm over the part's real tokens; where the ranks split the part,
+    summed over all of them, so every rank steers toward the same point."""
+    norms = activations.norm(dim=-1)
+    if batch.whole is None:
+        return norms.mean()
+    summed = norms.sum()
+    torch.distributed.all_reduce(summed)
+    return summed / (batch.whole.tokens * torch.distributed.get_world_size())
+
+
 class RmuTrainer(UnlearningTrainer):
     uses_reference = True
     forwards = 2
@@ -64,16 +83,14 @@ class RmuTrainer(UnlearningTrainer):
         coefficient = params.steering_coeff
         if params.adaptive:
             with torch.no_grad():
-                coefficient = (
-                    params.steering_coeff
-                    * layer_activations(self.reference, step.forget, params.layer).norm(dim=-1).mean()
-                )
-        loss = F.mse_loss(forget, coefficient * self.direction.to(forget.device).expand_as(forget))
+                reference = layer_activations(self.reference, step.forget, params.layer)
+                coefficient = params.steering_coeff * mean_norm(reference, step.forget)
+        loss = activation_mse(forget, coefficient * self.direction.to(forget.device).expand_as(forget), step.forget)
         if params.alpha:
             retain = layer_activations(model, step.retain, params.layer)
             with torch.no_grad():
                 frozen = layer_activations(self.reference, step.retain, params.layer)
-            loss = loss + params.alpha * F.mse_loss(retain, frozen)
+            loss = loss + params.alpha * activation_mse(retain, frozen, step.retain)
         return loss
 
 

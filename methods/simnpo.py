@@ -10,7 +10,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from unlearn_sweep.methods.registry import ParamError, register
-from unlearn_sweep.methods.training import LossMethod, Step, TrainingParams, UnlearningTrainer, mean_nll, sequence_nll
+from unlearn_sweep.methods.training import (
+    LossMethod,
+    Step,
+    TrainingParams,
+    UnlearningTrainer,
+    mean_nll,
+    row_mean,
+    sequence_nll,
+)
 
 
 @dataclass
@@ -32,7 +40,7 @@ class SimNpoTrainer(UnlearningTrainer):
     def loss(self, model, step: Step) -> torch.Tensor:
         params = self.params
         total, counts = sequence_nll(model, step.forget)
-        forget = -(2 / params.beta) * F.logsigmoid(params.beta * (total / counts - params.delta)).mean()
+        forget = -(2 / params.beta) * row_mean(F.logsigmoid(params.beta * (total / counts - params.delta)), step.forget)
         return params.forget_weight * forget + params.retain_weight * mean_nll(model, step.retain)
 
 

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 
 import torch
 from unlearn_sweep.methods.registry import ParamError, register
-from unlearn_sweep.methods.training import LossMethod, MicroBatch, Step, TrainingParams, UnlearningTrainer, sequence_nll
+from unlearn_sweep.methods.training import (
+    LossMethod,
+    MicroBatch,
+    Step,
+    TrainingParams,
+    UnlearningTrainer,
+    row_mean,
+    sequence_nll,
+)
 
 
 @dataclass
@@ -38,7 +46,7 @@ class SugdParams(TrainingParams):
 class SugdTrainer(UnlearningTrainer):
     def loss(self, model, step: Step) -> torch.Tensor:
         total, counts = sequence_nll(model, step.forget)
-        return (step.forget.factors * total / counts).mean()
+        return row_mean(step.forget.factors * total / counts, step.forget)
 
 
 @register

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import random
@@ -115,12 +116,31 @@ def world_size() -> int:
     )
 
 
+@dataclass(frozen=True)
+class WholePart:
+    """The counts of a forget or retain part of one micro-batch that the ranks split between
+    them, each divided by the world size. A rank divides its sums by these instead of by its
+    own counts, so the mean of the ranks' losses (what averaging their gradients takes) is the
+    whole part's mean: the update one process makes, however the rows and their tokens fall
+    to the ranks."""
+
+    rows: float
+    labelled_tokens: float  # as sequence_nll counts them: at least one per row
+    tokens: float  # real (non-padding) tokens
+
+    @classmethod
+    def of(cls, examples: list[Example], world: int) -> WholePart:
+        labelled = sum(max(1, sum(label != -100 for label in labels[1:])) for _, labels in examples)
+        return cls(len(examples) / world, labelled / world, sum(len(ids) for ids, _ in examples) / world)
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor  # -100 where no loss is taken (prompt, padding)
     factors: torch.Tensor | None = None  # per-sample loss factors, for methods that mix sets
+    whole: WholePart | None = None  # None: this rank holds the whole part (one process, or fewer rows than ranks)
 
 
 @dataclass
@@ -145,18 +165,28 @@ class MicroBatch:
     factors: list[float] | None = None  # one per forget example
     phase: str = "unlearn"
     weight: float = 1.0
+    forget_whole: WholePart | None = None  # set by `shard` where the ranks split the part
+    retain_whole: WholePart | None = None
 
     def shard(self, rank: int, world: int) -> MicroBatch:
-        """This rank's rows (rank, rank + world, ...); a part smaller than the world stays
-        whole on every rank, so every rank has a batch to run."""
+        """This rank's rows (rank, rank + world, ...) of each part, with the whole part's
+        counts; a part smaller than the world stays whole on every rank, so every rank has a
+        batch to run."""
 
-        def rows(items: list) -> list:
-            return items if len(items) < world else items[rank::world]
+        def split(part: list) -> bool:
+            return len(part) >= world > 1
 
-        factors = (
-            None if self.factors is None else (self.factors if len(self.forget) < world else self.factors[rank::world])
+        def rows(items: list, part: list) -> list:
+            return items[rank::world] if split(part) else items
+
+        return dataclasses.replace(
+            self,
+            forget=rows(self.forget, self.forget),
+            retain=rows(self.retain, self.retain),
+            factors=None if self.factors is None else rows(self.factors, self.forget),
+            forget_whole=WholePart.of(self.forget, world) if split(self.forget) else None,
+            retain_whole=WholePart.of(self.retain, world) if split(self.retain) else None,
         )
-        return MicroBatch(rows(self.forget), rows(self.retain), factors, self.phase, self.weight)
 
 
 def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: list[TaskRow], max_length: int) -> list[Example]:
@@ -201,15 +231,52 @@ def _tensors(prefix: str, examples: list[Example], pad_id: int) -> dict[str, tor
     return {f"{prefix}_input_ids": input_ids, f"{prefix}_attention_mask": attention_mask, f"{prefix}_labels": labels}
 
 
+def collate(micro: MicroBatch, pad_id: int) -> dict[str, Any]:
+    """A rank's share of a micro-batch as the Trainer's inputs: each part's tensors, and what
+    its loss reads besides (factors, the parts' whole counts, phase, accumulation weight)."""
+    inputs: dict[str, Any] = {**_tensors("forget", micro.forget, pad_id), **_tensors("retain", micro.retain, pad_id)}
+    if micro.factors is not None:
+        inputs["factors"] = torch.tensor(micro.factors, dtype=torch.float32)
+    wholes = {"forget_whole": micro.forget_whole, "retain_whole": micro.retain_whole}
+    return {**inputs, **wholes, "phase": micro.phase, "weight": micro.weight}
+
+
+def step_of(inputs: dict[str, Any]) -> Step:
+    """The collated inputs (on the device) as a method's loss sees them."""
+
+    def batch(prefix: str) -> Batch | None:
+        if f"{prefix}_input_ids" not in inputs:
+            return None
+        return Batch(
+            inputs[f"{prefix}_input_ids"],
+            inputs[f"{prefix}_attention_mask"],
+            inputs[f"{prefix}_labels"],
+            inputs.get("factors") if prefix == "forget" else None,
+            inputs[f"{prefix}_whole"],
+        )
+
+    return Step(batch("forget"), batch("retain"), inputs["phase"])
+
+
 def sequence_nll(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence summed NLL of the labelled tokens, and their counts."""
     return summed_token_nll(model, batch.input_ids, batch.attention_mask, batch.labels)
 
 
+def row_mean(values: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The mean of per-row values over the part's rows (every rank's, where they split it)."""
+    return values.mean() if batch.whole is None else values.sum() / batch.whole.rows
+
+
+def labelled_token_mean(summed: torch.Tensor, counts: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """A sum over the batch's labelled tokens, as a mean over the part's labelled tokens."""
+    return summed / (counts.sum() if batch.whole is None else batch.whole.labelled_tokens)
+
+
 def mean_nll(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
     """Token-averaged cross-entropy over the batch's labelled tokens."""
     total, counts = sequence_nll(model, batch)
-    return total.sum() / counts.sum()
+    return labelled_token_mean(total.sum(), counts, batch)
 
 
 def retain_kl(model: PreTrainedModel, reference: Any, batch: Batch) -> torch.Tensor:
@@ -220,12 +287,10 @@ def retain_kl(model: PreTrainedModel, reference: Any, batch: Batch) -> torch.Ten
             :, :-1
         ]
     mask = batch.labels[:, 1:] != -100
-    return F.kl_div(
-        F.log_softmax(logits[mask], -1),
-        F.log_softmax(reference_logits[mask], -1),
-        log_target=True,
-        reduction="batchmean",
+    summed = F.kl_div(
+        F.log_softmax(logits[mask], -1), F.log_softmax(reference_logits[mask], -1), log_target=True, reduction="sum"
     )
+    return labelled_token_mean(summed, mask.sum(dim=1).clamp(min=1), batch)  # counted as sequence_nll counts
 
 
 class AdapterDisabled:
@@ -274,33 +339,16 @@ class UnlearningTrainer(Trainer):
     def get_train_dataloader(self) -> DataLoader:
         # The plan fixes every micro-batch and its order; each rank takes its rows of each.
         rank, world = self.args.process_index, self.args.world_size
-        pad_id = self.processing_class.pad_token_id
-
-        def collate(micro: MicroBatch) -> dict[str, Any]:
-            inputs: dict[str, Any] = {
-                **_tensors("forget", micro.forget, pad_id),
-                **_tensors("retain", micro.retain, pad_id),
-            }
-            if micro.factors is not None:
-                inputs["factors"] = torch.tensor(micro.factors, dtype=torch.float32)
-            return {**inputs, "phase": micro.phase, "weight": micro.weight}
-
-        return DataLoader([micro.shard(rank, world) for micro in self.plan], batch_size=None, collate_fn=collate)
+        return DataLoader(
+            [micro.shard(rank, world) for micro in self.plan],
+            batch_size=None,
+            collate_fn=functools.partial(collate, pad_id=self.processing_class.pad_token_id),
+        )
 
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> torch.Tensor:
-        def batch(prefix: str) -> Batch | None:
-            if f"{prefix}_input_ids" not in inputs:
-                return None
-            return Batch(
-                inputs[f"{prefix}_input_ids"],
-                inputs[f"{prefix}_attention_mask"],
-                inputs[f"{prefix}_labels"],
-                inputs.get("factors") if prefix == "forget" else None,
-            )
-
-        loss = self.loss(model, Step(batch("forget"), batch("retain"), inputs["phase"]))
+        loss = self.loss(model, step_of(inputs))
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"{type(self).__name__}: loss became {loss.item()} at step {self.state.global_step + 1} "

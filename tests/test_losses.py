@@ -6,15 +6,19 @@ a mean taken over the wrong axis fails here, not only "the forget NLL rose"."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import socket
 import statistics
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from unlearn_sweep.methods import grad_ascent, grad_diff, kl_min, mia_target, npo, rmu, simnpo, sugd
-from unlearn_sweep.methods.training import Batch, Step
+from unlearn_sweep.methods.training import Batch, MicroBatch, Step, WholePart, collate, step_of
 
 
 def tiny_model(seed: int) -> LlamaForCausalLM:
@@ -168,15 +172,15 @@ def mean_squared(a: list[list[float]], b: list[list[float]]) -> float:
 
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_rmu_steers_forget_activations_and_keeps_retain_ones(adaptive: bool) -> None:
-    params = rmu.RmuParams(layer=1, steering_coeff=3.0, alpha=7.0, adaptive=adaptive)
+    params = rmu.RmuParams(layer=0, steering_coeff=3.0, alpha=7.0, adaptive=adaptive)
     direction = torch.rand(16, generator=torch.Generator().manual_seed(0))
     direction = (direction / direction.norm()).tolist()
-    forget = layer_output(MODEL, FORGET, 1)
+    forget = layer_output(MODEL, FORGET, 0)
     coefficient = 3.0
     if adaptive:  # a multiple of the frozen model's mean activation norm on the forget batch
-        coefficient *= statistics.mean(math.dist(v, [0.0] * 16) for v in layer_output(REFERENCE, FORGET, 1))
+        coefficient *= statistics.mean(math.dist(v, [0.0] * 16) for v in layer_output(REFERENCE, FORGET, 0))
     expected = mean_squared(forget, [[coefficient * x for x in direction]] * len(forget))
-    expected += 7.0 * mean_squared(layer_output(MODEL, RETAIN, 1), layer_output(REFERENCE, RETAIN, 1))
+    expected += 7.0 * mean_squared(layer_output(MODEL, RETAIN, 0), layer_output(REFERENCE, RETAIN, 0))
     own = loss_of(rmu.RmuTrainer, params, MODEL, reference=REFERENCE, direction=torch.tensor(direction))
     assert own == pytest.approx(expected, rel=1e-5)
 
@@ -204,3 +208,91 @@ def test_mia_target_floods_each_forget_sequence_at_the_unseen_documents_level() 
     expected = 0.6 * statistics.mean(abs(nll - target) for nll in per_token) + 1.1 * mean_nll(MODEL, RETAIN)
     own = loss_of(mia_target.MiaTargetTrainer, params, MODEL, target=lambda model: target)
     assert own == pytest.approx(expected, rel=1e-5)
+
+
+def example(ids: list[int], prompt: int) -> tuple[list[int], list[int]]:
+    return ids, [-100] * prompt + ids[prompt:]
+
+
+# Rows of unequal lengths, so the two ranks' shares hold different numbers of tokens (and, of
+# five rows, of rows): a mean of the ranks' own means is not the micro-batch's mean.
+SPLIT = MicroBatch(
+    forget=[
+        example([3, 9, 4, 17, 22, 8, 13, 2], 2),
+        example([5, 11, 30], 1),
+        example([6, 1, 27, 19], 3),
+        example([14, 35, 21, 7, 10, 16], 1),
+        example([31, 24, 18], 2),
+    ],
+    retain=[
+        example([7, 2, 19, 25], 1),
+        example([12, 6, 33, 14, 1, 36, 29], 3),
+        example([20, 28, 3], 1),
+        example([37, 15, 26, 4, 38], 3),
+    ],
+    factors=[-1.0, 0.5, -1.0, 0.5, 0.5],
+)
+
+
+def rank_step(rank: int, world: int) -> Step:
+    """A rank's share of SPLIT as its Trainer's loss receives it."""
+    return step_of(collate(SPLIT.shard(rank, world), pad_id=0))
+
+
+SPLIT_CASES = {
+    "grad_ascent": (grad_ascent.GradAscentTrainer, grad_ascent.GradAscentParams(), {}),
+    "grad_diff": (grad_diff.GradDiffTrainer, grad_diff.GradDiffParams(retain_weight=0.3), {}),
+    "kl_min": (kl_min.KlMinTrainer, kl_min.KlMinParams(kl_weight=2.5), {"reference": REFERENCE}),
+    "npo": (npo.NpoTrainer, npo.NpoParams(beta=0.3, retain_ce_weight=1.5), {"reference": REFERENCE}),
+    "simnpo": (simnpo.SimNpoTrainer, simnpo.SimNpoParams(beta=2.0, delta=0.5), {}),
+    "sugd": (sugd.SugdTrainer, sugd.SugdParams(), {}),
+    "rmu": (
+        rmu.RmuTrainer,
+        rmu.RmuParams(layer=0, alpha=7.0),
+        {"reference": REFERENCE, "direction": torch.full((16,), 0.25)},
+    ),
+    "mia_target": (mia_target.MiaTargetTrainer, mia_target.MiaTargetParams(), {"target": lambda model: 2.0}),
+}
+
+
+@pytest.mark.parametrize("method", SPLIT_CASES)
+def test_ranks_splitting_a_micro_batch_average_to_its_loss_in_one_process(method: str) -> None:
+    """Data parallelism averages the ranks' gradients: the ranks' losses must average to the
+    one-process loss, or a configuration trains another model on 4 GPUs than on 1."""
+    trainer_class, params, attributes = SPLIT_CASES[method]
+    whole = loss_of(trainer_class, params, MODEL, rank_step(0, 1), **attributes)
+    ranks = [loss_of(trainer_class, params, MODEL, rank_step(rank, 2), **attributes) for rank in (0, 1)]
+    assert statistics.mean(ranks) == pytest.approx(whole, rel=1e-6)
+    assert rank_step(0, 1).forget.whole is None  # one process: its own counts, the arithmetic as before
+
+
+def test_a_part_smaller_than_the_world_stays_whole_on_every_rank() -> None:
+    small = MicroBatch(forget=SPLIT.forget[:1], retain=SPLIT.retain, factors=[0.5])
+    shares = [small.shard(rank, 2) for rank in (0, 1)]
+    assert all(share.forget == small.forget and share.forget_whole is None for share in shares)
+    assert [len(share.retain) for share in shares] == [2, 2] and shares[0].retain_whole == WholePart(2.0, 5.5, 9.5)
+
+
+ADAPTIVE_RMU = rmu.RmuParams(layer=0, alpha=7.0, adaptive=True)  # layer 1, the last, is RMS-normed: every norm 4
+
+
+def adaptive_rmu_loss_on_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of a gloo group: its adaptive RMU loss on its share of SPLIT, saved to out."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        loss = loss_of(rmu.RmuTrainer, ADAPTIVE_RMU, MODEL, rank_step(rank, world), **SPLIT_CASES["rmu"][2])
+        Path(out, f"{rank}.json").write_text(json.dumps(loss))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_adaptive_rmu_ranks_steer_by_the_whole_parts_activation_norm(tmp_path: Path) -> None:
+    """The coefficient is a mean over the forget part: ranks that split it gather it (all_reduce)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(adaptive_rmu_loss_on_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    ranks = [json.loads(Path(tmp_path, f"{rank}.json").read_text()) for rank in (0, 1)]
+    whole = loss_of(rmu.RmuTrainer, ADAPTIVE_RMU, MODEL, rank_step(0, 1), **SPLIT_CASES["rmu"][2])
+    assert statistics.mean(ranks) == pytest.approx(whole, rel=1e-6)
