@@ -20,11 +20,15 @@ Why each is needed:
   `ray.init` starts read the variable itself.
 - Transformers' Trainer wraps the model in nn.DataParallel over every visible GPU when a lone
   process sees several; it sets TrainingArguments' private `_n_gpu` to 1 itself to avoid that
-  for model parallelism, and so does `one_gpu_per_process`."""
+  for model parallelism, and so does `one_gpu_per_process`.
+- MLflow logs a Transformers checkpoint from its folder (no load into memory) by reading
+  `transformers.pipelines.check_task(task)[1]["impl"]` as a class; Transformers 5 names it by
+  its dotted path, so the call fails without `pipeline_classes_for_mlflow`."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -104,6 +108,29 @@ def remember_optuna_trial(searcher: Any, tune_trial_id: str, trial: Any) -> None
 
 # Files written once at export and never changed after: safe to share between two folders.
 LINKABLE = ("*.safetensors", "*.bin", "*.safetensors.index.json")
+
+
+@contextlib.contextmanager
+def pipeline_classes_for_mlflow() -> Iterator[None]:
+    """Inside, `transformers.pipelines.check_task` gives a task's pipeline as the class MLflow
+    3.17 reads (`mlflow.transformers.flavor_config.build_flavor_config_from_local_checkpoint`),
+    not Transformers 5's dotted path to it."""
+    from transformers import pipelines
+
+    original = pipelines.check_task
+
+    def check_task(task: str) -> Any:
+        name, metadata, options = original(task)
+        if isinstance(metadata.get("impl"), str):
+            module, _, attribute = metadata["impl"].rpartition(".")
+            metadata = {**metadata, "impl": getattr(importlib.import_module(module), attribute)}
+        return name, metadata, options
+
+    pipelines.check_task = check_task
+    try:
+        yield
+    finally:
+        pipelines.check_task = original
 
 
 @contextlib.contextmanager

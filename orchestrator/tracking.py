@@ -14,6 +14,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from unlearn_sweep.corpus import compat
 from unlearn_sweep.corpus.errors import DataError
 
 # Metrics logged per epoch, from scores.json.
@@ -267,7 +268,6 @@ def model_version(
     import mlflow as fluent
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     for version in mlflow.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
         if version.tags.get("epoch") == str(epoch):
@@ -282,20 +282,20 @@ def model_version(
     for path in sorted(set(checkpoint_dir.iterdir()) - weights):
         mlflow.log_artifact(run_id, str(path), "checkpoint")
     scores = json.loads((checkpoint_dir / "scores.json").read_text())
-    # Loaded here (a path alone is not accepted with this Transformers), in its saved dtype.
-    components = {
-        "model": AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype="auto"),
-        "tokenizer": AutoTokenizer.from_pretrained(checkpoint_dir),
-    }
     requirements = [
         f"torch=={torch.__version__.split('+')[0]}",
         f"transformers=={transformers.__version__}",
     ]  # nothing else, no torchvision
     fluent.set_tracking_uri(tracking_uri)
     finished = mlflow.get_run(run_id).info
-    with fluent.start_run(run_id=run_id):  # the model is a LoggedModel of the trial's run
+    # Logged from the folder: its files are copied, the model is never loaded (a 7B float32
+    # checkpoint would take 28 GB of the driver's memory and a second serialisation).
+    with fluent.start_run(run_id=run_id), compat.pipeline_classes_for_mlflow():
         logged = fluent.transformers.log_model(
-            transformers_model=components, name="champion", task="text-generation", pip_requirements=requirements
+            transformers_model=str(checkpoint_dir.resolve()),
+            name="champion",
+            task="text-generation",
+            pip_requirements=requirements,
         )
         # Its scores, linked to the model under names of their own (the run's best_* already hold this step).
         fluent.log_metrics(

@@ -140,3 +140,19 @@ def test_a_checkpoint_persisted_on_the_same_disk_shares_its_weights(tmp_path: Pa
         assert (folder / "scores.json").read_text() == (export / "scores.json").read_text()
         assert (folder / "scores.json").stat().st_ino != (export / "scores.json").stat().st_ino
     assert Path(copied.path, "model.safetensors").stat().st_ino != (export / "model.safetensors").stat().st_ino
+
+
+def test_mlflow_logs_a_local_checkpoint_only_with_pipeline_classes(tmp_path: Path) -> None:
+    """MLflow's flavour config of a checkpoint folder reads `check_task(...)[1]["impl"]` as a
+    class: with Transformers 5 it fails unless `pipeline_classes_for_mlflow` is around it."""
+    from mlflow.transformers.flavor_config import build_flavor_config_from_local_checkpoint
+    from unlearn_sweep.corpus.toy_model import train_tokenizer
+
+    train_tokenizer(["a short text to learn a vocabulary from"], vocab_size=40).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"architectures": ["Olmo2ForCausalLM"]}')
+    with pytest.raises(AttributeError, match="__name__"):
+        build_flavor_config_from_local_checkpoint(str(tmp_path), "text-generation")
+    with compat.pipeline_classes_for_mlflow():
+        flavor = build_flavor_config_from_local_checkpoint(str(tmp_path), "text-generation")
+    assert flavor["instance_type"] == "TextGenerationPipeline"
+    assert flavor["pipeline_model_type"] == "Olmo2ForCausalLM"

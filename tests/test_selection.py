@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForCausalLM
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.selection import Entry, crown, export_champion, leaderboard, select
 
@@ -90,7 +91,9 @@ def test_crown_registers_once_and_never_moves_to_an_ineligible_checkpoint(tmp_pa
     first = mlflow.create_run(experiment, tags={"role": "sweep"}).info.run_id
     high = fake_trial(mlflow, experiment, first, tmp_path, "t1", final=0.8, mmlu=0.45, threshold=0.4)
     end_time = mlflow.get_run(high).info.end_time
-    champion, version = crown(mlflow, uri, "exp", experiment, 0.4)
+    with pytest.MonkeyPatch.context() as patch:  # registered from its folder: never loaded on the driver
+        patch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *args, **kwargs: pytest.fail("model loaded"))
+        champion, version = crown(mlflow, uri, "exp", experiment, 0.4)
     assert (champion.run_id, version) == (high, "1")
     assert crown(mlflow, uri, "exp", experiment, 0.4)[1] == "1"  # run again (resume, re-run): the same version
     assert len(mlflow.search_model_versions("name = 'exp'")) == 1
@@ -103,6 +106,12 @@ def test_crown_registers_once_and_never_moves_to_an_ineligible_checkpoint(tmp_pa
     source = mlflow.get_model_version("exp", "1").source  # models:/<logged model id>, linked to the trial's run
     logged = fluent.get_logged_model(source.removeprefix("models:/"))
     assert logged.source_run_id == high and "champion_final_score" in {metric.key for metric in logged.metrics or []}
+    registered = Path(
+        fluent.artifacts.download_artifacts(
+            f"{logged.artifact_location}/model/model.safetensors", dst_path=str(tmp_path)
+        )
+    )
+    assert registered.read_bytes() == (tmp_path / "t1" / "model.safetensors").read_bytes()  # the weights, as saved
     assert mlflow.get_run(high).info.end_time == end_time  # registering did not move the trial's end
     exported = export_champion("exp", uri, tmp_path / "submission")
     assert {"model.safetensors", "config.json", "tokenizer.json", "scores.json", "trial_config.json"} <= {
