@@ -84,8 +84,7 @@ MACHINE = set(MACHINE_VERSIONS) | {
     treescope triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug
     wheel wrapt xarray xxhash yarl zipp""".split()
 }
-# Requirements the check never imports, and the extras it needs of the others.
-NOT_IMPORTED = {"datasets"}
+# The extras the check needs of the requirements.
 EXTRAS = {"ray": "[tune]"}  # not [default]: the dashboard and cluster agents of a multi-node Ray
 # The machine's versions of these are unknown: peft follows Transformers' internals, and the
 # project's build needs a setuptools that reads its license field.
@@ -115,9 +114,7 @@ def requirements() -> tuple[list[str], list[str]]:
         for requirement in map(Requirement, pyproject["project"]["dependencies"])
     }
     wanted = list(pyproject["build-system"]["requires"]) + [
-        f"{name}{EXTRAS.get(name, '')}{specifier}"
-        for name, specifier in pinned.items()
-        if name not in NOT_IMPORTED and name != "torch"
+        f"{name}{EXTRAS.get(name, '')}{specifier}" for name, specifier in pinned.items() if name != "torch"
     ]
     machine_pins = [f"torch=={MACHINE_VERSIONS['torch']}"] + [
         f"{name}=={version}"
