@@ -19,6 +19,7 @@ from unlearn_sweep.corpus.semeval import load_task
 from unlearn_sweep.corpus.toy_task import toy_task_for_benchmark
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.evaluation.options import EvalOptions
+from unlearn_sweep.methods.merge import MergeParams
 from unlearn_sweep.methods.registry import run_method
 
 DTYPE = "float32"  # as the demo scores: the same on every CPU
@@ -96,7 +97,7 @@ def main() -> None:
     npo_models = []
     for number, (label, method, settings) in enumerate(RUNS):
         if method == "merge":
-            settings = {**settings, "models": ",".join(map(str, npo_models))}
+            settings = {**settings, "models": MergeParams.models_setting(npo_models)}
         start = time.perf_counter()
         out = run_method(method, base, task, args.out / f"{number}_{method}", settings)
         seconds = time.perf_counter() - start

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -55,6 +56,11 @@ class MergeParams:
     @property
     def model_paths(self) -> list[Path]:
         return [Path(part.strip()) for part in self.models.split(",") if part.strip()]
+
+    @staticmethod
+    def models_setting(paths: Iterable[str | Path]) -> str:
+        """The `models` value naming these checkpoints (what `model_paths` reads back)."""
+        return ",".join(map(str, paths))
 
     @property
     def weight_values(self) -> list[float]:

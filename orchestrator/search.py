@@ -397,7 +397,9 @@ def make_searcher(config: SweepConfig) -> ConstrainedOptunaSearch:
 def merge_stage_searcher(config: SweepConfig, models: list[str], source_runs: list[str]) -> ConstrainedOptunaSearch:
     """The merge stage's search: merge's parameters over fixed source checkpoints, in a study of
     its own (`<name>-merge`, same storage). Each setup names the source runs it merges."""
-    space = {"merge": {"params": {**config.merge_stage.space, "models": ",".join(models)}}}
+    from unlearn_sweep.methods.merge import MergeParams
+
+    space = {"merge": {"params": {**config.merge_stage.space, "models": MergeParams.models_setting(models)}}}
     return ConstrainedOptunaSearch(
         space=DefineByRun(space, {"source_runs": source_runs}),
         metric=OBJECTIVE,

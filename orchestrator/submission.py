@@ -73,6 +73,7 @@ def write_submission(out_dir: Path, trial_config: dict[str, Any]) -> None:
 def run_configuration(setup: dict[str, Any], model: Path, task: Any, out_dir: Path) -> Path:
     """Train the configuration from `model` on the task, into out_dir (whole or not at all).
     A merge with sources trains each source first, as its trial did."""
+    from unlearn_sweep.methods.merge import MergeParams
     from unlearn_sweep.methods.registry import run_method
 
     if "sources" not in setup:
@@ -83,7 +84,7 @@ def run_configuration(setup: dict[str, Any], model: Path, task: Any, out_dir: Pa
             for name, params in setup["sources"].items()
         ]
         return run_method(
-            setup["method"], model, task, out_dir, {**setup["params"], "models": ",".join(map(str, paths))}
+            setup["method"], model, task, out_dir, {**setup["params"], "models": MergeParams.models_setting(paths)}
         )
 
 

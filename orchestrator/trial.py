@@ -43,6 +43,7 @@ from unlearn_sweep.evaluation.evaluator import (
 )
 from unlearn_sweep.evaluation.screening import Split
 from unlearn_sweep.evaluation.staged import Evaluated, StagedEvaluation
+from unlearn_sweep.methods.merge import MergeParams
 from unlearn_sweep.methods.registry import Method, build_params, get_method, run_method
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.config import Asha
@@ -301,7 +302,7 @@ def _run_merge(setup: dict[str, Any], context: TrialContext, trial_dir: Path, on
         ]
         if on_epoch.mlflow is not None:
             on_epoch.mlflow.set_tag(on_epoch.run_id, "source_checkpoints", ",".join(map(str, paths)))
-        params = build_params(merge, {**setup["params"], "models": ",".join(map(str, paths))})
+        params = build_params(merge, {**setup["params"], "models": MergeParams.models_setting(paths)})
         merge.run(Path(context.model), task, None, params, on_epoch)
     finally:
         shutil.rmtree(work, ignore_errors=True)

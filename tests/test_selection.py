@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.selection import Entry, crown, export_champion, leaderboard, select
@@ -191,3 +192,25 @@ def test_a_trial_run_killed_while_it_is_being_closed_is_never_left_open_as_finis
             close(KilledAfterOneWrite(), run_id)
         run = mlflow.get_run(run_id)
         assert run.data.tags["status"] == "running" or run.info.status != "RUNNING"
+
+
+def test_an_exported_merge_trains_its_sources_then_merges_them(toy_task_dir: Path, tmp_path: Path) -> None:
+    """`unlearn.py` of a merge champion re-runs the whole configuration: each source trained
+    from the input model with its own settings, then merged (here: their average)."""
+    from safetensors.torch import load_file
+    from unlearn_sweep.corpus.semeval import load_task
+    from unlearn_sweep.methods.registry import run_method
+    from unlearn_sweep.orchestrator.submission import run_configuration
+
+    sources = {"over": {"epochs": 1, "learning_rate": 3e-4}, "under": {"epochs": 1, "learning_rate": 1e-4}}
+    setup = {"method": "merge", "params": {"combination": "linear"}, "source_method": "grad_diff", "sources": sources}
+    task, model = load_task(toy_task_dir / "data"), toy_task_dir / "model"
+    merged = load_file(run_configuration(setup, model, task, tmp_path / "merged") / "model.safetensors")
+    alone = [
+        load_file(run_method("grad_diff", model, task, tmp_path / name, params) / "model.safetensors")
+        for name, params in sources.items()
+    ]
+    assert alone[0].keys() == merged.keys()
+    for key, tensor in merged.items():
+        torch.testing.assert_close(tensor, (alone[0][key] + alone[1][key]) / 2, rtol=0, atol=1e-6)
+    assert json.loads((tmp_path / "merged" / "unlearn_config.json").read_text())["method"] == "merge"
