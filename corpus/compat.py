@@ -111,29 +111,6 @@ LINKABLE = ("*.safetensors", "*.bin", "*.safetensors.index.json")
 
 
 @contextlib.contextmanager
-def pipeline_classes_for_mlflow() -> Iterator[None]:
-    """Inside, `transformers.pipelines.check_task` gives a task's pipeline as the class MLflow
-    3.17 reads (`mlflow.transformers.flavor_config.build_flavor_config_from_local_checkpoint`),
-    not Transformers 5's dotted path to it."""
-    from transformers import pipelines
-
-    original = pipelines.check_task
-
-    def check_task(task: str) -> Any:
-        name, metadata, options = original(task)
-        if isinstance(metadata.get("impl"), str):
-            module, _, attribute = metadata["impl"].rpartition(".")
-            metadata = {**metadata, "impl": getattr(importlib.import_module(module), attribute)}
-        return name, metadata, options
-
-    pipelines.check_task = check_task
-    try:
-        yield
-    finally:
-        pipelines.check_task = original
-
-
-@contextlib.contextmanager
 def checkpoint_weights_linked() -> Iterator[None]:
     """While Ray persists a reported checkpoint into a storage_path on the same local disk, its
     weight files are hard-linked rather than copied (Ray 2.60 copies every byte, and the trial
@@ -185,3 +162,26 @@ def _weights_linked(source: str, destination: str, source_filesystem: Any, desti
         else:
             shutil.copy2(path, target)
     return True
+
+
+@contextlib.contextmanager
+def pipeline_classes_for_mlflow() -> Iterator[None]:
+    """Inside, `transformers.pipelines.check_task` gives a task's pipeline as the class MLflow
+    3.17 reads (`mlflow.transformers.flavor_config.build_flavor_config_from_local_checkpoint`),
+    not Transformers 5's dotted path to it."""
+    from transformers import pipelines
+
+    original = pipelines.check_task
+
+    def check_task(task: str) -> Any:
+        name, metadata, options = original(task)
+        if isinstance(metadata.get("impl"), str):
+            module, _, attribute = metadata["impl"].rpartition(".")
+            metadata = {**metadata, "impl": getattr(importlib.import_module(module), attribute)}
+        return name, metadata, options
+
+    pipelines.check_task = check_task
+    try:
+        yield
+    finally:
+        pipelines.check_task = original
