@@ -157,7 +157,9 @@ def _weights_linked(source: str, destination: str, source_filesystem: Any, desti
         target = target_dir / path.relative_to(source_dir)
         if path.is_dir():
             target.mkdir(exist_ok=True)
-        elif any(path.match(pattern) for pattern in LINKABLE) and not target.exists():
+        elif any(path.match(pattern) for pattern in LINKABLE):
+            # Replaced as Ray's copy replaces it, never written through: the old file may be shared.
+            target.unlink(missing_ok=True)
             os.link(path, target)
         else:
             shutil.copy2(path, target)

@@ -132,8 +132,10 @@ def test_a_checkpoint_persisted_on_the_same_disk_shares_its_weights(tmp_path: Pa
                 Checkpoint.from_directory(export), "checkpoint_0"
             ),
         ]
+        # The same checkpoint persisted again into its folder (Ray's copy overwrites): replaced, not refused.
+        again = tune_storage(0).persist_current_checkpoint(Checkpoint.from_directory(export))
     copied = tune_storage(1).persist_current_checkpoint(Checkpoint.from_directory(export))
-    for checkpoint in persisted:
+    for checkpoint in [*persisted, again]:
         folder = Path(checkpoint.path)
         for weights in ("model.safetensors", "nested/adapter_model.safetensors"):
             assert (folder / weights).stat().st_ino == (export / weights).stat().st_ino, weights
