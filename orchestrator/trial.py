@@ -300,9 +300,10 @@ def _run_merge(setup: dict[str, Any], context: TrialContext, trial_dir: Path, on
             _source_checkpoint(setup["source_method"], params, context, task, work / name)
             for name, params in setup["sources"].items()
         ]
+        models = MergeParams.models_setting(paths)
         if on_epoch.mlflow is not None:
-            on_epoch.mlflow.set_tag(on_epoch.run_id, "source_checkpoints", ",".join(map(str, paths)))
-        params = build_params(merge, {**setup["params"], "models": MergeParams.models_setting(paths)})
+            on_epoch.mlflow.set_tag(on_epoch.run_id, "source_checkpoints", models)
+        params = build_params(merge, {**setup["params"], "models": models})
         merge.run(Path(context.model), task, None, params, on_epoch)
     finally:
         shutil.rmtree(work, ignore_errors=True)
