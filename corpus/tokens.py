@@ -35,4 +35,10 @@ def summed_token_nll(
     losses = torch.nn.functional.cross_entropy(
         logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none"
     )
-    return losses.sum(dim=1), (targets != -100).sum(dim=1).clamp(min=1)
+    return losses.sum(dim=1), labelled_counts(labels)
+
+
+def labelled_counts(labels: torch.Tensor) -> torch.Tensor:
+    """Per sequence, how many next tokens carry a label; at least one, so a per-sequence mean
+    of a row whose answer was cut off is 0, not NaN."""
+    return (labels[:, 1:] != -100).sum(dim=1).clamp(min=1)

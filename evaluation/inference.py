@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from unlearn_sweep.corpus.checkpoints import DTYPES, check_checkpoint
 from unlearn_sweep.corpus.mmlu import LETTERS
-from unlearn_sweep.corpus.tokens import right_padded, summed_token_nll
+from unlearn_sweep.corpus.tokens import labelled_counts, right_padded, summed_token_nll
 from unlearn_sweep.evaluation.options import LOGIT_ELEMENTS, PLAIN_HEAD_MODELS, TOKENS_PER_ROW, EvalOptions
 
 
@@ -140,7 +140,7 @@ def chunked_token_nll(
         total += torch.nn.functional.cross_entropy(
             logits[:, : targets.shape[1]].transpose(1, 2), targets, ignore_index=-100, reduction="none"
         ).sum(dim=1)
-    return total, (labels[:, 1:] != -100).sum(dim=1).clamp(min=1)
+    return total, labelled_counts(labels)
 
 
 @torch.inference_mode()

@@ -45,7 +45,7 @@ from unlearn_sweep.corpus.checkpoints import check_checkpoint
 from unlearn_sweep.corpus.compat import one_gpu_per_process, reset_accelerate_state, without_hf_deepspeed_config
 from unlearn_sweep.corpus.semeval import TaskData, TaskRow
 from unlearn_sweep.corpus.staging import as_if_created_plainly
-from unlearn_sweep.corpus.tokens import right_padded, summed_token_nll
+from unlearn_sweep.corpus.tokens import labelled_counts, right_padded, summed_token_nll
 from unlearn_sweep.methods.registry import EpochCallback, Method, ParamError
 
 ADAPTERS = ("full", "lora", "qlora", "last_k")
@@ -125,7 +125,7 @@ class WholePart:
     to the ranks."""
 
     rows: float
-    labelled_tokens: float  # as sequence_nll counts them: at least one per row
+    labelled_tokens: float  # as `labelled_counts` counts them: at least one per row
     tokens: float  # real (non-padding) tokens
 
     @classmethod
@@ -290,7 +290,7 @@ def retain_kl(model: PreTrainedModel, reference: Any, batch: Batch) -> torch.Ten
     summed = F.kl_div(
         F.log_softmax(logits[mask], -1), F.log_softmax(reference_logits[mask], -1), log_target=True, reduction="sum"
     )
-    return labelled_token_mean(summed, mask.sum(dim=1).clamp(min=1), batch)  # counted as sequence_nll counts
+    return labelled_token_mean(summed, labelled_counts(batch.labels), batch)
 
 
 class AdapterDisabled:
