@@ -172,6 +172,7 @@ def demo_config(folder: Path, trials: int, seed: int):
         "search_space_overrides": {method: TOY_TASK_SPACES[method] for method in DEMO_METHODS},
         "trials": trials,
         "seed": seed,
+        "reproducible_search": True,  # the same trials on every run, whichever of two finishes first
         # float32: the same scores on every CPU (bfloat16 arithmetic differs with the CPU's bf16 support, and is
         # about 4x slower where it has none).
         "eval": {"dtype": "float32"},

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 from unlearn_sweep.corpus.compat import optuna_trial, remember_optuna_trial
 from unlearn_sweep.corpus.settings import read_yaml
@@ -409,3 +410,18 @@ def merge_stage_searcher(config: SweepConfig, models: list[str], source_runs: li
         storage_url=config.study_storage,
         study_name=f"{config.name}-merge",
     )
+
+
+def search_algorithm(
+    config: SweepConfig, searcher: Searcher | None, concurrency: int
+) -> tuple[Searcher | None, int | None]:
+    """What a stage's Tuner is given: its searcher and Tune's own limit on concurrent trials.
+    Optuna suggests from the results it has been told and the trials still running, so with
+    several trials at a time the order they finish in changes the next suggestions, and two runs
+    of one sweep differ. With `reproducible_search` it is asked for each batch of `concurrency`
+    trials at once and told the batch whole (Ray's ConcurrencyLimiter in batch mode): what it
+    suggests follows from the results alone, at the cost of each batch waiting for its slowest
+    trial."""
+    if searcher is None or not config.reproducible_search:
+        return searcher, concurrency
+    return ConcurrencyLimiter(searcher, max_concurrent=concurrency, batch=True), None

@@ -37,7 +37,7 @@ from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
 from unlearn_sweep.orchestrator.console import LiveView, library_messages_to
 from unlearn_sweep.orchestrator.context import TrialContext
 from unlearn_sweep.orchestrator.plan import check_memory
-from unlearn_sweep.orchestrator.search import make_searcher, merge_stage_searcher, study_exists
+from unlearn_sweep.orchestrator.search import make_searcher, merge_stage_searcher, search_algorithm, study_exists
 from unlearn_sweep.orchestrator.selection import crown, select, trial_entries
 from unlearn_sweep.orchestrator.submission import submitted_setup
 from unlearn_sweep.orchestrator.trial import decision_epochs, run_trial
@@ -366,15 +366,16 @@ class Sweep:
             return tune.Tuner.restore(
                 self._path(stage), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
             )
+        search_alg, max_concurrent = search_algorithm(self.config, searcher(), _max_concurrent(self.config))
         return tune.Tuner(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                search_alg=searcher(),
+                search_alg=search_alg,
                 num_samples=1 if param_space else stage.trials,  # a grid runs each of its points once
                 trial_dirname_creator=trial_folder,
                 scheduler=scheduler,
-                max_concurrent_trials=_max_concurrent(self.config),
+                max_concurrent_trials=max_concurrent,
                 reuse_actors=True,  # a fresh worker per trial would re-import torch & co (~6 s) each time
             ),
             run_config=tune.RunConfig(

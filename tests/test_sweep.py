@@ -44,6 +44,7 @@ from unlearn_sweep.orchestrator.search import (
     STUDY_TRIAL,
     load_space,
     make_searcher,
+    search_algorithm,
     sources_can_recur,
 )
 from unlearn_sweep.orchestrator.selection import export_champion, leaderboard
@@ -463,6 +464,52 @@ def test_every_method_is_sampled_during_start_up(seed: int, toy_task_dir: Path, 
         )
     )
     assert {searcher.suggest(str(trial))["setup"]["method"] for trial in range(3)} == set(methods)
+
+
+def suggested_in_simulated_time(search_alg, seconds, trials: int = 10, concurrency: int = 2) -> list[dict]:
+    """Tune's loop for one stage, in simulated time: fill the free slots while the searcher
+    suggests, then end the trial due first. A trial's score follows from its setup alone, its
+    duration from `seconds(setup)`; returns the setups in the order they were suggested."""
+    import heapq
+    import math
+
+    running: list[tuple[float, int, dict]] = []
+    setups: list[dict] = []
+    now = 0.0
+    while len(setups) < trials or running:
+        while len(setups) < trials and len(running) < concurrency:
+            config = search_alg.suggest(f"t{len(setups)}")
+            if config is None:  # the searcher waits for a trial to end
+                break
+            setups.append(config["setup"])
+            heapq.heappush(running, (now + seconds(config["setup"]), len(setups) - 1, config))
+        now, number, config = heapq.heappop(running)
+        score = -abs(math.log10(config["setup"]["params"]["learning_rate"]) + 3.7)
+        result = {"objective": score, "objective_mmlu_slack": -0.1, "objective_time_slack": -1.0, "config": config}
+        search_alg.on_trial_complete(f"t{number}", result)
+    return setups
+
+
+@pytest.mark.parametrize("reproducible", [True, False])
+def test_a_reproducible_search_suggests_the_same_trials_whichever_finishes_first(
+    reproducible: bool, toy_task_dir: Path, tmp_path: Path
+) -> None:
+    """Two trials at a time, finishing in opposite orders (the longer learning rate's first, then
+    the shorter's): with reproducible_search (the demo's) Optuna suggests the same ten trials;
+    without it, the trials after start-up differ, as two runs of one demo did."""
+    runs = []
+    for name, seconds in (
+        ("slow-high", lambda s: s["params"]["learning_rate"]),
+        ("slow-low", lambda s: 1 / s["params"]["learning_rate"]),
+    ):
+        config = load_config(
+            write_config(tmp_path / name, toy_task_dir, name=name, trials=10, reproducible_search=reproducible)
+        )
+        search_alg, tune_limit = search_algorithm(config, make_searcher(config), 2)
+        assert tune_limit == (None if reproducible else 2)  # the batch limiter replaces Tune's own
+        runs.append(suggested_in_simulated_time(search_alg, seconds))
+    assert (runs[0] == runs[1]) is reproducible
+    assert len({setup["params"]["learning_rate"] for setup in runs[0]}) == 10
 
 
 def test_a_sweep_of_a_model_without_whole_weights_is_refused_before_mlflow(toy_task_dir: Path, tmp_path: Path) -> None:
