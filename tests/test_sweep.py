@@ -512,6 +512,33 @@ def test_a_reproducible_search_suggests_the_same_trials_whichever_finishes_first
     assert len({setup["params"]["learning_rate"] for setup in runs[0]}) == 10
 
 
+def test_a_resumed_reproducible_search_tells_optuna_the_batch_it_was_waiting_for(
+    toy_task_dir: Path, tmp_path: Path
+) -> None:
+    """The batch limiter holds results Optuna has not been told yet: a driver killed mid-batch
+    and resumed must still tell them (Tune saves each wrapper's state beside the searcher's)."""
+    from ray import cloudpickle
+    from ray.tune.search import SearchGenerator
+
+    config = load_config(write_config(tmp_path, toy_task_dir, trials=4, reproducible_search=True))
+    search_alg, _ = search_algorithm(config, make_searcher(config), 2)
+    as_built = cloudpickle.dumps(SearchGenerator(search_alg))  # what Tune's tuner.pkl holds
+    running = SearchGenerator(search_alg)
+    first = {trial_id: search_alg.suggest(trial_id) for trial_id in ("a", "b")}
+    assert search_alg.suggest("c") is None  # the batch of two is out
+    search_alg.on_trial_complete("a", {"objective": 0.6, "objective_mmlu_slack": -0.1, "config": first["a"]})
+    running.save_to_dir(str(tmp_path), "killed")
+    resumed = cloudpickle.loads(as_built)
+    resumed.restore_from_dir(str(tmp_path))
+    resumed.searcher.on_trial_complete("b", {"objective": 0.5, "objective_mmlu_slack": -0.1, "config": first["b"]})
+    study = resumed.searcher.searcher.study()
+    assert [(t.state, t.value) for t in study.trials] == [
+        (optuna.trial.TrialState.COMPLETE, 0.6),
+        (optuna.trial.TrialState.COMPLETE, 0.5),
+    ]
+    assert resumed.searcher.suggest("c")[STUDY_TRIAL] == 2  # the next batch
+
+
 def test_a_sweep_of_a_model_without_whole_weights_is_refused_before_mlflow(toy_task_dir: Path, tmp_path: Path) -> None:
     from test_evaluator import broken_copies
 
