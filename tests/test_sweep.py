@@ -121,6 +121,7 @@ def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
         ({"data": "/nonexistent"}, "field 'data': /nonexistent does not exist"),
         ({"mmlu_shots": -1}, "field 'mmlu_shots': expected an integer >= 0, got -1"),
         ({"searcher": "grid"}, "field 'searcher': expected one of tpe, tpe_grouped, random, got 'grid'"),
+        ({"reproducible_search": "yes"}, "field 'reproducible_search': expected true or false, got 'yes'"),
         ({"asha": "off"}, "field 'asha': expected a mapping or null, got 'off'"),
         ({"eval": {"screen_fraction": 0}}, "field 'eval.screen_fraction': expected a number in (0, 1], got 0"),
         ({"eval": {"dtype": "fp8"}}, "field 'eval.dtype': expected one of bfloat16, float16, float32, auto, got 'fp8'"),
