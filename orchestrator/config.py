@@ -30,8 +30,8 @@ gpu_memory_gb: null             # memory of one GPU: a trial planned not to fit 
 seed: 0
 searcher: tpe_grouped           # constrained TPE, multivariate over each group of parameters sampled together,
                                 # a constant liar for running trials | tpe (independent) | random
-reproducible_search: false      # true: Optuna is asked for a batch of concurrent trials at once and told the
-                                # batch whole: the same trials whichever finishes first (a batch waits for its slowest)
+reproducible_search: false      # true: Optuna told the results in trial order, each trial suggested from the same
+                                # ones on every run, whichever trial ends first (a slot may wait behind a late trial)
 asha: null                      # no early stopping (every trial runs all its epochs), or
                                 # {grace_period: 1, reduction_factor: 2}
 eval: {batch_size: 32, max_new_tokens: 256, dtype: bfloat16, answer_nll: false,
@@ -170,7 +170,7 @@ class SweepConfig:
     searcher: str = setting(
         "tpe_grouped", kind=str, what=f"one of {', '.join(SEARCHERS)}", valid=lambda v: v in SEARCHERS
     )
-    # Ray's ConcurrencyLimiter in batch mode (search.py: search_algorithm): reproducible, slower
+    # Optuna told in trial order (search.py: InTrialOrder): the same trials on every run, a little slower
     reproducible_search: bool = setting(False, kind=bool, what="true or false")
     asha: Asha | None = setting(None, kind=dict, what="a mapping or null", section=Asha, nullable=True)
     eval: EvalOptions = setting(factory=EvalOptions, kind=dict, what="a mapping", section=EvalOptions)

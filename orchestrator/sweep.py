@@ -366,16 +366,16 @@ class Sweep:
             return tune.Tuner.restore(
                 self._path(stage), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
             )
-        search_alg, max_concurrent = search_algorithm(self.config, searcher(), _max_concurrent(self.config))
+        concurrent = _max_concurrent(self.config)
         return tune.Tuner(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                search_alg=search_alg,
+                search_alg=search_algorithm(self.config, searcher(), concurrent, stage.trials),
                 num_samples=1 if param_space else stage.trials,  # a grid runs each of its points once
                 trial_dirname_creator=trial_folder,
                 scheduler=scheduler,
-                max_concurrent_trials=max_concurrent,
+                max_concurrent_trials=concurrent,
                 reuse_actors=True,  # a fresh worker per trial would re-import torch & co (~6 s) each time
             ),
             run_config=tune.RunConfig(

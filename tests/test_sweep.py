@@ -506,38 +506,42 @@ def test_a_reproducible_search_suggests_the_same_trials_whichever_finishes_first
         config = load_config(
             write_config(tmp_path / name, toy_task_dir, name=name, trials=10, reproducible_search=reproducible)
         )
-        search_alg, tune_limit = search_algorithm(config, make_searcher(config), 2)
-        assert tune_limit == (None if reproducible else 2)  # the batch limiter replaces Tune's own
-        runs.append(suggested_in_simulated_time(search_alg, seconds))
+        runs.append(suggested_in_simulated_time(search_algorithm(config, make_searcher(config), 2, 10), seconds))
     assert (runs[0] == runs[1]) is reproducible
     assert len({setup["params"]["learning_rate"] for setup in runs[0]}) == 10
 
 
-def test_a_resumed_reproducible_search_tells_optuna_the_batch_it_was_waiting_for(
+def test_a_reproducible_search_tells_optuna_in_trial_order_also_after_a_resume(
     toy_task_dir: Path, tmp_path: Path
 ) -> None:
-    """The batch limiter holds results Optuna has not been told yet: a driver killed mid-batch
-    and resumed must still tell them (Tune saves each wrapper's state beside the searcher's)."""
+    """One trial at a time (a lag of two): trial 2 is suggested once trial 0 is told, and trial 1
+    stays running to Optuna until trial 3 is suggested, though it ended first. The order is
+    Tune's to save (beside the searcher's state) and restore after a driver was killed."""
     from ray import cloudpickle
     from ray.tune.search import SearchGenerator
 
     config = load_config(write_config(tmp_path, toy_task_dir, trials=4, reproducible_search=True))
-    search_alg, _ = search_algorithm(config, make_searcher(config), 2)
+    search_alg = search_algorithm(config, make_searcher(config), 1, 4)
     as_built = cloudpickle.dumps(SearchGenerator(search_alg))  # what Tune's tuner.pkl holds
     running = SearchGenerator(search_alg)
     first = {trial_id: search_alg.suggest(trial_id) for trial_id in ("a", "b")}
-    assert search_alg.suggest("c") is None  # the batch of two is out
-    search_alg.on_trial_complete("a", {"objective": 0.6, "objective_mmlu_slack": -0.1, "config": first["a"]})
+    assert search_alg.suggest("c") is None  # trial 0 has not ended
+    for trial_id, score in (("b", 0.5), ("a", 0.6)):
+        search_alg.on_trial_complete(
+            trial_id, {"objective": score, "objective_mmlu_slack": -0.1, "config": first[trial_id]}
+        )
     running.save_to_dir(str(tmp_path), "killed")
     resumed = cloudpickle.loads(as_built)
     resumed.restore_from_dir(str(tmp_path))
-    resumed.searcher.on_trial_complete("b", {"objective": 0.5, "objective_mmlu_slack": -0.1, "config": first["b"]})
+    assert resumed.searcher.suggest("c")[STUDY_TRIAL] == 2
     study = resumed.searcher.searcher.study()
-    assert [(t.state, t.value) for t in study.trials] == [
-        (optuna.trial.TrialState.COMPLETE, 0.6),
-        (optuna.trial.TrialState.COMPLETE, 0.5),
-    ]
-    assert resumed.searcher.suggest("c")[STUDY_TRIAL] == 2  # the next batch
+    complete, running_state = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING
+    assert [t.state for t in study.trials] == [complete, running_state, running_state]
+    assert resumed.searcher.suggest("d")[STUDY_TRIAL] == 3  # now trial 1 is told
+    assert [t.state for t in study.trials] == [complete, complete, running_state, running_state]
+    for trial_id in ("d", "c"):  # every trial suggested: each told as soon as those before it are
+        resumed.searcher.on_trial_complete(trial_id, {"objective": 0.4, "objective_mmlu_slack": -0.1})
+    assert [t.value for t in study.trials] == [0.6, 0.5, 0.4, 0.4]
 
 
 def test_a_sweep_of_a_model_without_whole_weights_is_refused_before_mlflow(toy_task_dir: Path, tmp_path: Path) -> None:
