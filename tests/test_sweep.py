@@ -495,9 +495,9 @@ def suggested_in_simulated_time(search_alg, seconds, trials: int = 10, concurren
 def test_a_reproducible_search_suggests_the_same_trials_whichever_finishes_first(
     reproducible: bool, toy_task_dir: Path, tmp_path: Path
 ) -> None:
-    """Two trials at a time, finishing in opposite orders (the longer learning rate's first, then
-    the shorter's): with reproducible_search (the demo's) Optuna suggests the same ten trials;
-    without it, the trials after start-up differ, as two runs of one demo did."""
+    """Two trials at a time, ending in opposite orders (in one run a higher learning rate takes
+    longer, in the other a lower one): with reproducible_search (the demo's) Optuna suggests the
+    same ten trials; without it, the trials after start-up differ, as two runs of one demo did."""
     runs = []
     for name, seconds in (
         ("slow-high", lambda s: s["params"]["learning_rate"]),
