@@ -451,6 +451,9 @@ class InTrialOrder(Searcher):
         self.searcher.on_trial_result(trial_id, result)  # intermediate values: TPE samples from final ones
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id not in self.order:  # suggested before this state was lost: the searcher finds it again
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+            return
         self.ended[trial_id] = (result, error)
         if len(self.order) >= self.trials:  # every trial suggested: nothing waits on the order any more
             self._tell(self.trials)

@@ -542,6 +542,12 @@ def test_a_reproducible_search_tells_optuna_in_trial_order_also_after_a_resume(
     for trial_id in ("d", "c"):  # every trial suggested: each told as soon as those before it are
         resumed.searcher.on_trial_complete(trial_id, {"objective": 0.4, "objective_mmlu_slack": -0.1})
     assert [t.value for t in study.trials] == [0.6, 0.5, 0.4, 0.4]
+    # A trial this wrapper never saw (its saved order lost) goes to the searcher, which finds it
+    # in the study by the number its config carries, rather than waiting forever.
+    lost = cloudpickle.loads(as_built).searcher
+    fifth = lost.searcher.suggest("e")
+    lost.on_trial_complete("e", {"objective": 0.3, "objective_mmlu_slack": -0.1, "config": fifth})
+    assert study.trials[-1].value == 0.3
 
 
 def test_a_sweep_of_a_model_without_whole_weights_is_refused_before_mlflow(toy_task_dir: Path, tmp_path: Path) -> None:
