@@ -170,7 +170,7 @@ class SweepConfig:
     searcher: str = setting(
         "tpe_grouped", kind=str, what=f"one of {', '.join(SEARCHERS)}", valid=lambda v: v in SEARCHERS
     )
-    # Optuna told in trial order (search.py: InTrialOrder): the same trials on every run, a little slower
+    # Optuna told in trial order (search.py: InTrialOrder): the same trials on every run
     reproducible_search: bool = setting(False, kind=bool, what="true or false")
     asha: Asha | None = setting(None, kind=dict, what="a mapping or null", section=Asha, nullable=True)
     eval: EvalOptions = setting(factory=EvalOptions, kind=dict, what="a mapping", section=EvalOptions)
