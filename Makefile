@@ -10,11 +10,16 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 install: $(INSTALLED)
 
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build on CPU machines.
+# DeepSpeed compiles its CPU shared-memory collective at its first use (about 40 s of g++): once
+# here, into TORCH_EXTENSIONS_DIR, not inside the first test or trial that starts it.
+export BUILD_DEEPSPEED_CPU_COMM := from deepspeed.accelerator import get_accelerator; \
+	get_accelerator().create_op_builder("ShareMemCommBuilder").load()
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[test]"
+	DS_ACCELERATOR=cpu $(BIN)/python -c "$$BUILD_DEEPSPEED_CPU_COMM"
 	touch $(INSTALLED)
 
 demo: $(INSTALLED)
