@@ -418,7 +418,8 @@ class InTrialOrder(Searcher):
     however many have ended: every suggestion is made from the same state on every run. With
     `lag` twice the concurrent trials a slot waits only behind a trial that many places late
     (Ray's ConcurrencyLimiter in batch mode, the library's way, makes every slot wait for the
-    slowest trial of its batch: the demo's search took 15 min 48 s so, 9 min 54 s in this order)."""
+    slowest trial of its batch: the demo's search took 15 min 48 s so, 9 min 54 s in this order,
+    on other trials)."""
 
     def __init__(self, searcher: Searcher, lag: int, trials: int):
         self.searcher, self.lag, self.trials = searcher, lag, trials

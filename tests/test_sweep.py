@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import heapq
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -471,9 +473,6 @@ def suggested_in_simulated_time(search_alg, seconds, trials: int = 10, concurren
     """Tune's loop for one stage, in simulated time: fill the free slots while the searcher
     suggests, then end the trial due first. A trial's score follows from its setup alone, its
     duration from `seconds(setup)`; returns the setups in the order they were suggested."""
-    import heapq
-    import math
-
     running: list[tuple[float, int, dict]] = []
     setups: list[dict] = []
     now = 0.0
