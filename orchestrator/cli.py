@@ -325,9 +325,24 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ui(args: argparse.Namespace) -> int:
-    import os
+def _check_port_free(port: int) -> None:
+    """MLflow's server logs a port it cannot bind and exits 0: a taken port is refused first."""
+    import socket
 
+    if not 1 <= port <= 65535:
+        raise UsageError(f"--port {port}: expected a port from 1 to 65535")
+    with socket.socket() as probe:
+        # As the server binds: a closed connection's TIME_WAIT on the port does not stop it.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            raise UsageError(f"--port {port}: 127.0.0.1:{port} is taken ({error.strerror}); choose another") from None
+
+
+def _ui(args: argparse.Namespace) -> int:
+    tracking_uri = _existing_store(args.tracking_uri)
+    _check_port_free(args.port)
     # The mlflow of this interpreter's environment, found without relying on PATH. One server
     # process: a person browsing trials needs no more, and MLflow's default of 4 costs a GB.
     command = [
@@ -336,7 +351,7 @@ def _ui(args: argparse.Namespace) -> int:
         "mlflow",
         "ui",
         "--backend-store-uri",
-        _existing_store(args.tracking_uri),
+        tracking_uri,
         "--host",
         "127.0.0.1",
         "--port",

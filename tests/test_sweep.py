@@ -686,10 +686,12 @@ def test_small_sweep_end_to_end(local_ray, toy_task_dir: Path, tmp_path: Path, c
         )
     )
     tracking.client(config.tracking_uri).search_experiments()  # the store exists: the UI starts beside the sweep
-    with ui_serving(config.tracking_uri) as ui:
+    with ui_serving(config.tracking_uri, tmp_path / "ui.log") as ui:
         summary = run_sweep(config)
         # The UI, on loopback, browses the sweep's store.
-        found = json.loads(answer(f"{ui}/api/2.0/mlflow/experiments/get-by-name?experiment_name={config.experiment}"))
+        url = f"{ui}/api/2.0/mlflow/experiments/get-by-name?experiment_name={config.experiment}"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            found = json.loads(response.read())
         assert found["experiment"]["name"] == config.experiment
     # The live view, not Tune's tables: a line per ended trial (no bar: the output is not a terminal).
     console = capsys.readouterr().out
@@ -1023,74 +1025,80 @@ def test_ui_refuses_a_store_that_does_not_exist(tmp_path: Path, capsys: pytest.C
     assert "no MLflow store here" in capsys.readouterr().err and not (tmp_path / "m.db").exists()
 
 
+@pytest.mark.parametrize("port", ["taken", 0, 65536])
+def test_ui_refuses_a_port_it_cannot_serve_on(
+    port, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """MLflow's server logs a port it cannot bind and exits 0: the UI said it served, and ended (the
+    default 5000 is often taken). Now one line and exit 2, before MLflow starts."""
+    store = f"sqlite:///{tmp_path}/m.db"
+    tracking.client(store).search_experiments()
+    capsys.readouterr()
+    monkeypatch.setattr(os, "execv", lambda *command: pytest.fail(f"started {command}"))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        if port == "taken":
+            port = holder.getsockname()[1]
+        assert main(["ui", "--port", str(port), "--tracking-uri", store]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"unlearn-sweep: error: --port {port}: ") and error.count("\n") == 1, error
+
+
 @contextlib.contextmanager
-def ui_serving(tracking_uri: str) -> Iterator[str]:
-    """`unlearn-sweep ui` on a free loopback port, in the background; its address."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "unlearn_sweep.orchestrator.cli", "ui", "--port", str(port)]
-    ui = subprocess.Popen(
-        [*command, "--tracking-uri", tracking_uri],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        yield f"http://127.0.0.1:{port}"
-        assert ui.poll() is None, "the UI exited"
-    finally:
-        os.killpg(ui.pid, signal.SIGTERM)
-        ui.wait()
-
-
-def answer(url: str, seconds: float = 120) -> bytes:
-    """What a server answers at url, waiting for it to start."""
-    deadline = time.time() + seconds
-    while True:
+def loopback_server(command: list[str], log: Path) -> Iterator[str]:
+    """A server `command` (+ `--port`) on a free loopback port, in the background, once it answers;
+    its address. The port is probed free first, so another process (Ray's, the other test
+    worker's) may take it before the server binds it: then another port, not an error (a failed
+    CI run waited on a UI that had exited). Any other early exit fails with the server's output."""
+    for _ in range(3):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with log.open("w") as output:
+            server = subprocess.Popen(
+                [*command, "--port", str(port)], stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        url = f"http://127.0.0.1:{port}"
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return response.read()
+            if answers(f"{url}/health", server):
+                yield url
+                assert server.poll() is None, f"the server exited:\n{log.read_text()[-3000:]}"
+                return
+            assert server.poll() is not None, f"no answer at {url}:\n{log.read_text()[-3000:]}"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGTERM)
+            server.wait()
+        output = log.read_text()
+        assert re.search("is taken|address already in use", output), f"exited before serving:\n{output[-3000:]}"
+    pytest.fail(f"three free ports were taken before the server bound them:\n{output[-3000:]}")
+
+
+def answers(url: str, server: subprocess.Popen, seconds: float = 180) -> bool:
+    """Whether a starting server answers at url; False once it exits or after `seconds`."""
+    deadline = time.time() + seconds
+    while server.poll() is None and time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return True
         except OSError:
-            if time.time() > deadline:
-                raise
             time.sleep(1)
+    return False
 
 
-@contextlib.contextmanager
-def mlflow_server(folder: Path):
-    """`mlflow server` on 127.0.0.1 (SQLite backend, proxied artifacts, a free port), as on a cluster."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{folder}/server.db",
-            "--artifacts-destination",
-            str(folder / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        answer(f"{uri}/health")
-        yield uri
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait()
+def ui_serving(tracking_uri: str, log: Path) -> contextlib.AbstractContextManager[str]:
+    """`unlearn-sweep ui` of a store."""
+    command = [sys.executable, "-m", "unlearn_sweep.orchestrator.cli", "ui", "--tracking-uri", tracking_uri]
+    return loopback_server(command, log)
+
+
+def mlflow_server(folder: Path) -> contextlib.AbstractContextManager[str]:
+    """`mlflow server` (SQLite backend, proxied artifacts), as on a cluster."""
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/server.db"]
+    command += ["--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--workers", "1"]
+    return loopback_server(command, folder / "server.log")
 
 
 def test_reading_a_config_loads_no_torch() -> None:
