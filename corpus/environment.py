@@ -1,11 +1,28 @@
-"""Environment variables set for a while: what a library reads from the environment, or hands
-to the processes it starts, set around one call and put back as it was after."""
+"""Environment variables: set for a while around one call (what a library reads from the
+environment, or hands to the processes it starts), or once for a command that loads models."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
+
+
+def quiet_model_libraries() -> None:
+    """For a command that loads models, before it does (its child processes and Ray's workers
+    inherit the variables): DeepSpeed is told it runs on the CPU where torch sees no GPU
+    (guessing, it warns on the console at every import), and the weight-loading and
+    shard-writing bars are shown on a terminal only."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 @contextlib.contextmanager

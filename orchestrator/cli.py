@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from unlearn_sweep.corpus.checkpoints import BACKENDS, DTYPES, check_checkpoint
+from unlearn_sweep.corpus.environment import quiet_model_libraries
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.staging import check_output_folder
 from unlearn_sweep.methods.registry import ParamError
@@ -586,30 +587,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _name_deepspeeds_accelerator() -> None:
-    """On a machine where torch sees no GPU, DeepSpeed is told it runs on the CPU (its processes
-    and Ray's workers inherit the variable); guessing, it warns on the console at every import."""
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="unlearn-sweep: %(levelname)s: %(message)s", level=logging.WARNING)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its optional CPU kernels are not needed
     logging.getLogger("mlflow.transformers").setLevel(
         logging.ERROR
     )  # no hub model card or license for a local checkpoint
     if args.run in (_toy_task, _demo, _sweep, _plan, _export, _unlearn, _evaluate):
-        _name_deepspeeds_accelerator()
-        if not sys.stderr.isatty():  # weight-loading and shard-writing bars are for a terminal
-            # the variable for the processes this one starts (the toy build's, Ray's workers)
-            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-            from transformers.utils import logging as transformers_logging
-
-            transformers_logging.disable_progress_bar()
+        quiet_model_libraries()
     try:
         return args.run(args)
     except (DataError, UsageError, ParamError) as error:

@@ -92,12 +92,14 @@ def main(configuration: Path, argv: list[str]) -> int:
     """The script's entry: one line on stderr and exit 2 for bad input, nothing half-written."""
     import dataclasses
 
+    from unlearn_sweep.corpus.environment import quiet_model_libraries
     from unlearn_sweep.corpus.mia import load_held_out
     from unlearn_sweep.corpus.semeval import load_task_files
 
     if len(argv) != 4:
         print(f"usage: {SCRIPT} INPUT_MODEL RETAIN_SET FORGET_SET OUTPUT_DIR", file=sys.stderr)
         return 2
+    quiet_model_libraries()  # its output is its line, as `unlearn-sweep unlearn`'s
     model, retain, forget, out = map(Path, argv)
     try:
         setup = json.loads(configuration.read_text())

@@ -213,6 +213,15 @@ def test_unlearn_prints_what_it_wrote_and_no_library_notice(toy_task_dir: Path, 
     assert (done.stdout, done.stderr) == (f"grad_ascent: wrote {tmp_path / 'out'}\n", "")
 
 
+def test_importing_the_methods_prints_no_library_notice() -> None:
+    """peft imports bitsandbytes, which on a CPU with AVX-512 BF16 (this machine's) logged at
+    import that its optional `kernels` package is missing: the exported unlearn.py and every
+    trial's log showed it; the CLI alone had quieted it."""
+    code = "import unlearn_sweep.methods.training, unlearn_sweep.methods.merge"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stderr == ""
+
+
 def test_training_shows_its_steps_on_a_terminal_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     params = build_params(get_method("grad_diff"), {})
     assert training_arguments(params, tmp_path).disable_tqdm  # a trial's worker, a pipe, a log file

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -192,6 +195,28 @@ def test_a_trial_run_killed_while_it_is_being_closed_is_never_left_open_as_finis
             close(KilledAfterOneWrite(), run_id)
         run = mlflow.get_run(run_id)
         assert run.data.tags["status"] == "running" or run.info.status != "RUNNING"
+
+
+def test_the_exported_script_prints_its_line_alone(toy_task_dir: Path, tmp_path: Path) -> None:
+    """The organizers run `unlearn.py` and read its output: DeepSpeed's guess of the CPU (on
+    stdout), bitsandbytes' missing-kernels notice and the weight-loading bars came with its line."""
+    from unlearn_sweep.orchestrator.submission import write_submission
+
+    exported = tmp_path / "submission"
+    exported.mkdir()
+    write_submission(exported, {"method": "grad_ascent", "params": {"epochs": 1}, "epoch": 1})
+    data, model, out = toy_task_dir / "data", toy_task_dir / "model", tmp_path / "out"
+    sets = [next(data.glob(f"{name}_validation-*.parquet")) for name in ("retain", "forget")]
+    unset = ("DS_ACCELERATOR", "HF_HUB_DISABLE_PROGRESS_BARS")  # as a fresh shell has them
+    environment = {key: value for key, value in os.environ.items() if key not in unset}
+    done = subprocess.run(
+        [sys.executable, str(exported / "unlearn.py"), str(model), *map(str, sets), str(out)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        check=True,
+    )
+    assert (done.stdout, done.stderr) == (f"unlearned {model} with grad_ascent into {out}\n", "")
 
 
 def test_an_exported_merge_trains_its_sources_then_merges_them(toy_task_dir: Path, tmp_path: Path) -> None:
