@@ -230,13 +230,31 @@ class TaskArithmetic(Combination):
         return params.scale * (deltas * weights).sum(dim=0)
 
 
+class SparsifiedSum(Combination):
+    """Mergekit's generalized task arithmetic: each delta sparsified on its own, the kept entries
+    summed weighted (or, where `elect`, the sign-elected consensus, divided by the weight it
+    carries where `normalize`), times scale."""
+
+    elect: ClassVar[bool] = False
+    normalize: ClassVar[bool] = False
+
+    @classmethod
+    def sparsify(cls, delta: Tensor, params: MergeParams) -> Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def merge(cls, deltas: Tensor, weights: Tensor, params: MergeParams, base: Tensor) -> Tensor:
+        kept = torch.stack([cls.sparsify(delta, params) for delta in deltas])
+        mixed = weighted_consensus(kept, weights, cls.normalize) if cls.elect else (kept * weights).sum(dim=0)
+        return params.scale * mixed
+
+
 @combination
-class Breadcrumbs(Combination):
+class Breadcrumbs(SparsifiedSum):
     """Mergekit's: each delta keeps the `density` fraction of its entries after dropping the
     `gamma` fraction largest in magnitude; the weighted sum times scale."""
 
     name, knobs = "breadcrumbs", ("density", "weights", "scale", "gamma")
-    elect = False
 
     @classmethod
     def check(cls, params: MergeParams) -> None:
@@ -245,10 +263,8 @@ class Breadcrumbs(Combination):
             raise ParamError(f"gamma={params.gamma}: must lie in [0, 1)")
 
     @classmethod
-    def merge(cls, deltas: Tensor, weights: Tensor, params: MergeParams, base: Tensor) -> Tensor:
-        kept = torch.stack([without_outliers(delta, params.density, params.gamma) for delta in deltas])
-        mixed = weighted_consensus(kept, weights, normalize=False) if cls.elect else (kept * weights).sum(dim=0)
-        return params.scale * mixed
+    def sparsify(cls, delta: Tensor, params: MergeParams) -> Tensor:
+        return without_outliers(delta, params.density, params.gamma)
 
 
 @combination
@@ -259,11 +275,11 @@ class BreadcrumbsTies(Breadcrumbs):
 
 
 @combination
-class Della(Combination):
+class Della(SparsifiedSum):
     """Mergekit's DELLA: MAGPRUNE drops, elected signs, averaged over the weight kept; times scale."""
 
     name, knobs = "della", ("density", "weights", "scale", "epsilon", "seed")
-    elect = True
+    elect, normalize = True, True
 
     @classmethod
     def check(cls, params: MergeParams) -> None:
@@ -272,10 +288,8 @@ class Della(Combination):
             raise ParamError(f"epsilon={params.epsilon}: density +- epsilon must lie in (0, 1)")
 
     @classmethod
-    def merge(cls, deltas: Tensor, weights: Tensor, params: MergeParams, base: Tensor) -> Tensor:
-        kept = torch.stack([della_drop(delta, params.density, params.epsilon) for delta in deltas])
-        mixed = weighted_consensus(kept, weights, normalize=True) if cls.elect else (kept * weights).sum(dim=0)
-        return params.scale * mixed
+    def sparsify(cls, delta: Tensor, params: MergeParams) -> Tensor:
+        return della_drop(delta, params.density, params.epsilon)
 
 
 @combination

@@ -65,6 +65,15 @@ def local_ray():
     ray.shutdown()
 
 
+def toy_task_args(
+    task: Path, command: str, *options: str | Path, out: Path | None = None, model: Path | None = None
+) -> list[str]:
+    """The arguments of `unlearn-sweep COMMAND` on the toy task: its model (or `model`) and
+    data, `--out out` where given, then the options."""
+    args = [*command.split(), "--model", str(model or task / "model"), "--data", str(task / "data")]
+    return args + (["--out", str(out)] if out is not None else []) + [str(option) for option in options]
+
+
 def shared_data(*parts: str) -> Path:
     """A path under ../shared/data, or skip the test where that folder is absent."""
     path = SHARED_DATA.joinpath(*parts)

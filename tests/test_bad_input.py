@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import toy_task_args
 from test_corpus import ROW, task_dir, write_jsonl
 from test_sweep import write_config
 from unlearn_sweep.corpus.errors import DataError
@@ -91,9 +92,8 @@ def test_broken_model_folders_are_one_line_before_anything_loads(
     config, tokenizer, message, toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     model = broken_model(tmp_path / "model", toy_task_dir, config, tokenizer)
-    common = ["--model", str(model), "--data", str(toy_task_dir / "data")]
-    for command in (["unlearn", "--method", "grad_ascent", *common], ["evaluate", *common]):
-        assert main([*command, "--out", str(tmp_path / "out")]) == 2
+    for command in ("unlearn --method grad_ascent", "evaluate"):
+        assert main(toy_task_args(toy_task_dir, command, out=tmp_path / "out", model=model)) == 2
         assert not (tmp_path / "out").exists()
         assert re.search(message, one_error_line(capsys))
 
@@ -116,7 +116,7 @@ def test_a_negative_layer_count_is_refused_by_the_plan(toy_task_dir: Path, tmp_p
         ModelShape.from_config(model)
 
 
-@pytest.mark.parametrize("command", ["evaluate", "unlearn"])
+@pytest.mark.parametrize("command", ["evaluate", "unlearn --method grad_ascent"])
 def test_an_output_path_that_cannot_be_a_folder_is_refused_before_the_work(
     command: str, toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
 ) -> None:
@@ -128,9 +128,7 @@ def test_an_output_path_that_cannot_be_a_folder_is_refused_before_the_work(
     monkeypatch.setattr(semeval, "load_rows", never)
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    args = [command, "--model", str(toy_task_dir / "model"), "--data", str(toy_task_dir / "data")]
-    if command == "unlearn":
-        args += ["--method", "grad_ascent"]
+    args = toy_task_args(toy_task_dir, command)
     for out, problem in (
         (a_file, "is a file, not a folder"),
         (a_file / "sub", f"cannot be created: {a_file} is a file"),

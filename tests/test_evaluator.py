@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import toy_task_args
 from unlearn_sweep.corpus.checkpoints import BACKENDS
 from unlearn_sweep.corpus.mmlu import format_prompt, load_mmlu
 from unlearn_sweep.corpus.semeval import load_task
@@ -150,17 +151,7 @@ def test_cli_evaluate_then_score(
     toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
     out = tmp_path / "eval"
-    args = [
-        "evaluate",
-        "--model",
-        str(toy_task_dir / "model"),
-        "--data",
-        str(toy_task_dir / "data"),
-        "--out",
-        str(out),
-        "--batch-size",
-        "64",
-    ]
+    args = toy_task_args(toy_task_dir, "evaluate", "--batch-size", "64", out=out)
     assert main(args) == 0
     assert "final_score     null" in capsys.readouterr().out and "final_score is null" in caplog.text
     assert json.loads((out / "scores.json").read_text())["final_score"] is None
@@ -172,10 +163,7 @@ def test_cli_evaluate_then_score(
     assert "generations.jsonl: row 1: invalid JSON" in capsys.readouterr().err
     assert main(args[:-2] + ["--mmlu-threshold", "0.75x"]) == 2
     assert "needs the base model's MMLU" in capsys.readouterr().err
-    assert (
-        main(["evaluate", "--model", str(tmp_path), "--data", str(toy_task_dir / "data"), "--out", str(tmp_path / "x")])
-        == 2
-    )
+    assert main(toy_task_args(toy_task_dir, "evaluate", out=tmp_path / "x", model=tmp_path)) == 2
     assert "not a Hugging Face checkpoint" in capsys.readouterr().err
 
 
@@ -208,18 +196,7 @@ def test_evaluate_refuses_empty_batches_and_generations(
     args: list[str], message: str, toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     with pytest.raises(SystemExit) as exit_:
-        main(
-            [
-                "evaluate",
-                "--model",
-                str(toy_task_dir / "model"),
-                "--data",
-                str(toy_task_dir / "data"),
-                "--out",
-                str(tmp_path / "o"),
-                *args,
-            ]
-        )
+        main(toy_task_args(toy_task_dir, "evaluate", *args, out=tmp_path / "o"))
     assert exit_.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
@@ -233,18 +210,8 @@ def test_a_checkpoint_without_or_with_truncated_weights_is_one_line(
     }
     for kind, folder in copies.items():
         for command in (
-            ["evaluate", "--model", str(folder), "--data", str(toy_task_dir / "data"), "--out", str(tmp_path / "o")],
-            [
-                "unlearn",
-                "--method",
-                "grad_diff",
-                "--model",
-                str(folder),
-                "--data",
-                str(toy_task_dir / "data"),
-                "--out",
-                str(tmp_path / "u"),
-            ],
+            toy_task_args(toy_task_dir, "evaluate", out=tmp_path / "o", model=folder),
+            toy_task_args(toy_task_dir, "unlearn --method grad_diff", out=tmp_path / "u", model=folder),
         ):
             assert main(command) == 2
             error = capsys.readouterr().err.strip()
@@ -256,17 +223,7 @@ def test_evaluate_replaces_every_older_record(
     toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "eval"
-    base = [
-        "evaluate",
-        "--model",
-        str(toy_task_dir / "model"),
-        "--data",
-        str(toy_task_dir / "data"),
-        "--out",
-        str(out),
-        "--max-new-tokens",
-        "4",
-    ]
+    base = toy_task_args(toy_task_dir, "evaluate", "--max-new-tokens", "4", out=out)
     assert main(base + ["--mia", str(toy_task_dir / "mia"), "--mmlu", str(toy_task_dir / "mmlu")]) == 0
     assert (out / "mia.jsonl").exists() and (out / "mmlu.jsonl").exists()
     assert main(base) == 0  # without MIA and MMLU: their old records must not be read back with the new scores
@@ -280,26 +237,8 @@ def test_unlearn_whose_loss_diverges_fails_in_one_line_and_writes_nothing(
     toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "diverged"
-    assert (
-        main(
-            [
-                "unlearn",
-                "--method",
-                "grad_ascent",
-                "--model",
-                str(toy_task_dir / "model"),
-                "--data",
-                str(toy_task_dir / "data"),
-                "--out",
-                str(out),
-                "--set",
-                "learning_rate=1e6",
-                "--set",
-                "epochs=1",
-            ]
-        )
-        == 1
-    )
+    settings = ("--set", "learning_rate=1e6", "--set", "epochs=1")
+    assert main(toy_task_args(toy_task_dir, "unlearn --method grad_ascent", *settings, out=out)) == 1
     error = [
         line for line in capsys.readouterr().err.splitlines() if line.startswith("unlearn-sweep")
     ]  # beside progress bars
@@ -327,29 +266,8 @@ def test_dtype_and_answer_nll_are_chosen_and_recorded(
     toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "fp32"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--model",
-                str(toy_task_dir / "model"),
-                "--data",
-                str(toy_task_dir / "data"),
-                "--out",
-                str(out),
-                "--dtype",
-                "float32",
-                "--answer-nll",
-                "--max-new-tokens",
-                "8",
-                "--mmlu",
-                str(toy_task_dir / "mmlu"),
-                "--mmlu-shots",
-                "0",
-            ]
-        )
-        == 0
-    )
+    options = ("--dtype", "float32", "--answer-nll", "--max-new-tokens", "8", "--mmlu", toy_task_dir / "mmlu")
+    assert main(toy_task_args(toy_task_dir, "evaluate", *options, "--mmlu-shots", "0", out=out)) == 0
     scores = json.loads((out / "scores.json").read_text())
     assert scores["eval"] == {"dtype": "float32", "max_new_tokens": 8, "mmlu_shots": 0, "task_settings": False}
     generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
@@ -375,42 +293,9 @@ def test_outputs_get_the_users_normal_permissions(toy_task_dir: Path, tmp_path: 
     previous = os.umask(0o022)
     try:
         out, unlearned = tmp_path / "eval", tmp_path / "unlearned"
-        assert (
-            main(
-                [
-                    "evaluate",
-                    "--model",
-                    str(toy_task_dir / "model"),
-                    "--data",
-                    str(toy_task_dir / "data"),
-                    "--out",
-                    str(out),
-                    "--max-new-tokens",
-                    "2",
-                    "--dtype",
-                    "float32",
-                ]
-            )
-            == 0
-        )
-        assert (
-            main(
-                [
-                    "unlearn",
-                    "--method",
-                    "grad_diff",
-                    "--model",
-                    str(toy_task_dir / "model"),
-                    "--data",
-                    str(toy_task_dir / "data"),
-                    "--out",
-                    str(unlearned),
-                    "--set",
-                    "epochs=1",
-                ]
-            )
-            == 0
-        )
+        options = ("--max-new-tokens", "2", "--dtype", "float32")
+        assert main(toy_task_args(toy_task_dir, "evaluate", *options, out=out)) == 0
+        assert main(toy_task_args(toy_task_dir, "unlearn --method grad_diff", "--set", "epochs=1", out=unlearned)) == 0
     finally:
         os.umask(previous)
     for folder in (out, unlearned):  # readable by teammates on shared storage, as mkdir and open would make them
@@ -424,22 +309,7 @@ def test_the_vllm_backend_is_refused_where_it_cannot_run(
     if vllm_inference.unavailable() is None:
         pytest.skip("vLLM runs here: test_the_vllm_backend_gives_the_hf_records covers it")
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--model",
-                str(toy_task_dir / "model"),
-                "--data",
-                str(toy_task_dir / "data"),
-                "--out",
-                str(out),
-                "--backend",
-                "vllm",
-            ]
-        )
-        == 2
-    )
+    assert main(toy_task_args(toy_task_dir, "evaluate", "--backend", "vllm", out=out)) == 2
     assert (
         capsys.readouterr().err == f"unlearn-sweep: error: --backend vllm: {vllm_inference.unavailable()}\n"
         and not out.exists()

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import toy_task_args
 from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 from transformers import AutoModelForCausalLM
@@ -118,15 +119,7 @@ def member_auc(model_dir: Path, toy_task_dir: Path) -> float:
 def test_mia_target_moves_members_toward_unseen_documents(
     toy_task_dir: Path, task, base_nll, base_mmlu, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    args = [
-        "unlearn",
-        "--method",
-        "mia_target",
-        "--model",
-        str(toy_task_dir / "model"),
-        "--data",
-        str(toy_task_dir / "data"),
-    ]
+    args = toy_task_args(toy_task_dir, "unlearn --method mia_target")
     assert main(args + ["--out", str(tmp_path / "none")]) == 2  # no held-out documents: refused before training
     assert "mia_target needs held-out documents" in capsys.readouterr().err and not (tmp_path / "none").exists()
     settings = ["learning_rate=5e-4", "epochs=5", "forget_weight=3", "retain_weight=5"]
@@ -201,8 +194,7 @@ def test_registry_checks_names_and_types() -> None:
 def test_unlearn_prints_what_it_wrote_and_no_library_notice(toy_task_dir: Path, tmp_path: Path) -> None:
     """DeepSpeed, imported by the Trainer, warned on the console that it guessed the CPU."""
     environment = {key: value for key, value in os.environ.items() if key != "DS_ACCELERATOR"}
-    command = ["unlearn", "--method", "grad_ascent", "--model", str(toy_task_dir / "model")]
-    command += ["--data", str(toy_task_dir / "data"), "--out", str(tmp_path / "out"), "--set", "epochs=1"]
+    command = toy_task_args(toy_task_dir, "unlearn --method grad_ascent", "--set", "epochs=1", out=tmp_path / "out")
     done = subprocess.run(
         [sys.executable, "-m", "unlearn_sweep.orchestrator.cli", *command],
         capture_output=True,
@@ -253,15 +245,7 @@ def test_bf16_is_decided_by_the_training_device(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_unlearn_cli_errors_write_nothing(toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    args = [
-        "unlearn",
-        "--model",
-        str(toy_task_dir / "model"),
-        "--data",
-        str(toy_task_dir / "data"),
-        "--out",
-        str(tmp_path / "o"),
-    ]
+    args = toy_task_args(toy_task_dir, "unlearn", out=tmp_path / "o")
     assert main(args + ["--method", "npo", "--set", "beta=x"]) == 2
     assert "beta='x': expected float" in capsys.readouterr().err
     assert main(args + ["--method", "npo", "--set", "beta"]) == 2
