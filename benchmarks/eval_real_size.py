@@ -31,7 +31,7 @@ from unlearn_sweep.corpus.checkpoints import BACKENDS
 from unlearn_sweep.corpus.mia import load_mia
 from unlearn_sweep.corpus.mmlu import MmluQuestion, first_shots, fitted_prompt, format_prompt
 from unlearn_sweep.corpus.semeval import load_task
-from unlearn_sweep.corpus.toy_model import train_tokenizer
+from unlearn_sweep.corpus.toy_model import olmo2_config, train_tokenizer
 from unlearn_sweep.evaluation.evaluator import backend_passes, load
 
 MMLU_QUESTIONS, SUBJECTS, DEV_PER_SUBJECT = 14_042, 57, 5
@@ -61,23 +61,11 @@ def synthetic_mmlu(words: list[str], rng: random.Random) -> tuple[list[MmluQuest
 
 def build_model(texts: list[str], out_dir: Path, size: str) -> int:
     """An OLMo-2 of `size` with random weights saved to out_dir; its parameter count."""
-    from transformers import Olmo2Config, Olmo2ForCausalLM
+    from transformers import Olmo2ForCausalLM
 
     tokenizer = train_tokenizer(texts, OLMO_VOCAB)
     hidden, intermediate, layers, heads = SIZES[size]
-    config = Olmo2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
+    config = olmo2_config(tokenizer, hidden, intermediate, layers, heads, positions=4096)
     torch.manual_seed(0)
     model = Olmo2ForCausalLM(config)
     model.save_pretrained(out_dir)

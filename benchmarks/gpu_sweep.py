@@ -28,22 +28,12 @@ SIZES = {  # hidden, layers, heads, intermediate: ~parameters with the toy token
 def build_model(task: Path, size: str, out: Path) -> int:
     """An untrained OLMo-2 of the given size with the toy task's tokenizer, saved in bf16."""
     import torch
-    from transformers import AutoTokenizer, Olmo2Config, Olmo2ForCausalLM
+    from transformers import AutoTokenizer, Olmo2ForCausalLM
+    from unlearn_sweep.corpus.toy_model import olmo2_config
 
     tokenizer = AutoTokenizer.from_pretrained(task / "model")
     hidden, layers, heads, intermediate = SIZES[size]
-    config = Olmo2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        intermediate_size=intermediate,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
+    config = olmo2_config(tokenizer, hidden, intermediate, layers, heads, tied=False)
     torch.manual_seed(0)
     model = Olmo2ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(out)

@@ -20,6 +20,7 @@ import torch
 from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 from unlearn_sweep.corpus.semeval import load_task
+from unlearn_sweep.corpus.toy_model import olmo2_config
 from unlearn_sweep.methods.memory_plan import GIB, ModelShape, estimate
 from unlearn_sweep.methods.registry import build_params, get_method
 from unlearn_sweep.orchestrator.trial import export_ray_train_ranks
@@ -28,22 +29,10 @@ SETTINGS = {"epochs": 1, "batch_size": 4, "max_length": 64, "learning_rate": 1e-
 
 
 def build_model(task_dir: Path, out_dir: Path, layers: int) -> Path:
-    from transformers import AutoTokenizer, Olmo2Config, Olmo2ForCausalLM
+    from transformers import AutoTokenizer, Olmo2ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(task_dir / "model")
-    config = Olmo2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=layers,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
+    config = olmo2_config(tokenizer, hidden=768, intermediate=2048, layers=layers, heads=12)
     torch.manual_seed(0)
     Olmo2ForCausalLM(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -20,7 +20,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import DataCollatorWithFlattening, Olmo2Config, Olmo2ForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    DataCollatorWithFlattening,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 EOS_TOKEN = "<|endoftext|>"
 VOCAB_SIZE = 1024
@@ -59,23 +65,37 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE) -> PreTraine
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> Olmo2ForCausalLM:
-    """About a million parameters; 512 positions leave room for 5-shot MMLU prompts."""
-    torch.manual_seed(seed)
-    config = Olmo2Config(
+def olmo2_config(
+    tokenizer: PreTrainedTokenizerBase,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    positions: int = 512,
+    tied: bool = True,
+) -> Olmo2Config:
+    """An OLMo-2 of this shape for `tokenizer` (multi-head attention, no BOS token): the toy
+    model's, and the random-weight models of real sizes the benchmarks build."""
+    return Olmo2Config(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=positions,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
-        tie_word_embeddings=True,  # as OLMo-1B: every test covers the tied path
+        tie_word_embeddings=tied,
     )
-    return Olmo2ForCausalLM(config)
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> Olmo2ForCausalLM:
+    """About a million parameters; 512 positions leave room for 5-shot MMLU prompts; tied
+    embeddings as OLMo-1B's, so that every test covers the tied path."""
+    torch.manual_seed(seed)
+    return Olmo2ForCausalLM(olmo2_config(tokenizer, hidden=128, intermediate=384, layers=4, heads=4))
 
 
 def packed_rows(lengths: list[int], row_length: int, rng: random.Random) -> list[list[int]]:
