@@ -465,10 +465,13 @@ def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-mmlu", type=float, help="the base model's MMLU, for a relative threshold")
 
 
-VERBOSE_HELP = (
-    "Ray Tune's own tables instead of the live view, and the libraries' messages on the console "
-    "(otherwise in the sweep's libraries.log)"
-)
+def _add_verbose_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Ray Tune's own tables instead of the live view, and the libraries' messages on the console "
+        "(otherwise in the sweep's libraries.log)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -490,21 +493,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the built-in miniature task end to end, in the current directory")
     demo.add_argument("--trials", type=_count(1), default=24)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument(
-        "--verbose",
-        action="store_true",
-        help=VERBOSE_HELP,
-    )
+    _add_verbose_option(demo)
     demo.set_defaults(run=_demo)
 
     sweep = commands.add_parser("sweep", help="run (or --resume) a sweep from its YAML config")
     sweep.add_argument("config", type=Path)
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
-    sweep.add_argument(
-        "--verbose",
-        action="store_true",
-        help=VERBOSE_HELP,
-    )
+    _add_verbose_option(sweep)
     sweep.set_defaults(run=_sweep)
 
     plan = commands.add_parser("plan", help="peak GPU memory of every method a sweep config can sample, before launch")
