@@ -52,6 +52,7 @@ def main() -> None:
         print(f"{args.measure[1]}: {share:.1%} of trial time in evaluation, {full} of {epochs} epochs fully evaluated")
         return
 
+    from unlearn_sweep.corpus.toy_task import sweep_paths
     from unlearn_sweep.orchestrator.cli import TOY_TASK_SPACES
     from unlearn_sweep.orchestrator.config import config_from_dict
     from unlearn_sweep.orchestrator.sweep import run_sweep
@@ -63,10 +64,7 @@ def main() -> None:
         name = "staged" if screen else "full-every-epoch"
         raw = {
             "name": name,
-            "model": str(task / "model"),
-            "data": str(task / "data"),
-            "mia": str(task / "mia"),
-            "mmlu": str(task / "mmlu"),
+            **sweep_paths(task),
             "mmlu_threshold": "0.75x",
             "methods": METHODS,
             "search_space_overrides": {

@@ -75,15 +75,14 @@ def sweep(
     name: str, model: Path, task: Path, work: Path, trials: int, gpu_share: float, cpus: int, smoke: bool
 ) -> tuple[float, int]:
     import ray
+    from unlearn_sweep.corpus.toy_task import sweep_paths
     from unlearn_sweep.orchestrator.config import config_from_dict
     from unlearn_sweep.orchestrator.sweep import run_sweep
 
     raw = {
         "name": name,
+        **sweep_paths(task),
         "model": str(model),
-        "data": str(task / "data"),
-        "mia": str(task / "mia"),
-        "mmlu": str(task / "mmlu"),
         "methods": ["grad_diff"],
         "trials": trials,
         "seed": 0,

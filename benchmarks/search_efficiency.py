@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/search_efficiency"))
     args = parser.parse_args()
 
+    from unlearn_sweep.corpus.toy_task import sweep_paths
     from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
     from unlearn_sweep.evaluation.options import EvalOptions
     from unlearn_sweep.orchestrator.cli import TOY_TASK_SPACES
@@ -84,10 +85,7 @@ def main() -> None:
             name = f"{strategy.split(',')[0].split(' ')[0].lower()}{'-asha' if 'asha' not in keys else ''}-{seed}"
             raw = {
                 "name": name,
-                "model": str(task / "model"),
-                "data": str(task / "data"),
-                "mia": str(task / "mia"),
-                "mmlu": str(task / "mmlu"),
+                **sweep_paths(task),
                 "mmlu_threshold": threshold,
                 "methods": METHODS,
                 "search_space_overrides": {

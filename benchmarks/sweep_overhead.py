@@ -50,19 +50,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.direct:
         return run_directly(json.loads(args.direct.read_text()), args.task, threads=2)
-    if not (args.task / "model").exists():
-        from unlearn_sweep.corpus.toy_task import write_toy_task
+    from unlearn_sweep.corpus.toy_task import sweep_paths, write_toy_task
 
+    if not (args.task / "model").exists():
         write_toy_task(args.task)
     shutil.rmtree(args.dir, ignore_errors=True)
     args.dir.mkdir(parents=True)
     task = args.task.resolve()
     raw = {
         "name": "overhead",
-        "model": str(task / "model"),
-        "data": str(task / "data"),
-        "mia": str(task / "mia"),
-        "mmlu": str(task / "mmlu"),
+        **sweep_paths(task),
         "methods": ["grad_diff", "npo"],
         "trials": args.trials,
         "seed": 0,

@@ -480,6 +480,11 @@ def write_toy_task(out_dir: str | Path, seed: int = 0, epochs: int = TRAINING_EP
     return Path(out_dir)
 
 
+def sweep_paths(task_dir: str | Path) -> dict[str, str]:
+    """The folders of the toy task at task_dir as a sweep config's keys (model, data, mia, mmlu)."""
+    return {key: str(Path(task_dir) / key) for key in ("model", "data", "mia", "mmlu")}
+
+
 def toy_task_for_benchmark(task_dir: str | Path) -> Path:
     """The toy task at task_dir (built there first if missing), resolved; prints the weights
     fingerprint, so that every figure a benchmark reports names the model it was measured on."""

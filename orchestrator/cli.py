@@ -160,14 +160,12 @@ def demo_config(folder: Path, trials: int, seed: int):
     ranges, confirmed on the toy's validation fold (on by default: the toy has two folds)."""
     import time
 
+    from unlearn_sweep.corpus.toy_task import sweep_paths
     from unlearn_sweep.orchestrator.config import config_from_dict
 
     raw = {
         "name": time.strftime("demo-%Y%m%d-%H%M%S"),
-        "model": "toy_task/model",
-        "data": "toy_task/data",
-        "mia": "toy_task/mia",
-        "mmlu": "toy_task/mmlu",
+        **sweep_paths("toy_task"),
         "mmlu_threshold": "0.75x",
         "methods": DEMO_METHODS,
         "search_space_overrides": {method: TOY_TASK_SPACES[method] for method in DEMO_METHODS},

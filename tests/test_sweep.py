@@ -32,6 +32,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from safetensors.torch import load_file
 from unlearn_sweep.corpus.compat import TUNE_STOPPED_TRIAL
+from unlearn_sweep.corpus.toy_task import sweep_paths
 from unlearn_sweep.evaluation import vllm_inference
 from unlearn_sweep.evaluation.eligibility import Limits, TrialObjective, epoch_objective
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
@@ -77,10 +78,7 @@ MMLU_CONSTRAINT, TIME_CONSTRAINT = CONSTRAINTS
 def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
     raw = {
         "name": "s1",
-        "model": str(toy_task_dir / "model"),
-        "data": str(toy_task_dir / "data"),
-        "mia": str(toy_task_dir / "mia"),
-        "mmlu": str(toy_task_dir / "mmlu"),
+        **sweep_paths(toy_task_dir),
         "methods": ["grad_diff"],
         "trials": 2,
         "seed": 0,
