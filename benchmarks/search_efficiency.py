@@ -1,5 +1,5 @@
-"""Search efficiency on the toy task: constrained TPE with ASHA against TPE without ASHA and
-random search, at equal budgets (trials) over several seeds.
+"""Search efficiency on the toy task: the default searcher (constrained TPE over parameter
+groups) with and without ASHA against random search, at equal budgets (trials) over several seeds.
 
 For each strategy and seed one sweep runs (the same methods, budget and absolute MMLU
 threshold: 75% of the base model's, measured once). Printed per run: the best eligible final
@@ -17,10 +17,10 @@ import statistics
 import time
 from pathlib import Path
 
-STRATEGIES = {  # name -> config keys
-    "TPE + ASHA": {"searcher": "tpe", "asha": {"grace_period": 1, "reduction_factor": 2}},
-    "TPE, no ASHA": {"searcher": "tpe", "asha": None},
-    "random, no ASHA": {"searcher": "random", "asha": None},
+STRATEGIES = {  # name -> (its sweeps' name, config keys)
+    "grouped TPE + ASHA": ("tpe-asha", {"searcher": "tpe_grouped", "asha": {"grace_period": 1, "reduction_factor": 2}}),
+    "grouped TPE, no ASHA (the default)": ("tpe", {"searcher": "tpe_grouped", "asha": None}),
+    "random, no ASHA": ("random", {"searcher": "random", "asha": None}),
 }
 METHODS = ["grad_diff", "npo", "sugd", "task_vector"]
 
@@ -80,9 +80,9 @@ def main() -> None:
         flush=True,
     )
     runs = {}
-    for strategy, keys in STRATEGIES.items():
+    for strategy, (sweep_name, keys) in STRATEGIES.items():
         for seed in range(args.seeds):
-            name = f"{strategy.split(',')[0].split(' ')[0].lower()}{'-asha' if 'asha' not in keys else ''}-{seed}"
+            name = f"{sweep_name}-{seed}"
             raw = {
                 "name": name,
                 **sweep_paths(task),
