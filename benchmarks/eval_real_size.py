@@ -32,7 +32,8 @@ from unlearn_sweep.corpus.mia import load_mia
 from unlearn_sweep.corpus.mmlu import MmluQuestion, first_shots, fitted_prompt, format_prompt
 from unlearn_sweep.corpus.semeval import load_task
 from unlearn_sweep.corpus.toy_model import olmo2_config, train_tokenizer
-from unlearn_sweep.evaluation.evaluator import backend_passes, load
+from unlearn_sweep.evaluation.evaluator import backend_passes, load, release
+from unlearn_sweep.evaluation.options import EvalOptions
 
 MMLU_QUESTIONS, SUBJECTS, DEV_PER_SUBJECT = 14_042, 57, 5
 OLMO_VOCAB = 50_280
@@ -101,7 +102,8 @@ def main() -> None:
         start = time.perf_counter()
         parameters = build_model(texts, Path(folder), args.size)
         built = time.perf_counter() - start
-        model, tokenizer = load(folder, "bfloat16", args.backend)
+        options = EvalOptions(batch_size=args.batch_size, dtype="bfloat16", backend=args.backend)
+        model, tokenizer = load(folder, options)
         passes = backend_passes(args.backend)
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} threads"
         print(
@@ -153,7 +155,8 @@ def main() -> None:
                 time.perf_counter() - start,
             )
         )
-    print(f"sample: {args.fraction:.0%} of each set (seed 0); projected: the whole set at the sample's rate\n")
+        release(model, options)
+    print(f"sample: {args.fraction * 100:g}% of each set (seed 0); projected: the whole set at the sample's rate\n")
     print(
         "| stage | set size | sampled | tokens (sample) | tokens/s | sample s | projected whole set | projected "
         "screen |"

@@ -75,6 +75,7 @@ if [ "$SMOKE" = 1 ]; then
     step tests 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_compat.py tests/test_memory_plan.py
     step train 300 "$PYTHON" benchmarks/train_throughput.py --smoke --task "$TASK" --dir "$WORK/models" \
         --json "$OUT/train.json"
+    step evaluation 300 "$PYTHON" benchmarks/eval_real_size.py --size 110M --fraction 0.002 ${DATA:+--data "$DATA"}
     step sweep 400 "$PYTHON" benchmarks/gpu_sweep.py --smoke --task "$TASK" --dir "$WORK/sweep"
 else
     # The tests whose path differs on a GPU: vLLM, bf16 and TF32, QLoRA, DeepSpeed, device placement.
