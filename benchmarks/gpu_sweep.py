@@ -120,10 +120,9 @@ def main() -> None:
 
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible: run on a GPU machine (or --smoke to check the script on a CPU)")
-    if not (args.task / "model").exists():
-        from unlearn_sweep.corpus.toy_task import write_toy_task
+    from unlearn_sweep.corpus.toy_task import toy_task_for_benchmark
 
-        write_toy_task(args.task)
+    args.task = toy_task_for_benchmark(args.task)
     shutil.rmtree(args.dir, ignore_errors=True)
     args.dir.mkdir(parents=True)
     size = "tiny" if args.smoke else args.params

@@ -21,6 +21,7 @@ from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 from unlearn_sweep.corpus.semeval import load_task
 from unlearn_sweep.corpus.toy_model import olmo2_config
+from unlearn_sweep.corpus.toy_task import toy_task_for_benchmark
 from unlearn_sweep.methods.memory_plan import GIB, ModelShape, estimate
 from unlearn_sweep.methods.registry import build_params, get_method
 from unlearn_sweep.orchestrator.trial import export_ray_train_ranks
@@ -96,10 +97,7 @@ def main() -> None:
     parser.add_argument("--task", type=Path, default=Path("toy_task"), help="toy task directory (built if missing)")
     parser.add_argument("--layers", type=int, default=14)
     args = parser.parse_args()
-    if not (args.task / "model").exists():
-        from unlearn_sweep.corpus.toy_task import write_toy_task
-
-        write_toy_task(args.task)
+    args.task = toy_task_for_benchmark(args.task)
     with tempfile.TemporaryDirectory(prefix="rehearsal-") as scratch:
         model_dir = build_model(args.task, Path(scratch) / "model", args.layers)
         shape = ModelShape.from_config(model_dir)

@@ -50,13 +50,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.direct:
         return run_directly(json.loads(args.direct.read_text()), args.task, threads=2)
-    from unlearn_sweep.corpus.toy_task import sweep_paths, write_toy_task
+    from unlearn_sweep.corpus.toy_task import sweep_paths, toy_task_for_benchmark
 
-    if not (args.task / "model").exists():
-        write_toy_task(args.task)
+    task = toy_task_for_benchmark(args.task)
     shutil.rmtree(args.dir, ignore_errors=True)
     args.dir.mkdir(parents=True)
-    task = args.task.resolve()
     raw = {
         "name": "overhead",
         **sweep_paths(task),

@@ -23,7 +23,7 @@ import torch
 from gpu_sweep import build_model
 from transformers import AutoTokenizer, TrainerCallback
 from unlearn_sweep.corpus.semeval import load_task
-from unlearn_sweep.corpus.toy_task import write_toy_task
+from unlearn_sweep.corpus.toy_task import toy_task_for_benchmark
 from unlearn_sweep.methods.memory_plan import GIB, ModelShape, estimate
 from unlearn_sweep.methods.registry import build_params, get_method
 
@@ -92,8 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.size, args.modes, args.steps, args.batch_size, args.max_length = "tiny", "full,zero2", 3, 4, 64
-    if not (args.task / "toy_task.json").exists():
-        write_toy_task(args.task)
+    args.task = toy_task_for_benchmark(args.task)
     model_dir = args.dir / f"olmo2-{args.size}"
     if not (model_dir / "config.json").exists():
         build_model(args.task, args.size, model_dir)
