@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -359,7 +362,24 @@ def _ui(args: argparse.Namespace) -> int:
         "1",
     ]
     print(f"MLflow UI of {args.tracking_uri} on http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
-    os.execv(command[0], command)
+    # Ctrl-C and SIGTERM stop the server's whole process tree (MLflow's uvicorn child too). A
+    # server that ends by itself failed, whatever its exit code: MLflow exits 0 when uvicorn
+    # cannot bind a port taken after our check.
+    server = subprocess.Popen(command, start_new_session=True)
+    stopped = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopped
+        stopped = True
+        with contextlib.suppress(ProcessLookupError):  # it may have just ended by itself
+            os.killpg(server.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    code = server.wait()
+    if not stopped:
+        raise ChildProcessError(f"the MLflow UI ended by itself (exit code {code}); its log above says why")
+    return 0
 
 
 def _unlearn(args: argparse.Namespace) -> int:

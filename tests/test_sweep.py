@@ -1032,7 +1032,7 @@ def test_ui_refuses_a_port_it_cannot_serve_on(
     store = f"sqlite:///{tmp_path}/m.db"
     tracking.client(store).search_experiments()
     capsys.readouterr()
-    monkeypatch.setattr(os, "execv", lambda *command: pytest.fail(f"started {command}"))
+    monkeypatch.setattr(subprocess, "Popen", lambda *command, **options: pytest.fail(f"started {command}"))
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
@@ -1041,6 +1041,30 @@ def test_ui_refuses_a_port_it_cannot_serve_on(
         assert main(["ui", "--port", str(port), "--tracking-uri", store]) == 2
     error = capsys.readouterr().err
     assert error.startswith(f"unlearn-sweep: error: --port {port}: ") and error.count("\n") == 1, error
+
+
+def test_ui_fails_when_the_server_ends_by_itself(tmp_path: Path) -> None:
+    """A port taken between our check and MLflow's bind: MLflow logs it and exits 0, and so did
+    `unlearn-sweep ui`, after saying it served. A server that ends without being stopped failed.
+    (The stop by SIGTERM: test_small_sweep_end_to_end, through ui_serving.)"""
+    store = f"sqlite:///{tmp_path}/m.db"
+    tracking.client(store).search_experiments()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        # The race, made certain and quick: our check passes, and the server (a stand-in for
+        # MLflow, which takes 20 s to get there) reports the taken port and exits 0.
+        code = f"""if True:
+            import subprocess, sys
+            from unlearn_sweep.orchestrator import cli
+            start = subprocess.Popen
+            cli._check_port_free = lambda port: None
+            subprocess.Popen = lambda command, **options: start([sys.executable, "-c", "print('in use')"], **options)
+            sys.exit(cli.main(["ui", "--port", "{port}", "--tracking-uri", "{store}"]))"""
+        ui = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert ui.returncode == 1, ui.stderr[-3000:]
+    assert ui.stderr.endswith("error: the MLflow UI ended by itself (exit code 0); its log above says why\n")
 
 
 @contextlib.contextmanager
@@ -1062,12 +1086,13 @@ def loopback_server(command: list[str], log: Path) -> Iterator[str]:
             if answers(f"{url}/health", server):
                 yield url
                 assert server.poll() is None, f"the server exited:\n{log.read_text()[-3000:]}"
+                stop(server)
+                # What it started stops with it (`unlearn-sweep ui` runs MLflow in its own group).
+                assert silent_within(f"{url}/health", seconds=30), f"{url} still answers after the stop"
                 return
             assert server.poll() is not None, f"no answer at {url}:\n{log.read_text()[-3000:]}"
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGTERM)
-            server.wait()
+            stop(server)
         output = log.read_text()
         assert re.search("is taken|address already in use", output), f"exited before serving:\n{output[-3000:]}"
     pytest.fail(f"three free ports were taken before the server bound them:\n{output[-3000:]}")
@@ -1082,6 +1107,25 @@ def answers(url: str, server: subprocess.Popen, seconds: float = 180) -> bool:
                 return True
         except OSError:
             time.sleep(1)
+    return False
+
+
+def stop(server: subprocess.Popen) -> None:
+    """SIGTERM to the process group a server started in; once it ended, nothing."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    server.wait()
+
+
+def silent_within(url: str, seconds: float) -> bool:
+    """Whether nothing answers at url within `seconds` (a stopped server's children shut down)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                time.sleep(0.5)
+        except OSError:
+            return True
     return False
 
 
