@@ -374,9 +374,12 @@ def _ui(args: argparse.Namespace) -> int:
         with contextlib.suppress(ProcessLookupError):  # it may have just ended by itself
             os.killpg(server.pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    code = server.wait()
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = server.wait()
+    finally:  # the caller's handlers again, as the sweep's interrupt handling leaves them
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     if not stopped:
         raise ChildProcessError(f"the MLflow UI ended by itself (exit code {code}); its log above says why")
     return 0

@@ -1111,7 +1111,7 @@ def answers(url: str, server: subprocess.Popen, seconds: float = 180) -> bool:
 
 
 def stop(server: subprocess.Popen) -> None:
-    """SIGTERM to the process group a server started in; once it ended, nothing."""
+    """SIGTERM to the process group a server started in (nothing once the group is gone); its end."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(server.pid, signal.SIGTERM)
     server.wait()
