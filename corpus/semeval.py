@@ -117,6 +117,29 @@ def load_task_files(forget: str | Path, retain: str | Path) -> TaskData:
     return _load_sets(files, "files")
 
 
+def _one_fold_files(data_dir: Path) -> dict[str, Path] | None:
+    """The forget and retain files of the layouts that hold one fold, where present."""
+    for suffix in (".jsonl", ".parquet"):
+        files = {s: data_dir / f"{s}{suffix}" for s in SETS}
+        if any(f.exists() for f in files.values()):
+            return files
+    return None
+
+
+def _hf_dir(data_dir: Path) -> Path:
+    return data_dir / "data" if (data_dir / "data").is_dir() else data_dir
+
+
+def hf_folds(data_dir: str | Path) -> tuple[str, ...]:
+    """The folds a task directory holds in the Hugging Face layout, a file of either set
+    counting (so that a fold missing one file is loaded, and refused); none in the others."""
+    data_dir = Path(data_dir)
+    if _one_fold_files(data_dir) is not None:
+        return ()
+    hf_dir = _hf_dir(data_dir)
+    return tuple(split for split in HF_SPLITS if any(any(hf_dir.glob(f"{s}_{split}-*.parquet")) for s in SETS))
+
+
 def load_task(data_dir: str | Path, split: str | None = None) -> TaskData:
     """Forget and retain rows of a task directory in any supported layout.
 
@@ -126,15 +149,14 @@ def load_task(data_dir: str | Path, split: str | None = None) -> TaskData:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(data_dir, "data directory not found")
-    for suffix in (".jsonl", ".parquet"):
-        files = {s: data_dir / f"{s}{suffix}" for s in SETS}
-        if any(f.exists() for f in files.values()):
-            if split is not None:
-                raise DataError(
-                    data_dir, f"--split {split} applies only to the Hugging Face layout (data/forget_<split>-*.parquet)"
-                )
-            return _load_sets(files, f"{{forget,retain}}{suffix}")
-    hf_dir = data_dir / "data" if (data_dir / "data").is_dir() else data_dir
+    files = _one_fold_files(data_dir)
+    if files is not None:
+        if split is not None:
+            raise DataError(
+                data_dir, f"--split {split} applies only to the Hugging Face layout (data/forget_<split>-*.parquet)"
+            )
+        return _load_sets(files, f"{{forget,retain}}{files['forget'].suffix}")
+    hf_dir = _hf_dir(data_dir)
     if any(hf_dir.glob("forget_*.parquet")):
         split = split or "train"
         if split not in HF_SPLITS:
@@ -146,3 +168,18 @@ def load_task(data_dir: str | Path, split: str | None = None) -> TaskData:
         "no task data: expected forget.jsonl+retain.jsonl, forget.parquet+retain.parquet, "
         "or data/forget_<split>-*.parquet",
     )
+
+
+def load_held_out_fold(data_dir: str | Path, split: str, tuned: str | None) -> TaskData:
+    """The fold a configuration is confirmed on, refused where it holds a row (same input and
+    output) of the fold it was tuned on: a score on such rows is not held out."""
+    held_out = load_task(data_dir, split)
+    seen = {(row.input, row.output) for row in load_task(data_dir, tuned).rows()}
+    shared = [row for row in held_out.rows() if (row.input, row.output) in seen]
+    if shared:
+        raise DataError(
+            data_dir,
+            f"{len(shared)} row{'s' * (len(shared) > 1)} of the {split} fold also in the {tuned or 'train'} fold "
+            f"(the first: id {shared[0].id!r}): a score on them is not held out",
+        )
+    return held_out

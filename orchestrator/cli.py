@@ -47,10 +47,11 @@ def _existing_store(tracking_uri: str) -> str:
     return tracking_uri
 
 
-def _task_summary(data: Path, split: str | None) -> str:
-    from unlearn_sweep.corpus.semeval import load_task
+def _task_summary(data: Path, split: str | None, tuned: str | None = None) -> str:
+    """One fold's row counts; with `tuned`, a held-out fold, checked to share no row with it."""
+    from unlearn_sweep.corpus.semeval import load_held_out_fold, load_task
 
-    task = load_task(data, split)
+    task = load_held_out_fold(data, split, tuned) if tuned else load_task(data, split)
     counts = Counter((row.split, row.task, row.kind) for row in task.rows())
     lines = [f"data: {data} ({task.layout})"]
     for split_set, task_name in sorted({key[:2] for key in counts}):
@@ -77,10 +78,19 @@ def _mmlu_summary(mmlu: Path) -> str:
 
 
 def _validate_data(args: argparse.Namespace) -> int:
-    """Every given set is checked, so that one run reports all the errors found."""
-    sections = [lambda: _task_summary(args.data, args.split)]
+    """Every given set is checked, so that one run reports all the errors found. Without
+    --split, every fold a sweep reads: the validation fold (and mia/validation) is the one its
+    configurations are confirmed on."""
+    from unlearn_sweep.corpus.semeval import hf_folds
+
+    folds = [args.split] if args.split else list(hf_folds(args.data)) or [None]
+    sections = [lambda: _task_summary(args.data, folds[0])]
+    if len(folds) == 2:
+        sections.append(lambda: _task_summary(args.data, "validation", tuned="train"))
     if args.mia:
         sections.append(lambda: _mia_summary(args.mia))
+        if len(folds) == 2 and (args.mia / "validation").is_dir():
+            sections.append(lambda: _mia_summary(args.mia / "validation"))
     if args.mmlu:
         sections.append(lambda: _mmlu_summary(args.mmlu))
     errors = []
@@ -89,7 +99,7 @@ def _validate_data(args: argparse.Namespace) -> int:
             print(section())
         except DataError as error:
             errors.append(str(error))
-    for error in errors:
+    for error in dict.fromkeys(errors):  # a broken train fold fails the held-out fold's check too
         print(f"error: {error}", file=sys.stderr)
     return 2 if errors else 0
 
@@ -501,7 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate-data", help="check a task directory before a long sweep")
     validate.add_argument("--data", required=True, type=Path, help="task directory (any supported layout)")
-    validate.add_argument("--split", help="train or validation (Hugging Face parquet layout only)")
+    validate.add_argument(
+        "--split", help="train or validation (Hugging Face parquet layout only; default: each fold present)"
+    )
     validate.add_argument("--mia", type=Path, help="directory with member.jsonl and nonmember.jsonl")
     validate.add_argument("--mmlu", type=Path, help="MMLU-format directory")
     validate.set_defaults(run=_validate_data)

@@ -321,25 +321,23 @@ def _confirm(path: Path, raw: dict, values: dict[str, Any], base_dir: Path) -> C
     """The confirmation stage with its paths resolved and checked, or None. Absent from the
     file, it is on where the data has the other fold and that fold's MIA set is found."""
     from unlearn_sweep.corpus.mia import load_mia
-    from unlearn_sweep.corpus.semeval import load_task
+    from unlearn_sweep.corpus.semeval import hf_folds, load_held_out_fold
 
     tuned = values.get("split") or "train"
     confirm = values.get("confirm")
     if "confirm" not in raw:
-        if tuned != "train" or not (values["mia"] / "validation").is_dir():
+        # Only a fold that is absent turns it off: a broken one is an error, not a silent
+        # switch to selecting on the fold searched on.
+        other_fold = tuned == "train" and "validation" in hf_folds(values["data"])
+        if not other_fold or not (values["mia"] / "validation").is_dir():
             return None
-        try:
-            load_task(values["data"], "validation")
-        except DataError:
-            return None  # one fold only: nothing held out to confirm on
         confirm = Confirm(split="validation")
     elif confirm is None:
         return None
     elif confirm.split == tuned:
         raise ConfigError(path, f"{confirm.split} is the fold the sweep searches on", field="confirm.split")
-    else:
-        with field_errors(path, "confirm.split"):
-            load_task(values["data"], confirm.split)
+    with field_errors(path, "confirm.split" if "confirm" in raw else "data"):
+        load_held_out_fold(values["data"], confirm.split, values.get("split"))
     mia = (base_dir / confirm.mia).resolve() if confirm.mia else values["mia"] / confirm.split
     with field_errors(path, "confirm.mia"):
         load_mia(mia)

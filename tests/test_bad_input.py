@@ -8,7 +8,10 @@ import re
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import yaml
 from conftest import toy_task_args
 from test_corpus import ROW, task_dir, write_jsonl
 from test_sweep import write_config
@@ -260,3 +263,38 @@ def test_a_value_that_is_not_a_finite_number_names_its_own_field() -> None:
         build_params(get_method("grad_diff"), {"retain_weight": "nan"})
     with pytest.raises(ParamError, match=r"retain_weight=inf: expected a finite number"):
         build_params(get_method("grad_diff"), {"retain_weight": float("inf")})
+
+
+def test_a_held_out_fold_that_is_broken_or_not_held_out_is_refused(
+    toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A config without `confirm` whose validation fold failed to load had confirmation turned
+    off, and the champion chosen on the fold searched on, without a word; a validation fold
+    holding a train row gave held-out scores that were not held out."""
+    data = tmp_path / "data"
+    shutil.copytree(toy_task_dir / "data", data)
+    forget = next(data.glob("forget_validation-*.parquet"))
+    rows = pq.read_table(forget).to_pylist()
+
+    def config(folder: str, **overrides) -> Path:
+        path = write_config(tmp_path / folder, toy_task_dir, data=str(data), **overrides)
+        raw = yaml.safe_load(path.read_text())
+        if "confirm" not in overrides:
+            del raw["confirm"]  # on by default: the data has a validation fold
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    pq.write_table(pa.Table.from_pylist([{**rows[0], "task": "Task7"}, *rows[1:]]), forget)
+    with pytest.raises(ConfigError, match=r"field 'data': .*forget_validation-.*: row 1: field 'task': unknown task"):
+        load_config(config("broken"))
+
+    train_row = pq.read_table(next(data.glob("retain_train-*.parquet"))).to_pylist()[3]
+    pq.write_table(pa.Table.from_pylist([*rows, {**train_row, "split": "forget"}]), forget)
+    seen = rf"1 row of the validation fold also in the train fold \(the first: id '{re.escape(train_row['id'])}'\)"
+    for path, field in ((config("default"), "data"), (config("explicit", confirm={"top_k": 2}), "confirm.split")):
+        with pytest.raises(ConfigError, match=rf"field '{field}': .*{seen}: a score on them is not held out"):
+            load_config(path)
+    assert main(["validate-data", "--data", str(data)]) == 2
+    out, err = capsys.readouterr()
+    assert "(hf parquet (train))" in out and re.fullmatch(rf"error: {data}: {seen}.*\n", err)
+    assert main(["validate-data", "--data", str(data), "--split", "validation"]) == 0  # one fold: nothing to compare

@@ -202,6 +202,8 @@ def test_validate_data_cli(toy_task_dir: Path, tmp_path: Path, capsys: pytest.Ca
         and "member 24, nonmember 24" in out
         and "test 40 questions in 4 subjects" in out
     )
+    # Without --split, both folds and both MIA sets: what a sweep that confirms reads
+    assert "(hf parquet (validation))" in out and "total   forget 60 rows" in out and "member 12, nonmember 12" in out
 
     bad = task_dir(tmp_path / "bad", [{**ROW, "task": "Task7"}])
     assert main(["validate-data", "--data", str(bad), "--mia", str(tmp_path / "none")]) == 2
