@@ -223,14 +223,12 @@ def _report(summary, config) -> None:
             if champion["from_this_sweep"]
             else " (from an earlier sweep of this experiment, still the best eligible)"
         )
-        held_out = champion.get("held_out")
-        rule = (
-            f"held-out final score {held_out['final_score']:.4f} (chosen by it), tuned " if held_out else "final score "
-        )
-        print(
-            f"\nchampion: trial {champion['trial_id']} ({champion['method']}), {rule}"
-            f"{champion['final_score']:.4f}{origin}"
-        )
+        held_out, tuned = champion.get("held_out"), champion["final_score"]
+        if held_out:
+            score = f"held-out final score {held_out['final_score']:.4f} (chosen by it), tuned {tuned:.4f}"
+        else:  # picked on the scores it was tuned for: new data will score lower
+            score = f"final score {tuned:.4f} on the fold it was tuned on (not confirmed on held-out data)"
+        print(f"\nchampion: trial {champion['trial_id']} ({champion['method']}), {score}{origin}")
         print(f"  checkpoint: {champion['checkpoint']}")
         print(f"  registered as model {config.experiment!r} version {champion['model_version']}")
         print(

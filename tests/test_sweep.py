@@ -38,7 +38,7 @@ from unlearn_sweep.evaluation.eligibility import Limits, TrialObjective, epoch_o
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.methods.registry import run_method
 from unlearn_sweep.orchestrator import tracking
-from unlearn_sweep.orchestrator.cli import main
+from unlearn_sweep.orchestrator.cli import _report, main
 from unlearn_sweep.orchestrator.config import ConfigError, Confirm, load_config
 from unlearn_sweep.orchestrator.context import TrialContext
 from unlearn_sweep.orchestrator.search import (
@@ -51,7 +51,7 @@ from unlearn_sweep.orchestrator.search import (
     sources_can_recur,
 )
 from unlearn_sweep.orchestrator.selection import export_champion, leaderboard
-from unlearn_sweep.orchestrator.sweep import METRIC, MODE, run_sweep
+from unlearn_sweep.orchestrator.sweep import METRIC, MODE, SweepSummary, run_sweep
 from unlearn_sweep.orchestrator.trial import epoch_report
 
 # For sweeps whose test checks what ran, was recorded or was merged, not the scores: short
@@ -313,6 +313,28 @@ def test_default_spaces_are_for_the_real_task_and_the_demo_brings_the_toys(toy_t
     assert config.search_space_overrides == {method: TOY_TASK_SPACES[method] for method in config.methods}
     assert config.confirm.split == "validation"
     assert config.select_by == "held_out"
+
+
+def test_the_report_says_whether_the_champion_was_confirmed_on_held_out_data(
+    toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Chosen on the fold it was tuned on (no held-out fold), the champion's score was printed as
+    plain "final score", as if it were what new data would give."""
+    config = load_config(write_config(tmp_path, toy_task_dir))
+    champion = {
+        "trial_id": "t1",
+        "method": "npo",
+        "final_score": 0.61,
+        "checkpoint": "/c",
+        "model_version": "1",
+        "from_this_sweep": True,
+    }
+    for held_out, score in (
+        (None, "final score 0.6100 on the fold it was tuned on (not confirmed on held-out data)"),
+        ({"final_score": 0.55}, "held-out final score 0.5500 (chosen by it), tuned 0.6100"),
+    ):
+        _report(SweepSummary("s1", "run", 0.3, champion={**champion, "held_out": held_out}), config)
+        assert f"champion: trial t1 (npo), {score}\n" in capsys.readouterr().out
 
 
 def test_confirmation_setups_are_distinct_submitted_configurations() -> None:
@@ -815,8 +837,6 @@ def test_the_champion_is_the_configuration_that_held_on_the_held_out_fold(
     assert parent.metrics["best_held_out_final_score"] == pytest.approx(best["held_out_final_score"])
     assert "optimism_mean" in parent.metrics
     capsys.readouterr()
-    from unlearn_sweep.orchestrator.cli import _report
-
     _report(summary, config)  # what `unlearn-sweep sweep` prints after the sweep
     report = capsys.readouterr().out
     assert "confirmed on the held-out fold" in report and "mean optimism (tuned - held-out): " in report
