@@ -257,7 +257,13 @@ def _print_confirmations(confirmations: list[dict]) -> None:
 
 
 def _print_table(rows: list[dict]) -> None:
-    print(f"{'rank':<5}{'trial':<11}{'method':<13}{'final':>7}{'task agg':>9}{'MIA':>7}{'MMLU':>7}  eligible")
+    """The trials' tuned scores, with a held-out column where rows carry their confirmation's."""
+    held_out = any("held_out_final_score" in row for row in rows)
+    print(
+        f"{'rank':<5}{'trial':<11}{'method':<13}{'final':>7}{'task agg':>9}{'MIA':>7}{'MMLU':>7}"
+        + (f"{'held-out':>9}" if held_out else "")
+        + "  eligible"
+    )
     for rank, row in enumerate(rows, start=1):
 
         def show(name: str, row: dict = row) -> str:  # bound now: called within this iteration
@@ -265,7 +271,9 @@ def _print_table(rows: list[dict]) -> None:
 
         print(
             f"{rank:<5}{row['trial_id']:<11}{row['method']:<13}{show('final_score'):>7}{show('task_aggregate'):>9}"
-            f"{show('mia_score'):>7}{show('mmlu_accuracy'):>7}  {row['eligible']}"
+            f"{show('mia_score'):>7}{show('mmlu_accuracy'):>7}"
+            + (f"{show('held_out_final_score'):>9}" if held_out else "")
+            + f"  {row['eligible']}"
         )
 
 
@@ -309,17 +317,28 @@ def _best(args: argparse.Namespace) -> int:
     if not entries:
         raise SelectionError(args.tracking_uri, f"experiment {args.experiment!r} has no eligible finished trial")
     best = entries[0]
+    # Ranked as the champion was chosen: by held-out score where its sweep confirmed on the
+    # other fold; the tuned scores alone would not show why the order is what it is.
+    rule = "held-out final score" if best.held_out else "final score on the fold it was tuned on"
     print(
-        f"best eligible trial of {args.experiment!r}: {best.trial_id} ({best.method}), epoch "
+        f"best eligible trial of {args.experiment!r} by {rule}: {best.trial_id} ({best.method}), epoch "
         f"{int(best.scores['epoch'])}"
     )
+    print(f"  {'':<15} {'tuned':>7}" + (f" {'held-out':>8}" if best.held_out else ""))
     for name, value in best.scores.items():
         if name != "epoch" and value is not None:
-            print(f"  {name:<15} {value:.4f}")
+            held_out = (best.held_out or {}).get(name)
+            print(f"  {name:<15} {value:>7.4f}" + ("" if held_out is None else f" {held_out:>8.4f}"))
     print("  hyperparameters: " + ", ".join(f"{k}={v}" for k, v in sorted(best.params.items())))
     print(f"  checkpoint: {best.checkpoint}")
     print()
-    _print_table([{"trial_id": e.trial_id, "method": e.method, "eligible": True, **e.scores} for e in entries])
+    _print_table(
+        [
+            {"trial_id": e.trial_id, "method": e.method, "eligible": True, **e.scores}
+            | ({"held_out_final_score": e.held_out["final_score"]} if e.held_out else {})
+            for e in entries
+        ]
+    )
     return 0
 
 

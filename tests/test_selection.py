@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from unlearn_sweep.orchestrator import tracking
+from unlearn_sweep.orchestrator.cli import main
 from unlearn_sweep.orchestrator.selection import Entry, crown, export_champion, leaderboard, select
 
 TOY_MODEL: Path
@@ -64,6 +65,32 @@ def test_by_held_out_only_confirmed_trials_count_ranked_by_their_confirmation() 
     ranked = select(entries, by="held_out")
     assert [e.trial_id for e in ranked] == ["b", "a"]  # c's confirmation is below its MMLU threshold
     assert ranked[0].held_out["final_score"] == 0.6 and ranked[0].scores["final_score"] == 0.7
+
+
+def test_best_prints_the_scores_its_order_comes_from(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Ranked by held-out score, `best` printed the tuned scores alone: its first trial showed a
+    lower final score than its second, and not the score it was chosen by."""
+    from unlearn_sweep.orchestrator import cli
+
+    def confirmation(of: str, final: float) -> Entry:
+        return dataclasses.replace(entry(f"confirm-{of}", final), confirms=f"run-{of}")
+
+    ranked = select([entry("a", 0.9), entry("b", 0.7), confirmation("a", 0.5), confirmation("b", 0.6)], by="held_out")
+    monkeypatch.setattr("unlearn_sweep.orchestrator.selection.leaderboard", lambda *args: ranked)
+    monkeypatch.setattr(cli, "_existing_store", lambda uri: uri)
+    assert main(["best", "exp"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "best eligible trial of 'exp' by held-out final score: b (npo), epoch 1"
+    assert out[1:4] == [
+        f"  {'':<15}   tuned held-out",
+        "  final_score      0.7000   0.6000",
+        "  mmlu_accuracy    0.5000   0.5000",
+    ]
+    assert out[-3:] == [
+        "rank trial      method         final task agg    MIA   MMLU held-out  eligible",
+        "1    b          npo            0.700        -      -  0.500    0.600  True",
+        "2    a          npo            0.900        -      -  0.500    0.500  True",
+    ]
 
 
 def fake_trial(
