@@ -343,12 +343,17 @@ def _best(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from unlearn_sweep.orchestrator.selection import export_champion
+    from unlearn_sweep.orchestrator.selection import CONFIRMATION_SCORES, export_champion
 
     check_output_folder(args.out)
     out = export_champion(args.experiment, _existing_store(args.tracking_uri), args.out)
-    scores = json.loads((out / "scores.json").read_text())
-    print(f"exported the champion of {args.experiment!r} to {out} (final score {scores['final_score']:.4f})")
+    tuned = json.loads((out / "scores.json").read_text())["final_score"]
+    if (out / CONFIRMATION_SCORES).exists():
+        held_out = json.loads((out / CONFIRMATION_SCORES).read_text())["final_score"]
+        score = f"held-out final score {held_out:.4f}, tuned {tuned:.4f}"
+    else:
+        score = f"final score {tuned:.4f} on the fold it was tuned on"
+    print(f"exported the champion of {args.experiment!r} to {out} ({score})")
     script = out / "unlearn.py"
     print(f"  its configuration runs on new sets: python {script} INPUT_MODEL RETAIN_SET FORGET_SET OUTPUT_DIR")
     return 0

@@ -29,6 +29,8 @@ from unlearn_sweep.evaluation.eligibility import meets_all
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.submission import write_submission
 
+CONFIRMATION_SCORES = "confirmation_scores.json"  # an export's: the held-out scores its champion was chosen by
+
 
 class SelectionError(DataError):
     """Nothing to select: an unknown experiment, or no eligible trial."""
@@ -158,9 +160,11 @@ def champion_run(experiment: str, tracking_uri: str) -> str:
 
 def export_champion(experiment: str, tracking_uri: str, out_dir: str | Path) -> Path:
     """The champion checkpoint (safetensors + tokenizer, from the registered MLflow model), its
-    scores.json, records and trial_config.json, and the runnable submission (its configuration
-    and unlearn.py, submission.py), written to out_dir whole or not at all."""
+    scores.json, records and trial_config.json, the scores it was chosen by where its sweep
+    confirmed on the held-out fold (confirmation_scores.json), and the runnable submission (its
+    configuration and unlearn.py, submission.py), written to out_dir whole or not at all."""
     run_id = champion_run(experiment, tracking_uri)
+    held_out = next((e.held_out for e in leaderboard(experiment, tracking_uri) if e.run_id == run_id), None)
     mlflow.set_tracking_uri(tracking_uri)
     with staged_directory(out_dir) as staging:
         model = Path(
@@ -182,5 +186,7 @@ def export_champion(experiment: str, tracking_uri: str, out_dir: str | Path) -> 
         (staging / "trial_config.json").write_text(
             json.dumps({**config, "experiment": experiment, "run_id": run_id}, indent=2) + "\n"
         )
+        if held_out:
+            (staging / CONFIRMATION_SCORES).write_text(json.dumps(held_out, indent=2) + "\n")
         write_submission(staging, config)
     return Path(out_dir)

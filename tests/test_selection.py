@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.cli import main
-from unlearn_sweep.orchestrator.selection import Entry, crown, export_champion, leaderboard, select
+from unlearn_sweep.orchestrator.selection import Entry, crown, leaderboard, select
 
 TOY_MODEL: Path
 
@@ -115,7 +115,9 @@ def toy_model(toy_task_dir: Path) -> None:
     TOY_MODEL = toy_task_dir / "model"
 
 
-def test_crown_registers_once_and_never_moves_to_an_ineligible_checkpoint(tmp_path: Path) -> None:
+def test_crown_registers_once_and_never_moves_to_an_ineligible_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow = tracking.client(uri)
     experiment = tracking.experiment_id(mlflow, "exp")
@@ -144,10 +146,16 @@ def test_crown_registers_once_and_never_moves_to_an_ineligible_checkpoint(tmp_pa
     )
     assert registered.read_bytes() == (tmp_path / "t1" / "model.safetensors").read_bytes()  # the weights, as saved
     assert mlflow.get_run(high).info.end_time == end_time  # registering did not move the trial's end
-    exported = export_champion("exp", uri, tmp_path / "submission")
+    capsys.readouterr()
+    assert main(["export", "exp", "--out", str(tmp_path / "submission"), "--tracking-uri", uri]) == 0
+    out, err = capsys.readouterr()
+    assert "(final score 0.8000 on the fold it was tuned on)" in out.splitlines()[0]
+    assert "Downloading artifacts" not in err  # MLflow's bars: on a terminal only, as the model libraries'
+    exported = tmp_path / "submission"
     assert {"model.safetensors", "config.json", "tokenizer.json", "scores.json", "trial_config.json"} <= {
         p.name for p in exported.iterdir()
     }
+    assert not (exported / "confirmation_scores.json").exists()  # selected on the fold it was tuned on
 
     # A later sweep with a stricter threshold: its lower but eligible trial takes the alias;
     # the earlier champion (MMLU 0.45 < 0.5) is not eligible under it.

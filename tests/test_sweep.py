@@ -850,6 +850,9 @@ def test_the_champion_is_the_configuration_that_held_on_the_held_out_fold(
         == 0
     )
     exported = tmp_path / "submission"
+    held_out = champion["held_out"]["final_score"]
+    assert json.loads((exported / "confirmation_scores.json").read_text())["final_score"] == pytest.approx(held_out)
+    assert f"(held-out final score {held_out:.4f}, tuned {champion['final_score']:.4f})" in capsys.readouterr().out
     configuration = json.loads((exported / "configuration.json").read_text())
     assert configuration["params"]["epochs"] == champion["epoch"]
     data = toy_task_dir / "data"
