@@ -394,20 +394,26 @@ def _ui(args: argparse.Namespace) -> int:
         "1",
     ]
     print(f"MLflow UI of {args.tracking_uri} on http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
-    # Ctrl-C and SIGTERM stop the server's whole process tree (MLflow's uvicorn child too). A
-    # server that ends by itself failed, whatever its exit code: MLflow exits 0 when uvicorn
-    # cannot bind a port taken after our check.
-    server = subprocess.Popen(command, start_new_session=True)
+    # Ctrl-C and SIGTERM stop the server's whole process tree (MLflow's uvicorn child too); a
+    # second one kills it, as people expect of a server slow to shut down. A server that ends by
+    # itself failed, whatever its exit code: MLflow exits 0 when uvicorn cannot bind a port
+    # taken after our check.
+    server: subprocess.Popen | None = None
     stopped = False
 
     def stop(signum: int, frame: object) -> None:
         nonlocal stopped
+        if server is not None:
+            with contextlib.suppress(ProcessLookupError):  # it may have just ended by itself
+                os.killpg(server.pid, signal.SIGKILL if stopped else signal.SIGTERM)
         stopped = True
-        with contextlib.suppress(ProcessLookupError):  # it may have just ended by itself
-            os.killpg(server.pid, signal.SIGTERM)
 
+    # Handlers first: a Ctrl-C while the server starts must not leave it running in its session.
     previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
+        server = subprocess.Popen(command, start_new_session=True)
+        if stopped:  # stopped before `server` was set
+            os.killpg(server.pid, signal.SIGTERM)
         code = server.wait()
     finally:  # the caller's handlers again, as the sweep's interrupt handling leaves them
         for number, handler in previous.items():

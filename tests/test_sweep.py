@@ -1066,6 +1066,22 @@ def test_ui_refuses_a_port_it_cannot_serve_on(
     assert error.startswith(f"unlearn-sweep: error: --port {port}: ") and error.count("\n") == 1, error
 
 
+def ui_with_stand_in(server: str, port: int, store: str, check_port: bool = True) -> str:
+    """Python code running `unlearn-sweep ui` with the Python program `server` in MLflow's place
+    (other processes start as they would: MLflow's import runs `uname`)."""
+    return f"""if True:
+        import subprocess, sys
+        from unlearn_sweep.orchestrator import cli
+        start = subprocess.Popen
+        def stand_in(command, **options):
+            is_mlflow = command[1:3] == ["-m", "mlflow"]
+            return start([sys.executable, "-c", {server!r}] if is_mlflow else command, **options)
+        subprocess.Popen = stand_in
+        if not {check_port}:
+            cli._check_port_free = lambda port: None
+        sys.exit(cli.main(["ui", "--port", "{port}", "--tracking-uri", "{store}"]))"""
+
+
 def test_ui_fails_when_the_server_ends_by_itself(tmp_path: Path) -> None:
     """A port taken between our check and MLflow's bind: MLflow logs it and exits 0, and so did
     `unlearn-sweep ui`, after saying it served. A server that ends without being stopped failed.
@@ -1078,16 +1094,43 @@ def test_ui_fails_when_the_server_ends_by_itself(tmp_path: Path) -> None:
         port = holder.getsockname()[1]
         # The race, made certain and quick: our check passes, and the server (a stand-in for
         # MLflow, which takes 20 s to get there) reports the taken port and exits 0.
-        code = f"""if True:
-            import subprocess, sys
-            from unlearn_sweep.orchestrator import cli
-            start = subprocess.Popen
-            cli._check_port_free = lambda port: None
-            subprocess.Popen = lambda command, **options: start([sys.executable, "-c", "print('in use')"], **options)
-            sys.exit(cli.main(["ui", "--port", "{port}", "--tracking-uri", "{store}"]))"""
+        code = ui_with_stand_in("print('in use')", port, store, check_port=False)
         ui = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert ui.returncode == 1, ui.stderr[-3000:]
     assert ui.stderr.endswith("error: the MLflow UI ended by itself (exit code 0); its log above says why\n")
+
+
+def test_a_second_ctrl_c_kills_a_ui_server_that_is_slow_to_stop(tmp_path: Path) -> None:
+    """The first Ctrl-C asks the server's tree to stop (SIGTERM); a second one sent SIGTERM again,
+    so a server that did not stop kept `ui` waiting. Now it kills the tree."""
+    store = f"sqlite:///{tmp_path}/m.db"
+    tracking.client(store).search_experiments()
+    pid_file = tmp_path / "server.pid"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # A stand-in for MLflow that ignores SIGTERM and says when it is up.
+    server = (
+        "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
+    )
+    code = ui_with_stand_in(server, port, store)
+    ui = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.exists() or not pid_file.read_text():
+            assert ui.poll() is None and time.monotonic() < deadline, ui.stderr and ui.stderr.read()
+            time.sleep(0.2)
+        ui.send_signal(signal.SIGINT)
+        time.sleep(2)
+        assert ui.poll() is None  # the stand-in ignored the first stop
+        ui.send_signal(signal.SIGINT)
+        assert ui.wait(timeout=30) == 0
+    finally:
+        ui.kill()
+        ui.wait()
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
 
 
 @contextlib.contextmanager
