@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unlearn_sweep.corpus.errors import DataError
+from unlearn_sweep.corpus.semeval import TaskData, same_text
 from unlearn_sweep.corpus.tables import read_records, require_fields
 
 MEMBERSHIPS = ("member", "nonmember")
@@ -74,6 +75,20 @@ def load_held_out(path: str | Path, scored_mia_dir: str | Path | None) -> tuple[
             "held-out documents must be ones the MIA score is not computed on",
         )
     return tuple(doc.document for doc in held_out)
+
+
+def check_mia_fold(mia_dir: str | Path, other_fold: TaskData, other: str) -> None:
+    """Refuses an MIA set whose documents are those of `other_fold`, the fold it is not scored
+    with: a run that unlearned one fold would be measured on the other's documents."""
+    documents = load_mia(mia_dir)
+    theirs = other_fold.documents()
+    shared = sum(same_text(doc.document) in theirs for doc in documents)
+    if shared:
+        raise DataError(
+            mia_dir,
+            f"{shared} of its {len(documents)} documents are documents of the {other} fold: "
+            "an MIA set is scored with the fold its members come from",
+        )
 
 
 def default_held_out(mia_dir: str | Path) -> Path | None:

@@ -43,6 +43,16 @@ class TaskData:
     def rows(self) -> list[TaskRow]:
         return self.forget + self.retain
 
+    def documents(self) -> set[str]:
+        """The whole documents its sentence-completion rows split into prompt and continuation,
+        whitespace-normalized (the form of an MIA set's documents, as `same_text` compares)."""
+        return {same_text(f"{row.input} {row.output}") for row in self.rows() if row.kind == "sc"}
+
+
+def same_text(text: str) -> str:
+    """A document's words, one space apart: how documents of the task and MIA files compare."""
+    return " ".join(text.split())
+
 
 def row_kind(row_id: str) -> str | None:
     """The organizers' rule: the id minus its last character ends in 'sc' or 'qa'."""

@@ -63,10 +63,14 @@ def _task_summary(data: Path, split: str | None, tuned: str | None = None) -> st
     return "\n".join(lines)
 
 
-def _mia_summary(mia: Path) -> str:
-    from unlearn_sweep.corpus.mia import load_mia
+def _mia_summary(mia: Path, data: Path | None = None, other: str | None = None) -> str:
+    """An MIA set's counts; with `other`, checked not to hold that fold's documents."""
+    from unlearn_sweep.corpus.mia import check_mia_fold, load_mia
+    from unlearn_sweep.corpus.semeval import load_task
 
     counts = Counter(doc.membership for doc in load_mia(mia))
+    if other:
+        check_mia_fold(mia, load_task(data, other), other)
     return f"mia: {mia}\n  member {counts['member']}, nonmember {counts['nonmember']}"
 
 
@@ -88,9 +92,10 @@ def _validate_data(args: argparse.Namespace) -> int:
     if len(folds) == 2:
         sections.append(lambda: _task_summary(args.data, "validation", tuned="train"))
     if args.mia:
-        sections.append(lambda: _mia_summary(args.mia))
-        if len(folds) == 2 and (args.mia / "validation").is_dir():
-            sections.append(lambda: _mia_summary(args.mia / "validation"))
+        both = len(folds) == 2
+        sections.append(lambda: _mia_summary(args.mia, args.data, "validation" if both else None))
+        if both and (args.mia / "validation").is_dir():
+            sections.append(lambda: _mia_summary(args.mia / "validation", args.data, "train"))
     if args.mmlu:
         sections.append(lambda: _mmlu_summary(args.mmlu))
     errors = []

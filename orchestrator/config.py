@@ -222,6 +222,7 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
     if values.get("merge_stage") is not None:
         values["merge_stage"] = _merge_stage(path, values["merge_stage"], base_dir)
     values["confirm"] = _confirm(path, raw, values, base_dir)
+    _check_mia(path, values)
     if values.get("select_by") == "held_out" and values["confirm"] is None:
         raise ConfigError(path, "held_out needs a confirmation stage (confirm)", field="select_by")
     values.setdefault("select_by", "held_out" if values["confirm"] else "tuned")
@@ -345,6 +346,28 @@ def _confirm(path: Path, raw: dict, values: dict[str, Any], base_dir: Path) -> C
     if values["held_out"] is not None:
         held_out = _confirm_held_out(path, confirm, values["held_out"], values["mia"], mia, base_dir)
     return dataclasses.replace(confirm, mia=mia, held_out=held_out)
+
+
+def _check_mia(path: Path, values: dict[str, Any]) -> None:
+    """The MIA set is read now; where the data has both folds, each MIA set is refused if its
+    documents are the other fold's (`mia: <mia>/validation` for a search on train, or the
+    reverse for `confirm.mia`): its scores would measure forgetting of documents those runs
+    never unlearned."""
+    from unlearn_sweep.corpus.mia import check_mia_fold, load_mia
+    from unlearn_sweep.corpus.semeval import hf_folds, load_task
+
+    with field_errors(path, "mia"):
+        load_mia(values["mia"])
+    folds = hf_folds(values["data"])
+    tuned = values.get("split") or "train"
+    if len(folds) < 2:
+        return
+    other = next(fold for fold in folds if fold != tuned)
+    with field_errors(path, "mia"):
+        check_mia_fold(values["mia"], load_task(values["data"], other), other)
+    if values["confirm"] is not None:
+        with field_errors(path, "confirm.mia"):
+            check_mia_fold(values["confirm"].mia, load_task(values["data"], tuned), tuned)
 
 
 def _confirm_held_out(

@@ -171,14 +171,21 @@ def test_a_database_store_without_its_driver_says_what_to_install(capsys: pytest
 
 def test_a_sweep_reads_its_data_before_ray_or_mlflow(toy_task_dir: Path, tmp_path: Path) -> None:
     """An MIA folder without nonmembers: trials started and failed, leaving mlflow.db, mlruns/ and
-    the sweep's folder behind; now refused before any of them exists."""
+    the sweep's folder behind; now refused with the config, before any of them exists."""
     mia = tmp_path / "mia"
     mia.mkdir()
     shutil.copy(toy_task_dir / "mia" / "member.jsonl", mia)
-    config = load_config(write_config(tmp_path / "sweep", toy_task_dir, mia=str(mia)))
-    with pytest.raises(DataError, match=r"nonmember.jsonl: file not found"):
-        run_sweep(config)
+    with pytest.raises(ConfigError, match=r"sweep.yaml: field 'mia': .*nonmember.jsonl: file not found"):
+        load_config(write_config(tmp_path / "sweep", toy_task_dir, mia=str(mia)))
     assert sorted(path.name for path in (tmp_path / "sweep").iterdir()) == ["sweep.yaml"]
+    # What only the sweep reads whole (MMLU) is read before Ray or MLflow too.
+    mmlu = tmp_path / "mmlu"
+    mmlu.mkdir()
+    (mmlu / "law_test.csv").write_text("q,a,b,c,d,E\n")
+    config = load_config(write_config(tmp_path / "sweep2", toy_task_dir, mmlu=str(mmlu)))
+    with pytest.raises(DataError, match=r"law_test.csv: row 1: field 'answer'"):
+        run_sweep(config)
+    assert sorted(path.name for path in (tmp_path / "sweep2").iterdir()) == ["sweep.yaml"]
 
 
 @pytest.mark.parametrize(
@@ -298,3 +305,27 @@ def test_a_held_out_fold_that_is_broken_or_not_held_out_is_refused(
     out, err = capsys.readouterr()
     assert "(hf parquet (train))" in out and re.fullmatch(rf"error: {data}: {seen}.*\n", err)
     assert main(["validate-data", "--data", str(data), "--split", "validation"]) == 0  # one fold: nothing to compare
+
+
+def test_an_mia_set_of_the_other_fold_is_refused(
+    toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`mia: <mia>/validation` for a search on the train fold, or the train fold's MIA set as
+    `confirm.mia`, scored every run's MIA on documents it never unlearned, without a word."""
+    mia = toy_task_dir / "mia"
+    theirs = "documents are documents of the {} fold: an MIA set is scored with the fold its members come from"
+    path = write_config(tmp_path / "a", toy_task_dir, mia=str(mia / "validation"))
+    with pytest.raises(ConfigError, match=rf"field 'mia': .*: 12 of its 24 {theirs.format('validation')}$"):
+        load_config(path)
+    path = write_config(tmp_path / "b", toy_task_dir, confirm={"mia": str(mia)})
+    with pytest.raises(ConfigError, match=rf"field 'confirm.mia': .*: 24 of its 48 {theirs.format('train')}$"):
+        load_config(path)
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(mia / "validation", swapped)
+    shutil.copytree(mia, swapped / "validation", ignore=shutil.ignore_patterns("validation", "held_out.jsonl"))
+    assert main(["validate-data", "--data", str(toy_task_dir / "data"), "--mia", str(swapped)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {swapped}: 12 of its 24 {theirs.format('validation')}",
+        f"error: {swapped / 'validation'}: 24 of its 48 {theirs.format('train')}",
+    ]
