@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unlearn_sweep.corpus.errors import DataError
-from unlearn_sweep.corpus.semeval import TaskData, same_text
+from unlearn_sweep.corpus.semeval import hf_folds, load_task, same_text
 from unlearn_sweep.corpus.tables import read_records, require_fields
 
 MEMBERSHIPS = ("member", "nonmember")
@@ -77,11 +77,16 @@ def load_held_out(path: str | Path, scored_mia_dir: str | Path | None) -> tuple[
     return tuple(doc.document for doc in held_out)
 
 
-def check_mia_fold(mia_dir: str | Path, other_fold: TaskData, other: str) -> None:
-    """Refuses an MIA set whose documents are those of `other_fold`, the fold it is not scored
-    with: a run that unlearned one fold would be measured on the other's documents."""
+def check_mia_fold(mia_dir: str | Path, data_dir: str | Path, split: str | None) -> None:
+    """Where the task directory holds both folds, refuses an MIA set scored with fold `split`
+    (default train) whose documents are the other fold's: a run that unlearned one fold would
+    be measured on documents of the other."""
+    folds = hf_folds(data_dir)
+    if len(folds) < 2 or (split or "train") not in folds:
+        return
+    other = next(fold for fold in folds if fold != (split or "train"))
     documents = load_mia(mia_dir)
-    theirs = other_fold.documents()
+    theirs = load_task(data_dir, other).documents()
     shared = sum(same_text(doc.document) in theirs for doc in documents)
     if shared:
         raise DataError(

@@ -63,14 +63,12 @@ def _task_summary(data: Path, split: str | None, tuned: str | None = None) -> st
     return "\n".join(lines)
 
 
-def _mia_summary(mia: Path, data: Path | None = None, other: str | None = None) -> str:
-    """An MIA set's counts; with `other`, checked not to hold that fold's documents."""
+def _mia_summary(mia: Path, data: Path, split: str | None) -> str:
+    """An MIA set's counts, checked not to hold the documents of the fold `split` does not name."""
     from unlearn_sweep.corpus.mia import check_mia_fold, load_mia
-    from unlearn_sweep.corpus.semeval import load_task
 
     counts = Counter(doc.membership for doc in load_mia(mia))
-    if other:
-        check_mia_fold(mia, load_task(data, other), other)
+    check_mia_fold(mia, data, split)
     return f"mia: {mia}\n  member {counts['member']}, nonmember {counts['nonmember']}"
 
 
@@ -92,10 +90,9 @@ def _validate_data(args: argparse.Namespace) -> int:
     if len(folds) == 2:
         sections.append(lambda: _task_summary(args.data, "validation", tuned="train"))
     if args.mia:
-        both = len(folds) == 2
-        sections.append(lambda: _mia_summary(args.mia, args.data, "validation" if both else None))
-        if both and (args.mia / "validation").is_dir():
-            sections.append(lambda: _mia_summary(args.mia / "validation", args.data, "train"))
+        sections.append(lambda: _mia_summary(args.mia, args.data, args.split))
+        if len(folds) == 2 and (args.mia / "validation").is_dir():
+            sections.append(lambda: _mia_summary(args.mia / "validation", args.data, "validation"))
     if args.mmlu:
         sections.append(lambda: _mmlu_summary(args.mmlu))
     errors = []
@@ -488,6 +485,7 @@ def print_scores(scores: dict) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from unlearn_sweep.corpus.mia import check_mia_fold
     from unlearn_sweep.evaluation import vllm_inference
     from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
     from unlearn_sweep.evaluation.options import EvalOptions
@@ -500,6 +498,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     check_output_folder(args.out, may_exist=True)  # its records are replaced: refused now, not after the evaluation
     check_checkpoint(args.model)
     sets = EvalSets.load(args.data, args.split, args.mia, args.mmlu, args.mmlu_shots)
+    if args.mia:
+        check_mia_fold(args.mia, args.data, args.split)
     options = EvalOptions(
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,

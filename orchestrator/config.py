@@ -349,25 +349,17 @@ def _confirm(path: Path, raw: dict, values: dict[str, Any], base_dir: Path) -> C
 
 
 def _check_mia(path: Path, values: dict[str, Any]) -> None:
-    """The MIA set is read now; where the data has both folds, each MIA set is refused if its
-    documents are the other fold's (`mia: <mia>/validation` for a search on train, or the
-    reverse for `confirm.mia`): its scores would measure forgetting of documents those runs
-    never unlearned."""
+    """The MIA sets are read now, each refused if it holds the other fold's documents (`mia:
+    <mia>/validation` for a search on train, or the reverse for `confirm.mia`): its scores
+    would measure forgetting of documents those runs never unlearned."""
     from unlearn_sweep.corpus.mia import check_mia_fold, load_mia
-    from unlearn_sweep.corpus.semeval import hf_folds, load_task
 
     with field_errors(path, "mia"):
         load_mia(values["mia"])
-    folds = hf_folds(values["data"])
-    tuned = values.get("split") or "train"
-    if len(folds) < 2:
-        return
-    other = next(fold for fold in folds if fold != tuned)
-    with field_errors(path, "mia"):
-        check_mia_fold(values["mia"], load_task(values["data"], other), other)
+        check_mia_fold(values["mia"], values["data"], values.get("split"))
     if values["confirm"] is not None:
         with field_errors(path, "confirm.mia"):
-            check_mia_fold(values["confirm"].mia, load_task(values["data"], tuned), tuned)
+            check_mia_fold(values["confirm"].mia, values["data"], values["confirm"].split)
 
 
 def _confirm_held_out(

@@ -329,3 +329,8 @@ def test_an_mia_set_of_the_other_fold_is_refused(
         f"error: {swapped}: 12 of its 24 {theirs.format('validation')}",
         f"error: {swapped / 'validation'}: 24 of its 48 {theirs.format('train')}",
     ]
+    # evaluate: refused before the model is loaded
+    options = ("--split", "validation", "--mia", mia, "--mmlu", toy_task_dir / "mmlu")
+    assert main(toy_task_args(toy_task_dir, "evaluate", *options, out=tmp_path / "out")) == 2
+    assert f"{mia}: 24 of its 48 {theirs.format('train')}" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
