@@ -39,6 +39,17 @@ def _count(minimum: int):
     return parse
 
 
+def _fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie between 0 and 1, got {text}")
+    return value
+
+
 def _existing_store(tracking_uri: str) -> str:
     """Reading a sweep back: the store must exist (MLflow would create an empty one)."""
     from unlearn_sweep.orchestrator.tracking import check_store
@@ -126,6 +137,22 @@ def _build_toy_task(out: Path, seed: int = 0) -> None:
 
 def _toy_task(args: argparse.Namespace) -> int:
     _build_toy_task(args.out, args.seed)
+    return 0
+
+
+def _split_folds(args: argparse.Namespace) -> int:
+    from unlearn_sweep.corpus.folds import split_folds
+    from unlearn_sweep.corpus.semeval import load_task
+
+    check_output_folder(args.out)  # before the data is read
+    sizes = split_folds(load_task(args.data, args.split), args.mia, args.out, args.fraction, args.seed)
+    print(f"wrote {args.out}/data and {args.out}/mia (the validation fold: mia/validation):")
+    for fold, size in sizes.items():
+        print(
+            f"  {fold:<10} {size.documents} documents: forget {size.forget_rows} rows, retain {size.retain_rows}; "
+            f"MIA member {size.members}, nonmember {size.nonmembers}"
+        )
+    print(f"  a sweep with data: {args.out} and mia: {args.out}/mia confirms on the validation fold")
     return 0
 
 
@@ -555,6 +582,17 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--out", required=True, type=Path)
     toy.add_argument("--seed", type=int, default=0)
     toy.set_defaults(run=_toy_task)
+
+    split = commands.add_parser(
+        "split-folds", help="hold out a fraction of a task's documents (and their MIA members) as a validation fold"
+    )
+    split.add_argument("--data", required=True, type=Path, help="task directory (any supported layout)")
+    split.add_argument("--split", help="the Hugging Face layout's fold to split (default train)")
+    split.add_argument("--mia", required=True, type=Path, help="its MIA set: member.jsonl and nonmember.jsonl")
+    split.add_argument("--out", required=True, type=Path)
+    split.add_argument("--fraction", type=_fraction, default=0.2, help="share of each set's documents held out (0.2)")
+    split.add_argument("--seed", type=int, default=0)
+    split.set_defaults(run=_split_folds)
 
     demo = commands.add_parser("demo", help="the built-in miniature task end to end, in the current directory")
     demo.add_argument("--trials", type=_count(1), default=24)

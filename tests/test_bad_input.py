@@ -11,7 +11,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from conftest import toy_task_args
 from test_corpus import ROW, task_dir, write_jsonl
 from test_sweep import write_config
@@ -283,13 +282,8 @@ def test_a_held_out_fold_that_is_broken_or_not_held_out_is_refused(
     forget = next(data.glob("forget_validation-*.parquet"))
     rows = pq.read_table(forget).to_pylist()
 
-    def config(folder: str, **overrides) -> Path:
-        path = write_config(tmp_path / folder, toy_task_dir, data=str(data), **overrides)
-        raw = yaml.safe_load(path.read_text())
-        if "confirm" not in overrides:
-            del raw["confirm"]  # on by default: the data has a validation fold
-        path.write_text(yaml.safe_dump(raw))
-        return path
+    def config(folder: str, confirm: dict | None = ...) -> Path:  # default: on, the data has a validation fold
+        return write_config(tmp_path / folder, toy_task_dir, data=str(data), confirm=confirm)
 
     pq.write_table(pa.Table.from_pylist([{**rows[0], "task": "Task7"}, *rows[1:]]), forget)
     with pytest.raises(ConfigError, match=r"field 'data': .*forget_validation-.*: row 1: field 'task': unknown task"):

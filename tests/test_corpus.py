@@ -233,3 +233,56 @@ def test_bad_input_errors_survive_pickling(kind: str) -> None:
     )
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is type(error) and str(copy) == str(error) == "tasks.jsonl: row 3: field 'id': duplicate id 'x'"
+
+
+def test_split_folds_holds_out_whole_documents_with_their_mia_members(
+    toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A team with one fold (next month's documents) gets a validation fold the sweep confirms on."""
+    from unlearn_sweep.corpus.folds import document_key
+    from unlearn_sweep.corpus.mia import check_mia_fold
+    from unlearn_sweep.corpus.semeval import load_held_out_fold
+    from unlearn_sweep.corpus.toy_task import sweep_paths
+    from unlearn_sweep.orchestrator.config import config_from_dict
+
+    mia, out = toy_task_dir / "mia", tmp_path / "split"
+    command = ["split-folds", "--data", str(toy_task_dir / "data"), "--mia", str(mia), "--out", str(out)]
+    assert main([*command, "--fraction", "0.25"]) == 0
+    assert "validation 12 documents: forget 30 rows, retain 30; MIA member 6, nonmember 6" in capsys.readouterr().out
+    whole = load_task(toy_task_dir / "data", "train")
+    folds = {fold: load_task(out, fold) for fold in ("train", "validation")}
+    # Every row in one fold, a document's rows together, every set and task in both folds.
+    assert sorted(row.id for fold in folds.values() for row in fold.rows()) == sorted(row.id for row in whole.rows())
+    keys = [{document_key(row.id) for row in fold.rows()} for fold in folds.values()]
+    assert not keys[0] & keys[1]
+    sets_and_tasks = {(row.split, row.task) for row in whole.rows()}
+    assert all({(row.split, row.task) for row in fold.rows()} == sets_and_tasks for fold in folds.values())
+    # Members follow their documents, the folds pass the sweep's checks, and the sweep confirms.
+    load_held_out_fold(out, "validation", "train")
+    check_mia_fold(out / "mia", out, "train")
+    check_mia_fold(out / "mia" / "validation", out, "validation")
+    assert sorted(d.id for d in load_mia(out / "mia") + load_mia(out / "mia" / "validation")) == sorted(
+        d.id for d in load_mia(mia)
+    )
+    raw = {"name": "s", **sweep_paths(toy_task_dir), "data": str(out), "mia": str(out / "mia"), "methods": ["npo"]}
+    config = config_from_dict({**raw, "trials": 2, "storage_path": str(tmp_path / "runs")}, tmp_path / "sweep.yaml")
+    assert config.confirm.mia == out / "mia" / "validation" and config.select_by == "held_out"
+
+    # A member that is no document of the task cannot be placed: refused, nothing written.
+    stray = tmp_path / "stray"
+    shutil.copytree(mia, stray, ignore=shutil.ignore_patterns("validation"))
+    with (stray / "member.jsonl").open("a") as members:
+        members.write(json.dumps({"id": "nobody", "document": "A text no row of the task holds."}) + "\n")
+    assert main([*command[:3], "--mia", str(stray), "--out", str(tmp_path / "none")]) == 2
+    assert "member.jsonl: row 25: field 'document': is no document of the task" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
+def test_split_folds_places_every_member_of_the_public_release(tmp_path: Path) -> None:
+    """The release names train members by document number and its rows by sc id: both are found."""
+    from unlearn_sweep.corpus.folds import split_folds
+
+    data = shared_data("semeval25")
+    sizes = split_folds(load_task(data, "train"), data / "mia_data", tmp_path / "split")
+    assert sizes["train"].members + sizes["validation"].members == 150
+    assert sizes["validation"].documents == 141 and sizes["validation"].forget_rows == 220

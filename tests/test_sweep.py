@@ -76,6 +76,8 @@ MMLU_CONSTRAINT, TIME_CONSTRAINT = CONSTRAINTS
 
 
 def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
+    """A sweep config on the toy task with the overrides; a key given as ... is left out (its
+    default applies, e.g. `confirm=...`: on where the data has a validation fold)."""
     raw = {
         "name": "s1",
         **sweep_paths(toy_task_dir),
@@ -95,7 +97,7 @@ def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
     }
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "sweep.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump({key: value for key, value in raw.items() if value is not ...}))
     return path
 
 
@@ -273,20 +275,14 @@ def test_every_relative_path_of_a_config_is_from_its_folder(
 
 
 def test_the_confirmation_stage_is_on_where_the_data_has_another_fold(toy_task_dir: Path, tmp_path: Path) -> None:
-    def without_confirm(path: Path) -> Path:
-        raw = yaml.safe_load(path.read_text())
-        del raw["confirm"]
-        path.write_text(yaml.safe_dump(raw))
-        return path
-
-    config = load_config(without_confirm(write_config(tmp_path / "a", toy_task_dir)))
+    config = load_config(write_config(tmp_path / "a", toy_task_dir, confirm=...))
     assert config.confirm == Confirm(top_k=5, split="validation", mia=toy_task_dir / "mia" / "validation")
     assert config.select_by == "held_out"
     one_fold = tmp_path / "one-fold"  # the official layout holds one fold: nothing to confirm on
     one_fold.mkdir()
     for name in ("forget", "retain"):
         shutil.copy(next((toy_task_dir / "data").glob(f"{name}_train-*.parquet")), one_fold / f"{name}.parquet")
-    config = load_config(without_confirm(write_config(tmp_path / "b", toy_task_dir, data=str(one_fold))))
+    config = load_config(write_config(tmp_path / "b", toy_task_dir, data=str(one_fold), confirm=...))
     assert config.confirm is None and config.select_by == "tuned"
     # mia_target's held-out documents are scored in neither fold's MIA set
     config = load_config(
