@@ -237,6 +237,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(summary, config) -> None:
+    from unlearn_sweep.corpus.semeval import hf_folds
+
     failed = sum(row["status"] == "failed" for row in summary.rows)
     print(
         f"\n{len(summary.rows)} trials ({failed} failed); MMLU threshold "
@@ -258,6 +260,8 @@ def _report(summary, config) -> None:
         else:  # picked on the scores it was tuned for: new data will score lower
             score = f"final score {tuned:.4f} on the fold it was tuned on (not confirmed on held-out data)"
         print(f"\nchampion: trial {champion['trial_id']} ({champion['method']}), {score}{origin}")
+        if not held_out and len(hf_folds(config.data)) < 2:
+            print(f"  to confirm on documents it was not tuned on: unlearn-sweep split-folds --data {config.data} ...")
         print(f"  checkpoint: {champion['checkpoint']}")
         print(f"  registered as model {config.experiment!r} version {champion['model_version']}")
         print(

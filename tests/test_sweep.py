@@ -330,7 +330,18 @@ def test_the_report_says_whether_the_champion_was_confirmed_on_held_out_data(
         ({"final_score": 0.55}, "held-out final score 0.5500 (chosen by it), tuned 0.6100"),
     ):
         _report(SweepSummary("s1", "run", 0.3, champion={**champion, "held_out": held_out}), config)
-        assert f"champion: trial t1 (npo), {score}\n" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"champion: trial t1 (npo), {score}\n" in out and "split-folds" not in out  # the data has two folds
+    # Data of one fold: the report says how to hold out a fold
+    one_fold = tmp_path / "one-fold"
+    one_fold.mkdir()
+    for name in ("forget", "retain"):
+        shutil.copy(next((toy_task_dir / "data").glob(f"{name}_train-*.parquet")), one_fold / f"{name}.parquet")
+    config = load_config(write_config(tmp_path / "b", toy_task_dir, data=str(one_fold)))
+    _report(SweepSummary("s1", "run", 0.3, champion={**champion, "held_out": None}), config)
+    assert f"  to confirm on documents it was not tuned on: unlearn-sweep split-folds --data {one_fold} ..." in (
+        capsys.readouterr().out
+    )
 
 
 def test_confirmation_setups_are_distinct_submitted_configurations() -> None:
