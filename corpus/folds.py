@@ -48,28 +48,23 @@ def _draw(items: list[str], fraction: float, rng: random.Random) -> set[str]:
 
 
 def _held_out_documents(task: TaskData, fraction: float, rng: random.Random) -> set[str]:
-    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    groups: dict[tuple[str, str], dict[str, None]] = defaultdict(dict)  # ordered sets of document keys
     for row in task.rows():
-        keys = groups[row.split, row.task]
-        if document_key(row.id) not in keys:
-            keys.append(document_key(row.id))
-    return set().union(*(_draw(keys, fraction, rng) for _, keys in sorted(groups.items())))
+        groups[row.split, row.task][document_key(row.id)] = None
+    return set().union(*(_draw(list(keys), fraction, rng) for _, keys in sorted(groups.items())))
 
 
 def _member_folds(members: list[MiaDocument], folds: dict[str, TaskData]) -> list[str | None]:
-    """Each member's fold: the one whose rows its document was cut from, by text or by id (the
-    release names members by document number in one fold and by sc row id in the other)."""
-    marks = {
-        fold: (
-            task.documents(),
-            {row.id for row in task.rows()} | {document_key(row.id).strip('"') for row in task.rows()},
-        )
+    """Each member's fold: the one whose rows its document was cut from, by its text, else by its
+    id (the release names members by document number in one fold and by sc row id in the other)."""
+    texts = {text: fold for fold, task in folds.items() for text in task.documents()}
+    ids = {
+        name: fold
         for fold, task in folds.items()
+        for row in task.rows()
+        for name in (row.id, document_key(row.id).strip('"'))
     }
-    return [
-        next((fold for fold, (texts, ids) in marks.items() if same_text(d.document) in texts or d.id in ids), None)
-        for d in members
-    ]
+    return [texts.get(same_text(d.document), ids.get(d.id)) for d in members]
 
 
 def split_folds(
@@ -84,8 +79,6 @@ def split_folds(
     documents = load_mia(mia_dir)
     rng = random.Random(seed)
     held_out = _held_out_documents(data, fraction, rng)
-    if not any(document_key(row.id) in held_out for row in data.forget):
-        raise DataError(out_dir, "too few documents to hold one out of each set: the held-out fold would be empty")
     folds = {
         fold: TaskData(
             *(
@@ -96,6 +89,8 @@ def split_folds(
         )
         for fold in FOLDS
     }
+    if not folds["validation"].forget or not folds["validation"].retain:
+        raise DataError(out_dir, "too few documents to hold one out of each set: the held-out fold would be empty")
     mia: dict[str, dict[str, list[MiaDocument]]] = {fold: {"member": [], "nonmember": []} for fold in FOLDS}
     members = [d for d in documents if d.membership == "member"]
     for number, (document, fold) in enumerate(zip(members, _member_folds(members, folds), strict=True), start=1):

@@ -276,6 +276,10 @@ def test_split_folds_holds_out_whole_documents_with_their_mia_members(
     assert main([*command[:3], "--mia", str(stray), "--out", str(tmp_path / "none")]) == 2
     assert "member.jsonl: row 25: field 'document': is no document of the task" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+    one_document = task_dir(tmp_path / "tiny", [ROW], [{**ROW, "id": "b1qa0"}])  # nothing to hold out
+    assert main([command[0], "--data", str(one_document), *command[3:5], "--out", str(tmp_path / "none")]) == 2
+    assert "too few documents to hold one out of each set" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
 
 
 def test_split_folds_places_every_member_of_the_public_release(tmp_path: Path) -> None:
