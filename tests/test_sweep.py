@@ -1073,6 +1073,9 @@ def test_ui_refuses_a_port_it_cannot_serve_on(
     assert error.startswith(f"unlearn-sweep: error: --port {port}: ") and error.count("\n") == 1, error
 
 
+JOBS = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
+
+
 def ui_with_stand_in(server: str, port: int, store: str, check_port: bool = True) -> str:
     """Python code running `unlearn-sweep ui` with the Python program `server` in MLflow's place
     (other processes start as they would: MLflow's import runs `uname`)."""
@@ -1101,10 +1104,14 @@ def test_ui_fails_when_the_server_ends_by_itself(tmp_path: Path) -> None:
         port = holder.getsockname()[1]
         # The race, made certain and quick: our check passes, and the server (a stand-in for
         # MLflow, which takes 20 s to get there) reports the taken port and exits 0.
-        code = ui_with_stand_in("print('in use')", port, store, check_port=False)
+        # It also says whether MLflow's job runner (7 more processes, 1.8 GB) would start.
+        jobs = tmp_path / "jobs"
+        server = f"import os; print('in use'); open({str(jobs)!r}, 'w').write(os.environ.get({JOBS!r}, 'unset'))"
+        code = ui_with_stand_in(server, port, store, check_port=False)
         ui = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert ui.returncode == 1, ui.stderr[-3000:]
     assert ui.stderr.endswith("error: the MLflow UI ended by itself (exit code 0); its log above says why\n")
+    assert jobs.read_text() == "false"
 
 
 def test_a_second_ctrl_c_kills_a_ui_server_that_is_slow_to_stop(tmp_path: Path) -> None:
@@ -1211,7 +1218,8 @@ def ui_serving(tracking_uri: str, log: Path) -> contextlib.AbstractContextManage
 def mlflow_server(folder: Path) -> contextlib.AbstractContextManager[str]:
     """`mlflow server` (SQLite backend, proxied artifacts), as on a cluster."""
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/server.db"]
+    command = ["env", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false"]  # as cluster.yaml starts it
+    command += [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/server.db"]
     command += ["--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--workers", "1"]
     return loopback_server(command, folder / "server.log")
 
