@@ -19,10 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.mia import HELD_OUT, MiaDocument, load_mia
-from unlearn_sweep.corpus.semeval import SETS, TaskData, same_text
+from unlearn_sweep.corpus.semeval import HF_SPLITS, SETS, TaskData, same_text
 from unlearn_sweep.corpus.staging import staged_directory
-
-FOLDS = ("train", "validation")
 
 
 def document_key(row_id: str) -> str:
@@ -87,11 +85,11 @@ def split_folds(
             ),
             layout=f"hf parquet ({fold})",
         )
-        for fold in FOLDS
+        for fold in HF_SPLITS
     }
     if not folds["validation"].forget or not folds["validation"].retain:
         raise DataError(out_dir, "too few documents to hold one out of each set: the held-out fold would be empty")
-    mia: dict[str, dict[str, list[MiaDocument]]] = {fold: {"member": [], "nonmember": []} for fold in FOLDS}
+    mia: dict[str, dict[str, list[MiaDocument]]] = {fold: {"member": [], "nonmember": []} for fold in HF_SPLITS}
     members = [d for d in documents if d.membership == "member"]
     for number, (document, fold) in enumerate(zip(members, _member_folds(members, folds), strict=True), start=1):
         if fold is None:

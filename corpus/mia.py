@@ -77,15 +77,14 @@ def load_held_out(path: str | Path, scored_mia_dir: str | Path | None) -> tuple[
     return tuple(doc.document for doc in held_out)
 
 
-def check_mia_fold(mia_dir: str | Path, data_dir: str | Path, split: str | None) -> None:
-    """Where the task directory holds both folds, refuses an MIA set scored with fold `split`
-    (default train) whose documents are the other fold's: a run that unlearned one fold would
-    be measured on documents of the other."""
-    folds = hf_folds(data_dir)
-    if len(folds) < 2 or (split or "train") not in folds:
+def check_mia_fold(documents: list[MiaDocument], mia_dir: str | Path, data_dir: str | Path, split: str | None) -> None:
+    """Where the task directory holds both folds, refuses the MIA set read from mia_dir and scored
+    with fold `split` (default train) if its documents are the other fold's: a run that unlearned
+    one fold would be measured on documents of the other."""
+    folds, scored = hf_folds(data_dir), split or "train"
+    if len(folds) < 2 or scored not in folds:
         return
-    other = next(fold for fold in folds if fold != (split or "train"))
-    documents = load_mia(mia_dir)
+    other = next(fold for fold in folds if fold != scored)
     theirs = load_task(data_dir, other).documents()
     shared = sum(same_text(doc.document) in theirs for doc in documents)
     if shared:

@@ -78,8 +78,9 @@ def _mia_summary(mia: Path, data: Path, split: str | None) -> str:
     """An MIA set's counts, checked not to hold the documents of the fold `split` does not name."""
     from unlearn_sweep.corpus.mia import check_mia_fold, load_mia
 
-    counts = Counter(doc.membership for doc in load_mia(mia))
-    check_mia_fold(mia, data, split)
+    documents = load_mia(mia)
+    check_mia_fold(documents, mia, data, split)
+    counts = Counter(doc.membership for doc in documents)
     return f"mia: {mia}\n  member {counts['member']}, nonmember {counts['nonmember']}"
 
 
@@ -532,7 +533,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     check_checkpoint(args.model)
     sets = EvalSets.load(args.data, args.split, args.mia, args.mmlu, args.mmlu_shots)
     if args.mia:
-        check_mia_fold(args.mia, args.data, args.split)
+        check_mia_fold(sets.mia, args.mia, args.data, args.split)
     options = EvalOptions(
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,

@@ -321,7 +321,7 @@ def _merge_stage(path: Path, stage: MergeStage, base_dir: Path) -> MergeStage:
 def _confirm(path: Path, raw: dict, values: dict[str, Any], base_dir: Path) -> Confirm | None:
     """The confirmation stage with its paths resolved and checked, or None. Absent from the
     file, it is on where the data has the other fold and that fold's MIA set is found."""
-    from unlearn_sweep.corpus.mia import load_mia
+    from unlearn_sweep.corpus.mia import check_mia_fold, load_mia
     from unlearn_sweep.corpus.semeval import hf_folds, load_held_out_fold
 
     tuned = values.get("split") or "train"
@@ -341,7 +341,7 @@ def _confirm(path: Path, raw: dict, values: dict[str, Any], base_dir: Path) -> C
         load_held_out_fold(values["data"], confirm.split, values.get("split"))
     mia = (base_dir / confirm.mia).resolve() if confirm.mia else values["mia"] / confirm.split
     with field_errors(path, "confirm.mia"):
-        load_mia(mia)
+        check_mia_fold(load_mia(mia), mia, values["data"], confirm.split)
     held_out = None
     if values["held_out"] is not None:
         held_out = _confirm_held_out(path, confirm, values["held_out"], values["mia"], mia, base_dir)
@@ -349,17 +349,13 @@ def _confirm(path: Path, raw: dict, values: dict[str, Any], base_dir: Path) -> C
 
 
 def _check_mia(path: Path, values: dict[str, Any]) -> None:
-    """The MIA sets are read now, each refused if it holds the other fold's documents (`mia:
-    <mia>/validation` for a search on train, or the reverse for `confirm.mia`): its scores
-    would measure forgetting of documents those runs never unlearned."""
+    """The MIA set is read now, refused if it holds the other fold's documents (`mia:
+    <mia>/validation` for a search on train): its scores would measure forgetting of documents
+    the runs never unlearned. (`confirm.mia` is checked so where `_confirm` reads it.)"""
     from unlearn_sweep.corpus.mia import check_mia_fold, load_mia
 
     with field_errors(path, "mia"):
-        load_mia(values["mia"])
-        check_mia_fold(values["mia"], values["data"], values.get("split"))
-    if values["confirm"] is not None:
-        with field_errors(path, "confirm.mia"):
-            check_mia_fold(values["confirm"].mia, values["data"], values["confirm"].split)
+        check_mia_fold(load_mia(values["mia"]), values["mia"], values["data"], values.get("split"))
 
 
 def _confirm_held_out(

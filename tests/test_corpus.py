@@ -259,8 +259,8 @@ def test_split_folds_holds_out_whole_documents_with_their_mia_members(
     assert all({(row.split, row.task) for row in fold.rows()} == sets_and_tasks for fold in folds.values())
     # Members follow their documents, the folds pass the sweep's checks, and the sweep confirms.
     load_held_out_fold(out, "validation", "train")
-    check_mia_fold(out / "mia", out, "train")
-    check_mia_fold(out / "mia" / "validation", out, "validation")
+    for mia_set, fold in ((out / "mia", "train"), (out / "mia" / "validation", "validation")):
+        check_mia_fold(load_mia(mia_set), mia_set, out, fold)
     assert sorted(d.id for d in load_mia(out / "mia") + load_mia(out / "mia" / "validation")) == sorted(
         d.id for d in load_mia(mia)
     )
