@@ -226,15 +226,13 @@ def demo_config(folder: Path, trials: int, seed: int):
 
 def _demo(args: argparse.Namespace) -> int:
     """The toy task end to end in the current directory: build, sweep, report."""
-    from unlearn_sweep.orchestrator.sweep import run_sweep
-
     task = Path("toy_task")
     if not (task / "toy_task.json").exists():
         _build_toy_task(task)
     config = demo_config(Path.cwd(), args.trials, args.seed)
     print(f"sweeping {', '.join(config.methods)} with {config.trials} trials on the toy task", flush=True)
-    _report(run_sweep(config, verbose=args.verbose), config)
-    return 0
+    # Each demo is a sweep of its own name: one interrupted is not resumed but run anew.
+    return _run_and_report(config, False, args.verbose, "A demo is not resumed: `make demo` starts a new one")
 
 
 def _report(summary, config) -> None:
@@ -311,21 +309,28 @@ def _print_table(rows: list[dict]) -> None:
         )
 
 
-def _sweep(args: argparse.Namespace) -> int:
-    from unlearn_sweep.orchestrator.config import load_config
+def _run_and_report(config, resume: bool, verbose: bool, go_on: str) -> int:
+    """Runs the sweep and reports its champion; an interrupted sweep says how to go on (`go_on`)."""
     from unlearn_sweep.orchestrator.sweep import SweepFailed, SweepInterrupted, run_sweep
 
-    config = load_config(args.config)
     try:
-        summary = run_sweep(config, args.resume, args.verbose)
+        summary = run_sweep(config, resume, verbose)
     except SweepInterrupted as error:
-        print(f"unlearn-sweep: {error}", file=sys.stderr)
+        print(f"unlearn-sweep: {error}. {go_on}", file=sys.stderr)
         return 130  # the shell's code for a run ended by Ctrl-C
     except SweepFailed as error:
         print(f"unlearn-sweep: error: {error}", file=sys.stderr)
         return 1
     _report(summary, config)
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from unlearn_sweep.orchestrator.config import load_config
+
+    config = load_config(args.config)
+    go_on = f"Continue it with: unlearn-sweep sweep {config.source} --resume"
+    return _run_and_report(config, args.resume, args.verbose, go_on)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -429,10 +434,11 @@ def _ui(args: argparse.Namespace) -> int:
         "1",
     ]
     print(f"MLflow UI of {args.tracking_uri} on http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
-    # Ctrl-C and SIGTERM stop the server's whole process tree (MLflow's uvicorn child too); a
-    # second one kills it, as people expect of a server slow to shut down. A server that ends by
-    # itself failed, whatever its exit code: MLflow exits 0 when uvicorn cannot bind a port
-    # taken after our check.
+    # Ctrl-C, SIGTERM and a closed terminal (SIGHUP: the server, in its own session, gets none)
+    # stop the server's whole process tree (MLflow's uvicorn child too); a second one kills it,
+    # as people expect of a server slow to shut down. A server that ends by itself failed,
+    # whatever its exit code: MLflow exits 0 when uvicorn cannot bind a port taken after our
+    # check.
     server: subprocess.Popen | None = None
     stopped = False
 
@@ -444,7 +450,9 @@ def _ui(args: argparse.Namespace) -> int:
         stopped = True
 
     # Handlers first: a Ctrl-C while the server starts must not leave it running in its session.
-    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    from unlearn_sweep.orchestrator.stopping import stop_signals
+
+    previous = {number: signal.signal(number, stop) for number in stop_signals()}
     try:
         environment = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
         server = subprocess.Popen(command, start_new_session=True, env=environment)

@@ -39,6 +39,7 @@ from unlearn_sweep.orchestrator.context import TrialContext
 from unlearn_sweep.orchestrator.plan import check_memory
 from unlearn_sweep.orchestrator.search import make_searcher, merge_stage_searcher, search_algorithm, study_exists
 from unlearn_sweep.orchestrator.selection import crown, select, trial_entries
+from unlearn_sweep.orchestrator.stopping import leave_closed_terminal, stop_signals
 from unlearn_sweep.orchestrator.submission import submitted_setup
 from unlearn_sweep.orchestrator.trial import decision_epochs, run_trial
 
@@ -58,7 +59,8 @@ class SweepFailed(RuntimeError):
 
 
 class SweepInterrupted(RuntimeError):
-    """Ctrl-C or SIGTERM stopped the sweep; its state is saved for --resume."""
+    """A stop signal stopped the sweep; its state is saved for --resume. The message says what
+    was done; the command that ran it says how to go on."""
 
 
 @dataclass
@@ -462,7 +464,7 @@ class Sweep:
             _mark_interrupted(self.mlflow, self.experiment, self.parent_run_id, interrupt.at_ms)
             raise SweepInterrupted(
                 f"sweep {self.config.name!r} interrupted after {done} of {stage.trials} trials of {stage.label}; no "
-                f"champion was registered. Continue it with: unlearn-sweep sweep {self.config.source} --resume"
+                "champion was registered"
             )
         return grid
 
@@ -603,12 +605,12 @@ def _merge_stage_sources(config: SweepConfig, rows: list[dict[str, Any]]) -> tup
 
 @dataclass
 class Interrupt:
-    at_ms: int | None = None  # when Ctrl-C or SIGTERM reached the driver (ms since the epoch, as MLflow's times)
+    at_ms: int | None = None  # when a stop signal reached the driver (ms since the epoch, as MLflow's times)
 
 
 @contextlib.contextmanager
 def _recorded_interrupt(on_interrupt: Callable[[int], None]) -> Iterator[Interrupt]:
-    """Ctrl-C and SIGTERM (a scheduler's or `kill`'s stop) are recorded, told to `on_interrupt`
+    """Ctrl-C, SIGTERM and a hang-up (`stopping.stop_signals`) are recorded, told to `on_interrupt`
     (with the time, from a thread: the signal may arrive inside the call it would make), then
     handed to Tune's graceful stop, which also listens on SIGUSR1: Tune's own SIGINT handler is
     switched off (TUNE_DISABLE_SIGINT_HANDLER), since it would not say when the stop came. A
@@ -629,12 +631,13 @@ def _recorded_interrupt(on_interrupt: Callable[[int], None]) -> Iterator[Interru
     telling = threading.Thread(target=tell_then_stop, daemon=True)
 
     def record(signum: int, frame: Any) -> None:
+        leave_closed_terminal(signum)
         if interrupt.at_ms is not None:
             raise KeyboardInterrupt
         interrupt.at_ms = int(time.time() * 1000)
         telling.start()
 
-    previous = {number: signal.signal(number, record) for number in (signal.SIGINT, signal.SIGTERM)}
+    previous = {number: signal.signal(number, record) for number in stop_signals()}
     # Until Tune listens (and after it ran), SIGUSR1's default would end the process.
     previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:

@@ -311,6 +311,29 @@ def test_default_spaces_are_for_the_real_task_and_the_demo_brings_the_toys(toy_t
     assert config.select_by == "held_out"
 
 
+def test_an_interrupted_demo_says_how_to_go_on(
+    toy_task_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Ctrl-C or a closed terminal during `make demo` ended in a traceback (the sweep command
+    alone handled the interrupt), and would have offered a --resume of a config that is no file."""
+    from unlearn_sweep.orchestrator import cli, sweep
+
+    def interrupted(config, resume=False, verbose=False):
+        message = f"sweep {config.name!r} interrupted after 1 of 6 trials; no champion was registered"
+        raise sweep.SweepInterrupted(message)
+
+    (tmp_path / "toy_task").symlink_to(toy_task_dir)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep, "run_sweep", interrupted)
+    assert cli.main(["demo"]) == 130
+    error = capsys.readouterr().err
+    assert re.fullmatch(
+        r"unlearn-sweep: sweep 'demo-\d{8}-\d{6}' interrupted after 1 of 6 trials; no champion was registered\. "
+        r"A demo is not resumed: `make demo` starts a new one\n",
+        error,
+    ), error
+
+
 def test_the_report_says_whether_the_champion_was_confirmed_on_held_out_data(
     toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -1145,6 +1168,40 @@ def test_a_second_ctrl_c_kills_a_ui_server_that_is_slow_to_stop(tmp_path: Path) 
         ui.wait()
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid_file.read_text()), 0)
+
+
+def test_closing_the_terminal_stops_the_ui_server(tmp_path: Path) -> None:
+    """A closed terminal or ssh session sends SIGHUP to `ui`; the server runs in its own session,
+    so it gets none: `ui` ended and left MLflow serving, its port taken for the next `ui`."""
+    store = f"sqlite:///{tmp_path}/m.db"
+    tracking.client(store).search_experiments()
+    pid_file = tmp_path / "server.pid"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
+    code = ui_with_stand_in(server, port, store)
+    log = tmp_path / "ui.log"  # not a pipe: a server left running would hold it open
+    with log.open("w") as output:
+        ui = subprocess.Popen([sys.executable, "-c", code], stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.exists() or not pid_file.read_text():
+            assert ui.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        ui.send_signal(signal.SIGHUP)
+        assert ui.wait(timeout=30) == 0, log.read_text()[-3000:]
+        server_pid = int(pid_file.read_text())
+        deadline = time.monotonic() + 10
+        with pytest.raises(ProcessLookupError):  # noqa: PT012 (the server may take a moment to go)
+            while time.monotonic() < deadline:
+                os.kill(server_pid, 0)
+                time.sleep(0.2)
+    finally:
+        ui.kill()
+        ui.wait()
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):  # one the old code left
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
 @contextlib.contextmanager

@@ -169,6 +169,65 @@ def test_an_interrupt_is_on_record_before_tune_is_asked_to_stop() -> None:
     assert {number: signal.getsignal(number) for number in before} == before
 
 
+HANGING_UP_DRIVER = """if True:
+    import json, signal, time
+    from unlearn_sweep.orchestrator.sweep import _recorded_interrupt
+    told, stops = [], []
+    with _recorded_interrupt(told.append) as interrupt:
+        signal.signal(signal.SIGUSR1, lambda signum, frame: stops.append(1))  # Tune's, set in fit()
+        print("ready", flush=True)
+        deadline = time.time() + 60
+        while not stops and time.time() < deadline:
+            time.sleep(0.05)
+        for _ in range(100):  # what a stopping sweep prints, to the terminal that is gone
+            print("stopping", flush=True)
+    open({result!r}, "w").write(json.dumps({{"at_ms": interrupt.at_ms, "told": told}}))
+"""
+
+
+def test_a_closed_terminal_stops_the_sweep_on_record(tmp_path: Path) -> None:
+    """Closing the terminal or ssh session of a sweep sent it SIGHUP, whose default ended the
+    driver at once: the sweep's run and its trials' runs stayed RUNNING for ever (seen with
+    `demo`). A hang-up now stops it as Ctrl-C does, on record, and the stop's output no longer
+    goes to the closed terminal (EIO)."""
+    import pty
+    import select
+
+    result = tmp_path / "result.json"
+    pid, terminal = pty.fork()  # the child's controlling terminal: closing it hangs the child up
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, "-c", HANGING_UP_DRIVER.format(result=str(result))])
+    try:
+        seen, deadline = b"", time.monotonic() + 120
+        while b"ready" not in seen:
+            assert time.monotonic() < deadline, seen.decode(errors="replace")
+            if select.select([terminal], [], [], 1)[0]:
+                seen += os.read(terminal, 4096)
+    finally:
+        os.close(terminal)
+    deadline = time.monotonic() + 120
+    while (ended := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the driver did not end after its terminal closed")
+        time.sleep(0.1)
+    assert os.waitstatus_to_exitcode(ended[1]) == 0, seen.decode(errors="replace")
+    recorded = json.loads(result.read_text())
+    assert recorded["at_ms"] and recorded["told"] == [recorded["at_ms"]]
+
+
+def test_a_sweep_under_nohup_outlives_its_terminal() -> None:
+    """`nohup` starts a command with SIGHUP ignored so that it outlives its terminal: the
+    driver's stop handling leaves it so."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with _recorded_interrupt(lambda at_ms: None):
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 def test_a_trial_tune_stops_after_an_interrupt_closes_itself_interrupted(tmp_path: Path) -> None:
     """Tune's graceful stop looks, inside a trial, like a scheduler's early stop, and the trial's
     worker may close its run after the driver marked it (a Python 3.12 run of the Ctrl-C test:
