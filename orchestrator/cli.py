@@ -18,6 +18,7 @@ from unlearn_sweep.corpus.environment import quiet_model_libraries
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.staging import check_output_folder
 from unlearn_sweep.methods.registry import ParamError
+from unlearn_sweep.orchestrator.stopping import stop_signals, stops_as_ctrl_c
 
 
 class UsageError(ValueError):
@@ -450,8 +451,6 @@ def _ui(args: argparse.Namespace) -> int:
         stopped = True
 
     # Handlers first: a Ctrl-C while the server starts must not leave it running in its session.
-    from unlearn_sweep.orchestrator.stopping import stop_signals
-
     previous = {number: signal.signal(number, stop) for number in stop_signals()}
     try:
         environment = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
@@ -710,7 +709,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.run in (_toy_task, _demo, _sweep, _plan, _export, _unlearn, _evaluate):
         quiet_model_libraries()
     try:
-        return args.run(args)
+        with stops_as_ctrl_c():
+            return args.run(args)
+    except KeyboardInterrupt:  # what it was writing is removed (staged folders) or was whole (records)
+        print("unlearn-sweep: interrupted", file=sys.stderr)
+        return 130
     except (DataError, UsageError, ParamError) as error:
         print(f"unlearn-sweep: error: {error}", file=sys.stderr)
         return 2

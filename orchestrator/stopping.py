@@ -1,8 +1,8 @@
-"""How a long-running command (a sweep, the MLflow UI) learns it should stop: Ctrl-C, SIGTERM
-(a scheduler's or `kill`'s stop) and SIGHUP, sent when its terminal or ssh session closes.
-A hang-up stops it as SIGTERM does, so what it recorded stays true (a sweep killed by the
-default action left its runs RUNNING), unless SIGHUP is ignored, as under `nohup`, which asks
-for the command to outlive its terminal."""
+"""How a command learns it should stop: Ctrl-C, SIGTERM (a scheduler's or `kill`'s stop) and
+SIGHUP, sent when its terminal or ssh session closes. Each stops it as Ctrl-C does, cleaning
+up (a staged output folder removed, child processes ended) and keeping what it recorded true
+(a sweep killed by the default action left its runs RUNNING), unless the signal is ignored, as
+SIGHUP under `nohup` and SIGINT in a shell's background job, which ask it to go on."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import stat
+from collections.abc import Iterator
 
 
 def stop_signals() -> list[signal.Signals]:
@@ -31,3 +32,22 @@ def leave_closed_terminal(signum: int) -> None:
             if stat.S_ISCHR(os.fstat(stream).st_mode):
                 os.dup2(devnull, stream)
     os.close(devnull)
+
+
+@contextlib.contextmanager
+def stops_as_ctrl_c() -> Iterator[None]:
+    """Inside, SIGTERM and a hang-up raise KeyboardInterrupt, as Ctrl-C does, so that what
+    cleans up on it runs (their default action ended the process at once: an `unlearn` stopped
+    by a scheduler left its hidden staging folder, a whole model at 7B, and `toy-task` its
+    training process running). A sweep and the UI handle them inside, in their own way."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        leave_closed_terminal(signum)
+        raise KeyboardInterrupt
+
+    previous = {number: signal.signal(number, interrupt) for number in stop_signals() if number != signal.SIGINT}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)

@@ -141,11 +141,22 @@ def _parent_run(mlflow, experiment: str, config: SweepConfig, resume: bool) -> t
             )
         run_id = runs[0].info.run_id
         _interrupt_open_trials(mlflow, experiment, run_id)  # nothing of the sweep runs now
-        return run_id, tracking.recorded_threshold(runs[0])
-    run = mlflow.create_run(experiment, run_name=config.name, tags={"sweep": config.name, "role": "sweep"})
-    run_id = run.info.run_id
+        tracking.reopen_sweep(mlflow, runs[0])
+        if tracking.settings_recorded(runs[0]):
+            return run_id, tracking.recorded_threshold(runs[0])
+        # Stopped before its settings were recorded (in the base model's evaluation): no recorded
+        # threshold is not "no threshold", which would let a model that lost MMLU win.
+    else:
+        run_id = mlflow.create_run(
+            experiment, run_name=config.name, tags={"sweep": config.name, "role": "sweep"}
+        ).info.run_id
     try:
         return run_id, _threshold(mlflow, run_id, config)
+    except KeyboardInterrupt:  # Ctrl-C in the base model's evaluation (minutes at 7B): no failure
+        tracking.mark_interrupted(mlflow, run_id)
+        raise SweepInterrupted(
+            f"sweep {config.name!r} interrupted while it evaluated the base model; no champion was registered"
+        ) from None
     except BaseException:
         tracking.end_parent(mlflow, run_id, failed=True)
         raise
@@ -171,15 +182,14 @@ def _threshold(mlflow, run_id: str, config: SweepConfig) -> float | None:
                 if name in base:  # all but train_seconds
                     mlflow.log_metric(run_id, f"base_{name}", base[name])
         threshold = config.mmlu_threshold.absolute(base_mmlu)
-    for key, value in {
+    settings = {
         "methods": ",".join(config.methods),
         "trials": config.trials,
         "model": config.model,
         "mmlu_threshold": config.mmlu_threshold,
         "seed": config.seed,
-    }.items():
-        mlflow.log_param(run_id, key, str(value))
-    mlflow.log_batch(run_id, metrics=tracking.limit_metrics(threshold, config.time_limit_s))
+    }
+    tracking.record_sweep_settings(mlflow, run_id, settings, threshold, config.time_limit_s)
     if config.source.is_file():
         mlflow.log_artifact(run_id, str(config.source))
     return threshold

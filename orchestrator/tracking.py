@@ -152,6 +152,24 @@ def recorded_threshold(run) -> float | None:
     return run.data.metrics.get(MMLU_THRESHOLD)
 
 
+def record_sweep_settings(
+    mlflow: MlflowClient, run_id: str, settings: dict[str, Any], threshold: float | None, time_limit_s: float | None
+) -> None:
+    """A sweep's settings (params) and limits (metrics) on its run, in one batch: where the
+    settings are recorded, so is the threshold, or that it has none."""
+    mlflow.log_batch(
+        run_id,
+        metrics=limit_metrics(threshold, time_limit_s),
+        params=[Param(key, str(value)) for key, value in settings.items()],
+    )
+
+
+def settings_recorded(run) -> bool:
+    """Whether a sweep's run holds its settings, its `mmlu_threshold` among them (not yet while it
+    evaluates the base model)."""
+    return "mmlu_threshold" in run.data.params
+
+
 def tag_version_rule(mlflow: MlflowClient, name: str, version: str, threshold: float | None, by: str) -> None:
     """The rule a champion was crowned under, on its model version: the threshold (versions
     hold only string tags, so the number's exact decimal text, no tag for no threshold) and
@@ -241,6 +259,14 @@ def close_stopped_trial(mlflow: MlflowClient, run_id: str, parent_run_id: str) -
         mark_interrupted(mlflow, run_id)
     else:
         finish_trial(mlflow, run_id, "finished", stopped_early=True)
+
+
+def reopen_sweep(mlflow: MlflowClient, run: Any) -> None:
+    """A resumed sweep's run runs again: RUNNING, without the end its last attempt recorded
+    (interrupted or failed: it said so while the sweep ran again; end_parent records the new one)."""
+    mlflow.update_run(run.info.run_id, status="RUNNING")
+    if "status" in run.data.tags:
+        mlflow.delete_tag(run.info.run_id, "status")
 
 
 def mark_interrupted(mlflow: MlflowClient, run_id: str) -> None:

@@ -1193,7 +1193,7 @@ def test_closing_the_terminal_stops_the_ui_server(tmp_path: Path) -> None:
         assert ui.wait(timeout=30) == 0, log.read_text()[-3000:]
         server_pid = int(pid_file.read_text())
         deadline = time.monotonic() + 10
-        with pytest.raises(ProcessLookupError):  # noqa: PT012 (the server may take a moment to go)
+        with pytest.raises(ProcessLookupError):  # the server may take a moment to go
             while time.monotonic() < deadline:
                 os.kill(server_pid, 0)
                 time.sleep(0.2)

@@ -20,7 +20,7 @@ from test_sweep import LIGHT_EVAL, write_config
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.config import load_config
 from unlearn_sweep.orchestrator.selection import leaderboard
-from unlearn_sweep.orchestrator.sweep import _recorded_interrupt, run_sweep
+from unlearn_sweep.orchestrator.sweep import SweepInterrupted, _parent_run, _recorded_interrupt, run_sweep
 
 pytestmark = pytest.mark.e2e  # every test here runs a sweep on Ray
 
@@ -169,6 +169,42 @@ def test_an_interrupt_is_on_record_before_tune_is_asked_to_stop() -> None:
     assert {number: signal.getsignal(number) for number in before} == before
 
 
+def test_a_sweep_stopped_in_its_base_evaluation_is_interrupted_and_resumes_under_its_threshold(
+    toy_task_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while the base model was evaluated (minutes at 7B with the whole MMLU) ended the
+    sweep's run FAILED before it recorded its settings; `--resume` then read no threshold and
+    ran without one, so a model that lost its MMLU could win. Now the run is interrupted, and
+    a resumed sweep computes the threshold it lacks. A resumed sweep's run is RUNNING again
+    (it said interrupted, or failed, until the resumed sweep ended)."""
+    import unlearn_sweep.orchestrator.sweep as sweep_module
+
+    config = load_config(write_config(tmp_path, toy_task_dir, mmlu_threshold=0.3))
+    mlflow = tracking.client(config.tracking_uri)
+    experiment = tracking.experiment_id(mlflow, config.experiment)
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(sweep_module, "_threshold", ctrl_c)
+        try:  # not pytest.raises: a KeyboardInterrupt let through would end the test session
+            _parent_run(mlflow, experiment, config, resume=False)
+        except BaseException as error:
+            stop = error
+    assert isinstance(stop, SweepInterrupted) and "interrupted while it evaluated the base model" in str(stop)
+    (stopped,) = mlflow.search_runs([experiment])
+    assert (stopped.info.status, stopped.data.tags["status"]) == ("KILLED", "interrupted")
+    run_id, threshold = _parent_run(mlflow, experiment, config, resume=True)
+    resumed = mlflow.get_run(run_id)
+    assert run_id == stopped.info.run_id and threshold == 0.3 == tracking.recorded_threshold(resumed)
+    assert resumed.info.status == "RUNNING" and "status" not in resumed.data.tags
+    tracking.end_parent(mlflow, run_id)
+    monkeypatch.setattr(sweep_module, "_threshold", ctrl_c)  # recorded now: read, not computed again
+    assert _parent_run(mlflow, experiment, config, resume=True) == (run_id, 0.3)
+    assert mlflow.get_run(run_id).info.status == "RUNNING"
+
+
 HANGING_UP_DRIVER = """if True:
     import json, signal, time
     from unlearn_sweep.orchestrator.sweep import _recorded_interrupt
@@ -226,6 +262,30 @@ def test_a_sweep_under_nohup_outlives_its_terminal() -> None:
         assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+@pytest.mark.parametrize("ignored", [False, True], ids=["hang-up", "under nohup"])
+def test_every_command_stops_on_a_hang_up_as_on_ctrl_c_unless_under_nohup(ignored: bool) -> None:
+    """Outside a sweep and the UI, a hang-up raises KeyboardInterrupt, as Ctrl-C, which cleans
+    up what a command was writing (tests/test_toy_task.py, with SIGTERM); `nohup`'s SIG_IGN is
+    kept."""
+    code = f"""if True:
+        import os, signal, time
+        from unlearn_sweep.orchestrator.stopping import stops_as_ctrl_c
+        if {ignored}:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            with stops_as_ctrl_c():
+                os.kill(os.getpid(), signal.SIGHUP)
+                time.sleep(1)
+            print("went on")
+        except KeyboardInterrupt:
+            print("interrupted")
+        assert signal.getsignal(signal.SIGHUP) == (signal.SIG_IGN if {ignored} else signal.SIG_DFL)
+    """
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == ("went on\n" if ignored else "interrupted\n")
 
 
 def test_a_trial_tune_stops_after_an_interrupt_closes_itself_interrupted(tmp_path: Path) -> None:

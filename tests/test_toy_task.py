@@ -7,10 +7,13 @@ import copy
 import filecmp
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -122,3 +125,39 @@ def test_plain_gradient_ascent_hurts_the_retain_set(toy_task_dir: Path) -> None:
     assert forget_after > 5 * forget_before
     # Shared templates: ascent on forget drags retain up with it, by a large factor too.
     assert retain_after > 2.5 * retain_before
+
+
+def test_a_stopped_build_leaves_nothing_behind(tmp_path: Path) -> None:
+    """SIGTERM (a scheduler's stop) ended a command at once: its hidden staging folder stayed
+    (for `unlearn` at 7B, a whole model) and the toy task's training process ran on. It now
+    stops it as Ctrl-C does: exit 130 with one line, no folder, no process left. (A hang-up
+    too: tests/test_sweep_lifecycle.py.)"""
+    out = tmp_path / "task"
+    build = subprocess.Popen(
+        [sys.executable, "-m", "unlearn_sweep.orchestrator.cli", "toy-task", "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (trainer := psutil.Process(build.pid).children()):  # the base model's training
+            assert build.poll() is None and time.monotonic() < deadline, build.stderr and build.stderr.read()
+            time.sleep(0.2)
+        assert [path.name.startswith(".task.") for path in tmp_path.iterdir()] == [True]
+        build.send_signal(signal.SIGTERM)
+        _, error = build.communicate(timeout=60)
+    finally:
+        build.kill()
+        build.wait()
+    assert build.returncode == 130 and error.endswith("unlearn-sweep: interrupted\n"), error[-2000:]
+    assert not any(tmp_path.iterdir())
+    assert not [process for process in trainer if alive(process)]
+
+
+def alive(process: psutil.Process) -> bool:
+    """Running, not merely unreaped."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
