@@ -232,8 +232,7 @@ def _demo(args: argparse.Namespace) -> int:
         _build_toy_task(task)
     config = demo_config(Path.cwd(), args.trials, args.seed)
     print(f"sweeping {', '.join(config.methods)} with {config.trials} trials on the toy task", flush=True)
-    # Each demo is a sweep of its own name: one interrupted is not resumed but run anew.
-    return _run_and_report(config, False, args.verbose, "A demo is not resumed: `make demo` starts a new one")
+    return _run_and_report(config, False, args.verbose, None)
 
 
 def _report(summary, config) -> None:
@@ -310,13 +309,18 @@ def _print_table(rows: list[dict]) -> None:
         )
 
 
-def _run_and_report(config, resume: bool, verbose: bool, go_on: str) -> int:
-    """Runs the sweep and reports its champion; an interrupted sweep says how to go on (`go_on`)."""
+def _run_and_report(config, resume: bool, verbose: bool, command: str | None) -> int:
+    """Runs the sweep and reports its champion. An interrupted sweep says how to go on: its
+    `command` again, with --resume once its trials had started; a demo (None) is run anew."""
     from unlearn_sweep.orchestrator.sweep import SweepFailed, SweepInterrupted, run_sweep
 
     try:
         summary = run_sweep(config, resume, verbose)
     except SweepInterrupted as error:
+        if command is None:  # each demo is a sweep of its own name
+            go_on = "A demo is not resumed: `make demo` starts a new one"
+        else:
+            go_on = f"Continue it with: {command} --resume" if error.resumable else f"Start it again with: {command}"
         print(f"unlearn-sweep: {error}. {go_on}", file=sys.stderr)
         return 130  # the shell's code for a run ended by Ctrl-C
     except SweepFailed as error:
@@ -330,8 +334,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from unlearn_sweep.orchestrator.config import load_config
 
     config = load_config(args.config)
-    go_on = f"Continue it with: unlearn-sweep sweep {config.source} --resume"
-    return _run_and_report(config, args.resume, args.verbose, go_on)
+    return _run_and_report(config, args.resume, args.verbose, f"unlearn-sweep sweep {config.source}")
 
 
 def _plan(args: argparse.Namespace) -> int:

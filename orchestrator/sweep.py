@@ -59,8 +59,13 @@ class SweepFailed(RuntimeError):
 
 
 class SweepInterrupted(RuntimeError):
-    """A stop signal stopped the sweep; its state is saved for --resume. The message says what
-    was done; the command that ran it says how to go on."""
+    """A stop signal stopped the sweep. The message says what was done; the command that ran it
+    says how to go on: with --resume where its trials had started (`resumable`: Tune saved its
+    state), else by starting it again."""
+
+    def __init__(self, message: str, resumable: bool = True):
+        super().__init__(message)
+        self.resumable = resumable
 
 
 @dataclass
@@ -142,20 +147,17 @@ def _parent_run(mlflow, experiment: str, config: SweepConfig, resume: bool) -> t
         run_id = runs[0].info.run_id
         _interrupt_open_trials(mlflow, experiment, run_id)  # nothing of the sweep runs now
         tracking.reopen_sweep(mlflow, runs[0])
-        if tracking.settings_recorded(runs[0]):
-            return run_id, tracking.recorded_threshold(runs[0])
-        # Stopped before its settings were recorded (in the base model's evaluation): no recorded
-        # threshold is not "no threshold", which would let a model that lost MMLU win.
-    else:
-        run_id = mlflow.create_run(
-            experiment, run_name=config.name, tags={"sweep": config.name, "role": "sweep"}
-        ).info.run_id
+        return run_id, tracking.recorded_threshold(runs[0])
+    run = mlflow.create_run(experiment, run_name=config.name, tags={"sweep": config.name, "role": "sweep"})
+    run_id = run.info.run_id
     try:
         return run_id, _threshold(mlflow, run_id, config)
     except KeyboardInterrupt:  # Ctrl-C in the base model's evaluation (minutes at 7B): no failure
         tracking.mark_interrupted(mlflow, run_id)
         raise SweepInterrupted(
-            f"sweep {config.name!r} interrupted while it evaluated the base model; no champion was registered"
+            f"sweep {config.name!r} interrupted while it evaluated the base model, before its trials; "
+            "no champion was registered",
+            resumable=False,
         ) from None
     except BaseException:
         tracking.end_parent(mlflow, run_id, failed=True)

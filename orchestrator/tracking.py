@@ -155,19 +155,12 @@ def recorded_threshold(run) -> float | None:
 def record_sweep_settings(
     mlflow: MlflowClient, run_id: str, settings: dict[str, Any], threshold: float | None, time_limit_s: float | None
 ) -> None:
-    """A sweep's settings (params) and limits (metrics) on its run, in one batch: where the
-    settings are recorded, so is the threshold, or that it has none."""
+    """A sweep's settings (params) and limits (metrics) on its run, in one request."""
     mlflow.log_batch(
         run_id,
         metrics=limit_metrics(threshold, time_limit_s),
         params=[Param(key, str(value)) for key, value in settings.items()],
     )
-
-
-def settings_recorded(run) -> bool:
-    """Whether a sweep's run holds its settings, its `mmlu_threshold` among them (not yet while it
-    evaluates the base model)."""
-    return "mmlu_threshold" in run.data.params
 
 
 def tag_version_rule(mlflow: MlflowClient, name: str, version: str, threshold: float | None, by: str) -> None:

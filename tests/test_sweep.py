@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import heapq
 import json
 import logging
@@ -311,16 +312,18 @@ def test_default_spaces_are_for_the_real_task_and_the_demo_brings_the_toys(toy_t
     assert config.select_by == "held_out"
 
 
-def test_an_interrupted_demo_says_how_to_go_on(
+def test_an_interrupted_sweep_or_demo_says_how_to_go_on(
     toy_task_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     """Ctrl-C or a closed terminal during `make demo` ended in a traceback (the sweep command
-    alone handled the interrupt), and would have offered a --resume of a config that is no file."""
+    alone handled the interrupt), and would have offered a --resume of a config that is no file.
+    A sweep is continued with --resume once its trials had started, else started again (a stop
+    in the base model's evaluation was offered a --resume, which was refused: nothing to resume)."""
     from unlearn_sweep.orchestrator import cli, sweep
 
-    def interrupted(config, resume=False, verbose=False):
+    def interrupted(config, resume=False, verbose=False, resumable=True):
         message = f"sweep {config.name!r} interrupted after 1 of 6 trials; no champion was registered"
-        raise sweep.SweepInterrupted(message)
+        raise sweep.SweepInterrupted(message, resumable)
 
     (tmp_path / "toy_task").symlink_to(toy_task_dir)
     monkeypatch.chdir(tmp_path)
@@ -332,6 +335,14 @@ def test_an_interrupted_demo_says_how_to_go_on(
         r"A demo is not resumed: `make demo` starts a new one\n",
         error,
     ), error
+    path = write_config(tmp_path / "sweep", toy_task_dir)
+    for resumable, go_on in (
+        (True, f"Continue it with: unlearn-sweep sweep {path} --resume"),
+        (False, f"Start it again with: unlearn-sweep sweep {path}"),
+    ):
+        monkeypatch.setattr(sweep, "run_sweep", functools.partial(interrupted, resumable=resumable))
+        assert cli.main(["sweep", str(path)]) == 130
+        assert capsys.readouterr().err.endswith(f"no champion was registered. {go_on}\n")
 
 
 def test_the_report_says_whether_the_champion_was_confirmed_on_held_out_data(

@@ -169,14 +169,13 @@ def test_an_interrupt_is_on_record_before_tune_is_asked_to_stop() -> None:
     assert {number: signal.getsignal(number) for number in before} == before
 
 
-def test_a_sweep_stopped_in_its_base_evaluation_is_interrupted_and_resumes_under_its_threshold(
+def test_a_sweep_stopped_in_its_base_evaluation_is_interrupted_and_a_resumed_one_runs(
     toy_task_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C while the base model was evaluated (minutes at 7B with the whole MMLU) ended the
-    sweep's run FAILED before it recorded its settings; `--resume` then read no threshold and
-    ran without one, so a model that lost its MMLU could win. Now the run is interrupted, and
-    a resumed sweep computes the threshold it lacks. A resumed sweep's run is RUNNING again
-    (it said interrupted, or failed, until the resumed sweep ended)."""
+    sweep's run FAILED, with a traceback; it is interrupted, and the sweep says to start it
+    again (no trial had started: nothing to resume). A resumed sweep's run said interrupted
+    until the resumed sweep ended: it is RUNNING again, under the threshold it recorded."""
     import unlearn_sweep.orchestrator.sweep as sweep_module
 
     config = load_config(write_config(tmp_path, toy_task_dir, mmlu_threshold=0.3))
@@ -192,17 +191,18 @@ def test_a_sweep_stopped_in_its_base_evaluation_is_interrupted_and_resumes_under
             _parent_run(mlflow, experiment, config, resume=False)
         except BaseException as error:
             stop = error
-    assert isinstance(stop, SweepInterrupted) and "interrupted while it evaluated the base model" in str(stop)
+    assert isinstance(stop, SweepInterrupted) and not stop.resumable
+    assert "interrupted while it evaluated the base model" in str(stop)
     (stopped,) = mlflow.search_runs([experiment])
     assert (stopped.info.status, stopped.data.tags["status"]) == ("KILLED", "interrupted")
-    run_id, threshold = _parent_run(mlflow, experiment, config, resume=True)
-    resumed = mlflow.get_run(run_id)
-    assert run_id == stopped.info.run_id and threshold == 0.3 == tracking.recorded_threshold(resumed)
-    assert resumed.info.status == "RUNNING" and "status" not in resumed.data.tags
-    tracking.end_parent(mlflow, run_id)
-    monkeypatch.setattr(sweep_module, "_threshold", ctrl_c)  # recorded now: read, not computed again
+
+    run_id, threshold = _parent_run(mlflow, experiment, config, resume=False)  # started again
+    assert threshold == 0.3
+    sweep_module._mark_interrupted(mlflow, experiment, run_id, at_ms=None)  # a stop in its trials
+    monkeypatch.setattr(sweep_module, "_threshold", ctrl_c)  # recorded: read, not computed again
     assert _parent_run(mlflow, experiment, config, resume=True) == (run_id, 0.3)
-    assert mlflow.get_run(run_id).info.status == "RUNNING"
+    resumed = mlflow.get_run(run_id)
+    assert resumed.info.status == "RUNNING" and "status" not in resumed.data.tags
 
 
 HANGING_UP_DRIVER = """if True:
