@@ -95,6 +95,7 @@ def main(configuration: Path, argv: list[str]) -> int:
     from unlearn_sweep.corpus.environment import quiet_model_libraries
     from unlearn_sweep.corpus.mia import load_held_out
     from unlearn_sweep.corpus.semeval import load_task_files
+    from unlearn_sweep.orchestrator.stopping import stops_as_ctrl_c
 
     if len(argv) != 4:
         print(f"usage: {SCRIPT} INPUT_MODEL RETAIN_SET FORGET_SET OUTPUT_DIR", file=sys.stderr)
@@ -102,13 +103,19 @@ def main(configuration: Path, argv: list[str]) -> int:
     quiet_model_libraries()  # its output is its line, as `unlearn-sweep unlearn`'s
     model, retain, forget, out = map(Path, argv)
     try:
-        setup = json.loads(configuration.read_text())
-        task = load_task_files(forget, retain)
-        if setup.get("held_out"):
-            task = dataclasses.replace(task, held_out=load_held_out(configuration.parent / setup["held_out"], None))
-        run_configuration(setup, model, task, out)
+        # A run stopped at its time limit (SIGTERM, as `timeout` sends) leaves no staging folder
+        # and no merge source behind: whole models at 7B.
+        with stops_as_ctrl_c():
+            setup = json.loads(configuration.read_text())
+            task = load_task_files(forget, retain)
+            if setup.get("held_out"):
+                task = dataclasses.replace(task, held_out=load_held_out(configuration.parent / setup["held_out"], None))
+            run_configuration(setup, model, task, out)
     except (DataError, ValueError, OSError) as error:
         print(f"{SCRIPT}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{SCRIPT}: interrupted", file=sys.stderr)
+        return 130
     print(f"unlearned {model} with {setup['method']} into {out}")
     return 0

@@ -7,8 +7,10 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -252,6 +254,41 @@ def test_the_exported_script_prints_its_line_alone(toy_task_dir: Path, tmp_path:
         check=True,
     )
     assert (done.stdout, done.stderr) == (f"unlearned {model} with grad_ascent into {out}\n", "")
+
+
+def test_the_exported_script_stopped_at_its_time_limit_leaves_nothing(toy_task_dir: Path, tmp_path: Path) -> None:
+    """SemEval ran each team's script under a time limit; `timeout` stops it with SIGTERM, which
+    ended it at once: the merge's trained sources (under TMPDIR) and the staging folder stayed,
+    whole models at 7B. It now stops as on Ctrl-C: exit 130, one line, nothing left."""
+    from unlearn_sweep.orchestrator.submission import write_submission
+
+    exported, scratch, out = tmp_path / "submission", tmp_path / "tmp", tmp_path / "out"
+    exported.mkdir()
+    scratch.mkdir()
+    long = {"epochs": 500, "learning_rate": 1e-5}  # far longer than the test waits
+    setup = {"method": "merge", "params": {}, "source_method": "grad_diff", "sources": {"a": long, "b": long}}
+    write_submission(exported, {**setup, "epoch": 1})
+    data, model = toy_task_dir / "data", toy_task_dir / "model"
+    sets = [next(data.glob(f"{name}_validation-*.parquet")) for name in ("retain", "forget")]
+    script = subprocess.Popen(
+        [sys.executable, str(exported / "unlearn.py"), str(model), *map(str, sets), str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(scratch)},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not any(scratch.glob("sources-*/.a.*")):  # the first source in training
+            assert script.poll() is None and time.monotonic() < deadline, script.stderr and script.stderr.read()
+            time.sleep(0.2)
+        script.send_signal(signal.SIGTERM)
+        _, error = script.communicate(timeout=60)
+    finally:
+        script.kill()
+        script.wait()
+    assert script.returncode == 130 and error.endswith("unlearn.py: interrupted\n"), error[-2000:]
+    assert not any(scratch.iterdir()) and not out.exists()
 
 
 def test_an_exported_merge_trains_its_sources_then_merges_them(toy_task_dir: Path, tmp_path: Path) -> None:
