@@ -14,10 +14,9 @@ from collections.abc import Iterator
 
 
 def stop_signals() -> list[signal.Signals]:
-    """The signals that ask this process to stop, to handle all alike: those it was not started
-    to ignore (Python itself leaves an ignored SIGINT ignored)."""
-    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    return [number for number in stops if signal.getsignal(number) != signal.SIG_IGN]
+    """The signals that ask this process to stop, to handle all alike."""
+    hang_up = [signal.SIGHUP] if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN else []
+    return [signal.SIGINT, signal.SIGTERM, *hang_up]
 
 
 def leave_closed_terminal(signum: int) -> None:
