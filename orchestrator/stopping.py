@@ -1,8 +1,11 @@
 """How a command learns it should stop: Ctrl-C, SIGTERM (a scheduler's or `kill`'s stop) and
 SIGHUP, sent when its terminal or ssh session closes. Each stops it as Ctrl-C does, cleaning
 up (a staged output folder removed, child processes ended) and keeping what it recorded true
-(a sweep killed by the default action left its runs RUNNING), unless the signal is ignored, as
-SIGHUP under `nohup` and SIGINT in a shell's background job, which ask it to go on."""
+(a sweep killed by the default action left its runs RUNNING). Where SIGHUP is ignored, as
+under `nohup`, which asks a command to outlive its terminal, a hang-up is left ignored. SIGINT
+ignored at start (a script's background job) stays so for the plain commands, as Python leaves
+it; a sweep and the UI take it all the same (their tests send it to a driver whatever started
+the test run)."""
 
 from __future__ import annotations
 

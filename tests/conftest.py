@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -80,3 +84,24 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not present")
     return path
+
+
+def terminated_when(
+    command: list[str], ready: Callable[[subprocess.Popen], bool], log: Path, env: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """Runs `command` and sends it SIGTERM (a scheduler's stop) once `ready(process)` holds; its
+    exit code and output. The output goes to `log`, not to a pipe that a child left running
+    would hold open. Fails if it ends first or is not ready within two minutes."""
+    with log.open("w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready(process):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    return process.returncode, log.read_text()

@@ -7,14 +7,13 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import terminated_when
 from transformers import AutoModelForCausalLM
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.cli import main
@@ -270,24 +269,14 @@ def test_the_exported_script_stopped_at_its_time_limit_leaves_nothing(toy_task_d
     write_submission(exported, {**setup, "epoch": 1})
     data, model = toy_task_dir / "data", toy_task_dir / "model"
     sets = [next(data.glob(f"{name}_validation-*.parquet")) for name in ("retain", "forget")]
-    script = subprocess.Popen(
-        [sys.executable, str(exported / "unlearn.py"), str(model), *map(str, sets), str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    command = [sys.executable, str(exported / "unlearn.py"), str(model), *map(str, sets), str(out)]
+    code, output = terminated_when(
+        command,
+        lambda script: any(scratch.glob("sources-*/.a.*")),  # the first source in training
+        tmp_path / "log",
         env={**os.environ, "TMPDIR": str(scratch)},
     )
-    try:
-        deadline = time.monotonic() + 120
-        while not any(scratch.glob("sources-*/.a.*")):  # the first source in training
-            assert script.poll() is None and time.monotonic() < deadline, script.stderr and script.stderr.read()
-            time.sleep(0.2)
-        script.send_signal(signal.SIGTERM)
-        _, error = script.communicate(timeout=60)
-    finally:
-        script.kill()
-        script.wait()
-    assert script.returncode == 130 and error.endswith("unlearn.py: interrupted\n"), error[-2000:]
+    assert code == 130 and output.endswith("unlearn.py: interrupted\n"), output[-2000:]
     assert not any(scratch.iterdir()) and not out.exists()
 
 

@@ -1148,71 +1148,69 @@ def test_ui_fails_when_the_server_ends_by_itself(tmp_path: Path) -> None:
     assert jobs.read_text() == "false"
 
 
-def test_a_second_ctrl_c_kills_a_ui_server_that_is_slow_to_stop(tmp_path: Path) -> None:
-    """The first Ctrl-C asks the server's tree to stop (SIGTERM); a second one sent SIGTERM again,
-    so a server that did not stop kept `ui` waiting. Now it kills the tree."""
+@contextlib.contextmanager
+def ui_serving_a_stand_in(tmp_path: Path, server_setup: str = "pass") -> Iterator[tuple[subprocess.Popen, int, Path]]:
+    """`unlearn-sweep ui` once its stand-in for MLflow (running `server_setup` first) is up: the
+    `ui` process, the stand-in's pid and `ui`'s log; both processes are killed after."""
     store = f"sqlite:///{tmp_path}/m.db"
     tracking.client(store).search_experiments()
     pid_file = tmp_path / "server.pid"
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    # A stand-in for MLflow that ignores SIGTERM and says when it is up.
     server = (
-        "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"import os, signal, time; {server_setup}; "
         f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
     )
-    code = ui_with_stand_in(server, port, store)
-    ui = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not pid_file.exists() or not pid_file.read_text():
-            assert ui.poll() is None and time.monotonic() < deadline, ui.stderr and ui.stderr.read()
-            time.sleep(0.2)
-        ui.send_signal(signal.SIGINT)
-        time.sleep(2)
-        assert ui.poll() is None  # the stand-in ignored the first stop
-        ui.send_signal(signal.SIGINT)
-        assert ui.wait(timeout=30) == 0
-    finally:
-        ui.kill()
-        ui.wait()
-    with pytest.raises(ProcessLookupError):
-        os.kill(int(pid_file.read_text()), 0)
-
-
-def test_closing_the_terminal_stops_the_ui_server(tmp_path: Path) -> None:
-    """A closed terminal or ssh session sends SIGHUP to `ui`; the server runs in its own session,
-    so it gets none: `ui` ended and left MLflow serving, its port taken for the next `ui`."""
-    store = f"sqlite:///{tmp_path}/m.db"
-    tracking.client(store).search_experiments()
-    pid_file = tmp_path / "server.pid"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
-    code = ui_with_stand_in(server, port, store)
     log = tmp_path / "ui.log"  # not a pipe: a server left running would hold it open
     with log.open("w") as output:
-        ui = subprocess.Popen([sys.executable, "-c", code], stdout=output, stderr=subprocess.STDOUT)
+        ui = subprocess.Popen(
+            [sys.executable, "-c", ui_with_stand_in(server, port, store)], stdout=output, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.monotonic() + 120
         while not pid_file.exists() or not pid_file.read_text():
             assert ui.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
-        ui.send_signal(signal.SIGHUP)
-        assert ui.wait(timeout=30) == 0, log.read_text()[-3000:]
-        server_pid = int(pid_file.read_text())
-        deadline = time.monotonic() + 10
-        with pytest.raises(ProcessLookupError):  # the server may take a moment to go
-            while time.monotonic() < deadline:
-                os.kill(server_pid, 0)
-                time.sleep(0.2)
+        yield ui, int(pid_file.read_text()), log
     finally:
         ui.kill()
         ui.wait()
-        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):  # one the old code left
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):  # one a stop left
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_second_ctrl_c_kills_a_ui_server_that_is_slow_to_stop(tmp_path: Path) -> None:
+    """The first Ctrl-C asks the server's tree to stop (SIGTERM); a second one sent SIGTERM again,
+    so a server that did not stop kept `ui` waiting. Now it kills the tree."""
+    # A stand-in for MLflow that ignores SIGTERM.
+    with ui_serving_a_stand_in(tmp_path, "signal.signal(signal.SIGTERM, signal.SIG_IGN)") as (ui, server, log):
+        ui.send_signal(signal.SIGINT)
+        time.sleep(2)
+        assert ui.poll() is None  # the stand-in ignored the first stop
+        ui.send_signal(signal.SIGINT)
+        assert ui.wait(timeout=30) == 0, log.read_text()[-3000:]
+        assert gone_within(server, 10)
+
+
+def test_closing_the_terminal_stops_the_ui_server(tmp_path: Path) -> None:
+    """A closed terminal or ssh session sends SIGHUP to `ui`; the server runs in its own session,
+    so it gets none: `ui` ended and left MLflow serving, its port taken for the next `ui`."""
+    with ui_serving_a_stand_in(tmp_path) as (ui, server, log):
+        ui.send_signal(signal.SIGHUP)
+        assert ui.wait(timeout=30) == 0, log.read_text()[-3000:]
+        assert gone_within(server, 10)
 
 
 @contextlib.contextmanager

@@ -7,15 +7,14 @@ import copy
 import filecmp
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
+from conftest import terminated_when
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from unlearn_sweep.corpus.mia import default_held_out, load_held_out, load_mia
 from unlearn_sweep.corpus.semeval import load_task
@@ -132,26 +131,17 @@ def test_a_stopped_build_leaves_nothing_behind(tmp_path: Path) -> None:
     (for `unlearn` at 7B, a whole model) and the toy task's training process ran on. It now
     stops it as Ctrl-C does: exit 130 with one line, no folder, no process left. (A hang-up
     too: tests/test_sweep_lifecycle.py.)"""
-    out = tmp_path / "task"
-    build = subprocess.Popen(
-        [sys.executable, "-m", "unlearn_sweep.orchestrator.cli", "toy-task", "--out", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not (trainer := psutil.Process(build.pid).children()):  # the base model's training
-            assert build.poll() is None and time.monotonic() < deadline, build.stderr and build.stderr.read()
-            time.sleep(0.2)
-        assert [path.name.startswith(".task.") for path in tmp_path.iterdir()] == [True]
-        build.send_signal(signal.SIGTERM)
-        _, error = build.communicate(timeout=60)
-    finally:
-        build.kill()
-        build.wait()
-    assert build.returncode == 130 and error.endswith("unlearn-sweep: interrupted\n"), error[-2000:]
-    assert not any(tmp_path.iterdir())
+    work, trainer = tmp_path / "work", []
+    work.mkdir()
+
+    def training(build: subprocess.Popen) -> bool:  # the base model's training child has started
+        trainer[:] = psutil.Process(build.pid).children()
+        return bool(trainer)
+
+    command = [sys.executable, "-m", "unlearn_sweep.orchestrator.cli", "toy-task", "--out", str(work / "task")]
+    code, output = terminated_when(command, training, tmp_path / "log")
+    assert code == 130 and output.endswith("unlearn-sweep: interrupted\n"), output[-2000:]
+    assert not any(work.iterdir())  # the staging folder .task.XXXX existed
     assert not [process for process in trainer if alive(process)]
 
 
