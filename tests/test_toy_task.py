@@ -136,12 +136,14 @@ def test_a_stopped_build_leaves_nothing_behind(tmp_path: Path) -> None:
 
     def training(build: subprocess.Popen) -> bool:  # the base model's training child has started
         trainer[:] = psutil.Process(build.pid).children()
+        if trainer:  # by then the output is being written in its staging folder
+            assert [path.name.startswith(".task.") for path in work.iterdir()] == [True]
         return bool(trainer)
 
     command = [sys.executable, "-m", "unlearn_sweep.orchestrator.cli", "toy-task", "--out", str(work / "task")]
     code, output = terminated_when(command, training, tmp_path / "log")
     assert code == 130 and output.endswith("unlearn-sweep: interrupted\n"), output[-2000:]
-    assert not any(work.iterdir())  # the staging folder .task.XXXX existed
+    assert not any(work.iterdir())
     assert not [process for process in trainer if alive(process)]
 
 
