@@ -18,7 +18,7 @@ from unlearn_sweep.corpus.environment import quiet_model_libraries
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.staging import check_output_folder
 from unlearn_sweep.methods.registry import ParamError
-from unlearn_sweep.orchestrator.stopping import stop_signals, stops_as_ctrl_c
+from unlearn_sweep.orchestrator.stopping import handling, stop_signals, stops_as_ctrl_c
 
 
 class UsageError(ValueError):
@@ -454,16 +454,13 @@ def _ui(args: argparse.Namespace) -> int:
         stopped = True
 
     # Handlers first: a Ctrl-C while the server starts must not leave it running in its session.
-    previous = {number: signal.signal(number, stop) for number in stop_signals()}
-    try:
+    # After, the caller's handlers again, as the sweep's interrupt handling leaves them.
+    with handling(stop_signals(), stop):
         environment = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
         server = subprocess.Popen(command, start_new_session=True, env=environment)
         if stopped:  # stopped before `server` was set
             os.killpg(server.pid, signal.SIGTERM)
         code = server.wait()
-    finally:  # the caller's handlers again, as the sweep's interrupt handling leaves them
-        for number, handler in previous.items():
-            signal.signal(number, handler)
     if not stopped:
         raise ChildProcessError(f"the MLflow UI ended by itself (exit code {code}); its log above says why")
     return 0

@@ -13,7 +13,8 @@ import contextlib
 import os
 import signal
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 
 def stop_signals() -> list[signal.Signals]:
@@ -38,6 +39,17 @@ def leave_closed_terminal(signum: int) -> None:
 
 
 @contextlib.contextmanager
+def handling(numbers: Iterable[int], handler: Callable[[int, Any], Any] | int) -> Iterator[None]:
+    """Inside, `handler` handles the signals `numbers`; after, the handlers before it again."""
+    previous = {number: signal.signal(number, handler) for number in numbers}
+    try:
+        yield
+    finally:
+        for number, handler_before in previous.items():
+            signal.signal(number, handler_before)
+
+
+@contextlib.contextmanager
 def stops_as_ctrl_c() -> Iterator[None]:
     """Inside, SIGTERM and a hang-up raise KeyboardInterrupt, as Ctrl-C does, so that what
     cleans up on it runs (their default action ended the process at once: an `unlearn` stopped
@@ -48,9 +60,5 @@ def stops_as_ctrl_c() -> Iterator[None]:
         leave_closed_terminal(signum)
         raise KeyboardInterrupt
 
-    previous = {number: signal.signal(number, interrupt) for number in stop_signals() if number != signal.SIGINT}
-    try:
+    with handling([number for number in stop_signals() if number != signal.SIGINT], interrupt):
         yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)

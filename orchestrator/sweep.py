@@ -39,7 +39,7 @@ from unlearn_sweep.orchestrator.context import TrialContext
 from unlearn_sweep.orchestrator.plan import check_memory
 from unlearn_sweep.orchestrator.search import make_searcher, merge_stage_searcher, search_algorithm, study_exists
 from unlearn_sweep.orchestrator.selection import crown, select, trial_entries
-from unlearn_sweep.orchestrator.stopping import leave_closed_terminal, stop_signals
+from unlearn_sweep.orchestrator.stopping import handling, leave_closed_terminal, stop_signals
 from unlearn_sweep.orchestrator.submission import submitted_setup
 from unlearn_sweep.orchestrator.trial import decision_epochs, run_trial
 
@@ -649,17 +649,14 @@ def _recorded_interrupt(on_interrupt: Callable[[int], None]) -> Iterator[Interru
         interrupt.at_ms = int(time.time() * 1000)
         telling.start()
 
-    previous = {number: signal.signal(number, record) for number in stop_signals()}
     # Until Tune listens (and after it ran), SIGUSR1's default would end the process.
-    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    try:
-        with environment(TUNE_DISABLE_SIGINT_HANDLER="1"):
-            yield interrupt
-    finally:
-        if telling.is_alive():
-            telling.join(timeout=60)  # the interrupt is on record before its trials are marked
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+    with handling(stop_signals(), record), handling([signal.SIGUSR1], signal.SIG_IGN):
+        try:
+            with environment(TUNE_DISABLE_SIGINT_HANDLER="1"):
+                yield interrupt
+        finally:
+            if telling.is_alive():
+                telling.join(timeout=60)  # the interrupt is on record before its trials are marked
 
 
 def _interrupt_open_trials(mlflow, experiment: str, parent_run_id: str, at_ms: int | None = None) -> None:
