@@ -18,7 +18,7 @@ from unlearn_sweep.corpus.environment import quiet_model_libraries
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.staging import check_output_folder
 from unlearn_sweep.methods.registry import ParamError
-from unlearn_sweep.orchestrator.stopping import handling, stop_signals, stops_as_ctrl_c
+from unlearn_sweep.orchestrator.stopping import ends_with_this_process, handling, stop_signals, stops_as_ctrl_c
 
 
 class UsageError(ValueError):
@@ -440,7 +440,8 @@ def _ui(args: argparse.Namespace) -> int:
     print(f"MLflow UI of {args.tracking_uri} on http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
     # Ctrl-C, SIGTERM and a closed terminal (SIGHUP: the server, in its own session, gets none)
     # stop the server's whole process tree (MLflow's uvicorn child too); a second one kills it,
-    # as people expect of a server slow to shut down. A server that ends by itself failed,
+    # as people expect of a server slow to shut down; a `ui` killed outright (SIGKILL) takes it
+    # along too (MLflow passes SIGTERM on to uvicorn). A server that ends by itself failed,
     # whatever its exit code: MLflow exits 0 when uvicorn cannot bind a port taken after our
     # check.
     server: subprocess.Popen | None = None
@@ -457,7 +458,7 @@ def _ui(args: argparse.Namespace) -> int:
     # After, the caller's handlers again, as the sweep's interrupt handling leaves them.
     with handling(stop_signals(), stop):
         environment = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
-        server = subprocess.Popen(command, start_new_session=True, env=environment)
+        server = subprocess.Popen(command, start_new_session=True, env=environment, preexec_fn=ends_with_this_process())
         if stopped:  # stopped before `server` was set
             os.killpg(server.pid, signal.SIGTERM)
         code = server.wait()

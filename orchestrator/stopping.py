@@ -10,9 +10,11 @@ the test run)."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import stat
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -62,3 +64,24 @@ def stops_as_ctrl_c() -> Iterator[None]:
 
     with handling([number for number in stop_signals() if number != signal.SIGINT], interrupt):
         yield
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def ends_with_this_process() -> Callable[[], None] | None:
+    """A `preexec_fn` for a child that must not outlive this process however it ends, also by
+    SIGKILL (`kill -9`, the OOM killer), which no handler here sees: on Linux the kernel then
+    sends the child SIGTERM (`ui`'s MLflow server, in its own session, kept serving and its port
+    taken). None where there is no such request."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not in the child
+    parent = os.getpid()
+
+    def request_sigterm_on_parent_death() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # this process ended before the request was made
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return request_sigterm_on_parent_death

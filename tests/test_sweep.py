@@ -1213,6 +1213,15 @@ def test_closing_the_terminal_stops_the_ui_server(tmp_path: Path) -> None:
         assert gone_within(server, 10)
 
 
+def test_a_killed_ui_takes_its_server_with_it(tmp_path: Path) -> None:
+    """`kill -9` or the OOM killer ends `ui` with no handler run: its server, in its own session,
+    kept serving and held the port the next `ui` asks for."""
+    with ui_serving_a_stand_in(tmp_path) as (ui, server, log):
+        ui.kill()
+        ui.wait()
+        assert gone_within(server, 10), log.read_text()[-3000:]
+
+
 @contextlib.contextmanager
 def loopback_server(command: list[str], log: Path) -> Iterator[str]:
     """A server `command` (+ `--port`) on a free loopback port, in the background, once it answers;
