@@ -107,14 +107,14 @@ def listening_addresses(pid: int) -> set[str]:
 
 
 def test_ctrl_c_mid_epoch_ends_the_open_trial_run_killed_every_time(toy_task_dir: Path, tmp_path: Path) -> None:
-    """Ctrl-C while a trial is mid-epoch, to the driver alone and to its whole process group, on
-    the sweep and on its resumed runs: each time the open trial run ends KILLED and tagged
+    """Ctrl-C while a trial is mid-epoch, to the driver alone on the sweep and to its whole process
+    group on the resumed sweep: each time the open trial run ends KILLED and tagged
     interrupted (Tune's graceful stop looks like a scheduler's early stop from inside the trial,
     which recorded it as finished before), nothing is left running, the parent is interrupted
     and the driver says how to resume. The local Ray the driver starts listens on loopback only."""
     path, config = three_epoch_sweep(tmp_path, toy_task_dir, "stopped", 3)
     mlflow = tracking.client(config.tracking_uri)
-    for attempt, target in enumerate(("driver", "process group", "driver")):
+    for attempt, target in enumerate(("driver", "process group")):
         driver = start_sweep(path, tmp_path, resume=attempt > 0)
         try:
             in_flight = wait_for_a_trial_mid_way(mlflow, config, driver)

@@ -36,10 +36,13 @@ def test_data_is_a_pure_function_of_the_seed() -> None:
     assert build_toy_task(3).folds["train"].forget_rows != build_toy_task(4).folds["train"].forget_rows
 
 
-def test_the_same_seed_writes_identical_files_whatever_the_callers_threads_and_kernels(tmp_path: Path) -> None:
+def test_the_same_seed_writes_identical_files_whatever_the_callers_threads_and_kernels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Built here (2 threads, this CPU's own ATen kernels) and in a process with one thread and
     ATen's plain kernels: the caller settings that changed the weights before they were pinned."""
     first, second = tmp_path / "a", tmp_path / "b"
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # not the one thread conftest gives processes under xdist
     write_toy_task(first, seed=5, epochs=1)
     code = (
         f"from unlearn_sweep.corpus.toy_task import write_toy_task; write_toy_task({str(second)!r}, seed=5, epochs=1)"
