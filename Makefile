@@ -28,7 +28,7 @@ demo: $(INSTALLED)
 	$(BIN)/unlearn-sweep demo
 
 # Two workers, a test file each at a time (module fixtures such as a Ray instance stay on one
-# worker): much of a sweep test is waiting (Ray and MLflow servers, subprocess drivers).
+# worker), in the order tests/conftest.py gives the files: the longest first.
 test: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
