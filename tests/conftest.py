@@ -24,7 +24,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # with every process on one). One thread each when run alone is needlessly slow.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 
 PREBUILT_TOY_TASK = "UNLEARN_SWEEP_TEST_TOY_TASK"  # a built task to reuse (`unlearn-sweep toy-task --out DIR`)
@@ -112,19 +114,25 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+def wait_until_ready(process: subprocess.Popen, ready: Callable[[subprocess.Popen], bool], log: Path) -> None:
+    """Until `ready(process)` holds; fails with the tail of `log` (the process's output) if the
+    process ends first or is not ready within two minutes."""
+    deadline = time.monotonic() + 120
+    while not ready(process):
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
 def terminated_when(
     command: list[str], ready: Callable[[subprocess.Popen], bool], log: Path, env: dict[str, str] | None = None
 ) -> tuple[int, str]:
     """Runs `command` and sends it SIGTERM (a scheduler's stop) once `ready(process)` holds; its
     exit code and output. The output goes to `log`, not to a pipe that a child left running
-    would hold open. Fails if it ends first or is not ready within two minutes."""
+    would hold open. Fails as `wait_until_ready` does."""
     with log.open("w") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + 120
-        while not ready(process):
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
+        wait_until_ready(process, ready, log)
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
     finally:

@@ -28,6 +28,7 @@ import pytest
 import ray
 import torch
 import yaml
+from conftest import wait_until_ready
 from PIL import Image
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -1168,10 +1169,7 @@ def ui_serving_a_stand_in(tmp_path: Path, server_setup: str = "pass") -> Iterato
             [sys.executable, "-c", ui_with_stand_in(server, port, store)], stdout=output, stderr=subprocess.STDOUT
         )
     try:
-        deadline = time.monotonic() + 120
-        while not pid_file.exists() or not pid_file.read_text():
-            assert ui.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
+        wait_until_ready(ui, lambda ui: pid_file.exists() and bool(pid_file.read_text()), log)
         yield ui, int(pid_file.read_text()), log
     finally:
         ui.kill()
