@@ -13,8 +13,9 @@ Why each is needed:
 - Ray Tune ends a trial its scheduler stopped by raising SystemExit inside `tune.report` (and
   the trials still running at Ctrl-C the same way: a trial tells them apart by the interrupt
   the driver recorded on the sweep's run, orchestrator/tracking.py).
-- Ray persists a reported checkpoint by copying its files into storage_path (pyarrow), after
-  which the trial deletes its own: on one disk the weights are hard-linked instead.
+- Ray copies Tune's experiment state and a reported checkpoint into storage_path with pyarrow,
+  which truncates each file before writing it: on local storage each file is replaced whole
+  instead, and a checkpoint's weights are hard-linked (the trial deletes its own copy next).
 - Ray decides whether a local instance is for this machine alone (listening on 127.0.0.1) by a
   constant read from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when ray is imported; the processes
   `ray.init` starts read the variable itself.
@@ -31,6 +32,7 @@ import contextlib
 import importlib
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -111,27 +113,31 @@ LINKABLE = ("*.safetensors", "*.bin", "*.safetensors.index.json")
 
 
 @contextlib.contextmanager
-def checkpoint_weights_linked() -> Iterator[None]:
-    """While Ray persists a reported checkpoint into a storage_path on the same local disk, its
-    weight files are hard-linked rather than copied (Ray 2.60 copies every byte, and the trial
-    then deletes its own folder: at 7B, 14-28 GB written for nothing per new best epoch). The
-    other files are copied: a checkpoint's scores may be rewritten in place. Anywhere else (S3,
-    another disk) Ray copies as before. Tune's and Ray Train's storage each have the copy."""
+def local_storage_copies() -> Iterator[None]:
+    """While inside, Ray's copies from one local path into another (Tune's experiment state,
+    synced from the driver's staging folder by a background thread, and a reported checkpoint,
+    into a storage_path on this machine) replace each file whole: written under a temporary name
+    beside it, then renamed over it. Ray 2.60 copies with pyarrow, which truncates the old file
+    first: a driver killed mid-copy left `search_gen_state-*.json` empty, and the resumed sweep
+    restarted instead of resuming. Weights on the same disk are hard-linked rather than copied
+    (a trial deletes its own folder after the report: at 7B, 14-28 GB written for nothing per new
+    best epoch). Anywhere else (S3, GCS) Ray copies as before; an object store replaces an object
+    whole. Tune's and Ray Train's storage each have the copy."""
     from ray.train._internal import storage as tune_storage
     from ray.train.v2._internal.execution import storage as train_storage
 
     modules = (tune_storage, train_storage)
     originals = [module._pyarrow_fs_copy_files for module in modules]
 
-    def linking(copy_files):
+    def whole_files(copy_files):
         def copy(source, destination, source_filesystem=None, destination_filesystem=None, **kwargs):
-            if not _weights_linked(source, destination, source_filesystem, destination_filesystem):
+            if not _copied_whole(source, destination, source_filesystem, destination_filesystem):
                 copy_files(source, destination, source_filesystem, destination_filesystem, **kwargs)
 
         return copy
 
     for module, original in zip(modules, originals, strict=True):
-        module._pyarrow_fs_copy_files = linking(original)
+        module._pyarrow_fs_copy_files = whole_files(original)
     try:
         yield
     finally:
@@ -139,31 +145,53 @@ def checkpoint_weights_linked() -> Iterator[None]:
             module._pyarrow_fs_copy_files = original
 
 
-def _weights_linked(source: str, destination: str, source_filesystem: Any, destination_filesystem: Any) -> bool:
-    """Copy the folder source into destination, hard-linking its weights, where both are local
-    folders on one device; False (nothing done) elsewhere."""
+def _local(path: str, filesystem: Any) -> bool:
+    """Whether pyarrow would reach path on this machine's filesystem (None: inferred from path)."""
     import pyarrow.fs
 
-    local = pyarrow.fs.LocalFileSystem
-    if not (isinstance(source_filesystem, local) and isinstance(destination_filesystem, local)):
+    return isinstance(filesystem, pyarrow.fs.LocalFileSystem) or (filesystem is None and "://" not in str(path))
+
+
+def _copied_whole(source: str, destination: str, source_filesystem: Any, destination_filesystem: Any) -> bool:
+    """Copy the file or folder source into destination, each file replaced whole, where both are
+    local; False (nothing done) elsewhere. Every file is written first and renamed after, so a
+    stop leaves the old set or the new one but for the instant of the renames."""
+    if not (_local(source, source_filesystem) and _local(destination, destination_filesystem)):
         return False
-    source_dir, target_dir = Path(source), Path(destination)
-    if not source_dir.is_dir():
+    source_path, target_path = Path(source), Path(destination)
+    if source_path.is_file():
+        pairs = [(source_path, target_path)]
+    elif source_path.is_dir():
+        pairs = []
+        for path in sorted(source_path.rglob("*")):
+            if not path.is_dir():
+                pairs.append((path, target_path / path.relative_to(source_path)))
+    else:
         return False
-    target_dir.mkdir(parents=True, exist_ok=True)
-    if os.stat(source_dir).st_dev != os.stat(target_dir).st_dev:
-        return False
-    for path in sorted(source_dir.rglob("*")):
-        target = target_dir / path.relative_to(source_dir)
-        if path.is_dir():
-            target.mkdir(exist_ok=True)
-        elif any(path.match(pattern) for pattern in LINKABLE):
-            # Replaced as Ray's copy replaces it, never written through: the old file may be shared.
-            target.unlink(missing_ok=True)
-            os.link(path, target)
-        else:
-            shutil.copy2(path, target)
+    written = []
+    try:
+        for path, target in pairs:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.partial")
+            written.append((partial, target))
+            _link_or_copy(path, partial)
+        for partial, target in written:
+            os.replace(partial, target)
+    finally:
+        for partial, _ in written:
+            partial.unlink(missing_ok=True)
     return True
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link weights where the disk allows it, copy everything else (a checkpoint's scores
+    may be rewritten in place after it was reported)."""
+    target.unlink(missing_ok=True)
+    if any(source.match(pattern) for pattern in LINKABLE):
+        with contextlib.suppress(OSError):  # another device, or a filesystem without hard links
+            os.link(source, target)
+            return
+    shutil.copy2(source, target)
 
 
 @contextlib.contextmanager

@@ -294,7 +294,8 @@ class ConstrainedOptunaSearch(OptunaSearch):
         """Resume: Optuna trials the stopped driver had asked for but Tune never recorded stay
         RUNNING in the database; they are closed as failed so the study holds no phantom runs.
 
-        A driver killed while Tune copied its state into storage can leave this file cut short.
+        A driver killed while Ray's own copy wrote this file into storage left it cut short (the
+        sweep now copies whole files: compat.local_storage_copies; older sweeps may hold one).
         Tune then "restarts the experiment" with its trial counter and concurrency limit restored
         from their own file, and waits forever for trials it no longer runs (seen: a resumed
         sweep hung). The study's database holds what matters, so the searcher continues from it:

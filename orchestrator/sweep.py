@@ -5,11 +5,13 @@ checkpoint becomes the registered champion. Thin glue over search, trial and tra
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import functools
 import json
 import logging
 import math
 import os
+import pickletools
 import re
 import shutil
 import signal
@@ -23,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pyarrow.fs
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import Searcher
 from unlearn_sweep.corpus.checkpoints import check_checkpoint
-from unlearn_sweep.corpus.compat import ray_on_loopback
+from unlearn_sweep.corpus.compat import local_storage_copies, ray_on_loopback
 from unlearn_sweep.corpus.environment import environment
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.evaluation.eligibility import OBJECTIVE
@@ -223,6 +227,39 @@ class Stage:
     trials: int
 
 
+def cut_state_file(experiment_path: str) -> str | None:
+    """The first of the files a Tune experiment's folder holds for a resume (those Tune fetches
+    back: `.json` and `.pkl`, beside the trial folders) that is cut short, or None (none, or no
+    folder). The searcher's own file is left out: the Optuna study stands in for it
+    (search.ConstrainedOptunaSearch.restore). Tune's files are JSON or pickles, so a file is
+    whole if it parses as one or the other; Tune would read a cut one, fail, and quietly start
+    the experiment over (its trials run again, the sweep's record then untrue)."""
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(experiment_path)
+    searcher_state = re.compile(fnmatch.translate(Searcher.CKPT_FILE_TMPL.format("*")))
+    for info in filesystem.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
+        if info.type != pyarrow.fs.FileType.File or not info.base_name.endswith((".json", ".pkl")):
+            continue
+        if searcher_state.match(info.base_name):
+            continue
+        with filesystem.open_input_stream(info.path) as stream:
+            if not _whole(stream.readall()):
+                return info.path
+    return None
+
+
+def _whole(data: bytes) -> bool:
+    """Whether data is a whole JSON document or a whole pickle (one that reaches its STOP)."""
+    with contextlib.suppress(ValueError):
+        json.loads(data)
+        return True
+    try:
+        for _ in pickletools.genops(data):
+            pass
+    except ValueError:
+        return False
+    return True
+
+
 def trial_folder(trial) -> str:
     """The folder of a Tune trial (Tune's `trial_dirname_creator`); `trial_id_of` reads it back."""
     return f"trial_{trial.trial_id}"
@@ -246,6 +283,7 @@ class Sweep:
         self.merge = (
             Stage("its merge stage", f"{config.name}-merge", config.merge_stage.trials) if config.merge_stage else None
         )
+        self.confirmation_name = f"{config.name}-confirm"  # its trials are counted once the search has ended
 
     def _path(self, stage: Stage) -> str:
         return f"{self.storage}/{stage.name}"
@@ -272,6 +310,8 @@ class Sweep:
             raise ConfigError(
                 config.source, f"no sweep {config.name!r} in {config.storage_path} to resume", field="name"
             )
+        if self.resume:
+            self._refuse_a_cut_state()
         if not self.resume and study_exists(config):
             raise ConfigError(
                 config.source,
@@ -279,6 +319,18 @@ class Sweep:
                 "resume the sweep with --resume or choose another name",
                 field="name",
             )
+
+    def _refuse_a_cut_state(self) -> None:
+        names = [self.search.name, self.confirmation_name] + ([self.merge.name] if self.merge else [])
+        for name in names:
+            cut = cut_state_file(f"{self.storage}/{name}")
+            if cut:
+                raise ConfigError(
+                    self.config.source,
+                    f"sweep {self.config.name!r} cannot be resumed: Tune's state file {cut} is cut short (a "
+                    "driver killed while it was copied); run the sweep again under another name",
+                    field="name",
+                )
 
     def library_log(self) -> Path:
         """Where library notices go unless verbose: the sweep's folder, or with remote storage
@@ -334,7 +386,8 @@ class Sweep:
             confirming = context.confirming(config.confirm)
             self.confirm_trainable = tune.with_resources(tune.with_parameters(run_trial, context=confirming), resources)
         try:
-            summary = self._run_stages()
+            with local_storage_copies():  # Tune's state whole in storage_path whenever the driver is killed
+                summary = self._run_stages()
         except (SweepInterrupted, SweepFailed):
             raise
         except BaseException:  # the driver itself failed: the record must not say running or finished
@@ -427,7 +480,7 @@ class Sweep:
             log.warning("confirmation stage skipped: no eligible trial to confirm")
             self.mlflow.set_tag(self.parent_run_id, "confirm", "skipped: no eligible trial to confirm")
             return []
-        stage = Stage("its confirmation stage", f"{self.config.name}-confirm", len(setups))
+        stage = Stage("its confirmation stage", self.confirmation_name, len(setups))
         tuner = self._tuner(
             stage, lambda: None, trainable=self.confirm_trainable, param_space={"setup": tune.grid_search(setups)}
         )

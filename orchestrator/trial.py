@@ -25,7 +25,7 @@ from typing import Any
 import ray
 import torch
 from ray import tune
-from unlearn_sweep.corpus.compat import TUNE_STOPPED_TRIAL, checkpoint_weights_linked, without_hf_deepspeed_config
+from unlearn_sweep.corpus.compat import TUNE_STOPPED_TRIAL, local_storage_copies, without_hf_deepspeed_config
 from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.corpus.mia import load_held_out
 from unlearn_sweep.corpus.semeval import TaskData, load_task
@@ -203,7 +203,7 @@ class EpochReporter:
             self.mlflow.log_metric(self.run_id, "eval_seconds", seconds, step=epoch)
             objective = self.staging.objective.metrics()
             metrics = {**metrics, "new_best": outcome.improved, "eval_seconds": seconds, **objective}
-        with checkpoint_weights_linked():  # Ray copies a reported checkpoint into storage_path; ours is deleted next
+        with local_storage_copies():  # Ray copies a reported checkpoint into storage_path; ours is deleted next
             self.report(self._share(metrics), saved)
         if self.rank == 0 and evaluated:
             self.staging.discard_evaluated()  # fully evaluated now, reported (Tune copied it) or not the best

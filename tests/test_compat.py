@@ -4,6 +4,7 @@ relies on, so that an upgrade that changes it fails here first."""
 from __future__ import annotations
 
 import importlib.util
+import threading
 from pathlib import Path
 
 import optuna
@@ -110,7 +111,7 @@ def test_ray_takes_loopback_for_a_local_instance_while_the_cluster_constant_is_o
 
 def test_a_checkpoint_persisted_on_the_same_disk_shares_its_weights(tmp_path: Path) -> None:
     """Tune's and Ray Train's storage copy a reported checkpoint with their module's
-    `_pyarrow_fs_copy_files`: inside `checkpoint_weights_linked` the weights are the exported
+    `_pyarrow_fs_copy_files`: inside `local_storage_copies` the weights are the exported
     file itself (one inode, nothing written), the other files copies; outside it, copies."""
     from ray.train import Checkpoint
     from ray.train._internal.storage import StorageContext as TuneStorage
@@ -125,7 +126,7 @@ def test_a_checkpoint_persisted_on_the_same_disk_shares_its_weights(tmp_path: Pa
     def tune_storage(index: int) -> TuneStorage:
         return TuneStorage(str(tmp_path / "runs"), "sweep", trial_dir_name="trial", current_checkpoint_index=index)
 
-    with compat.checkpoint_weights_linked():
+    with compat.local_storage_copies():
         persisted = [
             tune_storage(0).persist_current_checkpoint(Checkpoint.from_directory(export)),
             TrainStorage(str(tmp_path / "runs"), "train").persist_current_checkpoint(
@@ -142,6 +143,35 @@ def test_a_checkpoint_persisted_on_the_same_disk_shares_its_weights(tmp_path: Pa
         assert (folder / "scores.json").read_text() == (export / "scores.json").read_text()
         assert (folder / "scores.json").stat().st_ino != (export / "scores.json").stat().st_ino
     assert Path(copied.path, "model.safetensors").stat().st_ino != (export / "model.safetensors").stat().st_ino
+
+
+def test_tunes_state_synced_into_local_storage_is_never_seen_cut_short(tmp_path: Path) -> None:
+    """Tune's driver syncs its experiment state from its staging folder into storage_path in a
+    background thread (`_upload_to_fs_path`, then `_pyarrow_fs_copy_files`). Ray's copy truncates
+    the old file before writing the new one: a driver killed meanwhile left the file cut short.
+    Inside `local_storage_copies` the file is, at every instant of the copy, the old one or the
+    new one whole; nothing else is left beside it."""
+    import pyarrow.fs
+    from ray.train._internal.storage import _upload_to_fs_path
+
+    staging, storage = tmp_path / "driver_artifacts", tmp_path / "storage"
+    staging.mkdir()
+    storage.mkdir()
+    old, new = 1 << 20, 192 << 20  # the new state larger than one of pyarrow's 64 MiB chunks
+    (staging / "experiment_state-now.json").write_bytes(b"n" * new)
+    (storage / "experiment_state-now.json").write_bytes(b"o" * old)
+    sizes = set()
+    with compat.local_storage_copies():
+        sync = threading.Thread(
+            target=_upload_to_fs_path, args=(str(staging), pyarrow.fs.LocalFileSystem(), str(storage))
+        )
+        sync.start()
+        while sync.is_alive():
+            sizes.add((storage / "experiment_state-now.json").stat().st_size)
+        sync.join()
+    assert sizes <= {old, new}
+    assert [path.name for path in storage.iterdir()] == ["experiment_state-now.json"]
+    assert (storage / "experiment_state-now.json").stat().st_size == new
 
 
 def test_mlflow_logs_a_local_checkpoint_only_with_pipeline_classes(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import psutil
 import pytest
 from test_sweep import LIGHT_EVAL, write_config
 from unlearn_sweep.orchestrator import tracking
-from unlearn_sweep.orchestrator.config import load_config
+from unlearn_sweep.orchestrator.config import ConfigError, load_config
 from unlearn_sweep.orchestrator.selection import leaderboard
 from unlearn_sweep.orchestrator.sweep import SweepInterrupted, _parent_run, _recorded_interrupt, run_sweep
 
@@ -377,6 +377,18 @@ def test_interrupted_sweep_resumes_without_duplicates(local_ray, toy_task_dir: P
     versions = len(mlflow.search_model_versions(f"name = '{config.experiment}'"))
     run_sweep(config, resume=True)
     assert len(mlflow.search_model_versions(f"name = '{config.experiment}'")) == versions
+    # A state file cut short (as Ray's own copy left one where the driver was killed while Tune
+    # synced it) is refused in one line before anything starts: Tune would start the sweep over.
+    runs = len(mlflow.search_runs([mlflow.get_experiment_by_name(config.experiment).experiment_id]))
+    folder = Path(config.storage_path) / config.name
+    for pattern, kept in (("search_gen_state-*.json", 0.0), ("experiment_state-*.json", 0.5)):
+        state = max(folder.glob(pattern))
+        whole = state.read_bytes()
+        state.write_bytes(whole[: int(len(whole) * kept)])
+        with pytest.raises(ConfigError, match=rf"cannot be resumed: Tune's state file \S*{state.name} is cut short"):
+            run_sweep(config, resume=True)
+        state.write_bytes(whole)
+    assert len(mlflow.search_runs([mlflow.get_experiment_by_name(config.experiment).experiment_id])) == runs
 
 
 def test_a_driver_failure_ends_the_parent_run_failed(
