@@ -15,11 +15,11 @@ logs, saves and reports what `conclude` returns."""
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unlearn_sweep.corpus.scratch import temporary_folder
 from unlearn_sweep.evaluation.eligibility import Limits, TrialObjective, epoch_objective, objective_is_eligible
 from unlearn_sweep.evaluation.options import EvalOptions
 from unlearn_sweep.evaluation.screening import needs_full_evaluation
@@ -63,7 +63,7 @@ class StagedEvaluation:
         self.options, self.limits, self.decisions = options, limits, set(decision_epochs)
         self.objective = TrialObjective()
         self.held: list[Held] = []  # best screened first
-        self._holding = tempfile.TemporaryDirectory(prefix="held-epoch-") if options.screen else None
+        self._holding = temporary_folder("held-epoch-") if options.screen else None
         self._held_before: list[Held] = []
         self._screen_candidate = True
 

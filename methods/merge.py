@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from peft.utils import merge_utils
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+from unlearn_sweep.corpus.scratch import temporary_folder
 from unlearn_sweep.corpus.semeval import TaskData
 from unlearn_sweep.methods.registry import EpochCallback, Method, ParamError, register
 
@@ -486,7 +486,7 @@ class Merge(Method):
         on_epoch: EpochCallback | None = None,
     ) -> Path | None:
         if out_dir is None:  # a sweep trial: the hook keeps what it keeps, as after a training epoch
-            with tempfile.TemporaryDirectory(prefix="merged-") as scratch:
+            with temporary_folder("merged-") as scratch:
                 self.run(model_dir, task, Path(scratch) / "merged", params, on_epoch)
             return None
         paths = params.model_paths

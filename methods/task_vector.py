@@ -7,11 +7,11 @@ stored: a tied embedding is stored (and so moved) once."""
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from unlearn_sweep.corpus.scratch import temporary_folder
 from unlearn_sweep.methods.merge import MergeParams, merge_checkpoints
 from unlearn_sweep.methods.registry import register
 from unlearn_sweep.methods.training import (
@@ -41,7 +41,7 @@ class TaskVector(LossMethod):
     Trainer = TaskVectorTrainer
 
     def export(self, trainer, tokenizer, out_dir: Path, params: TaskVectorParams, base_dir: Path) -> Path:
-        with tempfile.TemporaryDirectory(prefix="finetuned-") as finetuned:
+        with temporary_folder("finetuned-") as finetuned:
             export_checkpoint(
                 trainer, tokenizer, Path(finetuned), dataclasses.replace(params, merge_adapter=True), base_dir
             )

@@ -22,7 +22,6 @@ import random
 import shutil
 import socket
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from transformers import (
 )
 from unlearn_sweep.corpus.checkpoints import check_checkpoint
 from unlearn_sweep.corpus.compat import one_gpu_per_process, reset_accelerate_state, without_hf_deepspeed_config
+from unlearn_sweep.corpus.scratch import temporary_folder
 from unlearn_sweep.corpus.semeval import TaskData, TaskRow
 from unlearn_sweep.corpus.staging import as_if_created_plainly
 from unlearn_sweep.corpus.tokens import labelled_counts, right_padded, summed_token_nll
@@ -539,7 +539,7 @@ def export_checkpoint(
     if not (peft_model and params.merge_adapter):
         save(str(out_dir))  # the adapter alone for LoRA
     else:
-        with tempfile.TemporaryDirectory(prefix="adapter-") as adapter_dir:
+        with temporary_folder("adapter-") as adapter_dir:
             save(adapter_dir)
             if trainer.is_world_process_zero():
                 from peft import PeftModel
@@ -566,7 +566,7 @@ class _EpochEnds(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> Any:
         if state.global_step in self.ends:
             epoch = self.ends.index(state.global_step) + 1
-            with tempfile.TemporaryDirectory(prefix=f"epoch-{epoch}-") as staging:
+            with temporary_folder(f"epoch-{epoch}-") as staging:
                 checkpoint = as_if_created_plainly(self.export(Path(staging)))  # it may become the kept checkpoint
                 if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
                     # Rank 0 wrote it; every rank reads it to evaluate its share (one node, or a shared TMPDIR).
@@ -676,7 +676,7 @@ class LossMethod(Method):
             ],
             params.gradient_accumulation,
         )
-        with tempfile.TemporaryDirectory(prefix="trainer-") as scratch, single_rank_launch(params):
+        with temporary_folder("trainer-") as scratch, single_rank_launch(params):
             args = training_arguments(params, Path(scratch))
             torch.manual_seed(params.seed)
             model = load_for_training(model_dir, params)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from unlearn_sweep.corpus.errors import DataError
+from unlearn_sweep.corpus.scratch import temporary_folder
 
 CONFIGURATION = "configuration.json"
 SCRIPT = "unlearn.py"
@@ -78,7 +78,7 @@ def run_configuration(setup: dict[str, Any], model: Path, task: Any, out_dir: Pa
 
     if "sources" not in setup:
         return run_method(setup["method"], model, task, out_dir, setup["params"])
-    with tempfile.TemporaryDirectory(prefix="sources-") as scratch:
+    with temporary_folder("sources-") as scratch:
         paths = [
             run_method(setup["source_method"], model, task, Path(scratch) / name, params)
             for name, params in setup["sources"].items()

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import toy_task_args
+from conftest import toy_task_args, wait_until_ready
 from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 from transformers import AutoModelForCausalLM
@@ -251,6 +251,49 @@ def test_unlearn_cli_errors_write_nothing(toy_task_dir: Path, tmp_path: Path, ca
     assert main(args + ["--method", "npo", "--set", "beta"]) == 2
     assert "expected key=value" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_what_a_killed_run_left_in_its_temporary_folder_goes_with_the_next_run(
+    toy_task_dir: Path, tmp_path: Path
+) -> None:
+    """A process killed outright (SIGKILL, the OOM killer, Ray ending a dead driver's workers)
+    runs no cleanup: its temporary folders stayed in TMPDIR, whole models at 7B. The next run on
+    the machine removes them, and leaves those of a process still running."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    env = {**os.environ, "TMPDIR": str(temporary)}
+    holding = "from unlearn_sweep.corpus.scratch import temporary_folder; held = temporary_folder('held-'); input()"
+    running = subprocess.Popen([sys.executable, "-c", holding], env=env, stdin=subprocess.PIPE)
+
+    def killed_unlearn(out: str) -> Path:
+        """`unlearn` killed once it has its trainer's temporary folder; the folder that holds it."""
+        command = toy_task_args(toy_task_dir, "unlearn", "--method", "grad_ascent", out=tmp_path / out)
+        before, log = set(temporary.rglob("trainer-*")), tmp_path / f"{out}.log"
+        with log.open("w") as output:
+            run = subprocess.Popen(
+                [sys.executable, "-m", "unlearn_sweep.orchestrator.cli", *command],
+                env=env,
+                stdout=output,
+                stderr=output,
+            )
+        try:
+            wait_until_ready(run, lambda run: set(temporary.rglob("trainer-*")) - before, log)
+        finally:
+            run.kill()  # SIGKILL: no cleanup runs
+            run.wait()
+        (trainer,) = set(temporary.rglob("trainer-*")) - before
+        return trainer.parent
+
+    try:
+        first = killed_unlearn("first")
+        wait_until_ready(running, lambda running: any(temporary.rglob("held-*")), tmp_path / "first.log")
+        (held,) = temporary.rglob("held-*")
+        second = killed_unlearn("second")
+        assert not first.exists() and second.exists()  # the killed run's folder went as the next run started
+        assert held.exists()  # a running process's folder stays
+    finally:
+        running.communicate(b"\n", timeout=60)
+    assert not held.parent.exists()  # a process that ends removes its own folder
 
 
 def test_entity_extractor() -> None:

@@ -272,12 +272,12 @@ def test_the_exported_script_stopped_at_its_time_limit_leaves_nothing(toy_task_d
     command = [sys.executable, str(exported / "unlearn.py"), str(model), *map(str, sets), str(out)]
     code, output = terminated_when(
         command,
-        lambda script: any(scratch.glob("sources-*/.a.*")),  # the first source in training
+        lambda script: any(scratch.glob("*/*/sources-*/.a.*")),  # the first source in training (corpus/scratch.py)
         tmp_path / "log",
         env={**os.environ, "TMPDIR": str(scratch)},
     )
     assert code == 130 and output.endswith("unlearn.py: interrupted\n"), output[-2000:]
-    assert not any(scratch.iterdir()) and not out.exists()
+    assert [path.name for path in scratch.rglob("*")] == [f"unlearn-sweep-{os.getuid()}"] and not out.exists()
 
 
 def test_an_exported_merge_trains_its_sources_then_merges_them(toy_task_dir: Path, tmp_path: Path) -> None:

@@ -1,0 +1,61 @@
+"""Temporary folders that a killed process does not leave behind for good.
+
+Runs write whole models to temporary folders (an epoch's export, the epochs a staged evaluation
+holds, a merge's sources: 14 GB each for a 7B model in bf16). Python removes them as a run
+unwinds, Ctrl-C and SIGTERM included, but nothing runs in a process killed outright: SIGKILL of
+a sweep's driver (Ray then ends its trials' workers), the OOM killer, a worker Ray kills. Their
+folders stayed in TMPDIR, and a node's disk filled with each trial killed. So each process keeps
+its temporary folders in one folder of its own, named by its machine, process id and start
+time, and the first time a process asks for one it removes the folders of this machine's
+processes that are gone (a folder on storage other machines share is left to them)."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import psutil
+
+_own: Path | None = None
+
+
+def temporary_folder(prefix: str) -> tempfile.TemporaryDirectory:
+    """A temporary folder (removed as the `with` block ends) in this process's own folder under
+    TMPDIR."""
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=_own_folder())
+
+
+def _own_folder() -> Path:
+    global _own
+    if _own is None or not _own.is_dir():
+        root = Path(tempfile.gettempdir()) / f"unlearn-sweep-{os.getuid()}"
+        root.mkdir(mode=0o700, exist_ok=True)
+        machine = socket.gethostname()
+        for folder in root.glob(f"{machine}-*"):
+            if not _alive(folder.name.removeprefix(f"{machine}-")):
+                shutil.rmtree(folder, ignore_errors=True)
+        _own = root / f"{machine}-{_process_key(psutil.Process())}"
+        _own.mkdir(exist_ok=True)
+        atexit.register(_remove, _own, os.getpid())
+    return _own
+
+
+def _process_key(process: psutil.Process) -> str:
+    """Its id and start time: an id alone may be reused by a later process."""
+    return f"{process.pid}-{process.create_time():.0f}"
+
+
+def _alive(key: str) -> bool:
+    try:
+        return _process_key(psutil.Process(int(key.split("-")[0]))) == key
+    except (ValueError, psutil.Error):  # not a key of ours, or no such process
+        return False
+
+
+def _remove(folder: Path, owner: int) -> None:
+    if os.getpid() == owner:  # not in a child forked with this handler
+        shutil.rmtree(folder, ignore_errors=True)
