@@ -221,3 +221,21 @@ def test_the_build_requirement_admits_no_setuptools_that_rejects_the_license_fie
     assert isinstance(pyproject["project"]["license"], str)
     (setuptools,) = [Requirement(line) for line in pyproject["build-system"]["requires"]]
     assert setuptools.name == "setuptools" and not setuptools.specifier.contains("76.1.0")
+
+
+def test_every_benchmark_imports_and_reads_its_arguments() -> None:
+    """CI runs no benchmark (they take minutes to hours, some need a GPU): each one's imports and
+    argument parser are checked here, so a change to what they use fails here, not the next run."""
+    check = (
+        "import contextlib, importlib, io, pathlib, sys\n"
+        "sys.path.insert(0, 'benchmarks')\n"
+        "for path in sorted(pathlib.Path('benchmarks').glob('*.py')):\n"
+        "    sys.argv = [path.name, '--help']\n"
+        "    with contextlib.redirect_stdout(io.StringIO()) as shown, contextlib.suppress(SystemExit):\n"
+        "        importlib.import_module(path.stem).main()\n"
+        "    assert shown.getvalue().startswith('usage:'), path\n"
+        "    print(path.name)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", check], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == sorted(path.name for path in (REPO_ROOT / "benchmarks").glob("*.py"))
