@@ -138,9 +138,14 @@ def _max_concurrent(config: SweepConfig) -> int:
     return max(1, min(limits))
 
 
+def _sweep_runs(mlflow, experiment: str, config: SweepConfig) -> list:
+    """The parent runs recorded for a sweep of this name (one, where it has started)."""
+    return mlflow.search_runs([experiment], filter_string=f"tags.sweep = '{config.name}' and tags.role = 'sweep'")
+
+
 def _parent_run(mlflow, experiment: str, config: SweepConfig, resume: bool) -> tuple[str, float | None]:
     """The sweep's parent run (found again on resume) and the absolute MMLU threshold."""
-    runs = mlflow.search_runs([experiment], filter_string=f"tags.sweep = '{config.name}' and tags.role = 'sweep'")
+    runs = _sweep_runs(mlflow, experiment, config)
     if resume:
         if not runs:
             raise ConfigError(
@@ -321,16 +326,24 @@ class Sweep:
             )
 
     def _refuse_a_cut_state(self) -> None:
+        """A resume whose Tune state is cut short is refused; the sweep's records then say it was
+        interrupted (its killed driver left them RUNNING), as they would after a Ctrl-C."""
+        config = self.config
         names = [self.search.name, self.confirmation_name] + ([self.merge.name] if self.merge else [])
-        for name in names:
-            cut = cut_state_file(f"{self.storage}/{name}")
-            if cut:
-                raise ConfigError(
-                    self.config.source,
-                    f"sweep {self.config.name!r} cannot be resumed: Tune's state file {cut} is cut short (a "
-                    "driver killed while it was copied); run the sweep again under another name",
-                    field="name",
-                )
+        cut = next(filter(None, (cut_state_file(f"{self.storage}/{name}") for name in names)), None)
+        if cut is None:
+            return
+        mlflow = tracking.client(config.tracking_uri)
+        experiment = mlflow.get_experiment_by_name(config.experiment)
+        for run in _sweep_runs(mlflow, experiment.experiment_id, config) if experiment else []:
+            if run.info.status == "RUNNING":
+                _mark_interrupted(mlflow, experiment.experiment_id, run.info.run_id, None)
+        raise ConfigError(
+            config.source,
+            f"sweep {config.name!r} cannot be resumed: Tune's state file {cut} is cut short (a driver killed "
+            "while it was copied); its runs are marked interrupted; run the sweep again under another name",
+            field="name",
+        )
 
     def library_log(self) -> Path:
         """Where library notices go unless verbose: the sweep's folder, or with remote storage

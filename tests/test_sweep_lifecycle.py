@@ -379,15 +379,19 @@ def test_interrupted_sweep_resumes_without_duplicates(local_ray, toy_task_dir: P
     assert len(mlflow.search_model_versions(f"name = '{config.experiment}'")) == versions
     # A state file cut short (as Ray's own copy left one where the driver was killed while Tune
     # synced it) is refused in one line before anything starts: Tune would start the sweep over.
+    # The sweep's run, left RUNNING by its killed driver, then says it was interrupted.
     runs = len(mlflow.search_runs([mlflow.get_experiment_by_name(config.experiment).experiment_id]))
     folder = Path(config.storage_path) / config.name
     for pattern, kept in (("search_gen_state-*.json", 0.0), ("experiment_state-*.json", 0.5)):
+        mlflow.update_run(summary.parent_run_id, status="RUNNING")
         state = max(folder.glob(pattern))
         whole = state.read_bytes()
         state.write_bytes(whole[: int(len(whole) * kept)])
         with pytest.raises(ConfigError, match=rf"cannot be resumed: Tune's state file \S*{state.name} is cut short"):
             run_sweep(config, resume=True)
         state.write_bytes(whole)
+        parent = mlflow.get_run(summary.parent_run_id)
+        assert (parent.info.status, parent.data.tags["status"]) == ("KILLED", "interrupted")
     assert len(mlflow.search_runs([mlflow.get_experiment_by_name(config.experiment).experiment_id])) == runs
 
 
