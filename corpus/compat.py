@@ -29,6 +29,7 @@ Why each is needed:
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib
 import os
 import shutil
@@ -172,6 +173,10 @@ def _copied_whole(source: str, destination: str, source_filesystem: Any, destina
     try:
         for path, target in pairs:
             target.parent.mkdir(parents=True, exist_ok=True)
+            # An earlier copy of this file killed mid-way left its partial one (at 7B, up to 5 GB
+            # a shard where weights are copied): nothing else writes this file.
+            for stale in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
+                stale.unlink(missing_ok=True)
             partial = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.partial")
             written.append((partial, target))
             _link_or_copy(path, partial)
@@ -186,7 +191,6 @@ def _copied_whole(source: str, destination: str, source_filesystem: Any, destina
 def _link_or_copy(source: Path, target: Path) -> None:
     """Hard-link weights where the disk allows it, copy everything else (a checkpoint's scores
     may be rewritten in place after it was reported)."""
-    target.unlink(missing_ok=True)
     if any(source.match(pattern) for pattern in LINKABLE):
         with contextlib.suppress(OSError):  # another device, or a filesystem without hard links
             os.link(source, target)

@@ -150,7 +150,7 @@ def test_tunes_state_synced_into_local_storage_is_never_seen_cut_short(tmp_path:
     background thread (`_upload_to_fs_path`, then `_pyarrow_fs_copy_files`). Ray's copy truncates
     the old file before writing the new one: a driver killed meanwhile left the file cut short.
     Inside `local_storage_copies` the file is, at every instant of the copy, the old one or the
-    new one whole; nothing else is left beside it."""
+    new one whole; nothing else is left beside it, nor what a copy killed before it left."""
     import pyarrow.fs
     from ray.train._internal.storage import _upload_to_fs_path
 
@@ -160,6 +160,7 @@ def test_tunes_state_synced_into_local_storage_is_never_seen_cut_short(tmp_path:
     old, new = 1 << 20, 192 << 20  # the new state larger than one of pyarrow's 64 MiB chunks
     (staging / "experiment_state-now.json").write_bytes(b"n" * new)
     (storage / "experiment_state-now.json").write_bytes(b"o" * old)
+    (storage / ".experiment_state-now.json.4321-1.partial").write_bytes(b"n" * 7)  # a killed copy's
     sizes = set()
     with compat.local_storage_copies():
         sync = threading.Thread(
