@@ -7,12 +7,14 @@ a sweep's driver (Ray then ends its trials' workers), the OOM killer, a worker R
 folders stayed in TMPDIR, and a node's disk filled with each trial killed. So each process keeps
 its temporary folders in one folder of its own, named by its machine, process id and start
 time, and the first time a process asks for one it removes the folders of this machine's
-processes that are gone (a folder on storage other machines share is left to them)."""
+processes that are gone (another machine's or container's folders, on a TMPDIR they share,
+are left to them)."""
 
 from __future__ import annotations
 
 import atexit
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -34,14 +36,26 @@ def _own_folder() -> Path:
     if _own is None or not _own.is_dir():
         root = Path(tempfile.gettempdir()) / f"unlearn-sweep-{os.getuid()}"
         root.mkdir(mode=0o700, exist_ok=True)
-        machine = socket.gethostname()
-        for folder in root.glob(f"{machine}-*"):
-            if not _alive(folder.name.removeprefix(f"{machine}-")):
+        machine = _machine()
+        for folder in root.iterdir():
+            owner = re.fullmatch(rf"{re.escape(machine)}-(\d+-\d+)", folder.name)
+            if owner and not _alive(owner[1]):
                 shutil.rmtree(folder, ignore_errors=True)
         _own = root / f"{machine}-{_process_key(psutil.Process())}"
         _own.mkdir(exist_ok=True)
         atexit.register(_remove, _own, os.getpid())
     return _own
+
+
+def _machine() -> str:
+    """What names the processes whose ids this process can check: its host, and on Linux its
+    PID namespace (containers sharing a host name, as under `--net=host`, and a TMPDIR do not
+    share process ids)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # not Linux
+        return socket.gethostname()
+    return f"{socket.gethostname()}-{namespace}"
 
 
 def _process_key(process: psutil.Process) -> str:
@@ -52,7 +66,7 @@ def _process_key(process: psutil.Process) -> str:
 def _alive(key: str) -> bool:
     try:
         return _process_key(psutil.Process(int(key.split("-")[0]))) == key
-    except (ValueError, psutil.Error):  # not a key of ours, or no such process
+    except psutil.Error:  # no such process
         return False
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -290,3 +291,36 @@ def test_split_folds_places_every_member_of_the_public_release(tmp_path: Path) -
     sizes = split_folds(load_task(data, "train"), data / "mia_data", tmp_path / "split")
     assert sizes["train"].members + sizes["validation"].members == 150
     assert sizes["validation"].documents == 141 and sizes["validation"].forget_rows == 220
+
+
+def test_only_folders_of_this_machines_ended_processes_are_removed(tmp_path: Path, monkeypatch) -> None:
+    """Which folders under TMPDIR/unlearn-sweep-<uid> the first temporary folder of a process
+    removes: those of this machine's processes that ended (or whose id a later process took),
+    never another host's or container's on a shared TMPDIR, nor anything not named as ours."""
+    import subprocess
+    import sys
+
+    from unlearn_sweep.corpus import scratch
+
+    monkeypatch.setattr(scratch.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(scratch, "_own", None)
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])  # its id is free once it ended
+    finished.wait()
+    root = tmp_path / f"unlearn-sweep-{os.getuid()}"
+    machine, this = scratch._machine(), scratch._process_key(scratch.psutil.Process())
+    started = this.split("-")[1]
+    folders = {
+        "ended": f"{machine}-{finished.pid}-{started}",
+        "id taken": f"{machine}-{os.getpid()}-{int(started) - 5}",
+        "alive": f"{machine}-{this}",
+        "other host": f"elsewhere-{finished.pid}-{started}",
+        "other container": f"{machine}1-{finished.pid}-{started}",
+        "not ours": f"{machine}-notes",
+    }
+    for name in folders.values():
+        (root / name).mkdir(parents=True)
+        (root / name / "weights").write_bytes(b"w")
+    with scratch.temporary_folder("epoch-1-") as folder:
+        assert Path(folder).parent == root / folders["alive"]
+        kept = {kind for kind, name in folders.items() if (root / name / "weights").exists()}
+    assert kept == {"alive", "other host", "other container", "not ours"}
