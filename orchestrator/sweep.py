@@ -341,7 +341,7 @@ class Sweep:
         raise ConfigError(
             config.source,
             f"sweep {config.name!r} cannot be resumed: Tune's state file {cut} is cut short (a driver killed "
-            "while it was copied); its runs are marked interrupted; run the sweep again under another name",
+            "while it was copied); its open runs are closed as interrupted; run the sweep again under another name",
             field="name",
         )
 

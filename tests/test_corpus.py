@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -297,9 +299,6 @@ def test_only_folders_of_this_machines_ended_processes_are_removed(tmp_path: Pat
     """Which folders under TMPDIR/unlearn-sweep-<uid> the first temporary folder of a process
     removes: those of this machine's processes that ended (or whose id a later process took),
     never another host's or container's on a shared TMPDIR, nor anything not named as ours."""
-    import subprocess
-    import sys
-
     from unlearn_sweep.corpus import scratch
 
     monkeypatch.setattr(scratch.tempfile, "tempdir", str(tmp_path))

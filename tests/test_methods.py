@@ -263,7 +263,10 @@ def test_what_a_killed_run_left_in_its_temporary_folder_goes_with_the_next_run(
     temporary.mkdir()
     env = {**os.environ, "TMPDIR": str(temporary)}
     holding = "from unlearn_sweep.corpus.scratch import temporary_folder; held = temporary_folder('held-'); input()"
-    running = subprocess.Popen([sys.executable, "-c", holding], env=env, stdin=subprocess.PIPE)
+    with (tmp_path / "holding.log").open("w") as output:
+        running = subprocess.Popen(
+            [sys.executable, "-c", holding], env=env, stdin=subprocess.PIPE, stdout=output, stderr=output
+        )
 
     def killed_unlearn(out: str) -> Path:
         """`unlearn` killed once it has its trainer's temporary folder; the folder that holds it."""
@@ -286,7 +289,7 @@ def test_what_a_killed_run_left_in_its_temporary_folder_goes_with_the_next_run(
 
     try:
         first = killed_unlearn("first")
-        wait_until_ready(running, lambda running: any(temporary.rglob("held-*")), tmp_path / "first.log")
+        wait_until_ready(running, lambda running: any(temporary.rglob("held-*")), tmp_path / "holding.log")
         (held,) = temporary.rglob("held-*")
         second = killed_unlearn("second")
         assert not first.exists() and second.exists()  # the killed run's folder went as the next run started
