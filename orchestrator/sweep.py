@@ -305,25 +305,23 @@ class Sweep:
         EvalSets.load(config.data, config.split, config.mia, config.mmlu, config.mmlu_shots)
         exists = tune.Tuner.can_restore(self._path(self.search))
         if not self.resume and exists:
-            raise ConfigError(
-                config.source,
+            raise self._refused(
                 f"a sweep named {config.name!r} already exists in {config.storage_path}; resume it with --resume or "
-                "choose another name",
-                field="name",
+                "choose another name"
             )
         if self.resume and not exists:
-            raise ConfigError(
-                config.source, f"no sweep {config.name!r} in {config.storage_path} to resume", field="name"
-            )
+            raise self._refused(f"no sweep {config.name!r} in {config.storage_path} to resume")
         if self.resume:
             self._refuse_a_cut_state()
         if not self.resume and study_exists(config):
-            raise ConfigError(
-                config.source,
+            raise self._refused(
                 f"an Optuna study named {config.name!r} already exists in {config.study_storage}; "
-                "resume the sweep with --resume or choose another name",
-                field="name",
+                "resume the sweep with --resume or choose another name"
             )
+
+    def _refused(self, message: str) -> ConfigError:
+        """The sweep's name refused (taken, or nothing to resume under it): the config's error."""
+        return ConfigError(self.config.source, message, field="name")
 
     def _refuse_a_cut_state(self) -> None:
         """A resume whose Tune state is cut short is refused; the sweep's records then say it was
@@ -338,11 +336,9 @@ class Sweep:
         for run in _sweep_runs(mlflow, experiment.experiment_id, config) if experiment else []:
             if run.info.status == "RUNNING":
                 _mark_interrupted(mlflow, experiment.experiment_id, run.info.run_id, None)
-        raise ConfigError(
-            config.source,
+        raise self._refused(
             f"sweep {config.name!r} cannot be resumed: Tune's state file {cut} is cut short (a driver killed "
-            "while it was copied); its open runs are closed as interrupted; run the sweep again under another name",
-            field="name",
+            "while it was copied); its open runs are closed as interrupted; run the sweep again under another name"
         )
 
     def library_log(self) -> Path:
