@@ -1,4 +1,4 @@
-"""Temporary folders that a killed process does not leave behind for good.
+"""Temporary and staging folders that a killed process does not leave behind for good.
 
 Runs write whole models to temporary folders (an epoch's export, the epochs a staged evaluation
 holds, a merge's sources: 14 GB each for a 7B model in bf16). Python removes them as a run
@@ -8,7 +8,8 @@ folders stayed in TMPDIR, and a node's disk filled with each trial killed. So ea
 its temporary folders in one folder of its own, named by its machine, process id and start
 time, and the first time a process asks for one it removes the folders of this machine's
 processes that are gone (another machine's or container's folders, on a TMPDIR they share,
-are left to them)."""
+are left to them). An output's staging folder (corpus/staging.py) is named the same way, so
+the next run into that output removes one a killed run left beside it."""
 
 from __future__ import annotations
 
@@ -36,15 +37,26 @@ def _own_folder() -> Path:
     if _own is None or not _own.is_dir():
         root = Path(tempfile.gettempdir()) / f"unlearn-sweep-{os.getuid()}"
         root.mkdir(mode=0o700, exist_ok=True)
-        machine = _machine()
         for folder in root.iterdir():
-            owner = re.fullmatch(rf"{re.escape(machine)}-(\d+-\d+)", folder.name)
-            if owner and not _alive(owner[1]):
+            if left_by_an_ended_process(folder.name):
                 shutil.rmtree(folder, ignore_errors=True)
-        _own = root / f"{machine}-{_process_key(psutil.Process())}"
+        _own = root / this_process()
         _own.mkdir(exist_ok=True)
         atexit.register(_remove, _own, os.getpid())
     return _own
+
+
+def this_process() -> str:
+    """This process as a name: its machine, id and start time (an id alone may be reused)."""
+    return f"{_machine()}-{_process_key(psutil.Process())}"
+
+
+def left_by_an_ended_process(name: str, prefix: str = "") -> bool:
+    """Whether a file or folder name is `prefix`, then `this_process()` of a process of this
+    machine that has ended, then nothing or a dot and anything: what such a process wrote
+    there is left over. Any other name is not ours to judge: False."""
+    owner = re.fullmatch(rf"{re.escape(prefix)}{re.escape(_machine())}-(\d+-\d+)(\..*)?", name)
+    return owner is not None and not _alive(owner[1])
 
 
 def _machine() -> str:
@@ -59,7 +71,6 @@ def _machine() -> str:
 
 
 def _process_key(process: psutil.Process) -> str:
-    """Its id and start time: an id alone may be reused by a later process."""
     return f"{process.pid}-{process.create_time():.0f}"
 
 

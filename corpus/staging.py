@@ -3,6 +3,7 @@ the output only when everything in it is written."""
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -11,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from unlearn_sweep.corpus.errors import DataError
+from unlearn_sweep.corpus.scratch import left_by_an_ended_process, this_process
 
 
 def umask() -> int:
@@ -49,12 +51,19 @@ def check_output_folder(out_dir: str | Path, may_exist: bool = False) -> None:
 @contextmanager
 def staged_directory(out_dir: str | Path) -> Iterator[Path]:
     """Yields an empty folder next to out_dir; on success it is renamed to out_dir, on any
-    error removed. A non-empty out_dir is refused before anything is written."""
+    error removed. A non-empty out_dir is refused before anything is written. The staging
+    folder is named by its process (corpus/scratch.py): one that a process killed outright left
+    beside out_dir (a whole model at 7B) is removed by the next run into out_dir."""
     out_dir = Path(out_dir)
     check_output_folder(out_dir)
+    prefix = f".{out_dir.name}."
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = as_if_created_plainly(Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent)))
+        for left in out_dir.parent.glob(f"{glob.escape(prefix)}*"):
+            if left_by_an_ended_process(left.name, prefix):
+                shutil.rmtree(left, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{prefix}{this_process()}.", dir=out_dir.parent))
+        as_if_created_plainly(staging)
     except OSError as error:
         raise DataError(out_dir, f"cannot be written ({error.strerror})") from None
     try:

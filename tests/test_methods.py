@@ -257,8 +257,9 @@ def test_what_a_killed_run_left_in_its_temporary_folder_goes_with_the_next_run(
     toy_task_dir: Path, tmp_path: Path
 ) -> None:
     """A process killed outright (SIGKILL, the OOM killer, Ray ending a dead driver's workers)
-    runs no cleanup: its temporary folders stayed in TMPDIR, whole models at 7B. The next run on
-    the machine removes them, and leaves those of a process still running."""
+    runs no cleanup: its temporary folders stayed in TMPDIR, and `unlearn`'s staging folder
+    beside its output, whole models at 7B. The next run on the machine removes the former, the
+    next run into that output the latter, and both leave those of a process still running."""
     temporary = tmp_path / "tmp"
     temporary.mkdir()
     env = {**os.environ, "TMPDIR": str(temporary)}
@@ -271,7 +272,8 @@ def test_what_a_killed_run_left_in_its_temporary_folder_goes_with_the_next_run(
     def killed_unlearn(out: str) -> Path:
         """`unlearn` killed once it has its trainer's temporary folder; the folder that holds it."""
         command = toy_task_args(toy_task_dir, "unlearn", "--method", "grad_ascent", out=tmp_path / out)
-        before, log = set(temporary.rglob("trainer-*")), tmp_path / f"{out}.log"
+        before = set(temporary.rglob("trainer-*"))
+        log = tmp_path / f"unlearn-{len(before)}.log"
         with log.open("w") as output:
             run = subprocess.Popen(
                 [sys.executable, "-m", "unlearn_sweep.orchestrator.cli", *command],
@@ -288,11 +290,13 @@ def test_what_a_killed_run_left_in_its_temporary_folder_goes_with_the_next_run(
         return trainer.parent
 
     try:
-        first = killed_unlearn("first")
+        first = killed_unlearn("out")
+        (staged,) = tmp_path.glob(".out.*")  # the output's staging folder, beside it
         wait_until_ready(running, lambda running: any(temporary.rglob("held-*")), tmp_path / "holding.log")
         (held,) = temporary.rglob("held-*")
-        second = killed_unlearn("second")
+        second = killed_unlearn("out")
         assert not first.exists() and second.exists()  # the killed run's folder went as the next run started
+        assert not staged.exists() and len(list(tmp_path.glob(".out.*"))) == 1  # and its staging folder
         assert held.exists()  # a running process's folder stays
     finally:
         running.communicate(b"\n", timeout=60)
