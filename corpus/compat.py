@@ -164,8 +164,11 @@ def _copied_whole(source: str, destination: str, source_filesystem: Any, destina
         pairs = [(source_path, target_path)]
     elif source_path.is_dir():
         pairs = []
+        target_path.mkdir(parents=True, exist_ok=True)
         for path in sorted(source_path.rglob("*")):
-            if not path.is_dir():
+            if path.is_dir():  # an empty one too, as pyarrow copies it
+                (target_path / path.relative_to(source_path)).mkdir(exist_ok=True)
+            else:
                 pairs.append((path, target_path / path.relative_to(source_path)))
     else:
         return False

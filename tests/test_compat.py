@@ -159,6 +159,7 @@ def test_tunes_state_synced_into_local_storage_is_never_seen_cut_short(tmp_path:
     storage.mkdir()
     old, new = 1 << 20, 192 << 20  # the new state larger than one of pyarrow's 64 MiB chunks
     (staging / "experiment_state-now.json").write_bytes(b"n" * new)
+    (staging / "trial_started").mkdir()  # empty, as pyarrow copies it
     (storage / "experiment_state-now.json").write_bytes(b"o" * old)
     (storage / ".experiment_state-now.json.4321-1.partial").write_bytes(b"n" * 7)  # a killed copy's
     sizes = set()
@@ -171,7 +172,7 @@ def test_tunes_state_synced_into_local_storage_is_never_seen_cut_short(tmp_path:
             sizes.add((storage / "experiment_state-now.json").stat().st_size)
         sync.join()
     assert sizes <= {old, new}
-    assert [path.name for path in storage.iterdir()] == ["experiment_state-now.json"]
+    assert sorted(path.name for path in storage.iterdir()) == ["experiment_state-now.json", "trial_started"]
     assert (storage / "experiment_state-now.json").stat().st_size == new
 
 
