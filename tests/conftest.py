@@ -124,16 +124,20 @@ def wait_until_ready(process: subprocess.Popen, ready: Callable[[subprocess.Pope
 
 
 def terminated_when(
-    command: list[str], ready: Callable[[subprocess.Popen], bool], log: Path, env: dict[str, str] | None = None
+    command: list[str],
+    ready: Callable[[subprocess.Popen], bool],
+    log: Path,
+    env: dict[str, str] | None = None,
+    stop: signal.Signals = signal.SIGTERM,
 ) -> tuple[int, str]:
-    """Runs `command` and sends it SIGTERM (a scheduler's stop) once `ready(process)` holds; its
-    exit code and output. The output goes to `log`, not to a pipe that a child left running
-    would hold open. Fails as `wait_until_ready` does."""
+    """Runs `command` and sends it `stop` (SIGTERM: a scheduler's stop; SIGKILL: the OOM killer)
+    once `ready(process)` holds; its exit code and output. The output goes to `log`, not to a
+    pipe that a child left running would hold open. Fails as `wait_until_ready` does."""
     with log.open("w") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
     try:
         wait_until_ready(process, ready, log)
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop)
         process.wait(timeout=60)
     finally:
         process.kill()

@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import toy_task_args, wait_until_ready
+from conftest import terminated_when, toy_task_args, wait_until_ready
 from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 from transformers import AutoModelForCausalLM
@@ -273,19 +274,13 @@ def test_what_a_killed_run_left_in_its_temporary_folder_goes_with_the_next_run(
         """`unlearn` killed once it has its trainer's temporary folder; the folder that holds it."""
         command = toy_task_args(toy_task_dir, "unlearn", "--method", "grad_ascent", out=tmp_path / out)
         before = set(temporary.rglob("trainer-*"))
-        log = tmp_path / f"unlearn-{len(before)}.log"
-        with log.open("w") as output:
-            run = subprocess.Popen(
-                [sys.executable, "-m", "unlearn_sweep.orchestrator.cli", *command],
-                env=env,
-                stdout=output,
-                stderr=output,
-            )
-        try:
-            wait_until_ready(run, lambda run: set(temporary.rglob("trainer-*")) - before, log)
-        finally:
-            run.kill()  # SIGKILL: no cleanup runs
-            run.wait()
+        terminated_when(  # SIGKILL: no cleanup runs
+            [sys.executable, "-m", "unlearn_sweep.orchestrator.cli", *command],
+            lambda run: set(temporary.rglob("trainer-*")) - before,
+            tmp_path / f"unlearn-{len(before)}.log",
+            env,
+            signal.SIGKILL,
+        )
         (trainer,) = set(temporary.rglob("trainer-*")) - before
         return trainer.parent
 
