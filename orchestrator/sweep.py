@@ -290,8 +290,9 @@ class Sweep:
         )
         self.confirmation_name = f"{config.name}-confirm"  # its trials are counted once the search has ended
 
-    def _path(self, stage: Stage) -> str:
-        return f"{self.storage}/{stage.name}"
+    def _path(self, name: str) -> str:
+        """Where the Tune experiment of that name (a stage's) lives."""
+        return f"{self.storage}/{name}"
 
     def _refuse_a_bad_start(self) -> None:
         config = self.config
@@ -303,7 +304,7 @@ class Sweep:
         # The data read once, whole, before Ray or MLflow is touched: a fault in it is one line
         # now, not the same error in every trial.
         EvalSets.load(config.data, config.split, config.mia, config.mmlu, config.mmlu_shots)
-        exists = tune.Tuner.can_restore(self._path(self.search))
+        exists = tune.Tuner.can_restore(self._path(self.search.name))
         if not self.resume and exists:
             raise self._refused(
                 f"a sweep named {config.name!r} already exists in {config.storage_path}; resume it with --resume or "
@@ -328,7 +329,7 @@ class Sweep:
         interrupted (its killed driver left them RUNNING), as they would after a Ctrl-C."""
         config = self.config
         names = [self.search.name, self.confirmation_name] + ([self.merge.name] if self.merge else [])
-        cut = next(filter(None, (cut_state_file(f"{self.storage}/{name}") for name in names)), None)
+        cut = next(filter(None, (cut_state_file(self._path(name)) for name in names)), None)
         if cut is None:
             return
         mlflow = tracking.client(config.tracking_uri)
@@ -379,7 +380,7 @@ class Sweep:
         self.parent_run_id, self.threshold = _parent_run(self.mlflow, self.experiment, config, self.resume)
         context = TrialContext.for_sweep(
             config,
-            self._path(self.search),
+            self._path(self.search.name),
             self.experiment,
             self.parent_run_id,
             self.threshold,
@@ -438,9 +439,9 @@ class Sweep:
     ) -> tune.Tuner:
         """The stage's Tuner: restored where a resumed sweep had started it, else new."""
         trainable = trainable or self.trainable
-        if self.resume and tune.Tuner.can_restore(self._path(stage)):
+        if self.resume and tune.Tuner.can_restore(self._path(stage.name)):
             return tune.Tuner.restore(
-                self._path(stage), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+                self._path(stage.name), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
             )
         concurrent = _max_concurrent(self.config)
         return tune.Tuner(
@@ -468,7 +469,7 @@ class Sweep:
 
     def _merge_tuner(self, rows: list[dict[str, Any]]) -> tune.Tuner | None:
         """The merge stage's Tuner, or None where it cannot run (said on the parent run)."""
-        if self.resume and tune.Tuner.can_restore(self._path(self.merge)):
+        if self.resume and tune.Tuner.can_restore(self._path(self.merge.name)):
             return self._tuner(self.merge, lambda: None)
         sources = _merge_stage_sources(self.config, rows)
         if isinstance(sources, str):
