@@ -373,7 +373,8 @@ def _best(args: argparse.Namespace) -> int:
             held_out = (best.held_out or {}).get(name)
             print(f"  {name:<15} {value:>7.4f}" + ("" if held_out is None else f" {held_out:>8.4f}"))
     print("  hyperparameters: " + ", ".join(f"{k}={v}" for k, v in sorted(best.params.items())))
-    print(f"  checkpoint: {best.checkpoint}")
+    removed = f" (removed: {best.checkpoint_removed})" if best.checkpoint_removed else ""
+    print(f"  checkpoint: {best.checkpoint}{removed}")
     print()
     _print_table(
         [

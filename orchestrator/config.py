@@ -41,6 +41,9 @@ mlflow: {tracking_uri: sqlite:///mlflow.db, experiment: null}   # experiment def
                                 # relative paths, a SQLite file's included, are from this file's folder
 ray_address: local              # or auto, on a cluster
 storage_path: sweeps            # shared storage (NFS, S3) on a multi-node cluster
+keep_checkpoints: 5             # an ended trial's checkpoint stays on storage_path only where its configuration is
+                                # among its stage's 5 best (at least confirm's top_k) or a merge stage's source;
+                                # all: every trial's (a 7B checkpoint is 28 GB in float32)
 optuna_storage: null            # the Optuna study's database; default sqlite in storage_path/<name>/optuna.db
 """
 
@@ -180,6 +183,10 @@ class SweepConfig:
     optuna_storage: str | None = setting(
         None, kind=str, what="a database URL (sqlite:///..., postgresql://...)", valid=lambda v: "://" in v
     )  # None: SQLite beside the sweep's Tune state
+    # the best distinct configurations of each stage whose checkpoints stay once their trials ended (retention.py)
+    keep_checkpoints: int | str = setting(
+        5, kind=(int, str), what="a positive integer or all", valid=lambda v: v == "all" or (type(v) is int and v > 0)
+    )
     source: Path = Path("<memory>")
 
     @property
@@ -199,6 +206,14 @@ class SweepConfig:
     @property
     def tracking_uri(self) -> str:
         return self.mlflow.tracking_uri
+
+    @property
+    def checkpoints_kept(self) -> int | None:
+        """How many of each stage's best distinct configurations keep their checkpoints (None:
+        every trial's): at least the confirmation's top_k, among which the champion is chosen."""
+        if self.keep_checkpoints == "all":
+            return None
+        return max(self.keep_checkpoints, self.confirm.top_k if self.confirm else 1)
 
 
 def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> SweepConfig:

@@ -50,6 +50,7 @@ class Entry:
     threshold: float | None  # the absolute MMLU threshold of the trial's sweep
     confirms: str | None = None  # a confirmation run: the run of the trial it re-ran on the held-out fold
     held_out: dict[str, float] | None = None  # a trial's: its eligible confirmation's scores (select fills it)
+    checkpoint_removed: str | None = None  # why the checkpoint is gone from storage (keep_checkpoints)
 
     @classmethod
     def from_run(cls, run) -> Entry:
@@ -67,6 +68,7 @@ class Entry:
             tags.get("checkpoint"),
             tracking.recorded_threshold(run),
             tags.get(tracking.CONFIRMS),
+            checkpoint_removed=tags.get(tracking.CHECKPOINT_REMOVED),
         )
 
 

@@ -48,6 +48,11 @@ def submitted_setup(setup: dict[str, Any], epoch: int) -> dict[str, Any]:
     return {**setup, "params": params}
 
 
+def configuration_key(setup: dict[str, Any], epoch: int) -> str:
+    """What two trials share when they submit the same configuration (only one of them is confirmed)."""
+    return json.dumps(submitted_setup(setup, epoch), sort_keys=True, default=str)
+
+
 def uses_held_out(setup: dict[str, Any]) -> bool:
     from unlearn_sweep.methods.registry import get_method
 

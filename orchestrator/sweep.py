@@ -37,14 +37,15 @@ from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.evaluation.eligibility import OBJECTIVE
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.orchestrator import plots, tracking
-from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
+from unlearn_sweep.orchestrator.config import STAGE_SELECTORS, ConfigError, SweepConfig
 from unlearn_sweep.orchestrator.console import LiveView, library_messages_to
-from unlearn_sweep.orchestrator.context import TrialContext
+from unlearn_sweep.orchestrator.context import TrialContext, trial_folder_name
 from unlearn_sweep.orchestrator.plan import check_memory
+from unlearn_sweep.orchestrator.retention import CheckpointRetention
 from unlearn_sweep.orchestrator.search import make_searcher, merge_stage_searcher, search_algorithm, study_exists
 from unlearn_sweep.orchestrator.selection import crown, select, trial_entries
 from unlearn_sweep.orchestrator.stopping import handling, leave_closed_terminal, stop_signals
-from unlearn_sweep.orchestrator.submission import submitted_setup
+from unlearn_sweep.orchestrator.submission import configuration_key, submitted_setup
 from unlearn_sweep.orchestrator.trial import decision_epochs, run_trial
 
 log = logging.getLogger(__name__)
@@ -267,7 +268,7 @@ def _whole(data: bytes) -> bool:
 
 def trial_folder(trial) -> str:
     """The folder of a Tune trial (Tune's `trial_dirname_creator`); `trial_id_of` reads it back."""
-    return f"trial_{trial.trial_id}"
+    return trial_folder_name(trial.trial_id)
 
 
 def trial_id_of(result) -> str:
@@ -378,7 +379,7 @@ class Sweep:
         self.mlflow = tracking.client(config.tracking_uri)
         self.experiment = tracking.experiment_id(self.mlflow, config.experiment)
         self.parent_run_id, self.threshold = _parent_run(self.mlflow, self.experiment, config, self.resume)
-        context = TrialContext.for_sweep(
+        self.context = context = TrialContext.for_sweep(
             config,
             self._path(self.search.name),
             self.experiment,
@@ -459,13 +460,34 @@ class Sweep:
                 name=stage.name,
                 storage_path=self.config.storage_path,
                 verbose=1 if self.verbose else 0,
-                callbacks=[] if self.verbose else [LiveView(stage.trials)],
+                callbacks=([] if self.verbose else [LiveView(stage.trials)]) + self._retention(stage),
                 failure_config=tune.FailureConfig(max_failures=0),
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
                 ),
             ),
         )
+
+    def _retention(self, stage: Stage) -> list[CheckpointRetention]:
+        """The stage's checkpoint retention, as a callback list: none for the confirmation (its
+        runs are few, and re-run configurations) or where every checkpoint is kept."""
+        config = self.config
+        if stage.name == self.confirmation_name or config.checkpoints_kept is None:
+            return []
+        merge_picks = stage is self.search and any(
+            source in STAGE_SELECTORS for source in (config.merge_stage.sources if config.merge_stage else ())
+        )
+        return [
+            CheckpointRetention(
+                stage.label,
+                config.checkpoints_kept,
+                merge_picks,
+                (self._path(stage.name), self.context.train_storage_path),
+                config.tracking_uri,
+                self.experiment,
+                self.parent_run_id,
+            )
+        ]
 
     def _merge_tuner(self, rows: list[dict[str, Any]]) -> tune.Tuner | None:
         """The merge stage's Tuner, or None where it cannot run (said on the parent run)."""
@@ -606,7 +628,7 @@ class Sweep:
                     "eligible": trial_id in order,
                     "error": _error_line(result.error) if result.error else None,
                     "epochs": metrics.get("training_iteration", 0),
-                    "checkpoint": entry.checkpoint if trial_id in order else None,
+                    "checkpoint": entry.checkpoint if trial_id in order and not entry.checkpoint_removed else None,
                     "best_epoch": int(entry.scores["epoch"]) if trial_id in order else None,
                     "run_id": entry.run_id if entry else None,
                     **{name: scores.get(name) for name in tracking.SCORE_METRICS},
@@ -644,12 +666,11 @@ def confirmation_setups(rows: list[dict[str, Any]], results: dict[str, Any], top
         setup = (results[row["trial_id"]].config or {}).get("setup", {})
         if not row["eligible"] or setup.get("source_runs"):
             continue
-        configuration = submitted_setup(setup, row["best_epoch"])
-        key = json.dumps(configuration, sort_keys=True, default=str)
+        key = configuration_key(setup, row["best_epoch"])
         if key in seen:
             continue
         seen.add(key)
-        setups.append({**configuration, tracking.CONFIRMS: row["run_id"]})
+        setups.append({**submitted_setup(setup, row["best_epoch"]), tracking.CONFIRMS: row["run_id"]})
         if len(setups) == top_k:
             break
     return setups

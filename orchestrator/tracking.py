@@ -31,6 +31,7 @@ SCORE_METRICS = (
 MMLU_THRESHOLD = "mmlu_threshold"  # the metric holding a run's absolute MMLU threshold
 TIME_LIMIT = "time_limit_s"  # the metric holding a run's time limit
 SELECTED_BY = "selected_by"  # a champion version's tag: held_out or tuned (selection.py)
+CHECKPOINT_REMOVED = "checkpoint_removed"  # a trial run's tag: why its checkpoint is gone (retention.py)
 CONFIRMS = "confirms_run"  # a confirmation run's tag (and setup key): the run of the trial it confirms
 
 

@@ -47,7 +47,7 @@ from unlearn_sweep.methods.merge import MergeParams
 from unlearn_sweep.methods.registry import Method, build_params, get_method, run_method
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.config import Asha
-from unlearn_sweep.orchestrator.context import TrialContext
+from unlearn_sweep.orchestrator.context import TrialContext, trial_folder_name
 
 # (metrics, checkpoint folder or None) -> reported to Tune or Train.
 Report = Callable[[dict[str, Any], "Path | None"], None]
@@ -382,7 +382,7 @@ def _fit_distributed(setup: dict[str, Any], context: TrialContext, run_id: str, 
             num_workers=context.workers, use_gpu=bool(context.gpu_per_worker), resources_per_worker=per_worker
         ),
         run_config=ray.train.RunConfig(
-            name=f"trial_{trial_id}",
+            name=trial_folder_name(trial_id),
             storage_path=context.train_storage_path,
             callbacks=[TuneReportCallback()],
             checkpoint_config=ray.train.CheckpointConfig(

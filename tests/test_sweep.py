@@ -118,6 +118,8 @@ def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
         ({"confirm": {"mia": "{task}/mmlu"}}, "field 'confirm.mia': "),
         ({"confirm": {"top_k": 0}}, "field 'confirm.top_k': expected a positive integer, got 0"),
         ({"time_limit_s": -5}, "field 'time_limit_s': expected a positive number of seconds, got -5"),
+        ({"keep_checkpoints": 0}, "field 'keep_checkpoints': expected a positive integer or all, got 0"),
+        ({"keep_checkpoints": "none"}, "field 'keep_checkpoints': expected a positive integer or all, got 'none'"),
         (
             {"resources_per_trial": {"cpu": 1, "gpu": 0.5, "workers": 2}},
             "field 'resources_per_trial': 2 workers of gpu 0.5 would share one GPU, which NCCL refuses",
@@ -291,6 +293,18 @@ def test_the_confirmation_stage_is_on_where_the_data_has_another_fold(toy_task_d
         write_config(tmp_path / "c", toy_task_dir, methods=["mia_target"], search_space_overrides={}, confirm={})
     )
     assert config.confirm.held_out == toy_task_dir / "mia" / "held_out.jsonl"
+
+
+def test_each_stage_keeps_at_least_the_checkpoints_its_champion_is_chosen_among(
+    toy_task_dir: Path, tmp_path: Path
+) -> None:
+    def kept(folder: str, **overrides) -> int | None:
+        return load_config(write_config(tmp_path / folder, toy_task_dir, **overrides)).checkpoints_kept
+
+    assert kept("default") == 5
+    assert kept("one", keep_checkpoints=1) == 1  # chosen by tuned score: the best alone
+    assert kept("confirmed", keep_checkpoints=1, confirm={"top_k": 3}) == 3  # any of the confirmed configurations
+    assert kept("all", keep_checkpoints="all") is None
 
 
 def test_default_spaces_are_for_the_real_task_and_the_demo_brings_the_toys(toy_task_dir: Path, tmp_path: Path) -> None:
@@ -745,6 +759,7 @@ def test_small_sweep_end_to_end(local_ray, toy_task_dir: Path, tmp_path: Path, c
             mmlu_threshold=0.8,
             search_space_overrides=overrides,
             eval={},
+            keep_checkpoints=1,
         )
     )
     tracking.client(config.tracking_uri).search_experiments()  # the store exists: the UI starts beside the sweep
@@ -795,6 +810,14 @@ def test_small_sweep_end_to_end(local_ray, toy_task_dir: Path, tmp_path: Path, c
             assert {"task_aggregate", "mia_auc", "mia_score", "mmlu_accuracy", "forget_mean", "retain_mean"} <= set(
                 run.data.metrics
             )
+    # keep_checkpoints 1: of the trials' checkpoints only the champion's stays; the runs of the others say why
+    saved = Path(config.storage_path, config.name).glob("trial_*/checkpoint_*/scores.json")
+    assert {path.parent.parent.name for path in saved} == {f"trial_{champion['trial_id']}"}
+    others = [row for row in summary.rows if row["eligible"] and row["trial_id"] != champion["trial_id"]]
+    assert others  # 3 of the 4 grad_diff trials were eligible here
+    for row in others:
+        removed = mlflow.get_run(row["run_id"]).data.tags.get("checkpoint_removed")
+        assert removed.startswith("not among the 1 best configurations") and row["checkpoint"] is None, row
     artifacts = {a.path for a in mlflow.list_artifacts(summary.parent_run_id, "sweep")}
     pictures = {
         "sweep/final_score_vs_mmlu.png",
