@@ -40,10 +40,10 @@ eval: {batch_size: 32, max_new_tokens: 256, dtype: bfloat16, answer_nll: false,
 mlflow: {tracking_uri: sqlite:///mlflow.db, experiment: null}   # experiment defaults to name
                                 # relative paths, a SQLite file's included, are from this file's folder
 ray_address: local              # or auto, on a cluster
-storage_path: sweeps            # shared storage (NFS, S3) on a multi-node cluster
+storage_path: sweeps            # on a multi-node cluster, shared storage every node mounts (NFS)
 keep_checkpoints: 5             # an ended trial's checkpoint stays on storage_path only where its configuration is
                                 # among its stage's 5 best (at least confirm's top_k) or a merge stage's source;
-                                # all: every trial's (a 7B checkpoint is 28 GB in float32)
+                                # all: every trial's (OLMo-2 7B's is 27 GiB in float32)
 optuna_storage: null            # the Optuna study's database; default sqlite in storage_path/<name>/optuna.db
 """
 
@@ -179,7 +179,7 @@ class SweepConfig:
     eval: EvalOptions = setting(factory=EvalOptions, kind=dict, what="a mapping", section=EvalOptions)
     mlflow: Tracking = setting(factory=Tracking, kind=dict, what="a mapping", section=Tracking)
     ray_address: str = setting("local", kind=str, what="local, auto or an address")
-    storage_path: str = setting("sweeps", kind=str, what="a path or URI")  # absolute local path or a URI (s3://)
+    storage_path: str = setting("sweeps", kind=str, what="a path")  # absolute once read
     optuna_storage: str | None = setting(
         None, kind=str, what="a database URL (sqlite:///..., postgresql://...)", valid=lambda v: "://" in v
     )  # None: SQLite beside the sweep's Tune state
@@ -256,16 +256,17 @@ def config_from_dict(raw: Any, path: Path, base_dir: Path | None = None) -> Swee
     if "eval" in values:
         _check_backend(path, values["eval"], resources)
     storage = values.get("storage_path", "sweeps")
-    if "://" not in storage:
-        storage = values["storage_path"] = str((base_dir / storage).resolve())
-        _require_writable(path, "storage_path", Path(storage))
-    elif values.get("optuna_storage") is None:
+    if "://" in storage:
+        # Ray would run it, but checkpoints in a bucket are no folders: the champion could not be
+        # registered (the sweep would say no trial was eligible) nor a merge stage read its sources.
         raise ConfigError(
             path,
-            "a remote storage_path cannot hold the Optuna study's SQLite file: set optuna_storage "
-            "to a database URL (e.g. the MLflow server's PostgreSQL)",
-            field="optuna_storage",
+            f"{storage}: remote storage is not supported: the champion is registered, and merge sources read, "
+            "from checkpoint folders; give a path every node mounts (NFS)",
+            field="storage_path",
         )
+    storage = values["storage_path"] = str((base_dir / storage).resolve())
+    _require_writable(path, "storage_path", Path(storage))
     tracking = values.get("mlflow", Tracking())
     tracking_uri = absolute_tracking_uri(tracking.tracking_uri, base_dir)
     with field_errors(path, "mlflow.tracking_uri"):

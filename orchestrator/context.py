@@ -41,7 +41,7 @@ class TrialContext:
     cpu_per_worker: float = 1
     gpu_per_worker: float = 0
     train_storage_path: str = ""  # where a multi-worker trial's Ray Train run keeps its state
-    # Merge sources trained once per configuration; None: a remote storage_path, or sources that cannot recur.
+    # Merge sources trained once per configuration; None: sources that cannot recur.
     source_cache: str | None = None
     final_epoch_only: bool = False  # a confirmation run: only its last epoch is evaluated, as a submission's
 
@@ -102,10 +102,8 @@ class TrialContext:
 
 
 def _caches_sources(config: SweepConfig) -> bool:
-    """A merge search keeps its trained sources to reuse where a source can be drawn again, on
-    local storage; the sweep deletes them when it completes."""
-    return (
-        "merge" in config.methods
-        and "://" not in config.storage_path
-        and sources_can_recur(load_space("merge", config.search_space_overrides.get("merge")))
+    """A merge search keeps its trained sources to reuse where a source can be drawn again; the
+    sweep deletes them when it completes."""
+    return "merge" in config.methods and sources_can_recur(
+        load_space("merge", config.search_space_overrides.get("merge"))
     )

@@ -1,8 +1,8 @@
 """Which ended trials keep their checkpoints on the sweep's storage; the others' are removed as
 trials end.
 
-Each trial keeps its best eligible epoch's checkpoint, a whole model: 28 GB for a 7B model
-saved in float32, so 100 trials would fill 2.8 TB of shared storage. Few of them can still
+Each trial keeps its best eligible epoch's checkpoint, a whole model: 27 GiB for OLMo-2 7B
+saved in float32, so 100 trials would fill 2.7 TiB of shared storage. Few of them can still
 matter once their trial has ended: the champion is the best eligible trial by tuned score or,
 chosen by held-out score, one of the confirmation's `top_k` best distinct configurations; the
 merge stage merges the most and the least forgetting eligible trials. A stage therefore keeps
@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import pyarrow.fs
 from ray import tune
 from ray.tune.experiment import Trial
 from unlearn_sweep.evaluation.eligibility import OBJECTIVE, objective_is_eligible
@@ -80,7 +81,7 @@ class CheckpointRetention(tune.Callback):
         label: str,
         best: int,
         merge_picks: bool,
-        folders: tuple[str, ...],
+        folders: tuple[Path, ...],
         tracking_uri: str,
         experiment_id: str,
         parent_run_id: str,
@@ -99,6 +100,12 @@ class CheckpointRetention(tune.Callback):
         self._retain(trials, trial, failed=True)
 
     def _retain(self, trials: list[Trial], ending: Trial, failed: bool) -> None:
+        try:
+            self._remove_unkept(trials, ending, failed)
+        except Exception as error:  # storage or store trouble must not stop the sweep: what is left stays
+            log.warning("checkpoint retention skipped after trial %s ended: %s", ending.trial_id, error)
+
+    def _remove_unkept(self, trials: list[Trial], ending: Trial, failed: bool) -> None:
         # The ending trial's status changes after the callbacks; Tune runs the others again
         # unless they ended (TERMINATED) or failed (ERROR: a sweep never retries them).
         for trial in trials:
@@ -125,27 +132,17 @@ class CheckpointRetention(tune.Callback):
         )
         if not (self.merge_picks and ended.eligible):
             return ended
-        forget_mean = next(
-            (scores["forget_mean"] for scores in map(self._scores, self._checkpoints(trial.trial_id)) if scores), None
-        )
+        saved = self._checkpoints(trial.trial_id)
+        forget_mean = json.loads((saved[0] / "scores.json").read_text())["forget_mean"] if saved else None
         return EndedTrial(ended.trial_id, objective, ended.configuration, forget_mean, failed)
 
-    def _checkpoints(self, trial_id: str) -> list[tuple[pyarrow.fs.FileSystem, str]]:
+    def _checkpoints(self, trial_id: str) -> list[Path]:
         """The trial's saved checkpoints: the folders in its own that hold a scores.json."""
-        found = []
-        for folder in self.folders:
-            filesystem, root = pyarrow.fs.FileSystem.from_uri(f"{folder}/{trial_folder_name(trial_id)}")
-            for info in filesystem.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
-                scores = f"{info.path}/scores.json"
-                if info.type == pyarrow.fs.FileType.Directory and filesystem.get_file_info(scores).is_file:
-                    found.append((filesystem, info.path))
-        return found
-
-    @staticmethod
-    def _scores(checkpoint: tuple[pyarrow.fs.FileSystem, str]) -> dict[str, Any]:
-        filesystem, path = checkpoint
-        with filesystem.open_input_stream(f"{path}/scores.json") as stream:
-            return json.loads(stream.readall())
+        return sorted(
+            scores.parent
+            for folder in self.folders
+            for scores in (folder / trial_folder_name(trial_id)).glob("*/scores.json")
+        )
 
     def _remove(self, trial: EndedTrial) -> None:
         why = (
@@ -153,16 +150,12 @@ class CheckpointRetention(tune.Callback):
             if trial.failed
             else f"not among the {self.best} best configurations of {self.label} (keep_checkpoints)"
         )
-        try:
-            checkpoints = self._checkpoints(trial.trial_id)
-            for filesystem, path in checkpoints:
-                filesystem.delete_dir(path)
-        except OSError as error:  # storage trouble must not stop the sweep: the checkpoint stays, untagged
-            log.warning("could not remove the checkpoint of trial %s: %s", trial.trial_id, error)
-            return
+        checkpoints = self._checkpoints(trial.trial_id)
+        if checkpoints:  # none: it never saved one (never eligible), or an earlier driver removed it
+            # Said first: should the store fail, nothing is removed, and the next trial's end tries again.
+            mlflow = tracking.client(self.tracking_uri)
+            for run in tracking.trial_runs(mlflow, self.experiment_id, self.parent_run_id, trial.trial_id):
+                mlflow.set_tag(run.info.run_id, tracking.CHECKPOINT_REMOVED, why)
+            for checkpoint in checkpoints:
+                shutil.rmtree(checkpoint)
         self._removed.add(trial.trial_id)
-        if not checkpoints:
-            return  # it never saved one (never eligible), or an earlier attempt of the driver removed it
-        mlflow = tracking.client(self.tracking_uri)
-        for run in tracking.trial_runs(mlflow, self.experiment_id, self.parent_run_id, trial.trial_id):
-            mlflow.set_tag(run.info.run_id, tracking.CHECKPOINT_REMOVED, why)

@@ -344,10 +344,7 @@ class Sweep:
         )
 
     def library_log(self) -> Path:
-        """Where library notices go unless verbose: the sweep's folder, or with remote storage
-        the temporary folder."""
-        if "://" in self.storage:
-            return Path(tempfile.gettempdir()) / "unlearn-sweep" / f"{self.config.name}.log"
+        """Where library notices go unless verbose: the sweep's folder."""
         return Path(self.storage) / self.config.name / "libraries.log"
 
     def run(self) -> SweepSummary:
@@ -482,7 +479,7 @@ class Sweep:
                 stage.label,
                 config.checkpoints_kept,
                 merge_picks,
-                (self._path(stage.name), self.context.train_storage_path),
+                (Path(self._path(stage.name)), Path(self.context.train_storage_path)),
                 config.tracking_uri,
                 self.experiment,
                 self.parent_run_id,

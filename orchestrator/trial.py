@@ -313,8 +313,8 @@ def _source_checkpoint(
     method: str, params: dict[str, Any], context: TrialContext, task: TaskData, scratch: Path
 ) -> Path:
     """A merge source, trained once per configuration: the sweep's source cache holds it under
-    a hash of everything that determines it. Without a cache (sources that cannot recur, or a
-    remote storage_path) it is trained into the trial's scratch folder."""
+    a hash of everything that determines it. Without a cache (sources that cannot recur) it is
+    trained into the trial's scratch folder."""
     if context.source_cache is None:
         return run_method(method, context.model, task, scratch, params)
     identity = {

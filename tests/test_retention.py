@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+from mlflow.exceptions import MlflowException
 from ray.tune.experiment import Trial
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.retention import CheckpointRetention, EndedTrial, kept_trials
@@ -64,7 +66,7 @@ def test_ended_trials_outside_the_kept_ones_lose_their_checkpoints_and_say_why(t
         "t5": saved_checkpoint(stage, "t5", 0.7),
     }
     retention = CheckpointRetention(
-        "its search", 1, False, (str(stage), str(train)), f"sqlite:///{tmp_path}/mlflow.db", experiment, parent
+        "its search", 1, False, (stage, train), f"sqlite:///{tmp_path}/mlflow.db", experiment, parent
     )
     t1 = fake_trial("t1", Trial.RUNNING, 0.50, 1e-4)
     t2 = fake_trial("t2", Trial.RUNNING, 0.60, 2e-4)
@@ -84,7 +86,7 @@ def test_ended_trials_outside_the_kept_ones_lose_their_checkpoints_and_say_why(t
     assert not folders["t5"].exists() and folders["t2"].exists()
     # A resumed driver's fresh copy ranks the trials Tune hands it, ended before or now.
     resumed = CheckpointRetention(
-        "its search", 1, False, (str(stage), str(train)), f"sqlite:///{tmp_path}/mlflow.db", experiment, parent
+        "its search", 1, False, (stage, train), f"sqlite:///{tmp_path}/mlflow.db", experiment, parent
     )
     resumed.on_trial_complete(4, trials, t3)
     assert not folders["t2"].exists() and folders["t3"].exists() and folders["t4"].exists()
@@ -111,7 +113,30 @@ def test_the_merge_stages_sources_keep_their_checkpoints(tmp_path: Path) -> None
         fake_trial("c", Trial.RUNNING, 0.7, 3e-4),  # best, and most forgetting
     ]
     retention = CheckpointRetention(
-        "its search", 1, True, (str(stage),), f"sqlite:///{tmp_path}/mlflow.db", experiment, parent
+        "its search", 1, True, (stage,), f"sqlite:///{tmp_path}/mlflow.db", experiment, parent
     )
     retention.on_trial_complete(1, trials, trials[2])
     assert folders["a"].exists() and not folders["b"].exists() and folders["c"].exists()
+
+
+def test_a_store_that_fails_leaves_the_checkpoints_and_the_sweep_going(
+    tmp_path: Path, monkeypatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What is removed is said on its run first: with the store down nothing goes, and no
+    exception reaches Tune; the next trial's end removes it."""
+    stage = tmp_path / "s1"
+    folder = saved_checkpoint(stage, "a", 0.5)
+    trials = [fake_trial("a", Trial.TERMINATED, 0.5, 1e-4), fake_trial("b", Trial.RUNNING, 0.6, 2e-4)]
+    retention = CheckpointRetention("its search", 1, False, (stage,), "sqlite:///unused.db", "0", "parent")
+
+    def store_down(*args, **kwargs):
+        raise MlflowException("the tracking server is down")
+
+    monkeypatch.setattr(tracking, "trial_runs", store_down)
+    retention.on_trial_complete(1, trials, trials[1])
+    assert folder.exists() and "checkpoint retention skipped after trial b ended" in caplog.text
+    monkeypatch.setattr(tracking, "trial_runs", lambda *args: [])
+    trials[1].status = Trial.TERMINATED
+    trials.append(fake_trial("c", Trial.RUNNING, 0.1, 3e-4))
+    retention.on_trial_complete(2, trials, trials[2])
+    assert not folder.exists()

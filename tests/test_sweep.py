@@ -118,6 +118,10 @@ def write_config(folder: Path, toy_task_dir: Path, **overrides) -> Path:
         ({"confirm": {"mia": "{task}/mmlu"}}, "field 'confirm.mia': "),
         ({"confirm": {"top_k": 0}}, "field 'confirm.top_k': expected a positive integer, got 0"),
         ({"time_limit_s": -5}, "field 'time_limit_s': expected a positive number of seconds, got -5"),
+        (
+            {"storage_path": "s3://bucket/runs", "optuna_storage": "sqlite:////tmp/optuna.db"},
+            "field 'storage_path': s3://bucket/runs: remote storage is not supported: the champion is registered",
+        ),
         ({"keep_checkpoints": 0}, "field 'keep_checkpoints': expected a positive integer or all, got 0"),
         ({"keep_checkpoints": "none"}, "field 'keep_checkpoints': expected a positive integer or all, got 'none'"),
         (
@@ -1037,14 +1041,6 @@ def test_merge_sources_are_kept_only_where_they_can_recur(toy_task_dir: Path, tm
 
     assert source_cache(search_space_overrides={}) is None
     assert source_cache(search_space_overrides={"merge": fixed}) == str(tmp_path / "runs" / "s1" / "sources")
-    assert (
-        source_cache(
-            search_space_overrides={"merge": fixed},
-            storage_path="s3://bucket/runs",
-            optuna_storage=f"sqlite:///{tmp_path}/optuna.db",
-        )
-        is None
-    )
 
 
 @pytest.mark.e2e
