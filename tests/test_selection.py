@@ -92,6 +92,11 @@ def test_best_prints_the_scores_its_order_comes_from(monkeypatch: pytest.MonkeyP
         "1    b          npo            0.700        -      -  0.500    0.600  True",
         "2    a          npo            0.900        -      -  0.500    0.500  True",
     ]
+    # Under a stricter threshold than its own sweep's, the best may be a trial whose checkpoint went.
+    gone = dataclasses.replace(entry("c", 0.8), checkpoint_removed="not among the 5 best configurations of its search")
+    monkeypatch.setattr("unlearn_sweep.orchestrator.selection.leaderboard", lambda *args: [gone])
+    assert main(["best", "exp"]) == 0
+    assert "  checkpoint: /ckpt (removed: not among the 5 best configurations of its search)" in capsys.readouterr().out
 
 
 def fake_trial(
