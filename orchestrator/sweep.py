@@ -54,9 +54,10 @@ log = logging.getLogger(__name__)
 logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
 METRIC, MODE = OBJECTIVE, "max"  # what ASHA stops on, Optuna is told and Tune keeps checkpoints by
 ASHA_MAX_T = 100  # epochs: above any method's
-# A multi-worker trial only launches its Ray Train run, whose workers hold the resources;
-# Tune refuses an empty request, hence a token CPU share for the trial itself.
-TRIAL_DRIVER_CPU = 0.01
+# A multi-worker trial only launches its Ray Train run, whose workers hold the resources, so it
+# holds none of theirs (a token CPU share left workers that take every CPU of a node waiting
+# forever); Tune refuses an empty request, hence one byte of Ray's memory resource.
+TRIAL_DRIVER = {"cpu": 0, "memory": 1}
 
 
 class SweepFailed(RuntimeError):
@@ -126,14 +127,21 @@ def _check_placeable(config: SweepConfig) -> None:
         )
 
 
+def trial_resources(config: SweepConfig) -> dict[str, float]:
+    """What Tune reserves for a trial's own process: a one-worker trial's resources, or, where
+    the trial launches Ray Train workers that hold them, nothing they need."""
+    if config.workers > 1:
+        return dict(TRIAL_DRIVER)
+    return {"cpu": config.resources_per_trial.cpu, "gpu": config.resources_per_trial.gpu}
+
+
 def _max_concurrent(config: SweepConfig) -> int:
     """What the cluster holds: the scarcest resource decides (fractional GPUs pack)."""
     if config.max_concurrent_trials:
         return config.max_concurrent_trials
     total = ray.cluster_resources()
     workers = config.workers
-    trial_cpu = workers * config.resources_per_trial.cpu + (TRIAL_DRIVER_CPU if workers > 1 else 0)
-    limits = [math.floor(total.get("CPU", 1) / trial_cpu + 1e-9)]
+    limits = [math.floor(total.get("CPU", 1) / (workers * config.resources_per_trial.cpu) + 1e-9)]
     if config.resources_per_trial.gpu:
         limits.append(math.floor(total.get("GPU", 0) / (workers * config.resources_per_trial.gpu) + 1e-9))
     return max(1, min(limits))
@@ -384,11 +392,7 @@ class Sweep:
             self.threshold,
             decision_epochs(config.asha, ASHA_MAX_T),
         )
-        resources = (
-            {"cpu": TRIAL_DRIVER_CPU}
-            if config.workers > 1
-            else {"cpu": config.resources_per_trial.cpu, "gpu": config.resources_per_trial.gpu}
-        )
+        resources = trial_resources(config)
         self.trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
         if config.confirm is not None:
             confirming = context.confirming(config.confirm)

@@ -13,6 +13,7 @@ import yaml
 from conftest import REPO_ROOT
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.cluster_utils import Cluster
+from ray.util.placement_group import placement_group, remove_placement_group
 from safetensors.torch import load_file
 from test_methods import assert_whole_trained_checkpoint
 from test_sweep import LIGHT_EVAL, mlflow_server, trial_context, write_config
@@ -25,7 +26,7 @@ from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.cli import main
 from unlearn_sweep.orchestrator.config import load_config
 from unlearn_sweep.orchestrator.selection import export_champion
-from unlearn_sweep.orchestrator.sweep import run_sweep
+from unlearn_sweep.orchestrator.sweep import run_sweep, trial_resources
 from unlearn_sweep.orchestrator.trial import released_gpu_cache, trial_task
 
 
@@ -163,11 +164,26 @@ SHARDED_EVAL_TOKENS = 32  # short generations, zero-shot MMLU: the sharding is w
 
 @pytest.fixture(scope="module")
 def ray_for_two_workers():
-    # Two Ray Train workers of 1 CPU each, plus the trial's token share: 3 logical CPUs; Train
-    # needs the dashboard. One instance for both stages: a Ray start is a fifth of a test.
-    ray.init(address="local", num_cpus=3, include_dashboard=True, log_to_driver=False)
+    # Two Ray Train workers of 1 CPU each take every CPU (the trial launching them holds none);
+    # Train needs the dashboard. One instance for all: a Ray start is a fifth of a test.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.mark.e2e
+def test_workers_that_take_every_cpu_of_a_node_can_start(ray_for_two_workers, toy_task_dir: Path, tmp_path) -> None:
+    """A multi-worker trial's own process held a token 0.01 CPU: with workers asking for all of a
+    node's CPUs (8 x 12 on a 96-core, 8-GPU node), Ray Train waited for them forever. Here the
+    trial and its workers' bundles are placed as Ray places them, on 2 CPUs."""
+    config = load_config(write_config(tmp_path, toy_task_dir, resources_per_trial={"cpu": 1, "workers": 2}))
+    names = {"cpu": "CPU", "gpu": "GPU"}
+    trial = {names.get(key, key): value for key, value in trial_resources(config).items() if value}
+    group = placement_group([trial, {"CPU": 1}, {"CPU": 1}], strategy="PACK")
+    try:
+        assert group.wait(timeout_seconds=10), f"{trial} beside 2 workers of 1 CPU cannot be placed on 2 CPUs"
+    finally:
+        remove_placement_group(group)
 
 
 @pytest.mark.e2e
