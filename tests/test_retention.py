@@ -127,7 +127,7 @@ def test_a_store_that_fails_leaves_the_checkpoints_and_the_sweep_going(
     stage = tmp_path / "s1"
     folder = saved_checkpoint(stage, "a", 0.5)
     trials = [fake_trial("a", Trial.TERMINATED, 0.5, 1e-4), fake_trial("b", Trial.RUNNING, 0.6, 2e-4)]
-    retention = CheckpointRetention("its search", 1, False, (stage,), "sqlite:///unused.db", "0", "parent")
+    retention = CheckpointRetention("its search", 1, False, (stage,), f"sqlite:///{tmp_path}/mlflow.db", "0", "parent")
 
     def store_down(*args, **kwargs):
         raise MlflowException("the tracking server is down")
