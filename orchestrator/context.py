@@ -13,11 +13,13 @@ from unlearn_sweep.evaluation.options import EvalOptions
 from unlearn_sweep.orchestrator.config import Confirm, SweepConfig
 from unlearn_sweep.orchestrator.search import load_space, sources_can_recur
 
+TRIAL_FOLDER_PREFIX = "trial_"
+
 
 def trial_folder_name(trial_id: str) -> str:
     """A trial's folder in its stage's Tune experiment, and the name of a multi-worker trial's Ray
     Train run (its folder in `train_storage_path`)."""
-    return f"trial_{trial_id}"
+    return f"{TRIAL_FOLDER_PREFIX}{trial_id}"
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ with the reason; it still ranks in leaderboards, but it can no longer be registe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -130,11 +131,10 @@ class CheckpointRetention(tune.Callback):
             None,
             failed,
         )
-        if not (self.merge_picks and ended.eligible):
+        saved = self._checkpoints(trial.trial_id) if self.merge_picks and ended.eligible else []
+        if not saved:
             return ended
-        saved = self._checkpoints(trial.trial_id)
-        forget_mean = json.loads((saved[0] / "scores.json").read_text())["forget_mean"] if saved else None
-        return EndedTrial(ended.trial_id, objective, ended.configuration, forget_mean, failed)
+        return dataclasses.replace(ended, forget_mean=json.loads((saved[0] / "scores.json").read_text())["forget_mean"])
 
     def _checkpoints(self, trial_id: str) -> list[Path]:
         """The trial's saved checkpoints: the folders in its own that hold a scores.json."""

@@ -39,7 +39,7 @@ from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.orchestrator import plots, tracking
 from unlearn_sweep.orchestrator.config import STAGE_SELECTORS, ConfigError, SweepConfig
 from unlearn_sweep.orchestrator.console import LiveView, library_messages_to
-from unlearn_sweep.orchestrator.context import TrialContext, trial_folder_name
+from unlearn_sweep.orchestrator.context import TRIAL_FOLDER_PREFIX, TrialContext, trial_folder_name
 from unlearn_sweep.orchestrator.plan import check_memory
 from unlearn_sweep.orchestrator.retention import CheckpointRetention
 from unlearn_sweep.orchestrator.search import make_searcher, merge_stage_searcher, search_algorithm, study_exists
@@ -282,7 +282,7 @@ def trial_folder(trial) -> str:
 def trial_id_of(result) -> str:
     """The Tune trial id of a result: in its metrics once it reported, else from its folder
     (a trial that failed before its first report has no metrics)."""
-    return (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix("trial_")
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix(TRIAL_FOLDER_PREFIX)
 
 
 class Sweep:
