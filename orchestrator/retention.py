@@ -29,6 +29,7 @@ from ray.tune.experiment import Trial
 from unlearn_sweep.evaluation.eligibility import OBJECTIVE, objective_is_eligible
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.context import trial_folder_name
+from unlearn_sweep.orchestrator.selection import merge_source_picks
 from unlearn_sweep.orchestrator.submission import configuration_key
 
 log = logging.getLogger(__name__)
@@ -49,11 +50,10 @@ class EndedTrial:
         return not self.failed and self.objective is not None and objective_is_eligible(self.objective)
 
 
-def kept_trials(trials: Iterable[EndedTrial], best: int, merge_picks: bool) -> set[str]:
+def kept_trials(trials: Iterable[EndedTrial], best: int, merge_picks: tuple[str, ...]) -> set[str]:
     """The ended trials whose checkpoints are kept: those holding the `best` best distinct
     configurations (ranked by objective, ties by trial id, as `selection.select` ranks them), and
-    with `merge_picks` the eligible trials of lowest and highest forget mean (as the merge stage
-    picks them, the first in that order on a tie)."""
+    those the merge stage's selectors in `merge_picks` would pick now."""
     ranked = sorted((trial for trial in trials if trial.eligible), key=lambda t: (-t.objective, t.trial_id))
     kept, configurations = set(), set()
     for trial in ranked:
@@ -64,10 +64,8 @@ def kept_trials(trials: Iterable[EndedTrial], best: int, merge_picks: bool) -> s
             kept.add(trial.trial_id)
     if merge_picks:
         scored = [trial for trial in ranked if trial.forget_mean is not None]
-        for pick in (min, max):
-            chosen = pick(scored, key=lambda trial: trial.forget_mean, default=None)
-            if chosen is not None:
-                kept.add(chosen.trial_id)
+        picks = merge_source_picks(scored, lambda trial: trial.forget_mean)
+        kept |= {picks[selector].trial_id for selector in merge_picks if picks[selector] is not None}
     return kept
 
 
@@ -81,7 +79,7 @@ class CheckpointRetention(tune.Callback):
         self,
         label: str,
         best: int,
-        merge_picks: bool,
+        merge_picks: tuple[str, ...],  # the merge stage's selectors (config.STAGE_SELECTORS) it names
         folders: tuple[Path, ...],
         tracking_uri: str,
         experiment_id: str,

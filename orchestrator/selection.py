@@ -17,8 +17,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import mlflow.artifacts
 from mlflow.exceptions import MlflowException
@@ -29,6 +31,7 @@ from unlearn_sweep.evaluation.eligibility import meets_all
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.submission import write_submission
 
+T = TypeVar("T")
 CONFIRMATION_SCORES = "confirmation_scores.json"  # an export's: the held-out scores its champion was chosen by
 
 
@@ -90,6 +93,15 @@ def select(entries: list[Entry], threshold: float | None = None, by: str = "tune
         dataclasses.replace(e, held_out=confirmations[e.run_id].scores) for e in trials if e.run_id in confirmations
     ]
     return sorted(confirmed, key=lambda e: (-e.held_out["final_score"], -e.scores["final_score"], e.trial_id))
+
+
+def merge_source_picks(eligible: list[T], forget_mean: Callable[[T], float]) -> dict[str, T | None]:
+    """What each of the merge stage's selectors (config.STAGE_SELECTORS) picks among eligible
+    trials, best first: the lowest forget mean (most forgetting) and the highest, the first on a tie."""
+    return {
+        "most_forgetting": min(eligible, key=forget_mean, default=None),
+        "least_forgetting": max(eligible, key=forget_mean, default=None),
+    }
 
 
 def _experiment_id(client: MlflowClient, experiment: str, tracking_uri: str) -> str:

@@ -43,7 +43,7 @@ from unlearn_sweep.orchestrator.context import TRIAL_FOLDER_PREFIX, TrialContext
 from unlearn_sweep.orchestrator.plan import check_memory
 from unlearn_sweep.orchestrator.retention import CheckpointRetention
 from unlearn_sweep.orchestrator.search import make_searcher, merge_stage_searcher, search_algorithm, study_exists
-from unlearn_sweep.orchestrator.selection import crown, select, trial_entries
+from unlearn_sweep.orchestrator.selection import crown, merge_source_picks, select, trial_entries
 from unlearn_sweep.orchestrator.stopping import handling, leave_closed_terminal, stop_signals
 from unlearn_sweep.orchestrator.submission import configuration_key, submitted_setup
 from unlearn_sweep.orchestrator.trial import decision_epochs, run_trial
@@ -475,9 +475,8 @@ class Sweep:
         config = self.config
         if stage.name == self.confirmation_name or config.checkpoints_kept is None:
             return []
-        merge_picks = stage is self.search and any(
-            source in STAGE_SELECTORS for source in (config.merge_stage.sources if config.merge_stage else ())
-        )
+        sources = config.merge_stage.sources if config.merge_stage and stage is self.search else ()
+        merge_picks = tuple(source for source in sources if source in STAGE_SELECTORS)
         return [
             CheckpointRetention(
                 stage.label,
@@ -681,10 +680,7 @@ def _merge_stage_sources(config: SweepConfig, rows: list[dict[str, Any]]) -> tup
     """(checkpoints, their runs) of the merge stage, or why it cannot run. The selectors pick
     among this sweep's eligible trials: the lowest forget mean (most forgetting) and the highest."""
     eligible = [row for row in rows if row["eligible"] and row.get("forget_mean") is not None]
-    picks = {
-        "most_forgetting": min(eligible, key=lambda row: row["forget_mean"], default=None),
-        "least_forgetting": max(eligible, key=lambda row: row["forget_mean"], default=None),
-    }
+    picks = merge_source_picks(eligible, lambda row: row["forget_mean"])
     models, runs = [], []
     for source in config.merge_stage.sources:
         if source not in picks:

@@ -11,6 +11,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from ray.tune.experiment import Trial
 from unlearn_sweep.orchestrator import tracking
+from unlearn_sweep.orchestrator.config import STAGE_SELECTORS
 from unlearn_sweep.orchestrator.retention import CheckpointRetention, EndedTrial, kept_trials
 
 
@@ -28,11 +29,13 @@ def test_the_best_distinct_configurations_and_the_merge_picks_are_kept() -> None
         ended("f", 0.95, failed=True),  # failed: never selected
         ended("g", None),  # failed before its first report
     ]
-    assert kept_trials(trials, 2, merge_picks=False) == {"b", "d"}
-    assert kept_trials(trials, 3, merge_picks=False) == {"b", "d", "a"}
+    assert kept_trials(trials, 2, merge_picks=()) == {"b", "d"}
+    assert kept_trials(trials, 3, merge_picks=()) == {"b", "d", "a"}
     # the merge stage's sources: lowest and highest forget mean among the eligible
-    assert kept_trials(trials, 1, merge_picks=True) == {"b", "c", "d"}
-    assert kept_trials([ended("x", 0.4, forget_mean=0.5), ended("w", 0.4, forget_mean=0.5)], 1, True) == {"w"}
+    assert kept_trials(trials, 1, merge_picks=STAGE_SELECTORS) == {"b", "c", "d"}
+    assert kept_trials([ended("x", 0.4, forget_mean=0.5), ended("w", 0.4, forget_mean=0.5)], 1, STAGE_SELECTORS) == {
+        "w"
+    }
 
 
 def fake_trial(trial_id: str, status: str, objective: float | None, lr: float, epoch: int = 1):
@@ -66,7 +69,7 @@ def test_ended_trials_outside_the_kept_ones_lose_their_checkpoints_and_say_why(t
         "t5": saved_checkpoint(stage, "t5", 0.7),
     }
     retention = CheckpointRetention(
-        "its search", 1, False, (stage, train), f"sqlite:///{tmp_path}/mlflow.db", experiment, parent
+        "its search", 1, (), (stage, train), f"sqlite:///{tmp_path}/mlflow.db", experiment, parent
     )
     t1 = fake_trial("t1", Trial.RUNNING, 0.50, 1e-4)
     t2 = fake_trial("t2", Trial.RUNNING, 0.60, 2e-4)
@@ -86,7 +89,7 @@ def test_ended_trials_outside_the_kept_ones_lose_their_checkpoints_and_say_why(t
     assert not folders["t5"].exists() and folders["t2"].exists()
     # A resumed driver's fresh copy ranks the trials Tune hands it, ended before or now.
     resumed = CheckpointRetention(
-        "its search", 1, False, (stage, train), f"sqlite:///{tmp_path}/mlflow.db", experiment, parent
+        "its search", 1, (), (stage, train), f"sqlite:///{tmp_path}/mlflow.db", experiment, parent
     )
     resumed.on_trial_complete(4, trials, t3)
     assert not folders["t2"].exists() and folders["t3"].exists() and folders["t4"].exists()
@@ -113,7 +116,7 @@ def test_the_merge_stages_sources_keep_their_checkpoints(tmp_path: Path) -> None
         fake_trial("c", Trial.RUNNING, 0.7, 3e-4),  # best, and most forgetting
     ]
     retention = CheckpointRetention(
-        "its search", 1, True, (stage,), f"sqlite:///{tmp_path}/mlflow.db", experiment, parent
+        "its search", 1, STAGE_SELECTORS, (stage,), f"sqlite:///{tmp_path}/mlflow.db", experiment, parent
     )
     retention.on_trial_complete(1, trials, trials[2])
     assert folders["a"].exists() and not folders["b"].exists() and folders["c"].exists()
@@ -127,7 +130,7 @@ def test_a_store_that_fails_leaves_the_checkpoints_and_the_sweep_going(
     stage = tmp_path / "s1"
     folder = saved_checkpoint(stage, "a", 0.5)
     trials = [fake_trial("a", Trial.TERMINATED, 0.5, 1e-4), fake_trial("b", Trial.RUNNING, 0.6, 2e-4)]
-    retention = CheckpointRetention("its search", 1, False, (stage,), f"sqlite:///{tmp_path}/mlflow.db", "0", "parent")
+    retention = CheckpointRetention("its search", 1, (), (stage,), f"sqlite:///{tmp_path}/mlflow.db", "0", "parent")
 
     def store_down(*args, **kwargs):
         raise MlflowException("the tracking server is down")
