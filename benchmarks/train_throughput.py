@@ -61,7 +61,7 @@ def measure(model_dir: Path, task, mode: str, batch: int, length: int, steps: in
     timed = timer.ends[warmup:]
     seconds = timed[-1] - timed[0]
     # A step trains `batch` forget and `batch` retain examples (their own tokens, padding not counted).
-    forget, retain = method.encode(AutoTokenizer.from_pretrained(model_dir), task, params)
+    forget, retain, _ = method.examples(AutoTokenizer.from_pretrained(model_dir), task, params)
     per_example = sum(len(ids) for ids, _ in forget) / len(forget) + sum(len(ids) for ids, _ in retain) / len(retain)
     tokens = (len(timed) - 1) * batch * per_example
     shape = ModelShape.from_config(model_dir)

@@ -27,13 +27,13 @@ class GradAscentParams(TrainingParams):
     entity_only: bool = False
 
 
-def encode_entities(tokenizer, rows, max_length: int) -> list[tuple[list[int], list[int]]]:
+def encode_entities(tokenizer, rows) -> list[tuple[list[int], list[int]]]:
     """Like encode_rows, but labels only on output tokens that overlap an entity."""
     encoded = []
     for row in rows:
         prompt = tokenizer(row.input)["input_ids"]
         answer, labels = entity_token_labels(tokenizer, " " + row.output, add_special_tokens=False)
-        encoded.append(((prompt + answer)[:max_length], ([-100] * len(prompt) + labels)[:max_length]))
+        encoded.append((prompt + answer, [-100] * len(prompt) + labels))
     return encoded
 
 
@@ -51,9 +51,7 @@ class GradAscent(LossMethod):
     def encode(self, tokenizer, task, params: GradAscentParams):
         if not params.entity_only:
             return super().encode(tokenizer, task, params)
-        return encode_entities(tokenizer, task.forget, params.max_length), encode_rows(
-            tokenizer, task.retain, params.max_length
-        )
+        return encode_entities(tokenizer, task.forget), encode_rows(tokenizer, task.retain)
 
     def epochs(self, params: GradAscentParams, forget_examples: int) -> int:
         return params.epochs + params.finetune_epochs

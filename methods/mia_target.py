@@ -37,6 +37,7 @@ from unlearn_sweep.methods.training import (
     mean_nll,
     row_mean,
     sequence_nll,
+    truncated,
 )
 
 
@@ -57,9 +58,9 @@ class MiaTargetParams(TrainingParams):
             )
 
 
-def encode_documents(tokenizer: Any, documents: list[str], max_length: int) -> list[Example]:
+def encode_documents(tokenizer: Any, documents: list[str]) -> list[Example]:
     """Whole documents, labelled on their entity tokens."""
-    return [tuple(part[:max_length] for part in entity_token_labels(tokenizer, document)) for document in documents]
+    return [entity_token_labels(tokenizer, document) for document in documents]
 
 
 class MiaTargetTrainer(UnlearningTrainer):
@@ -97,9 +98,8 @@ class MiaTarget(LossMethod):
     def encode(self, tokenizer: Any, task: Any, params: MiaTargetParams) -> tuple[list[Example], list[Example]]:
         documents = [row for row in task.forget if row.kind == "sc"]
         questions = [row for row in task.forget if row.kind != "sc"]
-        forget = encode_documents(tokenizer, [f"{row.input} {row.output}" for row in documents], params.max_length)
-        forget += encode_rows(tokenizer, questions, params.max_length)
-        return forget, encode_rows(tokenizer, task.retain, params.max_length)
+        forget = encode_documents(tokenizer, [f"{row.input} {row.output}" for row in documents])
+        return forget + encode_rows(tokenizer, questions), encode_rows(tokenizer, task.retain)
 
     def epoch_plan(
         self, forget: list[Example], retain: list[Example], epoch: int, params: MiaTargetParams, rng: random.Random
@@ -119,4 +119,5 @@ class MiaTarget(LossMethod):
                 "mia_target needs held-out documents the model never saw (a sweep's `held_out`, "
                 "unlearn's --held-out; by default <mia>/held_out.jsonl or <mia>/validation/nonmember.jsonl)"
             )
-        return {"held_out": encode_documents(tokenizer, list(task.held_out), params.max_length)}
+        # cut as the forget examples are: the target is the loss of documents as long as those trained on
+        return {"held_out": truncated(encode_documents(tokenizer, list(task.held_out)), params.max_length)}

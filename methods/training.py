@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 import os
 import random
@@ -51,6 +52,8 @@ from unlearn_sweep.methods.registry import EpochCallback, Method, ParamError
 ADAPTERS = ("full", "lora", "qlora", "last_k")
 Example = tuple[list[int], list[int]]  # (input ids, labels with -100 where no loss is taken)
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class TrainingParams:
@@ -60,7 +63,9 @@ class TrainingParams:
     epochs: int = 2
     batch_size: int = 16  # global: split across the workers of a multi-worker trial
     gradient_accumulation: int = 1
-    max_length: int = 256
+    # tokens per example: longer ones lose their ends (a sweep refuses a cap that cuts its data);
+    # OLMo's tokenizer makes the longest LUME rows about 400
+    max_length: int = 512
     seed: int = 0
     # bf16 mixed precision (the optimizer keeps fp32 master weights); None: bf16 with TF32
     # matmuls on a GPU with bf16 units (Ampere or newer), fp32 elsewhere (see `bf16_device`)
@@ -189,17 +194,36 @@ class MicroBatch:
         )
 
 
-def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: list[TaskRow], max_length: int) -> list[Example]:
-    """(input ids, labels) per row: the prompt, a space, the gold output and EOS; loss on the
-    output and EOS only."""
+def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: list[TaskRow]) -> list[Example]:
+    """(input ids, labels) per row, whole: the prompt, a space, the gold output and EOS; loss on
+    the output and EOS only."""
     encoded = []
     for row in rows:
         prompt = tokenizer(row.input)["input_ids"]
         answer = tokenizer(" " + row.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = (prompt + answer)[:max_length]
-        labels = ([-100] * len(prompt) + answer)[:max_length]
-        encoded.append((ids, labels))
+        encoded.append((prompt + answer, [-100] * len(prompt) + answer))
     return encoded
+
+
+def truncated(examples: list[Example], max_length: int) -> list[Example]:
+    """Each example's first max_length tokens."""
+    return [(ids[:max_length], labels[:max_length]) for ids, labels in examples]
+
+
+@dataclass(frozen=True)
+class LengthCut:
+    """The examples a method trains on against its length cap."""
+
+    max_length: int
+    examples: int
+    cut: int  # examples longer than max_length: their last tokens, the end of the answer, go untrained
+    longest: int  # tokens
+
+    def __str__(self) -> str:
+        return (
+            f"max_length {self.max_length} cuts {self.cut} of the {self.examples} forget and retain examples "
+            f"(the longest is {self.longest} tokens)"
+        )
 
 
 def batches(examples: list[Example], batch_size: int, **fields: Any) -> list[MicroBatch]:
@@ -612,10 +636,18 @@ class LossMethod(Method):
     def encode(
         self, tokenizer: PreTrainedTokenizerBase, task: TaskData, params: Any
     ) -> tuple[list[Example], list[Example]]:
-        """(input ids, labels) of the forget and retain rows."""
-        return encode_rows(tokenizer, task.forget, params.max_length), encode_rows(
-            tokenizer, task.retain, params.max_length
-        )
+        """(input ids, labels) of the forget and retain rows, whole (`examples` cuts them)."""
+        return encode_rows(tokenizer, task.forget), encode_rows(tokenizer, task.retain)
+
+    def examples(
+        self, tokenizer: PreTrainedTokenizerBase, task: TaskData, params: Any
+    ) -> tuple[list[Example], list[Example], LengthCut]:
+        """The forget and retain examples training takes, cut to max_length, and what the cut took."""
+        forget, retain = self.encode(tokenizer, task, params)
+        lengths = [len(ids) for ids, _ in forget + retain]
+        over = sum(length > params.max_length for length in lengths)
+        cut = LengthCut(params.max_length, len(lengths), over, max(lengths, default=0))
+        return truncated(forget, params.max_length), truncated(retain, params.max_length), cut
 
     def trainer_options(self, tokenizer: PreTrainedTokenizerBase, task: TaskData, params: Any) -> dict[str, Any]:
         """Extra keyword arguments of the method's Trainer (e.g. encoded held-out documents)."""
@@ -667,7 +699,9 @@ class LossMethod(Method):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         tokenizer.pad_token = tokenizer.eos_token
         rng = random.Random(params.seed)
-        forget, retain = self.encode(tokenizer, task, params)
+        forget, retain, cut = self.examples(tokenizer, task, params)
+        if cut.cut:
+            log.warning("%s: their ends are not trained on", cut)
         options = self.trainer_options(tokenizer, task, params)
         plan, ends = schedule(
             [

@@ -29,6 +29,7 @@ class PlanRow:
     estimate: Estimate
     available: float | None  # bytes per GPU, None without GPUs
     shape: ModelShape  # what the estimate was made for (the error's suggestion re-estimates on it)
+    space: str  # where in search_space_overrides its parameters are set: "npo", "merge.sources.over"
 
     @property
     def fits(self) -> bool:
@@ -93,11 +94,14 @@ def plan_sweep(config: SweepConfig) -> list[PlanRow]:
     for method in config.methods:
         space = load_space(method, config.search_space_overrides.get(method))
         trained = (
-            [(space["source_method"], entries) for entries in space["sources"].values()]
+            [
+                (space["source_method"], f"{method}.sources.{source}", entries)
+                for source, entries in space["sources"].items()
+            ]
             if "sources" in space
-            else [(method, space["params"])]
+            else [(method, method, space["params"])]
         )
-        for name, params_space in trained:
+        for name, origin, params_space in trained:
             trainer = get_method(name).Trainer
             for params in _worst_cases(name, params_space, workers):
                 rows.append(
@@ -107,6 +111,7 @@ def plan_sweep(config: SweepConfig) -> list[PlanRow]:
                         estimate(shape, params, trainer.uses_reference, trainer.forwards, workers, evaluation),
                         available,
                         shape,
+                        origin,
                     )
                 )
     return rows

@@ -40,6 +40,7 @@ from unlearn_sweep.orchestrator import plots, tracking
 from unlearn_sweep.orchestrator.config import STAGE_SELECTORS, ConfigError, SweepConfig
 from unlearn_sweep.orchestrator.console import LiveView, library_messages_to
 from unlearn_sweep.orchestrator.context import TRIAL_FOLDER_PREFIX, TrialContext, trial_folder_name
+from unlearn_sweep.orchestrator.lengths import check_lengths
 from unlearn_sweep.orchestrator.plan import check_memory
 from unlearn_sweep.orchestrator.retention import CheckpointRetention
 from unlearn_sweep.orchestrator.search import make_searcher, merge_stage_searcher, search_algorithm, study_exists
@@ -305,7 +306,7 @@ class Sweep:
 
     def _refuse_a_bad_start(self) -> None:
         config = self.config
-        check_memory(config)  # before anything starts: trials that cannot fit their GPUs are refused
+        plan = check_memory(config)  # before anything starts: trials that cannot fit their GPUs are refused
         try:
             check_checkpoint(config.model)  # weights present and whole, not found missing in every trial
         except DataError as error:
@@ -313,6 +314,7 @@ class Sweep:
         # The data read once, whole, before Ray or MLflow is touched: a fault in it is one line
         # now, not the same error in every trial.
         EvalSets.load(config.data, config.split, config.mia, config.mmlu, config.mmlu_shots)
+        check_lengths(config, plan)
         exists = tune.Tuner.can_restore(self._path(self.search.name))
         if not self.resume and exists:
             raise self._refused(

@@ -137,7 +137,9 @@ def test_worst_case_of_the_space_is_planned(toy_task_dir: Path, tmp_path: Path) 
         methods=["npo"],
         gpu_memory_gb=80,
         resources_per_trial={"cpu": 4, "gpu": 1},
-        search_space_overrides={"npo": {"adapter": {"choice": ["full", "lora"]}, "batch_size": {"int": [4, 32]}}},
+        search_space_overrides={
+            "npo": {"adapter": {"choice": ["full", "lora"]}, "batch_size": {"int": [4, 32]}, "max_length": 256}
+        },
     )
     rows = check_memory(load_config(path))
     assert {row.params.adapter for row in rows} == {"full", "lora"}

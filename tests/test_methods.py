@@ -175,6 +175,31 @@ def test_lora_and_last_k_layers(toy_task_dir: Path, task, tmp_path: Path) -> Non
     assert not torch.equal(base["model.layers.3.mlp.up_proj.weight"], changed["model.layers.3.mlp.up_proj.weight"])
 
 
+@pytest.mark.parametrize(
+    "name, settings", [("grad_diff", {}), ("grad_ascent", {"entity_only": True}), ("mia_target", {})]
+)
+def test_examples_are_cut_to_max_length_and_the_cut_is_counted(name: str, settings: dict, toy_task_dir: Path, task):
+    """max_length cut rows' answers with nothing to say so (LUME's longest rows are about 400 of
+    OLMo's tokens, the default was 256): every encoding is whole now, cut in one place, counted."""
+    from transformers import AutoTokenizer
+
+    method, tokenizer = get_method(name), AutoTokenizer.from_pretrained(toy_task_dir / "model")
+    whole = [ids for part in method.encode(tokenizer, task, build_params(method, settings)) for ids, _ in part]
+    cap = sorted(map(len, whole))[len(whole) // 2]
+    forget, retain, cut = method.examples(tokenizer, task, build_params(method, {**settings, "max_length": cap}))
+    assert (cut.max_length, cut.examples, cut.longest) == (cap, len(whole), max(map(len, whole)))
+    assert cut.cut == sum(len(ids) > cap for ids in whole) > 0
+    assert [ids for ids, _ in forget + retain] == [ids[:cap] for ids in whole]
+    assert all(len(labels) == len(ids) for ids, labels in forget + retain)
+    assert method.examples(tokenizer, task, build_params(method, settings))[2].cut == 0  # the default holds them
+
+
+def test_training_says_what_max_length_cut(toy_task_dir: Path, task, tmp_path: Path, caplog) -> None:
+    few = dataclasses.replace(task, forget=task.forget[:4], retain=task.retain[:4])
+    run_method("grad_diff", toy_task_dir / "model", few, tmp_path / "out", {"epochs": 1, "max_length": 8})
+    assert "max_length 8 cuts 8 of the 8 forget and retain examples (the longest is" in caplog.text
+
+
 def test_registry_checks_names_and_types() -> None:
     assert {"grad_ascent", "grad_diff", "kl_min", "npo", "sugd", "task_vector", "merge"} <= set(method_names())
     npo = get_method("npo")

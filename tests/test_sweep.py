@@ -1043,6 +1043,34 @@ def test_merge_sources_are_kept_only_where_they_can_recur(toy_task_dir: Path, tm
     assert source_cache(search_space_overrides={"merge": fixed}) == str(tmp_path / "runs" / "s1" / "sources")
 
 
+@pytest.mark.parametrize(
+    "methods, overrides, field",
+    [
+        (["grad_diff"], {"grad_diff": {"max_length": 40}}, "grad_diff.max_length"),
+        (["grad_diff"], {"grad_diff": {"max_length": {"choice": [16, 48]}}}, "grad_diff.max_length"),
+        (
+            ["merge"],
+            {"merge": {"sources": {"over": FIXED_NPO, "under": {**FIXED_NPO, "max_length": 40}}}},
+            "merge.sources.under.max_length",
+        ),
+    ],
+)
+def test_a_max_length_that_cuts_the_data_is_refused_before_mlflow(
+    methods: list[str], overrides: dict, field: str, toy_task_dir: Path, tmp_path: Path
+) -> None:
+    """A cap shorter than the rows trials train on cut the end of their answers in every trial,
+    silently (LUME's longest rows are about 400 of OLMo's tokens; the default cap was 256)."""
+    config = load_config(write_config(tmp_path, toy_task_dir, methods=methods, search_space_overrides=overrides))
+    with pytest.raises(
+        ConfigError,
+        match=rf"field 'search_space_overrides\.{re.escape(field)}': \w+: max_length (40|48) cuts \d+ of the 240 "
+        r"forget and retain examples \(the longest is 91 tokens\) of the data with the model's tokenizer; their "
+        r"answers would be cut in every trial: give max_length 91 or more",
+    ):
+        run_sweep(config)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 @pytest.mark.e2e
 def test_a_completed_merge_search_trained_its_sources_once_and_deletes_them(
     local_ray, toy_task_dir: Path, tmp_path: Path
