@@ -80,7 +80,7 @@ def replay_space(task: Path) -> dict[str, dict[str, Any]]:
     was trained at."""
     from unlearn_sweep.methods.registry import get_method
     from unlearn_sweep.orchestrator.cli import TOY_TASK_SPACES
-    from unlearn_sweep.orchestrator.search import load_space
+    from unlearn_sweep.orchestrator.search import distributions, load_space
 
     overrides = {}
     for method, grid in GRID.items():
@@ -92,7 +92,7 @@ def replay_space(task: Path) -> dict[str, dict[str, Any]]:
                 entries[name] = {"choice": list(grid[name])}
             elif name == "epochs" and method in EPOCHS_NOT_A_PREFIX:
                 entries[name] = grid[name][0]
-            elif name not in grid and name not in ("epochs", "batch_size") and isinstance(spec, dict):
+            elif name not in grid and name not in ("epochs", "batch_size") and distributions(spec):
                 entries[name] = defaults[name]
         if "sources" in space:
             entries["sources"] = {

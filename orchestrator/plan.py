@@ -14,12 +14,13 @@ from unlearn_sweep.evaluation.options import LOGIT_ELEMENTS, PLAIN_HEAD_MODELS, 
 from unlearn_sweep.methods.memory_plan import GIB, Estimate, ModelShape, estimate
 from unlearn_sweep.methods.registry import build_params, get_method
 from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
-from unlearn_sweep.orchestrator.search import load_space
+from unlearn_sweep.orchestrator.search import distributions, load_space, possible_values
 
 # Choices that change memory: every sampled combination is planned.
 ENUMERATED = ("adapter", "zero_stage", "bf16", "gradient_checkpointing", "zero_offload")
 # Ranges whose high end is the worst case.
 HIGHEST = ("batch_size", "max_length", "lora_rank", "last_k_layers")
+RANGES = ("int", "log_int", "uniform", "log_uniform")
 
 
 @dataclass
@@ -42,20 +43,23 @@ def _worst_cases(method: str, space: dict[str, Any], workers: int) -> list[Any]:
     constants: dict[str, Any] = {"zero_stage": 2} if workers > 1 else {}  # what a multi-worker trial defaults to
     options: dict[str, list[Any]] = {}
     for name, spec in space.items():
-        if not isinstance(spec, dict):
+        sampled = distributions(spec)  # one per condition: the worst case is over all of them
+        if not sampled:
             constants[name] = spec
-        elif name in ENUMERATED and "choice" in spec:
-            options[name] = spec["choice"]
+        elif name in ENUMERATED and possible_values(spec) is not None:
+            options[name] = possible_values(spec)
         elif name in HIGHEST:
-            values = spec.get("choice") or next(
-                spec[kind] for kind in ("int", "log_int", "uniform", "log_uniform") if kind in spec
-            )
-            constants[name] = int(max(values))
+            constants[name] = int(max(value for distribution in sampled for value in _ends(distribution)))
     combinations = [dict(zip(options, values, strict=True)) for values in itertools.product(*options.values())] or [{}]
     planned = [build_params(method_object, {**constants, **combination}) for combination in combinations]
     # bf16's default follows the device; the plan is for GPUs, and those it is made for (Ampere or
     # newer: A100, H100, H200) have bf16 units.
     return [dataclasses.replace(p, bf16=True) if getattr(p, "bf16", False) is None else p for p in planned]
+
+
+def _ends(distribution: dict[str, Any]) -> list[Any]:
+    """A distribution's choices, or its range's low and high."""
+    return distribution.get("choice") or next(distribution[kind] for kind in RANGES if kind in distribution)
 
 
 def evaluation_bytes(shape: ModelShape, eval_dtype: str, batch_size: int) -> tuple[int, int]:

@@ -8,6 +8,9 @@ A search space maps each hyperparameter of the method to a constant or a distrib
     adapter: {choice: [full, lora]}
     lora_rank: {choice: [4, 8], if: {adapter: lora}}    # sampled only when the condition holds
     batch_size: 16                                      # constant
+    learning_rate:                                      # one distribution per condition: the first
+      - {log_uniform: [3.0e-6, 5.0e-5], if: {adapter: full}}   # whose condition holds is sampled
+      - {log_uniform: [5.0e-5, 3.0e-4], if: {adapter: lora}}   # (Optuna: learning_rate[adapter=lora])
 The merge method's space names a `source_method`, `sources` (names of the models to train
 and merge, each a space of overrides for the source method) and its own parameters.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import itertools
 import logging
 import math
 import pickle
@@ -99,7 +103,7 @@ def load_space(
 def _check(
     method: str, space: dict[str, Any], locate: Callable[[str], tuple[Any, str]], exclude: set[str] = frozenset()
 ) -> dict[str, Any]:
-    from unlearn_sweep.methods.registry import ParamError, check_value, get_method
+    from unlearn_sweep.methods.registry import get_method
 
     method_object = get_method(method)
     valid = {f.name for f in dataclasses.fields(method_object.Params)} - exclude
@@ -109,36 +113,80 @@ def _check(
             raise ConfigError(
                 path, f"not a hyperparameter of {method} (valid: {', '.join(sorted(valid))})", field=where
             )
-        constants = (
-            [spec] if not isinstance(spec, dict) else spec.get("choice") if isinstance(spec.get("choice"), list) else []
-        )
-        for value in constants:  # a wrong type would fail every trial that samples it
-            try:
-                check_value(method_object, name, value)
-            except ParamError as error:
-                raise ConfigError(path, str(error), field=where) from None
-        if not isinstance(spec, dict):
-            continue
-        kinds = [key for key in spec if key in DISTRIBUTIONS]
-        if len(kinds) != 1 or set(spec) - set(DISTRIBUTIONS) - {"if"}:
-            raise ConfigError(path, f"expected one of {', '.join(DISTRIBUTIONS)} (and optionally 'if')", field=where)
-        values = spec[kinds[0]]
-        if kinds[0] == "choice":
-            if not isinstance(values, list) or not values:
-                raise ConfigError(path, "choice needs a non-empty list", field=where)
-        elif not (
-            isinstance(values, list)
-            and len(values) == 2
-            and all(isinstance(v, (int, float)) for v in values)
-            and values[0] <= values[1]
-        ):
-            raise ConfigError(path, f"{kinds[0]} needs [low, high] with low <= high", field=where)
-        elif kinds[0].startswith("log") and values[0] <= 0:
-            raise ConfigError(path, "a log scale needs low > 0", field=where)
-        condition = spec.get("if")
-        if condition is not None and (not isinstance(condition, dict) or set(condition) - set(space)):
-            raise ConfigError(path, "'if' must map other parameters of this space to values", field=where)
+        if isinstance(spec, list) and not (spec and all(isinstance(entry, dict) and entry.get("if") for entry in spec)):
+            raise ConfigError(path, "a list holds one distribution per condition, each with its 'if'", field=where)
+        for distribution in distributions(spec) or [spec]:
+            _check_distribution(method_object, name, distribution, space, path, where)
+        if isinstance(spec, list):
+            _check_covered(name, spec, space, path, where)
     return _with_derived_conditions(method_object, space)
+
+
+def _check_covered(name: str, spec: list[dict[str, Any]], space: dict[str, Any], path: Any, where: str) -> None:
+    """One distribution per condition leaves no value of what the conditions read without one
+    (a parameter left unsampled would train at its default, unseen)."""
+    others = list(dict.fromkeys(other for entry in spec for other in entry["if"]))
+    values = [possible_values(space.get(other)) for other in others]
+    for other, possible in zip(others, values, strict=True):
+        if possible is None:
+            raise ConfigError(path, f"its conditions read {other}, which is not a choice", field=where)
+    for combination in itertools.product(*values):
+        assignment = dict(zip(others, combination, strict=True))
+        if active_distribution(name, spec, assignment) is None:
+            raise ConfigError(
+                path, f"no distribution where {_condition_phrase(assignment)}: add one for it", field=where
+            )
+
+
+def distributions(spec: Any) -> list[dict[str, Any]]:
+    """A space entry's distributions: none for a constant, one, or one per condition (a list)."""
+    return spec if isinstance(spec, list) else [spec] if isinstance(spec, dict) else []
+
+
+def possible_values(spec: Any) -> list[Any] | None:
+    """The values a space entry can take: a constant, or its choices; None for a range."""
+    if not distributions(spec):
+        return [spec]
+    if not all("choice" in distribution for distribution in distributions(spec)):
+        return None
+    return list(dict.fromkeys(value for distribution in distributions(spec) for value in distribution["choice"]))
+
+
+def _check_distribution(
+    method_object: Method, name: str, spec: Any, space: dict[str, Any], path: Any, where: str
+) -> None:
+    """A constant or one distribution of the parameter `name`."""
+    from unlearn_sweep.methods.registry import ParamError, check_value
+
+    constants = (
+        [spec] if not isinstance(spec, dict) else spec.get("choice") if isinstance(spec.get("choice"), list) else []
+    )
+    for value in constants:  # a wrong type would fail every trial that samples it
+        try:
+            check_value(method_object, name, value)
+        except ParamError as error:
+            raise ConfigError(path, str(error), field=where) from None
+    if not isinstance(spec, dict):
+        return
+    kinds = [key for key in spec if key in DISTRIBUTIONS]
+    if len(kinds) != 1 or set(spec) - set(DISTRIBUTIONS) - {"if"}:
+        raise ConfigError(path, f"expected one of {', '.join(DISTRIBUTIONS)} (and optionally 'if')", field=where)
+    values = spec[kinds[0]]
+    if kinds[0] == "choice":
+        if not isinstance(values, list) or not values:
+            raise ConfigError(path, "choice needs a non-empty list", field=where)
+    elif not (
+        isinstance(values, list)
+        and len(values) == 2
+        and all(isinstance(v, (int, float)) for v in values)
+        and values[0] <= values[1]
+    ):
+        raise ConfigError(path, f"{kinds[0]} needs [low, high] with low <= high", field=where)
+    elif kinds[0].startswith("log") and values[0] <= 0:
+        raise ConfigError(path, "a log scale needs low > 0", field=where)
+    condition = spec.get("if")
+    if condition is not None and (not isinstance(condition, dict) or set(condition) - set(space)):
+        raise ConfigError(path, "'if' must map other parameters of this space to values", field=where)
 
 
 def _with_derived_conditions(method: Method, space: dict[str, Any]) -> dict[str, Any]:
@@ -151,7 +199,7 @@ def _with_derived_conditions(method: Method, space: dict[str, Any]) -> dict[str,
         else spec
         for name, spec in space.items()
     }
-    first = {other for spec in derived.values() if isinstance(spec, dict) for other in spec.get("if") or {}}
+    first = {other for spec in derived.values() for entry in distributions(spec) for other in entry.get("if") or {}}
     return {**{name: derived[name] for name in space if name in first}, **derived}
 
 
@@ -182,34 +230,61 @@ def load_recipe(
         groups.append((f"sources.{source}", space["sources"][source], values, f"{method}/{source}"))
     for where, entries, values, prefix in groups:
         for key, value in values.items():
-            _check_reachable(path, f"{where}.{key}", entries, key, value, values)
-            if isinstance(entries[key], dict):  # a constant of the space is not an Optuna parameter
-                point[f"{prefix}/{key}"] = value
+            name = _check_reachable(path, f"{where}.{key}", entries, key, value, values)
+            if name is not None:  # a constant of the space is not an Optuna parameter
+                point[f"{prefix}/{name}"] = value
     return point
 
 
 def _check_reachable(
     path: Path, field: str, space: dict[str, Any], key: str, value: Any, values: dict[str, Any]
-) -> None:
-    """The space samples exactly `value` for `key` when the recipe's other values hold."""
+) -> str | None:
+    """The space samples exactly `value` for `key` when the recipe's other values hold; the
+    Optuna name it is sampled under (None for a constant of the space)."""
     spec = space.get(key)
     if spec is None:
         raise ConfigError(path, "not searched by the sweep's space: add it there (search_space_overrides)", field=field)
-    if not isinstance(spec, dict):
+    if not distributions(spec):
         if spec != value:
             raise ConfigError(path, f"the sweep's space holds it at {spec!r}", field=field)
-        return
-    if "choice" in spec:
-        reachable = value in spec["choice"]
+        return None
+    known = {**{name: entry for name, entry in space.items() if not distributions(entry)}, **values}
+    sampled = active_distribution(key, spec, known)
+    if sampled is None:
+        wanted = " or ".join(_condition_phrase(entry.get("if") or {}) for entry in distributions(spec))
+        raise ConfigError(path, f"sampled only when {wanted}", field=field)
+    name, distribution = sampled
+    if "choice" in distribution:
+        reachable = value in distribution["choice"]
     else:
-        low, high = next(spec[kind] for kind in DISTRIBUTIONS if kind in spec)
+        low, high = next(distribution[kind] for kind in DISTRIBUTIONS if kind in distribution)
         reachable = isinstance(value, (int, float)) and low <= value <= high
     if not reachable:
-        raise ConfigError(path, f"{value!r} is outside the sweep's space {spec}", field=field)
-    for other, wanted in (spec.get("if") or {}).items():
-        current = values.get(other, space.get(other))
-        if current not in (wanted if isinstance(wanted, list) else [wanted]):
-            raise ConfigError(path, f"sampled only when {other} is {wanted!r}", field=field)
+        raise ConfigError(path, f"{value!r} is outside the sweep's space {distribution}", field=field)
+    return name
+
+
+def active_distribution(name: str, spec: Any, values: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The distribution the parameter `name` is sampled from where `values` hold (of a list, the
+    first whose condition holds), and the Optuna name it is sampled under (a list's alternatives
+    are distinct Optuna parameters, `learning_rate[adapter=full]`); None where no condition holds."""
+    for distribution in distributions(spec):
+        condition = distribution.get("if") or {}
+        if all(values.get(other) in _wanted(condition[other]) for other in condition):
+            return (f"{name}[{_condition_label(condition)}]" if isinstance(spec, list) else name), distribution
+    return None
+
+
+def _wanted(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _condition_phrase(condition: dict[str, Any]) -> str:
+    return " and ".join(f"{other} is {wanted!r}" for other, wanted in condition.items())
+
+
+def _condition_label(condition: dict[str, Any]) -> str:
+    return ",".join(f"{other}={'|'.join(map(str, _wanted(wanted)))}" for other, wanted in condition.items())
 
 
 def sources_can_recur(space: dict[str, Any]) -> bool:
@@ -217,26 +292,24 @@ def sources_can_recur(space: dict[str, Any]) -> bool:
     source setting is sampled from a continuous range. The default space's are (the learning
     rates, NPO's beta and weights), so a cache of trained sources would only grow."""
     return not any(
-        isinstance(spec, dict) and ("uniform" in spec or "log_uniform" in spec)
+        "uniform" in distribution or "log_uniform" in distribution
         for source in space.get("sources", {}).values()
         for spec in source.values()
+        for distribution in distributions(spec)
     )
 
 
 def _sample(trial: optuna.Trial, space: dict[str, Any], prefix: str) -> dict[str, Any]:
     """Constants as they are, distributions sampled in order, conditions on earlier values."""
     values: dict[str, Any] = {}
-    for name, spec in space.items():
-        if not isinstance(spec, dict):
-            values[name] = spec
+    for name, entry in space.items():
+        if not distributions(entry):
+            values[name] = entry
             continue
-        condition = spec.get("if") or {}
-        if any(
-            values.get(key) not in (wanted if isinstance(wanted, list) else [wanted])
-            for key, wanted in condition.items()
-        ):
+        sampled = active_distribution(name, entry, values)
+        if sampled is None:
             continue
-        key = f"{prefix}/{name}"
+        key, spec = f"{prefix}/{sampled[0]}", sampled[1]
         if "choice" in spec:
             values[name] = trial.suggest_categorical(key, spec["choice"])
         elif "int" in spec or "log_int" in spec:

@@ -47,8 +47,10 @@ from unlearn_sweep.orchestrator.search import (
     CONSTRAINTS,
     SPACES_DIR,
     STUDY_TRIAL,
+    distributions,
     load_space,
     make_searcher,
+    possible_values,
     search_algorithm,
     sources_can_recur,
 )
@@ -313,7 +315,8 @@ def test_each_stage_keeps_at_least_the_checkpoints_its_champion_is_chosen_among(
 
 def test_default_spaces_are_for_the_real_task_and_the_demo_brings_the_toys(toy_task_dir: Path, tmp_path: Path) -> None:
     """search_spaces/ hold OLMo-1B/7B ranges (the toy's learning rates, up to 6e-4 in full
-    fine-tuning, destroy a 7B model); the demo passes the toy's as overrides."""
+    fine-tuning, destroy a 7B model; NPO's drew full fine-tuning up to 3e-4, its LoRA range,
+    in about 39% of its full fine-tuning trials); the demo passes the toy's as overrides."""
     from unlearn_sweep.methods.registry import method_names
     from unlearn_sweep.orchestrator.cli import TOY_TASK_SPACES, demo_config
 
@@ -321,9 +324,12 @@ def test_default_spaces_are_for_the_real_task_and_the_demo_brings_the_toys(toy_t
         space = load_space(method)
         spaces = [space["params"], *space.get("sources", {}).values()]
         for params in (params for params in spaces if "learning_rate" in params):
-            low, high = params["learning_rate"]["log_uniform"]
-            lora_only = params.get("adapter") == "lora" or method == "task_vector"  # a descent, then negated
-            assert high <= (4e-4 if lora_only else 3e-4 if method == "npo" else 1e-4), (method, high)
+            for distribution in distributions(params["learning_rate"]):
+                low, high = distribution["log_uniform"]
+                condition = distribution.get("if") or {}
+                adapters = condition.get("adapter") or possible_values(params.get("adapter", "full"))
+                lora_only = adapters in ("lora", ["lora"]) or method == "task_vector"  # a descent, then negated
+                assert high <= (4e-4 if lora_only else 1e-4), (method, adapters, high)
     (tmp_path / "toy_task").symlink_to(toy_task_dir)
     config = demo_config(tmp_path, trials=24, seed=0)
     assert config.search_space_overrides == {method: TOY_TASK_SPACES[method] for method in config.methods}
@@ -453,6 +459,43 @@ def test_search_space_errors_and_conditions(tmp_path: Path) -> None:
     assert setup["params"]["adapter"] == "full" and "lora_rank" not in setup["params"]
     merge = load_space("merge")
     assert set(merge["sources"]) == {"over", "under"} and merge["source_method"] == "npo"
+
+
+def test_a_parameter_takes_one_distribution_per_condition(toy_task_dir: Path, tmp_path: Path) -> None:
+    """NPO's one learning-rate range, [3e-6, 3e-4], drew full fine-tuning of a 7B model above
+    5e-5, which destroys it, in about 39% of those trials: each adapter has its own range now."""
+    from unlearn_sweep.orchestrator.plan import plan_sweep
+    from unlearn_sweep.orchestrator.search import DefineByRun, load_recipe
+
+    space = load_space("npo")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = {"full": [], "lora": []}
+    for _ in range(40):
+        trial = study.ask()
+        params = DefineByRun({"npo": space})(trial)["setup"]["params"]
+        drawn[params["adapter"]].append(params["learning_rate"])
+        assert f"npo/learning_rate[adapter={params['adapter']}]" in trial.params  # its own Optuna parameter
+    assert drawn["full"] and max(drawn["full"]) <= 5e-5 and drawn["lora"] and min(drawn["lora"]) >= 5e-5
+    # A recipe is checked against the distribution its own values select.
+    (tmp_path / "full_npo.yaml").write_text("method: npo\nparams: {learning_rate: 1.0e-4, adapter: full}\n")
+    with pytest.raises(ConfigError, match=r"field 'params.learning_rate': 0.0001 is outside the sweep's space"):
+        load_recipe("full_npo", {"npo": space}, recipes_dir=tmp_path)
+    (tmp_path / "no_adapter.yaml").write_text("method: npo\nparams: {learning_rate: 1.0e-5}\n")
+    with pytest.raises(ConfigError, match=r"sampled only when adapter is 'full' or adapter is 'lora'"):
+        load_recipe("no_adapter", {"npo": space}, recipes_dir=tmp_path)
+    assert load_recipe("organizers_npo", {"npo": space})["npo/learning_rate[adapter=full]"] == 1e-5
+    # Every value the conditions read has a distribution, or the parameter would train at its default unseen.
+    with pytest.raises(ConfigError, match=r"npo.yaml: field 'learning_rate': no distribution where adapter is 'qlora'"):
+        load_space("npo", {"adapter": {"choice": ["full", "qlora"]}})
+    with pytest.raises(ConfigError, match=r"field 'learning_rate': its conditions read beta, which is not a choice"):
+        load_space("npo", {"learning_rate": [{"uniform": [1e-5, 2e-5], "if": {"beta": 0.1}}]})
+    with pytest.raises(ConfigError, match=r"field 'learning_rate': a list holds one distribution per condition"):
+        load_space("npo", {"learning_rate": [{"uniform": [1e-5, 2e-5]}]})
+    # The memory plan takes the worst case over every distribution.
+    batch = [{"int": [4, 8], "if": {"adapter": "full"}}, {"choice": [8, 32], "if": {"adapter": "lora"}}]
+    config = load_config(write_config(tmp_path, toy_task_dir, search_space_overrides={"grad_diff": {"batch_size": 16}}))
+    config.search_space_overrides = {"grad_diff": {"adapter": {"choice": ["full", "lora"]}, "batch_size": batch}}
+    assert {row.params.batch_size for row in plan_sweep(config)} == {32}
 
 
 def test_merge_knobs_are_sampled_only_for_the_combinations_that_read_them() -> None:
