@@ -467,6 +467,7 @@ def merge_adapters(base_dir: Path, out_dir: Path, params: MergeParams) -> Path:
 class Merge(Method):
     name = "merge"
     Params = MergeParams
+    collective = False  # a streamed merge of saved checkpoints: rank 0's, where a launch trained them
 
     @classmethod
     def conditions(cls) -> dict[str, dict[str, list[str]]]:

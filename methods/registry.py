@@ -13,12 +13,14 @@ import dataclasses
 import importlib
 import json
 import math
+import os
 import pkgutil
 import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
+from unlearn_sweep.corpus.scratch import temporary_folder
 from unlearn_sweep.corpus.semeval import TaskData
 from unlearn_sweep.corpus.staging import staged_directory
 
@@ -38,6 +40,8 @@ class Method:
     name: ClassVar[str]
     Params: ClassVar[type]
     uses_held_out: ClassVar[bool] = False  # reads TaskData.held_out (documents never seen, never scored)
+    # Every rank of a launch (torchrun) takes part in a run: training is collective. False: rank 0 runs it alone.
+    collective: ClassVar[bool] = True
 
     @classmethod
     def conditions(cls) -> dict[str, dict[str, list[Any]]]:
@@ -156,6 +160,11 @@ def parse_assignments(assignments: list[str]) -> dict[str, str]:
     return values
 
 
+def launch_rank() -> int:
+    """This process's rank in a launch of several (torchrun and Ray Train set RANK); 0 alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def run_method(
     name: str,
     model_dir: str | Path,
@@ -165,9 +174,16 @@ def run_method(
     on_epoch: EpochCallback | None = None,
 ) -> Path:
     """Apply a method by name; the checkpoint and its unlearn_config.json appear in out_dir
-    only when the method has finished (nothing half-written)."""
+    only when the method has finished (nothing half-written). Under a launcher (`torchrun
+    --nproc_per_node N`: a configuration trained over several GPUs) every rank trains and rank 0
+    alone writes out_dir."""
     method = get_method(name)
     params = method.for_this_device(build_params(method, overrides))
+    if launch_rank() != 0:
+        if method.collective:
+            with temporary_folder("rank-output-") as scratch:  # rank 0 writes the checkpoint
+                method.run(Path(model_dir), task, Path(scratch) / "out", params, on_epoch)
+        return Path(out_dir)
     with staged_directory(out_dir) as staging:
         method.run(Path(model_dir), task, staging, params, on_epoch)
         config = {"method": name, "base_model": str(model_dir), "params": dataclasses.asdict(params)}

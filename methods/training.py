@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
 import logging
 import math
 import os
@@ -440,8 +441,10 @@ def single_rank_launch(params: Any) -> Iterator[None]:
         import deepspeed
 
         # DeepSpeed's own view of the group (its config reads the world size from it): created
-        # here for a lone process, wrapped around the launcher's group under Ray Train.
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        # here for a lone process, wrapped around the launcher's group under Ray Train. On a CPU it
+        # prints "... shm_comm_op built successfully" to stdout, which is a command's own output.
+        with contextlib.redirect_stdout(io.StringIO()):
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     try:
         yield
     finally:

@@ -473,7 +473,7 @@ def _unlearn(args: argparse.Namespace) -> int:
 
     from unlearn_sweep.corpus.mia import default_held_out, load_held_out
     from unlearn_sweep.corpus.semeval import load_task
-    from unlearn_sweep.methods.registry import parse_assignments, run_method
+    from unlearn_sweep.methods.registry import launch_rank, parse_assignments, run_method
 
     check_output_folder(args.out)  # before the model and data are read, as the run's own checks
     check_checkpoint(args.model)  # a folder that does not exist is no hub id to Transformers here
@@ -482,7 +482,8 @@ def _unlearn(args: argparse.Namespace) -> int:
     if held_out is not None:
         task = dataclasses.replace(task, held_out=load_held_out(held_out, args.mia))
     out = run_method(args.method, args.model, task, args.out, parse_assignments(args.set))
-    print(f"{args.method}: wrote {out}")
+    if launch_rank() == 0:  # the rank that wrote it, under torchrun
+        print(f"{args.method}: wrote {out}")
     return 0
 
 

@@ -5,7 +5,8 @@ to the epoch it was selected at) and a script with the task's interface,
     python unlearn.py INPUT_MODEL RETAIN_SET FORGET_SET OUTPUT_DIR
 
 that runs that configuration through the installed package on new sets, the way the
-confirmation stage ran it on the held-out fold."""
+confirmation stage ran it on the held-out fold; a configuration trained over several GPUs runs
+as `torchrun --nproc_per_node N unlearn.py ...` (one process per GPU, rank 0 writes)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ SCRIPT_TEXT = '''#!/usr/bin/env python3
     python unlearn.py INPUT_MODEL RETAIN_SET FORGET_SET OUTPUT_DIR
 
 RETAIN_SET and FORGET_SET: a .parquet or .jsonl file of {id, input, output, task} rows, or a
-folder holding one. Needs the unlearn-sweep package (pip install unlearn-sweep)."""
+folder holding one. Over N GPUs (a configuration with zero_stage 0-3, as a multi-GPU trial ran
+it): torchrun --nproc_per_node N unlearn.py ... Needs the unlearn-sweep package."""
 
 import sys
 from pathlib import Path
@@ -100,6 +102,7 @@ def main(configuration: Path, argv: list[str]) -> int:
     from unlearn_sweep.corpus.environment import quiet_model_libraries
     from unlearn_sweep.corpus.mia import load_held_out
     from unlearn_sweep.corpus.semeval import load_task_files
+    from unlearn_sweep.methods.registry import launch_rank
     from unlearn_sweep.orchestrator.stopping import stops_as_ctrl_c
 
     if len(argv) != 4:
@@ -122,5 +125,6 @@ def main(configuration: Path, argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(f"{SCRIPT}: interrupted", file=sys.stderr)
         return 130
-    print(f"unlearned {model} with {setup['method']} into {out}")
+    if launch_rank() == 0:  # the rank that wrote it, under torchrun
+        print(f"unlearned {model} with {setup['method']} into {out}")
     return 0

@@ -285,6 +285,39 @@ def test_the_exported_script_stopped_at_its_time_limit_leaves_nothing(toy_task_d
     assert [path.name for path in scratch.rglob("*")] == [f"unlearn-sweep-{os.getuid()}"] and not out.exists()
 
 
+def test_an_exported_configuration_runs_over_several_processes_under_torchrun(toy_task_dir: Path, tmp_path: Path):
+    """A champion trained over several GPUs (ZeRO) does not fit one: its unlearn.py runs under
+    torchrun. Every rank renamed its own staging folder onto the output: the output held rank 1's
+    unlearn_config.json alone, and rank 0 failed. Now every rank trains, rank 0 writes; a merge's
+    sources are trained by all, merged by rank 0; the model is the one process's."""
+    from safetensors.torch import load_file
+    from unlearn_sweep.corpus.semeval import load_task_files
+    from unlearn_sweep.orchestrator.submission import run_configuration, write_submission
+
+    sources = {name: {"epochs": 1, "learning_rate": rate, "zero_stage": 2} for name, rate in (("a", 3e-4), ("b", 1e-4))}
+    setup = {"method": "merge", "params": {"combination": "linear"}, "source_method": "grad_diff", "sources": sources}
+    exported, scratch, out = tmp_path / "submission", tmp_path / "tmp", tmp_path / "out"
+    exported.mkdir()
+    scratch.mkdir()
+    write_submission(exported, {**setup, "epoch": 1})
+    data, model = toy_task_dir / "data", toy_task_dir / "model"
+    sets = [next(data.glob(f"{name}_validation-*.parquet")) for name in ("retain", "forget")]
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(exported / "unlearn.py")]
+        + [str(model), *map(str, sets), str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TMPDIR": str(scratch)},
+    )
+    assert (done.returncode, done.stdout) == (0, f"unlearned {model} with merge into {out}\n"), done.stderr[-3000:]
+    assert json.loads((out / "unlearn_config.json").read_text())["method"] == "merge"
+    assert list((scratch / f"unlearn-sweep-{os.getuid()}").iterdir()) == []  # no rank left a model behind
+    one_process = run_configuration(setup, model, load_task_files(sets[1], sets[0]), tmp_path / "one")
+    alone, launched = load_file(one_process / "model.safetensors"), load_file(out / "model.safetensors")
+    for key, tensor in launched.items():
+        torch.testing.assert_close(tensor, alone[key], rtol=0, atol=1e-5)
+
+
 def test_an_exported_merge_trains_its_sources_then_merges_them(toy_task_dir: Path, tmp_path: Path) -> None:
     """`unlearn.py` of a merge champion re-runs the whole configuration: each source trained
     from the input model with its own settings, then merged (here: their average)."""
