@@ -339,15 +339,22 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from unlearn_sweep.orchestrator.config import load_config
+    from unlearn_sweep.orchestrator.lengths import check_lengths, has_tokenizer
     from unlearn_sweep.orchestrator.plan import check_memory, format_plan, plan_sweep
 
     config = load_config(args.config)
+    rows = plan_sweep(config)
+    # A folder of config.json alone (a size to plan for) has no tokenizer: planned at max_length.
+    counted = has_tokenizer(config.model)
+    if counted:
+        rows = plan_sweep(config, check_lengths(config, rows))
     print(
         f"peak memory per GPU, estimated from {config.model / 'config.json'} "
         f"({config.workers} worker(s) per trial, gpu {config.resources_per_trial.gpu:g}, gpu_memory_gb "
-        f"{config.gpu_memory_gb}):"
+        f"{config.gpu_memory_gb}); length: "
+        + ("the longest example trials train on, in the model's tokens" if counted else "max_length (no tokenizer)")
+        + ":"
     )
-    rows = plan_sweep(config)
     print(format_plan(rows, config.workers))
     check_memory(config, rows)
     return 0

@@ -88,7 +88,10 @@ def evaluation_reservation(config: SweepConfig, shape: ModelShape) -> tuple[int,
     return evaluation_bytes(shape, config.eval.dtype, config.eval.batch_size)
 
 
-def plan_sweep(config: SweepConfig) -> list[PlanRow]:
+def plan_sweep(config: SweepConfig, longest: dict[str, int] | None = None) -> list[PlanRow]:
+    """Every method's worst cases; `longest` (lengths.check_lengths: by space, the longest
+    example its trials train on): a batch pads to its longest example, so the activations are
+    planned at it where max_length is longer."""
     shape = ModelShape.from_config(config.model)
     evaluation = evaluation_reservation(config, shape)
     workers = config.workers
@@ -108,6 +111,8 @@ def plan_sweep(config: SweepConfig) -> list[PlanRow]:
         for name, origin, params_space in trained:
             trainer = get_method(name).Trainer
             for params in _worst_cases(name, params_space, workers):
+                if longest is not None:
+                    params = dataclasses.replace(params, max_length=min(params.max_length, longest[origin]))
                 rows.append(
                     PlanRow(
                         name,

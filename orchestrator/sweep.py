@@ -41,7 +41,7 @@ from unlearn_sweep.orchestrator.config import STAGE_SELECTORS, ConfigError, Swee
 from unlearn_sweep.orchestrator.console import LiveView, library_messages_to
 from unlearn_sweep.orchestrator.context import TRIAL_FOLDER_PREFIX, TrialContext, trial_folder_name
 from unlearn_sweep.orchestrator.lengths import check_lengths
-from unlearn_sweep.orchestrator.plan import check_memory
+from unlearn_sweep.orchestrator.plan import check_memory, plan_sweep
 from unlearn_sweep.orchestrator.retention import CheckpointRetention
 from unlearn_sweep.orchestrator.search import make_searcher, merge_stage_searcher, search_algorithm, study_exists
 from unlearn_sweep.orchestrator.selection import crown, merge_source_picks, select, trial_entries
@@ -306,7 +306,6 @@ class Sweep:
 
     def _refuse_a_bad_start(self) -> None:
         config = self.config
-        plan = check_memory(config)  # before anything starts: trials that cannot fit their GPUs are refused
         try:
             check_checkpoint(config.model)  # weights present and whole, not found missing in every trial
         except DataError as error:
@@ -314,7 +313,8 @@ class Sweep:
         # The data read once, whole, before Ray or MLflow is touched: a fault in it is one line
         # now, not the same error in every trial.
         EvalSets.load(config.data, config.split, config.mia, config.mmlu, config.mmlu_shots)
-        check_lengths(config, plan)
+        longest = check_lengths(config, plan_sweep(config))  # a max_length that cuts the data is refused
+        check_memory(config, plan_sweep(config, longest))  # trials that cannot fit their GPUs are refused
         exists = tune.Tuner.can_restore(self._path(self.search.name))
         if not self.resume and exists:
             raise self._refused(

@@ -184,3 +184,28 @@ def test_a_vllm_engines_share_of_the_gpu_is_planned(toy_task_dir: Path, tmp_path
         ConfigError, match=r"field 'gpu_memory_gb': npo \(adapter full, zero_stage 3.*80.0 GiB available"
     ):
         check_memory(greedy)
+
+
+def test_the_plan_is_made_at_the_longest_example_the_trials_train_on(
+    toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A batch pads to its longest example, not to max_length: planned at max_length (512 by
+    default), a sweep whose data is shorter was refused memory it never needs."""
+    path = write_config(
+        tmp_path,
+        toy_task_dir,
+        methods=["npo"],
+        gpu_memory_gb=2,
+        resources_per_trial={"cpu": 1, "gpu": 1},
+        search_space_overrides={"npo": {"batch_size": 64}},
+    )
+    assert main(["plan", str(path)]) == 0  # at 512 tokens: 2.70 GiB, refused
+    out = capsys.readouterr().out
+    assert "length: the longest example trials train on, in the model's tokens" in out
+    assert {line.split()[6] for line in out.splitlines()[2:]} == {"91"}  # the toy task's longest row
+    # A folder of config.json alone has no tokenizer: planned at max_length, as it says.
+    model = write_olmo2_config(tmp_path / "olmo2-1b", "1B")
+    sized = write_config(tmp_path / "sized", toy_task_dir, model=str(model), methods=["npo"], search_space_overrides={})
+    assert main(["plan", str(sized)]) == 0
+    out = capsys.readouterr().out
+    assert "length: max_length (no tokenizer)" in out and {line.split()[6] for line in out.splitlines()[2:]} == {"512"}
