@@ -588,6 +588,51 @@ def test_deepspeed_zero_matches_plain_torch(stage: int, toy_task_dir: Path, task
     assert all(torch.allclose(expected[name], actual[name], atol=1e-5) for name in expected)
 
 
+@pytest.mark.parametrize(
+    "settings", [{}, {"zero_stage": 3}, {"adapter": "lora", "learning_rate": 1e-3}, {"gradient_checkpointing": True}]
+)
+def test_rmu_runs_only_the_layers_it_reads_and_trains_the_same_model(
+    settings: dict, toy_task_dir: Path, task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RMU reads one layer's activations, and ran the whole model, logits included, to get them.
+    Cut after that layer, it trains the same weights: without DeepSpeed, under ZeRO-3 (whose
+    partitioned layers are fetched as they run), under LoRA (the reference: the adapter off) and
+    with gradient checkpointing."""
+    from unlearn_sweep.methods import rmu
+
+    few = dataclasses.replace(task, forget=task.forget[:16], retain=task.retain[:16])
+    settings = {"epochs": 1, "layer": 1, "adaptive": True, "batch_size": 8, **settings}
+    ran: list[int] = []
+    layer_calls = torch.nn.Module.__call__
+
+    def counted(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if type(module).__name__ == "Olmo2DecoderLayer":
+            ran.append(module.self_attn.layer_idx)
+        return layer_calls(module, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.nn.Module, "__call__", counted)
+        cut = load_file(
+            run_method("rmu", toy_task_dir / "model", few, tmp_path / "cut", settings) / "model.safetensors"
+        )
+    assert set(ran) == {0, 1, 2}  # of 4: layer 1's output, and the layer after it (a model's last state is normed)
+
+    def whole_model(model: Any, batch: Any, layer: int) -> torch.Tensor:
+        mask = batch.attention_mask
+        outputs = model(input_ids=batch.input_ids, attention_mask=mask, output_hidden_states=True)
+        return outputs.hidden_states[layer + 1][mask.bool()].float()
+
+    monkeypatch.setattr(rmu, "layer_activations", whole_model)
+    whole = load_file(
+        run_method("rmu", toy_task_dir / "model", few, tmp_path / "whole", settings) / "model.safetensors"
+    )
+    assert all(torch.equal(cut[name], whole[name]) for name in whole)
+    assert not torch.equal(
+        cut["model.layers.1.mlp.up_proj.weight"],
+        load_file(toy_task_dir / "model" / "model.safetensors")["model.layers.1.mlp.up_proj.weight"],
+    )
+
+
 def test_the_last_epoch_is_exported_once_when_a_hook_and_an_output_folder_are_both_given(
     toy_task_dir: Path, task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
