@@ -363,7 +363,10 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     only_the_gpus_ray_gave()
     rank = export_ray_train_ranks()
     method = get_method(setup["method"])
-    params = build_params(method, {"zero_stage": 2, **setup["params"]})
+    # The stage it trains under, in the trial_config.json it saves: an exported submission runs the
+    # configuration under torchrun, where ZeRO is what lets several ranks train (and a 7B fit).
+    setup = {**setup, "params": {"zero_stage": 2, **setup["params"]}}
+    params = build_params(method, setup["params"])
     reporter = EpochReporter(context, setup, loop_config["run_id"], _train_report, rank)
     method.run(Path(context.model), trial_task(context, method), None, params, reporter)
 

@@ -200,7 +200,8 @@ def test_two_worker_deepspeed_trial_matches_one_process(
             resources_per_trial={"cpu": 1, "workers": 2},
             mmlu_shots=0,
             eval={"dtype": "float32", "max_new_tokens": SHARDED_EVAL_TOKENS},
-            search_space_overrides={"grad_diff": {**DISTRIBUTED_PARAMS, "zero_stage": stage}},
+            # stage 2 is a multi-worker trial's default: its checkpoint records it for the export
+            search_space_overrides={"grad_diff": {**DISTRIBUTED_PARAMS, **({"zero_stage": 3} if stage == 3 else {})}},
         )
     )
     summary = run_sweep(config)
