@@ -14,6 +14,9 @@ from unlearn_sweep.orchestrator.config import Confirm, SweepConfig
 from unlearn_sweep.orchestrator.search import load_space, sources_can_recur
 
 TRIAL_FOLDER_PREFIX = "trial_"
+# What a multi-worker trial trains under unless its space says otherwise: several ranks train only
+# under DeepSpeed. Recorded in its trial_config.json, so an exported submission runs the same.
+MULTI_WORKER_DEFAULTS = {"zero_stage": 2}
 
 
 def trial_folder_name(trial_id: str) -> str:

@@ -14,6 +14,7 @@ from unlearn_sweep.evaluation.options import LOGIT_ELEMENTS, PLAIN_HEAD_MODELS, 
 from unlearn_sweep.methods.memory_plan import GIB, Estimate, ModelShape, estimate
 from unlearn_sweep.methods.registry import build_params, get_method
 from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
+from unlearn_sweep.orchestrator.context import MULTI_WORKER_DEFAULTS
 from unlearn_sweep.orchestrator.search import distributions, load_space, possible_values
 
 # Choices that change memory: every sampled combination is planned.
@@ -40,7 +41,7 @@ class PlanRow:
 def _worst_cases(method: str, space: dict[str, Any], workers: int) -> list[Any]:
     """The method's Params at each memory-relevant combination of its space."""
     method_object = get_method(method)
-    constants: dict[str, Any] = {"zero_stage": 2} if workers > 1 else {}  # what a multi-worker trial defaults to
+    constants: dict[str, Any] = dict(MULTI_WORKER_DEFAULTS) if workers > 1 else {}
     options: dict[str, list[Any]] = {}
     for name, spec in space.items():
         sampled = distributions(spec)  # one per condition: the worst case is over all of them

@@ -47,7 +47,7 @@ from unlearn_sweep.methods.merge import MergeParams
 from unlearn_sweep.methods.registry import Method, build_params, get_method, run_method
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.config import Asha
-from unlearn_sweep.orchestrator.context import TrialContext, trial_folder_name
+from unlearn_sweep.orchestrator.context import MULTI_WORKER_DEFAULTS, TrialContext, trial_folder_name
 
 # (metrics, checkpoint folder or None) -> reported to Tune or Train.
 Report = Callable[[dict[str, Any], "Path | None"], None]
@@ -363,9 +363,8 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     only_the_gpus_ray_gave()
     rank = export_ray_train_ranks()
     method = get_method(setup["method"])
-    # The stage it trains under, in the trial_config.json it saves: an exported submission runs the
-    # configuration under torchrun, where ZeRO is what lets several ranks train (and a 7B fit).
-    setup = {**setup, "params": {"zero_stage": 2, **setup["params"]}}
+    # in the trial_config.json it saves: its exported submission runs under torchrun the same way
+    setup = {**setup, "params": {**MULTI_WORKER_DEFAULTS, **setup["params"]}}
     params = build_params(method, setup["params"])
     reporter = EpochReporter(context, setup, loop_config["run_id"], _train_report, rank)
     method.run(Path(context.model), trial_task(context, method), None, params, reporter)
