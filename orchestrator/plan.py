@@ -15,13 +15,12 @@ from unlearn_sweep.methods.memory_plan import GIB, Estimate, ModelShape, estimat
 from unlearn_sweep.methods.registry import build_params, get_method
 from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
 from unlearn_sweep.orchestrator.context import MULTI_WORKER_DEFAULTS
-from unlearn_sweep.orchestrator.search import distributions, load_space, possible_values
+from unlearn_sweep.orchestrator.search import choices_or_bounds, distributions, load_space, possible_values
 
 # Choices that change memory: every sampled combination is planned.
 ENUMERATED = ("adapter", "zero_stage", "bf16", "gradient_checkpointing", "zero_offload")
 # Ranges whose high end is the worst case.
 HIGHEST = ("batch_size", "max_length", "lora_rank", "last_k_layers")
-RANGES = ("int", "log_int", "uniform", "log_uniform")
 
 
 @dataclass
@@ -50,17 +49,12 @@ def _worst_cases(method: str, space: dict[str, Any], workers: int) -> list[Any]:
         elif name in ENUMERATED and possible_values(spec) is not None:
             options[name] = possible_values(spec)
         elif name in HIGHEST:
-            constants[name] = int(max(value for distribution in sampled for value in _ends(distribution)))
+            constants[name] = int(max(value for distribution in sampled for value in choices_or_bounds(distribution)))
     combinations = [dict(zip(options, values, strict=True)) for values in itertools.product(*options.values())] or [{}]
     planned = [build_params(method_object, {**constants, **combination}) for combination in combinations]
     # bf16's default follows the device; the plan is for GPUs, and those it is made for (Ampere or
     # newer: A100, H100, H200) have bf16 units.
     return [dataclasses.replace(p, bf16=True) if getattr(p, "bf16", False) is None else p for p in planned]
-
-
-def _ends(distribution: dict[str, Any]) -> list[Any]:
-    """A distribution's choices, or its range's low and high."""
-    return distribution.get("choice") or next(distribution[kind] for kind in RANGES if kind in distribution)
 
 
 def evaluation_bytes(shape: ModelShape, eval_dtype: str, batch_size: int) -> tuple[int, int]:

@@ -143,6 +143,11 @@ def distributions(spec: Any) -> list[dict[str, Any]]:
     return spec if isinstance(spec, list) else [spec] if isinstance(spec, dict) else []
 
 
+def choices_or_bounds(distribution: dict[str, Any]) -> list[Any]:
+    """A distribution's choices, or its range's [low, high]."""
+    return next(distribution[kind] for kind in DISTRIBUTIONS if kind in distribution)
+
+
 def possible_values(spec: Any) -> list[Any] | None:
     """The values a space entry can take: a constant, or its choices; None for a range."""
     if not distributions(spec):
@@ -257,7 +262,7 @@ def _check_reachable(
     if "choice" in distribution:
         reachable = value in distribution["choice"]
     else:
-        low, high = next(distribution[kind] for kind in DISTRIBUTIONS if kind in distribution)
+        low, high = choices_or_bounds(distribution)
         reachable = isinstance(value, (int, float)) and low <= value <= high
     if not reachable:
         raise ConfigError(path, f"{value!r} is outside the sweep's space {distribution}", field=field)
