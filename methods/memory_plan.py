@@ -37,6 +37,7 @@ class ModelShape:
     vocab: int
     kv_width: int = 0  # key/value heads x head size: one layer's KV cache per token is 2 x this
     model_type: str = ""  # config.json's model_type
+    stored_width: int = 4  # bytes per weight as the checkpoint stores them (config.json's dtype; float32 if unsaid)
 
     @classmethod
     def from_config(cls, model_dir: str | Path) -> ModelShape:
@@ -62,7 +63,15 @@ class ModelShape:
             kv_width=(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
             * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads),
             model_type=config.model_type,
+            stored_width=_stored_width(getattr(config, "dtype", None)),
         )
+
+
+def _stored_width(dtype: Any) -> int:
+    """Bytes per weight of a config's dtype (a name or a torch.dtype); float32 where it has none."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else 4
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,14 @@ import pkgutil
 import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from unlearn_sweep.corpus.scratch import temporary_folder
 from unlearn_sweep.corpus.semeval import TaskData
 from unlearn_sweep.corpus.staging import staged_directory
+
+if TYPE_CHECKING:
+    from unlearn_sweep.methods.memory_plan import ModelShape
 
 # Called after every epoch with (epoch, checkpoint folder, whether it is the run's last
 # epoch): the model as it would be saved then (rank 0's folder; the folder is removed after
@@ -60,6 +63,11 @@ class Method:
         """The params with every device-dependent default (`None`) decided for the device this
         process trains on; unchanged where there is none."""
         return params
+
+    def checkpoint_bytes(self, shape: ModelShape, params: Any) -> int:
+        """The size of the checkpoint a run saves (its weights), from the model's shape: here a
+        whole model in the base's own dtype, as a merge writes it."""
+        return shape.total * shape.stored_width
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 from unlearn_sweep.corpus.scratch import temporary_folder
+from unlearn_sweep.methods.memory_plan import ModelShape
 from unlearn_sweep.methods.merge import MergeParams, merge_checkpoints
-from unlearn_sweep.methods.registry import register
+from unlearn_sweep.methods.registry import Method, register
 from unlearn_sweep.methods.training import (
     LossMethod,
     Step,
@@ -50,3 +51,6 @@ class TaskVector(LossMethod):
                 negated = MergeParams(models=finetuned, combination="task_arithmetic", weights=str(-params.scale))
                 merge_checkpoints(base_dir, out_dir, negated)
         return out_dir
+
+    def checkpoint_bytes(self, shape: ModelShape, params: TaskVectorParams) -> int:
+        return Method.checkpoint_bytes(self, shape, params)  # the negation is a merge: the base's dtype

@@ -48,6 +48,7 @@ from unlearn_sweep.corpus.scratch import temporary_folder
 from unlearn_sweep.corpus.semeval import TaskData, TaskRow
 from unlearn_sweep.corpus.staging import as_if_created_plainly
 from unlearn_sweep.corpus.tokens import labelled_counts, right_padded, summed_token_nll
+from unlearn_sweep.methods.memory_plan import ModelShape, trainable_parameters
 from unlearn_sweep.methods.registry import EpochCallback, Method, ParamError
 
 ADAPTERS = ("full", "lora", "qlora", "last_k")
@@ -687,6 +688,14 @@ class LossMethod(Method):
     ) -> Path:
         """The checkpoint this method's training produces (task vectors override it)."""
         return export_checkpoint(trainer, tokenizer, out_dir, params, base_dir)
+
+    def checkpoint_bytes(self, shape: ModelShape, params: Any) -> int:
+        """As `export_checkpoint` saves it: LoRA merged into the base's weights (their dtype) or
+        the adapter alone (fp32 at most); a full or last-k model in the dtype it trained in:
+        DeepSpeed casts the weights to bf16 under bf16, plain torch keeps them fp32 (autocast)."""
+        if params.adapter in ("lora", "qlora"):
+            return shape.total * shape.stored_width if params.merge_adapter else 4 * trainable_parameters(shape, params)
+        return shape.total * (2 if params.zero_stage >= 0 and params.bf16 else 4)
 
     def train(
         self,

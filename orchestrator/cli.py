@@ -341,6 +341,7 @@ def _plan(args: argparse.Namespace) -> int:
     from unlearn_sweep.orchestrator.config import load_config
     from unlearn_sweep.orchestrator.lengths import check_lengths, has_tokenizer
     from unlearn_sweep.orchestrator.plan import check_memory, format_plan, plan_sweep
+    from unlearn_sweep.orchestrator.storage import check_storage, format_storage, plan_storage
 
     config = load_config(args.config)
     rows = plan_sweep(config)
@@ -356,7 +357,10 @@ def _plan(args: argparse.Namespace) -> int:
         + ":"
     )
     print(format_plan(rows, config.workers))
+    storage = plan_storage(config)
+    print(format_storage(storage, config, config.max_concurrent_trials))
     check_memory(config, rows)
+    check_storage(config, storage, config.max_concurrent_trials or 1)
     return 0
 
 

@@ -208,6 +208,20 @@ class SweepConfig:
         return self.mlflow.tracking_uri
 
     @property
+    def merge_stage_name(self) -> str:
+        return f"{self.name}-merge"
+
+    @property
+    def confirmation_name(self) -> str:
+        return f"{self.name}-confirm"
+
+    @property
+    def stage_folders(self) -> list[Path]:
+        """The Tune experiment folders of the stages the sweep may run, under storage_path."""
+        names = [self.name, self.confirmation_name] + ([self.merge_stage_name] if self.merge_stage else [])
+        return [Path(self.storage_path, name) for name in names]
+
+    @property
     def checkpoints_kept(self) -> int | None:
         """How many of each stage's best distinct configurations keep their checkpoints (None:
         every trial's): at least the confirmation's top_k, among which the champion is chosen."""

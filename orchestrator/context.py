@@ -81,7 +81,7 @@ class TrialContext:
             cpu_per_worker=resources.cpu,
             gpu_per_worker=resources.gpu,
             train_storage_path=f"{experiment_path}/train",
-            source_cache=f"{experiment_path}/sources" if _caches_sources(config) else None,
+            source_cache=f"{experiment_path}/sources" if caches_sources(config) else None,
         )
 
     def confirming(self, confirm: Confirm) -> TrialContext:
@@ -106,7 +106,7 @@ class TrialContext:
         return EvalSets.load(self.data, self.split, self.mia, self.mmlu, self.mmlu_shots)
 
 
-def _caches_sources(config: SweepConfig) -> bool:
+def caches_sources(config: SweepConfig) -> bool:
     """A merge search keeps its trained sources to reuse where a source can be drawn again; the
     sweep deletes them when it completes."""
     return "merge" in config.methods and sources_can_recur(

@@ -37,8 +37,9 @@ class PlanRow:
         return self.available is None or self.estimate.total <= self.available
 
 
-def _worst_cases(method: str, space: dict[str, Any], workers: int) -> list[Any]:
-    """The method's Params at each memory-relevant combination of its space."""
+def worst_cases(method: str, space: dict[str, Any], workers: int, on_gpu: bool = True) -> list[Any]:
+    """The method's Params at each memory-relevant combination of its space; `bf16: auto`
+    decided as the trials' device decides it."""
     method_object = get_method(method)
     constants: dict[str, Any] = dict(MULTI_WORKER_DEFAULTS) if workers > 1 else {}
     options: dict[str, list[Any]] = {}
@@ -52,9 +53,9 @@ def _worst_cases(method: str, space: dict[str, Any], workers: int) -> list[Any]:
             constants[name] = int(max(value for distribution in sampled for value in choices_or_bounds(distribution)))
     combinations = [dict(zip(options, values, strict=True)) for values in itertools.product(*options.values())] or [{}]
     planned = [build_params(method_object, {**constants, **combination}) for combination in combinations]
-    # bf16's default follows the device; the plan is for GPUs, and those it is made for (Ampere or
-    # newer: A100, H100, H200) have bf16 units.
-    return [dataclasses.replace(p, bf16=True) if getattr(p, "bf16", False) is None else p for p in planned]
+    # bf16's default follows the device; the GPUs the plan is made for (Ampere or newer: A100,
+    # H100, H200) have bf16 units.
+    return [dataclasses.replace(p, bf16=on_gpu) if getattr(p, "bf16", False) is None else p for p in planned]
 
 
 def evaluation_bytes(shape: ModelShape, eval_dtype: str, batch_size: int) -> tuple[int, int]:
@@ -105,7 +106,7 @@ def plan_sweep(config: SweepConfig, longest: dict[str, int] | None = None) -> li
         )
         for name, origin, params_space in trained:
             trainer = get_method(name).Trainer
-            for params in _worst_cases(name, params_space, workers):
+            for params in worst_cases(name, params_space, workers):
                 if longest is not None:
                     params = dataclasses.replace(params, max_length=min(params.max_length, longest[origin]))
                 rows.append(

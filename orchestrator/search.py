@@ -304,6 +304,33 @@ def sources_can_recur(space: dict[str, Any]) -> bool:
     )
 
 
+def distinct_settings(space: dict[str, Any], cap: int) -> int:
+    """How many distinct settings a space of choices and integer ranges can draw, its conditions
+    followed (a parameter no condition holds for is not drawn), counted up to `cap`."""
+    entries = list(space.items())
+
+    def count(index: int, values: dict[str, Any]) -> int:
+        if index == len(entries):
+            return 1
+        name, entry = entries[index]
+        sampled = active_distribution(name, entry, values) if distributions(entry) else None
+        if not distributions(entry):
+            options = [entry]
+        elif sampled is None:
+            options = [None]
+        else:
+            low_high = choices_or_bounds(sampled[1])
+            options = low_high if "choice" in sampled[1] else range(int(low_high[0]), int(low_high[1]) + 1)
+        total = 0
+        for option in options:
+            total += count(index + 1, {**values, name: option})
+            if total >= cap:
+                return cap
+        return total
+
+    return count(0, {})
+
+
 def _sample(trial: optuna.Trial, space: dict[str, Any], prefix: str) -> dict[str, Any]:
     """Constants as they are, distributions sampled in order, conditions on earlier values."""
     values: dict[str, Any] = {}

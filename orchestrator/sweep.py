@@ -46,6 +46,7 @@ from unlearn_sweep.orchestrator.retention import CheckpointRetention
 from unlearn_sweep.orchestrator.search import make_searcher, merge_stage_searcher, search_algorithm, study_exists
 from unlearn_sweep.orchestrator.selection import crown, merge_source_picks, select, trial_entries
 from unlearn_sweep.orchestrator.stopping import handling, leave_closed_terminal, stop_signals
+from unlearn_sweep.orchestrator.storage import check_storage, plan_storage
 from unlearn_sweep.orchestrator.submission import configuration_key, submitted_setup
 from unlearn_sweep.orchestrator.trial import decision_epochs, run_trial
 
@@ -296,9 +297,9 @@ class Sweep:
         self.storage = config.storage_path.rstrip("/")
         self.search = Stage("its search", config.name, config.trials)
         self.merge = (
-            Stage("its merge stage", f"{config.name}-merge", config.merge_stage.trials) if config.merge_stage else None
+            Stage("its merge stage", config.merge_stage_name, config.merge_stage.trials) if config.merge_stage else None
         )
-        self.confirmation_name = f"{config.name}-confirm"  # its trials are counted once the search has ended
+        self.confirmation_name = config.confirmation_name  # its trials are counted once the search has ended
 
     def _path(self, name: str) -> str:
         """Where the Tune experiment of that name (a stage's) lives."""
@@ -339,8 +340,7 @@ class Sweep:
         """A resume whose Tune state is cut short is refused; the sweep's records then say it was
         interrupted (its killed driver left them RUNNING), as they would after a Ctrl-C."""
         config = self.config
-        names = [self.search.name, self.confirmation_name] + ([self.merge.name] if self.merge else [])
-        cut = next(filter(None, (cut_state_file(self._path(name)) for name in names)), None)
+        cut = next(filter(None, (cut_state_file(str(path)) for path in config.stage_folders)), None)
         if cut is None:
             return
         mlflow = tracking.client(config.tracking_uri)
@@ -383,6 +383,7 @@ class Sweep:
         config = self.config
         _start_ray(config, self.verbose)
         _check_placeable(config)  # before MLflow is touched: nothing is left behind by a bad config
+        check_storage(config, plan_storage(config), _max_concurrent(config))
         self.mlflow = tracking.client(config.tracking_uri)
         self.experiment = tracking.experiment_id(self.mlflow, config.experiment)
         self.parent_run_id, self.threshold = _parent_run(self.mlflow, self.experiment, config, self.resume)

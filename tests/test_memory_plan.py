@@ -1,5 +1,6 @@
 """The memory plan: estimates from a config.json alone, checked against DeepSpeed's own
-estimators, and a sweep refused before launch when its trials cannot fit."""
+estimators, and a sweep refused before launch when its trials cannot fit; the storage plan:
+what a sweep holds on storage_path at most, refused where its file system cannot hold it."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from pathlib import Path
 import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-from test_sweep import write_config
+from test_sweep import FIXED_NPO, write_config
 from unlearn_sweep.methods.memory_plan import GIB, ModelShape, model_state_bytes
 from unlearn_sweep.methods.registry import build_params, get_method
+from unlearn_sweep.orchestrator import storage
 from unlearn_sweep.orchestrator.cli import main
 from unlearn_sweep.orchestrator.config import ConfigError, load_config
 from unlearn_sweep.orchestrator.plan import check_memory
+from unlearn_sweep.orchestrator.storage import Held, plan_storage
 
 # Published OLMo-2 shapes (allenai/OLMo-2-1124-7B; a 1B with OLMo-1B's tied embeddings).
 OLMO2 = {
@@ -91,7 +94,7 @@ def test_fp32_zero_keeps_its_own_fp32_partition(shapes) -> None:
 
 
 def test_full_npo_7b_fits_zero3_on_8_gpus_and_not_one(
-    toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = write_olmo2_config(tmp_path / "olmo2-7b", "7B")
     npo = {"adapter": "full", "bf16": True, "batch_size": 16, "max_length": 256}
@@ -106,6 +109,7 @@ def test_full_npo_7b_fits_zero3_on_8_gpus_and_not_one(
     )
     rows = check_memory(load_config(fits))
     assert rows and all(row.fits for row in rows)
+    monkeypatch.setattr(storage, "free_bytes", lambda folder: 2**50)  # its storage is another test's
     assert main(["plan", str(fits)]) == 0
     assert "npo" in capsys.readouterr().out
 
@@ -187,7 +191,7 @@ def test_a_vllm_engines_share_of_the_gpu_is_planned(toy_task_dir: Path, tmp_path
 
 
 def test_the_plan_is_made_at_the_longest_example_the_trials_train_on(
-    toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A batch pads to its longest example, not to max_length: planned at max_length (512 by
     default), a sweep whose data is shorter was refused memory it never needs."""
@@ -202,10 +206,75 @@ def test_the_plan_is_made_at_the_longest_example_the_trials_train_on(
     assert main(["plan", str(path)]) == 0  # at 512 tokens: 2.70 GiB, refused
     out = capsys.readouterr().out
     assert "length: the longest example trials train on, in the model's tokens" in out
-    assert {line.split()[6] for line in out.splitlines()[2:]} == {"91"}  # the toy task's longest row
+    assert {line.split()[6] for line in out.splitlines()[2:-1]} == {"91"}  # the toy task's longest row
     # A folder of config.json alone has no tokenizer: planned at max_length, as it says.
+    monkeypatch.setattr(storage, "free_bytes", lambda folder: 2**50)  # a 1B's checkpoints: not this test's
     model = write_olmo2_config(tmp_path / "olmo2-1b", "1B")
     sized = write_config(tmp_path / "sized", toy_task_dir, model=str(model), methods=["npo"], search_space_overrides={})
     assert main(["plan", str(sized)]) == 0
     out = capsys.readouterr().out
-    assert "length: max_length (no tokenizer)" in out and {line.split()[6] for line in out.splitlines()[2:]} == {"512"}
+    assert "length: max_length (no tokenizer)" in out and {line.split()[6] for line in out.splitlines()[2:-1]} == {
+        "512"
+    }
+
+
+def test_the_storage_plan_counts_what_each_stage_keeps(
+    toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = write_olmo2_config(tmp_path / "olmo2-7b", "7B")  # no dtype in its config: stored in float32
+    total = ModelShape.from_config(model).total
+
+    def planned(**overrides) -> tuple[Held, ...]:
+        config = load_config(
+            write_config(
+                tmp_path / "s",
+                toy_task_dir,
+                **{
+                    "model": str(model),
+                    "trials": 100,
+                    "resources_per_trial": {"cpu": 8, "gpu": 1, "workers": 8},
+                    **overrides,
+                },
+            )
+        )
+        plan = plan_storage(config)
+        assert plan.need(3) == sum(held.count * held.size for held in plan.held) + 3 * plan.running
+        return plan.held, plan.running
+
+    # Full NPO under ZeRO saves bf16 weights; the merge stage's merges are in the base's float32.
+    stages = {
+        "methods": ["npo"],
+        "search_space_overrides": {"npo": {"adapter": "full", "zero_stage": {"choice": [2, 3]}, "bf16": True}},
+        "merge_stage": {"trials": 8},
+        "confirm": {"top_k": 3},
+    }
+    held, running = planned(**stages)
+    assert held == (
+        Held("search", 5 + 2, 2 * total),  # the 5 best configurations and the merge stage's two picks
+        Held("merge stage", 5, 4 * total),
+        Held("confirmation", 3, 4 * total),
+    )
+    assert running == 2 * 4 * total
+    held, _ = planned(**stages, keep_checkpoints="all")
+    assert [(h.what, h.count) for h in held] == [("search", 100), ("merge stage", 8), ("confirmation", 3)]
+    # plain torch keeps float32 weights under bf16 (autocast); a merge search caches each distinct source
+    sources = {"over": {**FIXED_NPO, "adapter": {"choice": ["full", "lora"]}}, "under": FIXED_NPO}
+    held, _ = planned(
+        methods=["merge"],
+        search_space_overrides={"merge": {"sources": sources}},
+        resources_per_trial={"cpu": 8, "gpu": 1},  # a merge trial is one process
+    )
+    # over: full, or lora at 3 ranks x 3 alphas (drawn only under lora); under: one setting
+    assert held == (Held("search", 5, 4 * total), Held("merge sources", 1 + 3 * 3 + 1, 4 * total))
+
+    # plan prints it, and exits 2 where the file system cannot hold it
+    path = write_config(tmp_path / "p", toy_task_dir, model=str(model), methods=["npo"], search_space_overrides={})
+    monkeypatch.setattr(storage, "free_bytes", lambda folder: 2**50)
+    assert main(["plan", str(path)]) == 0
+    assert "GiB at once (search 2 x 27.19 GiB, 2 x 27.19 GiB per running trial, one running" in capsys.readouterr().out
+    monkeypatch.setattr(storage, "free_bytes", lambda folder: 100 * GIB)
+    assert main(["plan", str(path)]) == 2
+    assert (
+        f"field 'storage_path': {tmp_path / 'p' / 'runs'} has 100.0 GiB free, and the sweep may hold 108.8 GiB there"
+        in capsys.readouterr().err
+    )

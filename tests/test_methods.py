@@ -24,6 +24,7 @@ from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.evaluation.inference import answer_nll, document_loss, load_model
 from unlearn_sweep.evaluation.options import EvalOptions
 from unlearn_sweep.methods.entities import entity_spans
+from unlearn_sweep.methods.memory_plan import ModelShape
 from unlearn_sweep.methods.merge import MergeParams, della_drop, merge_checkpoints, merge_deltas, trim
 from unlearn_sweep.methods.registry import ParamError, build_params, get_method, method_names, run_method
 from unlearn_sweep.methods.training import MicroBatch, schedule, training_arguments
@@ -145,6 +146,21 @@ def test_mia_target_moves_members_toward_unseen_documents(
     assert mmlu_accuracy(out, toy_task_dir) >= 0.75 * base_mmlu
 
 
+def assert_planned_size(checkpoint: Path, method: str, settings: dict[str, Any], base: Path) -> None:
+    """The storage plan's size of a run's checkpoint is what it saved: its weights' bytes
+    (exactly, or at most for a LoRA adapter saved alone, planned as fp32)."""
+    method_object = get_method(method)
+    params = method_object.for_this_device(build_params(method_object, settings))
+    planned = method_object.checkpoint_bytes(ModelShape.from_config(base), params)
+    saved = sum(
+        tensor.numel() * tensor.element_size()
+        for path in checkpoint.glob("*.safetensors")
+        for tensor in load_file(path).values()
+    )
+    adapter_alone = (checkpoint / "adapter_config.json").exists()
+    assert saved > 0 and (saved <= planned if adapter_alone else saved == planned), (saved, planned)
+
+
 def test_lora_and_last_k_layers(toy_task_dir: Path, task, tmp_path: Path) -> None:
     lora = run_method(
         "grad_diff",
@@ -154,6 +170,7 @@ def test_lora_and_last_k_layers(toy_task_dir: Path, task, tmp_path: Path) -> Non
         {"adapter": "lora", "learning_rate": 1e-3, "epochs": 1},
     )
     assert (lora / "model.safetensors").exists() and not (lora / "adapter_config.json").exists()
+    assert_planned_size(lora, "grad_diff", {"adapter": "lora"}, toy_task_dir / "model")  # the base's dtype
     qlora = run_method(
         "grad_diff",
         toy_task_dir / "model",
@@ -173,6 +190,7 @@ def test_lora_and_last_k_layers(toy_task_dir: Path, task, tmp_path: Path) -> Non
     base, changed = load_file(toy_task_dir / "model" / "model.safetensors"), load_file(last / "model.safetensors")
     assert torch.equal(base["model.layers.0.mlp.up_proj.weight"], changed["model.layers.0.mlp.up_proj.weight"])
     assert not torch.equal(base["model.layers.3.mlp.up_proj.weight"], changed["model.layers.3.mlp.up_proj.weight"])
+    assert_planned_size(last, "grad_ascent", {"adapter": "last_k"}, toy_task_dir / "model")
 
 
 @pytest.mark.parametrize(
@@ -476,12 +494,14 @@ def test_lora_adapter_merge(toy_task_dir: Path, task, tmp_path: Path) -> None:
         for name, lr in (("over", 3e-3), ("under", 3e-4))
     ]
     assert all((a / "adapter_config.json").exists() for a in adapters)
+    assert_planned_size(adapters[0], "npo", {"adapter": "lora", "merge_adapter": False}, base)
     out = run_method(
         "merge", base, task, tmp_path / "merged", {"models": ",".join(map(str, adapters)), "combination": "ties"}
     )
     name = "model.layers.0.self_attn.q_proj.weight"
     original = load_file(base / "model.safetensors")[name]
     assert not torch.equal(load_file(out / "model.safetensors")[name], original)
+    assert_planned_size(out, "merge", {"models": ",".join(map(str, adapters))}, base)
     # task arithmetic's scale reaches peft's cat: twice the scale, twice the merged delta
     deltas = []
     for scale in (1.0, 2.0):
@@ -501,6 +521,15 @@ def test_bf16_keeps_fp32_master_weights(toy_task_dir: Path, task, tmp_path: Path
     assert trained[name].dtype == torch.float32
     changed = (trained[name] != base[name]).float().mean().item()
     assert changed > 0.5, changed
+    assert_planned_size(out, "grad_diff", {"bf16": True}, toy_task_dir / "model")  # autocast: fp32 weights saved
+
+
+def test_deepspeed_bf16_saves_bf16_weights_as_the_storage_plan_counts(toy_task_dir: Path, task, tmp_path: Path) -> None:
+    # The engine casts the module to bf16 (fp32 master weights live in the optimizer): half the bytes.
+    settings = {"epochs": 1, "zero_stage": 2, "bf16": True}
+    out = run_method("grad_diff", toy_task_dir / "model", task, tmp_path / "zero2", settings)
+    assert load_file(out / "model.safetensors")["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    assert_planned_size(out, "grad_diff", settings, toy_task_dir / "model")
 
 
 def test_gradient_checkpointing_trains_the_same_model(toy_task_dir: Path, task, tmp_path: Path) -> None:
@@ -555,6 +584,7 @@ def test_task_vector_moves_tied_embeddings_once(toy_task_dir: Path, task, tmp_pa
     # tied tensor (once as embed_tokens, once as lm_head) breaks that for the embedding.
     for name in ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"):
         assert torch.allclose(twice[name] - base[name], 2 * (once[name] - base[name]), atol=1e-6), name
+    assert_planned_size(tmp_path / "s1", "task_vector", {}, toy_task_dir / "model")
 
 
 def test_qlora_scores_what_it_saves(toy_task_dir: Path, task, tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ from unlearn_sweep.evaluation import vllm_inference
 from unlearn_sweep.evaluation.eligibility import Limits, TrialObjective, epoch_objective
 from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
 from unlearn_sweep.methods.registry import run_method
-from unlearn_sweep.orchestrator import tracking
+from unlearn_sweep.orchestrator import storage, tracking
 from unlearn_sweep.orchestrator.cli import _report, main
 from unlearn_sweep.orchestrator.config import ConfigError, Confirm, load_config
 from unlearn_sweep.orchestrator.context import TrialContext
@@ -1141,13 +1141,22 @@ def test_a_completed_merge_search_trained_its_sources_once_and_deletes_them(
 
 
 @pytest.mark.e2e
-def test_trial_that_can_never_be_placed_is_refused_before_mlflow(local_ray, toy_task_dir: Path, tmp_path: Path) -> None:
+def test_trial_that_can_never_be_placed_is_refused_before_mlflow(
+    local_ray, toy_task_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = write_config(tmp_path, toy_task_dir, name="too-big", resources_per_trial={"cpu": 64})
     with pytest.raises(
         ConfigError, match=r"field 'resources_per_trial': a trial needs 64 CPU, and this machine's Ray has 2"
     ):
         run_sweep(load_config(path))
     assert not (tmp_path / "mlflow.db").exists()
+    # A file system that cannot hold the checkpoints the sweep may keep, with as many trials
+    # running as this Ray holds: refused, nothing written.
+    monkeypatch.setattr(storage, "free_bytes", lambda folder: 5 * 2**20)
+    config = load_config(write_config(tmp_path, toy_task_dir, name="too-full", trials=8))
+    with pytest.raises(ConfigError, match=r"field 'storage_path': .* has 0.0 GiB free, .*, 2 running\); lower"):
+        run_sweep(config)
+    assert not (tmp_path / "mlflow.db").exists() and list(Path(config.storage_path).iterdir()) == []
 
 
 @pytest.mark.e2e

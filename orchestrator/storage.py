@@ -1,0 +1,140 @@
+"""What a sweep holds on storage_path at most, planned before it starts, and refused where the
+file system cannot hold it: a 7B sweep fills hundreds of GiB, and a disk found full at its
+tenth trial fails that trial and every one after it.
+
+A checkpoint is a whole model (`Method.checkpoint_bytes`: OLMo-2 7B is 27 GiB in float32).
+Each stage keeps its ended trials' checkpoints that can still matter (`retention.py`: the
+`keep_checkpoints` best distinct configurations and the merge stage's picks; every one with
+`keep_checkpoints: all`), the confirmation keeps all of its `top_k`, and a running trial
+holds its best epoch's and, while Tune copies a better one in, that one too. A merge search
+whose sources can recur caches each distinct source it trains until the sweep completes.
+Not counted: the champion's copy in MLflow's artifact store, and what trials keep on their
+node's local disk (the epoch being scored, a merge's uncached sources)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unlearn_sweep.methods.memory_plan import GIB, ModelShape
+from unlearn_sweep.methods.registry import get_method
+from unlearn_sweep.orchestrator.config import STAGE_SELECTORS, ConfigError, SweepConfig
+from unlearn_sweep.orchestrator.context import caches_sources
+from unlearn_sweep.orchestrator.plan import worst_cases
+from unlearn_sweep.orchestrator.search import distinct_settings, load_space
+
+RUNNING_COPIES = 2  # a running trial's best checkpoint and the better one Tune copies in before removing it
+
+
+@dataclass(frozen=True)
+class Held:
+    """Checkpoints of one kind a sweep may hold at once."""
+
+    what: str  # "search", "merge stage", "confirmation", "merge sources"
+    count: int
+    size: int  # bytes of the largest of them
+
+    @property
+    def total(self) -> int:
+        return self.count * self.size
+
+
+@dataclass(frozen=True)
+class StoragePlan:
+    held: tuple[Held, ...]  # those of ended trials, and cached sources
+    running: int  # bytes one running trial holds at most
+
+    def need(self, concurrent: int) -> int:
+        """Bytes on storage_path at most, with `concurrent` trials running."""
+        return sum(held.total for held in self.held) + concurrent * self.running
+
+
+def _largest_checkpoint(method: str, space: dict[str, Any], on_gpu: bool, shape: ModelShape) -> int:
+    method_object = get_method(method)
+    return max(method_object.checkpoint_bytes(shape, params) for params in worst_cases(method, space, 1, on_gpu))
+
+
+def plan_storage(config: SweepConfig) -> StoragePlan:
+    shape = ModelShape.from_config(config.model)
+    on_gpu = config.resources_per_trial.gpu > 0
+    kept = config.checkpoints_kept
+    held = []
+    searched, sources = 0, None
+    for method in config.methods:
+        space = load_space(method, config.search_space_overrides.get(method))
+        if "sources" not in space:
+            searched = max(searched, _largest_checkpoint(method, space["params"], on_gpu, shape))
+            continue
+        searched = max(searched, get_method(method).checkpoint_bytes(shape, None))
+        if caches_sources(config):
+            drawn = config.trials  # each trial draws one setting of every source
+            distinct = sum(distinct_settings(entries, drawn) for entries in space["sources"].values())
+            size = max(
+                _largest_checkpoint(space["source_method"], entries, on_gpu, shape)
+                for entries in space["sources"].values()
+            )
+            sources = Held("merge sources", distinct, size)
+    stage = config.merge_stage
+    picks = sum(source in STAGE_SELECTORS for source in stage.sources) if stage else 0
+    held.append(Held("search", min(config.trials, config.trials if kept is None else kept + picks), searched))
+    largest = searched
+    if stage is not None:
+        merged = get_method("merge").checkpoint_bytes(shape, None)
+        held.append(Held("merge stage", min(stage.trials, stage.trials if kept is None else kept), merged))
+        largest = max(largest, merged)
+    if config.confirm is not None:
+        held.append(Held("confirmation", config.confirm.top_k, largest))
+    if sources is not None:
+        held.append(sources)
+        largest = max(largest, sources.size)
+    return StoragePlan(tuple(held), RUNNING_COPIES * largest)
+
+
+def format_storage(plan: StoragePlan, config: SweepConfig, concurrent: int | None) -> str:
+    """The plan's line: what the sweep holds at most on storage_path, and the free space there."""
+    running = (
+        f"{concurrent} running"
+        if concurrent
+        else f"one running; each further one +{plan.running / GIB:.1f} GiB (max_concurrent_trials unset)"
+    )
+    return (
+        f"storage_path {config.storage_path}: at most {plan.need(concurrent or 1) / GIB:.1f} GiB at once "
+        f"({_parts(plan)}, {running}); {free_bytes(Path(config.storage_path)) / GIB:.1f} GiB free"
+    )
+
+
+def _parts(plan: StoragePlan) -> str:
+    held = ", ".join(f"{held.what} {held.count} x {held.size / GIB:.2f} GiB" for held in plan.held)
+    return f"{held}, {RUNNING_COPIES} x {plan.running / RUNNING_COPIES / GIB:.2f} GiB per running trial"
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space of the file system the folder is (or will be) on."""
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    return shutil.disk_usage(existing).free
+
+
+def used_bytes(folder: Path) -> int:
+    """What a folder holds already (a resumed sweep's checkpoints count against its plan)."""
+    if not folder.exists():
+        return 0
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file() and not path.is_symlink())
+
+
+def check_storage(config: SweepConfig, plan: StoragePlan, concurrent: int) -> None:
+    """A ConfigError where storage_path's file system cannot hold what the sweep may hold at
+    once; a resumed sweep's stage folders already hold part of it."""
+    used = sum(used_bytes(folder) for folder in config.stage_folders)
+    need = plan.need(concurrent)
+    free = free_bytes(Path(config.storage_path))
+    if need - used > free:
+        already = f", {used / GIB:.1f} GiB of it there already" if used else ""
+        raise ConfigError(
+            config.source,
+            f"{config.storage_path} has {free / GIB:.1f} GiB free, and the sweep may hold {need / GIB:.1f} GiB "
+            f"there at once ({_parts(plan)}, {concurrent} running{already}); lower keep_checkpoints or "
+            "max_concurrent_trials, or use a larger file system",
+            field="storage_path",
+        )
