@@ -120,7 +120,7 @@ def main() -> None:
             for stage in (0, 3):
                 params = build_params(get_method("npo"), {**SETTINGS, "zero_stage": stage})
                 trainer = get_method("npo").Trainer
-                plan = estimate(shape, params, trainer.uses_reference, trainer.forwards, 2)
+                plan = estimate(shape, params, trainer, 2)
                 planned[stage] = plan.model_states + plan.reference + plan.activations
                 measured[stage] = run(stage, model_dir, args.task, Path(scratch))
         finally:

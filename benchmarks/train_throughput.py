@@ -65,7 +65,7 @@ def measure(model_dir: Path, task, mode: str, batch: int, length: int, steps: in
     per_example = sum(len(ids) for ids, _ in forget) / len(forget) + sum(len(ids) for ids, _ in retain) / len(retain)
     tokens = (len(timed) - 1) * batch * per_example
     shape = ModelShape.from_config(model_dir)
-    plan = estimate(shape, params, method.Trainer.uses_reference, method.Trainer.forwards, 1)
+    plan = estimate(shape, params, method.Trainer, 1)
     return {
         "mode": mode,
         "bf16": params.bf16,

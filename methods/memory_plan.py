@@ -6,8 +6,10 @@ ZeRO 0-3 and CPU offload: under bf16, 2 bytes per weight and 18 per trainable pa
 gradient, fp32 gradient, fp32 master weight, two fp32 Adam moments; in fp32, ZeRO 1-3 still keep
 a separate fp32 partition), the reference model of KL/NPO methods,
 activations of the micro-batch (with or without gradient checkpointing), and a fixed
-allowance for the CUDA context and allocator. Activations follow Korthikanti et al. (2022)
-with memory-efficient attention (no s^2 term) plus the vocabulary-sized logits."""
+allowance for the CUDA context and allocator. A decoder layer's activations are measured: what
+autograd saves for the backward of one layer's forward, per token, run on the meta device
+(nothing is computed), with memory-efficient attention (no s^2 term); plus the vocabulary-sized
+logits."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from unlearn_sweep.corpus.checkpoints import read_model_config
 GIB = 1024**3
 CUDA_CONTEXT_BYTES = 1 * GIB  # CUDA context, NCCL buffers, allocator slack
 QLORA_BYTES = 0.5 + 4 / 64  # an NF4 weight plus its share of one fp32 absmax per block of 64
+PROBE_TOKENS = 61  # the probe forward's length: a prime no model dimension is, so the token axis is told apart
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,9 @@ class ModelShape:
     kv_width: int = 0  # key/value heads x head size: one layer's KV cache per token is 2 x this
     model_type: str = ""  # config.json's model_type
     stored_width: int = 4  # bytes per weight as the checkpoint stores them (config.json's dtype; float32 if unsaid)
+    # bytes one decoder layer's forward keeps for its backward per token, in a bf16 and an fp32 model
+    layer_activations_16: float = 0.0
+    layer_activations_32: float = 0.0
 
     @classmethod
     def from_config(cls, model_dir: str | Path) -> ModelShape:
@@ -64,7 +70,39 @@ class ModelShape:
             * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads),
             model_type=config.model_type,
             stored_width=_stored_width(getattr(config, "dtype", None)),
+            layer_activations_16=saved_per_token(model, torch.bfloat16),
+            layer_activations_32=saved_per_token(model, torch.float32),
         )
+
+
+def saved_per_token(model: torch.nn.Module, dtype: torch.dtype) -> float:
+    """Bytes the first decoder layer's forward keeps for its backward, per token, as autograd
+    saves them with the model in `dtype` (a model on the meta device: shapes only). Counted: the
+    saved tensors with one token axis; left out: weights (none) and attention scores (two: the
+    memory-efficient kernels GPUs train with keep none). A view saved beside its tensor counts
+    twice (about 10% over, measured on OLMo-2)."""
+    model = model.to(dtype)
+    saved: dict[int, tuple[torch.Tensor, int]] = {}  # by id; the tensor held so that no id is reused
+    inside = [False]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if inside[0] and list(tensor.shape).count(PROBE_TOKENS) == 1:
+            saved[id(tensor)] = (tensor, tensor.numel() * tensor.element_size())
+        return tensor
+
+    layer = model.model.layers[0]
+    hooks = [
+        layer.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True)),
+        layer.register_forward_hook(lambda *_: inside.__setitem__(0, False)),
+    ]
+    try:
+        probe = torch.zeros((1, PROBE_TOKENS), dtype=torch.long, device=next(model.parameters()).device)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(input_ids=probe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(size for _, size in saved.values()) / PROBE_TOKENS
 
 
 def _stored_width(dtype: Any) -> int:
@@ -113,8 +151,10 @@ def model_state_bytes(shape: ModelShape, params: Any, workers: int) -> int:
         weights = int(shape.linear * QLORA_BYTES + (shape.total - shape.linear) * (2 if params.bf16 else 4))
         return weights + (16 if params.zero_stage < 1 else 4 + 12 // workers) * trainable
     if params.zero_stage < 0:
-        # Plain torch: fp32 weights (the master copy; bf16 is autocast), fp32 gradient and two Adam moments.
-        return 4 * shape.total + 12 * trainable
+        # Plain torch: fp32 weights (the master copy), fp32 gradient and two Adam moments; under
+        # bf16, autocast's bf16 copy of every weight a matmul reads, held for the backward.
+        copies = 2 * (shape.linear + shape.vocab * shape.hidden) if params.bf16 else 0
+        return 4 * shape.total + 12 * trainable + copies
     weight = 2 if params.bf16 else 4
     gradient16 = 2 if params.bf16 else 0  # the 16-bit gradient beside the fp32 one
     # fp32 gradient, fp32 master weight and two Adam moments; ZeRO 1-3 keep their own fp32 partition
@@ -144,33 +184,41 @@ def reference_bytes(shape: ModelShape, params: Any, uses_reference: bool, worker
     return weight * shape.total // (workers if params.zero_stage == 3 else 1)
 
 
-def activation_bytes(shape: ModelShape, params: Any, forwards: int, workers: int) -> int:
-    """Saved activations of one micro-batch on one GPU, for each forward pass that keeps a graph."""
-    tokens = max(1, params.batch_size // workers) * params.max_length
+def activation_bytes(shape: ModelShape, params: Any, trainer: Any, workers: int) -> int:
+    """Saved activations of one micro-batch on one GPU, for each forward pass that keeps a graph
+    (`trainer.forwards`), over the layers it runs and the positions it takes logits at
+    (`trainer.forward_extent`)."""
+    rows = max(1, params.batch_size // workers)
+    tokens = rows * params.max_length
     width = 2 if params.bf16 else 4
-    per_layer = tokens * shape.hidden * 17 * width  # 34 bytes/token/hidden in 16-bit, attention memory-efficient
+    # Plain torch's autocast keeps its fp32 residual stream beside bf16 matmul inputs: about 10%
+    # under the bf16 model's figure (which counts views apart), measured on a CPU.
+    per_layer = int(tokens * (shape.layer_activations_16 if params.bf16 else shape.layer_activations_32))
+    stream = 2 if params.bf16 and (params.zero_stage >= 0 or params.adapter == "qlora") else 4  # a bf16 model's
+    layers_run, every_position = trainer.forward_extent(params, shape.layers)
     layers = (
-        tokens * shape.hidden * width * shape.layers + per_layer
+        tokens * shape.hidden * stream * layers_run + per_layer  # each layer's input, and one layer's whole
         if params.gradient_checkpointing
-        else per_layer * shape.layers
+        else per_layer * layers_run
     )
-    logits = tokens * shape.vocab * (width + 4 + 4)  # logits, their fp32 cast, the loss's softmax gradient
-    return forwards * (layers + logits)
+    positions = tokens if every_position else rows
+    logits = positions * shape.vocab * (width + 4 + 4)  # logits, their fp32 cast, the loss's softmax gradient
+    return trainer.forwards * (layers + logits)
 
 
 def estimate(
     shape: ModelShape,
     params: Any,
-    uses_reference: bool,
-    forwards: int,
+    trainer: Any,
     workers: int,
     evaluation: tuple[int, int] = (0, 0),
 ) -> Estimate:
-    """Peak bytes per GPU; `evaluation`: what the per-epoch evaluation takes beside the training
-    engine, (copy, working set): see orchestrator/plan.py."""
+    """Peak bytes per GPU of a run of the method whose UnlearningTrainer subclass is `trainer`;
+    `evaluation`: what the per-epoch evaluation takes beside the training engine, (copy,
+    working set): see orchestrator/plan.py."""
     return Estimate(
         model_state_bytes(shape, params, workers),
-        reference_bytes(shape, params, uses_reference, workers),
-        activation_bytes(shape, params, forwards, workers),
+        reference_bytes(shape, params, trainer.uses_reference, workers),
+        activation_bytes(shape, params, trainer, workers),
         *evaluation,
     )

@@ -97,6 +97,10 @@ class RmuTrainer(UnlearningTrainer):
     uses_reference = True
     forwards = 2
 
+    @classmethod
+    def forward_extent(cls, params: RmuParams, layers: int) -> tuple[int, bool]:
+        return min(params.layer + 2, layers), False  # as layer_activations runs the model
+
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         hidden = self.model.config.hidden_size

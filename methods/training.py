@@ -344,6 +344,12 @@ class UnlearningTrainer(Trainer):
         1  # forward passes per step that keep a graph (forget, retain): the memory plan's activations
     )
 
+    @classmethod
+    def forward_extent(cls, params: Any, layers: int) -> tuple[int, bool]:
+        """What a loss's forward pass runs, for the memory plan: (decoder layers, whether it
+        takes logits at every position or at each row's last alone)."""
+        return layers, True
+
     def __init__(self, *args: Any, params: Any, plan: list[MicroBatch], reference: Any = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.params, self.plan = params, plan

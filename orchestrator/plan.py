@@ -67,7 +67,8 @@ def evaluation_bytes(shape: ModelShape, eval_dtype: str, batch_size: int) -> tup
     transient activations."""
     width = {"float32": 4, "auto": 4}.get(eval_dtype, 2)
     tokens = batch_size * TOKENS_PER_ROW
-    layer = tokens * shape.hidden * 17 * width  # as in training, without anything kept for a backward pass
+    # one layer's intermediates: what training's forward of a layer keeps, here freed as it ends
+    layer = int(tokens * (shape.layer_activations_16 if width == 2 else shape.layer_activations_32))
     kv_cache = tokens * 2 * shape.layers * shape.kv_width * width
     logits = LOGIT_ELEMENTS if shape.model_type in PLAIN_HEAD_MODELS else tokens * shape.vocab
     loss_pass = tokens * shape.hidden * width + logits * (width + 4 + 4)  # logits, float32 cast, log-softmax
@@ -113,7 +114,7 @@ def plan_sweep(config: SweepConfig, longest: dict[str, int] | None = None) -> li
                     PlanRow(
                         name,
                         params,
-                        estimate(shape, params, trainer.uses_reference, trainer.forwards, workers, evaluation),
+                        estimate(shape, params, trainer, workers, evaluation),
                         available,
                         shape,
                         origin,
@@ -143,8 +144,7 @@ def _fix(row: PlanRow, config: SweepConfig) -> str:
             estimate(
                 row.shape,
                 params,
-                trainer.uses_reference,
-                trainer.forwards,
+                trainer,
                 workers,
                 (row.estimate.evaluation, row.estimate.evaluation_work),
             ).total
