@@ -69,6 +69,10 @@ class Method:
         whole model in the base's own dtype, as a merge writes it."""
         return shape.total * shape.stored_width
 
+    def export_scratch_bytes(self, shape: ModelShape, params: Any) -> int:
+        """What saving a checkpoint holds in temporary folders beside it (none here)."""
+        return 0
+
 
 METHODS: dict[str, type[Method]] = {}
 

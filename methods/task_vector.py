@@ -54,3 +54,7 @@ class TaskVector(LossMethod):
 
     def checkpoint_bytes(self, shape: ModelShape, params: TaskVectorParams) -> int:
         return Method.checkpoint_bytes(self, shape, params)  # the negation is a merge: the base's dtype
+
+    def export_scratch_bytes(self, shape: ModelShape, params: TaskVectorParams) -> int:
+        # the fine-tuned model, saved whole, until the negation is written
+        return super().checkpoint_bytes(shape, dataclasses.replace(params, merge_adapter=True))

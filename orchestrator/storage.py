@@ -8,12 +8,16 @@ Each stage keeps its ended trials' checkpoints that can still matter (`retention
 `keep_checkpoints: all`), the confirmation keeps all of its `top_k`, and a running trial
 holds its best epoch's and, while Tune copies a better one in, that one too. A merge search
 whose sources can recur caches each distinct source it trains until the sweep completes.
-Not counted: the champion's copy in MLflow's artifact store, and what trials keep on their
-node's local disk (the epoch being scored, a merge's uncached sources)."""
+Beside, a running trial keeps in its node's TMPDIR the epoch being scored and those screening
+holds, a task vector's fine-tuned model while it is negated, a merge's uncached sources:
+checked on a local Ray, whose trials' TMPDIR is this machine's. Not counted: the champion's
+copy in MLflow's artifact store."""
 
 from __future__ import annotations
 
 import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,38 +48,48 @@ class Held:
 @dataclass(frozen=True)
 class StoragePlan:
     held: tuple[Held, ...]  # those of ended trials, and cached sources
-    running: int  # bytes one running trial holds at most
+    running: int  # bytes one running trial holds on storage_path at most
+    local: int  # bytes one running trial holds on its node's TMPDIR at most
 
     def need(self, concurrent: int) -> int:
         """Bytes on storage_path at most, with `concurrent` trials running."""
         return sum(held.total for held in self.held) + concurrent * self.running
 
 
-def _largest_checkpoint(method: str, space: dict[str, Any], on_gpu: bool, shape: ModelShape) -> int:
+def _largest(method: str, space: dict[str, Any], on_gpu: bool, measure: Callable[[Any, Any], int]) -> int:
+    """The largest `measure(method_object, params)` over the memory plan's worst cases of the space."""
     method_object = get_method(method)
-    return max(method_object.checkpoint_bytes(shape, params) for params in worst_cases(method, space, 1, on_gpu))
+    return max(measure(method_object, params) for params in worst_cases(method, space, 1, on_gpu))
 
 
 def plan_storage(config: SweepConfig) -> StoragePlan:
     shape = ModelShape.from_config(config.model)
     on_gpu = config.resources_per_trial.gpu > 0
     kept = config.checkpoints_kept
+    # an epoch being scored, those screening holds until the next decision (evaluation/staged.py)
+    scored = 1 + (config.eval.screen_hold if config.eval.screen else 0)
     held = []
-    searched, sources = 0, None
+    searched, local, sources = 0, 0, None
     for method in config.methods:
         space = load_space(method, config.search_space_overrides.get(method))
         if "sources" not in space:
-            searched = max(searched, _largest_checkpoint(method, space["params"], on_gpu, shape))
+            size = _largest(method, space["params"], on_gpu, lambda m, p: m.checkpoint_bytes(shape, p))
+            scratch = _largest(method, space["params"], on_gpu, lambda m, p: m.export_scratch_bytes(shape, p))
+            searched, local = max(searched, size), max(local, scored * size + scratch)
             continue
-        searched = max(searched, get_method(method).checkpoint_bytes(shape, None))
+        merged = get_method(method).checkpoint_bytes(shape, None)
+        trained = [
+            _largest(space["source_method"], entries, on_gpu, lambda m, p: m.checkpoint_bytes(shape, p))
+            for entries in space["sources"].values()
+        ]
+        searched = max(searched, merged)
         if caches_sources(config):
-            drawn = config.trials  # each trial draws one setting of every source
-            distinct = sum(distinct_settings(entries, drawn) for entries in space["sources"].values())
-            size = max(
-                _largest_checkpoint(space["source_method"], entries, on_gpu, shape)
-                for entries in space["sources"].values()
-            )
-            sources = Held("merge sources", distinct, size)
+            # each trial draws one setting of every source
+            distinct = sum(distinct_settings(entries, config.trials) for entries in space["sources"].values())
+            sources = Held("merge sources", distinct, max(trained))
+            local = max(local, merged)  # a merge is scored once
+        else:  # trained into the trial's own folder, removed when its merge is done
+            local = max(local, merged + sum(trained))
     stage = config.merge_stage
     picks = sum(source in STAGE_SELECTORS for source in stage.sources) if stage else 0
     held.append(Held("search", min(config.trials, config.trials if kept is None else kept + picks), searched))
@@ -84,12 +98,13 @@ def plan_storage(config: SweepConfig) -> StoragePlan:
         merged = get_method("merge").checkpoint_bytes(shape, None)
         held.append(Held("merge stage", min(stage.trials, stage.trials if kept is None else kept), merged))
         largest = max(largest, merged)
+        local = max(local, merged)
     if config.confirm is not None:
         held.append(Held("confirmation", config.confirm.top_k, largest))
     if sources is not None:
         held.append(sources)
         largest = max(largest, sources.size)
-    return StoragePlan(tuple(held), RUNNING_COPIES * largest)
+    return StoragePlan(tuple(held), RUNNING_COPIES * largest, local)
 
 
 def format_storage(plan: StoragePlan, config: SweepConfig, concurrent: int | None) -> str:
@@ -101,7 +116,9 @@ def format_storage(plan: StoragePlan, config: SweepConfig, concurrent: int | Non
     )
     return (
         f"storage_path {config.storage_path}: at most {plan.need(concurrent or 1) / GIB:.1f} GiB at once "
-        f"({_parts(plan)}, {running}); {free_bytes(Path(config.storage_path)) / GIB:.1f} GiB free"
+        f"({_parts(plan)}, {running}); {free_bytes(Path(config.storage_path)) / GIB:.1f} GiB free; "
+        f"each running trial also holds up to {plan.local / GIB:.1f} GiB in its node's TMPDIR "
+        f"({_nearest(Path(tempfile.gettempdir()))} here: {free_bytes(Path(tempfile.gettempdir())) / GIB:.1f} GiB free)"
     )
 
 
@@ -110,10 +127,14 @@ def _parts(plan: StoragePlan) -> str:
     return f"{held}, {RUNNING_COPIES} x {plan.running / RUNNING_COPIES / GIB:.2f} GiB per running trial"
 
 
+def _nearest(folder: Path) -> Path:
+    """The folder, or the nearest existing folder above it."""
+    return next(parent for parent in (folder, *folder.parents) if parent.exists())
+
+
 def free_bytes(folder: Path) -> int:
     """Free space of the file system the folder is (or will be) on."""
-    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
-    return shutil.disk_usage(existing).free
+    return shutil.disk_usage(_nearest(folder)).free
 
 
 def used_bytes(folder: Path) -> int:
@@ -125,10 +146,13 @@ def used_bytes(folder: Path) -> int:
 
 def check_storage(config: SweepConfig, plan: StoragePlan, concurrent: int) -> None:
     """A ConfigError where storage_path's file system cannot hold what the sweep may hold at
-    once; a resumed sweep's stage folders already hold part of it."""
+    once (a resumed sweep's stage folders already hold part of it), or, on a local Ray, where
+    this machine's TMPDIR cannot hold what its running trials keep there (beside storage_path's
+    share where both are one file system)."""
     used = sum(used_bytes(folder) for folder in config.stage_folders)
     need = plan.need(concurrent)
-    free = free_bytes(Path(config.storage_path))
+    storage = Path(config.storage_path)
+    free = free_bytes(storage)
     if need - used > free:
         already = f", {used / GIB:.1f} GiB of it there already" if used else ""
         raise ConfigError(
@@ -137,4 +161,20 @@ def check_storage(config: SweepConfig, plan: StoragePlan, concurrent: int) -> No
             f"there at once ({_parts(plan)}, {concurrent} running{already}); lower keep_checkpoints or "
             "max_concurrent_trials, or use a larger file system",
             field="storage_path",
+        )
+    if config.ray_address != "local":
+        return  # the trials' nodes' disks are not this machine's
+    scratch = _nearest(Path(tempfile.gettempdir()))
+    shared = scratch.stat().st_dev == _nearest(storage).stat().st_dev
+    local = concurrent * plan.local
+    free = free_bytes(scratch)
+    if local + (need - used if shared else 0) > free:
+        beside = f", beside the {(need - used) / GIB:.1f} GiB storage_path may add on the same disk" if shared else ""
+        trials = f"{concurrent} running trial{'s' if concurrent > 1 else ''}"
+        raise ConfigError(
+            config.source,
+            f"TMPDIR {scratch} has {free / GIB:.1f} GiB free, and {trials} may hold {local / GIB:.1f} GiB there "
+            f"(each up to {plan.local / GIB:.1f} GiB: the epoch being scored and those screening holds){beside}; "
+            "lower max_concurrent_trials or eval.screen_hold, or point TMPDIR at a larger disk",
+            field="max_concurrent_trials",
         )

@@ -240,7 +240,7 @@ def test_the_storage_plan_counts_what_each_stage_keeps(
         )
         plan = plan_storage(config)
         assert plan.need(3) == sum(held.count * held.size for held in plan.held) + 3 * plan.running
-        return plan.held, plan.running
+        return plan.held, plan.running, plan.local
 
     # Full NPO under ZeRO saves bf16 weights; the merge stage's merges are in the base's float32.
     stages = {
@@ -249,24 +249,31 @@ def test_the_storage_plan_counts_what_each_stage_keeps(
         "merge_stage": {"trials": 8},
         "confirm": {"top_k": 3},
     }
-    held, running = planned(**stages)
+    held, running, local = planned(**stages)
     assert held == (
         Held("search", 5 + 2, 2 * total),  # the 5 best configurations and the merge stage's two picks
         Held("merge stage", 5, 4 * total),
         Held("confirmation", 3, 4 * total),
     )
     assert running == 2 * 4 * total
-    held, _ = planned(**stages, keep_checkpoints="all")
+    # on the node's TMPDIR: an epoch being scored and the 2 screening holds, or a merge stage's merge
+    assert local == max(3 * 2 * total, 4 * total)
+    assert planned(**stages, eval={"screen": False})[2] == 4 * total
+    held, _, _ = planned(**stages, keep_checkpoints="all")
     assert [(h.what, h.count) for h in held] == [("search", 100), ("merge stage", 8), ("confirmation", 3)]
     # plain torch keeps float32 weights under bf16 (autocast); a merge search caches each distinct source
     sources = {"over": {**FIXED_NPO, "adapter": {"choice": ["full", "lora"]}}, "under": FIXED_NPO}
-    held, _ = planned(
+    held, _, local = planned(
         methods=["merge"],
         search_space_overrides={"merge": {"sources": sources}},
         resources_per_trial={"cpu": 8, "gpu": 1},  # a merge trial is one process
     )
     # over: full, or lora at 3 ranks x 3 alphas (drawn only under lora); under: one setting
     assert held == (Held("search", 5, 4 * total), Held("merge sources", 1 + 3 * 3 + 1, 4 * total))
+    assert local == 4 * total  # the merge; its sources are in the cache
+    # a task vector's fine-tuned model is saved whole beside the negation it is merged into
+    resources = {"resources_per_trial": {"cpu": 8, "gpu": 1}}
+    assert planned(methods=["task_vector"], search_space_overrides={}, **resources)[2] == 3 * 4 * total + 4 * total
 
     # plan prints it, and exits 2 where the file system cannot hold it
     path = write_config(tmp_path / "p", toy_task_dir, model=str(model), methods=["npo"], search_space_overrides={})
@@ -279,6 +286,11 @@ def test_the_storage_plan_counts_what_each_stage_keeps(
         f"field 'storage_path': {tmp_path / 'p' / 'runs'} has 100.0 GiB free, and the sweep may hold 108.8 GiB there"
         in capsys.readouterr().err
     )
+    # a local Ray's trials keep their epochs in this machine's TMPDIR: 3 x 27.19 GiB each here
+    monkeypatch.setattr(storage, "free_bytes", lambda folder: 2**50 if "runs" in str(folder) else 50 * GIB)
+    assert main(["plan", str(path)]) == 2
+    assert "field 'max_concurrent_trials': TMPDIR " in (err := capsys.readouterr().err)
+    assert "has 50.0 GiB free, and 1 running trial may hold 81.6 GiB there" in err
 
 
 def saved_for_backward(model: torch.nn.Module, run, autocast: bool = False) -> tuple[int, int]:
