@@ -48,22 +48,30 @@ def check_store(tracking_uri: str, existing: bool) -> None:
         drivers = DATABASE_DRIVERS[scheme]
         if not any(importlib.util.find_spec(module) for module in drivers):
             raise DataError(tracking_uri, f"a {scheme} store needs a driver MLflow can use: pip install {drivers[0]}")
+    store = local_store(tracking_uri)
+    if store is None:
+        return
     if tracking_uri.startswith("sqlite:///"):
-        store = Path(tracking_uri[len("sqlite:///") :])
         if store.is_dir():
             raise DataError(store, f"is a folder, not an SQLite file (tracking URI {tracking_uri})")
         if store.is_file() and store.stat().st_size and not _is_sqlite(store):
             raise DataError(store, f"not an SQLite database (tracking URI {tracking_uri})")
-    elif tracking_uri.startswith("file:") or "://" not in tracking_uri:
-        store = Path(tracking_uri.removeprefix("file://").removeprefix("file:"))
-        if store.exists() and not store.is_dir():
-            raise DataError(store, f"is a file, not an MLflow folder store (tracking URI {tracking_uri})")
-    else:
-        return
+    elif store.exists() and not store.is_dir():
+        raise DataError(store, f"is a file, not an MLflow folder store (tracking URI {tracking_uri})")
     if existing and not store.exists():
         raise DataError(store, f"no MLflow store here (tracking URI {tracking_uri}); pass the sweep's --tracking-uri")
     if not store.parent.is_dir():
         raise DataError(store.parent, f"folder of the MLflow store does not exist (tracking URI {tracking_uri})")
+
+
+def local_store(tracking_uri: str) -> Path | None:
+    """Where a store that is a file of this machine lives (an SQLite file, a file: folder); None
+    for a server or a database server."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri[len("sqlite:///") :])
+    if tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        return Path(tracking_uri.removeprefix("file://").removeprefix("file:"))
+    return None
 
 
 # SQLAlchemy's driver modules for the database stores MLflow takes, the one to install first.

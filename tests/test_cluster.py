@@ -24,7 +24,7 @@ from unlearn_sweep.evaluation.options import EvalOptions
 from unlearn_sweep.methods.registry import get_method, run_method
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.cli import main
-from unlearn_sweep.orchestrator.config import load_config
+from unlearn_sweep.orchestrator.config import ConfigError, load_config
 from unlearn_sweep.orchestrator.selection import export_champion
 from unlearn_sweep.orchestrator.sweep import run_sweep, trial_resources
 from unlearn_sweep.orchestrator.trial import released_gpu_cache, trial_task
@@ -101,6 +101,13 @@ def test_a_cluster_sweep_packs_gpus_on_every_worker_node_and_logs_to_a_tracking_
     workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)
     try:
+        # A SQLite file of the driver's machine: the workers' trials could not record into it.
+        local = load_config(
+            write_config(tmp_path / "local", toy_task_dir, name="local", ray_address=cluster.address, **LIGHT_EVAL)
+        )
+        with pytest.raises(ConfigError, match=r"field 'mlflow.tracking_uri': sqlite:///.* is a store on this machine"):
+            run_sweep(local)
+        assert not (tmp_path / "local" / "mlflow.db").exists()
         with mlflow_server(tmp_path / "server") as uri:
             config = load_config(
                 write_config(
