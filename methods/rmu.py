@@ -48,22 +48,26 @@ class RmuParams(TrainingParams):
 def layer_activations(model: Any, batch: Batch, layer: int) -> torch.Tensor:
     """The output of decoder layer `layer` at the batch's real (non-padding) tokens: (tokens, hidden).
 
-    Only layers 0 to layer + 1 run (the output of `layer` is the raw state the next layer takes;
-    the last state a model records is normed), and the output layer only at the last position:
-    the layers above and the logits were computed, and their activations held, for nothing (at
-    layer 7 of a 7B model's 32, three quarters of the forward pass)."""
+    Only layers 0 to `layer` run, and the output layer only at the last position: the layers
+    above and the logits were computed, and their activations held, for nothing (at layer 7 of
+    a 7B model's 32, three quarters of the forward pass). The output is taken raw by a hook on
+    the layer (a model's own last state is normed, its recorded states a Transformers feature
+    that hooks the layers present when first asked)."""
     decoder = decoder_of(model)
     layers = decoder.layers
-    decoder.layers = layers[: layer + 2]
+    if not 0 <= layer < len(layers):
+        raise ParamError(f"layer={layer}: the model has {len(layers)} decoder layers")
+    outputs: list[torch.Tensor] = []  # a checkpointed layer runs again in the backward: the first is the forward's
+    hook = layers[layer].register_forward_hook(
+        lambda module, args, output: outputs.append(output[0] if isinstance(output, tuple) else output)
+    )
+    decoder.layers = layers[: layer + 1]
     try:
-        hidden_states = model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True, logits_to_keep=1
-        ).hidden_states
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1)
     finally:
         decoder.layers = layers
-    if layer + 1 >= len(hidden_states):
-        raise ParamError(f"layer={layer}: the model has {len(layers)} decoder layers")
-    return hidden_states[layer + 1][batch.attention_mask.bool()].float()
+        hook.remove()
+    return outputs[0][batch.attention_mask.bool()].float()
 
 
 def decoder_of(model: Any) -> torch.nn.Module:
@@ -99,7 +103,7 @@ class RmuTrainer(UnlearningTrainer):
 
     @classmethod
     def forward_extent(cls, params: RmuParams, layers: int) -> tuple[int, bool]:
-        return min(params.layer + 2, layers), False  # as layer_activations runs the model
+        return min(params.layer + 1, layers), False  # as layer_activations runs the model
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

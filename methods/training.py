@@ -413,6 +413,11 @@ def deepspeed_config(params: Any) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu"}
     if params.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        # Its default replaces torch.nn.functional.linear for the whole process, for good: the
+        # epochs scored in the run, and every later run of a reused Tune worker, computed their
+        # linear layers with DeepSpeed's matmul-then-add, not torch's own (one rounding more in
+        # 16-bit: scores a fresh process would not reproduce).
+        zero["memory_efficient_linear"] = False
         # Buffers sized to the model (the Trainer fills "auto" from hidden_size), not DeepSpeed's fixed defaults.
         zero.update(
             reduce_bucket_size="auto", stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto"
