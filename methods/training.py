@@ -413,11 +413,6 @@ def deepspeed_config(params: Any) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu"}
     if params.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-        # Its default replaces torch.nn.functional.linear for the whole process, for good: the
-        # epochs scored in the run, and every later run of a reused Tune worker, computed their
-        # linear layers with DeepSpeed's matmul-then-add, not torch's own (one rounding more in
-        # 16-bit: scores a fresh process would not reproduce).
-        zero["memory_efficient_linear"] = False
         # Buffers sized to the model (the Trainer fills "auto" from hidden_size), not DeepSpeed's fixed defaults.
         zero.update(
             reduce_bucket_size="auto", stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto"
@@ -441,9 +436,12 @@ def single_rank_launch(params: Any) -> Iterator[None]:
     gloo/NCCL group it makes lives as long as the process (DeepSpeed caches it). Under
     torchrun or Ray Train the launcher's group is used. Afterwards the environment is restored
     (the launcher variables and what the Trainer sets, ACCELERATE_USE_DEEPSPEED and co) and
-    accelerate's state reset, so the next run in the process (a reused Ray actor, the next
-    test) and the processes it starts are configured by their own parameters alone."""
+    accelerate's state reset, and torch's own F.linear put back (ZeRO-3's zero.Init replaces
+    it with its memory-efficient linear for the whole process, for good), so the next run in
+    the process (a reused Ray actor, the next test) and the processes it starts are configured
+    by their own parameters alone."""
     environment = dict(os.environ)
+    linear = torch.nn.functional.linear
     if params.zero_stage >= 0 and "RANK" not in os.environ:  # zero.Init reads LOCAL_RANK also once the group exists
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -463,6 +461,7 @@ def single_rank_launch(params: Any) -> Iterator[None]:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()
+        torch.nn.functional.linear = linear
         os.environ.clear()
         os.environ.update(environment)
         reset_accelerate_state()
