@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from unlearn_sweep.corpus.checkpoints import read_model_config
+from unlearn_sweep.corpus.errors import DataError
 
 GIB = 1024**3
 CUDA_CONTEXT_BYTES = 1 * GIB  # CUDA context, NCCL buffers, allocator slack
@@ -70,9 +71,25 @@ class ModelShape:
             * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads),
             model_type=config.model_type,
             stored_width=_stored_width(getattr(config, "dtype", None)),
-            layer_activations_16=saved_per_token(model, torch.bfloat16),
-            layer_activations_32=saved_per_token(model, torch.float32),
+            **_layer_activations(model, model_dir),
         )
+
+
+def _layer_activations(model: torch.nn.Module, model_dir: str | Path) -> dict[str, float]:
+    """A decoder layer's saved bytes per token in 16 and 32 bits. Where one probe cannot run on
+    the meta device (a kernel that checks its inputs' dtype: OLMoE's experts in fp32), the other
+    bounds it: a saved tensor at most doubles from 16 to 32 bits, and never shrinks."""
+    measured: dict[torch.dtype, float] = {}
+    failure = None
+    for dtype in (torch.bfloat16, torch.float32):
+        try:
+            measured[dtype] = saved_per_token(model, dtype)
+        except Exception as error:  # whatever the model's own code raises on shapes without data
+            failure = error
+    if not measured:
+        raise DataError(model_dir, f"the memory plan's probe forward cannot run on the meta device ({failure})")
+    bf16 = measured.get(torch.bfloat16, measured.get(torch.float32))
+    return {"layer_activations_16": bf16, "layer_activations_32": measured.get(torch.float32, 2 * bf16)}
 
 
 def saved_per_token(model: torch.nn.Module, dtype: torch.dtype) -> float:

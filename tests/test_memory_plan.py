@@ -360,3 +360,25 @@ def test_the_activations_planned_are_what_autograd_keeps(toy_task_dir: Path, tmp
             lambda model, layer=layer: layer_activations(model, batch, layer).sum(),
         )
         assert kept <= planned(rmu, layer=layer, bf16=False) <= 1.2 * kept, (layer, kept)
+
+
+def test_a_layer_whose_probe_cannot_run_in_one_dtype_is_bounded_by_the_other(tmp_path: Path) -> None:
+    """OLMoE's experts refuse fp32 inputs on the meta device (the plan raised there): its fp32
+    figure is bounded by twice its bf16 one, as any saved tensor at most doubles."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(
+        "olmoe",
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=1000,
+        num_experts=8,
+        num_experts_per_tok=2,
+        eos_token_id=1,
+        pad_token_id=1,
+    ).save_pretrained(tmp_path)
+    shape = ModelShape.from_config(tmp_path)
+    assert 0 < shape.layer_activations_16 <= shape.layer_activations_32 <= 2 * shape.layer_activations_16
