@@ -56,15 +56,16 @@ class StoragePlan:
         return sum(held.total for held in self.held) + concurrent * self.running
 
 
-def _largest(method: str, space: dict[str, Any], on_gpu: bool, measure: Callable[[Any, Any], int]) -> int:
-    """The largest `measure(method_object, params)` over the memory plan's worst cases of the space."""
+def _largest(config: SweepConfig, method: str, space: dict[str, Any], measure: Callable[[Any, Any], int]) -> int:
+    """The largest `measure(method_object, params)` over the memory plan's worst cases of the
+    space, as the sweep's trials run them (a multi-worker trial's ZeRO stage, bf16 on GPUs)."""
     method_object = get_method(method)
-    return max(measure(method_object, params) for params in worst_cases(method, space, 1, on_gpu))
+    cases = worst_cases(method, space, config.workers, on_gpu=config.resources_per_trial.gpu > 0)
+    return max(measure(method_object, params) for params in cases)
 
 
 def plan_storage(config: SweepConfig) -> StoragePlan:
     shape = ModelShape.from_config(config.model)
-    on_gpu = config.resources_per_trial.gpu > 0
     kept = config.checkpoints_kept
     # an epoch being scored, those screening holds until the next decision (evaluation/staged.py)
     scored = 1 + (config.eval.screen_hold if config.eval.screen else 0)
@@ -73,13 +74,13 @@ def plan_storage(config: SweepConfig) -> StoragePlan:
     for method in config.methods:
         space = load_space(method, config.search_space_overrides.get(method))
         if "sources" not in space:
-            size = _largest(method, space["params"], on_gpu, lambda m, p: m.checkpoint_bytes(shape, p))
-            scratch = _largest(method, space["params"], on_gpu, lambda m, p: m.export_scratch_bytes(shape, p))
+            size = _largest(config, method, space["params"], lambda m, p: m.checkpoint_bytes(shape, p))
+            scratch = _largest(config, method, space["params"], lambda m, p: m.export_scratch_bytes(shape, p))
             searched, local = max(searched, size), max(local, scored * size + scratch)
             continue
         merged = get_method(method).checkpoint_bytes(shape, None)
         trained = [
-            _largest(space["source_method"], entries, on_gpu, lambda m, p: m.checkpoint_bytes(shape, p))
+            _largest(config, space["source_method"], entries, lambda m, p: m.checkpoint_bytes(shape, p))
             for entries in space["sources"].values()
         ]
         searched = max(searched, merged)

@@ -259,6 +259,9 @@ def test_the_storage_plan_counts_what_each_stage_keeps(
     # on the node's TMPDIR: an epoch being scored and the 2 screening holds, or a merge stage's merge
     assert local == max(3 * 2 * total, 4 * total)
     assert planned(**stages, eval={"screen": False})[2] == 4 * total
+    # a multi-worker trial trains under ZeRO-2 unless told (context.MULTI_WORKER_DEFAULTS): bf16 weights
+    full = {"npo": {"adapter": "full", "bf16": True}}
+    assert planned(methods=["npo"], search_space_overrides=full)[0] == (Held("search", 5, 2 * total),)
     held, _, _ = planned(**stages, keep_checkpoints="all")
     assert [(h.what, h.count) for h in held] == [("search", 100), ("merge stage", 8), ("confirmation", 3)]
     # plain torch keeps float32 weights under bf16 (autocast); a merge search caches each distinct source
