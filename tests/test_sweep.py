@@ -1141,7 +1141,7 @@ def test_a_completed_merge_search_trained_its_sources_once_and_deletes_them(
 
 
 @pytest.mark.e2e
-def test_trial_that_can_never_be_placed_is_refused_before_mlflow(
+def test_a_trial_that_can_never_be_placed_or_a_disk_without_room_is_refused_before_mlflow(
     local_ray, toy_task_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = write_config(tmp_path, toy_task_dir, name="too-big", resources_per_trial={"cpu": 64})
