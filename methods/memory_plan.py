@@ -13,6 +13,7 @@ logits."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,31 +49,41 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, model_dir: str | Path) -> ModelShape:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
+        """The shape of the model whose config.json is in `model_dir`; built once per config file
+        as it stands (a sweep's start plans its memory twice and its storage once from it, each
+        build half a second for a 7B config, the probes included)."""
         read_model_config(model_dir)  # a folder that is not a model's: one line, not a loader's traceback
-        config = AutoConfig.from_pretrained(model_dir)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        total = sum({id(p): p.numel() for p in model.parameters()}.values())
-        layers = model.model.layers
-        linears = [m for m in layers.modules() if isinstance(m, torch.nn.Linear)]
-        largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-        return cls(
-            total=total,
-            linear=sum(m.weight.numel() for m in linears),
-            lora_per_rank=sum(m.in_features + m.out_features for m in linears),
-            largest_layer=largest,
-            per_layer=sum(p.numel() for p in layers[0].parameters()),
-            layers=len(layers),
-            hidden=config.hidden_size,
-            vocab=config.vocab_size,
-            kv_width=(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-            * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads),
-            model_type=config.model_type,
-            stored_width=_stored_width(getattr(config, "dtype", None)),
-            **_layer_activations(model, model_dir),
-        )
+        folder = Path(model_dir).resolve()
+        return _model_shape(folder, (folder / "config.json").stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _model_shape(model_dir: Path, config_mtime_ns: int) -> ModelShape:
+    """ModelShape.from_config's build, by folder and config.json's modification time."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum({id(p): p.numel() for p in model.parameters()}.values())
+    layers = model.model.layers
+    linears = [m for m in layers.modules() if isinstance(m, torch.nn.Linear)]
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return ModelShape(
+        total=total,
+        linear=sum(m.weight.numel() for m in linears),
+        lora_per_rank=sum(m.in_features + m.out_features for m in linears),
+        largest_layer=largest,
+        per_layer=sum(p.numel() for p in layers[0].parameters()),
+        layers=len(layers),
+        hidden=config.hidden_size,
+        vocab=config.vocab_size,
+        kv_width=(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads),
+        model_type=config.model_type,
+        stored_width=_stored_width(getattr(config, "dtype", None)),
+        **_layer_activations(model, model_dir),
+    )
 
 
 def _layer_activations(model: torch.nn.Module, model_dir: str | Path) -> dict[str, float]:
