@@ -313,10 +313,9 @@ def distinct_settings(space: dict[str, Any], cap: int) -> int:
         if index == len(entries):
             return 1
         name, entry = entries[index]
-        sampled = active_distribution(name, entry, values) if distributions(entry) else None
         if not distributions(entry):
             options = [entry]
-        elif sampled is None:
+        elif (sampled := active_distribution(name, entry, values)) is None:
             options = [None]
         else:
             low_high = choices_or_bounds(sampled[1])
