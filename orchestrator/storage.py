@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,12 +55,15 @@ class StoragePlan:
         return sum(held.total for held in self.held) + concurrent * self.running
 
 
-def _largest(config: SweepConfig, method: str, space: dict[str, Any], measure: Callable[[Any, Any], int]) -> int:
-    """The largest `measure(method_object, params)` over the memory plan's worst cases of the
-    space, as the sweep's trials run them (a multi-worker trial's ZeRO stage, bf16 on GPUs)."""
+def _worst_cases(config: SweepConfig, method: str, space: dict[str, Any]) -> list[Any]:
+    """The memory plan's worst cases of the space, as the sweep's trials run them (a
+    multi-worker trial's ZeRO stage, bf16 on GPUs)."""
+    return worst_cases(method, space, config.workers, on_gpu=config.resources_per_trial.gpu > 0)
+
+
+def _largest_checkpoint(config: SweepConfig, shape: ModelShape, method: str, space: dict[str, Any]) -> int:
     method_object = get_method(method)
-    cases = worst_cases(method, space, config.workers, on_gpu=config.resources_per_trial.gpu > 0)
-    return max(measure(method_object, params) for params in cases)
+    return max(method_object.checkpoint_bytes(shape, params) for params in _worst_cases(config, method, space))
 
 
 def plan_storage(config: SweepConfig) -> StoragePlan:
@@ -74,14 +76,15 @@ def plan_storage(config: SweepConfig) -> StoragePlan:
     for method in config.methods:
         space = load_space(method, config.search_space_overrides.get(method))
         if "sources" not in space:
-            size = _largest(config, method, space["params"], lambda m, p: m.checkpoint_bytes(shape, p))
-            scratch = _largest(config, method, space["params"], lambda m, p: m.export_scratch_bytes(shape, p))
-            searched, local = max(searched, size), max(local, scored * size + scratch)
+            method_object = get_method(method)
+            for params in _worst_cases(config, method, space["params"]):
+                size = method_object.checkpoint_bytes(shape, params)
+                searched = max(searched, size)
+                local = max(local, scored * size + method_object.export_scratch_bytes(shape, params))
             continue
         merged = get_method(method).checkpoint_bytes(shape, None)
         trained = [
-            _largest(config, space["source_method"], entries, lambda m, p: m.checkpoint_bytes(shape, p))
-            for entries in space["sources"].values()
+            _largest_checkpoint(config, shape, space["source_method"], entries) for entries in space["sources"].values()
         ]
         searched = max(searched, merged)
         if caches_sources(config):
