@@ -6,10 +6,10 @@ ZeRO 0-3 and CPU offload: under bf16, 2 bytes per weight and 18 per trainable pa
 gradient, fp32 gradient, fp32 master weight, two fp32 Adam moments; in fp32, ZeRO 1-3 still keep
 a separate fp32 partition), the reference model of KL/NPO methods,
 activations of the micro-batch (with or without gradient checkpointing), and a fixed
-allowance for the CUDA context and allocator. A decoder layer's activations are measured: what
-autograd saves for the backward of one layer's forward, per token, run on the meta device
-(nothing is computed), with memory-efficient attention (no s^2 term); plus the vocabulary-sized
-logits."""
+allowance for the CUDA context and allocator. A decoder layer's and the final norm's
+activations are measured: what autograd saves for the backward of their forward, per token, run
+on the meta device (nothing is computed), with memory-efficient attention (no s^2 term); plus
+the vocabulary-sized logits."""
 
 from __future__ import annotations
 
@@ -46,6 +46,9 @@ class ModelShape:
     # bytes one decoder layer's forward keeps for its backward per token, in a bf16 and an fp32 model
     layer_activations_16: float = 0.0
     layer_activations_32: float = 0.0
+    # the same of the norm after the last layer (which runs at every token, even where logits do not)
+    norm_activations_16: float = 0.0
+    norm_activations_32: float = 0.0
 
     @classmethod
     def from_config(cls, model_dir: str | Path) -> ModelShape:
@@ -87,42 +90,58 @@ def _model_shape(model_dir: Path, config_mtime_ns: int) -> ModelShape:
 
 
 def _layer_activations(model: torch.nn.Module, model_dir: str | Path) -> dict[str, float]:
-    """A decoder layer's saved bytes per token in 16 and 32 bits. Where one probe cannot run on
-    the meta device (a kernel that checks its inputs' dtype: OLMoE's experts in fp32), the other
-    bounds it: a saved tensor at most doubles from 16 to 32 bits, and never shrinks."""
-    measured: dict[torch.dtype, float] = {}
+    """A decoder layer's and the final norm's saved bytes per token in 16 and 32 bits. Where
+    one probe cannot run on the meta device (a kernel that checks its inputs' dtype: OLMoE's
+    experts in fp32), the other bounds it: a saved tensor at most doubles from 16 to 32 bits,
+    and never shrinks."""
+    decoder = model.get_decoder()
+    regions = (decoder.layers[0], getattr(decoder, "norm", None))
+    measured: dict[torch.dtype, tuple[float, float]] = {}
     failure = None
     for dtype in (torch.bfloat16, torch.float32):
         try:
-            measured[dtype] = saved_per_token(model, dtype)
+            measured[dtype] = saved_per_token(model, dtype, regions)
         except Exception as error:  # whatever the model's own code raises on shapes without data
             failure = error
     if not measured:
         raise DataError(model_dir, f"the memory plan's probe forward cannot run on the meta device ({failure})")
     bf16 = measured.get(torch.bfloat16, measured.get(torch.float32))
-    return {"layer_activations_16": bf16, "layer_activations_32": measured.get(torch.float32, 2 * bf16)}
+    fp32 = measured.get(torch.float32, tuple(2 * size for size in bf16))
+    return {
+        "layer_activations_16": bf16[0],
+        "layer_activations_32": fp32[0],
+        "norm_activations_16": bf16[1],
+        "norm_activations_32": fp32[1],
+    }
 
 
-def saved_per_token(model: torch.nn.Module, dtype: torch.dtype) -> float:
-    """Bytes the first decoder layer's forward keeps for its backward, per token, as autograd
-    saves them with the model in `dtype` (a model on the meta device: shapes only). Counted: the
-    saved tensors with one token axis; left out: weights (none) and attention scores (two: the
-    memory-efficient kernels GPUs train with keep none). A view saved beside its tensor counts
-    twice (14-21% over what a CPU forward of a small OLMo-2 keeps, measured)."""
+def saved_per_token(
+    model: torch.nn.Module, dtype: torch.dtype, regions: tuple[torch.nn.Module | None, ...]
+) -> tuple[float, ...]:
+    """Bytes each region's forward (a module of `model`; None: nothing) keeps for its backward,
+    per token, as autograd saves them with the model in `dtype` (a model on the meta device:
+    shapes only). Counted: the saved tensors with one token axis; left out: weights (none) and
+    attention scores (two: the memory-efficient kernels GPUs train with keep none). A saved
+    view keeps its base: the base is counted, once. Attention on the meta device takes the math
+    path, float32 inside a bf16 model: a bf16 layer's figure is up to 9% over what a CPU forward
+    of a small OLMo-2 keeps (measured), an fp32 one's within 0.1%."""
     model = model.to(dtype)
-    saved: dict[int, tuple[torch.Tensor, int]] = {}  # by id; the tensor held so that no id is reused
-    inside = [False]
+    saved: list[dict[int, tuple[torch.Tensor, int]]] = [{} for _ in regions]  # by id, the tensor held: no id reused
+    inside: list[int | None] = [None]  # the index of the region running
+    hooks = []
+    for index, region in enumerate(regions):
+        if region is not None:
+            hooks.append(region.register_forward_pre_hook(lambda *_, index=index: inside.__setitem__(0, index)))
+            hooks.append(region.register_forward_hook(lambda *_: inside.__setitem__(0, None)))
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if inside[0] and list(tensor.shape).count(PROBE_TOKENS) == 1:
-            saved[id(tensor)] = (tensor, tensor.numel() * tensor.element_size())
+        if inside[0] is not None and list(tensor.shape).count(PROBE_TOKENS) == 1:
+            base = tensor
+            while base._base is not None:
+                base = base._base
+            saved[inside[0]][id(base)] = (base, base.numel() * base.element_size())
         return tensor
 
-    layer = model.model.layers[0]
-    hooks = [
-        layer.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True)),
-        layer.register_forward_hook(lambda *_: inside.__setitem__(0, False)),
-    ]
     try:
         probe = torch.zeros((1, PROBE_TOKENS), dtype=torch.long, device=next(model.parameters()).device)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -130,7 +149,7 @@ def saved_per_token(model: torch.nn.Module, dtype: torch.dtype) -> float:
     finally:
         for hook in hooks:
             hook.remove()
-    return sum(size for _, size in saved.values()) / PROBE_TOKENS
+    return tuple(sum(size for _, size in kept.values()) / PROBE_TOKENS for kept in saved)
 
 
 def _stored_width(dtype: Any) -> int:
@@ -219,9 +238,10 @@ def activation_bytes(shape: ModelShape, params: Any, trainer: Any, workers: int)
     rows = max(1, params.batch_size // workers)
     tokens = rows * params.max_length
     width = 2 if params.bf16 else 4
-    # Plain torch's autocast keeps its fp32 residual stream beside bf16 matmul inputs: about 10%
-    # under the bf16 model's figure (which counts views apart), measured on a CPU.
+    # Plain torch's autocast keeps its fp32 residual stream beside bf16 matmul inputs: planned at
+    # the bf16 model's figure.
     per_layer = int(tokens * (shape.layer_activations_16 if params.bf16 else shape.layer_activations_32))
+    norm = int(tokens * (shape.norm_activations_16 if params.bf16 else shape.norm_activations_32))
     stream = 2 if params.bf16 and (params.zero_stage >= 0 or params.adapter == "qlora") else 4  # a bf16 model's
     layers_run, every_position = trainer.forward_extent(params, shape.layers)
     layers = (
@@ -231,7 +251,7 @@ def activation_bytes(shape: ModelShape, params: Any, trainer: Any, workers: int)
     )
     positions = tokens if every_position else rows
     logits = positions * shape.vocab * (width + 4 + 4)  # logits, their fp32 cast, the loss's softmax gradient
-    return trainer.forwards * (layers + logits)
+    return trainer.forwards * (layers + norm + logits)
 
 
 def estimate(

@@ -350,7 +350,7 @@ def test_the_activations_planned_are_what_autograd_keeps(toy_task_dir: Path, tmp
         (torch.float32, {"bf16": True}, True),
     ):
         kept, copies = saved_for_backward(model.to(dtype), loss, autocast)
-        assert kept <= planned(ascent, **settings) <= 1.35 * kept, (settings, kept, planned(ascent, **settings))
+        assert kept <= planned(ascent, **settings) <= 1.25 * kept, (settings, kept, planned(ascent, **settings))
         if autocast:
             bf16, fp32 = (build_params(ascent, {"bf16": flag}) for flag in (True, False))
             assert model_state_bytes(shape, bf16, 1) - model_state_bytes(shape, fp32, 1) == pytest.approx(
@@ -362,7 +362,7 @@ def test_the_activations_planned_are_what_autograd_keeps(toy_task_dir: Path, tmp
             AutoModelForCausalLM.from_config(config),
             lambda model, layer=layer: layer_activations(model, batch, layer).sum(),
         )
-        assert kept <= planned(rmu, layer=layer, bf16=False) <= 1.2 * kept, (layer, kept)
+        assert kept <= planned(rmu, layer=layer, bf16=False) <= 1.05 * kept, (layer, kept)
 
 
 def test_a_layer_whose_probe_cannot_run_in_one_dtype_is_bounded_by_the_other(tmp_path: Path) -> None:
