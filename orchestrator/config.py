@@ -222,6 +222,14 @@ class SweepConfig:
         return [Path(self.storage_path, name) for name in names]
 
     @property
+    def trial_inputs(self) -> dict[str, Path]:
+        """What trials read, by the field that names it."""
+        inputs = {"model": self.model, "data": self.data, "mia": self.mia, "mmlu": self.mmlu, "held_out": self.held_out}
+        if self.confirm is not None:
+            inputs |= {"confirm.mia": self.confirm.mia, "confirm.held_out": self.confirm.held_out}
+        return {field: path for field, path in inputs.items() if path is not None}
+
+    @property
     def checkpoints_kept(self) -> int | None:
         """How many of each stage's best distinct configurations keep their checkpoints (None:
         every trial's): at least the confirmation's top_k, among which the champion is chosen."""

@@ -41,6 +41,7 @@ from unlearn_sweep.orchestrator.config import STAGE_SELECTORS, ConfigError, Swee
 from unlearn_sweep.orchestrator.console import LiveView, library_messages_to
 from unlearn_sweep.orchestrator.context import TRIAL_FOLDER_PREFIX, TrialContext, trial_folder_name
 from unlearn_sweep.orchestrator.lengths import check_lengths
+from unlearn_sweep.orchestrator.nodes import check_nodes, check_store_reachable
 from unlearn_sweep.orchestrator.plan import check_memory, plan_sweep
 from unlearn_sweep.orchestrator.retention import CheckpointRetention
 from unlearn_sweep.orchestrator.search import make_searcher, merge_stage_searcher, search_algorithm, study_exists
@@ -127,36 +128,6 @@ def _check_placeable(config: SweepConfig) -> None:
             f"{config.workers} workers x {config.resources_per_trial.cpu:g} CPU exceed this machine's {total:g} CPUs",
             field="resources_per_trial",
         )
-
-
-def trials_stay_on(node_id: str, nodes: list[dict[str, Any]], config: SweepConfig) -> bool:
-    """Whether the only live node of `nodes` (ray.nodes()) that can hold a trial (each of its
-    workers) is `node_id`'s."""
-    need = {"CPU": config.resources_per_trial.cpu, "GPU": config.resources_per_trial.gpu}
-    able = [
-        node["NodeID"]
-        for node in nodes
-        if node["Alive"] and all(node["Resources"].get(name, 0) >= amount for name, amount in need.items() if amount)
-    ]
-    return able == [node_id]
-
-
-def _check_store_reachable(config: SweepConfig, node_id: str, nodes: list[dict[str, Any]]) -> None:
-    """A tracking store that is a file of this machine serves the trials this machine runs: on
-    a cluster whose trials run on other nodes (this one cannot hold one, or another can, or
-    will when the autoscaler adds it), each of those would fail at its first record."""
-    if config.ray_address == "local" or tracking.local_store(config.tracking_uri) is None:
-        return
-    if trials_stay_on(node_id, nodes, config):
-        return
-    raise ConfigError(
-        config.source,
-        f"{config.tracking_uri} is a store on this machine, and this cluster's trials run on other nodes, "
-        "which cannot write to it (an SQLite file on shared storage neither: its locks do not hold over "
-        "NFS); run an MLflow server every node reaches and set it here, tracking_uri: "
-        "http://<head private IP>:5000 (docs/cluster.md)",
-        field="mlflow.tracking_uri",
-    )
 
 
 def trial_resources(config: SweepConfig) -> dict[str, float]:
@@ -413,7 +384,9 @@ class Sweep:
         config = self.config
         _start_ray(config, self.verbose)
         _check_placeable(config)  # before MLflow is touched: nothing is left behind by a bad config
-        _check_store_reachable(config, ray.get_runtime_context().get_node_id(), ray.nodes())
+        node_id, nodes = ray.get_runtime_context().get_node_id(), ray.nodes()
+        check_store_reachable(config, node_id, nodes)
+        check_nodes(config, node_id, nodes)
         check_storage(config, plan_storage(config), _max_concurrent(config))
         self.mlflow = tracking.client(config.tracking_uri)
         self.experiment = tracking.experiment_id(self.mlflow, config.experiment)

@@ -3,7 +3,9 @@ of a simulated multi-node Ray cluster (logical GPUs, fractional shares, an HTTP 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -92,15 +94,34 @@ def test_a_trial_gives_its_cached_gpu_memory_back_however_it_ends(
 
 @pytest.mark.e2e
 def test_a_cluster_sweep_packs_gpus_on_every_worker_node_and_logs_to_a_tracking_server(
-    toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    toy_task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One sweep, three things of a cluster as cluster.yaml lays it out: trials spread over the
     worker nodes (none on the CPU-less head), fractional GPUs pack two trials on each GPU, and
-    everything goes to an HTTP tracking server."""
+    everything goes to an HTTP tracking server; first, a node that does not see the driver's
+    inputs or storage_path is refused."""
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # The worker nodes' processes work in a folder of their own: through /proc/self/cwd one path
+    # names other files on them than on the driver, as on machines that do not share a disk.
+    node, driver = tmp_path / "node", tmp_path / "driver"
+    for folder in (node, driver):
+        shutil.copytree(toy_task_dir / "data", folder / "data")
+    forget = node / "data" / "forget_train-00000-of-00001.parquet"
+    forget.write_bytes(forget.read_bytes()[::-1])  # last month's forget set, on the nodes
+    monkeypatch.chdir(node)
     workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
+    monkeypatch.chdir(driver)
     ray.init(address=cluster.address, log_to_driver=False)
     try:
+        here = load_config(write_config(tmp_path / "here", toy_task_dir, ray_address=cluster.address))
+        served = {"mlflow": dataclasses.replace(here.mlflow, tracking_uri="http://127.0.0.1:5000")}  # never reached
+        for elsewhere, field in (
+            ({"data": Path("/proc/self/cwd/data")}, "data"),
+            ({"storage_path": "/proc/self/cwd"}, "storage_path"),
+        ):
+            with pytest.raises(ConfigError, match=rf"field '{field}': on node [\d.]+, which can run trials"):
+                run_sweep(dataclasses.replace(here, **served, **elsewhere))
+        assert [path.name for path in driver.iterdir()] == ["data"]  # the marker gone, nothing written
         # A SQLite file of the driver's machine: the workers' trials could not record into it.
         local = load_config(
             write_config(tmp_path / "local", toy_task_dir, name="local", ray_address=cluster.address, **LIGHT_EVAL)

@@ -55,7 +55,7 @@ from unlearn_sweep.orchestrator.search import (
     sources_can_recur,
 )
 from unlearn_sweep.orchestrator.selection import export_champion, leaderboard
-from unlearn_sweep.orchestrator.sweep import METRIC, MODE, SweepSummary, run_sweep, trials_stay_on
+from unlearn_sweep.orchestrator.sweep import METRIC, MODE, SweepSummary, run_sweep
 from unlearn_sweep.orchestrator.trial import epoch_report
 
 # For sweeps whose test checks what ran, was recorded or was merged, not the scores: short
@@ -1403,17 +1403,3 @@ def test_reading_a_config_loads_no_torch() -> None:
     assert (
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
     )
-
-
-def test_trials_stay_on_the_drivers_node_only_where_no_other_node_can_hold_one(
-    toy_task_dir: Path, tmp_path: Path
-) -> None:
-    config = load_config(write_config(tmp_path, toy_task_dir, resources_per_trial={"cpu": 2, "gpu": 1}))
-
-    def node(name: str, cpus: int, gpus: int = 0, alive: bool = True) -> dict:
-        return {"NodeID": name, "Alive": alive, "Resources": {"CPU": cpus, "GPU": gpus}}
-
-    assert trials_stay_on("head", [node("head", 8, 1)], config)  # one machine: `ray start --head`
-    assert trials_stay_on("head", [node("head", 8, 1), node("cpu", 64), node("gone", 8, 1, alive=False)], config)
-    assert not trials_stay_on("head", [node("head", 8, 1), node("gpu", 8, 1)], config)
-    assert not trials_stay_on("head", [node("head", 0)], config)  # cluster.yaml's head: the autoscaler adds workers

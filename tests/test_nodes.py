@@ -1,0 +1,87 @@
+"""What a cluster's nodes must see before a sweep starts (orchestrator/nodes.py); the check run
+on a simulated cluster's nodes is in test_cluster.py."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from test_sweep import write_config
+from unlearn_sweep.orchestrator import nodes
+from unlearn_sweep.orchestrator.config import load_config
+from unlearn_sweep.orchestrator.nodes import difference, node_view, path_digests, trials_stay_on
+
+
+def test_trials_stay_on_the_drivers_node_only_where_no_other_node_can_hold_one(
+    toy_task_dir: Path, tmp_path: Path
+) -> None:
+    config = load_config(write_config(tmp_path, toy_task_dir, resources_per_trial={"cpu": 2, "gpu": 1}))
+
+    def node(name: str, cpus: int, gpus: int = 0, alive: bool = True) -> dict:
+        return {"NodeID": name, "Alive": alive, "Resources": {"CPU": cpus, "GPU": gpus}}
+
+    assert trials_stay_on("head", [node("head", 8, 1)], config)  # one machine: `ray start --head`
+    assert trials_stay_on("head", [node("head", 8, 1), node("cpu", 64), node("gone", 8, 1, alive=False)], config)
+    assert not trials_stay_on("head", [node("head", 8, 1), node("gpu", 8, 1)], config)
+    assert not trials_stay_on("head", [node("head", 0)], config)  # cluster.yaml's head: the autoscaler adds workers
+
+
+def test_a_node_whose_inputs_are_not_the_drivers_is_told_by_field(toy_task_dir: Path, tmp_path: Path) -> None:
+    """The driver's inputs against a node's copies: the same files (hidden ones aside) pass; a
+    file changed, missing, or a whole input missing is named with its field; so is a
+    storage_path where the driver's marker is not."""
+    config = load_config(write_config(tmp_path / "config", toy_task_dir))
+    inputs = {field: path for field, path in config.trial_inputs.items() if field in ("model", "data", "mia")}
+    assert inputs == {"model": toy_task_dir / "model", "data": toy_task_dir / "data", "mia": toy_task_dir / "mia"}
+    driver = {field: path_digests(path) for field, path in inputs.items()}
+    node = tmp_path / "node"
+    copies = {field: shutil.copytree(path, node / field) for field, path in inputs.items()}
+    marker = tmp_path / "marker"
+    marker.touch()
+
+    def found() -> tuple[str, str] | None:
+        return difference(inputs, driver, node_view(copies, marker))
+
+    (copies["model"] / ".cache").mkdir()
+    (copies["model"] / ".cache" / "download.lock").write_text("another node's")
+    (copies["data"] / "notes.txt").write_text("a file the driver has not")
+    assert found() is None
+    forget = copies["data"] / "forget_train-00000-of-00001.parquet"
+    forget.write_bytes(forget.read_bytes()[::-1])  # last month's forget set at the same path
+    assert found() == (
+        "data",
+        f"{inputs['data']}/{forget.name} there is not this machine's file (another copy or version)",
+    )
+    forget.unlink()
+    assert found() == ("data", f"{inputs['data']}/{forget.name} is not there")
+    shutil.rmtree(copies["data"])
+    assert found() == ("data", f"{inputs['data']} is not there")
+    shutil.copytree(inputs["data"], copies["data"])
+    marker.unlink()
+    assert found() == ("storage_path", "it is not the folder this machine writes (not shared storage)")
+
+
+def test_a_large_file_is_told_apart_by_its_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file over WHOLE_FILE_BYTES (a 7B model's weight shards) is read in SAMPLES blocks, not
+    whole: a change in any of them, or in its size, is told; one between them is not."""
+    block = nodes.SAMPLE_BYTES
+    monkeypatch.setattr(nodes, "WHOLE_FILE_BYTES", 4 * block)
+    weights = tmp_path / "model.safetensors"
+    content = bytes(range(256)) * (40 * block // 256)
+    size = len(content)
+
+    def changed_at(offset: int) -> str:
+        changed = bytearray(content)
+        changed[offset] ^= 1
+        weights.write_bytes(changed)
+        return nodes.file_digest(weights)
+
+    weights.write_bytes(content)
+    before = nodes.file_digest(weights)
+    seventh = 7 * (size - block) // (nodes.SAMPLES - 1)  # where the seventh sample starts
+    for offset in (0, seventh + 5, size - 1):
+        assert changed_at(offset) != before, offset
+    assert changed_at(seventh + block + 5) == before  # between two samples: the file is not read whole
+    weights.write_bytes(content + b"\0")
+    assert nodes.file_digest(weights) != before
