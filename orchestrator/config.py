@@ -127,6 +127,10 @@ class Confirm:
     held_out: Path | None = setting(None, kind=str, what="a path")
 
 
+# The files trials read, by field ("section.field" inside a section)
+INPUT_FIELDS = ("model", "data", "mia", "mmlu", "held_out", "confirm.mia", "confirm.held_out")
+
+
 @dataclass
 class SweepConfig:
     """A sweep, as its YAML file gives it (module docstring); each field's setting() says what
@@ -223,11 +227,14 @@ class SweepConfig:
 
     @property
     def trial_inputs(self) -> dict[str, Path]:
-        """What trials read, by the field that names it."""
-        inputs = {"model": self.model, "data": self.data, "mia": self.mia, "mmlu": self.mmlu, "held_out": self.held_out}
-        if self.confirm is not None:
-            inputs |= {"confirm.mia": self.confirm.mia, "confirm.held_out": self.confirm.held_out}
-        return {field: path for field, path in inputs.items() if path is not None}
+        """What trials read, by the field that names it (INPUT_FIELDS given)."""
+        inputs = {}
+        for field in INPUT_FIELDS:
+            section, _, name = field.rpartition(".")
+            path = getattr(getattr(self, section) if section else self, name, None)
+            if path is not None:
+                inputs[field] = path
+        return inputs
 
     @property
     def checkpoints_kept(self) -> int | None:

@@ -8,7 +8,6 @@ node and the field, where one is missing or differs from the driver's."""
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,14 +17,9 @@ from ray.exceptions import GetTimeoutError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
+from unlearn_sweep.orchestrator.inputs import Digests, first_difference, input_digests
 
-# Files up to this size are hashed whole; a larger one (a 7B model's weight shards) by its size
-# and SAMPLES blocks spread over it: another checkpoint of the same shape differs in every block.
-WHOLE_FILE_BYTES = 64 * 2**20
-SAMPLES, SAMPLE_BYTES = 16, 2**16
 ANSWER_TIMEOUT_S = 300  # a node's first task starts a worker process; a node silent longer is broken
-
-Digests = dict[str, str]  # a path's files (relative names; a file: its own name) to their digests
 
 
 def able_nodes(nodes: list[dict[str, Any]], config: SweepConfig) -> list[dict[str, Any]]:
@@ -61,69 +55,39 @@ def check_store_reachable(config: SweepConfig, node_id: str, nodes: list[dict[st
     )
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of the file's size and its bytes (whole up to WHOLE_FILE_BYTES, else SAMPLES blocks)."""
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with path.open("rb") as handle:
-        if size <= WHOLE_FILE_BYTES:
-            digest.update(handle.read())
-        else:
-            for index in range(SAMPLES):
-                handle.seek(index * (size - SAMPLE_BYTES) // (SAMPLES - 1))
-                digest.update(handle.read(SAMPLE_BYTES))
-    return digest.hexdigest()
-
-
-def path_digests(path: Path) -> Digests | None:
-    """A file's digest, or a folder's files' (hidden ones left out: a download's cache, an
-    editor's files); None where the path is not there."""
-    if path.is_file():
-        return {path.name: file_digest(path)}
-    if not path.is_dir():
-        return None
-    files = sorted(
-        found
-        for found in path.rglob("*")
-        if found.is_file() and not any(part.startswith(".") for part in found.relative_to(path).parts)
-    )
-    return {str(found.relative_to(path)): file_digest(found) for found in files}
-
-
 def node_view(inputs: dict[str, Path], marker: Path) -> tuple[dict[str, Digests | None], bool]:
     """What a node sees: each input's digests, and whether the driver's marker file is in its storage_path."""
-    return {field: path_digests(path) for field, path in inputs.items()}, marker.is_file()
+    return input_digests(inputs), marker.is_file()
 
 
 def difference(
     inputs: dict[str, Path], driver: dict[str, Digests | None], node: tuple[dict[str, Digests | None], bool]
 ) -> tuple[str, str] | None:
-    """(field, what differs) of the first input a node sees otherwise than the driver ("storage_path"
-    where it does not see the driver's marker there), or None."""
+    """(field, what differs) of the first input a node sees otherwise than the driver
+    ("storage_path" where it does not see the driver's marker there), or None."""
     seen, marker_seen = node
-    for field, files in driver.items():
-        there = seen[field]
-        if there is None:
-            return field, f"{inputs[field]} is not there"
-        for name, digest in (files or {}).items():
-            where = inputs[field] if inputs[field].is_file() else inputs[field] / name
-            if name not in there:
-                return field, f"{where} is not there"
-            if there[name] != digest:
-                return field, f"{where} there is not this machine's file (another copy or version)"
+    changed = first_difference(inputs, driver, seen)
+    if changed is not None:
+        field, path, there = changed
+        return (
+            field,
+            f"{path} there is not this machine's file (another copy or version)" if there else f"{path} is not there",
+        )
     if not marker_seen:
         return "storage_path", "it is not the folder this machine writes (not shared storage)"
     return None
 
 
-def check_nodes(config: SweepConfig, node_id: str, nodes: list[dict[str, Any]]) -> None:
+def check_nodes(
+    config: SweepConfig, node_id: str, nodes: list[dict[str, Any]], driver: dict[str, Digests | None]
+) -> None:
     """Refuses the sweep where a node other than the driver's that can hold a trial does not see
-    the driver's inputs and storage_path (nodes the autoscaler adds later are not checked)."""
+    the driver's inputs (`driver`: their digests here) and storage_path (nodes the autoscaler
+    adds later are not checked)."""
     others = [node for node in able_nodes(nodes, config) if node["NodeID"] != node_id]
     if config.ray_address == "local" or not others:
         return
     inputs = config.trial_inputs
-    driver = {field: path_digests(path) for field, path in inputs.items()}
     view = ray.remote(num_cpus=0)(node_view)
     storage = Path(config.storage_path)
     storage.mkdir(parents=True, exist_ok=True)

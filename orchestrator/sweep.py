@@ -40,6 +40,7 @@ from unlearn_sweep.orchestrator import plots, tracking
 from unlearn_sweep.orchestrator.config import STAGE_SELECTORS, ConfigError, SweepConfig
 from unlearn_sweep.orchestrator.console import LiveView, library_messages_to
 from unlearn_sweep.orchestrator.context import TRIAL_FOLDER_PREFIX, TrialContext, trial_folder_name
+from unlearn_sweep.orchestrator.inputs import check_resume, input_digests, record_start
 from unlearn_sweep.orchestrator.lengths import check_lengths
 from unlearn_sweep.orchestrator.nodes import check_nodes, check_store_reachable
 from unlearn_sweep.orchestrator.plan import check_memory, plan_sweep
@@ -325,7 +326,9 @@ class Sweep:
             )
         if self.resume and not exists:
             raise self._refused(f"no sweep {config.name!r} in {config.storage_path} to resume")
+        self.input_digests = input_digests(config.trial_inputs)
         if self.resume:
+            check_resume(config, self.input_digests)  # the same settings and inputs as at its start
             self._refuse_a_cut_state()
         if not self.resume and study_exists(config):
             raise self._refused(
@@ -386,8 +389,10 @@ class Sweep:
         _check_placeable(config)  # before MLflow is touched: nothing is left behind by a bad config
         node_id, nodes = ray.get_runtime_context().get_node_id(), ray.nodes()
         check_store_reachable(config, node_id, nodes)
-        check_nodes(config, node_id, nodes)
+        check_nodes(config, node_id, nodes, self.input_digests)
         check_storage(config, plan_storage(config), _max_concurrent(config))
+        if not self.resume:
+            record_start(config, self.input_digests)
         self.mlflow = tracking.client(config.tracking_uri)
         self.experiment = tracking.experiment_id(self.mlflow, config.experiment)
         self.parent_run_id, self.threshold = _parent_run(self.mlflow, self.experiment, config, self.resume)

@@ -6,11 +6,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest
 from test_sweep import write_config
-from unlearn_sweep.orchestrator import nodes
 from unlearn_sweep.orchestrator.config import load_config
-from unlearn_sweep.orchestrator.nodes import difference, node_view, path_digests, trials_stay_on
+from unlearn_sweep.orchestrator.inputs import path_digests
+from unlearn_sweep.orchestrator.nodes import difference, node_view, trials_stay_on
 
 
 def test_trials_stay_on_the_drivers_node_only_where_no_other_node_can_hold_one(
@@ -60,28 +59,3 @@ def test_a_node_whose_inputs_are_not_the_drivers_is_told_by_field(toy_task_dir: 
     shutil.copytree(inputs["data"], copies["data"])
     marker.unlink()
     assert found() == ("storage_path", "it is not the folder this machine writes (not shared storage)")
-
-
-def test_a_large_file_is_told_apart_by_its_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A file over WHOLE_FILE_BYTES (a 7B model's weight shards) is read in SAMPLES blocks, not
-    whole: a change in any of them, or in its size, is told; one between them is not."""
-    block = nodes.SAMPLE_BYTES
-    monkeypatch.setattr(nodes, "WHOLE_FILE_BYTES", 4 * block)
-    weights = tmp_path / "model.safetensors"
-    content = bytes(range(256)) * (40 * block // 256)
-    size = len(content)
-
-    def changed_at(offset: int) -> str:
-        changed = bytearray(content)
-        changed[offset] ^= 1
-        weights.write_bytes(changed)
-        return nodes.file_digest(weights)
-
-    weights.write_bytes(content)
-    before = nodes.file_digest(weights)
-    seventh = 7 * (size - block) // (nodes.SAMPLES - 1)  # where the seventh sample starts
-    for offset in (0, seventh + 5, size - 1):
-        assert changed_at(offset) != before, offset
-    assert changed_at(seventh + block + 5) == before  # between two samples: the file is not read whole
-    weights.write_bytes(content + b"\0")
-    assert nodes.file_digest(weights) != before

@@ -5,6 +5,7 @@ own, as a user's terminal would."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -347,6 +348,10 @@ def test_interrupted_sweep_resumes_without_duplicates(local_ray, toy_task_dir: P
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
         driver.wait()
+    # The sweep recorded what it started with: a resume on another setting is refused before anything.
+    assert (Path(config.storage_path) / config.name / "started_with.json").is_file()
+    with pytest.raises(ConfigError, match=rf"field 'seed': {config.seed} at the sweep's start, {config.seed + 1} now"):
+        run_sweep(dataclasses.replace(config, seed=config.seed + 1), resume=True)
     summary = run_sweep(config, resume=True)  # on the test's own Ray, not the killed driver's
     assert len(summary.rows) == 3 and all(row["status"] == "finished" for row in summary.rows)
     children = mlflow.search_runs(
