@@ -90,15 +90,18 @@ def check_nodes(
     inputs = config.trial_inputs
     view = ray.remote(num_cpus=0)(node_view)
     storage = Path(config.storage_path)
-    storage.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=storage, prefix=".node-check-") as marker:
-        answers = {
-            node["NodeManagerAddress"]: view.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-            ).remote(inputs, Path(marker.name))
+    shared = next(folder for folder in (storage, *storage.parents) if folder.exists())  # storage_path once made
+    with tempfile.NamedTemporaryFile(dir=shared, prefix=".node-check-") as marker:
+        answers = [
+            (
+                node["NodeManagerAddress"],
+                view.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(
+                    inputs, Path(marker.name)
+                ),
+            )
             for node in others
-        }
-        for address, answer in answers.items():
+        ]
+        for address, answer in answers:
             try:
                 found = difference(inputs, driver, ray.get(answer, timeout=ANSWER_TIMEOUT_S))
             except GetTimeoutError:
