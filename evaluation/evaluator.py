@@ -5,17 +5,19 @@ score (`rescore`), the way the organizers' metrics-only mode worked."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from unlearn_sweep.corpus.checkpoints import BACKENDS
 from unlearn_sweep.corpus.errors import DataError, read_text
 from unlearn_sweep.corpus.mia import MEMBERSHIPS, load_mia
@@ -257,20 +259,55 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(as_if_created_plainly(Path(temporary)), path)
 
 
+def gathered_inference(
+    model, tokenizer, sets: EvalSets, options: EvalOptions = DEFAULT_OPTIONS
+) -> dict[str, list[dict]] | None:
+    """run_inference over a process group (a multi-worker trial's, a launcher's) shared out:
+    each rank infers its `EvalSets.shard`, and rank 0 gets all the records in the sets' order
+    (the others None); without a group, this process infers them all."""
+    if not torch.distributed.is_initialized():
+        return run_inference(model, tokenizer, sets, options)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    records = run_inference(model, tokenizer, sets.shard(rank, world), options)
+    shards = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(records, shards, dst=0)
+    return merge_shards(shards) if rank == 0 else None
+
+
+@contextlib.contextmanager
+def launched_group() -> Iterator[None]:
+    """Under a launcher of several processes (torchrun sets WORLD_SIZE) where none is formed
+    yet, their process group: NCCL with each rank on its node's LOCAL_RANK GPU, gloo on CPUs;
+    destroyed after. Alone, nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or torch.distributed.is_initialized():
+        yield
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def evaluate_checkpoint(
     model_dir: str | Path,
     sets: EvalSets,
     options: EvalOptions = DEFAULT_OPTIONS,
     out_dir: str | Path | None = None,
     mmlu_threshold: float | None = None,
-) -> dict:
+) -> dict | None:
     """Load (by default in bfloat16, as the organizers did), infer, score, and (with out_dir)
-    write the records and scores.json."""
+    write the records and scores.json. Over a process group (`launched_group`), each rank
+    infers its share and rank 0 alone scores, writes and returns the scores (the others None)."""
     model, tokenizer = load(model_dir, options)
     try:
-        records = run_inference(model, tokenizer, sets, options)
+        records = gathered_inference(model, tokenizer, sets, options)
     finally:
         release(model, options)
+    if records is None:
+        return None
     scores = score_records(records, mmlu_threshold, eval_settings(sets, options))
     if out_dir is not None:
         write_results(out_dir, records, scores)

@@ -542,7 +542,7 @@ def print_scores(scores: dict) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from unlearn_sweep.corpus.mia import check_mia_fold
     from unlearn_sweep.evaluation import vllm_inference
-    from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint
+    from unlearn_sweep.evaluation.evaluator import EvalSets, evaluate_checkpoint, launched_group
     from unlearn_sweep.evaluation.options import EvalOptions
 
     threshold = _threshold(args)
@@ -562,7 +562,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         answer_nll=args.answer_nll,
         backend=args.backend,
     )
-    scores = evaluate_checkpoint(args.model, sets, options, args.out, threshold)
+    with launched_group():  # under torchrun, each process scores its share: one per GPU
+        scores = evaluate_checkpoint(args.model, sets, options, args.out, threshold)
+    if scores is None:
+        return 0  # a rank other than 0: rank 0 wrote and prints the scores
     print(f"scores of {args.model} (records in {args.out}):")
     print_scores(scores)
     return 0

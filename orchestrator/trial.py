@@ -34,10 +34,9 @@ from unlearn_sweep.evaluation.evaluator import (
     MMLU,
     EvalSets,
     eval_settings,
+    gathered_inference,
     load,
-    merge_shards,
     release,
-    run_inference,
     score_records,
     write_results,
 )
@@ -124,12 +123,7 @@ class EpochReporter:
 
     def _records(self, model, tokenizer, sets: EvalSets) -> dict[str, list[dict]] | None:
         """This rank's share of the sets' records; on rank 0, all of them in the sets' order."""
-        records = run_inference(model, tokenizer, sets.shard(self.rank, self.world), self.context.eval)
-        if self.world == 1:
-            return records
-        shards = [None] * self.world if self.rank == 0 else None
-        torch.distributed.gather_object(records, shards, dst=0)
-        return merge_shards(shards) if self.rank == 0 else None
+        return gathered_inference(model, tokenizer, sets, self.context.eval)
 
     def _share(self, value: Any) -> Any:
         """Rank 0's value on every rank."""
