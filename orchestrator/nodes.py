@@ -1,13 +1,15 @@
 """What each node of a cluster that may run a trial must see as the driver sees it: the sweep's
 inputs (the model, the data, the MIA and MMLU sets) and its storage_path, each read from the
-node's own file system. A node without them fails every trial it is given, a search learning
-from those failures; a node with another copy at the same path (last month's forget set) trains
-and scores on it, and nothing tells its trials from the others. So before a sweep starts, a task
-on each such node fingerprints the inputs' files there, and the sweep is refused, naming the
-node and the field, where one is missing or differs from the driver's."""
+node's own file system (its TMPDIR is its own too: storage.py checks its free space). A node
+without them fails every trial it is given, a search learning from those failures; a node with
+another copy at the same path (last month's forget set) trains and scores on it, and nothing
+tells its trials from the others. So before a sweep starts, a task on each such node
+fingerprints the inputs' files there, and the sweep is refused, naming the node and the field,
+where one is missing or differs from the driver's."""
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
 from unlearn_sweep.orchestrator.inputs import Digests, first_difference, input_digests
+from unlearn_sweep.orchestrator.storage import Scratch, free_bytes, nearest_folder
 
 ANSWER_TIMEOUT_S = 300  # a node's first task starts a worker process; a node silent longer is broken
 
@@ -55,17 +58,27 @@ def check_store_reachable(config: SweepConfig, node_id: str, nodes: list[dict[st
     )
 
 
-def node_view(inputs: dict[str, Path], marker: Path) -> tuple[dict[str, Digests | None], bool]:
-    """What a node sees: each input's digests, and whether the driver's marker file is in its storage_path."""
-    return input_digests(inputs), marker.is_file()
+NodeView = tuple[dict[str, Digests | None], bool, str, int]
 
 
-def difference(
-    inputs: dict[str, Path], driver: dict[str, Digests | None], node: tuple[dict[str, Digests | None], bool]
-) -> tuple[str, str] | None:
+def node_view(inputs: dict[str, Path], marker: Path) -> NodeView:
+    """What a node sees: each input's digests, whether the driver's marker file is in its
+    storage_path, and its TMPDIR (the nearest existing folder) with its free bytes."""
+    scratch = nearest_folder(Path(tempfile.gettempdir()))
+    return input_digests(inputs), marker.is_file(), str(scratch), free_bytes(scratch)
+
+
+def trials_held(node: dict[str, Any], config: SweepConfig) -> int:
+    """How many trial workers (a one-worker trial's, or one worker of a multi-worker trial's)
+    the node (of ray.nodes()) holds at once: its scarcest resource decides."""
+    need = {"CPU": config.resources_per_trial.cpu, "GPU": config.resources_per_trial.gpu}
+    return min(math.floor(node["Resources"].get(name, 0) / amount + 1e-9) for name, amount in need.items() if amount)
+
+
+def difference(inputs: dict[str, Path], driver: dict[str, Digests | None], node: NodeView) -> tuple[str, str] | None:
     """(field, what differs) of the first input a node sees otherwise than the driver
     ("storage_path" where it does not see the driver's marker there), or None."""
-    seen, marker_seen = node
+    seen, marker_seen, _, _ = node
     changed = first_difference(inputs, driver, seen)
     if changed is not None:
         field, path, there = changed
@@ -78,38 +91,38 @@ def difference(
     return None
 
 
-def check_nodes(
-    config: SweepConfig, node_id: str, nodes: list[dict[str, Any]], driver: dict[str, Digests | None]
-) -> None:
-    """Refuses the sweep where a node other than the driver's that can hold a trial does not see
-    the driver's inputs (`driver`: their digests here) and storage_path (nodes the autoscaler
-    adds later are not checked)."""
-    others = [node for node in able_nodes(nodes, config) if node["NodeID"] != node_id]
-    if config.ray_address == "local" or not others:
-        return
+def check_nodes(config: SweepConfig, nodes: list[dict[str, Any]], driver: dict[str, Digests | None]) -> list[Scratch]:
+    """Refuses the sweep where a node that can hold a trial does not see the driver's inputs
+    (`driver`: their digests here) and storage_path; each such node's TMPDIR (storage.py checks
+    it). Nodes the autoscaler adds later are not checked; a local Ray's only node is this one."""
+    able = able_nodes(nodes, config)
+    if config.ray_address == "local" or not able:
+        return []
     inputs = config.trial_inputs
     view = ray.remote(num_cpus=0)(node_view)
-    storage = Path(config.storage_path)
-    shared = next(folder for folder in (storage, *storage.parents) if folder.exists())  # storage_path once made
+    shared = nearest_folder(Path(config.storage_path))  # storage_path once it is made
+    scratches = []
     with tempfile.NamedTemporaryFile(dir=shared, prefix=".node-check-") as marker:
         answers = [
             (
-                node["NodeManagerAddress"],
+                node,
                 view.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(
                     inputs, Path(marker.name)
                 ),
             )
-            for node in others
+            for node in able
         ]
-        for address, answer in answers:
+        for node, answer in answers:
+            address = node["NodeManagerAddress"]
             try:
-                found = difference(inputs, driver, ray.get(answer, timeout=ANSWER_TIMEOUT_S))
+                seen = ray.get(answer, timeout=ANSWER_TIMEOUT_S)
             except GetTimeoutError:
                 raise ConfigError(
                     config.source,
                     f"node {address} did not run the sweep's input check within {ANSWER_TIMEOUT_S} s",
                     field="ray_address",
                 ) from None
+            found = difference(inputs, driver, seen)
             if found is not None:
                 field, what = found
                 where = config.storage_path if field == "storage_path" else ""
@@ -120,3 +133,5 @@ def check_nodes(
                     "the same files (shared storage, mounted at the same path)",
                     field=field,
                 )
+            scratches.append(Scratch(address, seen[2], seen[3], trials_held(node, config)))
+    return scratches

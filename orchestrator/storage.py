@@ -10,11 +10,13 @@ holds its best epoch's and, while Tune copies a better one in, that one too. A m
 whose sources can recur caches each distinct source it trains until the sweep completes.
 Beside, a running trial keeps in its node's TMPDIR the epoch being scored and those screening
 holds, a task vector's fine-tuned model while it is negated, a merge's uncached sources:
-checked on a local Ray, whose trials' TMPDIR is this machine's. Not counted: the champion's
-copy in MLflow's artifact store."""
+checked on this machine for a local Ray, and on each node of a cluster that can run trials
+(nodes.py: its TMPDIR's free space, against the trials it holds at once). Not counted: the
+champion's copy in MLflow's artifact store."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -53,6 +55,16 @@ class StoragePlan:
     def need(self, concurrent: int) -> int:
         """Bytes on storage_path at most, with `concurrent` trials running."""
         return sum(held.total for held in self.held) + concurrent * self.running
+
+
+@dataclass(frozen=True)
+class Scratch:
+    """A node's TMPDIR, as a task there found it."""
+
+    node: str  # its address
+    folder: str  # TMPDIR, or the nearest existing folder above it
+    free: int  # bytes
+    trials: int  # trials (or trial workers) the node holds at once
 
 
 def _worst_cases(config: SweepConfig, method: str, space: dict[str, Any]) -> list[Any]:
@@ -118,11 +130,12 @@ def format_storage(plan: StoragePlan, config: SweepConfig, concurrent: int | Non
         if concurrent
         else f"one running; each further one +{plan.running / GIB:.1f} GiB (max_concurrent_trials unset)"
     )
+    scratch = Path(tempfile.gettempdir())
     return (
         f"storage_path {config.storage_path}: at most {plan.need(concurrent or 1) / GIB:.1f} GiB at once "
         f"({_parts(plan)}, {running}); {free_bytes(Path(config.storage_path)) / GIB:.1f} GiB free; "
         f"each running trial also holds up to {plan.local / GIB:.1f} GiB in its node's TMPDIR "
-        f"({_nearest(Path(tempfile.gettempdir()))} here: {free_bytes(Path(tempfile.gettempdir())) / GIB:.1f} GiB free)"
+        f"({nearest_folder(scratch)} here: {free_bytes(scratch) / GIB:.1f} GiB free)"
     )
 
 
@@ -131,14 +144,14 @@ def _parts(plan: StoragePlan) -> str:
     return f"{held}, {RUNNING_COPIES} x {plan.running / RUNNING_COPIES / GIB:.2f} GiB per running trial"
 
 
-def _nearest(folder: Path) -> Path:
+def nearest_folder(folder: Path) -> Path:
     """The folder, or the nearest existing folder above it."""
     return next(parent for parent in (folder, *folder.parents) if parent.exists())
 
 
 def free_bytes(folder: Path) -> int:
     """Free space of the file system the folder is (or will be) on."""
-    return shutil.disk_usage(_nearest(folder)).free
+    return shutil.disk_usage(nearest_folder(folder)).free
 
 
 def used_bytes(folder: Path) -> int:
@@ -167,18 +180,33 @@ def check_storage(config: SweepConfig, plan: StoragePlan, concurrent: int) -> No
             field="storage_path",
         )
     if config.ray_address != "local":
-        return  # the trials' nodes' disks are not this machine's
-    scratch = _nearest(Path(tempfile.gettempdir()))
-    shared = scratch.stat().st_dev == _nearest(storage).stat().st_dev
-    local = concurrent * plan.local
-    free = free_bytes(scratch)
-    if local + (need - used if shared else 0) > free:
-        beside = f", beside the {(need - used) / GIB:.1f} GiB storage_path may add on the same disk" if shared else ""
-        trials = f"{concurrent} running trial{'s' if concurrent > 1 else ''}"
-        raise ConfigError(
-            config.source,
-            f"TMPDIR {scratch} has {free / GIB:.1f} GiB free, and {trials} may hold {local / GIB:.1f} GiB there "
-            f"(each up to {plan.local / GIB:.1f} GiB: the epoch being scored and those screening holds){beside}; "
-            "lower max_concurrent_trials or eval.screen_hold, or point TMPDIR at a larger disk",
-            field="max_concurrent_trials",
-        )
+        return  # the trials' nodes' disks are not this machine's: check_scratch, from each node
+    scratch = nearest_folder(Path(tempfile.gettempdir()))
+    shared = scratch.stat().st_dev == nearest_folder(storage).stat().st_dev
+    beside = max(0, need - used) if shared else 0
+    _check_scratch(config, plan, Scratch("", str(scratch), free_bytes(scratch), concurrent), beside)
+
+
+def check_scratch(config: SweepConfig, plan: StoragePlan, nodes: list[Scratch], concurrent: int) -> None:
+    """A ConfigError where a cluster node's TMPDIR cannot hold what the trials it runs at once
+    (at most `concurrent`) keep there."""
+    for node in nodes:
+        _check_scratch(config, plan, dataclasses.replace(node, trials=min(node.trials, concurrent)), 0)
+
+
+def _check_scratch(config: SweepConfig, plan: StoragePlan, scratch: Scratch, beside: int) -> None:
+    """The error where `scratch.trials` running trials' share of TMPDIR, and `beside` bytes
+    storage_path may add on the same disk, exceed its free space."""
+    local = scratch.trials * plan.local
+    if local + beside <= scratch.free:
+        return
+    where = f"on node {scratch.node}, " if scratch.node else ""
+    trials = f"{scratch.trials} running trial{'s' if scratch.trials > 1 else ''}"
+    also = f", beside the {beside / GIB:.1f} GiB storage_path may add on the same disk" if beside else ""
+    raise ConfigError(
+        config.source,
+        f"{where}TMPDIR {scratch.folder} has {scratch.free / GIB:.1f} GiB free, and {trials} may hold "
+        f"{local / GIB:.1f} GiB there (each up to {plan.local / GIB:.1f} GiB: the epoch being scored and those "
+        f"screening holds){also}; lower max_concurrent_trials or eval.screen_hold, or point TMPDIR at a larger disk",
+        field="max_concurrent_trials",
+    )

@@ -48,7 +48,7 @@ from unlearn_sweep.orchestrator.retention import CheckpointRetention
 from unlearn_sweep.orchestrator.search import make_searcher, merge_stage_searcher, search_algorithm, study_exists
 from unlearn_sweep.orchestrator.selection import crown, merge_source_picks, select, trial_entries
 from unlearn_sweep.orchestrator.stopping import handling, leave_closed_terminal, stop_signals
-from unlearn_sweep.orchestrator.storage import check_storage, plan_storage
+from unlearn_sweep.orchestrator.storage import check_scratch, check_storage, plan_storage
 from unlearn_sweep.orchestrator.submission import configuration_key, submitted_setup
 from unlearn_sweep.orchestrator.trial import decision_epochs, run_trial
 
@@ -389,8 +389,9 @@ class Sweep:
         _check_placeable(config)  # before MLflow is touched: nothing is left behind by a bad config
         node_id, nodes = ray.get_runtime_context().get_node_id(), ray.nodes()
         check_store_reachable(config, node_id, nodes)
-        check_nodes(config, node_id, nodes, self.input_digests)
-        check_storage(config, plan_storage(config), _max_concurrent(config))
+        plan, concurrent = plan_storage(config), _max_concurrent(config)
+        check_storage(config, plan, concurrent)
+        check_scratch(config, plan, check_nodes(config, nodes, self.input_digests), concurrent)
         if not self.resume:
             record_start(config, self.input_digests)
         self.mlflow = tracking.client(config.tracking_uri)

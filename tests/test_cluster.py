@@ -27,6 +27,8 @@ from unlearn_sweep.methods.registry import get_method, run_method
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.cli import main
 from unlearn_sweep.orchestrator.config import ConfigError, load_config
+from unlearn_sweep.orchestrator.inputs import input_digests
+from unlearn_sweep.orchestrator.nodes import check_nodes
 from unlearn_sweep.orchestrator.selection import export_champion
 from unlearn_sweep.orchestrator.sweep import run_sweep, trial_resources
 from unlearn_sweep.orchestrator.trial import released_gpu_cache, trial_task
@@ -122,6 +124,9 @@ def test_a_cluster_sweep_packs_gpus_on_every_worker_node_and_logs_to_a_tracking_
             with pytest.raises(ConfigError, match=rf"field '{field}': on node [\d.]+, which can run trials"):
                 run_sweep(dataclasses.replace(here, **served, **elsewhere))
         assert [path.name for path in driver.iterdir()] == ["data"]  # the marker gone, nothing written
+        # Each worker node reports its TMPDIR and the trials it holds at once (2 CPUs, 1 each); the head none.
+        scratches = check_nodes(here, ray.nodes(), input_digests(here.trial_inputs))
+        assert [(scratch.trials, scratch.free > 0) for scratch in scratches] == [(2, True), (2, True)]
         # A SQLite file of the driver's machine: the workers' trials could not record into it.
         local = load_config(
             write_config(tmp_path / "local", toy_task_dir, name="local", ray_address=cluster.address, **LIGHT_EVAL)

@@ -19,7 +19,7 @@ from unlearn_sweep.orchestrator import storage
 from unlearn_sweep.orchestrator.cli import main
 from unlearn_sweep.orchestrator.config import ConfigError, load_config
 from unlearn_sweep.orchestrator.plan import check_memory
-from unlearn_sweep.orchestrator.storage import Held, plan_storage
+from unlearn_sweep.orchestrator.storage import Held, Scratch, check_scratch, plan_storage
 
 # Published OLMo-2 shapes (allenai/OLMo-2-1124-7B; a 1B with OLMo-1B's tied embeddings).
 OLMO2 = {
@@ -294,6 +294,14 @@ def test_the_storage_plan_counts_what_each_stage_keeps(
     assert main(["plan", str(path)]) == 2
     assert "field 'max_concurrent_trials': TMPDIR " in (err := capsys.readouterr().err)
     assert "has 50.0 GiB free, and 1 running trial may hold 81.6 GiB there" in err
+    # a cluster's nodes report their own TMPDIR: a node holds its own trials' share, at most the sweep's concurrency
+    config = load_config(path)
+    plan = plan_storage(config)
+    node = Scratch("10.0.0.7", "/tmp", 200 * GIB, trials=8)
+    check_scratch(config, plan, [node], concurrent=2)
+    full = "on node 10.0.0.7, TMPDIR /tmp has 200.0 GiB free, and 3 running trials may hold 244.7 GiB"
+    with pytest.raises(ConfigError, match=f"field 'max_concurrent_trials': {full}"):
+        check_scratch(config, plan, [node], concurrent=3)
 
 
 def saved_for_backward(model: torch.nn.Module, run, autocast: bool = False) -> tuple[int, int]:

@@ -3,13 +3,14 @@ on a simulated cluster's nodes is in test_cluster.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
 from test_sweep import write_config
 from unlearn_sweep.orchestrator.config import load_config
 from unlearn_sweep.orchestrator.inputs import path_digests
-from unlearn_sweep.orchestrator.nodes import difference, node_view, trials_stay_on
+from unlearn_sweep.orchestrator.nodes import difference, node_view, trials_held, trials_stay_on
 
 
 def test_trials_stay_on_the_drivers_node_only_where_no_other_node_can_hold_one(
@@ -24,6 +25,10 @@ def test_trials_stay_on_the_drivers_node_only_where_no_other_node_can_hold_one(
     assert trials_stay_on("head", [node("head", 8, 1), node("cpu", 64), node("gone", 8, 1, alive=False)], config)
     assert not trials_stay_on("head", [node("head", 8, 1), node("gpu", 8, 1)], config)
     assert not trials_stay_on("head", [node("head", 0)], config)  # cluster.yaml's head: the autoscaler adds workers
+    # a node holds as many trials as its scarcest resource allows (a multi-worker trial's: workers)
+    assert trials_held(node("gpu", 8, 2), config) == 2
+    packed = dataclasses.replace(config, resources_per_trial=dataclasses.replace(config.resources_per_trial, gpu=0.5))
+    assert trials_held(node("gpu", 8, 2), packed) == 4 and trials_held(node("cpu", 7, 2), packed) == 3
 
 
 def test_a_node_whose_inputs_are_not_the_drivers_is_told_by_field(toy_task_dir: Path, tmp_path: Path) -> None:
