@@ -11,6 +11,7 @@ from unlearn_sweep.evaluation.eligibility import Limits
 from unlearn_sweep.evaluation.evaluator import EvalSets
 from unlearn_sweep.evaluation.options import EvalOptions
 from unlearn_sweep.orchestrator.config import Confirm, SweepConfig
+from unlearn_sweep.orchestrator.inputs import Digests
 from unlearn_sweep.orchestrator.search import load_space, sources_can_recur
 
 TRIAL_FOLDER_PREFIX = "trial_"
@@ -49,6 +50,8 @@ class TrialContext:
     # Merge sources trained once per configuration; None: sources that cannot recur.
     source_cache: str | None = None
     final_epoch_only: bool = False  # a confirmation run: only its last epoch is evaluated, as a submission's
+    # by field, each input's path and its files' digests at the sweep's start: checked by every trial
+    inputs: dict[str, tuple[str, Digests | None]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def for_sweep(
@@ -59,7 +62,9 @@ class TrialContext:
         parent_run_id: str,
         threshold: float | None,
         decision_epochs: list[int],
+        inputs: dict[str, tuple[str, Digests | None]] | None = None,
     ) -> TrialContext:
+        """`inputs`: config.trial_inputs with their digests (inputs.fingerprints), checked in every trial."""
         resources = config.resources_per_trial
         return cls(
             model=str(config.model),
@@ -82,6 +87,7 @@ class TrialContext:
             gpu_per_worker=resources.gpu,
             train_storage_path=f"{experiment_path}/train",
             source_cache=f"{experiment_path}/sources" if caches_sources(config) else None,
+            inputs=inputs or {},
         )
 
     def confirming(self, confirm: Confirm) -> TrialContext:

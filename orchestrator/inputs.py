@@ -1,5 +1,6 @@
 """A sweep's inputs as files, fingerprinted: the same everywhere (each cluster node's copy
-against the driver's: nodes.py) and every time (a resumed sweep against what it started with).
+against the driver's: nodes.py, and again in each trial, on whatever node it runs) and every
+time (a resumed sweep against what it started with).
 
 A sweep resumed on other inputs or settings (a forget set replaced at the same path, a search
 space edited) would run its remaining trials on them beside trials that ran on the first, and
@@ -17,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.orchestrator.config import INPUT_FIELDS, ConfigError, SweepConfig
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,29 @@ def first_difference(
             if there.get(name) != digest:
                 return field, path, name in there
     return None
+
+
+def fingerprints(inputs: dict[str, Path], digests: dict[str, Digests | None]) -> dict[str, tuple[str, Digests | None]]:
+    """By field, each input's path and its digests: what check_unchanged takes."""
+    return {field: (str(path), digests[field]) for field, path in inputs.items()}
+
+
+def check_unchanged(inputs: dict[str, tuple[str, Digests | None]], node: str) -> None:
+    """In a trial, on whatever node it runs (also one that joined the cluster after the sweep
+    started, which the start's check never saw): the inputs (by field, path and digests at the
+    sweep's start) as they were; a DataError naming the file otherwise."""
+    paths = {field: Path(path) for field, (path, _) in inputs.items()}
+    changed = first_difference(paths, {field: digests for field, (_, digests) in inputs.items()}, input_digests(paths))
+    if changed is None:
+        return
+    field, path, there = changed
+    found = "is not the file the sweep started with (another copy, or changed since)" if there else "is not there"
+    raise DataError(
+        path,
+        f"on node {node}, it {found}; every node that runs trials must see the sweep's inputs, unchanged while it "
+        "runs (shared storage, mounted at the same path)",
+        field=field,
+    )
 
 
 def settings(config: SweepConfig) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from unlearn_sweep.orchestrator import plots, tracking
 from unlearn_sweep.orchestrator.config import STAGE_SELECTORS, ConfigError, SweepConfig
 from unlearn_sweep.orchestrator.console import LiveView, library_messages_to
 from unlearn_sweep.orchestrator.context import TRIAL_FOLDER_PREFIX, TrialContext, trial_folder_name
-from unlearn_sweep.orchestrator.inputs import check_resume, input_digests, record_start
+from unlearn_sweep.orchestrator.inputs import check_resume, check_unchanged, fingerprints, input_digests, record_start
 from unlearn_sweep.orchestrator.lengths import check_lengths
 from unlearn_sweep.orchestrator.nodes import check_nodes, check_store_reachable
 from unlearn_sweep.orchestrator.plan import check_memory, plan_sweep
@@ -156,8 +156,11 @@ def _sweep_runs(mlflow, experiment: str, config: SweepConfig) -> list:
     return mlflow.search_runs([experiment], filter_string=f"tags.sweep = '{config.name}' and tags.role = 'sweep'")
 
 
-def _parent_run(mlflow, experiment: str, config: SweepConfig, resume: bool) -> tuple[str, float | None]:
-    """The sweep's parent run (found again on resume) and the absolute MMLU threshold."""
+def _parent_run(
+    mlflow, experiment: str, config: SweepConfig, resume: bool, inputs: dict[str, Any]
+) -> tuple[str, float | None]:
+    """The sweep's parent run (found again on resume) and the absolute MMLU threshold
+    (`inputs`: inputs.fingerprints, checked where the base model is evaluated)."""
     runs = _sweep_runs(mlflow, experiment, config)
     if resume:
         if not runs:
@@ -173,7 +176,7 @@ def _parent_run(mlflow, experiment: str, config: SweepConfig, resume: bool) -> t
     run = mlflow.create_run(experiment, run_name=config.name, tags={"sweep": config.name, "role": "sweep"})
     run_id = run.info.run_id
     try:
-        return run_id, _threshold(mlflow, run_id, config)
+        return run_id, _threshold(mlflow, run_id, config, inputs)
     except KeyboardInterrupt:  # Ctrl-C in the base model's evaluation (minutes at 7B): no failure
         tracking.mark_interrupted(mlflow, run_id)
         raise SweepInterrupted(
@@ -186,7 +189,7 @@ def _parent_run(mlflow, experiment: str, config: SweepConfig, resume: bool) -> t
         raise
 
 
-def _threshold(mlflow, run_id: str, config: SweepConfig) -> float | None:
+def _threshold(mlflow, run_id: str, config: SweepConfig, inputs: dict[str, Any]) -> float | None:
     """The absolute MMLU threshold, logged with the sweep's settings on its parent run."""
     threshold = None
     if config.mmlu_threshold is not None:
@@ -199,7 +202,7 @@ def _threshold(mlflow, run_id: str, config: SweepConfig) -> float | None:
                 "num_cpus": config.resources_per_trial.cpu,
                 "num_gpus": config.resources_per_trial.gpu,
             }
-            base, node = ray.get(ray.remote(**resources)(_evaluate_base).remote(config))
+            base, node = ray.get(ray.remote(**resources)(_evaluate_base).remote(config, inputs))
             mlflow.set_tag(run_id, "base_evaluation_node", node)
             base_mmlu = base["mmlu_accuracy"]
             for name in tracking.SCORE_METRICS:
@@ -219,10 +222,12 @@ def _threshold(mlflow, run_id: str, config: SweepConfig) -> float | None:
     return threshold
 
 
-def _evaluate_base(config: SweepConfig) -> tuple[dict, str]:
-    """The base model's scores under the sweep's evaluation settings, and the Ray node that computed them."""
+def _evaluate_base(config: SweepConfig, inputs: dict[str, Any]) -> tuple[dict, str]:
+    """The base model's scores under the sweep's evaluation settings, and the Ray node that
+    computed them (its inputs checked first: an autoscaler may have just added it)."""
     import torch
 
+    check_unchanged(inputs, ray.util.get_node_ip_address())
     torch.set_num_threads(max(1, int(config.resources_per_trial.cpu)))
     sets = EvalSets.load(config.data, config.split, config.mia, config.mmlu, config.mmlu_shots)
     scores = evaluate_checkpoint(config.model, sets, config.eval)
@@ -396,7 +401,8 @@ class Sweep:
             record_start(config, self.input_digests)
         self.mlflow = tracking.client(config.tracking_uri)
         self.experiment = tracking.experiment_id(self.mlflow, config.experiment)
-        self.parent_run_id, self.threshold = _parent_run(self.mlflow, self.experiment, config, self.resume)
+        inputs = fingerprints(config.trial_inputs, self.input_digests)
+        self.parent_run_id, self.threshold = _parent_run(self.mlflow, self.experiment, config, self.resume, inputs)
         self.context = context = TrialContext.for_sweep(
             config,
             self._path(self.search.name),
@@ -404,6 +410,7 @@ class Sweep:
             self.parent_run_id,
             self.threshold,
             decision_epochs(config.asha, ASHA_MAX_T),
+            inputs,
         )
         resources = trial_resources(config)
         self.trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)

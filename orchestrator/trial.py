@@ -47,6 +47,7 @@ from unlearn_sweep.methods.registry import Method, build_params, get_method, run
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.config import Asha
 from unlearn_sweep.orchestrator.context import MULTI_WORKER_DEFAULTS, TrialContext, trial_folder_name
+from unlearn_sweep.orchestrator.inputs import check_unchanged
 
 # (metrics, checkpoint folder or None) -> reported to Tune or Train.
 Report = Callable[[dict[str, Any], "Path | None"], None]
@@ -214,7 +215,9 @@ def _train_report(metrics: dict[str, Any], checkpoint: Path | None) -> None:
 
 def trial_task(context: TrialContext, method: Method) -> TaskData:
     """The sweep's forget and retain rows, with its held-out documents where it has them and
-    the method reads them (a merge: where its source method does)."""
+    the method reads them (a merge: where its source method does); first, this node's inputs
+    checked against the sweep's at its start."""
+    check_unchanged(context.inputs, ray.util.get_node_ip_address())
     task = load_task(context.data, context.split)
     if context.held_out is None or not method.uses_held_out:
         return task

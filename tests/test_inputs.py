@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 from test_sweep import write_config
+from unlearn_sweep.corpus.errors import DataError
 from unlearn_sweep.orchestrator import inputs
 from unlearn_sweep.orchestrator.config import ConfigError, load_config
-from unlearn_sweep.orchestrator.inputs import check_resume, input_digests, record_start
+from unlearn_sweep.orchestrator.inputs import check_resume, check_unchanged, fingerprints, input_digests, record_start
 
 ADVICE = "a resumed sweep runs its remaining trials as it started them: put it back, or start a new sweep"
 
@@ -51,6 +52,30 @@ def test_a_resume_keeps_the_settings_and_inputs_its_sweep_started_with(
     forget.unlink()
     with pytest.raises(ConfigError, match=rf"field 'data': {forget} is not there, and the sweep started with it"):
         resumed(data=moved)
+
+
+def test_a_trial_refuses_inputs_that_are_not_the_sweeps_at_its_start(toy_task_dir: Path, tmp_path: Path) -> None:
+    """On a node the start's check never saw (an autoscaler's), or after a file was replaced
+    while the sweep ran: the trial fails at its start, naming the file and the field."""
+    from unlearn_sweep.methods.registry import get_method
+    from unlearn_sweep.orchestrator.context import TrialContext
+    from unlearn_sweep.orchestrator.trial import trial_task
+
+    data = shutil.copytree(toy_task_dir / "data", tmp_path / "data")
+    config = load_config(write_config(tmp_path / "sweep", toy_task_dir, data=str(data)))
+    started = fingerprints(config.trial_inputs, input_digests(config.trial_inputs))
+    context = TrialContext.for_sweep(config, str(tmp_path / "runs"), "0", "parent", None, [1], started)
+    method = get_method("grad_diff")
+    assert len(trial_task(context, method).forget) > 0
+    forget = data / "forget_train-00000-of-00001.parquet"
+    forget.write_bytes(forget.read_bytes()[::-1])
+    with pytest.raises(
+        DataError, match=rf"{forget}: field 'data': on node [\d.]+, it is not the file the sweep started"
+    ):
+        trial_task(context, method)
+    forget.unlink()
+    with pytest.raises(DataError, match=rf"{forget}: field 'data': on node [\d.]+, it is not there; every node"):
+        check_unchanged(started, "10.0.0.7")
 
 
 def test_a_large_file_is_told_apart_by_its_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

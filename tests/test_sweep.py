@@ -266,7 +266,7 @@ def test_the_base_evaluation_takes_the_configured_vllm_share(
 
     monkeypatch.setattr(vllm_inference, "load_model", load_model)
     with pytest.raises(Loaded):
-        sweep._evaluate_base(config)
+        sweep._evaluate_base(config, {})
     assert shares == [0.25]
 
 

@@ -189,7 +189,7 @@ def test_a_sweep_stopped_in_its_base_evaluation_is_interrupted_and_a_resumed_one
     with monkeypatch.context() as patched:
         patched.setattr(sweep_module, "_threshold", ctrl_c)
         try:  # not pytest.raises: a KeyboardInterrupt let through would end the test session
-            _parent_run(mlflow, experiment, config, resume=False)
+            _parent_run(mlflow, experiment, config, resume=False, inputs={})
         except BaseException as error:
             stop = error
     assert isinstance(stop, SweepInterrupted) and not stop.resumable
@@ -197,11 +197,11 @@ def test_a_sweep_stopped_in_its_base_evaluation_is_interrupted_and_a_resumed_one
     (stopped,) = mlflow.search_runs([experiment])
     assert (stopped.info.status, stopped.data.tags["status"]) == ("KILLED", "interrupted")
 
-    run_id, threshold = _parent_run(mlflow, experiment, config, resume=False)  # started again
+    run_id, threshold = _parent_run(mlflow, experiment, config, resume=False, inputs={})  # started again
     assert threshold == 0.3
     sweep_module._mark_interrupted(mlflow, experiment, run_id, at_ms=None)  # a stop in its trials
     monkeypatch.setattr(sweep_module, "_threshold", ctrl_c)  # recorded: read, not computed again
-    assert _parent_run(mlflow, experiment, config, resume=True) == (run_id, 0.3)
+    assert _parent_run(mlflow, experiment, config, resume=True, inputs={}) == (run_id, 0.3)
     resumed = mlflow.get_run(run_id)
     assert resumed.info.status == "RUNNING" and "status" not in resumed.data.tags
 
