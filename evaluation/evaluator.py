@@ -265,7 +265,7 @@ def gathered_inference(
     """run_inference over a process group (a multi-worker trial's, a launcher's) shared out:
     each rank infers its `EvalSets.shard`, and rank 0 gets all the records in the sets' order
     (the others None); without a group, this process infers them all."""
-    if not torch.distributed.is_initialized():
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return run_inference(model, tokenizer, sets, options)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     records = run_inference(model, tokenizer, sets.shard(rank, world), options)

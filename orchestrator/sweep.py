@@ -307,6 +307,7 @@ class Sweep:
             Stage("its merge stage", config.merge_stage_name, config.merge_stage.trials) if config.merge_stage else None
         )
         self.confirmation_name = config.confirmation_name  # its trials are counted once the search has ended
+        self.input_digests: dict[str, Any] = {}  # of config.trial_inputs, taken once the start's checks begin
 
     def _path(self, name: str) -> str:
         """Where the Tune experiment of that name (a stage's) lives."""
