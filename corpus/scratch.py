@@ -9,7 +9,8 @@ its temporary folders in one folder of its own, named by its machine, process id
 time, and the first time a process asks for one it removes the folders of this machine's
 processes that are gone (another machine's or container's folders, on a TMPDIR they share,
 are left to them). An output's staging folder (corpus/staging.py) is named the same way, so
-the next run into that output removes one a killed run left beside it."""
+the next run into that output removes one a killed run left beside it. Also: the free space of
+the file system a folder is (or will be) on, as the storage plan checks it."""
 
 from __future__ import annotations
 
@@ -84,3 +85,13 @@ def _alive(key: str) -> bool:
 def _remove(folder: Path, owner: int) -> None:
     if os.getpid() == owner:  # not in a child forked with this handler
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def nearest_folder(folder: Path) -> Path:
+    """The folder, or the nearest existing folder above it."""
+    return next(parent for parent in (folder, *folder.parents) if parent.exists())
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space of the file system the folder is (or will be) on."""
+    return shutil.disk_usage(nearest_folder(folder)).free

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from unlearn_sweep.corpus.scratch import free_bytes, nearest_folder
 from unlearn_sweep.orchestrator import tracking
 from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig
 from unlearn_sweep.orchestrator.inputs import Digests, first_difference, input_digests
-from unlearn_sweep.orchestrator.storage import Scratch, free_bytes, nearest_folder
 
 ANSWER_TIMEOUT_S = 300  # a node's first task starts a worker process; a node silent longer is broken
 
@@ -56,6 +57,16 @@ def check_store_reachable(config: SweepConfig, node_id: str, nodes: list[dict[st
         "http://<head private IP>:5000 (docs/cluster.md)",
         field="mlflow.tracking_uri",
     )
+
+
+@dataclass(frozen=True)
+class Scratch:
+    """A node's TMPDIR, as a task there found it (storage.check_scratch checks it)."""
+
+    node: str  # its address
+    folder: str  # TMPDIR, or the nearest existing folder above it
+    free: int  # bytes
+    trials: int  # trials (or trial workers) the node holds at once
 
 
 NodeView = tuple[dict[str, Digests | None], bool, str, int]

@@ -17,16 +17,17 @@ champion's copy in MLflow's artifact store."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unlearn_sweep.corpus.scratch import free_bytes, nearest_folder
 from unlearn_sweep.methods.memory_plan import GIB, ModelShape
 from unlearn_sweep.methods.registry import get_method
 from unlearn_sweep.orchestrator.config import STAGE_SELECTORS, ConfigError, SweepConfig
 from unlearn_sweep.orchestrator.context import caches_sources
+from unlearn_sweep.orchestrator.nodes import Scratch
 from unlearn_sweep.orchestrator.plan import worst_cases
 from unlearn_sweep.orchestrator.search import distinct_settings, load_space
 
@@ -55,16 +56,6 @@ class StoragePlan:
     def need(self, concurrent: int) -> int:
         """Bytes on storage_path at most, with `concurrent` trials running."""
         return sum(held.total for held in self.held) + concurrent * self.running
-
-
-@dataclass(frozen=True)
-class Scratch:
-    """A node's TMPDIR, as a task there found it."""
-
-    node: str  # its address
-    folder: str  # TMPDIR, or the nearest existing folder above it
-    free: int  # bytes
-    trials: int  # trials (or trial workers) the node holds at once
 
 
 def _worst_cases(config: SweepConfig, method: str, space: dict[str, Any]) -> list[Any]:
@@ -142,16 +133,6 @@ def format_storage(plan: StoragePlan, config: SweepConfig, concurrent: int | Non
 def _parts(plan: StoragePlan) -> str:
     held = ", ".join(f"{held.what} {held.count} x {held.size / GIB:.2f} GiB" for held in plan.held)
     return f"{held}, {RUNNING_COPIES} x {plan.running / RUNNING_COPIES / GIB:.2f} GiB per running trial"
-
-
-def nearest_folder(folder: Path) -> Path:
-    """The folder, or the nearest existing folder above it."""
-    return next(parent for parent in (folder, *folder.parents) if parent.exists())
-
-
-def free_bytes(folder: Path) -> int:
-    """Free space of the file system the folder is (or will be) on."""
-    return shutil.disk_usage(nearest_folder(folder)).free
 
 
 def used_bytes(folder: Path) -> int:

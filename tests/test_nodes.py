@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from test_sweep import write_config
@@ -64,3 +66,12 @@ def test_a_node_whose_inputs_are_not_the_drivers_is_told_by_field(toy_task_dir: 
     shutil.copytree(inputs["data"], copies["data"])
     marker.unlink()
     assert found() == ("storage_path", "it is not the folder this machine writes (not shared storage)")
+
+
+def test_the_node_check_loads_no_torch() -> None:
+    """Its task starts a worker on every node at the sweep's start: ray and the fingerprints,
+    not torch and transformers (5 s more a node, as it first was, through the storage plan)."""
+    code = "import sys, unlearn_sweep.orchestrator.nodes; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    )
