@@ -85,11 +85,11 @@ def _model_shape(model_dir: Path, config_mtime_ns: int) -> ModelShape:
         * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads),
         model_type=config.model_type,
         stored_width=_stored_width(getattr(config, "dtype", None)),
-        **_layer_activations(model, model_dir),
+        **_saved_activations(model, model_dir),
     )
 
 
-def _layer_activations(model: torch.nn.Module, model_dir: str | Path) -> dict[str, float]:
+def _saved_activations(model: torch.nn.Module, model_dir: str | Path) -> dict[str, float]:
     """A decoder layer's and the final norm's saved bytes per token in 16 and 32 bits. Where
     one probe cannot run on the meta device (a kernel that checks its inputs' dtype: OLMoE's
     experts in fp32), the other bounds it: a saved tensor at most doubles from 16 to 32 bits,

@@ -26,14 +26,17 @@ from unlearn_sweep.orchestrator.inputs import Digests, first_difference, input_d
 ANSWER_TIMEOUT_S = 300  # a node's first task starts a worker process; a node silent longer is broken
 
 
+def worker_slots(resources: dict[str, float], config: SweepConfig) -> int:
+    """How many trial workers (a one-worker trial's, or one worker of a multi-worker trial's)
+    `resources` (a node's, or the cluster's) hold at once: the scarcest one decides (fractional
+    GPUs pack)."""
+    need = {"CPU": config.resources_per_trial.cpu, "GPU": config.resources_per_trial.gpu}
+    return min(math.floor(resources.get(name, 0) / amount + 1e-9) for name, amount in need.items() if amount)
+
+
 def able_nodes(nodes: list[dict[str, Any]], config: SweepConfig) -> list[dict[str, Any]]:
     """The live nodes of `nodes` (ray.nodes()) that can hold a trial (each of its workers)."""
-    need = {"CPU": config.resources_per_trial.cpu, "GPU": config.resources_per_trial.gpu}
-    return [
-        node
-        for node in nodes
-        if node["Alive"] and all(node["Resources"].get(name, 0) >= amount for name, amount in need.items() if amount)
-    ]
+    return [node for node in nodes if node["Alive"] and trials_held(node, config) >= 1]
 
 
 def trials_stay_on(node_id: str, nodes: list[dict[str, Any]], config: SweepConfig) -> bool:
@@ -69,35 +72,37 @@ class Scratch:
     trials: int  # trials (or trial workers) the node holds at once
 
 
-NodeView = tuple[dict[str, Digests | None], bool, str, int]
+@dataclass(frozen=True)
+class NodeView:
+    """What a node sees (node_view, run there)."""
+
+    digests: dict[str, Digests | None]  # each input's
+    marker_seen: bool  # whether the driver's marker file is in its storage_path
+    scratch: str  # its TMPDIR (the nearest existing folder)
+    scratch_free: int  # bytes
 
 
 def node_view(inputs: dict[str, Path], marker: Path) -> NodeView:
-    """What a node sees: each input's digests, whether the driver's marker file is in its
-    storage_path, and its TMPDIR (the nearest existing folder) with its free bytes."""
     scratch = nearest_folder(Path(tempfile.gettempdir()))
-    return input_digests(inputs), marker.is_file(), str(scratch), free_bytes(scratch)
+    return NodeView(input_digests(inputs), marker.is_file(), str(scratch), free_bytes(scratch))
 
 
 def trials_held(node: dict[str, Any], config: SweepConfig) -> int:
-    """How many trial workers (a one-worker trial's, or one worker of a multi-worker trial's)
-    the node (of ray.nodes()) holds at once: its scarcest resource decides."""
-    need = {"CPU": config.resources_per_trial.cpu, "GPU": config.resources_per_trial.gpu}
-    return min(math.floor(node["Resources"].get(name, 0) / amount + 1e-9) for name, amount in need.items() if amount)
+    """How many trial workers the node (of ray.nodes()) holds at once."""
+    return worker_slots(node["Resources"], config)
 
 
 def difference(inputs: dict[str, Path], driver: dict[str, Digests | None], node: NodeView) -> tuple[str, str] | None:
     """(field, what differs) of the first input a node sees otherwise than the driver
     ("storage_path" where it does not see the driver's marker there), or None."""
-    seen, marker_seen, _, _ = node
-    changed = first_difference(inputs, driver, seen)
+    changed = first_difference(inputs, driver, node.digests)
     if changed is not None:
         field, path, there = changed
         return (
             field,
             f"{path} there is not this machine's file (another copy or version)" if there else f"{path} is not there",
         )
-    if not marker_seen:
+    if not node.marker_seen:
         return "storage_path", "it is not the folder this machine writes (not shared storage)"
     return None
 
@@ -144,5 +149,5 @@ def check_nodes(config: SweepConfig, nodes: list[dict[str, Any]], driver: dict[s
                     "the same files (shared storage, mounted at the same path)",
                     field=field,
                 )
-            scratches.append(Scratch(address, seen[2], seen[3], trials_held(node, config)))
+            scratches.append(Scratch(address, seen.scratch, seen.scratch_free, trials_held(node, config)))
     return scratches

@@ -9,7 +9,6 @@ import fnmatch
 import functools
 import json
 import logging
-import math
 import os
 import pickletools
 import re
@@ -42,7 +41,7 @@ from unlearn_sweep.orchestrator.console import LiveView, library_messages_to
 from unlearn_sweep.orchestrator.context import TRIAL_FOLDER_PREFIX, TrialContext, trial_folder_name
 from unlearn_sweep.orchestrator.inputs import check_resume, check_unchanged, fingerprints, input_digests, record_start
 from unlearn_sweep.orchestrator.lengths import check_lengths
-from unlearn_sweep.orchestrator.nodes import check_nodes, check_store_reachable
+from unlearn_sweep.orchestrator.nodes import check_nodes, check_store_reachable, worker_slots
 from unlearn_sweep.orchestrator.plan import check_memory, plan_sweep
 from unlearn_sweep.orchestrator.retention import CheckpointRetention
 from unlearn_sweep.orchestrator.search import make_searcher, merge_stage_searcher, search_algorithm, study_exists
@@ -143,12 +142,7 @@ def _max_concurrent(config: SweepConfig) -> int:
     """What the cluster holds: the scarcest resource decides (fractional GPUs pack)."""
     if config.max_concurrent_trials:
         return config.max_concurrent_trials
-    total = ray.cluster_resources()
-    workers = config.workers
-    limits = [math.floor(total.get("CPU", 1) / (workers * config.resources_per_trial.cpu) + 1e-9)]
-    if config.resources_per_trial.gpu:
-        limits.append(math.floor(total.get("GPU", 0) / (workers * config.resources_per_trial.gpu) + 1e-9))
-    return max(1, min(limits))
+    return max(1, worker_slots({"CPU": 1, **ray.cluster_resources()}, config) // config.workers)
 
 
 def _sweep_runs(mlflow, experiment: str, config: SweepConfig) -> list:
