@@ -120,56 +120,49 @@ def main() -> None:
 
         rows, docs, questions = sample(task.rows()), sample(documents), sample(mmlu)
         prompts = [fitted_prompt(q, shots[q.subject], count) for q in questions]
-        stages = []
-        start = time.perf_counter()
-        outputs = passes.generate(model, tokenizer, [row.input for row in rows], args.batch_size, 256)
-        generated = sum(count(output) for output in outputs)
-        stages.append(
-            (
-                "generation (forget + retain rows, 256 new tokens)",
-                len(task.rows()),
-                len(rows),
-                sum(count(row.input) for row in rows) + generated,
-                time.perf_counter() - start,
-            )
+        print(f"sample: {args.fraction * 100:g}% of each set (seed 0); projected: the whole set at the sample's rate\n")
+        print(
+            "| stage | set size | sampled | tokens (sample) | tokens/s | sample s | projected whole set | projected "
+            "screen |"
         )
-        start = time.perf_counter()
-        passes.document_loss(model, tokenizer, [doc.document for doc in docs], args.batch_size)
-        stages.append(
-            (
-                "MIA document losses",
-                len(documents),
-                len(docs),
-                sum(count(doc.document) for doc in docs),
-                time.perf_counter() - start,
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+        total = 0.0
+
+        def timed(name: str, size: int, sampled: int, run, tokens: int | None = None) -> None:
+            """Run one stage on its sample and print its row at once (a time limit keeps the rows before it)."""
+            nonlocal total
+            start = time.perf_counter()
+            result = run()
+            seconds = time.perf_counter() - start
+            tokens = tokens if tokens is not None else result
+            whole = seconds * size / sampled
+            total += whole
+            print(
+                f"| {name} | {size} | {sampled} | {tokens} | {tokens / seconds:.0f} | {seconds:.1f} | "
+                f"{whole / 60:.1f} min | {whole * args.screen_fraction / 60:.1f} min |",
+                flush=True,
             )
+
+        def generation() -> int:
+            outputs = passes.generate(model, tokenizer, [row.input for row in rows], args.batch_size, 256)
+            return sum(count(row.input) for row in rows) + sum(count(output) for output in outputs)
+
+        timed("generation (forget + retain rows, 256 new tokens)", len(task.rows()), len(rows), generation)
+        timed(
+            "MIA document losses",
+            len(documents),
+            len(docs),
+            lambda: passes.document_loss(model, tokenizer, [doc.document for doc in docs], args.batch_size),
+            sum(count(doc.document) for doc in docs),
         )
-        start = time.perf_counter()
-        passes.choose_letters(model, tokenizer, prompts, args.batch_size)
-        stages.append(
-            (
-                "MMLU 5-shot (last position only)",
-                len(mmlu),
-                len(questions),
-                sum(map(count, prompts)),
-                time.perf_counter() - start,
-            )
+        timed(
+            "MMLU 5-shot (last position only)",
+            len(mmlu),
+            len(questions),
+            lambda: passes.choose_letters(model, tokenizer, prompts, args.batch_size),
+            sum(map(count, prompts)),
         )
         release(model, options)
-    print(f"sample: {args.fraction * 100:g}% of each set (seed 0); projected: the whole set at the sample's rate\n")
-    print(
-        "| stage | set size | sampled | tokens (sample) | tokens/s | sample s | projected whole set | projected "
-        "screen |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    total = 0.0
-    for name, size, sampled, tokens, seconds in stages:
-        whole = seconds * size / sampled
-        total += whole
-        print(
-            f"| {name} | {size} | {sampled} | {tokens} | {tokens / seconds:.0f} | {seconds:.1f} | {whole / 60:.1f} min "
-            f"| {whole * args.screen_fraction / 60:.1f} min |"
-        )
     print(f"| all | | | | | | {total / 60:.1f} min | {total * args.screen_fraction / 60:.1f} min |")
 
 

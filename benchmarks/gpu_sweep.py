@@ -128,19 +128,20 @@ def main() -> None:
     size = "tiny" if args.smoke else args.params
     count = build_model(args.task, size, args.dir / "model")
     cpus = 2 if args.smoke else max(args.pack, min(16, __import__("os").cpu_count() or 1))
-    results = {}
-    for label, share in (("unpacked", 1.0), ("packed", 1.0 / args.pack)):
-        results[label] = sweep(
-            label, args.dir / "model", args.task.resolve(), args.dir, args.trials, share, cpus, args.smoke
-        )
     device = "CPU (smoke test, logical GPU)" if args.smoke else torch.cuda.get_device_name(0)
     precision = "fp32" if args.smoke else "bf16, the default on this GPU"
     print(
         f"{args.trials} grad_diff trials (1 epoch, {precision}, eval with 32 new tokens) of a "
-        f"{count / 1e6:.1f}M-parameter OLMo-2 on {device}"
+        f"{count / 1e6:.1f}M-parameter OLMo-2 on {device}",
+        flush=True,
     )
-    for label, (rate, peak) in results.items():
-        print(f"  {label:<9} {rate:8.1f} trials/hour   peak GPU memory {peak:6d} MiB")
+    results = {}
+    for label, share in (("unpacked", 1.0), ("packed", 1.0 / args.pack)):
+        # Each sweep's figures as it ends: a time limit that stops the second keeps the first's.
+        rate, peak = results[label] = sweep(
+            label, args.dir / "model", args.task.resolve(), args.dir, args.trials, share, cpus, args.smoke
+        )
+        print(f"  {label:<9} {rate:8.1f} trials/hour   peak GPU memory {peak:6d} MiB", flush=True)
     (unpacked, unpacked_peak), (packed, packed_peak) = results["unpacked"], results["packed"]
     print(
         f"  packed / unpacked: {packed / unpacked:.2f}x trials/hour, {packed_peak / max(unpacked_peak, 1):.2f}x "

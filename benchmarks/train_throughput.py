@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import time
 from pathlib import Path
@@ -55,6 +56,9 @@ def measure(model_dir: Path, task, mode: str, batch: int, length: int, steps: in
     )
     task = dataclasses.replace(task, forget=task.forget[: batch * (steps + warmup)])
     if torch.cuda.is_available():
+        # The cache the previous mode left would count as this mode's peak (reserved).
+        gc.collect()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     timer = StepTimer()
     method.train(model_dir, task, params, callbacks=(timer,))
@@ -73,6 +77,7 @@ def measure(model_dir: Path, task, mode: str, batch: int, length: int, steps: in
         "tokens_per_s": tokens / seconds,
         "parameters": shape.total,
         "peak_gib": torch.cuda.max_memory_reserved() / GIB if torch.cuda.is_available() else None,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None,
         "plan_gib": (plan.model_states + plan.reference + plan.activations) / GIB,
     }
 
@@ -108,7 +113,11 @@ def main() -> None:
             f"{mode:<6} bf16 {str(row['bf16']).lower():<5} {row['tokens_per_s']:9.0f} tokens/s  MFU "
             + (f"{row['mfu']:.1%}" if row["mfu"] is not None else "-")
             + "  peak "
-            + (f"{row['peak_gib']:.1f} GiB" if row["peak_gib"] is not None else "-")
+            + (
+                f"{row['peak_gib']:.1f} GiB reserved, {row['peak_allocated_gib']:.1f} allocated"
+                if row["peak_gib"] is not None
+                else "-"
+            )
             + f" (plan, training alone: {row['plan_gib']:.1f} GiB)",
             flush=True,
         )

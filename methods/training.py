@@ -755,7 +755,13 @@ class LossMethod(Method):
                     ends, lambda staging: self.export(trainer, tokenizer, staging, params, model_dir), on_epoch, out_dir
                 )
                 trainer.add_callback(epoch_ends)
-            trainer.train()
-            if out_dir is None or (epoch_ends is not None and epoch_ends.kept_last):
-                return out_dir  # none asked for, or the last epoch's export, kept (a 7B export is minutes)
-            return self.export(trainer, tokenizer, out_dir, params, model_dir)
+            try:
+                trainer.train()
+                if out_dir is None or (epoch_ends is not None and epoch_ends.kept_last):
+                    return out_dir  # none asked for, or the last epoch's export, kept (a 7B export is minutes)
+                return self.export(trainer, tokenizer, out_dir, params, model_dir)
+            finally:
+                # A DeepSpeed engine outlives its Trainer (its hooks hold it): without this each
+                # ZeRO-2 run left its whole training state in the process, beside which a reused
+                # Ray actor ran its next trial (a 1B model's: about 18 GiB).
+                trainer.accelerator.free_memory()
