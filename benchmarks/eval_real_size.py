@@ -24,6 +24,7 @@ import math
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -128,8 +129,9 @@ def main() -> None:
         print("| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
         total = 0.0
 
-        def timed(name: str, size: int, sampled: int, run, tokens: int | None = None) -> None:
-            """Run one stage on its sample and print its row at once (a time limit keeps the rows before it)."""
+        def timed(name: str, size: int, sampled: int, run: Callable[[], object], tokens: int | None = None) -> None:
+            """Run one stage on its sample and print its row at once (a time limit keeps the rows
+            before it); its tokens are `tokens`, else what `run` returns."""
             nonlocal total
             start = time.perf_counter()
             result = run()
