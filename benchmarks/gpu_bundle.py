@@ -258,8 +258,10 @@ def check(out: Path, python: str) -> None:
     which unpacks the bundle as it does on the machine."""
     venv = Path(tempfile.gettempdir()) / "gpu-bundle-venv"
     if not (venv / "bin" / "python").exists():
-        if shutil.which(python) is None:
-            sys.exit(f"gpu_bundle: --python {python}: no such Python 3.12 here (give its path)")
+        # A pyenv shim is on the PATH for versions it does not select, and fails when run.
+        found = shutil.which(python)
+        if found is None or subprocess.run([found, "--version"], capture_output=True).returncode != 0:
+            sys.exit(f"gpu_bundle: --python {python}: no runnable Python 3.12 here (give its path)")
         subprocess.run([python, "-m", "venv", str(venv)], check=True)
     machine_side = (out / "machine.txt").read_text().split()
     # pip's constraint file on these machines caps torch; the machine's own is older anyway.
