@@ -95,32 +95,42 @@ def plan_sweep(config: SweepConfig, longest: dict[str, int] | None = None) -> li
     gpu = config.resources_per_trial.gpu
     available = config.gpu_memory_gb * GIB * min(gpu, 1) if config.gpu_memory_gb and gpu else None
     rows = []
+    for name, origin, params_space in trained_spaces(config):
+        trainer = get_method(name).Trainer
+        for params in worst_cases(name, params_space, workers):
+            if longest is not None:
+                params = dataclasses.replace(params, max_length=min(params.max_length, longest[origin]))
+            rows.append(
+                PlanRow(name, params, estimate(shape, params, trainer, workers, evaluation), available, shape, origin)
+            )
+    return rows
+
+
+def trained_spaces(config: SweepConfig) -> list[tuple[str, str, dict[str, Any]]]:
+    """(method, where in search_space_overrides, its params space) of every model the sweep's
+    trials train: a merge's sources under their source method."""
+    trained = []
     for method in config.methods:
         space = load_space(method, config.search_space_overrides.get(method))
-        trained = (
-            [
+        if "sources" in space:
+            trained += [
                 (space["source_method"], f"{method}.sources.{source}", entries)
                 for source, entries in space["sources"].items()
             ]
-            if "sources" in space
-            else [(method, method, space["params"])]
-        )
-        for name, origin, params_space in trained:
-            trainer = get_method(name).Trainer
-            for params in worst_cases(name, params_space, workers):
-                if longest is not None:
-                    params = dataclasses.replace(params, max_length=min(params.max_length, longest[origin]))
-                rows.append(
-                    PlanRow(
-                        name,
-                        params,
-                        estimate(shape, params, trainer, workers, evaluation),
-                        available,
-                        shape,
-                        origin,
-                    )
-                )
-    return rows
+        else:
+            trained.append((method, method, space["params"]))
+    return trained
+
+
+def trains_zero3_in_tune_worker(config: SweepConfig) -> bool:
+    """Whether a trial may train under ZeRO-3 in Tune's own worker process (one worker per
+    trial): DeepSpeed keeps a ZeRO-3 engine, its model and states alive in the process after
+    the run (docs/benchmarks.md), so the worker's next trial would run beside them."""
+    return config.workers == 1 and any(
+        params.zero_stage == 3
+        for name, _, params_space in trained_spaces(config)
+        for params in worst_cases(name, params_space, 1)
+    )
 
 
 def _fix(row: PlanRow, config: SweepConfig) -> str:

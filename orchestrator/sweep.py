@@ -42,7 +42,7 @@ from unlearn_sweep.orchestrator.context import TRIAL_FOLDER_PREFIX, TrialContext
 from unlearn_sweep.orchestrator.inputs import check_resume, check_unchanged, fingerprints, input_digests, record_start
 from unlearn_sweep.orchestrator.lengths import check_lengths
 from unlearn_sweep.orchestrator.nodes import check_nodes, check_store_reachable, worker_slots
-from unlearn_sweep.orchestrator.plan import check_memory, plan_sweep
+from unlearn_sweep.orchestrator.plan import check_memory, plan_sweep, trains_zero3_in_tune_worker
 from unlearn_sweep.orchestrator.retention import CheckpointRetention
 from unlearn_sweep.orchestrator.search import make_searcher, merge_stage_searcher, search_algorithm, study_exists
 from unlearn_sweep.orchestrator.selection import crown, merge_source_picks, select, trial_entries
@@ -470,7 +470,8 @@ class Sweep:
                 trial_dirname_creator=trial_folder,
                 scheduler=scheduler,
                 max_concurrent_trials=concurrent,
-                reuse_actors=True,  # a fresh worker per trial would re-import torch & co (~6 s) each time
+                # A fresh worker per trial re-imports torch & co (~6 s); a ZeRO-3 run leaves its states in its worker.
+                reuse_actors=not trains_zero3_in_tune_worker(self.config),
             ),
             run_config=tune.RunConfig(
                 name=stage.name,

@@ -17,8 +17,8 @@ from unlearn_sweep.methods.memory_plan import GIB, PROBE_TOKENS, ModelShape, act
 from unlearn_sweep.methods.registry import build_params, get_method
 from unlearn_sweep.orchestrator import storage
 from unlearn_sweep.orchestrator.cli import main
-from unlearn_sweep.orchestrator.config import ConfigError, load_config
-from unlearn_sweep.orchestrator.plan import check_memory
+from unlearn_sweep.orchestrator.config import ConfigError, SweepConfig, load_config
+from unlearn_sweep.orchestrator.plan import check_memory, trains_zero3_in_tune_worker
 from unlearn_sweep.orchestrator.storage import Held, Scratch, check_scratch, plan_storage
 
 # Published OLMo-2 shapes (allenai/OLMo-2-1124-7B; a 1B with OLMo-1B's tied embeddings).
@@ -154,6 +154,29 @@ def test_worst_case_of_the_space_is_planned(toy_task_dir: Path, tmp_path: Path) 
     assert (
         lora.estimate.model_states < full.estimate.model_states / 2  # both hold autocast's bf16 weight copies
         and lora.estimate.reference == 0 < full.estimate.reference
+    )
+
+
+def test_a_sweep_that_may_train_zero3_in_tune_workers_is_known_before_it_starts(
+    toy_task_dir: Path, tmp_path: Path
+) -> None:
+    """DeepSpeed keeps a ZeRO-3 engine alive in its process after the run: a sweep whose
+    one-worker trials may use it gives each trial a fresh Tune worker (orchestrator/sweep.py);
+    multi-worker trials train in Ray Train workers that end with them."""
+
+    def config(folder: str, **overrides) -> SweepConfig:
+        return load_config(write_config(tmp_path / folder, toy_task_dir, **overrides))
+
+    assert not trains_zero3_in_tune_worker(
+        config("defaults", methods=["npo", "sugd", "merge"], search_space_overrides={})
+    )
+    zero3_sampled = {"npo": {"zero_stage": {"choice": [-1, 3]}}}
+    assert trains_zero3_in_tune_worker(config("sampled", methods=["npo"], search_space_overrides=zero3_sampled))
+    merge_sources = {"merge": {"sources": {"over": {**FIXED_NPO, "zero_stage": 3}, "under": FIXED_NPO}}}
+    assert trains_zero3_in_tune_worker(config("merge", methods=["merge"], search_space_overrides=merge_sources))
+    workers = {"cpu": 1, "gpu": 0, "workers": 2}
+    assert not trains_zero3_in_tune_worker(
+        config("workers", methods=["npo"], resources_per_trial=workers, search_space_overrides=zero3_sampled)
     )
 
 
